@@ -1,0 +1,101 @@
+"""Atomic file writes: a reader sees the old file or the whole new one, never half of one.
+
+Every output goes to a temporary file in the same folder, is flushed to disk, then renamed over
+the target (rename is atomic on POSIX and Windows within one filesystem). A run killed mid-write
+leaves at most a `.tmp-*` file that nothing reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+COMPLETE_MARKER = "COMPLETE.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:  # flush the data before the rename makes it visible
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def _default(obj: Any) -> Any:
+    # numpy scalars/arrays and Paths show up in metrics and configs; JSON has no type for them.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, default=_default, allow_nan=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_csv(path: str | os.PathLike, frame) -> Path:
+    """Write a pandas DataFrame as CSV, atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def save_figure(path: str | os.PathLike, fig) -> Path:
+    """Save a matplotlib figure atomically (format from the target's suffix) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def mark_complete(folder: str | os.PathLike, info: dict) -> Path:
+    """Mark a stage's folder complete. Written last, so its presence means every file is in place."""
+    return write_json(Path(folder) / COMPLETE_MARKER, info)
+
+
+def read_complete(folder: str | os.PathLike) -> dict | None:
+    """The completion record of a stage folder, or None if the stage never finished there."""
+    marker = Path(folder) / COMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return read_json(marker)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def clear_complete(folder: str | os.PathLike) -> None:
+    """Remove the marker before a stage rewrites a folder, so a half-rewritten folder never looks done."""
+    marker = Path(folder) / COMPLETE_MARKER
+    if marker.exists():
+        marker.unlink()
