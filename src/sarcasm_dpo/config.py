@@ -1,0 +1,191 @@
+"""Typed settings for every stage, and the one way they are read: defaults < YAML file < flags.
+
+Each stage's settings are a dataclass whose fields carry their own help text (litgpt style), so
+`--help`, the YAML files in configs/ and the `config` saved beside every output all come from one
+place. A YAML file may hold keys shared by all stages at the top level (`model`, `seed`,
+`wandb_project`, ...) and one section per stage (`split:`, `sft:`, `mine:`, `dpo:`, `compare:`);
+a stage takes the shared keys it knows plus its own section. Unknown keys are an error, so a typo
+in a config never silently falls back to a default.
+
+    sarcasm-dpo sft --config configs/smollm2-135m-cpu.yaml --epochs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from .errors import UserError
+
+STAGE_SECTIONS = ("split", "sft", "mine", "dpo", "compare", "pipeline")
+
+C = TypeVar("C")
+
+
+def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, alias: Sequence[str] = ()) -> Any:
+    """A dataclass field with its help text (and optional choices / extra flag names)."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "alias": tuple(alias)}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for annotations like `int | None` or `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn a YAML or command-line value into the field's type, with an error that names the field."""
+    inner, optional = _base_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"Setting '{name}' cannot be empty.")
+    try:
+        if typing.get_origin(inner) is list:
+            (item_tp,) = typing.get_args(inner)
+            if isinstance(value, str):  # "0.01,0.05" on the command line
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return [_coerce(v, item_tp, name) for v in value]
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if inner is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if inner is float:
+            return float(value)
+        if inner is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"Setting '{name}' expects {getattr(inner, '__name__', inner)}, got {value!r}.") from None
+    return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field; defaults are suppressed so we can tell what the user actually typed."""
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="YAML settings file (see configs/); flags given here override it.")
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _base_type(hints[f.name])
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        names = [f"--{f.name}", *meta.get("alias", ())]
+        help_text = meta.get("help", "")
+        if tp is bool and default is False:
+            parser.add_argument(*names, dest=f.name, action="store_const", const=True,
+                                default=argparse.SUPPRESS, help=help_text)
+            continue
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
+                                      help=f"{help_text} (default: {shown})")
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if typing.get_origin(tp) is list and f.name in REPEATABLE:
+            kwargs["action"] = "append"
+        parser.add_argument(*names, **kwargs)
+
+
+# List fields that are given by repeating the flag (`--extra_test a=x --extra_test b=y`)
+# rather than as one comma-separated value.
+REPEATABLE = {"extra_test"}
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"Config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"Config file {path} must hold a mapping of settings, found {type(data).__name__}.")
+    return data
+
+
+def values_for_stage(data: dict, cls: type, section: str, source: str = "config") -> dict:
+    """The settings a stage takes from a YAML mapping: shared top-level keys plus its own section."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in STAGE_SECTIONS:
+            continue
+        if key in names:
+            out[key] = value
+    section_values = data.get(section) or {}
+    if not isinstance(section_values, dict):
+        raise UserError(f"{source}: section '{section}' must be a mapping of settings.")
+    unknown = sorted(set(section_values) - names)
+    if unknown:
+        raise UserError(f"{source}: unknown setting(s) in section '{section}': {', '.join(unknown)}. "
+                        f"Known: {', '.join(sorted(names))}.")
+    out.update(section_values)
+    return out
+
+
+def check_known_keys(data: dict, classes: dict[str, type], source: str = "config") -> None:
+    """Every top-level key must be a stage section or a setting of at least one stage."""
+    all_names = {f.name for cls in classes.values() for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in data if k not in STAGE_SECTIONS and k not in all_names)
+    if unknown:
+        raise UserError(f"{source}: unknown setting(s): {', '.join(unknown)}.")
+    for section, cls in classes.items():
+        values_for_stage(data, cls, section, source)
+
+
+def build(cls: type[C], values: dict) -> C:
+    """Instantiate a settings dataclass from raw values, coercing types; then run its checks."""
+    hints = _hints(cls)
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in names:
+            raise UserError(f"Unknown setting '{key}' for {cls.__name__}.")
+        kwargs[key] = _coerce(value, hints[key], key)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate:
+        validate()
+    return obj
+
+
+def from_namespace(cls: type[C], ns: argparse.Namespace, section: str) -> C:
+    """Settings from parsed flags: dataclass defaults, then the --config file, then the flags."""
+    given = {k: v for k, v in vars(ns).items() if k not in ("config", "command", "func", "data_command")}
+    values: dict[str, Any] = {}
+    config_path = getattr(ns, "config", None)
+    if config_path:
+        values.update(values_for_stage(load_yaml(config_path), cls, section, str(config_path)))
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in given.items() if k in names})
+    return build(cls, values)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,276 @@
+"""Datasets: loaders for the three formats users have, validation with clear errors, and the split.
+
+Every loader returns the same table: `text`, `label` (1 = sarcastic, 0 = not), `source`, `id`
+(the original id). Problems in a file are reported the way a person fixes them: which columns
+were found and which were expected, which rows (1 = the first row after the header) hold an
+unknown label or an empty text, which texts carry conflicting labels.
+
+    sarcasm-dpo split --data_dir ../shared/data --output_dir data/splits
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError
+
+COLUMNS = ["text", "label", "source", "id"]
+GEN_RELPATH = "sarcasm_v2/GEN-sarc-notsarc.csv"
+ISARCASM_RELPATH = "isarcasmeval/train.En.csv"
+
+# Label spellings accepted in generic files; anything else is an error that lists the rows.
+LABEL_VALUES = {
+    "1": 1, "0": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0, "yes": 1, "no": 0,
+    "sarc": 1, "notsarc": 0, "sarcastic": 1, "not_sarcastic": 0, "not sarcastic": 0, "non_sarcastic": 0,
+}
+
+SPLIT_FILES = {
+    "gen_train": "gen_train.csv",
+    "gen_val": "gen_val.csv",
+    "gen_test": "gen_test.csv",
+    "isarcasm_train": "isarcasm_train.csv",
+    "isarcasm_val": "isarcasm_val.csv",
+}
+
+
+def normalise(text: str) -> str:
+    """Case-folded, whitespace-collapsed: the form used for duplicate and leakage checks."""
+    return " ".join(str(text).casefold().split())
+
+
+def _rows(index, limit: int = 10) -> str:
+    rows = [str(int(i) + 1) for i in list(index)[:limit]]
+    more = len(index) - limit
+    return ", ".join(rows) + (f" and {more} more" if more > 0 else "")
+
+
+def read_frame(path: str | Path) -> pd.DataFrame:
+    """Read a CSV or JSONL file into a DataFrame, turning every pandas failure into a clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"Data file not found: {path}")
+    if path.is_dir():
+        raise UserError(f"Expected a data file but {path} is a folder.")
+    if path.stat().st_size == 0:
+        raise UserError(f"Data file {path} is empty (0 bytes).")
+    try:
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            frame = pd.read_json(path, lines=True, dtype=False)
+        elif path.suffix.lower() == ".json":
+            frame = pd.read_json(path, dtype=False)
+        else:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=True)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise UserError(f"Could not parse {path}: {str(exc).splitlines()[0]}") from None
+    if frame.empty:
+        raise UserError(f"Data file {path} has a header but no rows.")
+    return frame
+
+
+def _require(frame: pd.DataFrame, expected: list[str], path, kind: str) -> None:
+    missing = [c for c in expected if c not in frame.columns]
+    if missing:
+        raise UserError(
+            f"{path}: missing column(s) {missing} for the {kind} format. Found columns: {list(frame.columns)}; "
+            f"expected: {expected}."
+        )
+
+
+def _labels(values: pd.Series, path, mapping: dict[str, int]) -> pd.Series:
+    text = values.astype(str).str.strip().str.lower()
+    labels = text.map(mapping)
+    bad = labels.isna()
+    if bad.any():
+        shown = sorted(set(values[bad].astype(str)))[:5]
+        raise UserError(
+            f"{path}: {int(bad.sum())} row(s) have unknown label values {shown} (rows {_rows(values.index[bad])}; "
+            f"row 1 = the first row after the header). Known labels: {sorted(set(mapping))}."
+        )
+    return labels.astype(int)
+
+
+def detect_format(frame: pd.DataFrame) -> str:
+    cols = set(frame.columns)
+    if {"class", "text"} <= cols:
+        return "gen"
+    if {"tweet", "sarcastic"} <= cols:
+        return "isarcasmeval"
+    if {"text", "label"} <= cols:
+        return "generic"
+    raise UserError(
+        f"Unrecognised columns {list(frame.columns)}. Expected one of: GEN (class, id, text), "
+        "iSarcasmEval (tweet, sarcastic, rephrase, ...), or generic (text, label)."
+    )
+
+
+def _standard(frame: pd.DataFrame, path, fmt: str) -> pd.DataFrame:
+    """Map any of the three formats to the standard columns, without cleaning yet."""
+    if fmt == "gen":
+        _require(frame, ["class", "id", "text"], path, "GEN")
+        return pd.DataFrame({
+            "text": frame["text"], "label": _labels(frame["class"], path, {"sarc": 1, "notsarc": 0}),
+            "source": "gen", "id": frame["id"].astype(str),
+        })
+    if fmt == "isarcasmeval":
+        _require(frame, ["tweet", "sarcastic"], path, "iSarcasmEval")
+        ids = frame[frame.columns[0]] if str(frame.columns[0]).startswith("Unnamed") else pd.Series(frame.index)
+        return pd.DataFrame({
+            "text": frame["tweet"], "label": _labels(frame["sarcastic"], path, {"1": 1, "0": 0, "1.0": 1, "0.0": 0}),
+            "source": "isarcasmeval", "id": ids.astype(str).values,
+        })
+    _require(frame, ["text", "label"], path, "generic")
+    out = pd.DataFrame({"text": frame["text"], "label": _labels(frame["label"], path, LABEL_VALUES)})
+    out["source"] = frame["source"].astype(str) if "source" in frame.columns else Path(path).stem
+    out["id"] = frame["id"].astype(str) if "id" in frame.columns else [str(i + 1) for i in range(len(frame))]
+    return out
+
+
+def clean(frame: pd.DataFrame, path, strict: bool = False, drop_conflicts: bool = False,
+          log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Drop (or, with strict, refuse) empty texts and duplicates; conflicting labels are an error
+    unless `drop_conflicts`, in which case every copy of such a text goes, with the rows named."""
+    frame = frame.copy()
+    text = frame["text"]
+    empty = text.isna() | (text.astype(str).str.strip() == "")
+    if empty.any():
+        msg = f"{path}: {int(empty.sum())} row(s) with an empty text (rows {_rows(frame.index[empty])})"
+        if strict:
+            raise UserError(msg + "; remove them or run without --strict to drop them.")
+        if empty.all():
+            raise UserError(f"{path}: the text column holds no text at all (every row is empty or NaN).")
+        log(msg + ": dropped.")
+        frame = frame[~empty]
+    frame["text"] = frame["text"].astype(str)
+    key = frame["text"].map(normalise)
+    labels_per_text = frame.groupby(key)["label"].nunique()
+    conflicting = key.isin(labels_per_text[labels_per_text > 1].index)
+    if conflicting.any():
+        n_texts = int(key[conflicting].nunique())
+        msg = (f"{path}: {n_texts} text(s) appear with conflicting labels "
+               f"(rows {_rows(frame.index[conflicting], 20)})")
+        if strict or not drop_conflicts:
+            raise UserError(msg + ". Fix the labels, or drop these rows (the split stage does so unless --strict).")
+        log(msg + ": all their copies dropped.")
+        frame, key = frame[~conflicting], key[~conflicting]
+    dup = key.duplicated(keep="first")
+    if dup.any():
+        msg = f"{path}: {int(dup.sum())} duplicated text(s) (rows {_rows(frame.index[dup])})"
+        if strict:
+            raise UserError(msg + "; remove them or run without --strict to keep only the first copy.")
+        log(msg + ": kept the first copy of each.")
+        frame = frame[~dup]
+    return frame.reset_index(drop=True)[COLUMNS]
+
+
+def load_table(path: str | Path, fmt: str = "auto", strict: bool = False, drop_conflicts: bool = False,
+               log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Load GEN, iSarcasmEval or a generic text/label CSV/JSONL as the standard table."""
+    frame = read_frame(path)
+    fmt = detect_format(frame) if fmt == "auto" else fmt
+    return clean(_standard(frame, path, fmt), path, strict=strict, drop_conflicts=drop_conflicts, log=log)
+
+
+def load_gen(path, **kw) -> pd.DataFrame:
+    return load_table(path, fmt="gen", **kw)
+
+
+def load_isarcasm(path, **kw) -> pd.DataFrame:
+    return load_table(path, fmt="isarcasmeval", **kw)
+
+
+def load_split(path: str | Path, what: str = "split") -> pd.DataFrame:
+    """Read a split file written by `sarcasm-dpo split` (or any text,label file), with a hint if absent."""
+    if not Path(path).exists():
+        raise UserError(f"The {what} file {path} does not exist. Run `sarcasm-dpo split` first, or pass the right path.")
+    return load_table(path)
+
+
+def stratified_sample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """n rows keeping the class ratio (all rows when n is empty, 0 or >= len)."""
+    if not n or n >= len(frame):
+        return frame.reset_index(drop=True)
+    from sklearn.model_selection import train_test_split
+
+    if frame["label"].nunique() < 2:
+        return frame.sample(n=n, random_state=seed).reset_index(drop=True)
+    sample, _ = train_test_split(frame, train_size=n, stratify=frame["label"], random_state=seed)
+    return sample.reset_index(drop=True)
+
+
+def balanced_sample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """n rows, half of each class where the data allows (the rest from the larger class), shuffled."""
+    if not n or n >= len(frame):
+        n = len(frame)
+    rng = np.random.default_rng(seed)
+    pos, neg = frame[frame.label == 1], frame[frame.label == 0]
+    take_pos = min(len(pos), n // 2 + n % 2)
+    take_neg = min(len(neg), n - take_pos)
+    take_pos = min(len(pos), n - take_neg)
+    parts = [pos.iloc[rng.permutation(len(pos))[:take_pos]], neg.iloc[rng.permutation(len(neg))[:take_neg]]]
+    out = pd.concat(parts)
+    return out.iloc[rng.permutation(len(out))].reset_index(drop=True)
+
+
+def check_no_leakage(splits: dict[str, pd.DataFrame]) -> None:
+    """Fail loudly if any normalised text sits in more than one split."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for name, frame in splits.items():
+        for text in frame["text"]:
+            key = normalise(text)
+            other = seen.setdefault(key, name)
+            if other != name:
+                clashes.append((other, name, text))
+    if clashes:
+        shown = "; ".join(f"{a} & {b}: {t[:60]!r}" for a, b, t in clashes[:5])
+        raise UserError(f"Leakage: {len(clashes)} text(s) appear in more than one split ({shown}).")
+
+
+def overlap_count(a: pd.DataFrame, b: pd.DataFrame) -> int:
+    return len(set(a["text"].map(normalise)) & set(b["text"].map(normalise)))
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def frame_checksum(frame: pd.DataFrame) -> str:
+    """Content checksum of a table (text + label), independent of the file it came from."""
+    digest = hashlib.sha256()
+    for text, label in zip(frame["text"], frame["label"]):
+        digest.update(f"{label}\t{text}\n".encode())
+    return digest.hexdigest()
+
+
+def class_counts(frame: pd.DataFrame) -> dict[str, int]:
+    return {"sarcastic": int((frame.label == 1).sum()), "not_sarcastic": int((frame.label == 0).sum()), "total": len(frame)}
+
+
+def make_splits(gen: pd.DataFrame, isarcasm: pd.DataFrame, test_size: float = 0.2, val_size: float = 0.1,
+                isarcasm_val_size: float = 0.2, seed: int = 42) -> dict[str, pd.DataFrame]:
+    """GEN -> train / val / test and iSarcasmEval -> train / val, all stratified and seeded.
+
+    The validation split is carved from GEN's 80% training share, never from the test split, so
+    model selection never sees a test item.
+    """
+    from sklearn.model_selection import train_test_split
+
+    gen_train_full, gen_test = train_test_split(gen, test_size=test_size, stratify=gen["label"], random_state=seed)
+    gen_train, gen_val = train_test_split(gen_train_full, test_size=val_size, stratify=gen_train_full["label"],
+                                          random_state=seed)
+    is_train, is_val = train_test_split(isarcasm, test_size=isarcasm_val_size, stratify=isarcasm["label"],
+                                        random_state=seed)
+    splits = {"gen_train": gen_train, "gen_val": gen_val, "gen_test": gen_test,
+              "isarcasm_train": is_train, "isarcasm_val": is_val}
+    splits = {k: v.reset_index(drop=True) for k, v in splits.items()}
+    check_no_leakage(splits)
+    return splits

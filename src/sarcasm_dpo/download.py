@@ -1,0 +1,234 @@
+"""Fetch the two sarcasm datasets from their public GitHub repositories, checked by sha256.
+
+    python -m sarcasm_dpo.download            # into $SARCASM_DPO_DATA or ~/.cache/sarcasm-dpo/data
+
+Offline, skip this and point the pipeline at a local copy with `--data_dir DIR`, laid out as
+`DIR/sarcasm_v2/GEN-sarc-notsarc.csv` and `DIR/isarcasmeval/train.En.csv`.
+
+A file only ever appears at its final path whole and with the expected checksum: it is streamed
+into `NAME.part` beside the target and renamed over it after the hash matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetFile:
+    key: str  # short name used on the command line and in code
+    relpath: str  # layout under a data dir (same as ../shared/data)
+    url_path: str  # path on the host, appended to the base URL
+    sha256: str
+
+
+DATASETS: dict[str, DatasetFile] = {
+    d.key: d
+    for d in (
+        DatasetFile(
+            "gen",
+            "sarcasm_v2/GEN-sarc-notsarc.csv",
+            "soraby/sarcasm2/main/sarcasm_v2/GEN-sarc-notsarc.csv",
+            "2240c3c4ef43b413f096efd54d6faddf55c816f32a0bf8da7101d1ccd06a99ad",
+        ),
+        DatasetFile(
+            "isarcasmeval",
+            "isarcasmeval/train.En.csv",
+            "iabufarha/iSarcasmEval/main/train/train.En.csv",
+            "fde737b69caffbcf81ebe79858ad16ac21881573c308343cd5219c4f7a800ae7",
+        ),
+    )
+}
+
+DEFAULT_BASE_URL = "https://raw.githubusercontent.com"  # canonical public GitHub repos, branch main
+CHUNK = 1 << 16
+RETRY_PAUSE_S = 1.0  # grows linearly per attempt; tests set it to 0
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SARCASM_DPO_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sarcasm-dpo" / "data"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _offline_hint() -> str:
+    layout = " and ".join(f"DIR/{d.relpath}" for d in DATASETS.values())
+    return f"To run without network, pass --data_dir DIR with a folder laid out like {layout}."
+
+
+def _select(keys: Iterable[str] | None) -> list[DatasetFile]:
+    if keys is None:
+        return list(DATASETS.values())
+    unknown = [k for k in keys if k not in DATASETS]
+    if unknown:
+        raise UserError(f"unknown dataset(s) {unknown}; known: {sorted(DATASETS)}.")
+    return [DATASETS[k] for k in keys]
+
+
+class _Dropped(Exception):
+    """The connection ended before the whole body arrived; worth another try."""
+
+
+def _fetch_once(url: str, part: Path, timeout: float) -> str:
+    """Stream `url` into `part`; return the body's sha256. Raises _Dropped on a short body."""
+    h = hashlib.sha256()
+    got = 0
+    with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as out:
+        length = resp.headers.get("Content-Length")
+        try:
+            for chunk in iter(lambda: resp.read(CHUNK), b""):
+                h.update(chunk)
+                out.write(chunk)
+                got += len(chunk)
+        # Mid-body failures: the server or a proxy cut us off, or the link stalled.
+        except (http.client.HTTPException, ConnectionError, TimeoutError) as err:
+            raise _Dropped(f"{type(err).__name__}: {err}") from None
+        # http.client returns b"" at EOF instead of raising when Content-Length is unmet,
+        # so a truncated body would otherwise look like a finished one.
+        if length is not None and length.isdigit() and got < int(length):
+            raise _Dropped(f"got {got} of {length} bytes")
+        out.flush()
+        os.fsync(out.fileno())  # the bytes are on disk before the rename makes them "good"
+    return h.hexdigest()
+
+
+def _fetch(d: DatasetFile, target: Path, base_url: str, timeout: float, retries: int, log) -> None:
+    url = f"{base_url.rstrip('/')}/{d.url_path}"
+    # A fixed name (not mkstemp) so a killed run's leftover is simply overwritten next time.
+    part = target.with_name(target.name + ".part")
+    try:
+        retries = max(0, retries)
+        for attempt in range(retries + 1):
+            try:
+                actual = _fetch_once(url, part, timeout)
+                break
+            except urllib.error.HTTPError as err:  # before URLError: it is a subclass
+                if err.code >= 500 and attempt < retries:
+                    log(f"  {d.relpath}: server error HTTP {err.code}, retrying")
+                    time.sleep(RETRY_PAUSE_S * (attempt + 1))
+                    continue
+                raise UserError(
+                    f"Downloading {d.relpath} failed: {url} answered HTTP {err.code} {err.reason}. "
+                    + _offline_hint()
+                ) from None
+            except urllib.error.URLError as err:  # refused, DNS failure, connect timeout
+                raise UserError(
+                    f"Cannot download {d.relpath}: no connection to {url} ({err.reason}). "
+                    + _offline_hint()
+                ) from None
+            except (_Dropped, http.client.HTTPException, ConnectionError, TimeoutError) as err:
+                if attempt < retries:
+                    log(f"  {d.relpath}: connection dropped ({err}), retry {attempt + 1}/{retries}")
+                    time.sleep(RETRY_PAUSE_S * (attempt + 1))
+                    continue
+                raise UserError(
+                    f"Downloading {d.relpath} from {url} kept failing: the connection dropped "
+                    f"{retries + 1} times (last: {err}). Try again later. " + _offline_hint()
+                ) from None
+            except OSError as err:  # disk full, permissions: the user's side, not the network
+                raise UserError(f"Cannot write {part}: {err}") from None
+        if actual != d.sha256:
+            raise UserError(
+                f"Checksum mismatch for {d.relpath} downloaded from {url}: expected sha256 "
+                f"{d.sha256}, got {actual}. The file was not kept; the source may have changed."
+            )
+        os.replace(part, target)
+    finally:
+        # Whatever went wrong (including Ctrl-C), no half or bad file stays behind.
+        if part.exists():
+            part.unlink()
+
+
+def download(
+    cache_dir: str | os.PathLike | None = None,
+    base_url: str = DEFAULT_BASE_URL,
+    keys: Iterable[str] | None = None,
+    timeout: float = 60,
+    retries: int = 2,
+    log: Callable[[str], object] = print,
+) -> dict[str, Path]:
+    """Make sure each dataset file is in `cache_dir` with its checksum; return key -> path."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    out: dict[str, Path] = {}
+    for d in _select(keys):
+        target = root / d.relpath
+        out[d.key] = target
+        if target.is_file():
+            if sha256_file(target) == d.sha256:
+                log(f"{d.relpath}: already present with the right checksum, skipping")
+                continue
+            log(f"{d.relpath}: present but checksum differs, downloading again")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(
+                f"Cannot create the data folder {target.parent}: {err}. "
+                "Set SARCASM_DPO_DATA to a writable folder."
+            ) from None
+        log(f"{d.relpath}: downloading from {base_url}")
+        _fetch(d, target, base_url, timeout, retries, log)
+        log(f"{d.relpath}: ok (sha256 {d.sha256[:12]}...)")
+    return out
+
+
+def ensure_data_dir(
+    data_dir: str | os.PathLike | None, keys: Iterable[str] | None = None, log=print
+) -> Path:
+    """The folder to read datasets from: `data_dir` as given (checked), or the download cache."""
+    selected = _select(keys)
+    if data_dir is None:
+        root = default_cache_dir()
+        # DEFAULT_BASE_URL is looked up now, not at import, so it can be pointed at a mirror.
+        download(root, base_url=DEFAULT_BASE_URL, keys=[d.key for d in selected], log=log)
+        return root
+    root = Path(data_dir).expanduser()
+    missing = [root / d.relpath for d in selected if not (root / d.relpath).is_file()]
+    if missing:
+        layout = "\n".join(f"  {root / d.relpath}" for d in selected)
+        raise UserError(
+            f"--data_dir {root} is missing {', '.join(map(str, missing))}. "
+            f"Expected layout:\n{layout}\n"
+            "Or leave out --data_dir to download the datasets."
+        )
+    for d in selected:
+        # Only a warning: a user's own copy (re-saved, newer upstream) may differ legitimately.
+        actual = sha256_file(root / d.relpath)
+        if actual != d.sha256:
+            log(
+                f"WARNING: {root / d.relpath} has sha256 {actual}, expected {d.sha256}; "
+                "using it anyway, results may not match the reference numbers."
+            )
+    return root
+
+
+def main() -> int:
+    try:
+        paths = download()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""Model loading, in one place: a hub id, a local folder, or a .gguf file; with or without an adapter.
+
+A .gguf file is de-quantized to float weights by transformers (needs the `gguf` package), so it
+can be scored and fine-tuned like any other checkpoint. Device and dtype are picked here too:
+CUDA (bf16 where the card supports it) > MPS > CPU (fp32), unless `--device` says otherwise.
+
+    python -c "from sarcasm_dpo.models import load_model; m, t = load_model('HuggingFaceTB/SmolLM2-135M-Instruct')"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+OFFLINE_HINT = (
+    "This machine may be offline: pass a local model with --model PATH (a folder with config.json and weights, "
+    "or a .gguf file), and set HF_HUB_OFFLINE=1 to stop retries."
+)
+
+
+def pick_device(override: str | None = None):
+    import torch
+
+    if override:
+        if override.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {override} was asked for, but PyTorch sees no CUDA GPU here.")
+        if override == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UserError("--device mps was asked for, but PyTorch sees no Apple MPS device here.")
+        return torch.device(override)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device):
+    """bf16 where the hardware does it natively; fp32 elsewhere (CPU bf16 is slow and lossy for training)."""
+    import torch
+
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.endswith(".gguf") or ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", os.sep, 0) and Path(ref).exists()
+
+
+def resolve_source(ref: str) -> tuple[str, dict]:
+    """(path or hub id, extra from_pretrained kwargs). Errors early for a path that is not there."""
+    ref = os.path.expanduser(str(ref))
+    if ref.endswith(".gguf"):
+        path = Path(ref)
+        if not path.is_file():
+            raise UserError(f"Model file not found: {ref}")
+        return str(path.parent), {"gguf_file": path.name}
+    path = Path(ref)
+    if path.exists():
+        if path.is_dir():
+            ggufs = sorted(path.glob("*.gguf"))
+            if not (path / "config.json").is_file() and len(ggufs) == 1:
+                return str(path), {"gguf_file": ggufs[0].name}
+            if not (path / "config.json").is_file():
+                raise UserError(f"Model folder {ref} has no config.json (nor a single .gguf file); it is not a model.")
+        return str(path), {}
+    if ref.startswith((".", "/")) or ref.count("/") > 1:
+        raise UserError(f"Model path not found: {ref}")
+    return ref, {}
+
+
+def _from_pretrained(cls, ref: str, **kwargs):
+    source, extra = resolve_source(ref)
+    try:
+        return cls.from_pretrained(source, **extra, **kwargs)
+    except OSError as exc:
+        text = str(exc)
+        if "gguf" in extra.get("gguf_file", "") and "gguf" in text.lower() and "install" in text.lower():
+            raise UserError(f"Loading {ref} needs the `gguf` package: pip install gguf") from None
+        raise UserError(f"Could not load {ref!r}: {text.splitlines()[0] if text else exc!r}. {OFFLINE_HINT}") from None
+    except ImportError as exc:
+        raise UserError(f"Could not load {ref!r}: {exc}") from None
+
+
+def load_tokenizer(ref: str):
+    from transformers import AutoTokenizer
+
+    from .prompts import require_chat_template
+
+    tokenizer = _from_pretrained(AutoTokenizer, ref)
+    require_chat_template(tokenizer, ref)
+    if tokenizer.pad_token is None:  # many chat models ship without one; eos is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(ref: str, device=None, dtype=None):
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    dtype = dtype or pick_dtype(device)
+    model = _from_pretrained(AutoModelForCausalLM, ref, dtype=dtype)
+    return model.to(device)
+
+
+def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
+    """The base model an adapter folder was trained on: our run record first, then PEFT's config."""
+    adapter_dir = Path(adapter_dir)
+    check_adapter_dir(adapter_dir)
+    for name in ("training_summary.json", "dpo_training_summary.json"):
+        summary = adapter_dir / name
+        if summary.is_file():
+            try:
+                model = json.loads(summary.read_text())["config"]["model"]
+            except (KeyError, ValueError, TypeError):
+                continue
+            if model:
+                return model
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}/adapter_config.json does not name its base model; pass --model.")
+    return base
+
+
+def check_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise UserError(f"Adapter folder not found: {adapter_dir}. Train it first (sarcasm-dpo sft / dpo) or fix the path.")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        found = sorted(p.name for p in adapter_dir.iterdir())[:10]
+        raise UserError(
+            f"{adapter_dir} holds no LoRA adapter (no adapter_config.json; found: {', '.join(found) or 'nothing'}). "
+            "Point to the output folder of `sarcasm-dpo sft` or `sarcasm-dpo dpo`."
+        )
+    return adapter_dir
+
+
+def attach_adapter(model, adapter_dir: str | os.PathLike, adapter_name: str = "default", trainable: bool = False):
+    """Put a saved LoRA adapter on a base model (or add it beside others on a PeftModel)."""
+    from peft import PeftModel
+
+    adapter_dir = check_adapter_dir(adapter_dir)
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable)
+            return model
+        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        # Shape mismatches and missing target modules both mean: this adapter belongs to another base model.
+        raise UserError(
+            f"The adapter in {adapter_dir} does not fit this base model ({str(exc).splitlines()[0][:300]}). "
+            f"It was trained on {adapter_base_model(adapter_dir)!r}; pass that as --model."
+        ) from None
+
+
+def load_model(ref: str, adapter: str | None = None, device=None, trainable: bool = False):
+    """(model, tokenizer) ready for scoring: the base model, with the adapter on it if given."""
+    device = device or pick_device()
+    tokenizer = load_tokenizer(ref)
+    model = load_base_model(ref, device)
+    if adapter:
+        model = attach_adapter(model, adapter, trainable=trainable)
+    if not trainable:
+        model.eval()
+    return model, tokenizer

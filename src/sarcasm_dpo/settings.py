@@ -1,0 +1,204 @@
+"""The settings of every stage, one dataclass each; every field says what it is for.
+
+Kept free of torch/transformers imports so `sarcasm-dpo --help` and config validation are instant.
+The values actually used are saved beside every output (`training_summary.json` and friends).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import opt
+from .errors import UserError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+DEFAULT_PROJECT = "sarcasm-detection"
+SPLITS = "data/splits"
+
+
+def _check_positive(name: str, value: float | int | None, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise UserError(f"--{name} must be a positive number, got {value}.")
+
+
+def _check_sample_size(value: int | None) -> None:
+    if value is not None and value < 0:
+        raise UserError(f"--sample_size must be 0 (all) or a positive count, got {value}.")
+
+
+@dataclass
+class Common:
+    """Settings every stage shares."""
+
+    seed: int = opt(42, "Random seed for sampling, splits, LoRA init and training order.")
+    device: str | None = opt(None, "Device to run on: cuda, mps or cpu (auto-detected when empty).")
+    max_text_tokens: int = opt(256, "Texts longer than this many tokens are cut inside the prompt (the answer never is).")
+    wandb_project: str = opt(DEFAULT_PROJECT, "Weights & Biases project name.")
+    wandb_group: str | None = opt(None, "W&B group that ties the runs of one pipeline together.")
+    no_wandb: bool = opt(False, "Turn Weights & Biases logging off (JSON and PNG outputs are written anyway).")
+
+
+@dataclass
+class SplitSettings:
+    data_dir: str | None = opt(None, "Folder laid out like shared/data (sarcasm_v2/..., isarcasmeval/...); "
+                                     "empty = download into the cache on first use.")
+    output_dir: str = opt(SPLITS, "Where the split CSV files are written.")
+    test_size: float = opt(0.2, "Share of GEN held out as the test split.")
+    val_size: float = opt(0.1, "Share of the GEN train split carved off for validation (model selection).")
+    isarcasm_val_size: float = opt(0.2, "Share of iSarcasmEval kept out of DPO training for validation.")
+    strict: bool = opt(False, "Make empty texts, duplicates and conflicting labels errors instead of dropping them.")
+    seed: int = opt(42, "Seed of the stratified splits.")
+    overwrite: bool = opt(False, "Replace existing split files made with other settings.")
+    wandb_project: str = opt(DEFAULT_PROJECT, "Weights & Biases project name.")
+    wandb_group: str | None = opt(None, "W&B group that ties the runs of one pipeline together.")
+    no_wandb: bool = opt(False, "Turn Weights & Biases logging off.")
+
+    def validate(self) -> None:
+        for name in ("test_size", "val_size", "isarcasm_val_size"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise UserError(f"--{name} must be between 0 and 1, got {value}.")
+
+
+@dataclass
+class SFTSettings(Common):
+    model: str = opt(DEFAULT_MODEL, "Base model: a Hugging Face hub id, a local folder or a .gguf file.")
+    train_csv: str = opt(f"{SPLITS}/gen_train.csv", "Training split (from `sarcasm-dpo split`).")
+    val_csv: str = opt(f"{SPLITS}/gen_val.csv", "Validation split used for per-epoch evaluation and model selection.")
+    output_dir: str = opt("models/sft", "Where the adapter, metrics and plots are written.")
+    epochs: float = opt(2, "Training epochs.")
+    lr: float = opt(2e-4, "Peak learning rate (AdamW, linear warmup then cosine decay).")
+    warmup_ratio: float = opt(0.05, "Share of steps spent warming the learning rate up.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    batch_size: int = opt(8, "Examples per device per step.")
+    eval_batch_size: int = opt(16, "Texts per forward pass when scoring the validation split.")
+    grad_accum: int = opt(2, "Gradient accumulation steps (effective batch = batch_size x grad_accum x processes).")
+    max_length: int = opt(512, "Longest prompt+answer in tokens; longer examples are cut from the text side.")
+    sample_size: int | None = opt(None, "Train on a class-balanced, seeded sample of this many examples (empty or 0 = all).")
+    val_sample_size: int | None = opt(None, "Evaluate on a stratified sample of this many validation texts (empty = all).")
+    lora_r: int = opt(16, "LoRA rank.")
+    lora_alpha: int = opt(32, "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA path.")
+    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters (comma-separated).")
+    gradient_checkpointing: bool = opt(False, "Trade compute for memory: recompute activations in the backward pass.")
+    auto_find_batch_size: bool = opt(False, "On an out-of-memory error, halve the batch size and double grad_accum, then retry.")
+    logging_steps: int = opt(10, "Log the training loss every this many optimizer steps.")
+    save_steps: int = opt(0, "Also checkpoint every this many steps (0 = at each epoch only).")
+    resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
+    overwrite: bool = opt(False, "Replace an output_dir that holds another run's results.")
+
+    def validate(self) -> None:
+        _check_sample_size(self.sample_size)
+        _check_sample_size(self.val_sample_size)
+        for name in ("epochs", "lr", "batch_size", "grad_accum", "max_length", "lora_r", "eval_batch_size"):
+            _check_positive(name, getattr(self, name), allow_none=False)
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+
+@dataclass
+class MineSettings(Common):
+    sft_model: str = opt("models/sft", "SFT adapter folder whose mistakes are mined.")
+    input_csv: str = opt(f"{SPLITS}/isarcasm_train.csv", "iSarcasmEval training split to mine (never the validation split).")
+    output_file: str = opt("data/preference_pairs_mined.json", "Where the mined preference pairs are written (JSON).")
+    filter_strategy: str = opt("mistakes_only", "Which items become pairs: all, the SFT model's mistakes, or its confident mistakes.",
+                               choices=["all", "mistakes_only", "confident_mistakes"])
+    confidence: float = opt(0.7, "For confident_mistakes: keep mistakes whose wrong answer had at least this probability.")
+    pair_style: str = opt("reasoning", "reasoning: label word plus one sentence of reasoning; label: the label word alone.",
+                          choices=["reasoning", "label"])
+    batch_size: int = opt(16, "Texts per forward pass.")
+    sample_size: int | None = opt(None, "Mine a stratified sample of this many texts (empty = all).")
+
+    def validate(self) -> None:
+        _check_sample_size(self.sample_size)
+        if not 0.5 <= self.confidence < 1:
+            raise UserError(f"--confidence must be in [0.5, 1), got {self.confidence}.")
+
+
+@dataclass
+class DPOSettings(Common):
+    sft_model: str = opt("models/sft", "SFT adapter folder: the starting point and the frozen reference.")
+    output_dir: str = opt("models/dpo_enhanced", "Where the DPO adapter, metrics and plots are written.")
+    train_csv: str = opt(f"{SPLITS}/isarcasm_train.csv", "iSarcasmEval training split (preference pairs come from here).")
+    val_csv: str = opt(f"{SPLITS}/gen_val.csv", "GEN validation split: F1 here drives early stopping and beta choice.")
+    isarcasm_val_csv: str = opt(f"{SPLITS}/isarcasm_val.csv", "iSarcasmEval validation split, reported beside GEN F1.")
+    preference_data: str | None = opt(None, "Train on these preference pairs (JSON from `sarcasm-dpo mine`) instead of building them.")
+    pair_style: str = opt("reasoning", "reasoning: label word plus one sentence of reasoning; label: the label word alone.",
+                          choices=["reasoning", "label"])
+    sample_size: int | None = opt(4000, "Preference pairs to train on (capped at what the split holds).")
+    balance: bool = opt(False, "Sample the pairs class-balanced.")
+    beta: float = opt(0.1, "DPO beta: strength of the pull towards the reference (SFT) model.")
+    beta_sweep: bool = opt(False, "Train one model per value in --betas and pick the best by validation F1.")
+    betas: list[float] = opt([0.01, 0.02, 0.05, 0.1, 0.5], "Beta values for --beta_sweep (comma-separated).")
+    loss_type: str = opt("sigmoid", "TRL DPO loss type (sigmoid = the DPO paper's, hinge, ipo, ...).")
+    epochs: float = opt(3, "Training epochs.")
+    lr: float = opt(5e-5, "Peak learning rate.")
+    warmup_ratio: float = opt(0.05, "Share of steps spent warming the learning rate up.")
+    batch_size: int = opt(4, "Preference pairs per device per step.")
+    eval_batch_size: int = opt(16, "Texts per forward pass when scoring validation splits.")
+    grad_accum: int = opt(2, "Gradient accumulation steps.")
+    max_length: int = opt(512, "Longest prompt+answer in tokens.")
+    eval_steps: int = opt(0, "Evaluate F1 every this many steps (0 = once per epoch).")
+    patience: int = opt(2, "Stop after this many evaluations without a better validation F1.")
+    val_sample_size: int | None = opt(None, "Evaluate on a stratified sample of this many validation texts (empty = all).")
+    probe_size: int = opt(64, "Validation prompts in the fixed probe set for KL and prediction flips.")
+    logging_steps: int = opt(5, "Log loss, rewards, KL and drift every this many optimizer steps.")
+    save_steps: int = opt(0, "Also checkpoint every this many steps (0 = at each evaluation only).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    auto_find_batch_size: bool = opt(False, "On an out-of-memory error, halve the batch size and double grad_accum, then retry.")
+    resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
+    overwrite: bool = opt(False, "Replace an output_dir that holds another run's results.")
+
+    def validate(self) -> None:
+        _check_sample_size(self.sample_size)
+        _check_sample_size(self.val_sample_size)
+        if self.beta <= 0:
+            raise UserError(f"--beta must be > 0, got {self.beta}.")
+        if any(b <= 0 for b in self.betas):
+            raise UserError(f"--betas must all be > 0, got {self.betas}.")
+        for name in ("epochs", "lr", "batch_size", "grad_accum", "patience", "probe_size"):
+            _check_positive(name, getattr(self, name), allow_none=False)
+
+
+@dataclass
+class CompareSettings(Common):
+    test_csv: str = opt(f"{SPLITS}/gen_test.csv", "Held-out test split.")
+    train_csv: str = opt(f"{SPLITS}/gen_train.csv", "Training split for the TF-IDF baseline (and the leakage check).")
+    sft_model: str = opt("models/sft", "SFT adapter folder.")
+    dpo_model: str = opt("models/dpo_enhanced", "DPO adapter folder.")
+    model: str | None = opt(None, "Base model (empty = the one the SFT adapter was trained on).")
+    sample_size: int | None = opt(None, "Evaluate on a stratified, seeded sample of this many test texts (empty = all).")
+    skip_base: bool = opt(False, "Do not evaluate the base model.")
+    no_baseline: bool = opt(False, "Skip the TF-IDF + logistic regression reference row.")
+    extra_test: list[str] = opt([], "Another test set, NAME=PATH (GEN, iSarcasmEval or text,label CSV/JSONL); repeatable.")
+    output_dir: str = opt("results", "Where the comparison JSON, plot and predictions are written.")
+    batch_size: int = opt(16, "Texts per forward pass.")
+    n_bootstrap: int = opt(1000, "Bootstrap resamples for the 95% intervals.")
+
+    def validate(self) -> None:
+        _check_sample_size(self.sample_size)
+        _check_positive("batch_size", self.batch_size, allow_none=False)
+        for item in self.extra_test:
+            if "=" not in item:
+                raise UserError(f"--extra_test expects NAME=PATH, got {item!r}.")
+
+
+@dataclass
+class PipelineSettings:
+    data_dir: str | None = opt(None, "Offline data folder laid out like shared/data (empty = download on first use).")
+    force: bool = opt(False, "Redo every stage even when its outputs are complete and match the config.")
+    mine: bool = opt(False, "Train DPO on pairs mined from the SFT model's mistakes instead of all pairs.")
+    wandb_project: str = opt(DEFAULT_PROJECT, "Weights & Biases project name.")
+    no_wandb: bool = opt(False, "Turn Weights & Biases logging off.")
+
+
+STAGES: dict[str, type] = {
+    "split": SplitSettings,
+    "sft": SFTSettings,
+    "mine": MineSettings,
+    "dpo": DPOSettings,
+    "compare": CompareSettings,
+    "pipeline": PipelineSettings,
+}

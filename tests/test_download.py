@@ -1,0 +1,189 @@
+"""download.py against a real HTTP server on 127.0.0.1 serving the shared datasets."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from sarcasm_dpo import download as dl
+from sarcasm_dpo.errors import UserError
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+URL_TO_FILE = {"/" + d.url_path: SHARED_DATA / d.relpath for d in dl.DATASETS.values()}
+GEN = dl.DATASETS["gen"]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        srv = self.server
+        srv.requests.append(self.path)
+        local = URL_TO_FILE.get(self.path)
+        if local is None:
+            self.send_error(404)
+            return
+        body = local.read_bytes()
+        mode = srv.modes.get(self.path, "ok")
+        if mode == "drop_once":
+            srv.modes[self.path] = "ok"
+            mode = "drop"
+        if mode == "corrupt":
+            body = body[:100] + bytes([body[100] ^ 0xFF]) + body[101:]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))  # always the full size
+        self.end_headers()
+        if mode == "drop":
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+
+@pytest.fixture
+def server():
+    assert all(p.is_file() for p in URL_TO_FILE.values()), f"shared datasets not found under {SHARED_DATA}"
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.requests = []
+    srv.modes = {}  # url path -> "ok" | "corrupt" | "drop" | "drop_once"
+    srv.base_url = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def _no_pause(monkeypatch):
+    monkeypatch.setattr(dl, "RETRY_PAUSE_S", 0)
+
+
+def _get(srv, cache, **kw):
+    kw.setdefault("timeout", 10)
+    return dl.download(cache, base_url=srv.base_url, log=lambda _m: None, **kw)
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def test_downloads_both_then_skips(server, tmp_path):
+    paths = _get(server, tmp_path)
+    assert set(paths) == {"gen", "isarcasmeval"}
+    for key, d in dl.DATASETS.items():
+        assert paths[key] == tmp_path / d.relpath
+        assert dl.sha256_file(paths[key]) == d.sha256
+    assert sorted(server.requests) == sorted(URL_TO_FILE)
+    assert not list(tmp_path.rglob("*.part"))
+
+    logs = []
+    server.requests.clear()
+    dl.download(tmp_path, base_url=server.base_url, log=logs.append)
+    assert server.requests == []
+    assert sum("skipping" in m for m in logs) == 2
+
+
+def test_corrupt_download_is_rejected_and_not_kept(server, tmp_path):
+    server.modes["/" + GEN.url_path] = "corrupt"
+    with pytest.raises(UserError) as exc:
+        _get(server, tmp_path, keys=["gen"])
+    msg = str(exc.value)
+    assert "Checksum" in msg and GEN.sha256 in msg and GEN.relpath in msg
+    assert _leftovers(tmp_path) == []
+
+
+def test_connection_dropped_every_time_gives_up(server, tmp_path):
+    server.modes["/" + GEN.url_path] = "drop"
+    with pytest.raises(UserError) as exc:
+        _get(server, tmp_path, keys=["gen"], retries=2)
+    assert "dropped" in str(exc.value) and "--data_dir" in str(exc.value)
+    assert server.requests == ["/" + GEN.url_path] * 3  # first try + 2 retries
+    assert _leftovers(tmp_path) == []
+
+
+def test_connection_dropped_once_is_retried(server, tmp_path):
+    server.modes["/" + GEN.url_path] = "drop_once"
+    paths = _get(server, tmp_path, keys=["gen"])
+    assert dl.sha256_file(paths["gen"]) == GEN.sha256
+    assert len(server.requests) == 2
+    assert _leftovers(tmp_path) == [paths["gen"]]
+
+
+def test_nothing_listening_points_to_data_dir(tmp_path):
+    with socket.socket() as s:  # grab a free port, then close it so nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UserError) as exc:
+        dl.download(tmp_path, base_url=f"http://127.0.0.1:{port}", timeout=5, log=lambda _m: None)
+    msg = str(exc.value)
+    assert "--data_dir" in msg and "sarcasm_v2/GEN-sarc-notsarc.csv" in msg
+    assert "isarcasmeval/train.En.csv" in msg
+    assert _leftovers(tmp_path) == []
+
+
+def test_http_error_is_a_user_error(server, tmp_path, monkeypatch):
+    monkeypatch.setitem(dl.DATASETS, "gen", dl.DatasetFile("gen", GEN.relpath, "no/such/file.csv", GEN.sha256))
+    with pytest.raises(UserError, match="HTTP 404"):
+        _get(server, tmp_path, keys=["gen"])
+    assert _leftovers(tmp_path) == []
+
+
+def test_stale_file_in_cache_is_replaced(server, tmp_path):
+    stale = tmp_path / GEN.relpath
+    stale.parent.mkdir(parents=True)
+    stale.write_text("not the dataset\n")
+    (stale.parent / (stale.name + ".part")).write_bytes(b"leftover from a killed run")
+    _get(server, tmp_path, keys=["gen"])
+    assert dl.sha256_file(stale) == GEN.sha256
+    assert server.requests == ["/" + GEN.url_path]
+    assert _leftovers(tmp_path) == [stale]
+
+
+def test_ensure_data_dir_uses_given_folder_without_network(monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("ensure_data_dir(dir) must not download")
+
+    monkeypatch.setattr(dl.urllib.request, "urlopen", no_network)
+    logs = []
+    assert dl.ensure_data_dir(str(SHARED_DATA), log=logs.append) == SHARED_DATA
+    assert not any("WARNING" in m for m in logs)
+
+
+def test_ensure_data_dir_missing_files_lists_layout(tmp_path):
+    with pytest.raises(UserError) as exc:
+        dl.ensure_data_dir(str(tmp_path))
+    msg = str(exc.value)
+    for d in dl.DATASETS.values():
+        assert str(tmp_path / d.relpath) in msg
+
+
+def test_ensure_data_dir_own_copy_with_other_checksum_only_warns(tmp_path):
+    for d in dl.DATASETS.values():
+        (tmp_path / d.relpath).parent.mkdir(parents=True)
+        (tmp_path / d.relpath).write_text("my own copy\n")
+    logs = []
+    assert dl.ensure_data_dir(tmp_path, log=logs.append) == tmp_path
+    assert sum("WARNING" in m for m in logs) == 2
+
+
+def test_ensure_data_dir_none_downloads_into_cache(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("SARCASM_DPO_DATA", str(tmp_path / "cache"))
+    monkeypatch.setattr(dl, "DEFAULT_BASE_URL", server.base_url)
+    assert dl.default_cache_dir() == tmp_path / "cache"
+    root = dl.ensure_data_dir(None, keys=["isarcasmeval"], log=lambda _m: None)
+    assert root == tmp_path / "cache"
+    assert dl.sha256_file(root / "isarcasmeval/train.En.csv") == dl.DATASETS["isarcasmeval"].sha256
+
+
+def test_unknown_key_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="unknown dataset"):
+        dl.download(tmp_path, keys=["nope"], log=lambda _m: None)
