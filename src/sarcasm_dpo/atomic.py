@@ -99,3 +99,71 @@ def clear_complete(folder: str | os.PathLike) -> None:
     marker = Path(folder) / COMPLETE_MARKER
     if marker.exists():
         marker.unlink()
+
+
+# Settings that change how a run is logged or started, not what it computes: they never make
+# finished outputs stale (a pipeline re-run gets a new W&B group but should still skip done stages).
+VOLATILE_KEYS = ("wandb_project", "wandb_group", "no_wandb", "resume", "overwrite", "force", "data_dir")
+
+
+def stable_config(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
+
+
+def config_fingerprint(config: dict) -> str:
+    """A short stable hash of a settings dict, used to tell whether outputs match a config."""
+    import hashlib
+
+    text = json.dumps(stable_config(config), sort_keys=True, default=_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_complete_for(folder: str | os.PathLike, config: dict) -> bool:
+    """True when the folder's stage finished and was made with exactly these settings."""
+    record = read_complete(folder)
+    return bool(record) and record.get("config_fingerprint") == config_fingerprint(config)
+
+
+def prepare_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool = False, resume: bool = False,
+                       ignore_keys: tuple[str, ...] = ()) -> Path:
+    """Make sure a stage may write into `folder`, then clear its completion marker.
+
+    A folder holding another run's results (a completion marker with a different config, or
+    files we did not write) is refused unless `overwrite`, so a typo in --output_dir never
+    destroys a finished model. Re-running with the same config, or resuming, is allowed.
+    """
+    from .errors import UserError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"Output path {folder} exists and is not a folder.")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        record = read_complete(folder)
+        wanted = {k: v for k, v in stable_config(config).items() if k not in ignore_keys}
+        if record is not None:
+            had = {k: v for k, v in stable_config(record.get("config") or {}).items() if k not in ignore_keys}
+            if had != json.loads(json.dumps(wanted, default=_default)) and not resume:
+                diff = sorted(k for k in set(had) | set(wanted) if had.get(k) != wanted.get(k))
+                raise UserError(
+                    f"{folder} already holds the results of another run (settings differ in: {', '.join(diff)}). "
+                    "Pass --overwrite to replace them, or choose another --output_dir."
+                )
+        elif not resume and not (folder / "checkpoints").is_dir():
+            names = sorted(p.name for p in folder.iterdir())[:8]
+            raise UserError(
+                f"{folder} is not empty ({', '.join(names)}) and holds no finished run of ours. "
+                "Pass --overwrite to write into it anyway, or choose another --output_dir."
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    clear_complete(folder)
+    return folder
+
+
+def finish_output_dir(folder: str | os.PathLike, config: dict, extra: dict | None = None) -> Path:
+    """Write the completion marker last: the folder now holds a whole, matching set of outputs."""
+    import time
+
+    info = {"config": config, "config_fingerprint": config_fingerprint(config),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    info.update(extra or {})
+    return mark_complete(folder, info)

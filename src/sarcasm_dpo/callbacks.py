@@ -137,3 +137,74 @@ class ValidationCallback(TrainerCallback):
         """Put the best-F1 adapter weights back into the model before it is saved."""
         if self.best_state is not None:
             load_adapter_state(model, self.best_state)
+
+
+# --- logging forwarding and the progress bar (used by SFT; usable by any Trainer) ------------------
+
+# End-of-training totals the Trainer logs once; a stage reports them in its own summary instead.
+_RUN_TOTALS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss")
+
+
+class TrackerLogCallback(TrainerCallback):
+    """Forward the Trainer's periodic logs to our Tracker as `train/<key>` (W&B groups by the prefix).
+
+    `loss`, `learning_rate`, `grad_norm` (and DPO's `rewards/...`) become `train/loss`, ...;
+    `eval_*` keys become `eval/*`. With `log_at_epoch_end`, a log is also forced at every epoch
+    end, so no loss window straddles two epochs and per-epoch losses can be read off the history.
+    """
+
+    def __init__(self, log: Callable[[dict, int], None], log_at_epoch_end: bool = True):
+        self.log = log
+        self.log_at_epoch_end = log_at_epoch_end
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.log_at_epoch_end:
+            control.should_log = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        out = {}
+        for key, value in (logs or {}).items():
+            if key in _RUN_TOTALS or not isinstance(value, (int, float)):
+                continue
+            out[f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"] = value
+        if out:
+            self.log(out, int(state.global_step))
+
+
+class LossProgressCallback(TrainerCallback):
+    """A tqdm bar over optimizer steps (tqdm gives rate and ETA) with the latest loss and learning rate
+    as its postfix, instead of the default bar that prints every log dict as a line.
+
+    Swap it in with `trainer.remove_callback(ProgressCallback); trainer.add_callback(LossProgressCallback())`.
+    """
+
+    def __init__(self, desc: str = "training"):
+        self.desc = desc
+        self.bar = None
+        self.last_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and not args.disable_tqdm:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
+                            dynamic_ncols=True)
+        self.last_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.last_step)
+        self.last_step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            postfix = {"loss": f"{logs['loss']:.4f}"}
+            if "learning_rate" in logs:
+                postfix["lr"] = f"{logs['learning_rate']:.2e}"
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

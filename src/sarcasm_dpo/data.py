@@ -274,3 +274,39 @@ def make_splits(gen: pd.DataFrame, isarcasm: pd.DataFrame, test_size: float = 0.
     splits = {k: v.reset_index(drop=True) for k, v in splits.items()}
     check_no_leakage(splits)
     return splits
+
+
+def run(settings) -> dict:
+    """`sarcasm-dpo split`: read both datasets, clean them, split, check leakage, write CSVs + split_info.json."""
+    import dataclasses
+
+    from .atomic import finish_output_dir, prepare_output_dir, write_csv, write_json
+    from .download import ensure_data_dir
+    from .tracking import Tracker
+
+    config = dataclasses.asdict(settings)
+    out = Path(settings.output_dir)
+    data_dir = ensure_data_dir(settings.data_dir)
+    prepare_output_dir(out, config, overwrite=settings.overwrite)
+    with Tracker(enabled=not settings.no_wandb, project=settings.wandb_project, job_type="split",
+                 group=settings.wandb_group, config=config) as tracker:
+        gen = load_gen(data_dir / GEN_RELPATH, strict=settings.strict)
+        isarcasm = load_isarcasm(data_dir / ISARCASM_RELPATH, strict=settings.strict, drop_conflicts=not settings.strict)
+        splits = make_splits(gen, isarcasm, settings.test_size, settings.val_size, settings.isarcasm_val_size, settings.seed)
+        info = {"config": config, "sources": {
+                    "gen": {"path": str(data_dir / GEN_RELPATH), "sha256": file_sha256(data_dir / GEN_RELPATH)},
+                    "isarcasmeval": {"path": str(data_dir / ISARCASM_RELPATH),
+                                     "sha256": file_sha256(data_dir / ISARCASM_RELPATH)}},
+                "splits": {}}
+        print(f"{'split':<16}{'sarcastic':>10}{'not':>8}{'total':>8}")
+        for name, frame in splits.items():
+            path = out / SPLIT_FILES[name]
+            write_csv(path, frame)
+            counts = class_counts(frame)
+            info["splits"][name] = {"file": str(path), "sha256": frame_checksum(frame), **counts}
+            print(f"{name:<16}{counts['sarcastic']:>10}{counts['not_sarcastic']:>8}{counts['total']:>8}")
+            tracker.log_summary({f"split/{name}/{k}": v for k, v in counts.items()})
+        write_json(out / "split_info.json", info)
+        finish_output_dir(out, config)
+    print(f"Splits written to {out}/ (no text appears in more than one split).")
+    return info

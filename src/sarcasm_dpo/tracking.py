@@ -203,17 +203,21 @@ class Tracker:
             return
         self._wandb = wandb
 
-        if dir is not None:
-            Path(dir).mkdir(parents=True, exist_ok=True)  # wandb falls back to /tmp if it is missing
-        kwargs = dict(
-            project=project,
-            job_type=job_type,
-            config=_jsonable(config or {}),
-            group=group,  # None: wandb reads WANDB_RUN_GROUP, so a driver can set it for subprocesses
-            name=name,
-            dir=None if dir is None else str(dir),
-            tags=list(tags) if tags else None,
-        )
+        try:
+            if dir is not None:
+                Path(dir).mkdir(parents=True, exist_ok=True)  # wandb falls back to /tmp if it is missing
+            kwargs = dict(
+                project=project,
+                job_type=job_type,
+                config=_jsonable(config or {}),
+                group=group,  # None: wandb reads WANDB_RUN_GROUP, so a driver can set it for subprocesses
+                name=name,
+                dir=None if dir is None else str(dir),
+                tags=list(tags) if tags else None,
+            )
+        except Exception as exc:  # unwritable dir, a config json cannot represent (cycle)
+            self._fail("init", exc)
+            return
         modes = [self.mode] if self.mode == "offline" else ["online", "offline"]
         for mode in modes:
             try:
@@ -343,8 +347,8 @@ class Tracker:
 
         A local file or folder is turned into an artifact from its files: when the producing run
         logged the same files under the same ``name``, the digests match, so W&B links this run
-        to that very version instead of storing a copy. Anything else is taken as an artifact
-        reference such as ``"sft-adapter:latest"``.
+        to that very version instead of storing a copy. A string that is not an existing path is
+        taken as an artifact reference such as ``"sft-adapter:latest"``.
 
         wandb refuses `use_artifact` in offline mode, so offline the input is only recorded in
         the run config under ``inputs/<name>``; the lineage edge is lost, the information is not.
@@ -353,6 +357,10 @@ class Tracker:
             return
         local = Path(path_or_name)
         is_local = local.exists()
+        if isinstance(path_or_name, os.PathLike) and not is_local:
+            # A Path means a local input; a missing one is the caller's problem, not W&B's.
+            _warn(f"W&B use_artifact: {path_or_name} does not exist; skipped")
+            return
         art_name = _artifact_name(name or (local.name if is_local else str(path_or_name)))
         if self.mode == "offline":
             record = {"path": str(local.resolve()) if is_local else str(path_or_name), "type": type}

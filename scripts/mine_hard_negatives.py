@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""Mine DPO preference pairs from the SFT model's mistakes.
+
+Kept for users of the original scripts: the same flags, now a door into `sarcasm-dpo mine`.
+
+    python scripts/mine_hard_negatives.py --help
+"""
+
+import sys
+from pathlib import Path
+
+# Run from a checkout without installing: fall back to the package under src/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from sarcasm_dpo.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["mine", *sys.argv[1:]]))

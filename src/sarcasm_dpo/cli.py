@@ -1,0 +1,104 @@
+"""`sarcasm-dpo`: one command, one subcommand per stage.
+
+    sarcasm-dpo split --data_dir ../shared/data
+    sarcasm-dpo sft --model Qwen/Qwen2.5-0.5B-Instruct --epochs 2
+    sarcasm-dpo dpo --sft_model models/sft --beta 0.1
+    sarcasm-dpo compare --test_csv data/splits/gen_test.csv
+    sarcasm-dpo pipeline --config configs/qwen2.5-0.5b.yaml
+
+Bad input or settings end with one paragraph on stderr and exit code 2 (no traceback).
+Runs under `accelerate launch ... -m sarcasm_dpo.cli sft ...` as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from . import __version__
+from .config import add_arguments, from_namespace
+from .errors import UserError
+from .settings import STAGES
+
+# subcommand -> (module that runs it, settings section, one-line description)
+COMMANDS = {
+    "split": ("sarcasm_dpo.data", "split", "Split GEN into train/val/test and iSarcasmEval into train/val."),
+    "sft": ("sarcasm_dpo.sft", "sft", "Phase 1: LoRA supervised fine-tuning on the GEN train split."),
+    "mine": ("sarcasm_dpo.mining", "mine", "Mine preference pairs from the SFT model's mistakes on iSarcasmEval."),
+    "dpo": ("sarcasm_dpo.dpo", "dpo", "Phase 2: DPO on iSarcasmEval from the SFT adapter, SFT as frozen reference."),
+    "compare": ("sarcasm_dpo.compare", "compare", "Evaluate Base vs SFT vs DPO on the held-out GEN test split."),
+    "pipeline": ("sarcasm_dpo.pipeline", "pipeline", "Run download/split -> sft -> dpo -> compare with one config."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sarcasm-dpo",
+        description="Turn a small chat model into a sarcasm detector (SFT -> DPO) and measure what each stage bought.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="Dataset commands (download).")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    download = data_sub.add_parser("download", help="Fetch GEN and iSarcasmEval into the cache and verify checksums.")
+    download.add_argument("--cache_dir", default=None, help="Where to put the files (default: ~/.cache/sarcasm-dpo/data).")
+    download.add_argument("--base_url", default=None, help="Mirror to fetch from instead of the GitHub repositories.")
+
+    for name, (_, section, text) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+                           if False else argparse.HelpFormatter)
+        add_arguments(p, STAGES[section])
+
+    predict = sub.add_parser("predict", help="Classify texts with a model and an optional adapter; prints JSON lines.")
+    predict.add_argument("--model", default=None, help="Base model: hub id, folder or .gguf (default: the adapter's base).")
+    predict.add_argument("--adapter", default=None, help="LoRA adapter folder (from sft or dpo).")
+    predict.add_argument("--input", default=None, help="Text file (one text per line) or CSV/JSONL with a text column; stdin if absent.")
+    predict.add_argument("--batch_size", type=int, default=16, help="Texts per forward pass.")
+    predict.add_argument("--max_text_tokens", type=int, default=256, help="Texts are cut to this many tokens inside the prompt.")
+    predict.add_argument("--threshold", type=float, default=0.5, help="P(sarcastic) at or above which the label is 1.")
+    predict.add_argument("--device", default=None, help="cuda, mps or cpu (auto-detected when empty).")
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> object:
+    if args.command == "data":
+        from .download import DEFAULT_BASE_URL, download
+
+        return download(cache_dir=args.cache_dir, base_url=args.base_url or DEFAULT_BASE_URL)
+    if args.command == "predict":
+        from .predict import run as predict_run
+
+        return predict_run(args)
+    module_name, section, _ = COMMANDS[args.command]
+    settings = from_namespace(STAGES[section], args, section)
+    module = importlib.import_module(module_name)
+    if section == "pipeline":
+        return module.run(settings, config_path=getattr(args, "config", None))
+    return module.run(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run_command(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("Interrupted. Finished outputs are intact; re-run the same command with --resume to continue.",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    entry_point()

@@ -1,0 +1,101 @@
+"""`sarcasm-dpo pipeline`: download/split -> sft -> (mine) -> dpo or beta sweep -> compare.
+
+One YAML file drives every stage (shared keys at the top, one section per stage), one W&B group
+ties the runs together, and each stage's output folder carries a COMPLETE.json written last with
+a fingerprint of the settings that made it. A re-run skips every stage whose folder is complete
+for the same settings, resumes a stage that was interrupted (its checkpoints are there but no
+marker), and redoes a stage whose settings changed; `--force` redoes everything.
+
+    sarcasm-dpo pipeline --config configs/smollm2-135m-cpu.yaml --data_dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .atomic import is_complete_for, read_complete
+from .config import build, check_known_keys, load_yaml, values_for_stage
+from .settings import STAGES, CompareSettings, DPOSettings, MineSettings, SFTSettings, SplitSettings
+
+
+def stage_settings(data: dict, pipe, group: str | None, source: str = "config") -> dict:
+    """Each stage's settings from one YAML mapping, with the paths chained from stage to stage."""
+    shared = {"wandb_project": pipe.wandb_project, "no_wandb": pipe.no_wandb, "wandb_group": group}
+
+    def make(cls, section, chained: dict):
+        values = values_for_stage(data, cls, section, source)
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, value in {**chained, **shared}.items():
+            # A path the user set explicitly in the stage's section wins over the chained default.
+            if key in names and key not in (data.get(section) or {}):
+                values[key] = value
+        return build(cls, values)
+
+    split = make(SplitSettings, "split", {"data_dir": pipe.data_dir})
+    d = split.output_dir
+    sft = make(SFTSettings, "sft", {"train_csv": f"{d}/gen_train.csv", "val_csv": f"{d}/gen_val.csv"})
+    mine = make(MineSettings, "mine", {"sft_model": sft.output_dir, "input_csv": f"{d}/isarcasm_train.csv",
+                                       "output_file": f"{Path(sft.output_dir).parent}/mined_pairs.json"})
+    dpo_chain = {"sft_model": sft.output_dir, "train_csv": f"{d}/isarcasm_train.csv", "val_csv": f"{d}/gen_val.csv",
+                 "isarcasm_val_csv": f"{d}/isarcasm_val.csv"}
+    if pipe.mine:
+        dpo_chain["preference_data"] = mine.output_file
+    dpo = make(DPOSettings, "dpo", dpo_chain)
+    compare = make(CompareSettings, "compare", {"test_csv": f"{d}/gen_test.csv", "train_csv": f"{d}/gen_train.csv",
+                                                "sft_model": sft.output_dir, "dpo_model": dpo.output_dir})
+    return {"split": split, "sft": sft, "mine": mine, "dpo": dpo, "compare": compare}
+
+
+def _dpo_result_dir(dpo: DPOSettings) -> str:
+    """Where the DPO model to compare lives: the output folder, or the sweep's best-beta folder."""
+    if not dpo.beta_sweep:
+        return dpo.output_dir
+    results = Path(dpo.output_dir) / "beta_sweep_results.json"
+    if results.is_file():
+        best = json.loads(results.read_text()).get("best_output_dir")
+        if best:
+            return best
+    return dpo.output_dir
+
+
+def _output_of(name: str, settings) -> str:
+    if name == "mine":
+        return str(Path(settings.output_file).parent / (Path(settings.output_file).stem + "_run"))
+    return settings.output_dir
+
+
+def run(pipe, config_path: str | None = None) -> dict:
+    from .tracking import make_group_name
+
+    data = load_yaml(config_path) if config_path else {}
+    check_known_keys(data, STAGES, str(config_path or "defaults"))  # pipe itself came from the same file + flags
+    group = None if pipe.no_wandb else make_group_name()
+    stages = stage_settings(data, pipe, group, str(config_path or "defaults"))
+    order = ["split", "sft", *(["mine"] if pipe.mine else []), "dpo", "compare"]
+    ran, skipped = [], []
+    result = None
+    for name in order:
+        settings = stages[name]
+        if name == "compare":
+            settings = dataclasses.replace(settings, dpo_model=_dpo_result_dir(stages["dpo"]))
+        out = Path(_output_of(name, settings))
+        config = dataclasses.asdict(settings)
+        if not pipe.force and is_complete_for(out, config):
+            print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to redo).")
+            skipped.append(name)
+            if name == "compare":
+                result = json.loads((out / "model_comparison_results.json").read_text())
+            continue
+        interrupted = (out / "checkpoints").is_dir() and read_complete(out) is None
+        if hasattr(settings, "resume"):
+            settings = dataclasses.replace(settings, resume=interrupted, overwrite=not interrupted)
+        elif hasattr(settings, "overwrite"):
+            settings = dataclasses.replace(settings, overwrite=True)
+        print(f"[pipeline] {name}: {'resuming' if interrupted else 'running'} -> {out}")
+        module = __import__(f"sarcasm_dpo.{ {'split': 'data', 'mine': 'mining'}.get(name, name) }", fromlist=["run"])
+        result = module.run(settings)
+        ran.append(name)
+    print(f"[pipeline] done: ran {', '.join(ran) or 'nothing'}; skipped {', '.join(skipped) or 'nothing'}.")
+    return {"ran": ran, "skipped": skipped, "compare": result}

@@ -1,0 +1,56 @@
+"""`sarcasm-dpo predict`: classify texts with a base model and an optional adapter.
+
+Input is a text file (one text per line), a CSV/JSONL with a `text` column, or stdin; output is
+one JSON line per text: {"text", "p_sarcastic", "label"}.
+
+    echo "Oh great, another Monday." | sarcasm-dpo predict --adapter models/sft
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def read_texts(path: str | None) -> list[str]:
+    if path is None:
+        lines = sys.stdin.read().splitlines()
+        return [line for line in lines if line.strip()]
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"Input file not found: {path}")
+    if p.suffix.lower() in (".csv", ".jsonl", ".ndjson", ".json"):
+        from .data import read_frame
+
+        frame = read_frame(p)
+        if "text" not in frame.columns:
+            raise UserError(f"{path}: no `text` column. Found columns: {list(frame.columns)}; expected: ['text'].")
+        empty = frame["text"].isna() | (frame["text"].astype(str).str.strip() == "")
+        if empty.any():
+            rows = ", ".join(str(i + 1) for i in frame.index[empty][:10])
+            raise UserError(f"{path}: {int(empty.sum())} row(s) with an empty text (rows {rows}).")
+        return frame["text"].astype(str).tolist()
+    return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def run(args) -> list[dict]:
+    from .models import adapter_base_model, load_model, pick_device
+    from .scoring import Scorer
+
+    if not args.model and not args.adapter:
+        raise UserError("Give --model (a hub id, folder or .gguf) and/or --adapter (an sft/dpo output folder).")
+    model_ref = args.model or adapter_base_model(args.adapter)
+    texts = read_texts(args.input)
+    if not texts:
+        raise UserError("No texts to classify (the input is empty).")
+    model, tokenizer = load_model(model_ref, adapter=args.adapter, device=pick_device(args.device))
+    probs = Scorer(model, tokenizer, batch_size=args.batch_size, max_text_tokens=args.max_text_tokens).predict_proba(texts)
+    rows = []
+    for text, p in zip(texts, probs):
+        row = {"text": text, "p_sarcastic": round(float(p), 6), "label": int(p >= args.threshold)}
+        print(json.dumps(row, ensure_ascii=False))
+        rows.append(row)
+    return rows
