@@ -48,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--base_url", default=None, help="Mirror to fetch from instead of the GitHub repositories.")
 
     for name, (_, section, text) in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-                           if False else argparse.HelpFormatter)
+        p = sub.add_parser(name, help=text, description=text)
         add_arguments(p, STAGES[section])
 
     predict = sub.add_parser("predict", help="Classify texts with a model and an optional adapter; prints JSON lines.")

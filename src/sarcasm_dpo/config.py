@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         names = [f"--{f.name}", *meta.get("alias", ())]
-        help_text = meta.get("help", "")
+        help_text = meta.get("help", "").replace("%", "%%")  # argparse formats help with %
         if tp is bool and default is False:
             parser.add_argument(*names, dest=f.name, action="store_const", const=True,
                                 default=argparse.SUPPRESS, help=help_text)

@@ -1,0 +1,39 @@
+# Each target does its own set-up: a fresh machine needs only python3 (3.10+) and make.
+#   make run    the whole pipeline with the default config (model and data downloaded on first use)
+#   make test   the test suite (tiny random model, real data from ../shared/data; no downloads)
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+CONFIG  ?= configs/qwen2.5-0.5b.yaml
+ARGS    ?=
+
+.PHONY: setup run run-cpu test test-slow bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install_torch.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	bash scripts/install_torch.sh $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/sarcasm-dpo pipeline --config $(CONFIG) $(ARGS)
+
+# The same pipeline with a real model that fits a CPU, fully offline on this project's machines.
+run-cpu: $(STAMP)
+	../shared/bin/fetch-smollm2 >/dev/null
+	$(VENV)/bin/sarcasm-dpo pipeline --config configs/smollm2-135m-cpu.yaml --data_dir ../shared/data $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) bench/quality.py --budget small
+	$(PY) bench/speed.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,400 @@
+"""Compare stage: Base vs SFT vs DPO (and a TF-IDF reference) on the held-out GEN test split.
+
+The base model is loaded once; the SFT and DPO adapters sit on it side by side (PEFT adapters
+"sft" and "dpo") and are switched between, and the base model is scored with the adapters turned
+off, so memory holds one model, not three. Every model is scored by the shared `Scorer` (one
+forward pass per batch, P(sarcastic) from the Yes/No logits), and every number in the report is
+computed from those probabilities at threshold 0.5, which `predictions.csv` holds per item so
+anyone can recompute them.
+
+Beside the three language models sits a TF-IDF + logistic regression model trained on the GEN
+train split (`--no_baseline` skips it): if the fine-tuned model does not beat it, the report says
+so. Paired models are compared with the exact McNemar test on the same items.
+
+    sarcasm-dpo compare --test_csv data/splits/gen_test.csv --sft_model models/sft \
+        --dpo_model models/dpo_enhanced --sample_size 1000 --no_wandb
+    python scripts/compare_all_models.py --skip_base --extra_test isarcasm=data/splits/isarcasm_val.csv
+
+Skipping a model: `--skip_base` skips the base model; `--dpo_model none` (or an empty value)
+compares without DPO, `--sft_model none` without SFT (then `--model` names the base model). A
+path that is given but not there is an error naming it, so a typo never silently drops a row.
+
+Outputs (in `--output_dir`, default results/): model_comparison_results.json,
+model_comparison_plot.png, predictions.csv, one predictions_NAME.csv per `--extra_test`, and
+COMPLETE.json last. A folder holding only these files (an earlier compare) is reused, since
+compare is cheap to redo; a folder with anything else in it is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import baseline, data, metrics, models
+from .atomic import finish_output_dir, prepare_output_dir, read_complete, write_csv, write_json
+from .errors import UserError
+from .settings import CompareSettings
+
+RESULTS_FILE = "model_comparison_results.json"
+PLOT_FILE = "model_comparison_plot.png"
+PREDICTIONS_FILE = "predictions.csv"
+BASELINE = "tfidf_logreg"
+NAMES = {"base": "Base", "sft": "SFT", "dpo": "DPO", BASELINE: "TF-IDF+LR"}
+# (newer, older) pairs reported as improvements in percentage points and tested with McNemar.
+PAIRS = [("sft", "base"), ("dpo", "base"), ("dpo", "sft"), ("sft", BASELINE), ("dpo", BASELINE)]
+IMPROVEMENT_KEYS = ("accuracy", "precision", "recall", "f1", "macro_f1", "roc_auc")
+ALPHA = 0.05
+# What a compare run writes; a results folder holding only these names may be reused.
+OWN_FILES = re.compile(r"^(model_comparison_results\.json|model_comparison_plot\.png|predictions(_[A-Za-z0-9_.-]+)?\.csv"
+                       r"|COMPLETE\.json|\.tmp-.*|wandb)$")
+EXTRA_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def run(settings: CompareSettings) -> dict:
+    s = settings
+    started = time.perf_counter()
+    config = dataclasses.asdict(s)
+
+    # --- setup: every check on the user's input happens here, before a model is loaded ---
+    adapters = resolve_adapters(s)
+    base_ref = resolve_base_model(s, adapters)
+    test_full = data.load_split(s.test_csv, "test")
+    train = load_train(s, test_full)
+    test = data.stratified_sample(test_full, s.sample_size, s.seed)
+    extras = load_extra_tests(s, train)
+    out = prepare_results_dir(Path(s.output_dir), config)
+    print(f"Test set: {s.test_csv}: {len(test)} of {len(test_full)} items {data.class_counts(test)}")
+
+    from .tracking import Tracker
+
+    with Tracker(enabled=not s.no_wandb, project=s.wandb_project, job_type="compare", config=config,
+                 group=s.wandb_group) as tracker:
+        for key, folder in adapters.items():
+            tracker.use_artifact(folder, type="model", name=f"{key}-adapter")
+        tracker.use_artifact(s.test_csv, type="dataset", name=Path(s.test_csv).stem)
+
+        # --- score: each model once over every test set's texts ---
+        sets = {"main": test, **{name: frame for name, (_, _, frame) in extras.items()}}
+        texts = [t for frame in sets.values() for t in frame["text"]]
+        timings: dict[str, float] = {}
+        probs = score_language_models(s, base_ref, adapters, texts, timings)
+        if not s.no_baseline:
+            t0 = time.perf_counter()
+            pipe = baseline.tfidf_logreg(train, seed=s.seed)
+            probs[BASELINE] = baseline.predict_proba(pipe, texts)
+            timings[f"{BASELINE}_s"] = round(time.perf_counter() - t0, 3)
+        by_set = split_probs(probs, sets)
+
+        # --- evaluate and save ---
+        results = {
+            "config": config,
+            "test_set": describe_test_set(s.test_csv, test_full, test, s.sample_size),
+            "train_set": None if train is None else {
+                "path": s.train_csv, "sha256": data.file_sha256(s.train_csv), "n": len(train),
+                "overlap_with_test": 0},
+            **evaluate(test, by_set["main"], s),
+            "extra_tests": {},
+            "model_paths": {"base": base_ref, **{k: str(v) for k, v in adapters.items()},
+                            **({BASELINE: f"trained on {s.train_csv}"} if not s.no_baseline else {})},
+            "timings": timings,
+        }
+        for name, (path, full, frame) in extras.items():
+            info = describe_test_set(path, full, frame, s.sample_size)
+            info["overlap_with_train"] = 0 if train is None else data.overlap_count(frame, train)
+            results["extra_tests"][name] = {"test_set": info, **evaluate(frame, by_set[name], s)}
+
+        predictions = {"main": predictions_frame(test, by_set["main"])}
+        files = {"main": out / PREDICTIONS_FILE}
+        for name in extras:
+            predictions[name] = predictions_frame(sets[name], by_set[name])
+            files[name] = out / f"predictions_{name}.csv"
+        for name, frame in predictions.items():
+            write_csv(files[name], frame)
+        remove_stale_predictions(out, set(files.values()))
+        from .plots import plot_comparison
+
+        plot_path = plot_comparison(results["models"], out / PLOT_FILE, names=NAMES,
+                                    title=f"{Path(s.test_csv).name}: {len(test)} items")
+        timings["total_s"] = round(time.perf_counter() - started, 3)
+        results["outputs"] = {"results": str(out / RESULTS_FILE), "plot": str(plot_path),
+                              "predictions": {k: str(v) for k, v in files.items()}}
+        write_json(out / RESULTS_FILE, results)
+        print(format_report(results))
+        log_to_tracker(tracker, results, predictions["main"], plot_path, out / RESULTS_FILE)
+
+    finish_output_dir(out, config, extra={"stage": "compare", "n": len(test),
+                                          "accuracy": {k: m["accuracy"] for k, m in results["models"].items()}})
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# setup
+
+
+def _skipped(value: str | None) -> bool:
+    return value is None or value.strip().lower() in ("", "none", "skip")
+
+
+def resolve_adapters(s: CompareSettings) -> dict[str, Path]:
+    """{"sft": folder, "dpo": folder} for the adapters to evaluate; a given path must exist."""
+    adapters = {}
+    for key, value in (("sft", s.sft_model), ("dpo", s.dpo_model)):
+        if _skipped(value):
+            continue
+        folder = Path(value).expanduser()
+        if not folder.is_dir():
+            raise UserError(
+                f"The {NAMES[key]} adapter folder {folder} does not exist. Train it first, fix --{key}_model, "
+                f"or pass --{key}_model none to compare without it.")
+        adapters[key] = models.check_adapter_dir(folder)
+        if read_complete(folder) is None:
+            print(f"Note: {folder} has no COMPLETE.json; its training run may not have finished.")
+    if not adapters and s.skip_base:
+        raise UserError("Nothing to evaluate: --skip_base is set and neither an SFT nor a DPO adapter was given.")
+    if "sft" in adapters and "dpo" in adapters:
+        warn_if_dpo_from_other_sft(adapters["dpo"], adapters["sft"])
+    return adapters
+
+
+def warn_if_dpo_from_other_sft(dpo_dir: Path, sft_dir: Path) -> None:
+    """DPO starts from an SFT adapter; comparing it against a different SFT run would mislead."""
+    for name in ("training_summary.json", "dpo_training_summary.json"):
+        try:
+            trained_from = json.loads((dpo_dir / name).read_text())["config"]["sft_model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if trained_from and Path(trained_from).resolve() != sft_dir.resolve():
+            print(f"Warning: the DPO adapter in {dpo_dir} was trained from {trained_from}, not from {sft_dir}; "
+                  "the DPO-vs-SFT numbers compare two unrelated runs.")
+        return
+
+
+def resolve_base_model(s: CompareSettings, adapters: dict[str, Path]) -> str:
+    if s.model:
+        return s.model
+    if adapters:
+        return models.adapter_base_model(next(iter(adapters.values())))
+    raise UserError("No base model: pass --model, or an SFT/DPO adapter folder whose training record names it.")
+
+
+def load_train(s: CompareSettings, test: pd.DataFrame) -> pd.DataFrame | None:
+    """The GEN train split, after checking no test text is in it (a leak would inflate every score)."""
+    if not Path(s.train_csv).exists():
+        if not s.no_baseline:
+            raise UserError(f"The training split {s.train_csv} does not exist; the TF-IDF baseline trains on it. "
+                            "Pass --train_csv, or --no_baseline to skip the baseline (and the leakage check).")
+        print(f"Note: {s.train_csv} not found; the train/test leakage check is skipped.")
+        return None
+    train = data.load_split(s.train_csv, "training")
+    overlap = data.overlap_count(test, train)
+    if overlap:
+        raise UserError(
+            f"Leakage: {overlap} text(s) of the test split {s.test_csv} also appear in the training split "
+            f"{s.train_csv}, so the test scores would be inflated. Re-create the splits with `sarcasm-dpo split`.")
+    return train
+
+
+def load_extra_tests(s: CompareSettings, train: pd.DataFrame | None) -> dict[str, tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """{NAME: (path, full table, evaluated sample)} for every --extra_test NAME=PATH."""
+    extras = {}
+    for item in s.extra_test:
+        name, _, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not EXTRA_NAME.match(name) or name == "main":
+            raise UserError(f"--extra_test name {name!r} must be letters, digits, '.', '_' or '-' (and not 'main').")
+        if name in extras:
+            raise UserError(f"--extra_test name {name!r} is given twice.")
+        full = data.load_table(path)
+        if train is not None and (overlap := data.overlap_count(full, train)):
+            print(f"Warning: {overlap} text(s) of extra test set {name} ({path}) are in the training split.")
+        extras[name] = (path, full, data.stratified_sample(full, s.sample_size, s.seed))
+    return extras
+
+
+def prepare_results_dir(folder: Path, config: dict) -> Path:
+    """Reuse a folder that holds only an earlier compare's files; refuse one holding anything else."""
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if not OWN_FILES.match(p.name))
+        if foreign:
+            raise UserError(f"{folder} holds files the compare stage did not write ({', '.join(foreign[:8])}); "
+                            "choose another --output_dir so they are not mixed with the comparison.")
+    return prepare_output_dir(folder, config, overwrite=True)
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+
+
+def score_language_models(s: CompareSettings, base_ref: str, adapters: dict[str, Path], texts: list[str],
+                          timings: dict) -> dict[str, np.ndarray]:
+    """P(sarcastic) per model, from one base model with the adapters switched in and out."""
+    from .scoring import Scorer
+
+    t0 = time.perf_counter()
+    device = models.pick_device(s.device)
+    tokenizer = models.load_tokenizer(base_ref)
+    model = models.load_base_model(base_ref, device)
+    for key, folder in adapters.items():
+        model = models.attach_adapter(model, folder, adapter_name=key)
+    model.eval()
+    timings["load_models_s"] = round(time.perf_counter() - t0, 3)
+    print(f"Loaded {base_ref} on {device} with adapters: {', '.join(adapters) or 'none'}")
+
+    scorer = Scorer(model, tokenizer, batch_size=s.batch_size, max_text_tokens=s.max_text_tokens, progress=True)
+    probs = {}
+    if not s.skip_base:
+        t0 = time.perf_counter()
+        # With adapters attached, disable_adapter() gives the untouched base weights.
+        with model.disable_adapter() if adapters else contextlib.nullcontext():
+            probs["base"] = scorer.predict_proba(texts)
+        timings["score_base_s"] = round(time.perf_counter() - t0, 3)
+    for key in adapters:
+        t0 = time.perf_counter()
+        model.set_adapter(key)
+        probs[key] = scorer.predict_proba(texts)
+        timings[f"score_{key}_s"] = round(time.perf_counter() - t0, 3)
+    return probs
+
+
+def split_probs(probs: dict[str, np.ndarray], sets: dict[str, pd.DataFrame]) -> dict[str, dict[str, np.ndarray]]:
+    """Cut the concatenated scores back into one block per test set."""
+    out, start = {}, 0
+    for name, frame in sets.items():
+        out[name] = {key: p[start:start + len(frame)] for key, p in probs.items()}
+        start += len(frame)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(frame: pd.DataFrame, probs: dict[str, np.ndarray], s: CompareSettings) -> dict:
+    """Metrics with intervals per model, improvements in points, and McNemar tests for each pair."""
+    labels = frame["label"].to_numpy(dtype=int)
+    scored = {key: metrics.with_intervals(labels, p, n_resamples=s.n_bootstrap, seed=s.seed)
+              for key, p in probs.items()}
+    improvements, significance = {}, {}
+    for new, old in PAIRS:
+        if new not in scored or old not in scored:
+            continue
+        pair = f"{new}_vs_{old}"
+        improvements[pair] = metrics.improvement_pp(scored[new], scored[old], keys=IMPROVEMENT_KEYS)
+        test = metrics.mcnemar_exact(labels, (probs[new] >= 0.5).astype(int), (probs[old] >= 0.5).astype(int))
+        test["verdict"] = metrics.significance_verdict(NAMES[new], NAMES[old], scored[new]["accuracy"],
+                                                       scored[old]["accuracy"], test["p_value"], ALPHA)
+        test["alpha"] = ALPHA
+        significance[pair] = test
+    return {"models": scored, "improvements_pp": improvements, "significance": significance}
+
+
+def describe_test_set(path: str, full: pd.DataFrame, frame: pd.DataFrame, sample_size: int | None) -> dict:
+    return {"path": str(path), "sha256": data.file_sha256(path), "items_sha256": data.frame_checksum(frame),
+            "n": len(frame), "n_total": len(full), "class_counts": data.class_counts(frame),
+            "sample_size": sample_size or None}
+
+
+def predictions_frame(frame: pd.DataFrame, probs: dict[str, np.ndarray]) -> pd.DataFrame:
+    out = frame[["id", "text", "label"]].reset_index(drop=True).copy()
+    for key, p in probs.items():
+        out[f"p_{key}"] = p
+    return out
+
+
+def remove_stale_predictions(out: Path, written: set[Path]) -> None:
+    """predictions_NAME.csv from an earlier run with other --extra_test sets would not match the JSON."""
+    for path in out.glob("predictions_*.csv"):
+        if path not in written:
+            path.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# reporting
+
+
+def _ci(values) -> str:
+    return f"[{values[0]:.3f}, {values[1]:.3f}]"
+
+
+def format_table(scored: dict) -> str:
+    header = f"{'Model':<10} {'Accuracy [95% CI]':<24} {'Prec':>6} {'Rec':>6}  {'F1 [95% CI]':<24} {'MacroF1':>7} {'AUC':>6}"
+    lines = [header, "-" * len(header)]
+    for key, m in scored.items():
+        auc = "  n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
+        lines.append(f"{NAMES.get(key, key):<10} {m['accuracy']:.3f} {_ci(m['accuracy_ci']):<18} "
+                     f"{m['precision']:>6.3f} {m['recall']:>6.3f}  {m['f1']:.3f} {_ci(m['f1_ci']):<18} "
+                     f"{m['macro_f1']:>7.3f} {auc:>6}")
+    return "\n".join(lines)
+
+
+def format_verdicts(block: dict) -> list[str]:
+    lines = []
+    for pair, test in block["significance"].items():
+        delta = block["improvements_pp"][pair]
+        lines.append(f"  {pair.replace('_vs_', ' vs ')}: accuracy {delta['accuracy']:+.1f} pp, F1 {delta['f1']:+.1f} pp; "
+                     f"{test['verdict']} ({test['n_discordant']} items where they disagree)")
+    return lines
+
+
+def format_report(results: dict) -> str:
+    info = results["test_set"]
+    parts = [f"\n{info['path']} ({info['n']} items; threshold 0.5)", format_table(results["models"]),
+             *format_verdicts(results)]
+    for name, block in results["extra_tests"].items():
+        parts += [f"\nExtra test set {name}: {block['test_set']['path']} ({block['test_set']['n']} items)",
+                  format_table(block["models"]), *format_verdicts(block)]
+    parts.append(f"\nResults: {results['outputs']['results']}")
+    return "\n".join(parts)
+
+
+def comparison_table(scored: dict) -> pd.DataFrame:
+    rows = []
+    for key, m in scored.items():
+        rows.append({"model": NAMES.get(key, key), "accuracy": m["accuracy"], "accuracy_ci_low": m["accuracy_ci"][0],
+                     "accuracy_ci_high": m["accuracy_ci"][1], "precision": m["precision"], "recall": m["recall"],
+                     "f1": m["f1"], "f1_ci_low": m["f1_ci"][0], "f1_ci_high": m["f1_ci"][1],
+                     "macro_f1": m["macro_f1"], "roc_auc": m["roc_auc"],
+                     **{f"{c}_{k}": m["per_class"][c][k] for c in ("sarcastic", "not_sarcastic")
+                        for k in ("precision", "recall", "f1")}})
+    return pd.DataFrame(rows)
+
+
+def confusion_table(scored: dict) -> pd.DataFrame:
+    rows = []
+    for key, m in scored.items():
+        (tn, fp), (fn, tp) = m["confusion_matrix"]
+        rows.append({"model": NAMES.get(key, key), "tn": tn, "fp": fp, "fn": fn, "tp": tp})
+    return pd.DataFrame(rows)
+
+
+def _scalars(m: dict) -> dict:
+    out = {k: m[k] for k in ("accuracy", "precision", "recall", "f1", "macro_f1", "roc_auc") if m[k] is not None}
+    out.update({"accuracy_ci_low": m["accuracy_ci"][0], "accuracy_ci_high": m["accuracy_ci"][1],
+                "f1_ci_low": m["f1_ci"][0], "f1_ci_high": m["f1_ci"][1]})
+    out.update({c: {k: m["per_class"][c][k] for k in ("precision", "recall", "f1")} for c in m["per_class"]})
+    return out
+
+
+def log_to_tracker(tracker, results: dict, predictions: pd.DataFrame, plot_path: Path, results_path: Path) -> None:
+    if not tracker.active:
+        return
+    logged = {"compare": {key: _scalars(m) for key, m in results["models"].items()}}
+    logged["compare"]["improvement_pp"] = results["improvements_pp"]
+    logged["compare"]["mcnemar_p"] = {pair: t["p_value"] for pair, t in results["significance"].items()}
+    for name, block in results["extra_tests"].items():
+        logged[f"extra_{name}"] = {key: _scalars(m) for key, m in block["models"].items()}
+    tracker.log(logged)
+    tracker.log_table("compare/table", comparison_table(results["models"]))
+    tracker.log_table("compare/confusion_matrices", confusion_table(results["models"]))
+    tracker.log_image("compare/plot", plot_path)
+    tracker.log_table("compare/predictions", predictions)
+    tracker.log_summary({"verdicts": {pair: t["verdict"] for pair, t in results["significance"].items()},
+                         "test_n": results["test_set"]["n"], "test_sha256": results["test_set"]["sha256"]})
+    tracker.log_artifact(results_path, name="model-comparison", type="results")

@@ -1,0 +1,177 @@
+"""Preference pairs for DPO: built from labelled texts, or read from a mined pairs file.
+
+Every pair uses THE prompt (`prompts.build_prompt`), so DPO trains exactly the answer position the
+scorer reads at evaluation time. Two styles:
+
+* ``reasoning`` (default): chosen = the correct label word plus one short sentence of reasoning,
+  rejected = the wrong label word plus a sentence of the same form. Sentences come in matched
+  pairs (same shape, near-equal length), so length and style carry no signal; only the label
+  word and what the sentence claims differ.
+* ``label``: the label words alone ("Yes" vs "No").
+
+Which sentence a pair gets is drawn with a seeded RNG, so the same data and seed give the same
+pairs. The label word is always the first token of the completion (checked by
+`check_pair_tokens`), which is the token the scorer's P(sarcastic) is read from.
+
+    python -c "from sarcasm_dpo.pairs import completions; print(completions(1, 'reasoning', 0))"
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError
+from .prompts import build_prompt, label_token_ids, label_word
+
+PAIR_STYLES = ("reasoning", "label")
+
+# Matched sentence pairs: entry i of SARCASTIC_REASONS and entry i of LITERAL_REASONS have the
+# same form and nearly the same length (a test holds them within a few characters), so DPO cannot
+# prefer the chosen side for being shorter, longer or phrased differently.
+SARCASTIC_REASONS = (
+    "The praise is at odds with the situation it describes.",
+    "The tone says the opposite of what the words claim.",
+    "It exaggerates in a mocking way to make a critical point.",
+    "The compliment is really a complaint in disguise.",
+    "The enthusiasm is ironic given the annoying situation.",
+    "The writer pretends to approve of something they dislike.",
+    "The literal meaning clashes with the intended meaning.",
+    "It uses mock agreement to ridicule the other position.",
+)
+LITERAL_REASONS = (
+    "The words mean just what they say about the situation.",
+    "The tone is in line with what the words plainly claim.",
+    "It states its point directly, without mocking exaggeration.",
+    "The remark is meant exactly the way it is written.",
+    "The feelings expressed fit the situation it describes.",
+    "The writer gives their real view of the thing they discuss.",
+    "The literal meaning and the intended meaning match up.",
+    "It argues its own position sincerely, without ridicule.",
+)
+REASONS = {1: SARCASTIC_REASONS, 0: LITERAL_REASONS}
+
+PAIR_KEYS = ("prompt", "chosen", "rejected")
+FILE_KEYS = ("prompt", "chosen", "rejected", "text", "label", "p_sarcastic", "id")
+
+
+def answer(label: int, style: str, index: int = 0) -> str:
+    """The completion that claims `label`: its label word, plus reasoning sentence `index` if asked."""
+    if style not in PAIR_STYLES:
+        raise UserError(f"Unknown pair style {style!r}; choose one of {', '.join(PAIR_STYLES)}.")
+    word = label_word(label)
+    if style == "label":
+        return word
+    return f"{word}. {REASONS[int(label)][index % len(REASONS[int(label)])]}"
+
+
+def completions(label: int, style: str, index: int = 0) -> tuple[str, str]:
+    """(chosen, rejected) for a text whose true label is `label`; both use matched sentence `index`."""
+    return answer(label, style, index), answer(1 - int(label), style, index)
+
+
+def build_pairs(frame: pd.DataFrame, tokenizer, style: str = "reasoning", seed: int = 42,
+                max_text_tokens: int = 256) -> pd.DataFrame:
+    """One preference pair per row of a (text, label[, id]) table, in the same order.
+
+    Columns: prompt, chosen, rejected, text, label, id (and p_sarcastic when the table has it).
+    """
+    rng = np.random.default_rng(seed)
+    n_templates = len(SARCASTIC_REASONS)
+    picks = rng.integers(0, n_templates, size=len(frame))
+    rows = []
+    for (_, row), index in zip(frame.iterrows(), picks):
+        label = int(row["label"])
+        chosen, rejected = completions(label, style, int(index))
+        record = {"prompt": build_prompt(tokenizer, row["text"], max_text_tokens), "chosen": chosen,
+                  "rejected": rejected, "text": str(row["text"]), "label": label,
+                  "id": str(row["id"]) if "id" in row else None}
+        if "p_sarcastic" in row:
+            record["p_sarcastic"] = float(row["p_sarcastic"])
+        rows.append(record)
+    return pd.DataFrame(rows, columns=[*PAIR_KEYS, "text", "label", "id"]
+                        + (["p_sarcastic"] if "p_sarcastic" in frame.columns else []))
+
+
+def check_pair_tokens(tokenizer, prompt: str, chosen: str, rejected: str, label: int | None = None) -> None:
+    """Fail unless prompt+completion tokenizes as prompt tokens followed by the label token.
+
+    DPOTrainer splits prompt and completion where their tokenizations diverge; if a tokenizer
+    merged the label word with what follows (or with the prompt's last token), DPO would train
+    a different token from the one the scorer reads. One pair per style is enough to check this.
+    """
+    no_id, yes_id = label_token_ids(tokenizer)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for side, completion in (("chosen", chosen), ("rejected", rejected)):
+        ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+        word = completion.split(".")[0].strip()
+        want = yes_id if word == label_word(1) else no_id if word == label_word(0) else None
+        if want is None or ids[: len(prompt_ids)] != prompt_ids or len(ids) <= len(prompt_ids) or ids[len(prompt_ids)] != want:
+            raise UserError(
+                f"The {side} answer {completion[:40]!r} does not start with the scorer's label token for this tokenizer, "
+                "so DPO would train a different answer from the one evaluation reads. Use --pair_style label, or "
+                "pairs whose completion starts with 'Yes' or 'No' followed by punctuation."
+            )
+    if label is not None and not chosen.startswith(label_word(label)):
+        raise UserError(f"A pair's chosen answer {chosen[:40]!r} does not start with its label word {label_word(label)!r}.")
+
+
+def write_pairs_file(path: str | Path, pairs: pd.DataFrame) -> Path:
+    """The mined-pairs JSON: a list of {prompt, chosen, rejected, text, label, p_sarcastic, id}."""
+    from .atomic import write_json
+
+    records = []
+    for row in pairs.to_dict(orient="records"):
+        records.append({k: row.get(k) for k in FILE_KEYS})
+    return write_json(path, records)
+
+
+def load_pairs_file(path: str | Path) -> pd.DataFrame:
+    """Read a preference pairs JSON (list of objects with prompt/chosen/rejected), with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Preference data file not found: {path}. Create it with `sarcasm-dpo mine` or fix the path.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"Preference data file {path} is not valid JSON: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("pairs"), list):
+        data = data["pairs"]
+    if not isinstance(data, list):
+        raise UserError(f"Preference data file {path} must hold a list of pairs, found {type(data).__name__}.")
+    if not data:
+        raise UserError(f"Preference data file {path} holds no pairs (the mining filter kept nothing?). "
+                        "Mine with a looser --filter_strategy, or train without --preference_data.")
+    bad = [i for i, row in enumerate(data) if not isinstance(row, dict)
+           or any(not isinstance(row.get(k), str) or not row.get(k) for k in PAIR_KEYS)]
+    if bad:
+        shown = ", ".join(str(i) for i in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        first = data[bad[0]]
+        found = sorted(first) if isinstance(first, dict) else type(first).__name__
+        raise UserError(
+            f"Preference data file {path}: {len(bad)} pair(s) lack a non-empty string 'prompt', 'chosen' or "
+            f"'rejected' (pairs {shown}; 0 = the first; the first bad one has keys {found}). "
+            f"Expected keys: {', '.join(FILE_KEYS)} (text, label, p_sarcastic and id optional)."
+        )
+    frame = pd.DataFrame(data)
+    same = frame["chosen"] == frame["rejected"]
+    if same.any():
+        raise UserError(f"Preference data file {path}: {int(same.sum())} pair(s) have identical chosen and rejected answers.")
+    return frame
+
+
+def check_prompts_match(pairs: pd.DataFrame, tokenizer, max_text_tokens: int, source: str) -> None:
+    """Pairs read from a file must carry THE prompt as this run builds it (same template and text cut)."""
+    if "text" not in pairs.columns or pairs["text"].isna().all():
+        return
+    rebuilt = [build_prompt(tokenizer, t, max_text_tokens) for t in pairs["text"]]
+    differ = [i for i, (a, b) in enumerate(zip(pairs["prompt"], rebuilt)) if a != b]
+    if differ:
+        raise UserError(
+            f"{source}: {len(differ)} pair(s) carry a prompt different from the one this run builds for their text "
+            f"(first: pair {differ[0]}). They were made with another tokenizer, chat template or --max_text_tokens; "
+            "mine them again with the same SFT model and --max_text_tokens."
+        )

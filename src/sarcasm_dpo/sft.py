@@ -1,0 +1,516 @@
+"""Phase 1: LoRA supervised fine-tuning on the GEN training split, with TRL's SFTTrainer.
+
+Every training example is the one prompt (`prompts.build_prompt`: the question in a user turn,
+rendered with the model's chat template, ending with the generation prompt) and, as completion,
+the label word ("Yes" = sarcastic, "No") followed by EOS. The loss covers the completion only.
+After each epoch the shared scorer measures accuracy, precision, recall and F1 on the GEN
+validation split; the adapter of the epoch with the best F1 is the one that is saved.
+
+    sarcasm-dpo sft --epochs 2                                   # Qwen2.5-0.5B-Instruct, data/splits
+    python scripts/finetune_qwen.py --no_wandb --epochs 1 --sample_size 200 --output_dir /tmp/sft-smoke
+
+What lands in --output_dir (default models/sft), each file written atomically, COMPLETE.json last:
+adapter_model.safetensors + adapter_config.json (`PeftModel.from_pretrained(base, "models/sft")`),
+the tokenizer, sft_metrics.json (loss per logged step and per epoch, validation metrics per
+epoch), sft_training_curves.png, training_summary.json (the settings used, best epoch, timings,
+trainable parameters). The folder is the W&B artifact `sft-adapter` that the DPO run declares
+as its input.
+
+Checkpoints: the Trainer saves one at every epoch end (and every --save_steps steps if set) into
+OUTPUT_DIR/checkpoints/, keeping the newest two; beside each we store the validation history and
+the best adapter so far, so `--resume` continues from the newest complete checkpoint without
+losing the best epoch. After a successful run the checkpoints are deleted: the saved adapter is
+the result, and nothing is left to resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .atomic import (atomic_path, finish_output_dir, prepare_output_dir, read_complete, read_json,
+                     stable_config, write_json)
+from .callbacks import LossProgressCallback, TrackerLogCallback, ValidationCallback
+from .data import balanced_sample, class_counts, frame_checksum, load_split, overlap_count, stratified_sample
+from .errors import UserError
+from .models import load_base_model, load_tokenizer, pick_device
+from .prompts import build_prompt, label_word
+from .tracking import Tracker
+
+ARTIFACT_NAME = "sft-adapter"  # the DPO run declares this artifact (the output folder) as its input
+ARTIFACT_TYPE = "model"
+VAL_SPLIT = "gen_val"
+CHECKPOINTS = "checkpoints"
+RUN_CONFIG = "run_config.json"  # in checkpoints/: whose checkpoints these are
+STATE_FILE = "validation_state.json"  # in each checkpoint, written last: the checkpoint is complete
+BEST_FILE = "validation_best_adapter.safetensors"
+METRICS_FILE = "sft_metrics.json"
+CURVES_FILE = "sft_training_curves.png"
+SUMMARY_FILE = "training_summary.json"
+# Settings that may change between an interrupted run and its --resume without changing the math.
+RESUME_NEUTRAL = ("device", "eval_batch_size", "logging_steps", "save_steps", "auto_find_batch_size",
+                  "gradient_checkpointing")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the weights would be garbage from here on."""
+
+
+def run(settings, extra_callbacks=()) -> dict:
+    """Train, pick the best epoch by validation F1, save it; returns the training summary."""
+    s = settings
+    started = time.perf_counter()
+    config = dataclasses.asdict(s)
+    out = Path(s.output_dir)
+    check_settings(s)
+
+    # Setup. Data first: a wrong path fails in a second, before any model is loaded.
+    train_df, val_df = load_data(s)
+    if s.resume and _finished_with(out, config):
+        print(f"{out} already holds the finished run of these settings; nothing to resume.")
+        return read_json(out / SUMMARY_FILE)
+    resume_from = prepare_run_dir(out, config, s)
+
+    import transformers
+
+    transformers.set_seed(s.seed)  # LoRA init, dropout and data order all follow from the seed
+    device = pick_device(s.device)
+    tokenizer = load_tokenizer(s.model)
+    model = load_base_model(s.model, device)
+    check_lora_targets(model, s.lora_targets)
+    train_ds = build_dataset(tokenizer, train_df, s.max_text_tokens, s.max_length)
+    load_s = time.perf_counter() - started
+
+    with Tracker(enabled=not s.no_wandb, project=s.wandb_project, job_type="sft", config=config,
+                 group=s.wandb_group) as tracker:
+        validation = ValidationCallback(tokenizer, {VAL_SPLIT: val_df}, batch_size=s.eval_batch_size,
+                                        max_text_tokens=s.max_text_tokens, log=tracker.log)
+        if resume_from:
+            load_validation_state(validation, resume_from)
+        callbacks = [validation, CheckpointStateCallback(validation, save_each_epoch=bool(s.save_steps)),
+                     TrackerLogCallback(tracker.log), NonFiniteLossCallback(), *extra_callbacks]
+        trainer = build_trainer(s, model, tokenizer, train_ds, out / CHECKPOINTS, callbacks)
+        params = parameter_counts(trainer.model)
+        write_json(out / CHECKPOINTS / RUN_CONFIG, config)
+        print(describe_start(s, train_df, val_df, device, params, resume_from))
+
+        # Train.
+        train_start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        train_s = time.perf_counter() - train_start
+
+        # Save: the best epoch's adapter, then the record of how it was made, the marker last.
+        save_start = time.perf_counter()
+        validation.restore_best(trainer.model)
+        save_adapter(trainer.model, tokenizer, out)
+        metrics = training_metrics(trainer.state.log_history, validation, len(val_df), result.training_loss)
+        write_json(out / METRICS_FILE, metrics)
+        from .plots import plot_sft_curves
+
+        plot_sft_curves(metrics["steps"], [{"epoch": e["epoch"], **e[VAL_SPLIT]} for e in metrics["epochs"]],
+                        out / CURVES_FILE, best_epoch=validation.best_epoch, split_name=VAL_SPLIT)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # success: nothing left to resume
+        timings = {"load_s": load_s, "train_s": train_s, "eval_s": validation.eval_seconds,
+                   "save_s": time.perf_counter() - save_start}
+        timings["total_s"] = time.perf_counter() - started
+        summary = build_summary(s, config, train_df, val_df, validation, trainer, params, device, timings,
+                                resume_from)
+        write_json(out / SUMMARY_FILE, summary)
+        finish_output_dir(out, config, {"best_epoch": summary["best_epoch"], "best_f1": summary["best_val"]["f1"]})
+
+        tracker.log_image("sft/training_curves", out / CURVES_FILE)
+        tracker.log_summary({k: summary[k] for k in ("best_epoch", "best_step", "best_val", "trainable_params",
+                                                     "trainable_share", "timings")})
+        tracker.log_artifact(out, name=ARTIFACT_NAME, type=ARTIFACT_TYPE,
+                             metadata={"base_model": s.model, "best_epoch": summary["best_epoch"],
+                                       "best_val_f1": summary["best_val"]["f1"]})
+    print(describe_result(summary, out))
+    return summary
+
+
+# -- setup -------------------------------------------------------------------------------------------
+
+
+def check_settings(s) -> None:
+    """What SFTSettings.validate leaves to the stage."""
+    if not 0 <= s.warmup_ratio < 1:
+        raise UserError(f"--warmup_ratio must be in [0, 1), got {s.warmup_ratio}.")
+    if s.logging_steps < 1:
+        raise UserError(f"--logging_steps must be at least 1, got {s.logging_steps}.")
+    if s.save_steps < 0:
+        raise UserError(f"--save_steps must be 0 (each epoch) or a positive count, got {s.save_steps}.")
+    if s.lora_alpha <= 0:
+        raise UserError(f"--lora_alpha must be positive, got {s.lora_alpha}.")
+    if not s.lora_targets:
+        raise UserError("--lora_targets is empty; name the modules that get LoRA adapters, e.g. q_proj,v_proj.")
+
+
+def load_data(s):
+    """(training table, validation table), sampled as asked; both classes must be present to learn from."""
+    train = load_split(s.train_csv, "training split")
+    val = load_split(s.val_csv, "validation split")
+    if train["label"].nunique() < 2:
+        raise UserError(f"{s.train_csv} holds only one class ({class_counts(train)}); SFT needs both to learn from.")
+    if s.sample_size:
+        train = balanced_sample(train, s.sample_size, s.seed)  # class-balanced so neither answer dominates
+    if s.val_sample_size:
+        val = stratified_sample(val, s.val_sample_size, s.seed)
+    shared = overlap_count(train, val)
+    if shared:
+        warnings.warn(f"{shared} text(s) appear in both {s.train_csv} and {s.val_csv}; validation F1 will be "
+                      "optimistic. Re-create the splits with `sarcasm-dpo split`.", stacklevel=2)
+    return train, val
+
+
+def _finished_with(out: Path, config: dict) -> bool:
+    record = read_complete(out)
+    return bool(record) and stable_config(record.get("config") or {}) == stable_config(config) \
+        and (out / SUMMARY_FILE).is_file()
+
+
+def prepare_run_dir(out: Path, config: dict, s) -> Path | None:
+    """Claim the output folder; return the checkpoint to resume from, if any.
+
+    A folder with another run's results is refused unless --overwrite (prepare_output_dir). Old
+    checkpoints are never silently reused nor silently thrown away: without --resume they are an
+    error, unless --overwrite says to start over.
+    """
+    ckpt_dir = out / CHECKPOINTS
+    resume_from = latest_checkpoint(ckpt_dir) if s.resume else None
+    if s.resume and resume_from is None:
+        print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
+    prepare_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+    if resume_from is not None:
+        had = read_json(ckpt_dir / RUN_CONFIG) if (ckpt_dir / RUN_CONFIG).is_file() else {}
+        mine = {k: v for k, v in stable_config(config).items() if k not in RESUME_NEUTRAL}
+        theirs = {k: v for k, v in stable_config(had).items() if k not in RESUME_NEUTRAL}
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise UserError(f"The checkpoints in {ckpt_dir} were made with other settings (differ in: "
+                            f"{', '.join(diff)}). Resume with the same settings, or pass --overwrite "
+                            "without --resume to start over.")
+        print(f"Resuming from {resume_from}.")
+    elif ckpt_dir.exists():
+        if not s.overwrite:
+            raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
+                            "or --overwrite to start over.")
+        shutil.rmtree(ckpt_dir)
+    return resume_from
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint whose save finished (our state file is written after the Trainer's)."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = []
+    for folder in ckpt_dir.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+        if match and (folder / "trainer_state.json").is_file() and (folder / STATE_FILE).is_file():
+            found.append((int(match.group(1)), folder))
+    return max(found)[1] if found else None
+
+
+def check_lora_targets(model, targets: list[str]) -> None:
+    """Fail with the module names that do exist, instead of PEFT's bare ValueError."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise UserError(f"--lora_targets {','.join(missing)} match no linear layer of this model. "
+                        f"Its linear layers are: {', '.join(sorted(names))}.")
+
+
+def fit_prompt(tokenizer, text: str, max_text_tokens: int, room: int) -> str:
+    """The prompt for `text`, with the text cut further if prompt + answer would pass --max_length.
+
+    TRL would otherwise cut the sequence from the end, i.e. cut off the answer we train on.
+    """
+    budget = max_text_tokens
+    for _ in range(10):
+        prompt = build_prompt(tokenizer, text, budget)
+        excess = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - room
+        if excess <= 0:
+            return prompt
+        budget -= max(excess, 1)
+        if budget < 1:
+            break
+    raise UserError(f"--max_length leaves no room for the text: the prompt around it plus the answer need more "
+                    f"than {room} tokens. Raise --max_length (default 512).")
+
+
+def _special_prefix(tokenizer, prompt: str) -> str:
+    """Text to strip from each prompt so TRL's tokenization equals the scorer's.
+
+    TRL tokenizes prompt-completion text with the tokenizer's special tokens on; the scorer (and
+    the rendered chat template) add them once. Tokenizers that add a BOS would get it twice.
+    """
+    plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if tokenizer(prompt)["input_ids"] == plain:
+        return ""
+    bos = tokenizer.bos_token
+    if bos and prompt.startswith(bos) and tokenizer(prompt[len(bos):])["input_ids"] == plain:
+        return bos
+    warnings.warn("This tokenizer adds special tokens that the chat template does not contain; training inputs "
+                  "differ slightly from the scorer's.", stacklevel=3)
+    return ""
+
+
+def build_dataset(tokenizer, frame, max_text_tokens: int, max_length: int):
+    """Prompt-completion pairs in TRL's non-conversational format (the prompt is already rendered).
+
+    TRL appends EOS to each completion, so the trained tokens are exactly the label word and EOS.
+    """
+    from datasets import Dataset
+
+    answer = max(len(tokenizer(label_word(y) + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
+                 for y in (0, 1))
+    prompts = [fit_prompt(tokenizer, text, max_text_tokens, max_length - answer) for text in frame["text"]]
+    prefix = _special_prefix(tokenizer, prompts[0])
+    if prefix:
+        prompts = [p[len(prefix):] if p.startswith(prefix) else p for p in prompts]
+    return Dataset.from_dict({"prompt": prompts, "completion": [label_word(y) for y in frame["label"]]})
+
+
+def lora_config(s):
+    from peft import LoraConfig
+
+    return LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                      target_modules=list(s.lora_targets), bias="none", task_type="CAUSAL_LM")
+
+
+def training_args(s, model, ckpt_dir: Path):
+    import torch
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(ckpt_dir),
+        num_train_epochs=s.epochs,
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        auto_find_batch_size=s.auto_find_batch_size,
+        optim="adamw_torch",
+        learning_rate=s.lr,
+        weight_decay=s.weight_decay,
+        lr_scheduler_type="cosine",
+        warmup_steps=s.warmup_ratio,  # transformers 5: a value below 1 is a share of all steps
+        # The model was loaded in bf16 only where the GPU does bf16 (models.pick_dtype); fp32 elsewhere.
+        bf16=model.dtype == torch.bfloat16,
+        fp16=False,
+        use_cpu=model.device.type == "cpu",
+        gradient_checkpointing=s.gradient_checkpointing,  # TRL's default is on; we only trade speed when asked
+        max_length=s.max_length,
+        completion_only_loss=True,  # loss on the answer tokens only, never the prompt or padding
+        packing=False,
+        padding_free=False,  # dynamic padding to the longest example of each batch
+        train_sampling_strategy="group_by_length",  # similar lengths together: little padding
+        logging_steps=s.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # show a NaN loss as NaN; NonFiniteLossCallback stops the run
+        save_strategy="steps" if s.save_steps else "epoch",
+        save_steps=s.save_steps or 500,
+        save_total_limit=2,  # the newest may be half-written when killed; the one before it is whole
+        eval_strategy="no",  # validation is the F1 of the scorer, in ValidationCallback
+        report_to="none",  # W&B goes through our Tracker
+        seed=s.seed,
+        data_seed=s.seed,
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(s, model, tokenizer, train_ds, ckpt_dir: Path, callbacks=()):
+    """SFTTrainer with LoRA on the base model; the progress bar shows loss and ETA."""
+    from transformers import ProgressCallback
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=training_args(s, model, ckpt_dir), train_dataset=train_ds,
+                         processing_class=tokenizer, peft_config=lora_config(s), callbacks=list(callbacks))
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(LossProgressCallback("sft"))
+    return trainer
+
+
+def parameter_counts(model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1)}
+
+
+# -- callbacks specific to this stage -----------------------------------------------------------------
+
+
+class CheckpointStateCallback(TrainerCallback):
+    """Store the validation history and best adapter beside each Trainer checkpoint.
+
+    The state file is written after the Trainer's own files, so its presence marks a checkpoint
+    complete. With step checkpoints (--save_steps) we still checkpoint at every epoch end.
+    """
+
+    def __init__(self, validation: ValidationCallback, save_each_epoch: bool = False):
+        self.validation = validation
+        self.save_each_epoch = save_each_epoch
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.save_each_epoch:
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            save_validation_state(self.validation, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+def save_validation_state(validation: ValidationCallback, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    if validation.best_state is not None:
+        with atomic_path(folder / BEST_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in validation.best_state.items()}, str(tmp))
+    write_json(folder / STATE_FILE, validation.state_dict())
+
+
+def load_validation_state(validation: ValidationCallback, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    validation.load_state_dict(read_json(folder / STATE_FILE))
+    if (folder / BEST_FILE).is_file():
+        validation.best_state = load_file(str(folder / BEST_FILE))
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Stop at the first step whose loss is NaN/inf, naming the step.
+
+    Checked on the gradients just before the optimizer step (a NaN/inf loss makes them NaN/inf),
+    so the bad update is never applied and the last checkpoint stays usable.
+    """
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self._stop(state.global_step + 1, "gradients")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self._stop(state.global_step, "loss")
+
+    @staticmethod
+    def _stop(step: int, what: str) -> None:
+        raise TrainingDiverged(
+            f"Training diverged: the {what} became NaN or infinite at optimizer step {step}. Lower --lr "
+            "(or raise --warmup_ratio) and start over with --overwrite; checkpoints before that step are intact.")
+
+
+# -- save --------------------------------------------------------------------------------------------
+
+
+def save_adapter(model, tokenizer, out: Path) -> None:
+    """Write adapter and tokenizer to a scratch folder, then move each file into place.
+
+    adapter_config.json moves last, so a folder killed mid-save never holds a loadable adapter
+    with missing weights; COMPLETE.json (written after everything) is the final word anyway.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=out))
+    try:
+        model.save_pretrained(str(scratch))
+        tokenizer.save_pretrained(str(scratch))
+        (scratch / "README.md").unlink(missing_ok=True)  # PEFT's empty model card template
+        files = sorted((p for p in scratch.iterdir() if p.is_file()), key=lambda p: p.name == "adapter_config.json")
+        for path in files:
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def training_metrics(log_history: list[dict], validation: ValidationCallback, val_rows: int,
+                     train_loss: float) -> dict:
+    """Loss per logged step and, per epoch, the mean training loss beside the validation metrics."""
+    steps = [{"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"],
+              "learning_rate": e.get("learning_rate"), "grad_norm": e.get("grad_norm")}
+             for e in log_history if "loss" in e]
+    # TrackerLogCallback forces a log at each epoch end, so each logged window lies within one epoch.
+    sums: dict[int, list[float]] = {}
+    previous = 0
+    for record in steps:
+        epoch_index = max(1, math.ceil((record["epoch"] or 0) - 1e-6))
+        weight = record["step"] - previous
+        previous = record["step"]
+        acc = sums.setdefault(epoch_index, [0.0, 0.0])
+        acc[0] += record["loss"] * weight
+        acc[1] += weight
+    epochs = []
+    for h in validation.history:
+        acc = sums.get(max(1, math.ceil(h["epoch"] - 1e-6)))
+        epochs.append({"epoch": h["epoch"], "step": h["step"],
+                       "train_loss": acc[0] / acc[1] if acc and acc[1] else None,
+                       VAL_SPLIT: h[VAL_SPLIT], "selected": h["step"] == validation.best_step})
+    best = next((e for e in epochs if e["selected"]), None)
+    return {"validation_split": VAL_SPLIT, "validation_rows": val_rows, "train_loss_mean": train_loss,
+            "epochs": epochs, "steps": steps,
+            "best": {"epoch": validation.best_epoch, "step": validation.best_step,
+                     "f1": best[VAL_SPLIT]["f1"] if best else None}}
+
+
+def build_summary(s, config, train_df, val_df, validation, trainer, params, device, timings, resume_from) -> dict:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    best = next((h for h in validation.history if h["step"] == validation.best_step), None)
+    return {
+        "config": config,  # other stages read the base model from config.model
+        "base_model": s.model,
+        "best_epoch": validation.best_epoch,
+        "best_step": validation.best_step,
+        "best_val": best[VAL_SPLIT] if best else None,
+        "epochs_run": round(float(trainer.state.epoch or 0), 4),
+        "global_steps": trainer.state.global_step,
+        **params,
+        "data": {
+            "train_csv": s.train_csv, "train": class_counts(train_df), "train_checksum": frame_checksum(train_df),
+            "val_csv": s.val_csv, "val": class_counts(val_df), "val_checksum": frame_checksum(val_df),
+        },
+        "device": str(device),
+        "dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+                     "peft": peft.__version__},
+        "outputs": {"adapter": "adapter_model.safetensors", "metrics": METRICS_FILE, "curves": CURVES_FILE},
+    }
+
+
+# -- messages ----------------------------------------------------------------------------------------
+
+
+def describe_start(s, train_df, val_df, device, params, resume_from) -> str:
+    counts = class_counts(train_df)
+    return (f"SFT on {counts['total']} examples ({counts['sarcastic']} sarcastic, {counts['not_sarcastic']} not), "
+            f"validating on {len(val_df)}; model {s.model} on {device}; LoRA r={s.lora_r} alpha={s.lora_alpha} on "
+            f"{','.join(s.lora_targets)}: {params['trainable_params']:,} trainable parameters "
+            f"({100 * params['trainable_share']:.2f}%); {s.epochs:g} epoch(s), lr {s.lr:g}, batch "
+            f"{s.batch_size}x{s.grad_accum}" + (f"; resuming from {resume_from.name}" if resume_from else "") + ".")
+
+
+def describe_result(summary: dict, out: Path) -> str:
+    best = summary["best_val"] or {}
+    minutes, seconds = divmod(int(summary["timings"]["total_s"]), 60)
+    return (f"SFT finished in {minutes}m{seconds:02d}s. The best epoch by {VAL_SPLIT} F1 was epoch "
+            f"{summary['best_epoch']:g} of {summary['epochs_run']:g}: F1 {best.get('f1', float('nan')):.3f}, "
+            f"accuracy {best.get('accuracy', float('nan')):.3f}, precision {best.get('precision', float('nan')):.3f}, "
+            f"recall {best.get('recall', float('nan')):.3f} on {summary['data']['val']['total']} validation texts. "
+            f"Its adapter ({summary['trainable_params']:,} trainable parameters, "
+            f"{100 * summary['trainable_share']:.2f}% of the model) is in {out}/, with {METRICS_FILE}, {CURVES_FILE} "
+            f"and {SUMMARY_FILE}. Next: sarcasm-dpo dpo --sft_model {out}")

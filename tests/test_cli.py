@@ -1,0 +1,65 @@
+"""The CLI: help for every command, exit code 2 with one clear paragraph for bad input, predict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from sarcasm_dpo.cli import COMMANDS, main
+
+CLI = [sys.executable, "-m", "sarcasm_dpo.cli"]
+
+
+def run_cli(args, **kw):
+    return subprocess.run(CLI + args, capture_output=True, text=True, timeout=300, cwd=kw.pop("cwd", ROOT), **kw)
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, "predict"])
+def test_help_explains_every_flag(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--" in out
+    if command == "sft":
+        for flag in ("--epochs", "--wandb_project", "--no_wandb", "--lr", "--batch_size", "--grad_accum",
+                     "--max_length", "--sample_size", "--output_dir", "--seed", "--config", "--lora_r"):
+            assert flag in out
+    if command == "dpo":
+        for flag in ("--sft_model", "--beta", "--beta_sweep", "--epochs", "--preference_data", "--loss_type"):
+            assert flag in out
+
+
+def test_original_script_names_exist_and_help():
+    for name in ("split_gen_dataset", "finetune_qwen", "dpo_train_v2", "compare_all_models", "mine_hard_negatives"):
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), "--help"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+
+
+def test_bad_input_exit_code_2_without_traceback(tmp_path):
+    done = run_cli(["predict", "--model", str(tmp_path / "nope.gguf"), "--input", str(tmp_path / "x.txt")])
+    assert done.returncode == 2
+    assert done.stderr.startswith("error:") and "Traceback" not in done.stderr
+    done = run_cli(["dpo", "--beta", "0", "--no_wandb"])
+    assert done.returncode == 2 and "beta must be > 0" in done.stderr
+
+
+def test_predict_json_lines(tiny_model_dir, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("oh great, rain again\n\nwe agreed on the plan\n")
+    done = run_cli(["predict", "--model", str(tiny_model_dir), "--input", str(texts)])
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["text"] for r in rows] == ["oh great, rain again", "we agreed on the plan"]
+    assert all(0 < r["p_sarcastic"] < 1 and r["label"] == int(r["p_sarcastic"] >= 0.5) for r in rows)
+    piped = run_cli(["predict", "--model", str(tiny_model_dir)], input="oh great, rain again\n")
+    assert json.loads(piped.stdout)["p_sarcastic"] == rows[0]["p_sarcastic"]
+    csv = tmp_path / "t.csv"
+    csv.write_text("body\nhello\n")
+    bad = run_cli(["predict", "--model", str(tiny_model_dir), "--input", str(csv)])
+    assert bad.returncode == 2 and "no `text` column" in bad.stderr

@@ -1,0 +1,98 @@
+"""Settings: every config file loads and validates; YAML < flags; bad values are clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from conftest import ROOT
+
+from sarcasm_dpo.cli import build_parser
+from sarcasm_dpo.config import check_known_keys, from_namespace, load_yaml
+from sarcasm_dpo.errors import UserError
+from sarcasm_dpo.pipeline import stage_settings
+from sarcasm_dpo.settings import STAGES, DPOSettings, PipelineSettings, SFTSettings
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def parse(argv):
+    args = build_parser().parse_args(argv)
+    return args
+
+
+def test_there_are_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"qwen2.5-0.5b.yaml", "smollm2-135m-cpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_file_loads_and_validates(path):
+    text = path.read_text()
+    assert text.startswith("#") and "sarcasm-dpo " in text.split("\n\n")[0] + text  # opens with the command
+    data = load_yaml(path)
+    check_known_keys(data, STAGES, str(path))
+    stages = stage_settings(data, PipelineSettings(no_wandb=True), None, str(path))
+    assert stages["sft"].model == data["model"]
+    assert stages["dpo"].sft_model == stages["sft"].output_dir  # chained
+    assert stages["compare"].dpo_model == stages["dpo"].output_dir
+    assert stages["sft"].train_csv.startswith(stages["split"].output_dir)
+    for name in ("sft", "dpo", "mine", "compare"):
+        args = parse([name, "--config", str(path)])
+        settings = from_namespace(STAGES[name], args, name)
+        assert settings.max_text_tokens == data.get("max_text_tokens", 256)
+
+
+def test_original_qwen_settings():
+    data = load_yaml(ROOT / "configs" / "qwen2.5-0.5b.yaml")
+    sft = stage_settings(data, PipelineSettings(), None)["sft"]
+    assert (sft.lora_r, sft.lora_alpha, sft.lora_dropout, sft.epochs, sft.lr) == (16, 32, 0.05, 2, 2e-4)
+    assert sft.lora_targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    dpo = stage_settings(data, PipelineSettings(), None)["dpo"]
+    assert (dpo.beta, dpo.epochs, dpo.lr, dpo.sample_size) == (0.1, 3, 5e-5, 4000)
+
+
+def test_flags_override_yaml_and_defaults(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: some/model\nsft:\n  epochs: 5\n  lr: 0.001\n")
+    s = from_namespace(SFTSettings, parse(["sft", "--config", str(cfg), "--epochs", "1", "--lora_targets", "q_proj,v_proj"]), "sft")
+    assert (s.model, s.epochs, s.lr, s.lora_targets, s.batch_size) == ("some/model", 1.0, 0.001, ["q_proj", "v_proj"], 8)
+    d = from_namespace(DPOSettings, parse(["dpo", "--betas", "0.05,0.2", "--beta_sweep", "--no_wandb"]), "dpo")
+    assert d.betas == [0.05, 0.2] and d.beta_sweep and d.no_wandb
+
+
+def test_defaults_match_the_original_scripts():
+    sft, dpo = SFTSettings(), DPOSettings()
+    assert (sft.model, sft.output_dir, sft.epochs, sft.lr) == ("Qwen/Qwen2.5-0.5B-Instruct", "models/sft", 2, 2e-4)
+    assert (dpo.sft_model, dpo.output_dir, dpo.beta, dpo.epochs, dpo.lr, dpo.sample_size) == (
+        "models/sft", "models/dpo_enhanced", 0.1, 3, 5e-5, 4000)
+    assert dpo.betas == [0.01, 0.02, 0.05, 0.1, 0.5]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["dpo", "--beta", "0"], "beta must be > 0"),
+    (["dpo", "--beta", "-1"], "beta must be > 0"),
+    (["sft", "--sample_size", "-5"], "sample_size must be 0"),
+    (["sft", "--epochs", "two"], "expects float"),
+    (["compare", "--extra_test", "nopath"], "NAME=PATH"),
+])
+def test_bad_settings(argv, match):
+    section = argv[0]
+    with pytest.raises(UserError, match=match):
+        from_namespace(STAGES[section], parse(argv), section)
+
+
+def test_unknown_keys_in_config_are_errors(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("sft:\n  epochs: 1\n  learning_rate: 0.1\n")
+    with pytest.raises(UserError, match="unknown setting.*learning_rate"):
+        from_namespace(SFTSettings, parse(["sft", "--config", str(cfg)]), "sft")
+    cfg.write_text("modle: x\n")
+    with pytest.raises(UserError, match="unknown setting.*modle"):
+        check_known_keys(load_yaml(cfg), STAGES)
+
+
+def test_every_field_has_help():
+    for cls in STAGES.values():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"

@@ -1,0 +1,146 @@
+"""Loaders, validation errors, the split and its leakage check, on the real files and on small bad ones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import GEN_CSV, ISARCASM_CSV, ROOT
+
+from sarcasm_dpo.data import (
+    balanced_sample, check_no_leakage, load_gen, load_isarcasm, load_table, make_splits, normalise, stratified_sample,
+)
+from sarcasm_dpo.errors import UserError
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_gen_loads_as_standard_table(shared_data):
+    messages = []
+    gen = load_gen(GEN_CSV, log=messages.append)
+    assert list(gen.columns) == ["text", "label", "source", "id"]
+    assert set(gen.label) == {0, 1} and (gen.source == "gen").all()
+    # 6,520 rows; two texts repeat once case and spacing are folded, and the loader says so.
+    assert len(gen) == 6518
+    assert any("2 duplicated" in m for m in messages)
+
+
+def test_isarcasmeval_quirks_are_reported_not_silent(shared_data):
+    messages = []
+    frame = load_isarcasm(ISARCASM_CSV, drop_conflicts=True, log=messages.append)
+    text = " ".join(messages)
+    assert "1 row(s) with an empty text" in text
+    assert "conflicting labels" in text and "duplicated" in text
+    assert frame.text.map(normalise).is_unique
+    assert frame.text.str.contains("\r\n").any() or frame.text.str.contains("\n").any()  # CRLF inside quoted fields
+
+
+def test_isarcasmeval_conflicts_are_an_error_by_default(shared_data):
+    with pytest.raises(UserError, match=r"conflicting labels \(rows 18, 25"):
+        load_isarcasm(ISARCASM_CSV, log=lambda m: None)
+
+
+def test_strict_makes_empty_and_duplicates_errors(tmp_path):
+    path = write(tmp_path, "d.csv", "text,label\nfine,1\n,0\nfine,1\nother,0\n")
+    with pytest.raises(UserError, match=r"empty text \(rows 2\)"):
+        load_table(path, strict=True)
+    frame = load_table(path, log=lambda m: None)
+    assert frame.text.tolist() == ["fine", "other"]
+
+
+def test_missing_columns_name_found_and_expected(tmp_path):
+    path = write(tmp_path, "g.csv", "class,text\nsarc,hello\n")
+    with pytest.raises(UserError) as err:
+        load_gen(path)
+    assert "missing column(s) ['id']" in str(err.value) and "Found columns: ['class', 'text']" in str(err.value)
+    path = write(tmp_path, "x.csv", "body,y\nhello,1\n")
+    with pytest.raises(UserError, match="Unrecognised columns"):
+        load_table(path)
+
+
+def test_unknown_labels_list_rows(tmp_path):
+    path = write(tmp_path, "l.csv", "text,label\na,1\nb,maybe\nc,0\nd,2\n")
+    with pytest.raises(UserError, match=r"2 row\(s\) have unknown label values \['2', 'maybe'\] \(rows 2, 4"):
+        load_table(path)
+
+
+def test_generic_label_words_and_jsonl(tmp_path):
+    path = write(tmp_path, "w.jsonl", '{"text": "a", "label": "sarcastic"}\n{"text": "b", "label": "no"}\n')
+    frame = load_table(path)
+    assert frame.label.tolist() == [1, 0] and frame.id.tolist() == ["1", "2"]
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "not found"), ("", "empty"), ("text,label\n", "no rows"), ("text,label\n,1\n,0\n", "no text at all"),
+])
+def test_bad_files(tmp_path, content, match):
+    path = tmp_path / "f.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=match):
+        load_table(path, log=lambda m: None)
+
+
+def test_conflicting_labels_name_rows(tmp_path):
+    path = write(tmp_path, "c.csv", "text,label\nSame  text,1\nother,0\nsame text,0\n")
+    with pytest.raises(UserError, match=r"1 text\(s\) appear with conflicting labels \(rows 1, 3\)"):
+        load_table(path)
+
+
+def test_splits_are_stratified_deterministic_and_leak_free(shared_data):
+    quiet = dict(log=lambda m: None)
+    gen, isarcasm = load_gen(GEN_CSV, **quiet), load_isarcasm(ISARCASM_CSV, drop_conflicts=True, **quiet)
+    a = make_splits(gen, isarcasm)
+    b = make_splits(gen, isarcasm)
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name])
+    assert len(a["gen_test"]) == 1304  # 20% of GEN
+    assert len(a["gen_train"]) + len(a["gen_val"]) == len(gen) - 1304
+    for name in ("gen_train", "gen_val", "gen_test"):
+        assert abs(a[name].label.mean() - 0.5) < 0.01
+    assert abs(a["isarcasm_train"].label.mean() - a["isarcasm_val"].label.mean()) < 0.01
+    assert not set(a["isarcasm_train"].text) & set(a["isarcasm_val"].text)  # val differs from train
+    other = make_splits(gen, isarcasm, seed=7)
+    assert set(other["gen_test"].id) != set(a["gen_test"].id)
+
+
+def test_leakage_check_fails_loudly():
+    one = pd.DataFrame({"text": ["Oh  GREAT idea", "x"], "label": [1, 0]})
+    two = pd.DataFrame({"text": ["oh great idea"], "label": [1]})
+    with pytest.raises(UserError, match="Leakage: 1 text"):
+        check_no_leakage({"train": one, "test": two})
+
+
+def test_samples_are_seeded_and_shaped():
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(100)], "label": [1] * 20 + [0] * 80})
+    s1, s2 = stratified_sample(frame, 50, 1), stratified_sample(frame, 50, 1)
+    assert s1.equals(s2) and len(s1) == 50 and s1.label.sum() == 10
+    bal = balanced_sample(frame, 30, 3)
+    assert len(bal) == 30 and bal.label.sum() == 15
+    assert len(balanced_sample(frame, 60, 3)) == 60 and balanced_sample(frame, 60, 3).label.sum() == 20  # all positives
+
+
+def test_split_command_and_script(shared_data, tmp_path):
+    out = tmp_path / "splits"
+    cmd = [sys.executable, str(ROOT / "scripts" / "split_gen_dataset.py"), "--data_dir", str(shared_data),
+           "--output_dir", str(out), "--no_wandb"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "gen_test" in done.stdout and "1304" in done.stdout
+    info = json.loads((out / "split_info.json").read_text())
+    assert info["splits"]["gen_test"]["total"] == 1304
+    assert (out / "COMPLETE.json").is_file()
+    first = (out / "gen_train.csv").read_bytes()
+    # Same settings again: allowed and byte-identical. Other settings: refused, nothing overwritten.
+    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    assert (out / "gen_train.csv").read_bytes() == first
+    refused = subprocess.run(cmd + ["--seed", "3"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
+    assert (out / "gen_train.csv").read_bytes() == first

@@ -1,0 +1,101 @@
+"""The scorer: one forward pass per batch, batch-invariant probabilities, adapters, model loading errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sarcasm_dpo.errors import UserError
+from sarcasm_dpo.models import attach_adapter, load_model, pick_device, resolve_source
+from sarcasm_dpo.scoring import Scorer
+
+TEXTS = ["oh great", "a much longer text about the gun control debate and the evidence people cite", "x",
+         "thanks for nothing, the train is late again", "we agreed on the plan"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device=torch.device("cpu"))
+
+
+def test_probabilities_match_unbatched_and_softmax_of_label_logits(loaded):
+    model, tok = loaded
+    batched = Scorer(model, tok, batch_size=4).predict_proba(TEXTS)
+    single = np.array([Scorer(model, tok, batch_size=1).predict_proba([t])[0] for t in TEXTS])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    # Against a plain full-logits forward of one unpadded prompt.
+    scorer = Scorer(model, tok)
+    ids = torch.tensor([scorer.encode([TEXTS[3]])[0]])
+    logits = model(input_ids=ids).logits[0, -1]
+    expected = torch.softmax(logits[[scorer.no_id, scorer.yes_id]], -1)[1].item()
+    assert batched[3] == pytest.approx(expected, abs=1e-5)
+    assert ((batched > 0) & (batched < 1)).all()
+
+
+def test_one_forward_pass_per_batch_with_last_position_only(loaded, monkeypatch):
+    model, tok = loaded
+    calls = []
+    original = model.forward
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["input_ids"].shape, kwargs.get("logits_to_keep")))
+        out = original(*args, **kwargs)
+        assert out.logits.shape[1] == 1  # LM head on the answer position only
+        return out
+
+    monkeypatch.setattr(model, "forward", spy)
+    texts = [f"text number {i} " * (i % 7 + 1) for i in range(1304)]
+    probs = Scorer(model, tok, batch_size=64).predict_proba(texts)
+    assert len(probs) == 1304 and len(calls) == 21  # ceil(1304 / 64)
+    assert all(k == 1 for _, k in calls)
+    widths = [shape[1] for shape, _ in calls]
+    assert widths == sorted(widths, reverse=True)  # length-sorted batches
+
+
+def test_adapter_changes_scores_and_reloads(loaded, tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = loaded
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    in_memory = Scorer(peft_model, tok).predict_proba(TEXTS)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base = peft_model.unload()
+    plain = Scorer(base, tok).predict_proba(TEXTS)
+    assert not np.allclose(in_memory, plain)
+    reloaded_model, _ = load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"), device=torch.device("cpu"))
+    np.testing.assert_allclose(Scorer(reloaded_model, tok).predict_proba(TEXTS), in_memory, atol=1e-6)
+
+
+def test_adapter_errors(tiny_model_dir, tmp_path):
+    model, _ = load_model(str(tiny_model_dir), device=torch.device("cpu"))
+    with pytest.raises(UserError, match="not found"):
+        attach_adapter(model, tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="no LoRA adapter"):
+        attach_adapter(model, tmp_path / "empty")
+
+
+def test_model_sources(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        resolve_source(str(tmp_path / "missing.gguf"))
+    with pytest.raises(UserError, match="not found"):
+        resolve_source("./no/such/folder")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert resolve_source(str(tmp_path / "m.gguf")) == (str(tmp_path), {"gguf_file": "m.gguf"})
+    assert resolve_source("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", {})
+
+
+def test_unreachable_hub_id_names_offline_route():
+    with pytest.raises(UserError, match="--model PATH"):
+        load_model("nobody-here/no-such-model-xyz")
+
+
+def test_device_pick():
+    assert pick_device().type in ("cpu", "cuda", "mps")
+    assert pick_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA"):
+            pick_device("cuda")
