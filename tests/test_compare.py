@@ -279,7 +279,7 @@ def test_script_with_skip_base_and_sample_size(setup):
         labels, pred = recomputed(preds, key)
         assert saved["models"][key]["accuracy"] == pytest.approx((labels == pred).mean(), abs=1e-12)
     # The readable table and verdict lines reach the terminal.
-    assert "Accuracy [95% CI]" in proc.stdout and "DPO" in proc.stdout and "dpo vs sft" in proc.stdout
+    assert "Accuracy [95% CI]" in proc.stdout and "DPO" in proc.stdout and "DPO vs SFT:" in proc.stdout
     assert "Base " not in proc.stdout
 
 

@@ -338,7 +338,8 @@ def format_verdicts(block: dict) -> list[str]:
     lines = []
     for pair, test in block["significance"].items():
         delta = block["improvements_pp"][pair]
-        lines.append(f"  {pair.replace('_vs_', ' vs ')}: accuracy {delta['accuracy']:+.1f} pp, F1 {delta['f1']:+.1f} pp; "
+        new, old = pair.split("_vs_")
+        lines.append(f"  {NAMES[new]} vs {NAMES[old]}: accuracy {delta['accuracy']:+.1f} pp, F1 {delta['f1']:+.1f} pp; "
                      f"{test['verdict']} ({test['n_discordant']} items where they disagree)")
     return lines
 

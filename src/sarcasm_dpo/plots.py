@@ -49,18 +49,19 @@ def plot_comparison(models: dict, path, names: dict | None = None, title: str | 
     for i, key in enumerate(keys):
         m = models[key]
         values = [m.get(metric) if m.get(metric) is not None else np.nan for metric, _ in _OVERALL]
-        err = np.zeros((2, len(_OVERALL)))
+        pos = x + (i - (len(keys) - 1) / 2) * width
+        ax.bar(pos, values, width, color=colours[i], label=label[i])
+        # Error bars only where an interval exists (accuracy, F1); no empty caps on the others.
         for j, (metric, _) in enumerate(_OVERALL):
             ci = m.get(f"{metric}_ci")
             if ci and m.get(metric) is not None:
-                err[:, j] = [max(0.0, m[metric] - ci[0]), max(0.0, ci[1] - m[metric])]
-        ax.bar(x + (i - (len(keys) - 1) / 2) * width, values, width, yerr=err, capsize=3,
-               color=colours[i], label=label[i])
+                err = [[max(0.0, m[metric] - ci[0])], [max(0.0, ci[1] - m[metric])]]
+                ax.errorbar(pos[j], m[metric], yerr=err, fmt="none", ecolor="black", capsize=3, lw=1)
     ax.set_xticks(x, [t for _, t in _OVERALL], rotation=20)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.22)  # headroom for the legend row above the bars
     ax.set_title("Overall (error bars: 95% bootstrap CI)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", ncol=len(keys), frameon=False)
 
     # Per-class precision / recall / F1.
     ax = fig.add_subplot(grid[0, ncols:])

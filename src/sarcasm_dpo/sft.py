@@ -307,7 +307,7 @@ def training_args(s, model, ckpt_dir: Path):
         bf16=model.dtype == torch.bfloat16,
         fp16=False,
         use_cpu=model.device.type == "cpu",
-        gradient_checkpointing=s.gradient_checkpointing,  # TRL's default is on; we only trade speed when asked
+        activation_checkpointing=s.gradient_checkpointing,  # TRL defaults to on; we trade speed for memory only when asked
         max_length=s.max_length,
         completion_only_loss=True,  # loss on the answer tokens only, never the prompt or padding
         packing=False,
