@@ -208,3 +208,260 @@ class LossProgressCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+# --- DPO diagnostics (dpo.py) ---------------------------------------------------------------------
+#
+# Definitions (all computed from the models, never estimated from text):
+# - dpo/kl: exact KL(policy || reference) of the next-token distribution at the answer position
+#   (the last prompt position, where the scorer reads Yes/No), over the full vocabulary, averaged
+#   over a fixed probe set of validation prompts. In nats. The reference is the frozen SFT adapter.
+# - dpo/logratio_chosen, dpo/logratio_rejected: mean sequence log-ratio log pi(y|x) - log pi_ref(y|x)
+#   over the logged batches (TRL's rewards/* divided by beta).
+# - dpo/reward_ratio: exp(rewards/margins / beta), i.e. the geometric mean over the logged pairs of
+#   [pi(chosen)/pi_ref(chosen)] / [pi(rejected)/pi_ref(rejected)]: how many times more the policy
+#   prefers the chosen answer over the rejected one than the reference did. 1 at the start; it stays
+#   well defined when the rewards are negative, unlike rewards/chosen / rewards/rejected.
+# - dpo/drift: ||theta - theta_sft|| / ||theta_sft|| over the LoRA parameters (A and B matrices);
+#   dpo/drift_delta_w: the same on the weight update the adapter applies, sum over modules of
+#   ||B A - B0 A0||_F^2, relative to sum ||B0 A0||_F^2 (the LoRA scaling cancels).
+# - dpo/flip_rate: share of probe prompts whose decision (P(sarcastic) >= 0.5) differs between the
+#   policy and the reference.
+
+KL_HEALTHY = (0.5, 2.0)  # nats; the original guide's "sweet spot" for the KL to the reference
+RATIO_HEALTHY = 1.2  # the original guide: a reward ratio above this means preferences are learned
+
+ADVICE = {
+    "kl_too_high": ("KL to the SFT reference is {value:.3f}, above {high:g}: DPO is moving far from what SFT "
+                    "taught. Lower --lr or --beta (the original guide's advice; note that in the DPO loss a larger "
+                    "beta is the stronger pull back to the reference, so confirm with --beta_sweep)."),
+    "kl_too_low": ("KL to the SFT reference is {value:.3f}, below {low:g}: DPO has barely changed the SFT model. "
+                   "Raise --beta (the original guide's advice), or train longer or with a higher --lr."),
+    "ratio_weak": ("Reward ratio is {value:.3f}, not above {threshold:g}: the policy prefers the chosen answers "
+                   "little more than the reference did. Raise --beta or use better pairs (`sarcasm-dpo mine`)."),
+}
+
+
+class TrainingDiverged(Exception):
+    """The loss or the gradients became NaN or infinite; the run stops before the bad update."""
+
+
+def reward_ratio(margin: float | None, beta: float) -> float | None:
+    """exp(margin / beta): the odds ratio of chosen over rejected, relative to the reference."""
+    if margin is None or not math.isfinite(margin):
+        return None
+    return math.exp(min(margin / beta, 700.0))  # 700: stay finite in float64
+
+
+def kl_verdict(kl: float | None, healthy: tuple[float, float] = KL_HEALTHY) -> dict:
+    """{"value", "range", "verdict" (healthy/too_low/too_high/unknown), "advice"}."""
+    low, high = healthy
+    if kl is None or not math.isfinite(kl):
+        return {"value": kl, "range": list(healthy), "verdict": "unknown", "advice": None}
+    verdict = "too_high" if kl > high else "too_low" if kl < low else "healthy"
+    advice = ADVICE.get(f"kl_{verdict}", "").format(value=kl, low=low, high=high) or None
+    return {"value": kl, "range": list(healthy), "verdict": verdict, "advice": advice}
+
+
+def ratio_verdict(ratio: float | None, threshold: float = RATIO_HEALTHY) -> dict:
+    """{"value", "threshold", "verdict" (healthy/weak/unknown), "advice"}."""
+    if ratio is None or not math.isfinite(ratio):
+        return {"value": ratio, "threshold": threshold, "verdict": "unknown", "advice": None}
+    healthy = ratio > threshold
+    return {"value": ratio, "threshold": threshold, "verdict": "healthy" if healthy else "weak",
+            "advice": None if healthy else ADVICE["ratio_weak"].format(value=ratio, threshold=threshold)}
+
+
+def lora_weights(model, adapter: str = "default") -> dict:
+    """CPU float copies of one adapter's LoRA parameters, keyed by name without the adapter name."""
+    marker = f".{adapter}."
+    return {name.replace(marker, "."): p.detach().float().cpu().clone()
+            for name, p in model.named_parameters() if "lora_" in name and marker in name}
+
+
+def weight_drift(now: dict, start: dict) -> dict:
+    """Relative change of the LoRA parameters and of the weight update B@A (see the definitions above)."""
+    num = den = 0.0
+    for key, w0 in start.items():
+        num += float(((now[key] - w0) ** 2).sum())
+        den += float((w0 ** 2).sum())
+    dnum = dden = 0.0
+    for key, a0 in start.items():
+        b_key = key.replace("lora_A.weight", "lora_B.weight")
+        if not key.endswith("lora_A.weight") or b_key not in start:
+            continue
+        d0 = start[b_key] @ a0
+        dnum += float(((now[b_key] @ now[key] - d0) ** 2).sum())
+        dden += float((d0 ** 2).sum())
+    return {"dpo/drift": math.sqrt(num / den) if den > 0 else None,
+            "dpo/drift_delta_w": math.sqrt(dnum / dden) if dden > 0 else None}
+
+
+class DPODiagnosticsCallback(TrainerCallback):
+    """KL to the reference, reward ratio, drift and prediction flips at every logging step.
+
+    Built after DPOTrainer, on the PeftModel that carries the trained adapter ("default") and
+    TRL's frozen copy of the SFT adapter ("ref"). The starting LoRA weights are copied here, before
+    any checkpoint is loaded, so drift is always measured from SFT. `records` holds one flat dict
+    per logging step (plus step 0), with the same keys that go to W&B. A NaN/inf loss or gradient
+    raises TrainingDiverged before the optimizer applies it.
+    """
+
+    def __init__(self, model, tokenizer, probe_texts, *, beta: float, policy_adapter: str = "default",
+                 reference_adapter: str = "ref", batch_size: int = 16, max_text_tokens: int = 256,
+                 log: Callable[[dict, int], None] | None = None, printer: Callable[[str], None] = print):
+        self.scorer = Scorer(model, tokenizer, batch_size=batch_size, max_text_tokens=max_text_tokens)
+        self.encoded = self.scorer.encode(list(probe_texts))
+        self.beta = beta
+        self.policy_adapter = policy_adapter
+        self.reference_adapter = reference_adapter
+        self.start = lora_weights(model, policy_adapter)
+        self.log = log
+        self.printer = printer
+        self.records: list[dict] = []
+        self.seconds = 0.0
+        self._ref_logprobs = None  # the reference is frozen: its probe distribution is computed once
+        self._cache: tuple[int, dict] | None = None
+
+    # -- state for resume: the records so far travel with each checkpoint ---------------------
+    def state_dict(self) -> dict:
+        return {"records": self.records}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.records = list(state.get("records", []))
+
+    # -- measurements -------------------------------------------------------------------------
+    def _answer_logprobs(self, model):
+        """(n, vocab) log-softmax of the next token at the answer position, in probe order."""
+        import torch
+
+        device = next(model.parameters()).device
+        rows = [None] * len(self.encoded)
+        for idx, inputs in self.scorer.batches(self.encoded):
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding, as the scorer
+            logits = model(**inputs, position_ids=position_ids, logits_to_keep=1, use_cache=False).logits[:, -1, :]
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for row, i in enumerate(idx):
+                rows[i] = logprobs[row]
+        return torch.stack(rows)
+
+    def measure(self, model, step: int | None = None) -> dict:
+        """KL, flips and drift of the model as it is now (cached per step: weights change only between steps)."""
+        import torch
+        from trl.trainer.utils import use_adapter
+
+        if step is not None and self._cache and self._cache[0] == step:
+            return dict(self._cache[1])
+        start = time.perf_counter()
+        model = getattr(model, "module", model)  # DDP wrapper
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                policy = self._answer_logprobs(model)
+                if self._ref_logprobs is None:
+                    with use_adapter(model, self.reference_adapter):
+                        self._ref_logprobs = self._answer_logprobs(model)
+        finally:
+            if was_training:
+                model.train()
+        ref = self._ref_logprobs
+        kl = (policy.exp() * (policy - ref)).sum(-1).clamp(min=0.0)  # tiny negatives are float error
+        no_id, yes_id = self.scorer.no_id, self.scorer.yes_id
+        says_yes_policy = policy[:, yes_id] >= policy[:, no_id]  # P(sarcastic) >= 0.5, as the scorer decides
+        says_yes_ref = ref[:, yes_id] >= ref[:, no_id]
+        out = {"dpo/kl": float(kl.mean()), "dpo/kl_max": float(kl.max()),
+               "dpo/flip_rate": float((says_yes_policy != says_yes_ref).float().mean()),
+               "dpo/probe_p_sarcastic": float(torch.sigmoid(policy[:, yes_id] - policy[:, no_id]).mean()),
+               **weight_drift(lora_weights(model, self.policy_adapter), self.start)}
+        self.seconds += time.perf_counter() - start
+        if step is not None:
+            self._cache = (step, dict(out))
+        return out
+
+    # -- events -------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0 and not self.records:
+            record = {"step": 0, "epoch": 0.0, **self.measure(model, 0)}
+            self.records.append(record)
+            if self.log:
+                self.log({k: v for k, v in record.items() if k not in ("step", "epoch") and v is not None}, 0)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            raise TrainingDiverged(f"the loss or its gradients became NaN or infinite at optimizer step "
+                                   f"{state.global_step + 1}")
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:  # the end-of-training totals, or an evaluation log
+            return
+        if not math.isfinite(logs["loss"]):
+            raise TrainingDiverged(f"the logged loss became {logs['loss']} at optimizer step {state.global_step}")
+        record = {"step": int(state.global_step), "epoch": round(float(state.epoch or 0.0), 4)}
+        for key in ("loss", "learning_rate", "grad_norm", "entropy"):
+            if key in logs:
+                record[f"train/{key}"] = logs[key]
+        for key, value in logs.items():  # TRL's own metrics keep their names (rewards/margins, ...)
+            if key.startswith(("rewards/", "logps/", "logits/")):
+                record[key] = value
+        if "rewards/margins" in logs:
+            record["dpo/reward_ratio"] = reward_ratio(logs["rewards/margins"], self.beta)
+        for side in ("chosen", "rejected"):
+            if f"rewards/{side}" in logs:
+                record[f"dpo/logratio_{side}"] = logs[f"rewards/{side}"] / self.beta
+        record.update(self.measure(model, state.global_step))
+        self.records.append(record)
+        if self.log:
+            self.log({k: v for k, v in record.items() if k not in ("step", "epoch") and v is not None},
+                     record["step"])
+        self.printer(describe_dpo_record(record))
+
+
+def describe_dpo_record(r: dict) -> str:
+    def f(key, fmt=".3f"):
+        value = r.get(key)
+        return "n/a" if value is None else format(value, fmt)
+
+    return (f"[dpo] step {r['step']}: loss {f('train/loss', '.4f')}  margin {f('rewards/margins')}  "
+            f"acc {f('rewards/accuracies', '.2f')}  ratio {f('dpo/reward_ratio', '.2f')}  KL {f('dpo/kl', '.4f')}  "
+            f"drift {f('dpo/drift')}  flips {f('dpo/flip_rate', '.2f')}")
+
+
+class DPOValidationCallback(ValidationCallback):
+    """ValidationCallback whose every evaluation record also carries the DPO diagnostics at that step,
+    so the epoch metrics show F1 beside KL, drift and flips of the very same weights."""
+
+    def __init__(self, *args, diagnostics: DPODiagnosticsCallback | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.diagnostics = diagnostics
+
+    def evaluate(self, model, step: int, epoch: float) -> dict:
+        record = super().evaluate(model, step, epoch)
+        if self.diagnostics is not None:
+            record["diagnostics"] = self.diagnostics.measure(model, step)
+        return record
+
+
+class SaveStateCallback(TrainerCallback):
+    """Call `save(folder)` after each Trainer checkpoint, so a stage can store its own state beside it
+    (validation history, best adapter, diagnostics); written last, it marks the checkpoint complete."""
+
+    def __init__(self, save: Callable, save_each_epoch: bool = False):
+        self.save = save
+        self.save_each_epoch = save_each_epoch
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.save_each_epoch:
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from pathlib import Path
+
+            self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")

@@ -41,13 +41,10 @@ def pick_dtype(device):
     """bf16 where the hardware does it natively; fp32 elsewhere (CPU bf16 is slow and lossy for training)."""
     import torch
 
+    device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
-
-
-def _looks_like_path(ref: str) -> bool:
-    return ref.endswith(".gguf") or ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", os.sep, 0) and Path(ref).exists()
 
 
 def resolve_source(ref: str) -> tuple[str, dict]:
@@ -100,7 +97,7 @@ def load_tokenizer(ref: str):
 def load_base_model(ref: str, device=None, dtype=None):
     from transformers import AutoModelForCausalLM
 
-    device = device or pick_device()
+    device = pick_device(str(device)) if device is not None else pick_device()
     dtype = dtype or pick_dtype(device)
     model = _from_pretrained(AutoModelForCausalLM, ref, dtype=dtype)
     return model.to(device)

@@ -126,3 +126,106 @@ def plot_sft_curves(steps: list[dict], epochs: list[dict], path, best_epoch: flo
     ax_val.grid(alpha=0.3)
     ax_val.legend(fontsize=8, loc="lower right")
     return save_figure(path, fig)
+
+
+# --- DPO training curves and beta sweep (dpo.py) -------------------------------------------------
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    pairs = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_dpo_curves(batch: list[dict], evals: list[dict], path, *, best_step: int | None = None,
+                    primary: str = "gen_val", kl_range: tuple[float, float] = (0.5, 2.0),
+                    ratio_threshold: float = 1.2):
+    """Four panels over optimizer steps: DPO loss; KL to the reference (healthy band shaded) with
+    drift; rewards (chosen, rejected, margin) with the reward ratio; validation F1 per evaluation.
+
+    `batch` holds the flat records of dpo_batch_metrics.json (keys train/loss, dpo/kl, rewards/...);
+    `evals` the evaluation records ({"step", "<split>": {"f1", ...}}). Returns the path.
+    """
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    (ax_loss, ax_kl), (ax_rw, ax_f1) = axes
+    marker = "." if len(batch) < 60 else None
+
+    ax_loss.plot(*_series(batch, "train/loss"), marker=marker, color="tab:blue")
+    ax_loss.set_title("DPO loss")
+    ax_loss.set_ylabel("loss")
+
+    ax_kl.axhspan(*kl_range, color="tab:green", alpha=0.12, label=f"healthy {kl_range[0]:g}-{kl_range[1]:g}")
+    ax_kl.plot(*_series(batch, "dpo/kl"), marker=marker, color="tab:red", label="KL(policy || SFT), answer position")
+    ax_kl.set_title("KL to the reference (probe set)")
+    ax_kl.set_ylabel("nats")
+    ax_drift = ax_kl.twinx()
+    ax_drift.plot(*_series(batch, "dpo/drift"), linestyle="--", color="tab:grey", label="drift ||dW||/||W_sft||")
+    ax_drift.set_ylabel("relative drift")
+    lines = ax_kl.get_legend_handles_labels()
+    more = ax_drift.get_legend_handles_labels()
+    ax_kl.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
+
+    for key, colour in (("rewards/chosen", "tab:green"), ("rewards/rejected", "tab:red"),
+                        ("rewards/margins", "tab:purple")):
+        ax_rw.plot(*_series(batch, key), marker=marker, color=colour, label=key)
+    ax_rw.axhline(0, color="black", linewidth=0.6)
+    ax_rw.set_title("Implicit rewards and reward ratio")
+    ax_rw.set_ylabel("beta * log-ratio")
+    ax_ratio = ax_rw.twinx()
+    steps, ratios = _series(batch, "dpo/reward_ratio")
+    ax_ratio.plot(steps, ratios, linestyle="--", color="tab:orange", label="reward ratio exp(margin/beta)")
+    ax_ratio.axhline(ratio_threshold, color="tab:orange", linewidth=0.8, linestyle=":",
+                     label=f"healthy > {ratio_threshold:g}")
+    if ratios and max(ratios) / max(min(ratios), 1e-12) > 50:
+        ax_ratio.set_yscale("log")
+    ax_ratio.set_ylabel("ratio")
+    lines = ax_rw.get_legend_handles_labels()
+    more = ax_ratio.get_legend_handles_labels()
+    ax_rw.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
+
+    splits = [k for k in (evals[0] if evals else {}) if isinstance(evals[0].get(k), dict) and "f1" in evals[0][k]]
+    for name in splits:
+        style = {"marker": "o"} if name == primary else {"marker": "s", "linestyle": "--"}
+        ax_f1.plot([e["step"] for e in evals], [e[name]["f1"] for e in evals], label=f"{name} F1", **style)
+    if best_step is not None:
+        ax_f1.axvline(best_step, color="grey", linestyle="--", linewidth=1, label=f"saved (step {best_step})")
+    ax_f1.set_ylim(0, 1.02)
+    ax_f1.set_title("Validation F1 (sarcastic class)")
+    ax_f1.legend(fontsize=8, loc="lower right")
+
+    for ax in axes.flat:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(path, fig)
+
+
+def plot_beta_sweep(rows: list[dict], path, best_beta: float | None = None,
+                    kl_range: tuple[float, float] = (0.5, 2.0)):
+    """Validation F1 (left axis) and final KL to the reference (right axis) against beta (log scale).
+
+    `rows` hold {"beta", "val_f1", "final_kl"} and optionally "isarcasm_val_f1". Returns the path.
+    """
+    rows = sorted(rows, key=lambda r: r["beta"])
+    betas = [r["beta"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.plot(betas, [r.get("val_f1") for r in rows], marker="o", color="tab:blue", label="GEN val F1 (saved model)")
+    if any(r.get("isarcasm_val_f1") is not None for r in rows):
+        ax.plot(betas, [r.get("isarcasm_val_f1") for r in rows], marker="s", linestyle="--", color="tab:cyan",
+                label="iSarcasmEval val F1")
+    ax.set_xscale("log")
+    ax.set_xlabel("beta")
+    ax.set_ylabel("F1")
+    ax.set_ylim(0, 1.02)
+    ax_kl = ax.twinx()
+    ax_kl.axhspan(*kl_range, color="tab:green", alpha=0.1)
+    ax_kl.plot(betas, [r.get("final_kl") for r in rows], marker="^", color="tab:red", label="final KL (end of training)")
+    ax_kl.set_ylabel("KL to SFT (nats)")
+    if best_beta is not None:
+        ax.axvline(best_beta, color="grey", linestyle="--", linewidth=1, label=f"best beta {best_beta:g}")
+    lines = ax.get_legend_handles_labels()
+    more = ax_kl.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower left")
+    ax.set_title("Beta sweep: validation F1 and KL against beta")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(path, fig)

@@ -110,6 +110,8 @@ def run(settings, extra_callbacks=()) -> dict:
 
         # Save: the best epoch's adapter, then the record of how it was made, the marker last.
         save_start = time.perf_counter()
+        if not validation.history:  # e.g. resumed from a checkpoint taken after the last step
+            validation.evaluate(trainer.model, trainer.state.global_step, trainer.state.epoch or 0.0)
         validation.restore_best(trainer.model)
         save_adapter(trainer.model, tokenizer, out)
         metrics = training_metrics(trainer.state.log_history, validation, len(val_df), result.training_loss)
@@ -505,12 +507,12 @@ def describe_start(s, train_df, val_df, device, params, resume_from) -> str:
 
 
 def describe_result(summary: dict, out: Path) -> str:
-    best = summary["best_val"] or {}
+    best = summary["best_val"]
     minutes, seconds = divmod(int(summary["timings"]["total_s"]), 60)
     return (f"SFT finished in {minutes}m{seconds:02d}s. The best epoch by {VAL_SPLIT} F1 was epoch "
-            f"{summary['best_epoch']:g} of {summary['epochs_run']:g}: F1 {best.get('f1', float('nan')):.3f}, "
-            f"accuracy {best.get('accuracy', float('nan')):.3f}, precision {best.get('precision', float('nan')):.3f}, "
-            f"recall {best.get('recall', float('nan')):.3f} on {summary['data']['val']['total']} validation texts. "
+            f"{summary['best_epoch']:g} of {summary['epochs_run']:g}: F1 {best['f1']:.3f}, accuracy "
+            f"{best['accuracy']:.3f}, precision {best['precision']:.3f}, recall {best['recall']:.3f} on "
+            f"{summary['data']['val']['total']} validation texts. "
             f"Its adapter ({summary['trainable_params']:,} trainable parameters, "
             f"{100 * summary['trainable_share']:.2f}% of the model) is in {out}/, with {METRICS_FILE}, {CURVES_FILE} "
             f"and {SUMMARY_FILE}. Next: sarcasm-dpo dpo --sft_model {out}")

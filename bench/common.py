@@ -1,0 +1,252 @@
+"""What the benchmark scripts share: the machine record, the model and splits, memory and step meters.
+
+Not a benchmark itself; `bench/quality.py` and `bench/speed.py` import it (they put this folder on
+sys.path, so both run as plain scripts from the repository root:
+`python bench/speed.py`, `python bench/quality.py --budget small`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+RESULTS = REPO / "bench" / "results"
+FETCH_SMOLLM2 = SHARED / "bin" / "fetch-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DATA = SHARED / "data"
+# Scratch outputs (splits, adapters) live outside the repository so they are never committed.
+DEFAULT_WORK = Path(tempfile.gettempdir()) / "sarcasm-dpo-bench"
+
+sys.path.insert(0, str(REPO / "src"))  # a checkout without `pip install -e .` still runs
+
+
+def command_line() -> str:
+    """The exact command, as typed from the repository root."""
+    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+
+
+def machine_info() -> dict:
+    """Where a figure was measured: the numbers mean little without this."""
+    import torch
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": _memory_gib(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    for name in ("trl", "peft"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float | None:
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return round(pages * size / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def fetch_smollm2() -> Path:
+    """The SmolLM2-135M-Instruct .gguf file, fetched by the shared helper if it is not here yet."""
+    if not FETCH_SMOLLM2.is_file():
+        raise SystemExit(f"{FETCH_SMOLLM2} not found; pass --model PATH to a .gguf file or model folder.")
+    folder = subprocess.run([str(FETCH_SMOLLM2)], check=True, capture_output=True, text=True).stdout.strip()
+    path = Path(folder.splitlines()[-1]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise SystemExit(f"{FETCH_SMOLLM2} printed {folder!r}, but {path} is not there.")
+    return path
+
+
+def make_splits(data_dir: str | Path, out: Path) -> Path:
+    """`sarcasm-dpo split` into `out` (reused when it is already complete for the same settings)."""
+    from sarcasm_dpo.atomic import is_complete_for
+    from sarcasm_dpo.data import run as split_run
+    from sarcasm_dpo.settings import SplitSettings
+
+    import dataclasses
+
+    settings = SplitSettings(data_dir=str(data_dir), output_dir=str(out), no_wandb=True, overwrite=True)
+    if not is_complete_for(out, dataclasses.asdict(settings)):
+        split_run(settings)
+    return out
+
+
+# -- memory ------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (VmHWM) to the current one; Linux only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float | None:
+    """Peak resident memory of this process since start (or since the last reset), in MiB."""
+    kib = _status_kib("VmHWM")
+    if kib is None:
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return round(kib / 1024, 1)
+
+
+def rss_mib() -> float | None:
+    kib = _status_kib("VmRSS")
+    return None if kib is None else round(kib / 1024, 1)
+
+
+def lifetime_peak_rss_mib() -> float:
+    """ru_maxrss: the peak over the whole process life, which clear_refs does not reset."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# -- training meter ----------------------------------------------------------------------------------
+
+
+def make_step_meter():
+    """A TrainerCallback that counts the tokens every training forward pass sees, per optimizer step.
+
+    A forward pre-hook on the model reads each batch as the model gets it: all positions (padding
+    included) and real tokens (attention mask). Forward passes in eval mode (validation scoring,
+    diagnostics) are not counted. Step 1 is warm-up (allocations, first kernels), so rates are
+    taken over steps 2..N. The peak resident memory is reset when training begins, so
+    `train_peak_rss_mib` is the training phase alone, apart from the model loading before it.
+    """
+    from transformers import TrainerCallback
+
+    class StepMeter(TrainerCallback):
+        def __init__(self):
+            self.step_times: list[float] = []
+            self.step_real: list[int] = []
+            self.step_total: list[int] = []
+            self.step_forwards: list[int] = []
+            self.step_rows: list[int] = []
+            self._real = self._total = self._forwards = self._rows = 0
+            self._handle = None
+            self.start_rss_mib = None
+            self.train_peak_rss_mib = None
+            self.peak_reset = False
+            self.start_time = None
+            self.gpu_peak_gib = None
+
+        def _hook(self, module, args, kwargs):
+            if not module.training:
+                return
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                return
+            mask = kwargs.get("attention_mask")
+            self._total += int(ids.numel())
+            self._rows += int(ids.shape[0]) if ids.dim() > 1 else 1
+            self._real += int(mask.sum()) if mask is not None else int(ids.numel())
+            self._forwards += 1
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            import torch
+
+            self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+            self.start_rss_mib = rss_mib()
+            self.peak_reset = reset_peak_rss()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            self.start_time = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_times.append(time.perf_counter())
+            self.step_real.append(self._real)
+            self.step_total.append(self._total)
+            self.step_forwards.append(self._forwards)
+            self.step_rows.append(self._rows)
+            self._real = self._total = self._forwards = self._rows = 0
+
+        def on_train_end(self, args, state, control, **kwargs):
+            import torch
+
+            if self._handle is not None:
+                self._handle.remove()
+            self.train_peak_rss_mib = peak_rss_mib()
+            if torch.cuda.is_available():
+                self.gpu_peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+        def report(self) -> dict:
+            steps = len(self.step_times)
+            out = {"optimizer_steps": steps, "forward_passes": sum(self.step_forwards),
+                   "real_tokens": sum(self.step_real), "padded_tokens": sum(self.step_total),
+                   "train_start_rss_mib": self.start_rss_mib, "train_peak_rss_mib": self.train_peak_rss_mib,
+                   "train_peak_is_training_phase_only": self.peak_reset, "gpu_peak_allocated_gib": self.gpu_peak_gib}
+            total = sum(self.step_total)
+            out["padding_share"] = round(1 - sum(self.step_real) / total, 4) if total else None
+            if steps >= 2:
+                seconds = self.step_times[-1] - self.step_times[0]
+                real, padded = sum(self.step_real[1:]), sum(self.step_total[1:])
+                out.update({"timed_steps": steps - 1, "timed_seconds": round(seconds, 3),
+                            "timed_real_tokens": real, "timed_padded_tokens": padded,
+                            "mean_padded_length": round(padded / max(sum(self.step_rows[1:]), 1), 1),
+                            "real_tokens_per_s": round(real / seconds, 2),
+                            "padded_tokens_per_s": round(padded / seconds, 2),
+                            "seconds_per_step": round(seconds / (steps - 1), 3)})
+            return out
+
+    return StepMeter()
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def stage_settings(config_path: str | Path | None, cls: type, section: str, **overrides):
+    """A stage's settings as the pipeline would build them from a YAML config, then `overrides`."""
+    from sarcasm_dpo.config import build, load_yaml, values_for_stage
+
+    values = values_for_stage(load_yaml(config_path), cls, section, str(config_path)) if config_path else {}
+    values.update(overrides)
+    return build(cls, values)

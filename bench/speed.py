@@ -1,0 +1,631 @@
+"""Speed benchmark: what the pipeline's choices buy, each as a ratio measured side by side in one run.
+
+    python bench/speed.py                      # SmolLM2-135M-Instruct on this machine (CPU: ~10 min on 2 cores)
+    python bench/speed.py --random_init        # on a GPU machine: Qwen2.5-0.5B shape, random weights, + pipeline time
+
+Same model, same texts, same machine, one process run after the other:
+
+1. Evaluation. The shared `Scorer` (prompts sorted by length, one forward pass per batch, LM head
+   on the answer position only) against the usual generate-and-parse loop (one text at a time,
+   `generate(max_new_tokens=10)`, greedy, Yes/No parsed from the decoded text), in texts per
+   second; and the scorer against a bare forward pass over the very same padded batches (built
+   beforehand, no prompt rendering, tokenizing or softmax), which is the limit it can reach.
+2. SFT training. Real (non-padding) tokens per second of `sarcasm-dpo sft` (TRL SFTTrainer,
+   dynamic padding with length grouping, loss on the answer only, no gradient checkpointing)
+   against the usual setup (plain transformers Trainer, every example padded to 256 tokens, loss
+   on the whole sequence, gradient checkpointing on), both training the same examples with the
+   same LoRA, batch size, learning rate and seed; and the padding share of each.
+3. Memory. Peak resident memory of the DPO stage (from the SFT adapter just trained, the frozen
+   reference being a second LoRA adapter on the same weights) against the SFT stage, each stage
+   in its own process. Reported for the whole process (model loading included) and for the
+   training phase alone (the peak is reset when training starts).
+4. GPU only (skipped with a message elsewhere): with `--random_init` the model is the
+   Qwen2.5-0.5B architecture built from its config with random weights (no download; the SmolLM2
+   tokenizer supplies the vocabulary, so the vocabulary has 49,152 entries instead of 151,936);
+   the same three figures, the achieved share of the GPU's peak bf16 throughput, and the wall
+   time of the whole pipeline with the original settings (configs/qwen2.5-0.5b.yaml: SFT 2
+   epochs on the GEN train split, DPO 3 epochs, three evaluations of the 1,304-text test split).
+
+Results: bench/results/speed_<model>.json (machine, exact command, every raw timing) and a
+markdown summary on stdout. Targets (2 CPU cores): scorer >= 3x generate-and-parse and within
+15% of the bare forward pass; SFT >= 2.5x the usual setup's tokens/s; DPO peak memory <= 1.2x SFT's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+TARGETS = {"scorer_vs_generate": 3.0, "scorer_overhead_vs_bare": 0.15, "sft_vs_usual": 2.5, "dpo_vs_sft_memory": 1.2}
+CPU_CONFIG = common.REPO / "configs" / "smollm2-135m-cpu.yaml"
+GPU_CONFIG = common.REPO / "configs" / "qwen2.5-0.5b.yaml"
+# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity); --gpu_peak_tflops overrides.
+GPU_PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
+                        "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0, "L40S": 362.1, "L4": 121.0,
+                        "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.2}
+QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True, hidden_act="silu")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Writes bench/results/speed_<model>.json; see bench/README.md for figures.")
+    p.add_argument("--model", default=None, help="Model: .gguf file, folder or hub id (default: SmolLM2-135M-Instruct "
+                                                 "from ../shared/bin/fetch-smollm2).")
+    p.add_argument("--random_init", action="store_true",
+                   help="Use the Qwen2.5-0.5B architecture with random weights (built from its config, no download).")
+    p.add_argument("--data_dir", default=str(common.DEFAULT_DATA), help="Datasets laid out like shared/data.")
+    p.add_argument("--work_dir", default=str(common.DEFAULT_WORK / "speed"), help="Scratch folder (splits, adapters).")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one).")
+    p.add_argument("--sections", default="eval,sft,memory,gpu",
+                   help="Comma-separated subset of eval,sft,memory,gpu (memory needs sft: DPO starts from its adapter).")
+    p.add_argument("--max_text_tokens", type=int, default=None,
+                   help="Texts cut to this many tokens in the prompt (default: the config's: 128 CPU, 256 GPU).")
+    p.add_argument("--eval_texts", type=int, default=None, help="Test texts scored by every method (default 48 CPU, 512 GPU).")
+    p.add_argument("--eval_batch_size", type=int, default=16, help="Scorer and bare-forward batch size.")
+    p.add_argument("--eval_repeats", type=int, default=2, help="Timed repeats of the scorer and bare pass (fastest kept).")
+    p.add_argument("--generate_texts", type=int, default=None,
+                   help="Texts for the generate loop (default: all of --eval_texts; fewer to save time on a slow box).")
+    p.add_argument("--sft_examples", type=int, default=None, help="Training examples for both SFT setups "
+                                                                   "(default 32 CPU, 1024 GPU).")
+    p.add_argument("--sft_batch_size", type=int, default=None, help="Batch size of both setups (default 4 CPU, 8 GPU).")
+    p.add_argument("--usual_max_length", type=int, default=256, help="The usual setup pads every example to this.")
+    p.add_argument("--dpo_pairs", type=int, default=None, help="Preference pairs for the memory run (default 12 CPU, 256 GPU).")
+    p.add_argument("--val_texts", type=int, default=8, help="Validation texts the SFT/DPO stages score (not timed).")
+    p.add_argument("--gpu_peak_tflops", type=float, default=None, help="The GPU's dense bf16 peak, if not in the table.")
+    p.add_argument("--pipeline_sample", type=int, default=None,
+                   help="GPU pipeline timing: cap every stage's sample (default: none, the original settings).")
+    p.add_argument("--output", default=None, help="Result file (default bench/results/speed_<model>.json).")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one stage in a child process
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# -- model --------------------------------------------------------------------------------------------
+
+
+def random_qwen_model(folder: Path, tokenizer_ref: str, seed: int) -> Path:
+    """Qwen2.5-0.5B's architecture with random weights, saved with the SmolLM2 tokenizer (no download).
+
+    The vocabulary is the tokenizer's (49,152) rather than Qwen's 151,936, since only the tokens
+    a tokenizer can produce can be fed; everything else is Qwen2.5-0.5B's config.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sarcasm_dpo.models import load_tokenizer
+
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    tokenizer = load_tokenizer(tokenizer_ref)
+    config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **QWEN25_05B)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def model_tag(args, model_ref: str) -> str:
+    if args.random_init:
+        return "qwen2.5-0.5b-random"
+    name = Path(model_ref).name.lower()
+    return "smollm2-135m" if "smollm2-135m" in name else re.sub(r"[^a-z0-9.]+", "-", name).strip("-")
+
+
+# -- 1. evaluation ------------------------------------------------------------------------------------
+
+
+def parse_answer(text: str) -> int | None:
+    """The usual parser: the first Yes/No word in the generated text; None when there is none."""
+    match = re.search(r"\b(yes|no)\b", text.lower())
+    return None if match is None else int(match.group(1) == "yes")
+
+
+def generate_and_parse(model, tokenizer, texts, max_text_tokens: int) -> tuple[list, float, int]:
+    """The loop many evaluation scripts use: one text at a time, generate, decode, look for Yes/No."""
+    import torch
+
+    from sarcasm_dpo.prompts import build_prompt
+
+    device = next(model.parameters()).device
+    answers, new_tokens = [], 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for text in texts:
+            enc = tokenizer(build_prompt(tokenizer, text, max_text_tokens), add_special_tokens=False, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            out = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            generated = out[0, enc["input_ids"].shape[1]:]
+            new_tokens += int(generated.numel())
+            answers.append(parse_answer(tokenizer.decode(generated, skip_special_tokens=True)))
+    _sync(device)
+    return answers, time.perf_counter() - start, new_tokens
+
+
+def bare_forward(model, batches) -> float:
+    """The same forward call the scorer makes, over the same prebuilt batches, and nothing else."""
+    import torch
+
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for _, inputs in batches:
+            position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            model(**inputs, position_ids=position_ids, logits_to_keep=1, use_cache=False)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> dict:
+    import numpy as np
+
+    from sarcasm_dpo.data import load_split, stratified_sample
+    from sarcasm_dpo.models import load_model, pick_device
+    from sarcasm_dpo.scoring import Scorer
+
+    test = stratified_sample(load_split(splits / "gen_test.csv"), args.eval_texts, args.seed)
+    texts, labels = test["text"].tolist(), test["label"].to_numpy()
+    device = pick_device(args.device)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(model_ref, device=device)
+    load_s = time.perf_counter() - t0
+    scorer = Scorer(model, tokenizer, batch_size=args.eval_batch_size, max_text_tokens=max_text_tokens)
+    # Warm-up on other texts: first calls allocate buffers and pick kernels, for every method alike.
+    warm = load_split(splits / "gen_val.csv")["text"].tolist()[: args.eval_batch_size]
+    scorer.predict_proba(warm)
+    generate_and_parse(model, tokenizer, warm[:1], max_text_tokens)
+
+    # Batches for the bare pass are built once, outside the clock: exactly the scorer's batches.
+    encoded = scorer.encode(texts)
+    batches = [(idx, {k: v.to(device) for k, v in inputs.items()}) for idx, inputs in scorer.batches(encoded)]
+    padded = sum(int(b["input_ids"].numel()) for _, b in batches)
+    real = sum(int(b["attention_mask"].sum()) for _, b in batches)
+
+    scorer_s, bare_s = [], []
+    for _ in range(args.eval_repeats):  # interleaved, so a burst of load from elsewhere hits both alike
+        t0 = time.perf_counter()
+        probs = scorer.predict_proba(texts)
+        _sync(device)
+        scorer_s.append(time.perf_counter() - t0)
+        bare_s.append(bare_forward(model, batches))
+    n_gen = min(args.generate_texts or len(texts), len(texts))
+    answers, gen_s, new_tokens = generate_and_parse(model, tokenizer, texts[:n_gen], max_text_tokens)
+
+    best_scorer, best_bare = min(scorer_s), min(bare_s)
+    scorer_rate, gen_rate, bare_rate = len(texts) / best_scorer, n_gen / gen_s, len(texts) / best_bare
+    scored_labels = (probs >= 0.5).astype(int)[:n_gen]
+    parsed = [a for a in answers if a is not None]
+    agree = [int(a == s) for a, s in zip(answers, scored_labels) if a is not None]
+    return {
+        "texts": len(texts), "generate_texts": n_gen, "batch_size": args.eval_batch_size,
+        "max_text_tokens": max_text_tokens, "model_load_s": round(load_s, 2),
+        "scorer": {"seconds": [round(s, 3) for s in scorer_s], "texts_per_s": round(scorer_rate, 3)},
+        "bare_forward": {"seconds": [round(s, 3) for s in bare_s], "texts_per_s": round(bare_rate, 3),
+                         "padded_tokens": padded, "real_tokens": real,
+                         "padding_share": round(1 - real / padded, 4)},
+        "generate_and_parse": {"seconds": round(gen_s, 3), "texts_per_s": round(gen_rate, 3),
+                               "new_tokens_mean": round(new_tokens / max(n_gen, 1), 2),
+                               "unparseable": n_gen - len(parsed),
+                               "agreement_with_scorer": round(float(np.mean(agree)), 4) if agree else None,
+                               "accuracy_where_parsed": round(float(np.mean([a == y for a, y in zip(answers, labels)
+                                                                            if a is not None])), 4) if parsed else None},
+        "scorer_accuracy": round(float(np.mean(scored_labels == labels[:n_gen])), 4),
+        "ratio_scorer_vs_generate": round(scorer_rate / gen_rate, 3),
+        "scorer_overhead_vs_bare": round(best_scorer / best_bare - 1, 4),
+        "note": "texts/s from the fastest of the timed repeats for scorer and bare pass; the generate loop runs once.",
+    }
+
+
+# -- 2 and 3. training stages, each in its own process --------------------------------------------------
+
+
+def run_worker(name: str, spec: dict, work: Path) -> dict:
+    """Run one stage in a fresh Python process, so its peak memory is its own."""
+    spec_path = work / f"{name}.spec.json"
+    result_path = work / f"{name}.result.json"
+    result_path.unlink(missing_ok=True)
+    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec", str(spec_path)]
+    print(f"[speed] {name}: starting a separate process", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=common.REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0 or not result_path.is_file():
+        raise SystemExit(f"[speed] {name} failed (exit code {proc.returncode}); its output is above.")
+    result = json.loads(result_path.read_text())
+    result["process_wall_s"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def worker_main(name: str, spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    result = {"sft_ours": worker_sft_ours, "sft_usual": worker_sft_usual, "dpo": worker_dpo}[name](spec)
+    result["process_peak_rss_mib"] = common.lifetime_peak_rss_mib()
+    Path(spec["result"]).write_text(json.dumps(result, indent=2))
+
+
+def worker_sft_ours(spec: dict) -> dict:
+    from sarcasm_dpo import sft
+    from sarcasm_dpo.settings import SFTSettings
+
+    meter = common.make_step_meter()
+    summary = sft.run(SFTSettings(**spec["sft"]), extra_callbacks=[meter])
+    return {"meter": meter.report(), "stage_timings": summary["timings"], "params": summary["trainable_params"],
+            "total_params": summary["total_params"]}
+
+
+def worker_sft_usual(spec: dict) -> dict:
+    """The usual setup: plain Trainer, pad to max_length, loss on every real token, gradient checkpointing."""
+    import torch
+    import transformers
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from sarcasm_dpo import sft
+    from sarcasm_dpo.models import load_base_model, load_tokenizer, pick_device
+    from sarcasm_dpo.settings import SFTSettings
+
+    s = SFTSettings(**spec["sft"])
+    max_length = spec["usual_max_length"]
+    train_df, _ = sft.load_data(s)  # the very same balanced sample as the stage trains on
+    transformers.set_seed(s.seed)
+    device = pick_device(s.device)
+    tokenizer = load_tokenizer(s.model)
+    model = load_base_model(s.model, device)
+    pairs = sft.build_dataset(tokenizer, train_df, s.max_text_tokens, s.max_length)
+    texts = [p + c + tokenizer.eos_token for p, c in zip(pairs["prompt"], pairs["completion"])]
+    enc = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=False)
+    labels = [[t if m else -100 for t, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    dataset = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    model = get_peft_model(model, sft.lora_config(s))  # the same LoRA config, initialised from the same seed
+    args = TrainingArguments(
+        output_dir=spec["usual_output_dir"], num_train_epochs=s.epochs, per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum, learning_rate=s.lr, lr_scheduler_type="cosine",
+        warmup_steps=s.warmup_ratio, optim="adamw_torch", bf16=model.dtype == torch.bfloat16,
+        use_cpu=device.type == "cpu", gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="no", report_to="none",
+        logging_steps=10**6, seed=s.seed, data_seed=s.seed, dataloader_num_workers=0, disable_tqdm=True)
+    meter = common.make_step_meter()
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
+                      callbacks=[meter])
+    trainer.train()
+    return {"meter": meter.report(), "truncated_examples": sum(len(tokenizer(t, add_special_tokens=False)["input_ids"])
+                                                              > max_length for t in texts)}
+
+
+def worker_dpo(spec: dict) -> dict:
+    from sarcasm_dpo import dpo
+    from sarcasm_dpo.settings import DPOSettings
+
+    meter = common.make_step_meter()
+    build = dpo.build_trainer
+
+    def build_with_meter(*a, **k):  # instrument the stage without changing it: one more callback
+        trainer, validation, diagnostics = build(*a, **k)
+        trainer.add_callback(meter)
+        return trainer, validation, diagnostics
+
+    dpo.build_trainer = build_with_meter
+    summary = dpo.run(DPOSettings(**spec["dpo"]))
+    return {"meter": meter.report(), "stage_timings": summary.get("timings")}
+
+
+def training_specs(args, model_ref: str, splits: Path, work: Path, max_text_tokens: int, config: Path,
+                   device: str | None) -> tuple[dict, dict]:
+    from sarcasm_dpo.settings import DPOSettings, SFTSettings
+
+    sft_s = common.stage_settings(
+        config, SFTSettings, "sft", model=model_ref, train_csv=str(splits / "gen_train.csv"),
+        val_csv=str(splits / "gen_val.csv"), output_dir=str(work / "sft"), epochs=1, sample_size=args.sft_examples,
+        val_sample_size=args.val_texts, batch_size=args.sft_batch_size, grad_accum=1, logging_steps=1000,
+        max_text_tokens=max_text_tokens, device=device, seed=args.seed, no_wandb=True, overwrite=True)
+    dpo_s = common.stage_settings(
+        config, DPOSettings, "dpo", sft_model=str(work / "sft"), output_dir=str(work / "dpo"),
+        train_csv=str(splits / "isarcasm_train.csv"), val_csv=str(splits / "gen_val.csv"),
+        isarcasm_val_csv=str(splits / "isarcasm_val.csv"), epochs=1, sample_size=args.dpo_pairs, grad_accum=1,
+        val_sample_size=args.val_texts, probe_size=min(8, args.val_texts), eval_steps=0, logging_steps=1000,
+        max_text_tokens=max_text_tokens, device=device, seed=args.seed, no_wandb=True, overwrite=True)
+    return dataclasses.asdict(sft_s), dataclasses.asdict(dpo_s)
+
+
+def sft_section(ours: dict, usual: dict, args) -> dict:
+    o, u = ours["meter"], usual["meter"]
+    ratio = (o["real_tokens_per_s"] / u["real_tokens_per_s"]) if o.get("real_tokens_per_s") and u.get("real_tokens_per_s") else None
+    return {
+        "examples": args.sft_examples, "batch_size": args.sft_batch_size, "grad_accum": 1, "epochs": 1,
+        "ours": {"setup": "sarcasm-dpo sft: TRL SFTTrainer, dynamic padding + group_by_length, completion-only loss, "
+                          "no gradient checkpointing", **o},
+        "usual": {"setup": f"transformers Trainer, padding='max_length' {args.usual_max_length}, labels = input_ids "
+                           "(every real token), gradient_checkpointing=True", **u,
+                  "truncated_examples": usual.get("truncated_examples")},
+        "same_real_tokens": o["real_tokens"] == u["real_tokens"],
+        "ratio_tokens_per_s": round(ratio, 3) if ratio else None,
+        "note": "tokens/s = real (non-padding) tokens fed to training forward passes per second, over optimizer "
+                "steps 2..N (step 1 is warm-up); both setups train the same examples, so the ratio is the time ratio.",
+    }
+
+
+def memory_section(ours: dict, dpo_result: dict, usual: dict | None) -> dict:
+    sft_peak, dpo_peak = ours["process_peak_rss_mib"], dpo_result["process_peak_rss_mib"]
+    sft_train, dpo_train = ours["meter"]["train_peak_rss_mib"], dpo_result["meter"]["train_peak_rss_mib"]
+    out = {
+        "sft_process_peak_rss_mib": sft_peak, "dpo_process_peak_rss_mib": dpo_peak,
+        "ratio_process_peak": round(dpo_peak / sft_peak, 3),
+        "sft_training_phase_peak_rss_mib": sft_train, "dpo_training_phase_peak_rss_mib": dpo_train,
+        "ratio_training_phase_peak": round(dpo_train / sft_train, 3) if sft_train and dpo_train else None,
+        "training_phase_is_exact": bool(ours["meter"]["train_peak_is_training_phase_only"]),
+        "usual_sft_process_peak_rss_mib": usual["process_peak_rss_mib"] if usual else None,
+        "note": "process peak = ru_maxrss of the stage's own process (model loading, which de-quantizes the .gguf, "
+                "included); training phase = VmHWM reset when training begins and read when it ends.",
+    }
+    g_sft, g_dpo = ours["meter"].get("gpu_peak_allocated_gib"), dpo_result["meter"].get("gpu_peak_allocated_gib")
+    if g_sft and g_dpo:
+        out.update({"sft_gpu_peak_allocated_gib": g_sft, "dpo_gpu_peak_allocated_gib": g_dpo,
+                    "ratio_gpu_peak": round(g_dpo / g_sft, 3)})
+    return out
+
+
+# -- 4. GPU: throughput share and the whole pipeline ---------------------------------------------------
+
+
+def gpu_peak_tflops(args) -> tuple[float | None, str]:
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    if args.gpu_peak_tflops:
+        return args.gpu_peak_tflops, f"--gpu_peak_tflops for {name}"
+    for key, value in GPU_PEAK_BF16_TFLOPS.items():  # most specific names first
+        if key.lower() in name.lower():
+            return value, f"data-sheet dense bf16 peak for {key} ({name})"
+    return None, f"unknown GPU {name!r}: pass --gpu_peak_tflops"
+
+
+def model_flops(model_ref: str) -> dict:
+    """Parameter counts for FLOP estimates (matmul weights of the blocks; embedding/LM head apart)."""
+    from transformers import AutoConfig
+
+    from sarcasm_dpo.models import resolve_source
+
+    source, extra = resolve_source(model_ref)
+    c = AutoConfig.from_pretrained(source, **extra)
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head_dim
+    per_layer = c.hidden_size * (c.hidden_size + 2 * kv) + c.hidden_size * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    return {"block_params": per_layer * c.num_hidden_layers, "head_params": c.hidden_size * c.vocab_size,
+            "layers": c.num_hidden_layers, "hidden": c.hidden_size}
+
+
+def throughput_share(sft: dict, evaluation: dict | None, flops: dict, peak: float | None) -> dict:
+    """Model FLOPs actually done per second over the GPU's peak (MFU), for LoRA training and scoring.
+
+    LoRA training: forward (2 FLOPs per weight per token) plus the backward pass for activations
+    (2 more); frozen weights get no weight gradients, so 4 x params per token, not the usual 6.
+    Attention scores add 4 x layers x hidden x sequence per token forward (x2 with backward).
+    Scoring: 2 x block params per token plus the LM head once per text (logits_to_keep=1).
+    """
+    out = {"peak_bf16_tflops": peak, "formula": throughput_share.__doc__.split("\n\n", 1)[1].strip()}
+    m = sft["ours"]
+    if m.get("padded_tokens_per_s") and peak:
+        seq = m["mean_padded_length"]
+        per_token = 4 * (flops["block_params"] + flops["head_params"]) + 8 * flops["layers"] * flops["hidden"] * seq
+        achieved = per_token * m["padded_tokens_per_s"] / 1e12
+        out["sft_tflops"] = round(achieved, 2)
+        out["sft_share_of_peak"] = round(achieved / peak, 4)
+    if evaluation and peak:
+        b = evaluation["bare_forward"]
+        seconds = min(evaluation["scorer"]["seconds"])
+        work = 2 * flops["block_params"] * b["padded_tokens"] + 2 * flops["head_params"] * evaluation["texts"]
+        out["scorer_tflops"] = round(work / seconds / 1e12, 2)
+        out["scorer_share_of_peak"] = round(work / seconds / 1e12 / peak, 4)
+    return out
+
+
+def pipeline_wall_time(args, model_ref: str, work: Path) -> dict:
+    """split -> sft -> dpo -> compare with the original settings (configs/qwen2.5-0.5b.yaml), timed per stage."""
+    from sarcasm_dpo import compare, data, dpo, sft
+    from sarcasm_dpo.settings import CompareSettings, DPOSettings, SFTSettings, SplitSettings
+
+    out = work / "pipeline"
+    cap = args.pipeline_sample
+    common_kw = dict(model=model_ref, no_wandb=True, seed=args.seed)
+    stages = {
+        "split": common.stage_settings(GPU_CONFIG, SplitSettings, "split", data_dir=args.data_dir,
+                                       output_dir=str(out / "splits"), no_wandb=True, overwrite=True),
+        "sft": common.stage_settings(GPU_CONFIG, SFTSettings, "sft", **common_kw, output_dir=str(out / "sft"),
+                                     train_csv=str(out / "splits/gen_train.csv"), val_csv=str(out / "splits/gen_val.csv"),
+                                     sample_size=cap, val_sample_size=cap, overwrite=True),
+        "dpo": common.stage_settings(GPU_CONFIG, DPOSettings, "dpo", no_wandb=True, seed=args.seed,
+                                     sft_model=str(out / "sft"), output_dir=str(out / "dpo"),
+                                     train_csv=str(out / "splits/isarcasm_train.csv"),
+                                     val_csv=str(out / "splits/gen_val.csv"),
+                                     isarcasm_val_csv=str(out / "splits/isarcasm_val.csv"),
+                                     **({"sample_size": cap, "val_sample_size": cap} if cap else {}), overwrite=True),
+        "compare": common.stage_settings(GPU_CONFIG, CompareSettings, "compare", no_wandb=True, seed=args.seed,
+                                         test_csv=str(out / "splits/gen_test.csv"),
+                                         train_csv=str(out / "splits/gen_train.csv"), sft_model=str(out / "sft"),
+                                         dpo_model=str(out / "dpo"), output_dir=str(out / "results"), sample_size=cap),
+    }
+    modules = {"split": data, "sft": sft, "dpo": dpo, "compare": compare}
+    seconds = {}
+    start = time.perf_counter()
+    for name, settings in stages.items():
+        t0 = time.perf_counter()
+        modules[name].run(settings)
+        seconds[name] = round(time.perf_counter() - t0, 2)
+    result = json.loads((out / "results" / compare.RESULTS_FILE).read_text())
+    return {"stage_seconds": seconds, "total_s": round(time.perf_counter() - start, 2),
+            "settings": {k: dataclasses.asdict(v) for k, v in stages.items()},
+            "test_items": result["test_set"]["n"], "evaluations": list(result["models"]),
+            "note": "random weights: the accuracy figures are meaningless; this measures time only."}
+
+
+# -- report ----------------------------------------------------------------------------------------------
+
+
+def verdicts(result: dict) -> dict:
+    out = {}
+    e, s, m = result.get("evaluation"), result.get("sft_training"), result.get("memory")
+    if e:
+        out["scorer_vs_generate"] = {"value": e["ratio_scorer_vs_generate"], "target": ">= 3.0x",
+                                     "met": e["ratio_scorer_vs_generate"] >= TARGETS["scorer_vs_generate"]}
+        out["scorer_vs_bare"] = {"value": e["scorer_overhead_vs_bare"], "target": "<= 15% slower",
+                                 "met": e["scorer_overhead_vs_bare"] <= TARGETS["scorer_overhead_vs_bare"]}
+    if s and s.get("ratio_tokens_per_s"):
+        out["sft_vs_usual"] = {"value": s["ratio_tokens_per_s"], "target": ">= 2.5x",
+                               "met": s["ratio_tokens_per_s"] >= TARGETS["sft_vs_usual"]}
+    if m:
+        out["dpo_vs_sft_memory"] = {"value": m["ratio_process_peak"], "target": "<= 1.2x",
+                                    "met": m["ratio_process_peak"] <= TARGETS["dpo_vs_sft_memory"]}
+    return out
+
+
+def markdown(result: dict) -> str:
+    machine = result["machine"]
+    where = machine.get("gpu") or f"{machine['processor']}, {machine['cpus_usable']} cores"
+    lines = [f"Speed on {where} ({result['model']}; `{result['command']}`)", "",
+             "| Figure | Ours | Usual / limit | Ratio | Target | Met |", "|---|---|---|---|---|---|"]
+    e, s, m, v = result.get("evaluation"), result.get("sft_training"), result.get("memory"), result["verdicts"]
+
+    def met(key):
+        return "yes" if v[key]["met"] else "**no**"
+
+    if e:
+        lines.append(f"| Eval texts/s: scorer vs generate-and-parse | {e['scorer']['texts_per_s']:.2f} | "
+                     f"{e['generate_and_parse']['texts_per_s']:.2f} | {e['ratio_scorer_vs_generate']:.2f}x | >= 3x | "
+                     f"{met('scorer_vs_generate')} |")
+        lines.append(f"| Eval texts/s: scorer vs bare forward | {e['scorer']['texts_per_s']:.2f} | "
+                     f"{e['bare_forward']['texts_per_s']:.2f} | {100 * e['scorer_overhead_vs_bare']:+.1f}% time | "
+                     f"<= +15% | {met('scorer_vs_bare')} |")
+    if s and s.get("ratio_tokens_per_s"):
+        lines.append(f"| SFT tokens/s (padding share) | {s['ours']['real_tokens_per_s']:.0f} "
+                     f"({100 * s['ours']['padding_share']:.0f}%) | {s['usual']['real_tokens_per_s']:.0f} "
+                     f"({100 * s['usual']['padding_share']:.0f}%) | {s['ratio_tokens_per_s']:.2f}x | >= 2.5x | "
+                     f"{met('sft_vs_usual')} |")
+    if m:
+        lines.append(f"| Peak RSS MiB, DPO vs SFT stage | {m['dpo_process_peak_rss_mib']:.0f} | "
+                     f"{m['sft_process_peak_rss_mib']:.0f} | {m['ratio_process_peak']:.2f}x | <= 1.2x | "
+                     f"{met('dpo_vs_sft_memory')} |")
+        if m.get("ratio_training_phase_peak"):
+            lines.append(f"| Peak RSS MiB, training phase only | {m['dpo_training_phase_peak_rss_mib']:.0f} | "
+                         f"{m['sft_training_phase_peak_rss_mib']:.0f} | {m['ratio_training_phase_peak']:.2f}x | | |")
+    gpu = result.get("gpu")
+    lines.append("")
+    lines.append(f"GPU: {gpu}" if isinstance(gpu, str) else "GPU: " + json.dumps(gpu, indent=None)[:2000])
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args.worker, args.spec)
+        return 0
+    import torch
+
+    sections = {x.strip() for x in args.sections.split(",") if x.strip()}
+    unknown = sections - {"eval", "sft", "memory", "gpu"}
+    if unknown:
+        raise SystemExit(f"--sections: unknown {sorted(unknown)}; choose from eval,sft,memory,gpu.")
+    if "memory" in sections:
+        sections.add("sft")
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    on_gpu = cuda and (args.device in (None, "cuda") or str(args.device).startswith("cuda"))
+    config = GPU_CONFIG if args.random_init else CPU_CONFIG
+    defaults = dict(eval_texts=(512, 48), sft_examples=(1024, 32), sft_batch_size=(8, 4), dpo_pairs=(256, 12))
+    for key, (gpu_value, cpu_value) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, gpu_value if on_gpu else cpu_value)
+    from sarcasm_dpo.config import load_yaml
+
+    max_text_tokens = args.max_text_tokens or int(load_yaml(config).get("max_text_tokens", 256))
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = {"benchmark": "speed", "command": common.command_line(), "machine": common.machine_info(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if args.random_init:
+        tokenizer_ref = args.model or str(common.fetch_smollm2())
+        model_ref = str(random_qwen_model(work / "qwen2.5-0.5b-random", tokenizer_ref, args.seed))
+        result["model"] = ("Qwen2.5-0.5B architecture, random weights, SmolLM2 tokenizer (vocabulary 49,152 "
+                           f"instead of 151,936): {model_ref}")
+    else:
+        model_ref = args.model or str(common.fetch_smollm2())
+        result["model"] = model_ref
+    splits = common.make_splits(args.data_dir, work / "splits")
+    device = "cuda" if on_gpu else (args.device or "cpu")
+    result["settings"] = {k: v for k, v in vars(args).items() if k not in ("worker", "spec")}
+    result["settings"]["max_text_tokens"] = max_text_tokens
+    result["settings"]["device"] = device
+
+    if "eval" in sections:
+        print("[speed] 1. evaluation: scorer vs generate-and-parse vs bare forward", flush=True)
+        result["evaluation"] = eval_section(args, model_ref, splits, max_text_tokens)
+    if "sft" in sections:
+        print("[speed] 2. SFT training: sarcasm-dpo sft vs the usual setup", flush=True)
+        sft_spec, dpo_spec = training_specs(args, model_ref, splits, work, max_text_tokens, config, device)
+        ours = run_worker("sft_ours", {"sft": sft_spec}, work)
+        usual = run_worker("sft_usual", {"sft": sft_spec, "usual_max_length": args.usual_max_length,
+                                         "usual_output_dir": str(work / "usual")}, work)
+        result["sft_training"] = sft_section(ours, usual, args)
+        if "memory" in sections:
+            print("[speed] 3. memory: DPO stage vs SFT stage", flush=True)
+            dpo_result = run_worker("dpo", {"dpo": dpo_spec}, work)
+            result["memory"] = memory_section(ours, dpo_result, usual)
+            result["memory"]["dpo_pairs"] = args.dpo_pairs
+            result["memory"]["dpo_meter"] = dpo_result["meter"]
+
+    if "gpu" in sections:
+        if not on_gpu:
+            print("[speed] 4. GPU figures skipped: no CUDA device on this machine.")
+            result["gpu"] = "skipped: no CUDA device"
+        else:
+            peak, source = gpu_peak_tflops(args)
+            gpu = {"device": torch.cuda.get_device_name(0), "peak_source": source}
+            if result.get("sft_training"):
+                gpu["throughput_share"] = throughput_share(result["sft_training"], result.get("evaluation"),
+                                                           model_flops(model_ref), peak)
+            if args.random_init:
+                print("[speed] 4. GPU: the whole pipeline with the original settings", flush=True)
+                gpu["pipeline"] = pipeline_wall_time(args, model_ref, work)
+            else:
+                gpu["pipeline"] = "not run: pass --random_init for the Qwen2.5-0.5B-shaped pipeline timing"
+            result["gpu"] = gpu
+
+    result["verdicts"] = verdicts(result)
+    result["total_s"] = round(time.perf_counter() - started, 1)
+    tag = model_tag(args, model_ref) + ("_gpu" if on_gpu else "_cpu")
+    path = Path(args.output) if args.output else common.RESULTS / f"speed_{tag}.json"
+    from sarcasm_dpo.atomic import write_json, write_text
+
+    write_json(path, result)
+    table = markdown(result)
+    write_text(path.with_suffix(".md"), table + "\n")
+    print("\n" + table + f"\n\nWritten: {path} and {path.with_suffix('.md')} ({result['total_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,718 @@
+"""Phase 2: Direct Preference Optimisation on iSarcasmEval, from the SFT adapter, with TRL's DPOTrainer.
+
+The policy is the SFT adapter itself, trained further. The reference is the frozen SFT model: TRL
+copies the loaded adapter into a second, frozen adapter named "ref" on the same base weights, so
+there is no second copy of the model in memory, and at step 0 policy and reference are identical
+(rewards and KL exactly 0). Only the trained adapter is saved, so
+
+    PeftModel.from_pretrained(base, "models/dpo_enhanced")
+
+is the DPO model. Preference pairs come from the iSarcasmEval training split (its validation split
+is only evaluated), with THE prompt used by SFT and evaluation (see pairs.py), or from a file
+mined by `sarcasm-dpo mine` (--preference_data).
+
+    sarcasm-dpo dpo --sft_model models/sft --output_dir models/dpo_enhanced --beta 0.1 --epochs 3 --no_wandb
+    python scripts/dpo_train_v2.py --beta_sweep --betas 0.01,0.1,0.5 --no_wandb
+
+Diagnostics (callbacks.py has the exact definitions): at every logging step the exact KL of the
+answer-position distribution to the reference over a fixed probe set of validation prompts, TRL's
+rewards/* and a reward ratio exp(margin/beta), the drift of the adapter from SFT and the share of
+probe predictions that flipped. Validation F1 on the GEN validation split (iSarcasmEval validation
+F1 beside it) is measured at step 0 and every epoch (or --eval_steps); the best adapter by GEN F1
+is saved, which may be the SFT start itself if DPO never beat it; training stops after --patience
+evaluations without improvement.
+
+Outputs in --output_dir, each written atomically, COMPLETE.json last: the adapter,
+dpo_epoch_metrics.json, dpo_batch_metrics.json, dpo_training_curves.png, dpo_training_summary.json.
+--beta_sweep trains one model per --betas value into OUTPUT_DIR_beta_X, writes
+beta_sweep_results.json (best_beta and best_output_dir, chosen by validation F1, never the test
+split) and beta_sweep.png into OUTPUT_DIR, and copies the best run's adapter there too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_path, finish_output_dir, prepare_output_dir, read_complete, read_json, stable_config, write_json
+from .errors import UserError
+
+# The loss types TRL 1.16's DPOTrainer implements (DPOConfig.loss_type).
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+PRIMARY = "gen_val"  # its F1 picks the saved checkpoint and the best beta
+SECONDARY = "isarcasm_val"  # reported beside it
+CHECKPOINTS = "checkpoints"
+RUN_CONFIG = "run_config.json"  # in checkpoints/: whose checkpoints these are
+STATE_FILE = "dpo_state.json"  # in each checkpoint, written last: the checkpoint is complete
+BEST_FILE = "validation_best_adapter.safetensors"
+EPOCH_FILE = "dpo_epoch_metrics.json"
+BATCH_FILE = "dpo_batch_metrics.json"
+CURVES_FILE = "dpo_training_curves.png"
+SUMMARY_FILE = "dpo_training_summary.json"
+SWEEP_FILE = "beta_sweep_results.json"
+SWEEP_PLOT = "beta_sweep.png"
+SFT_ARTIFACT = "sft-adapter"  # the SFT stage logs its folder under this name; we declare it as input
+DPO_ARTIFACT = "dpo-adapter"
+# Settings that may change between an interrupted run and its --resume without changing the math.
+RESUME_NEUTRAL = ("device", "eval_batch_size", "logging_steps", "save_steps", "auto_find_batch_size",
+                  "gradient_checkpointing")
+
+DEFINITIONS = {
+    "dpo/kl": "Exact KL(policy || reference) of the next-token distribution at the answer position, over the full "
+              "vocabulary, mean over the probe prompts (nats). Reference = frozen SFT adapter.",
+    "dpo/kl_max": "Largest per-prompt KL on the probe set.",
+    "dpo/logratio_chosen": "Mean log pi(chosen|x) - log pi_ref(chosen|x) over the logged pairs (rewards/chosen / beta).",
+    "dpo/logratio_rejected": "Mean log pi(rejected|x) - log pi_ref(rejected|x) (rewards/rejected / beta).",
+    "dpo/reward_ratio": "exp(rewards/margins / beta): geometric mean over the logged pairs of "
+                        "[pi/pi_ref](chosen) / [pi/pi_ref](rejected); 1 = no preference learned beyond SFT.",
+    "dpo/drift": "||theta - theta_sft|| / ||theta_sft|| over the LoRA parameters.",
+    "dpo/drift_delta_w": "sqrt(sum ||B A - B0 A0||^2 / sum ||B0 A0||^2) over the LoRA modules: drift of the weight update.",
+    "dpo/flip_rate": "Share of probe prompts whose P(sarcastic) >= 0.5 decision differs from the reference's.",
+    "dpo/probe_p_sarcastic": "Mean P(sarcastic) of the policy on the probe prompts.",
+    "rewards/*": "TRL: beta * log-ratio of chosen / rejected, their margin, and the share of pairs with margin > 0.",
+}
+
+
+def run(settings) -> dict:
+    """One DPO run, or a beta sweep with --beta_sweep; returns the summary."""
+    check_settings(settings)
+    if settings.beta_sweep:
+        return run_sweep(settings)
+    return train(settings)
+
+
+# -- one run -------------------------------------------------------------------------------------------
+
+
+def train(s, run_name: str | None = None) -> dict:
+    """Train DPO from the SFT adapter, keep the best adapter by GEN validation F1, save it and its record."""
+    from .models import adapter_base_model, attach_adapter, check_adapter_dir, load_base_model, load_tokenizer, pick_device
+
+    started = time.perf_counter()
+    config = dataclasses.asdict(s)
+    out = Path(s.output_dir)
+    sft_dir = check_adapter_dir(s.sft_model)  # before the heavy imports: a wrong folder fails at once
+    base_ref = adapter_base_model(sft_dir)
+
+    from .callbacks import TrainingDiverged
+    from .tracking import Tracker
+
+    # Setup. Data first: a wrong path fails in a second, before any model is loaded.
+    if s.resume and _finished_with(out, config):
+        print(f"{out} already holds the finished run of these settings; nothing to resume.")
+        return read_json(out / SUMMARY_FILE)
+    tokenizer = load_tokenizer(base_ref)
+    check_text_budget(sft_dir, s.max_text_tokens)
+    data = load_data(s, tokenizer)
+    resume_from = prepare_run_dir(out, config, s)
+
+    import transformers
+
+    transformers.set_seed(s.seed)
+    device = pick_device(s.device)
+    model = attach_adapter(load_base_model(base_ref, device), sft_dir, trainable=True)
+    load_s = time.perf_counter() - started
+
+    with Tracker(enabled=not s.no_wandb, project=s.wandb_project, job_type="dpo", config={**config, "model": base_ref},
+                 group=s.wandb_group, name=run_name) as tracker:
+        tracker.use_artifact(sft_dir, type="model", name=SFT_ARTIFACT)
+        trainer, validation, diagnostics = build_trainer(s, model, tokenizer, data, out / CHECKPOINTS, tracker.log)
+        if resume_from:
+            load_state(resume_from, validation, diagnostics)
+        write_json(out / CHECKPOINTS / RUN_CONFIG, config)
+        print(describe_start(s, data, base_ref, device, resume_from))
+
+        # Train.
+        train_start = time.perf_counter()
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except TrainingDiverged as exc:
+            write_json(out / BATCH_FILE, batch_metrics(s, diagnostics))
+            raise UserError(f"DPO training diverged: {exc}. Lower --lr (now {s.lr:g}) or raise --warmup_ratio, then "
+                            "start over with --overwrite, or continue from the last checkpoint with --resume; "
+                            f"the metrics up to that step are in {out / BATCH_FILE}.") from None
+        train_s = time.perf_counter() - train_start
+
+        # Save: the best adapter by GEN validation F1, then the record of how it was made, the marker last.
+        save_start = time.perf_counter()
+        validation.restore_best(trainer.model)
+        saved_diagnostics = diagnostics.measure(trainer.model)
+        save_adapter(trainer.model, tokenizer, out)
+        epochs = epoch_metrics(s, validation, diagnostics)
+        write_json(out / EPOCH_FILE, epochs)
+        write_json(out / BATCH_FILE, batch_metrics(s, diagnostics))
+        from .plots import plot_dpo_curves
+
+        plot_dpo_curves(diagnostics.records, validation.history, out / CURVES_FILE, best_step=validation.best_step,
+                        primary=PRIMARY)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # success: nothing left to resume
+        timings = {"load_s": load_s, "train_s": train_s, "eval_s": validation.eval_seconds,
+                   "diagnostics_s": diagnostics.seconds, "save_s": time.perf_counter() - save_start}
+        timings["total_s"] = time.perf_counter() - started
+        summary = build_summary(s, base_ref, sft_dir, data, trainer, validation, diagnostics, epochs,
+                                saved_diagnostics, device, timings, resume_from)
+        write_json(out / SUMMARY_FILE, summary)
+        finish_output_dir(out, config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
+                                        "beta": s.beta})
+
+        tracker.log_image("dpo/training_curves", out / CURVES_FILE)
+        tracker.log_summary({"best_step": summary["best_step"], "best_f1": summary["best_f1"],
+                             "improved_over_sft": summary["improved_over_sft"], "health": summary["health"],
+                             "final": summary["diagnostics"]["end_of_training"], "timings": summary["timings"]})
+        tracker.log_artifact(out, name=DPO_ARTIFACT, type="model",
+                             metadata={"base_model": base_ref, "beta": s.beta, "best_step": summary["best_step"],
+                                       "best_val_f1": summary["best_f1"]})
+    print(describe_result(summary, out))
+    return summary
+
+
+def check_settings(s) -> None:
+    """What DPOSettings.validate leaves to the stage."""
+    if s.loss_type not in LOSS_TYPES:
+        raise UserError(f"--loss_type {s.loss_type!r} is not one of TRL's DPO losses: {', '.join(LOSS_TYPES)}.")
+    if not 0 <= s.warmup_ratio < 1:
+        raise UserError(f"--warmup_ratio must be in [0, 1), got {s.warmup_ratio}.")
+    if s.logging_steps < 1:
+        raise UserError(f"--logging_steps must be at least 1, got {s.logging_steps}.")
+    for name in ("save_steps", "eval_steps"):
+        if getattr(s, name) < 0:
+            raise UserError(f"--{name} must be 0 or a positive count, got {getattr(s, name)}.")
+    if s.beta_sweep and not s.betas:
+        raise UserError("--beta_sweep needs at least one value in --betas.")
+
+
+def check_text_budget(sft_dir: Path, max_text_tokens: int) -> None:
+    """The prompt cuts texts at --max_text_tokens; SFT and DPO should cut them alike."""
+    summary = Path(sft_dir) / "training_summary.json"
+    try:
+        sft_value = read_json(summary)["config"]["max_text_tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if sft_value != max_text_tokens:
+        print(f"Note: the SFT adapter was trained with --max_text_tokens {sft_value}, this run uses {max_text_tokens}; "
+              "long texts are cut differently in the two stages.")
+
+
+# -- data ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DPOData:
+    pairs: object  # DataFrame: prompt, chosen, rejected (+ text, label, id, p_sarcastic)
+    val_sets: dict  # name -> DataFrame(text, label); the first is PRIMARY
+    probe_texts: list[str]
+    info: dict = field(default_factory=dict)
+
+
+def load_data(s, tokenizer) -> DPOData:
+    """Preference pairs (built or read), validation splits and the fixed probe set."""
+    from .data import load_split, overlap_count, stratified_sample
+    from .pairs import build_pairs, check_prompts_match, load_pairs_file
+
+    gen_val = load_split(s.val_csv, "GEN validation split")
+    full_val = {PRIMARY: gen_val}
+    if s.isarcasm_val_csv:
+        full_val[SECONDARY] = load_split(s.isarcasm_val_csv, "iSarcasmEval validation split")
+    val_sets = {name: stratified_sample(frame, s.val_sample_size, s.seed) for name, frame in full_val.items()}
+    # Fixed probe set for KL and flips: the first --probe_size rows of a seeded shuffle of GEN val.
+    probe = gen_val.sample(frac=1.0, random_state=s.seed).head(s.probe_size)["text"].tolist()
+
+    if s.preference_data:
+        pairs = load_pairs_file(s.preference_data)
+        check_prompts_match(pairs, tokenizer, s.max_text_tokens, s.preference_data)
+        source, available = s.preference_data, len(pairs)
+        pairs = sample_rows(pairs, s)
+    else:
+        train = load_split(s.train_csv, "iSarcasmEval training split")
+        if train["label"].nunique() < 2:
+            raise UserError(f"{s.train_csv} holds only one class; preference pairs need examples of both.")
+        source, available = s.train_csv, len(train)
+        pairs = build_pairs(sample_rows(train, s), tokenizer, s.pair_style, s.seed, s.max_text_tokens)
+    requested = s.sample_size or None
+    capped = bool(requested and requested > available)
+    if capped:
+        print(f"Note: --sample_size {requested} asks for more pairs than {source} holds ({available}); "
+              f"using all {available}.")
+
+    if "text" in pairs.columns and pairs["text"].notna().all():
+        for name, frame in full_val.items():
+            shared = overlap_count(pairs, frame)
+            if shared:
+                raise UserError(f"{shared} training pair text(s) also appear in the {name} split; validation F1 would "
+                                "be inflated. Build the pairs from the training split only (sarcasm-dpo split, mine).")
+    check_pairs(pairs, tokenizer)
+    info = {"source": "preference_data" if s.preference_data else "built", "file": source,
+            "pair_style": s.pair_style if not s.preference_data else "as in the file",
+            "requested": requested, "available": available, "used": len(pairs), "capped": capped,
+            "balanced": bool(s.balance)}
+    if "label" in pairs.columns and pairs["label"].notna().all():
+        info["class_counts"] = {"sarcastic": int((pairs["label"] == 1).sum()),
+                                "not_sarcastic": int((pairs["label"] == 0).sum())}
+    return DPOData(pairs=pairs.reset_index(drop=True), val_sets=val_sets, probe_texts=probe, info=info)
+
+
+def sample_rows(frame, s):
+    """--sample_size rows (all when empty, 0 or more than there are): class-balanced with --balance,
+    else stratified; seeded either way."""
+    from .data import balanced_sample, stratified_sample
+
+    has_labels = "label" in frame.columns and frame["label"].notna().all()
+    if not has_labels:
+        n = min(s.sample_size or len(frame), len(frame))
+        return frame.sample(n=n, random_state=s.seed).reset_index(drop=True)
+    frame = frame.assign(label=frame["label"].astype(int))
+    if s.balance:
+        return balanced_sample(frame, s.sample_size, s.seed)
+    return stratified_sample(frame, s.sample_size, s.seed)
+
+
+def check_pairs(pairs, tokenizer) -> None:
+    """The chosen answer starts with the scorer's label token (checked once per label seen)."""
+    from .pairs import check_pair_tokens
+
+    seen = set()
+    for row in pairs.itertuples(index=False):
+        key = row.chosen.split(".")[0]
+        if key in seen:
+            continue
+        seen.add(key)
+        label = int(row.label) if hasattr(row, "label") and row.label is not None and not _isnan(row.label) else None
+        check_pair_tokens(tokenizer, row.prompt, row.chosen, row.rejected, label)
+
+
+def _isnan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def special_prefix(tokenizer, prompt: str) -> str:
+    """Text to strip from each prompt so TRL's tokenization equals the scorer's.
+
+    TRL tokenizes plain-text prompts with the tokenizer's special tokens on; the rendered chat
+    template already holds them, so a tokenizer that adds a BOS would get it twice.
+    """
+    plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if tokenizer(prompt)["input_ids"] == plain:
+        return ""
+    bos = tokenizer.bos_token
+    if bos and prompt.startswith(bos) and tokenizer(prompt[len(bos):])["input_ids"] == plain:
+        return bos
+    raise UserError("This tokenizer adds special tokens that its chat template does not contain, so DPO would train "
+                    "on different prompt tokens from the ones evaluation reads. Use another model.")
+
+
+def check_trl_tokens(dataset, pairs, tokenizer, max_length: int) -> None:
+    """Every tokenized training example must start from exactly the scorer's prompt tokens and fit whole."""
+    from .prompts import label_token_ids
+
+    if len(dataset) != len(pairs):
+        raise UserError(f"TRL dropped {len(pairs) - len(dataset)} pair(s) whose prompt alone fills --max_length "
+                        f"{max_length}; raise --max_length or lower --max_text_tokens.")
+    label_ids = set(label_token_ids(tokenizer))
+    expected = tokenizer(list(pairs["prompt"]), add_special_tokens=False)["input_ids"]
+    for i, (row, want) in enumerate(zip(dataset, expected)):
+        if row["prompt_ids"] != want:
+            raise UserError(f"Pair {i}: TRL's prompt tokens differ from the scorer's (the tokenizer merges tokens "
+                            "across the prompt/answer boundary); use --pair_style label or another model.")
+        if row["chosen_ids"][0] not in label_ids or row["rejected_ids"][0] not in label_ids:
+            raise UserError(f"Pair {i}: the answer does not start with a label token for this tokenizer.")
+        longest = len(want) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+        if longest > max_length:
+            raise UserError(f"Pair {i} needs {longest} tokens but --max_length is {max_length}: its answer would be "
+                            "cut. Raise --max_length or lower --max_text_tokens.")
+
+
+# -- trainer ---------------------------------------------------------------------------------------------
+
+
+def dpo_args(s, model, ckpt_dir: Path):
+    import torch
+    from trl import DPOConfig
+
+    if s.save_steps:
+        save = {"save_strategy": "steps", "save_steps": s.save_steps}
+    elif s.eval_steps:  # a checkpoint at each evaluation keeps the early-stopping state in step with it
+        save = {"save_strategy": "steps", "save_steps": s.eval_steps}
+    else:
+        save = {"save_strategy": "epoch"}
+    return DPOConfig(
+        output_dir=str(ckpt_dir),
+        num_train_epochs=s.epochs,
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        auto_find_batch_size=s.auto_find_batch_size,
+        optim="adamw_torch",
+        learning_rate=s.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=s.warmup_ratio,  # transformers 5: a value below 1 is a share of all steps
+        bf16=model.dtype == torch.bfloat16,  # bf16 weights only where the GPU does bf16 (models.pick_dtype)
+        fp16=False,
+        use_cpu=next(model.parameters()).device.type == "cpu",
+        gradient_checkpointing=s.gradient_checkpointing,  # TRL's default is on; we only trade speed when asked
+        max_length=s.max_length,
+        beta=s.beta,
+        loss_type=[s.loss_type],
+        precompute_ref_log_probs=False,  # the "ref" adapter computes them on the fly, on the same weights
+        logging_steps=s.logging_steps,
+        logging_first_step=True,  # step 1's rewards are measured before any update: exactly 0
+        logging_nan_inf_filter=False,  # show a NaN loss as NaN; the diagnostics callback stops the run
+        save_total_limit=2,  # the newest may be half-written when killed; the one before it is whole
+        eval_strategy="no",  # validation is the F1 of the scorer, in DPOValidationCallback
+        report_to="none",  # W&B goes through our Tracker
+        seed=s.seed,
+        data_seed=s.seed,
+        dataloader_num_workers=0,
+        **save,
+    )
+
+
+def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None):
+    """DPOTrainer on the SFT PeftModel (TRL adds the frozen "ref" copy), with our callbacks."""
+    from datasets import Dataset
+    from transformers import ProgressCallback
+    from trl import DPOTrainer
+
+    from .callbacks import DPODiagnosticsCallback, DPOValidationCallback, LossProgressCallback, SaveStateCallback
+
+    prefix = special_prefix(tokenizer, data.pairs["prompt"].iloc[0])
+    prompts = [p[len(prefix):] if prefix and p.startswith(prefix) else p for p in data.pairs["prompt"]]
+    dataset = Dataset.from_dict({"prompt": prompts, "chosen": list(data.pairs["chosen"]),
+                                 "rejected": list(data.pairs["rejected"])})
+    validation = DPOValidationCallback(tokenizer, data.val_sets, batch_size=s.eval_batch_size,
+                                       max_text_tokens=s.max_text_tokens, eval_steps=s.eval_steps,
+                                       patience=s.patience, eval_at_start=True, log=log)
+    try:
+        trainer = DPOTrainer(model=model, ref_model=None, args=dpo_args(s, model, ckpt_dir), train_dataset=dataset,
+                             processing_class=tokenizer, callbacks=[validation])
+    except ValueError as exc:  # TRL's checks on the settings (e.g. a loss type that needs other options)
+        raise UserError(f"TRL's DPOTrainer refused these settings: {exc}") from None
+    if "ref" not in model.peft_config:
+        raise RuntimeError("DPOTrainer did not add the frozen 'ref' adapter; the reference would not be the SFT model.")
+    check_trl_tokens(trainer.train_dataset, data.pairs, tokenizer, s.max_length)
+    diagnostics = DPODiagnosticsCallback(model, tokenizer, data.probe_texts, beta=s.beta,
+                                         batch_size=s.eval_batch_size, max_text_tokens=s.max_text_tokens, log=log)
+    validation.diagnostics = diagnostics
+    trainer.add_callback(diagnostics)
+    trainer.add_callback(SaveStateCallback(lambda folder: save_state(folder, validation, diagnostics),
+                                           save_each_epoch=bool(s.save_steps or s.eval_steps)))
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(LossProgressCallback("dpo"))
+    return trainer, validation, diagnostics
+
+
+# -- checkpoints and resume ------------------------------------------------------------------------------
+
+
+def save_state(folder: Path, validation, diagnostics) -> None:
+    """Validation history, best adapter and diagnostics beside a Trainer checkpoint; the state file last."""
+    from safetensors.torch import save_file
+
+    if validation.best_state is not None:
+        with atomic_path(folder / BEST_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in validation.best_state.items()}, str(tmp))
+    write_json(folder / STATE_FILE, {"validation": validation.state_dict(), "diagnostics": diagnostics.state_dict()})
+
+
+def load_state(folder: Path, validation, diagnostics) -> None:
+    from safetensors.torch import load_file
+
+    state = read_json(folder / STATE_FILE)
+    validation.load_state_dict(state["validation"])
+    diagnostics.load_state_dict(state["diagnostics"])
+    if (folder / BEST_FILE).is_file():
+        validation.best_state = load_file(str(folder / BEST_FILE))
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint whose save finished (our state file is written after the Trainer's)."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = []
+    for folder in ckpt_dir.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+        if match and (folder / "trainer_state.json").is_file() and (folder / STATE_FILE).is_file():
+            found.append((int(match.group(1)), folder))
+    return max(found)[1] if found else None
+
+
+def _finished_with(out: Path, config: dict) -> bool:
+    record = read_complete(out)
+    return bool(record) and stable_config(record.get("config") or {}) == stable_config(config) \
+        and (out / SUMMARY_FILE).is_file()
+
+
+def prepare_run_dir(out: Path, config: dict, s) -> Path | None:
+    """Claim the output folder; return the checkpoint to resume from, if any.
+
+    Old checkpoints are never silently reused nor silently thrown away: without --resume they are
+    an error, unless --overwrite says to start over.
+    """
+    ckpt_dir = out / CHECKPOINTS
+    resume_from = latest_checkpoint(ckpt_dir) if s.resume else None
+    if s.resume and resume_from is None:
+        print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
+    prepare_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+    if resume_from is not None:
+        had = read_json(ckpt_dir / RUN_CONFIG) if (ckpt_dir / RUN_CONFIG).is_file() else {}
+        mine = {k: v for k, v in stable_config(config).items() if k not in RESUME_NEUTRAL}
+        theirs = {k: v for k, v in stable_config(had).items() if k not in RESUME_NEUTRAL}
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise UserError(f"The checkpoints in {ckpt_dir} were made with other settings (differ in: "
+                            f"{', '.join(diff)}). Resume with the same settings, or pass --overwrite without "
+                            "--resume to start over.")
+        print(f"Resuming from {resume_from}.")
+    elif ckpt_dir.exists():
+        if not s.overwrite:
+            raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
+                            "or --overwrite to start over.")
+        shutil.rmtree(ckpt_dir)
+    return resume_from
+
+
+# -- outputs ---------------------------------------------------------------------------------------------
+
+
+def save_adapter(model, tokenizer, out: Path) -> None:
+    """Only the trained adapter ("default"), never TRL's "ref" copy; files moved into place one by one,
+    adapter_config.json last, so a half-saved folder never looks loadable."""
+    scratch = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=out))
+    try:
+        model.save_pretrained(str(scratch), selected_adapters=["default"])
+        tokenizer.save_pretrained(str(scratch))
+        (scratch / "README.md").unlink(missing_ok=True)  # PEFT's empty model card template
+        if any(p.is_dir() for p in scratch.iterdir()):  # another adapter would land in a subfolder
+            raise RuntimeError(f"Saving the DPO adapter wrote subfolders {[p.name for p in scratch.iterdir() if p.is_dir()]}.")
+        files = sorted(scratch.iterdir(), key=lambda p: p.name == "adapter_config.json")
+        for path in files:
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _window_means(records: list[dict], after: int, upto: int, beta: float) -> dict | None:
+    """Mean training metrics of the logging steps in (after, upto]; the ratio from the mean margin."""
+    from .callbacks import reward_ratio
+
+    rows = [r for r in records if after < r["step"] <= upto and "train/loss" in r]
+    if not rows:
+        return None
+    keys = ("train/loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    means = {k: sum(r[k] for r in rows) / len(rows) for k in keys if all(r.get(k) is not None for r in rows)}
+    means["dpo/reward_ratio"] = reward_ratio(means.get("rewards/margins"), beta)
+    means["logged_steps"] = len(rows)
+    return means
+
+
+def epoch_metrics(s, validation, diagnostics) -> dict:
+    """One record per evaluation: F1 on each split, the diagnostics of those weights, and the mean
+    training metrics since the previous evaluation."""
+    evaluations = []
+    previous = 0
+    for h in validation.history:
+        record = dict(h)
+        record["train"] = _window_means(diagnostics.records, previous, h["step"], s.beta) if h["step"] else None
+        record["selected"] = h["step"] == validation.best_step
+        evaluations.append(record)
+        previous = h["step"]
+    return {"primary_split": PRIMARY, "validation_rows": {k: len(v) for k, v in validation.val_sets.items()},
+            "beta": s.beta, "best_step": validation.best_step, "best_epoch": validation.best_epoch,
+            "best_f1": validation.best_f1, "stopped_early": validation.stopped_early, "evaluations": evaluations}
+
+
+def batch_metrics(s, diagnostics) -> dict:
+    return {"beta": s.beta, "logging_steps": s.logging_steps, "probe_size": len(diagnostics.encoded),
+            "definitions": DEFINITIONS, "steps": diagnostics.records}
+
+
+def build_summary(s, base_ref, sft_dir, data, trainer, validation, diagnostics, epochs, saved, device, timings,
+                  resume_from) -> dict:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    from .callbacks import kl_verdict, ratio_verdict
+    from .data import class_counts, frame_checksum
+
+    history = validation.history
+    best = next((h for h in history if h["step"] == validation.best_step), None)
+    start = next((h for h in history if h["step"] == 0), None)
+    trained = [r for r in diagnostics.records if "train/loss" in r]
+    last = trained[-1] if trained else (diagnostics.records[-1] if diagnostics.records else {})
+    last_eval = epochs["evaluations"][-1] if epochs["evaluations"] else {}
+    window = last_eval.get("train") or {}
+    ratio = window.get("dpo/reward_ratio", last.get("dpo/reward_ratio"))
+    return {
+        "config": {**dataclasses.asdict(s), "model": base_ref},  # models.adapter_base_model reads config.model
+        "base_model": base_ref,
+        "sft_model": str(sft_dir),
+        "reference": "frozen copy of the SFT adapter (TRL's 'ref' adapter on the same base weights)",
+        "best_step": validation.best_step,
+        "best_epoch": validation.best_epoch,
+        "best_f1": validation.best_f1 if math.isfinite(validation.best_f1) else None,
+        "best_val": {k: best[k] for k in validation.val_sets} if best else None,
+        "sft_start_val": {k: start[k] for k in validation.val_sets} if start else None,
+        "improved_over_sft": bool(best and start and validation.best_step != 0),
+        "stopped_early": validation.stopped_early,
+        "epochs_run": round(float(trainer.state.epoch or 0), 4),
+        "global_steps": trainer.state.global_step,
+        "pairs": data.info,
+        "data": {"val_csv": s.val_csv, "isarcasm_val_csv": s.isarcasm_val_csv or None,
+                 **{f"{k}_rows": class_counts(v) for k, v in data.val_sets.items()},
+                 **{f"{k}_checksum": frame_checksum(v) for k, v in data.val_sets.items()},
+                 "probe_size": len(data.probe_texts)},
+        "diagnostics": {"end_of_training": last, "saved_model": saved, "definitions": DEFINITIONS},
+        "health": {"measured_at_step": last.get("step"),
+                   "kl": kl_verdict(last.get("dpo/kl")),
+                   "reward_ratio": {**ratio_verdict(ratio), "over": "logging steps since the last evaluation"}},
+        "device": str(device),
+        "dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+                     "peft": peft.__version__},
+        "outputs": {"adapter": "adapter_model.safetensors", "epoch_metrics": EPOCH_FILE, "batch_metrics": BATCH_FILE,
+                    "curves": CURVES_FILE},
+    }
+
+
+# -- beta sweep ------------------------------------------------------------------------------------------
+
+
+def beta_dir(out: Path, beta: float) -> Path:
+    return out.parent / f"{out.name}_beta_{beta:g}"
+
+
+def run_sweep(s) -> dict:
+    """One model per beta into OUTPUT_DIR_beta_X; the best by GEN validation F1 is named (and copied)."""
+    from .models import check_adapter_dir
+    from .tracking import Tracker, make_group_name
+
+    started = time.perf_counter()
+    config = dataclasses.asdict(s)
+    out = Path(s.output_dir)
+    check_adapter_dir(s.sft_model)
+    prepare_output_dir(out, config, overwrite=s.overwrite, resume=s.resume)
+    group = s.wandb_group or (None if s.no_wandb else make_group_name("dpo-beta-sweep"))
+    betas = list(dict.fromkeys(s.betas))
+    rows = []
+    for i, beta in enumerate(betas, 1):
+        sub = dataclasses.replace(s, beta=beta, beta_sweep=False, output_dir=str(beta_dir(out, beta)),
+                                  wandb_group=group)
+        print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} -> {sub.output_dir}")
+        summary = train(sub, run_name=f"dpo-beta-{beta:g}")
+        rows.append(sweep_row(beta, sub.output_dir, summary))
+        _free_memory()
+    # Best by GEN validation F1; ties go to the run that stayed closest to SFT (smaller KL).
+    best = max(rows, key=lambda r: (r["val_f1"] if r["val_f1"] is not None else -1.0,
+                                    -(r["final_kl"] if r["final_kl"] is not None else math.inf)))
+    results = {"config": config, "selection": f"highest {PRIMARY} F1 of the saved checkpoint (never the test split); "
+                                              "ties go to the smaller final KL",
+               "best_beta": best["beta"], "best_output_dir": best["output_dir"], "best_val_f1": best["val_f1"],
+               "copied_to": str(out), "runs": rows, "seconds": round(time.perf_counter() - started, 2)}
+    write_json(out / SWEEP_FILE, results)
+    from .plots import plot_beta_sweep
+
+    plot_beta_sweep(rows, out / SWEEP_PLOT, best_beta=best["beta"])
+    copy_run(Path(best["output_dir"]), out, {"best_beta": best["beta"], "source": best["output_dir"]})
+    with Tracker(enabled=not s.no_wandb, project=s.wandb_project, job_type="dpo-sweep", config=config, group=group,
+                 name="dpo-beta-sweep") as tracker:
+        import pandas as pd
+
+        tracker.log_table("beta_sweep/results", pd.DataFrame(rows))
+        tracker.log_image("beta_sweep/plot", out / SWEEP_PLOT)
+        tracker.log_summary({"best_beta": best["beta"], "best_val_f1": best["val_f1"],
+                             "best_output_dir": best["output_dir"]})
+    finish_output_dir(out, config, {"best_beta": best["beta"], "best_output_dir": best["output_dir"]})
+    print(f"[beta sweep] best beta by {PRIMARY} F1: {best['beta']:g} (F1 {best['val_f1']:.3f}, final KL "
+          f"{_fmt(best['final_kl'])}); model in {best['output_dir']} (adapter also copied to {out}). "
+          f"Results: {out / SWEEP_FILE}")
+    return results
+
+
+def sweep_row(beta: float, output_dir: str, summary: dict) -> dict:
+    best_val = summary.get("best_val") or {}
+    end = summary["diagnostics"]["end_of_training"]
+    return {"beta": beta, "output_dir": output_dir, "val_f1": summary.get("best_f1"),
+            "isarcasm_val_f1": (best_val.get(SECONDARY) or {}).get("f1"),
+            "val_accuracy": (best_val.get(PRIMARY) or {}).get("accuracy"),
+            "best_step": summary.get("best_step"), "improved_over_sft": summary.get("improved_over_sft"),
+            "final_kl": end.get("dpo/kl"), "final_reward_ratio": summary["health"]["reward_ratio"]["value"],
+            "final_drift": end.get("dpo/drift"), "saved_kl": summary["diagnostics"]["saved_model"].get("dpo/kl"),
+            "kl_verdict": summary["health"]["kl"]["verdict"],
+            "ratio_verdict": summary["health"]["reward_ratio"]["verdict"],
+            "stopped_early": summary.get("stopped_early"), "train_s": summary["timings"].get("train_s")}
+
+
+def copy_run(src: Path, dst: Path, note: dict) -> None:
+    """Copy the best run's adapter and records into the sweep folder (adapter_config.json last)."""
+    names = [p.name for p in src.iterdir() if p.is_file() and p.name not in ("COMPLETE.json", SUMMARY_FILE)]
+    names.sort(key=lambda n: n == "adapter_config.json")
+    summary = read_json(src / SUMMARY_FILE)
+    summary["selected_by_beta_sweep"] = note
+    write_json(dst / SUMMARY_FILE, summary)
+    for name in names:
+        with atomic_path(dst / name) as tmp:
+            shutil.copyfile(src / name, tmp)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+# -- messages --------------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def describe_start(s, data: DPOData, base_ref: str, device, resume_from) -> str:
+    info = data.info
+    counts = info.get("class_counts") or {}
+    classes = f" ({counts.get('sarcastic')} sarcastic, {counts.get('not_sarcastic')} not)" if counts else ""
+    vals = ", ".join(f"{k} {len(v)}" for k, v in data.val_sets.items())
+    return (f"DPO on {info['used']} preference pairs{classes} from {info['file']} ({info['pair_style']} style); "
+            f"SFT adapter {s.sft_model} on {base_ref}, {device}; reference = frozen SFT adapter; beta {s.beta:g}, "
+            f"loss {s.loss_type}, {s.epochs:g} epoch(s), lr {s.lr:g}, batch {s.batch_size}x{s.grad_accum}; "
+            f"validating on {vals}; KL probe {len(data.probe_texts)} prompts"
+            + (f"; resuming from {resume_from.name}" if resume_from else "") + ".")
+
+
+def describe_result(summary: dict, out: Path) -> str:
+    minutes, seconds = divmod(int(summary["timings"]["total_s"]), 60)
+    best = (summary.get("best_val") or {}).get(PRIMARY) or {}
+    start = (summary.get("sft_start_val") or {}).get(PRIMARY) or {}
+    health = summary["health"]
+    lines = [f"DPO finished in {minutes}m{seconds:02d}s ({summary['global_steps']} steps"
+             + (", stopped early" if summary["stopped_early"] else "") + ")."]
+    if summary["improved_over_sft"]:
+        lines.append(f"Best {PRIMARY} F1 {_fmt(best.get('f1'))} at step {summary['best_step']} "
+                     f"(SFT start: {_fmt(start.get('f1'))}); that adapter is saved in {out}/.")
+    else:
+        lines.append(f"DPO never beat the SFT start on {PRIMARY} F1 ({_fmt(start.get('f1'))}); the saved adapter "
+                     f"in {out}/ is the SFT adapter unchanged.")
+    lines.append(f"End of training: KL to SFT {_fmt(health['kl']['value'], '.4f')} ({health['kl']['verdict']}), "
+                 f"reward ratio {_fmt(health['reward_ratio']['value'], '.2f')} ({health['reward_ratio']['verdict']}).")
+    for part in (health["kl"], health["reward_ratio"]):
+        if part.get("advice"):
+            lines.append("Advice: " + part["advice"])
+    lines.append(f"Records: {EPOCH_FILE}, {BATCH_FILE}, {CURVES_FILE}, {SUMMARY_FILE}. "
+                 f"Next: sarcasm-dpo compare --dpo_model {out}")
+    return "\n".join(lines)
