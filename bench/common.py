@@ -250,3 +250,42 @@ def stage_settings(config_path: str | Path | None, cls: type, section: str, **ov
     values = values_for_stage(load_yaml(config_path), cls, section, str(config_path)) if config_path else {}
     values.update(overrides)
     return build(cls, values)
+
+
+def allow_training_dequantized_gguf() -> bool:
+    """WORKAROUND, to be removed once `sarcasm_dpo.models.load_base_model` does this itself.
+
+    transformers de-quantizes a .gguf file to float weights but leaves the model flagged as
+    GGUF-quantized (`is_quantized`, `hf_quantizer`), and the Trainer refuses to fine-tune a model
+    so flagged ("GGUF ... do not support training"), although its weights are plain floats. We
+    clear the flags after loading; the weights are untouched. A no-op for any other model, and
+    once the loader clears the flags. Returns whether the loader needed the patch at all.
+    """
+    import importlib
+
+    from sarcasm_dpo import models
+
+    original = models.load_base_model
+    if getattr(original, "_bench_gguf_shim", False):
+        return True
+
+    def load_base_model(ref, device=None, dtype=None):
+        model = original(ref, device, dtype)
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None and "gguf" in str(quantizer.quantization_config.quant_method).lower():
+            model.is_quantized = False
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+        return model
+
+    load_base_model._bench_gguf_shim = True
+    for name in ("sft", "dpo", "compare", "mining"):
+        try:
+            importlib.import_module(f"sarcasm_dpo.{name}")
+        except ImportError:
+            pass
+    for name, module in list(sys.modules.items()):  # modules that did `from .models import load_base_model`
+        if name.startswith("sarcasm_dpo") and getattr(module, "load_base_model", None) is original:
+            module.load_base_model = load_base_model
+    return True

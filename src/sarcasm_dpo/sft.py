@@ -85,7 +85,7 @@ def run(settings, extra_callbacks=()) -> dict:
     transformers.set_seed(s.seed)  # LoRA init, dropout and data order all follow from the seed
     device = pick_device(s.device)
     tokenizer = load_tokenizer(s.model)
-    model = load_base_model(s.model, device)
+    model = drop_gguf_tag(load_base_model(s.model, device))
     check_lora_targets(model, s.lora_targets)
     train_ds = build_dataset(tokenizer, train_df, s.max_text_tokens, s.max_length)
     load_s = time.perf_counter() - started
@@ -219,6 +219,20 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
         if match and (folder / "trainer_state.json").is_file() and (folder / STATE_FILE).is_file():
             found.append((int(match.group(1)), folder))
     return max(found)[1] if found else None
+
+
+def drop_gguf_tag(model):
+    """Let the Trainer train a model loaded from a .gguf file.
+
+    transformers de-quantizes GGUF weights to plain floats on load but keeps the model tagged as
+    GGUF-quantized, and the Trainer refuses to fine-tune a model with that tag. The weights are
+    ordinary float tensors, so the tag is removed (with the quantizer's own method).
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and getattr(method, "value", method) == "gguf":
+        quantizer.remove_quantization_config(model)
+    return model
 
 
 def check_lora_targets(model, targets: list[str]) -> None:

@@ -1,0 +1,395 @@
+"""DPO stage on the tiny model: reference = SFT at step 0, learning on a toy set, outputs, early
+stopping, the beta sweep, the script door, and the preference-pair rules.
+
+The "SFT adapter" here is made without sft.py: a fresh LoRA (r=8 on q_proj, v_proj) trained for two
+steps towards the WRONG labels of a toy set where a marker phrase decides the label. So the SFT
+start has F1 0 on the toy validation split and DPO has something clear to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SARCASTIC = "oh great i just love waiting thanks for nothing what a surprise {i}"
+LITERAL = "the meeting was useful and we agreed on the plan {i}"
+
+
+def toy_frame(n: int, start: int) -> pd.DataFrame:
+    """Alternating labels; the marker phrase alone decides the label."""
+    return pd.DataFrame([{"text": (SARCASTIC if i % 2 else LITERAL).format(i=i), "label": i % 2}
+                         for i in range(start, start + n)])
+
+
+def write_toy_splits(folder: Path) -> SimpleNamespace:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = SimpleNamespace(train=folder / "isarcasm_train.csv", gen_val=folder / "gen_val.csv",
+                            is_val=folder / "isarcasm_val.csv")
+    toy_frame(32, 0).to_csv(paths.train, index=False)
+    toy_frame(32, 1000).to_csv(paths.gen_val, index=False)
+    toy_frame(16, 2000).to_csv(paths.is_val, index=False)
+    return paths
+
+
+def make_sft_adapter(model_dir: Path, folder: Path, train_csv: Path, wrong_steps: int = 2) -> Path:
+    """A LoRA adapter saved like sft.py saves one (adapter + training_summary.json with config.model).
+
+    lora_B gets a random init so the adapter differs from the base model, then `wrong_steps` Adam
+    steps of cross-entropy on the label token towards the flipped labels make a poor SFT start.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sarcasm_dpo.scoring import Scorer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    frame = pd.read_csv(train_csv)
+    scorer = Scorer(model, tokenizer, batch_size=8)
+    encoded = scorer.encode(frame["text"].tolist())
+    wrong = torch.tensor(1 - frame["label"].to_numpy())
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(wrong_steps):
+        idx = np.arange(step * 8, step * 8 + 8)
+        for order, inputs in scorer.batches([encoded[i] for i in idx]):
+            loss = torch.nn.functional.cross_entropy(scorer.label_logits(inputs), wrong[idx[order]])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.save_pretrained(folder)
+    (folder / "training_summary.json").write_text(json.dumps({"config": {"model": str(model_dir),
+                                                                          "max_text_tokens": 256}}))
+    return folder
+
+
+def dpo_settings(toy, output_dir: Path, **overrides):
+    from sarcasm_dpo.config import build
+    from sarcasm_dpo.settings import DPOSettings
+
+    values = dict(sft_model=str(toy.sft), output_dir=str(output_dir), train_csv=str(toy.paths.train),
+                  val_csv=str(toy.paths.gen_val), isarcasm_val_csv=str(toy.paths.is_val), beta=0.5, lr=2e-2,
+                  epochs=2, batch_size=4, grad_accum=1, logging_steps=1, eval_batch_size=16, probe_size=16,
+                  patience=3, no_wandb=True, seed=42)
+    values.update(overrides)
+    return build(DPOSettings, values)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("dpo-toy")
+    paths = write_toy_splits(root / "splits")
+    sft = make_sft_adapter(tiny_model_dir, root / "sft", paths.train)
+    return SimpleNamespace(root=root, paths=paths, sft=sft, model_dir=tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def trained(toy):
+    """One full DPO run shared by the tests below: 32 pairs, batch 4, 2 epochs, a log every step."""
+    from sarcasm_dpo import dpo
+
+    out = toy.root / "dpo_enhanced"
+    settings = dpo_settings(toy, out, eval_steps=2, patience=4)
+    summary = dpo.run(settings)
+    return SimpleNamespace(settings=settings, summary=summary, out=out,
+                           batch=json.loads((out / "dpo_batch_metrics.json").read_text()),
+                           epochs=json.loads((out / "dpo_epoch_metrics.json").read_text()))
+
+
+# -- the reference is the frozen SFT model ------------------------------------------------------------
+
+
+def _sequence_logps(model, batch):
+    """Sum of the completion tokens' log-probs, computed by hand with an ordinary forward pass."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    logps = torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (logps * batch["completion_mask"][:, 1:]).sum(-1).chunk(2)
+
+
+def test_reference_is_the_sft_model_at_step_zero(toy, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sarcasm_dpo import dpo
+    from sarcasm_dpo.models import attach_adapter, load_base_model, load_tokenizer
+
+    s = dpo_settings(toy, tmp_path / "out")
+    tokenizer = load_tokenizer(str(toy.model_dir))
+    data = dpo.load_data(s, tokenizer)
+    model = attach_adapter(load_base_model(str(toy.model_dir), torch.device("cpu")), toy.sft, trainable=True)
+    trainer, _, diagnostics = dpo.build_trainer(s, model, tokenizer, data, tmp_path / "ckpt")
+    assert set(model.peft_config) == {"default", "ref"}  # the reference is an adapter, not a model copy
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".ref." in n)
+    batch = next(iter(trainer.get_train_dataloader()))
+
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy.model_dir), str(toy.sft)).eval()
+    sft_chosen, sft_rejected = _sequence_logps(sft, batch)
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    torch.testing.assert_close(ref_chosen, sft_chosen, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_rejected, sft_rejected, atol=1e-5, rtol=1e-5)
+
+    model.eval()  # TRL files metrics under "eval" in eval mode
+    loss = trainer.compute_loss(model, batch)
+    metrics = trainer._metrics["eval"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert metrics[key][-1] == pytest.approx(0.0, abs=1e-6), key
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
+    start = diagnostics.measure(model)
+    assert start["dpo/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert start["dpo/flip_rate"] == 0.0 and start["dpo/drift"] == 0.0 and start["dpo/drift_delta_w"] == 0.0
+
+
+def test_prompt_tokens_are_the_scorers(toy, tmp_path):
+    import torch
+
+    from sarcasm_dpo import dpo
+    from sarcasm_dpo.models import attach_adapter, load_base_model, load_tokenizer
+    from sarcasm_dpo.prompts import label_token_ids
+    from sarcasm_dpo.scoring import Scorer
+
+    s = dpo_settings(toy, tmp_path / "out")
+    tokenizer = load_tokenizer(str(toy.model_dir))
+    data = dpo.load_data(s, tokenizer)
+    model = attach_adapter(load_base_model(str(toy.model_dir), torch.device("cpu")), toy.sft, trainable=True)
+    trainer, _, _ = dpo.build_trainer(s, model, tokenizer, data, tmp_path / "ckpt")
+    expected = Scorer(model, tokenizer).encode(data.pairs["text"].tolist())
+    no_id, yes_id = label_token_ids(tokenizer)
+    for row, want, label in zip(trainer.train_dataset, expected, data.pairs["label"]):
+        assert row["prompt_ids"] == want
+        assert row["chosen_ids"][0] == (yes_id if label == 1 else no_id)
+        assert row["rejected_ids"][0] == (no_id if label == 1 else yes_id)
+        assert row["chosen_ids"][-1] == tokenizer.eos_token_id  # TRL appends EOS to each answer
+
+
+# -- learning on the toy set ----------------------------------------------------------------------------
+
+
+def test_training_raises_margins_and_kl(trained):
+    steps = trained.batch["steps"]
+    assert steps[0]["step"] == 0 and steps[0]["dpo/kl"] == 0.0
+    first = steps[1]  # step 1's batch is scored before any update: policy == reference
+    assert first["step"] == 1
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+    assert first["dpo/reward_ratio"] == pytest.approx(1.0, abs=1e-6)
+    last = steps[-1]
+    assert last["dpo/kl"] > 1e-4 and last["dpo/drift"] > 0
+    windows = [e["train"] for e in trained.epochs["evaluations"] if e["train"]]
+    assert len(windows) == 2
+    assert windows[-1]["rewards/margins"] > max(0.05, windows[0]["rewards/margins"])
+    assert windows[-1]["rewards/accuracies"] > 0.5
+    assert windows[-1]["dpo/reward_ratio"] > 1.0
+    for record in steps[1:]:  # every logging step carries the full set of diagnostics
+        for key in ("train/loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                    "dpo/reward_ratio", "dpo/kl", "dpo/drift", "dpo/flip_rate", "dpo/logratio_chosen"):
+            assert key in record, key
+        assert record["dpo/reward_ratio"] == pytest.approx(math.exp(record["rewards/margins"] / 0.5), rel=1e-9)
+    # DPO fixed the deliberately wrong SFT start, so the saved adapter is a trained one.
+    assert trained.summary["improved_over_sft"]
+    assert trained.summary["best_step"] > 0
+    assert trained.summary["best_f1"] > trained.summary["sft_start_val"]["gen_val"]["f1"]
+
+
+def test_summary_and_health_verdicts(trained, toy):
+    summary = trained.summary
+    assert summary["config"]["model"] == summary["base_model"] == str(toy.model_dir)
+    assert summary["config"]["beta"] == 0.5 and summary["reference"].startswith("frozen copy of the SFT adapter")
+    assert summary["pairs"]["capped"] and summary["pairs"]["used"] == 32 and summary["pairs"]["requested"] == 4000
+    kl = summary["health"]["kl"]
+    assert kl["verdict"] in ("too_low", "healthy", "too_high") and kl["range"] == [0.5, 2.0]
+    assert (kl["advice"] is None) == (kl["verdict"] == "healthy")
+    assert summary["health"]["reward_ratio"]["threshold"] == 1.2
+    assert set(summary["timings"]) >= {"load_s", "train_s", "eval_s", "save_s", "total_s"}
+    assert summary["best_val"]["gen_val"]["f1"] == summary["best_f1"]
+    assert "isarcasm_val" in summary["best_val"]
+
+
+def test_outputs_and_the_saved_adapter_reloads(trained, toy):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sarcasm_dpo.data import load_split, stratified_sample
+    from sarcasm_dpo.metrics import classification_metrics
+    from sarcasm_dpo.models import adapter_base_model
+    from sarcasm_dpo.scoring import Scorer
+
+    out = trained.out
+    for name in ("adapter_model.safetensors", "adapter_config.json", "dpo_epoch_metrics.json", "dpo_batch_metrics.json",
+                 "dpo_training_curves.png", "dpo_training_summary.json", "COMPLETE.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "ref").exists() and not (out / "checkpoints").exists()
+    assert not [p for p in out.iterdir() if p.is_dir()]
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights and not any(".ref." in k for k in weights)
+    assert adapter_base_model(out) == str(toy.model_dir)
+
+    tokenizer = AutoTokenizer.from_pretrained(toy.model_dir)
+    dpo_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy.model_dir), str(out)).eval()
+    val = stratified_sample(load_split(toy.paths.gen_val), None, 42)
+    probs = Scorer(dpo_model, tokenizer, batch_size=16).predict_proba(val["text"].tolist())
+    saved = trained.summary["best_val"]["gen_val"]
+    again = classification_metrics(val["label"].to_numpy(), probs)
+    assert again["f1"] == pytest.approx(saved["f1"], abs=1e-9)
+    assert again["accuracy"] == pytest.approx(saved["accuracy"], abs=1e-9)
+    assert again["roc_auc"] == pytest.approx(saved["roc_auc"], abs=1e-6)
+    probe = load_split(toy.paths.gen_val).sample(frac=1.0, random_state=42).head(16)["text"].tolist()
+    mean_p = Scorer(dpo_model, tokenizer).predict_proba(probe).mean()
+    assert mean_p == pytest.approx(trained.summary["diagnostics"]["saved_model"]["dpo/probe_p_sarcastic"], abs=1e-5)
+
+    sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy.model_dir), str(toy.sft)).eval()
+    sft_probs = Scorer(sft_model, tokenizer, batch_size=16).predict_proba(val["text"].tolist())
+    assert not np.allclose(probs, sft_probs, atol=1e-4)  # the DPO adapter is not the SFT one
+
+
+def test_epoch_metrics_pair_f1_with_diagnostics(trained):
+    evaluations = trained.epochs["evaluations"]
+    assert [e["step"] for e in evaluations][0] == 0
+    assert evaluations[0]["diagnostics"]["dpo/kl"] == 0.0
+    selected = [e for e in evaluations if e["selected"]]
+    assert len(selected) == 1 and selected[0]["step"] == trained.summary["best_step"]
+    for e in evaluations:
+        assert {"gen_val", "isarcasm_val", "diagnostics"} <= set(e)
+
+
+# -- early stopping, sweep, doors ----------------------------------------------------------------------------
+
+
+def test_early_stopping_fires_on_a_plateau(toy):
+    from sarcasm_dpo import dpo
+
+    # The first step is lr warm-up (lr 0), so F1 cannot move: a plateau by construction.
+    out = toy.root / "plateau"
+    summary = dpo.run(dpo_settings(toy, out, lr=1e-9, epochs=1, eval_steps=1, patience=1, sample_size=16,
+                                   probe_size=8))
+    assert summary["stopped_early"] and summary["global_steps"] == 1
+    assert summary["best_step"] == 0 and not summary["improved_over_sft"]
+    epochs = json.loads((out / "dpo_epoch_metrics.json").read_text())
+    assert [e["step"] for e in epochs["evaluations"]] == [0, 1]
+    assert (out / "COMPLETE.json").is_file() and not (out / "checkpoints").exists()
+
+
+def test_beta_sweep_writes_every_output(toy):
+    from sarcasm_dpo import dpo
+    from sarcasm_dpo.models import adapter_base_model
+
+    out = toy.root / "sweep"
+    results = dpo.run(dpo_settings(toy, out, beta_sweep=True, betas=[0.1, 0.5], epochs=1, sample_size=16,
+                                   batch_size=8, probe_size=8))
+    on_disk = json.loads((out / "beta_sweep_results.json").read_text())
+    assert on_disk["best_beta"] == results["best_beta"] and on_disk["best_beta"] in (0.1, 0.5)
+    assert [r["beta"] for r in on_disk["runs"]] == [0.1, 0.5]
+    best_row = max(on_disk["runs"], key=lambda r: r["val_f1"])
+    assert on_disk["best_val_f1"] == best_row["val_f1"]
+    for beta in (0.1, 0.5):
+        folder = toy.root / f"sweep_beta_{beta:g}"
+        for name in ("adapter_model.safetensors", "dpo_training_summary.json", "dpo_batch_metrics.json",
+                     "dpo_epoch_metrics.json", "dpo_training_curves.png", "COMPLETE.json"):
+            assert (folder / name).is_file(), (beta, name)
+        assert json.loads((folder / "dpo_training_summary.json").read_text())["config"]["beta"] == beta
+    best_dir = Path(on_disk["best_output_dir"])
+    assert best_dir == toy.root / f"sweep_beta_{on_disk['best_beta']:g}"
+    assert (out / "beta_sweep.png").is_file() and (out / "COMPLETE.json").is_file()
+    assert (out / "adapter_model.safetensors").read_bytes() == (best_dir / "adapter_model.safetensors").read_bytes()
+    assert adapter_base_model(out) == str(toy.model_dir)
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"})
+
+
+def test_readme_command_runs_with_no_wandb(toy):
+    out = toy.root / "cli_out"
+    result = _cli("scripts/dpo_train_v2.py", "--no_wandb", "--beta", "0.1", "--epochs", "1",
+                  "--sft_model", str(toy.sft), "--output_dir", str(out), "--train_csv", str(toy.paths.train),
+                  "--val_csv", str(toy.paths.gen_val), "--isarcasm_val_csv", str(toy.paths.is_val),
+                  "--sample_size", "8", "--batch_size", "4", "--probe_size", "8", "--lr", "5e-5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "COMPLETE.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert "--sample_size 8" not in result.stdout  # 8 <= 32 pairs: no cap note
+    assert json.loads((out / "dpo_training_summary.json").read_text())["config"]["beta"] == 0.1
+
+
+def test_bad_sft_folder_exits_2_with_a_clear_message(tmp_path):
+    empty = tmp_path / "not_an_adapter"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("hello")
+    result = _cli("scripts/dpo_train_v2.py", "--no_wandb", "--sft_model", str(empty),
+                  "--output_dir", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2
+    assert "holds no LoRA adapter" in result.stderr and "Traceback" not in result.stderr
+    result = _cli("scripts/dpo_train_v2.py", "--no_wandb", "--sft_model", str(tmp_path / "missing"), timeout=120)
+    assert result.returncode == 2 and "Adapter folder not found" in result.stderr
+
+
+def test_unknown_loss_type_is_a_user_error(toy, tmp_path):
+    from sarcasm_dpo import dpo
+    from sarcasm_dpo.errors import UserError
+
+    with pytest.raises(UserError, match="loss_type"):
+        dpo.run(dpo_settings(toy, tmp_path / "out", loss_type="bogus"))
+
+
+# -- preference pairs -------------------------------------------------------------------------------------
+
+
+def test_reasoning_pairs_start_with_the_label_and_match_in_length(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from sarcasm_dpo.pairs import LITERAL_REASONS, SARCASTIC_REASONS, build_pairs, check_pair_tokens
+
+    assert len(SARCASTIC_REASONS) == len(LITERAL_REASONS) >= 4
+    for a, b in zip(SARCASTIC_REASONS, LITERAL_REASONS):
+        assert abs(len(a) - len(b)) <= 4, (a, b)  # length cannot tell chosen from rejected
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    frame = toy_frame(20, 0).assign(id=[str(i) for i in range(20)])
+    pairs = build_pairs(frame, tokenizer, "reasoning", seed=7)
+    again = build_pairs(frame, tokenizer, "reasoning", seed=7)
+    assert pairs.equals(again)  # seeded
+    assert not pairs.equals(build_pairs(frame, tokenizer, "reasoning", seed=8))
+    for row in pairs.itertuples():
+        word, other = ("Yes", "No") if row.label == 1 else ("No", "Yes")
+        assert row.chosen.startswith(word + ". ") and row.rejected.startswith(other + ". ")
+        assert abs(len(row.chosen) - len(row.rejected)) <= 4
+        tokens = [len(tokenizer(x)["input_ids"]) for x in (row.chosen, row.rejected)]
+        assert abs(tokens[0] - tokens[1]) <= 3
+        check_pair_tokens(tokenizer, row.prompt, row.chosen, row.rejected, row.label)
+    labels = build_pairs(frame, tokenizer, "label")
+    assert set(labels["chosen"]) == {"Yes", "No"}
+    assert (labels["chosen"] != labels["rejected"]).all()
+
+
+def test_preference_file_errors_are_clear(tmp_path):
+    from sarcasm_dpo.errors import UserError
+    from sarcasm_dpo.pairs import load_pairs_file
+
+    cases = {"missing.json": None, "bad.json": "{not json", "empty.json": "[]", "dict.json": '{"a": 1}',
+             "keys.json": json.dumps([{"prompt": "p", "chosen": "Yes"}])}
+    messages = {"missing.json": "not found", "bad.json": "not valid JSON", "empty.json": "holds no pairs",
+                "dict.json": "must hold a list", "keys.json": "lack a non-empty string"}
+    for name, content in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_text(content)
+        with pytest.raises(UserError, match=messages[name]):
+            load_pairs_file(path)
