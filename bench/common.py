@@ -252,14 +252,14 @@ def stage_settings(config_path: str | Path | None, cls: type, section: str, **ov
     return build(cls, values)
 
 
-def allow_training_dequantized_gguf() -> bool:
+def allow_training_dequantized_gguf() -> None:
     """WORKAROUND, to be removed once `sarcasm_dpo.models.load_base_model` does this itself.
 
     transformers de-quantizes a .gguf file to float weights but leaves the model flagged as
     GGUF-quantized (`is_quantized`, `hf_quantizer`), and the Trainer refuses to fine-tune a model
     so flagged ("GGUF ... do not support training"), although its weights are plain floats. We
     clear the flags after loading; the weights are untouched. A no-op for any other model, and
-    once the loader clears the flags. Returns whether the loader needed the patch at all.
+    once the loader clears the flags.
     """
     import importlib
 
@@ -267,7 +267,7 @@ def allow_training_dequantized_gguf() -> bool:
 
     original = models.load_base_model
     if getattr(original, "_bench_gguf_shim", False):
-        return True
+        return
 
     def load_base_model(ref, device=None, dtype=None):
         model = original(ref, device, dtype)
@@ -288,4 +288,3 @@ def allow_training_dequantized_gguf() -> bool:
     for name, module in list(sys.modules.items()):  # modules that did `from .models import load_base_model`
         if name.startswith("sarcasm_dpo") and getattr(module, "load_base_model", None) is original:
             module.load_base_model = load_base_model
-    return True

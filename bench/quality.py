@@ -34,13 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 CONFIG = common.REPO / "configs" / "smollm2-135m-cpu.yaml"
-# Sample sizes per budget. full: the whole test and iSarcasmEval validation splits (compare
-# alone scores 3 x 1,995 texts); small: cut everywhere so a run fits in ~25 minutes on 2 busy cores.
+# Sample sizes per budget, sized from the per-item costs measured on 2 shared cores (bench/README.md):
+# one SFT example ~3-9 s, one DPO pair ~8-25 s, one scored text ~0.2-0.7 s, the low end on free cores.
+# full: the whole test split (1,304) and iSarcasmEval validation split (691), so compare alone scores
+# 3 x 1,995 texts; about an hour on 2 free cores. small: cut everywhere, and gradient accumulation 1
+# so the few examples still make a handful of optimizer steps; ~25 minutes on 2 busy cores.
 BUDGETS = {
-    "full": dict(sft_samples=1000, sft_epochs=1, val_samples=200, dpo_pairs=400, dpo_epochs=1, dpo_eval_steps=25,
-                 test_samples=None),
-    "small": dict(sft_samples=256, sft_epochs=1, val_samples=64, dpo_pairs=96, dpo_epochs=1, dpo_eval_steps=0,
-                  test_samples=200),
+    "full": dict(sft_samples=400, sft_epochs=1, val_samples=100, dpo_pairs=120, dpo_epochs=1, dpo_eval_steps=0,
+                 grad_accum=None, test_samples=0),
+    "small": dict(sft_samples=64, sft_epochs=1, val_samples=32, dpo_pairs=24, dpo_epochs=1, dpo_eval_steps=0,
+                  grad_accum=1, test_samples=120),
 }
 LABELS = {"base": "Base (SmolLM2-135M-Instruct)", "sft": "SFT", "dpo": "DPO", "tfidf_logreg": "TF-IDF + LR",
           "majority": "Majority class"}
@@ -61,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dpo_pairs", type=int, default=None, help="DPO preference pairs.")
     p.add_argument("--dpo_epochs", type=float, default=None, help="DPO epochs.")
     p.add_argument("--dpo_eval_steps", type=int, default=None, help="DPO validation every this many steps (0 = per epoch).")
+    p.add_argument("--grad_accum", type=int, default=None, help="Gradient accumulation of SFT and DPO (default: the config's).")
     p.add_argument("--test_samples", type=int, default=None,
                    help="Stratified sample of the test split and of the iSarcasmEval validation split (0 = all).")
     p.add_argument("--n_bootstrap", type=int, default=1000, help="Bootstrap resamples for the 95%% intervals.")
@@ -74,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _accum(args) -> dict:
+    return {} if args.grad_accum is None else {"grad_accum": args.grad_accum}
+
+
 def stage_settings(args, model: str, splits: Path, out: Path) -> dict:
     from sarcasm_dpo.settings import CompareSettings, DPOSettings, SFTSettings
 
@@ -81,12 +89,12 @@ def stage_settings(args, model: str, splits: Path, out: Path) -> dict:
     sft_s = common.stage_settings(
         args.config, SFTSettings, "sft", **shared, model=model, train_csv=str(splits / "gen_train.csv"),
         val_csv=str(splits / "gen_val.csv"), output_dir=str(out / "sft"), sample_size=args.sft_samples,
-        epochs=args.sft_epochs, val_sample_size=args.val_samples, overwrite=True)
+        epochs=args.sft_epochs, val_sample_size=args.val_samples, overwrite=True, **_accum(args))
     dpo_s = common.stage_settings(
         args.config, DPOSettings, "dpo", **shared, sft_model=str(out / "sft"), output_dir=str(out / "dpo"),
         train_csv=str(splits / "isarcasm_train.csv"), val_csv=str(splits / "gen_val.csv"),
         isarcasm_val_csv=str(splits / "isarcasm_val.csv"), sample_size=args.dpo_pairs, epochs=args.dpo_epochs,
-        val_sample_size=args.val_samples, eval_steps=args.dpo_eval_steps, overwrite=True)
+        val_sample_size=args.val_samples, eval_steps=args.dpo_eval_steps, overwrite=True, **_accum(args))
     compare_s = common.stage_settings(
         args.config, CompareSettings, "compare", **shared, model=model, test_csv=str(splits / "gen_test.csv"),
         train_csv=str(splits / "gen_train.csv"), sft_model=str(out / "sft"), dpo_model=str(out / "dpo"),

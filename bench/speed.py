@@ -73,17 +73,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Comma-separated subset of eval,sft,memory,gpu (memory needs sft: DPO starts from its adapter).")
     p.add_argument("--max_text_tokens", type=int, default=None,
                    help="Texts cut to this many tokens in the prompt (default: the config's: 128 CPU, 256 GPU).")
-    p.add_argument("--eval_texts", type=int, default=None, help="Test texts scored by every method (default 48 CPU, 512 GPU).")
+    p.add_argument("--eval_texts", type=int, default=None, help="Test texts scored by every method (default 32 CPU, 512 GPU).")
     p.add_argument("--eval_batch_size", type=int, default=16, help="Scorer and bare-forward batch size.")
     p.add_argument("--eval_repeats", type=int, default=2, help="Timed repeats of the scorer and bare pass (fastest kept).")
     p.add_argument("--generate_texts", type=int, default=None,
                    help="Texts for the generate loop (default: all of --eval_texts; fewer to save time on a slow box).")
     p.add_argument("--sft_examples", type=int, default=None, help="Training examples for both SFT setups "
-                                                                   "(default 32 CPU, 1024 GPU).")
-    p.add_argument("--sft_batch_size", type=int, default=None, help="Batch size of both setups (default 4 CPU, 8 GPU).")
+                                                                   "(default 12 CPU, 1024 GPU).")
+    p.add_argument("--sft_batch_size", type=int, default=None, help="Batch size of both setups (default 2 CPU, 8 GPU).")
     p.add_argument("--usual_max_length", type=int, default=256, help="The usual setup pads every example to this.")
-    p.add_argument("--dpo_pairs", type=int, default=None, help="Preference pairs for the memory run (default 12 CPU, 256 GPU).")
-    p.add_argument("--val_texts", type=int, default=8, help="Validation texts the SFT/DPO stages score (not timed).")
+    p.add_argument("--dpo_pairs", type=int, default=None, help="Preference pairs for the memory run (default 8 CPU, 256 GPU).")
+    p.add_argument("--val_texts", type=int, default=4, help="Validation texts the SFT/DPO stages score (not timed).")
     p.add_argument("--gpu_peak_tflops", type=float, default=None, help="The GPU's dense bf16 peak, if not in the table.")
     p.add_argument("--pipeline_sample", type=int, default=None,
                    help="GPU pipeline timing: cap every stage's sample (default: none, the original settings).")
@@ -554,7 +554,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     on_gpu = cuda and (args.device in (None, "cuda") or str(args.device).startswith("cuda"))
     config = GPU_CONFIG if args.random_init else CPU_CONFIG
-    defaults = dict(eval_texts=(512, 48), sft_examples=(1024, 32), sft_batch_size=(8, 4), dpo_pairs=(256, 12))
+    defaults = dict(eval_texts=(512, 32), sft_examples=(1024, 12), sft_batch_size=(8, 2), dpo_pairs=(256, 8))
     for key, (gpu_value, cpu_value) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, gpu_value if on_gpu else cpu_value)

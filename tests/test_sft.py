@@ -260,6 +260,10 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_model_dir, toy_csvs, t
     checkpoint = sft.latest_checkpoint(out / "checkpoints")
     assert checkpoint is not None and checkpoint.name == "checkpoint-4"
     state = json.loads((checkpoint / sft.STATE_FILE).read_text())
+    half_written = out / "checkpoints" / "checkpoint-5"  # killed before our state file: not resumable
+    half_written.mkdir()
+    (half_written / "trainer_state.json").write_text("{}")
+    assert sft.latest_checkpoint(out / "checkpoints") == checkpoint
     assert [h["epoch"] for h in state["history"]] == [1.0]  # epoch 1 was evaluated before the interrupt
 
     with pytest.raises(UserError, match="--resume"):  # not silently restarted over the checkpoints

@@ -30,13 +30,13 @@ from .prompts import build_prompt, label_token_ids, label_word
 PAIR_STYLES = ("reasoning", "label")
 
 # Matched sentence pairs: entry i of SARCASTIC_REASONS and entry i of LITERAL_REASONS have the
-# same form and nearly the same length (a test holds them within a few characters), so DPO cannot
+# same form and nearly the same length (a test holds them within 4 characters and 1 word), so DPO cannot
 # prefer the chosen side for being shorter, longer or phrased differently.
 SARCASTIC_REASONS = (
     "The praise is at odds with the situation it describes.",
     "The tone says the opposite of what the words claim.",
     "It exaggerates in a mocking way to make a critical point.",
-    "The compliment is really a complaint in disguise.",
+    "The compliment is really just a complaint in disguise.",
     "The enthusiasm is ironic given the annoying situation.",
     "The writer pretends to approve of something they dislike.",
     "The literal meaning clashes with the intended meaning.",
@@ -45,10 +45,10 @@ SARCASTIC_REASONS = (
 LITERAL_REASONS = (
     "The words mean just what they say about the situation.",
     "The tone is in line with what the words plainly claim.",
-    "It states its point directly, without mocking exaggeration.",
+    "It states its point in a direct way, free of mockery.",
     "The remark is meant exactly the way it is written.",
     "The feelings expressed fit the situation it describes.",
-    "The writer gives their real view of the thing they discuss.",
+    "The writer gives their honest view of what they discuss.",
     "The literal meaning and the intended meaning match up.",
     "It argues its own position sincerely, without ridicule.",
 )

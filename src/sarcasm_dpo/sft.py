@@ -187,8 +187,9 @@ def prepare_run_dir(out: Path, config: dict, s) -> Path | None:
     error, unless --overwrite says to start over.
     """
     ckpt_dir = out / CHECKPOINTS
-    resume_from = latest_checkpoint(ckpt_dir) if s.resume else None
-    if s.resume and resume_from is None:
+    latest = latest_checkpoint(ckpt_dir)
+    resume_from = latest if s.resume else None
+    if s.resume and latest is None:
         print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
     prepare_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
     if resume_from is not None:
@@ -201,11 +202,11 @@ def prepare_run_dir(out: Path, config: dict, s) -> Path | None:
                             f"{', '.join(diff)}). Resume with the same settings, or pass --overwrite "
                             "without --resume to start over.")
         print(f"Resuming from {resume_from}.")
+    elif latest is not None and not s.overwrite:
+        raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
+                        "or --overwrite to start over.")
     elif ckpt_dir.exists():
-        if not s.overwrite:
-            raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
-                            "or --overwrite to start over.")
-        shutil.rmtree(ckpt_dir)
+        shutil.rmtree(ckpt_dir)  # --overwrite, or leftovers with no complete checkpoint to resume from
     return resume_from
 
 
@@ -439,7 +440,7 @@ def save_adapter(model, tokenizer, out: Path) -> None:
     """
     scratch = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=out))
     try:
-        model.save_pretrained(str(scratch))
+        model.save_pretrained(str(scratch), save_embedding_layers=False)  # LoRA only; embeddings are frozen
         tokenizer.save_pretrained(str(scratch))
         (scratch / "README.md").unlink(missing_ok=True)  # PEFT's empty model card template
         files = sorted((p for p in scratch.iterdir() if p.is_file()), key=lambda p: p.name == "adapter_config.json")

@@ -1,0 +1,130 @@
+"""Mining preference pairs from the SFT model's mistakes, and DPO training on the mined file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from test_dpo import dpo_settings, make_sft_adapter, write_toy_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("mine-toy")
+    paths = write_toy_splits(root / "splits")
+    return SimpleNamespace(root=root, paths=paths, sft=make_sft_adapter(tiny_model_dir, root / "sft"),
+                           model_dir=tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def sft_probs(toy):
+    """P(sarcastic) of the SFT model on the mined split, computed independently of mining.py."""
+    from sarcasm_dpo.data import load_split
+    from sarcasm_dpo.models import load_model
+    from sarcasm_dpo.scoring import Scorer
+
+    frame = load_split(toy.paths.train)
+    model, tokenizer = load_model(str(toy.model_dir), adapter=str(toy.sft))
+    return frame.assign(p=Scorer(model, tokenizer, batch_size=16).predict_proba(frame["text"].tolist()))
+
+
+def mine(toy, name: str, **overrides) -> tuple[list[dict], dict]:
+    from sarcasm_dpo import mining
+    from sarcasm_dpo.config import build
+    from sarcasm_dpo.settings import MineSettings
+
+    out = toy.root / f"{name}.json"
+    values = dict(sft_model=str(toy.sft), input_csv=str(toy.paths.train), output_file=str(out), no_wandb=True)
+    values.update(overrides)
+    summary = mining.run(build(MineSettings, values))
+    pairs = json.loads(out.read_text())
+    assert json.loads((toy.root / f"{name}_summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert (toy.root / f"{name}_run" / "COMPLETE.json").is_file()
+    return pairs, summary
+
+
+def test_mistakes_only_keeps_exactly_the_sft_mistakes(toy, sft_probs):
+    pairs, summary = mine(toy, "mistakes", filter_strategy="mistakes_only")
+    wrong = sft_probs[(sft_probs["p"] >= 0.5).astype(int) != sft_probs["label"]]
+    assert 0 < len(wrong) < len(sft_probs)  # the random SFT start gets some right and some wrong
+    assert sorted(p["id"] for p in pairs) == sorted(wrong["id"])
+    by_id = sft_probs.set_index("id")
+    for p in pairs:
+        row = by_id.loc[p["id"]]
+        assert p["text"] == row["text"] and p["label"] == row["label"]
+        assert p["p_sarcastic"] == pytest.approx(row["p"], abs=1e-6)
+        assert (p["p_sarcastic"] >= 0.5) != bool(p["label"])  # every kept item is a mistake
+        assert p["chosen"].startswith("Yes" if p["label"] == 1 else "No")
+        assert p["rejected"].startswith("No" if p["label"] == 1 else "Yes")
+        assert set(p) == {"prompt", "chosen", "rejected", "text", "label", "p_sarcastic", "id"}
+    assert summary["counts"]["kept"]["total"] == len(pairs) == summary["counts"]["mistakes"]["total"]
+    assert summary["sft_on_input"]["accuracy"] == pytest.approx(1 - len(wrong) / len(sft_probs))
+    assert set(summary["sft_on_input"]["per_class"]) == {"sarcastic", "not_sarcastic"}
+
+
+def test_all_and_confident_mistakes(toy, sft_probs):
+    everything, _ = mine(toy, "all", filter_strategy="all", pair_style="label")
+    assert len(everything) == len(sft_probs)
+    assert {p["chosen"] for p in everything} == {"Yes", "No"}
+
+    p, y = sft_probs["p"].to_numpy(), sft_probs["label"].to_numpy()
+    p_wrong = np.where(y == 1, 1 - p, p)
+    threshold = float(np.sort(p_wrong[p_wrong >= 0.5])[len(p_wrong[p_wrong >= 0.5]) // 2])  # keeps about half
+    threshold = min(max(threshold, 0.5), 0.99)
+    confident, summary = mine(toy, "confident", filter_strategy="confident_mistakes", confidence=threshold)
+    expected = sft_probs[(p_wrong >= threshold) & ((p >= 0.5).astype(int) != y)]
+    assert sorted(c["id"] for c in confident) == sorted(expected["id"])
+    assert summary["counts"]["confident_mistakes"]["total"] == len(expected)
+
+
+def test_mine_door_then_dpo_trains_on_the_mined_pairs(toy):
+    from sarcasm_dpo import dpo
+
+    out_file = toy.root / "door" / "mined.json"
+    result = subprocess.run(
+        [sys.executable, "scripts/mine_hard_negatives.py", "--no_wandb", "--sft_model", str(toy.sft),
+         "--input_csv", str(toy.paths.train), "--output_file", str(out_file), "--filter_strategy", "all"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (toy.root / "door" / "mined_summary.json").is_file()
+    mined = json.loads(out_file.read_text())
+
+    summary = dpo.run(dpo_settings(toy, toy.root / "dpo_mined", preference_data=str(out_file), epochs=1,
+                                   sample_size=8, batch_size=4, probe_size=8, val_sample_size=8))
+    assert summary["pairs"]["source"] == "preference_data" and summary["pairs"]["file"] == str(out_file)
+    assert summary["pairs"]["used"] == 8 and summary["pairs"]["available"] == len(mined)
+    assert summary["global_steps"] == 2
+
+
+def test_mined_pairs_from_a_validation_split_are_refused(toy, tmp_path):
+    from sarcasm_dpo import dpo, mining
+    from sarcasm_dpo.config import build
+    from sarcasm_dpo.errors import UserError
+    from sarcasm_dpo.settings import MineSettings
+
+    leaked = tmp_path / "leaked.json"
+    mining.run(build(MineSettings, dict(sft_model=str(toy.sft), input_csv=str(toy.paths.is_val),
+                                        output_file=str(leaked), filter_strategy="all", no_wandb=True)))
+    with pytest.raises(UserError, match="also appear in the isarcasm_val split"):
+        dpo.run(dpo_settings(toy, tmp_path / "out", preference_data=str(leaked)))
+
+
+def test_prompts_built_another_way_are_refused(toy, tmp_path):
+    from sarcasm_dpo import dpo
+    from sarcasm_dpo.errors import UserError
+
+    pairs = [{"prompt": "Is this sarcastic? " + t, "chosen": "Yes", "rejected": "No", "text": t, "label": 1}
+             for t in ("oh great another monday", "what a surprise")]
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(pairs))
+    with pytest.raises(UserError, match="carry a prompt different"):
+        dpo.run(dpo_settings(toy, tmp_path / "out", preference_data=str(path)))

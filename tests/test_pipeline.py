@@ -1,0 +1,134 @@
+"""The whole pipeline end to end with the tiny model, through the CLI and through the original scripts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import GEN_CSV, ISARCASM_CSV, ROOT
+
+from sarcasm_dpo.metrics import classification_metrics
+
+
+@pytest.fixture(scope="module")
+def small_data_dir(tmp_path_factory, shared_data):
+    """Real rows in the real formats, few enough to train on in seconds."""
+    folder = tmp_path_factory.mktemp("data")
+    gen = pd.read_csv(GEN_CSV)
+    gen = pd.concat([gen[gen["class"] == "sarc"].head(100), gen[gen["class"] == "notsarc"].head(100)])
+    (folder / "sarcasm_v2").mkdir()
+    gen.to_csv(folder / "sarcasm_v2" / "GEN-sarc-notsarc.csv", index=False)
+    isarcasm = pd.read_csv(ISARCASM_CSV).head(150)
+    (folder / "isarcasmeval").mkdir()
+    isarcasm.to_csv(folder / "isarcasmeval" / "train.En.csv", index=False)
+    return folder
+
+
+def write_config(path, model_dir, work):
+    path.write_text(f"""# test config
+#   sarcasm-dpo pipeline --config {path}
+model: {model_dir}
+seed: 1
+max_text_tokens: 48
+split:
+  output_dir: {work}/splits
+sft:
+  output_dir: {work}/sft
+  epochs: 1
+  sample_size: 48
+  lr: 1.0e-3
+  batch_size: 8
+  grad_accum: 1
+  lora_r: 4
+  lora_alpha: 8
+  lora_targets: [q_proj, v_proj]
+dpo:
+  output_dir: {work}/dpo
+  epochs: 1
+  sample_size: 24
+  batch_size: 8
+  grad_accum: 1
+  probe_size: 8
+  logging_steps: 1
+  val_sample_size: 24
+compare:
+  output_dir: {work}/results
+  n_bootstrap: 200
+""")
+    return path
+
+
+def pipeline(config, data_dir, *extra):
+    cmd = [sys.executable, "-m", "sarcasm_dpo.cli", "pipeline", "--config", str(config), "--data_dir", str(data_dir),
+           "--no_wandb", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_pipeline_end_to_end_then_skips(tiny_model_dir, small_data_dir, tmp_path):
+    work = tmp_path / "work"
+    config = write_config(tmp_path / "p.yaml", tiny_model_dir, work)
+    done = pipeline(config, small_data_dir)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for path in ["splits/gen_train.csv", "splits/gen_val.csv", "splits/gen_test.csv", "splits/isarcasm_train.csv",
+                 "splits/isarcasm_val.csv", "sft/adapter_model.safetensors", "sft/sft_metrics.json",
+                 "sft/sft_training_curves.png", "sft/training_summary.json", "dpo/adapter_model.safetensors",
+                 "dpo/dpo_epoch_metrics.json", "dpo/dpo_batch_metrics.json", "dpo/dpo_training_curves.png",
+                 "dpo/dpo_training_summary.json", "results/model_comparison_results.json",
+                 "results/model_comparison_plot.png", "results/predictions.csv"]:
+        assert (work / path).is_file(), path
+    for stage in ("splits", "sft", "dpo", "results"):
+        assert (work / stage / "COMPLETE.json").is_file()
+    results = json.loads((work / "results" / "model_comparison_results.json").read_text())
+    preds = pd.read_csv(work / "results" / "predictions.csv")
+    test = pd.read_csv(work / "splits" / "gen_test.csv")
+    assert len(preds) == len(test) == results["test_set"]["n"]
+    for name in ("base", "sft", "dpo"):
+        recomputed = classification_metrics(preds["label"].to_numpy(), preds[f"p_{name}"].to_numpy())
+        assert results["models"][name]["accuracy"] == pytest.approx(recomputed["accuracy"])
+        assert results["models"][name]["f1"] == pytest.approx(recomputed["f1"])
+    assert not np.allclose(preds["p_sft"], preds["p_base"])  # SFT trained something
+    assert "verdict" in results["significance"]["dpo_vs_sft"]
+    assert "dpo" in done.stdout.lower() and "accuracy" in done.stdout.lower() or "acc" in done.stdout.lower()
+
+    # Re-run: every stage is complete for the same settings and is skipped.
+    again = pipeline(config, small_data_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("skipping") == 5 - 1 or "ran nothing" in again.stdout
+    assert "ran nothing" in again.stdout
+
+    # Change one DPO setting: only DPO and compare run again.
+    text = config.read_text().replace("  sample_size: 24", "  sample_size: 16")
+    config.write_text(text)
+    changed = pipeline(config, small_data_dir)
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert "ran dpo, compare" in changed.stdout
+
+
+def test_original_scripts_chain(tiny_model_dir, small_data_dir, tmp_path):
+    """The original README's command sequence, with --no_wandb, through the script names."""
+    s = tmp_path
+    py = [sys.executable]
+    steps = [
+        ["split_gen_dataset.py", "--data_dir", str(small_data_dir), "--output_dir", f"{s}/splits"],
+        ["finetune_qwen.py", "--no_wandb", "--epochs", "1", "--model", str(tiny_model_dir), "--train_csv",
+         f"{s}/splits/gen_train.csv", "--val_csv", f"{s}/splits/gen_val.csv", "--output_dir", f"{s}/sft",
+         "--sample_size", "32", "--lora_targets", "q_proj,v_proj", "--max_text_tokens", "48"],
+        ["dpo_train_v2.py", "--no_wandb", "--beta", "0.1", "--epochs", "1", "--sft_model", f"{s}/sft",
+         "--output_dir", f"{s}/dpo", "--train_csv", f"{s}/splits/isarcasm_train.csv", "--val_csv",
+         f"{s}/splits/gen_val.csv", "--isarcasm_val_csv", f"{s}/splits/isarcasm_val.csv", "--sample_size", "16",
+         "--batch_size", "8", "--probe_size", "8", "--max_text_tokens", "48"],
+        ["compare_all_models.py", "--no_wandb", "--test_csv", f"{s}/splits/gen_test.csv", "--train_csv",
+         f"{s}/splits/gen_train.csv", "--sft_model", f"{s}/sft", "--dpo_model", f"{s}/dpo", "--sample_size", "20",
+         "--skip_base", "--output_dir", f"{s}/results", "--max_text_tokens", "48"],
+    ]
+    for step in steps:
+        done = subprocess.run(py + [str(ROOT / "scripts" / step[0]), *step[1:]], capture_output=True, text=True,
+                              timeout=600, cwd=s)
+        assert done.returncode == 0, f"{step[0]}: {done.stdout[-2000:]} {done.stderr[-2000:]}"
+    results = json.loads((s / "results" / "model_comparison_results.json").read_text())
+    assert results["test_set"]["n"] == 20 and "base" not in results["models"]
+    assert set(results["models"]) >= {"sft", "dpo"}
