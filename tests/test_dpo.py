@@ -85,7 +85,7 @@ def trained(toy):
     from sarcasm_dpo import dpo
 
     out = toy.root / "dpo_enhanced"
-    settings = dpo_settings(toy, out)
+    settings = dpo_settings(toy, out, val_sample_size=16)
     summary = dpo.run(settings)
     return SimpleNamespace(settings=settings, summary=summary, out=out,
                            batch=json.loads((out / "dpo_batch_metrics.json").read_text()),
@@ -105,19 +105,29 @@ def _sequence_logps(model, batch):
     return (logps * batch["completion_mask"][:, 1:]).sum(-1).chunk(2)
 
 
-def test_reference_is_the_sft_model_at_step_zero(toy, tmp_path):
+@pytest.fixture(scope="module")
+def untrained(toy, tmp_path_factory):
+    """DPOTrainer built on the SFT adapter, before any step."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from sarcasm_dpo import dpo
     from sarcasm_dpo.models import attach_adapter, load_base_model, load_tokenizer
 
-    s = dpo_settings(toy, tmp_path / "out")
+    folder = tmp_path_factory.mktemp("untrained")
+    s = dpo_settings(toy, folder / "out")
     tokenizer = load_tokenizer(str(toy.model_dir))
     data = dpo.load_data(s, tokenizer)
     model = attach_adapter(load_base_model(str(toy.model_dir), torch.device("cpu")), toy.sft, trainable=True)
-    trainer, _, diagnostics = dpo.build_trainer(s, model, tokenizer, data, tmp_path / "ckpt")
+    trainer, _, diagnostics = dpo.build_trainer(s, model, tokenizer, data, folder / "ckpt")
+    return SimpleNamespace(tokenizer=tokenizer, data=data, model=model, trainer=trainer, diagnostics=diagnostics)
+
+
+def test_reference_is_the_sft_model_at_step_zero(untrained, toy):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, trainer = untrained.model, untrained.trainer
     assert set(model.peft_config) == {"default", "ref"}  # the reference is an adapter, not a model copy
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".ref." in n)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -133,26 +143,18 @@ def test_reference_is_the_sft_model_at_step_zero(toy, tmp_path):
     metrics = trainer._metrics["eval"]
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert metrics[key][-1] == pytest.approx(0.0, abs=1e-6), key
-    assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
-    start = diagnostics.measure(model)
+    assert float(loss.detach()) == pytest.approx(math.log(2), abs=1e-6)
+    start = untrained.diagnostics.measure(model)
     assert start["dpo/kl"] == pytest.approx(0.0, abs=1e-6)
     assert start["dpo/flip_rate"] == 0.0 and start["dpo/drift"] == 0.0 and start["dpo/drift_delta_w"] == 0.0
 
 
-def test_prompt_tokens_are_the_scorers(toy, tmp_path):
-    import torch
-
-    from sarcasm_dpo import dpo
-    from sarcasm_dpo.models import attach_adapter, load_base_model, load_tokenizer
+def test_prompt_tokens_are_the_scorers(untrained):
     from sarcasm_dpo.prompts import label_token_ids
     from sarcasm_dpo.scoring import Scorer
 
-    s = dpo_settings(toy, tmp_path / "out")
-    tokenizer = load_tokenizer(str(toy.model_dir))
-    data = dpo.load_data(s, tokenizer)
-    model = attach_adapter(load_base_model(str(toy.model_dir), torch.device("cpu")), toy.sft, trainable=True)
-    trainer, _, _ = dpo.build_trainer(s, model, tokenizer, data, tmp_path / "ckpt")
-    expected = Scorer(model, tokenizer).encode(data.pairs["text"].tolist())
+    tokenizer, data, trainer = untrained.tokenizer, untrained.data, untrained.trainer
+    expected = Scorer(untrained.model, tokenizer).encode(data.pairs["text"].tolist())
     no_id, yes_id = label_token_ids(tokenizer)
     for row, want, label in zip(trainer.train_dataset, expected, data.pairs["label"]):
         assert row["prompt_ids"] == want
@@ -225,7 +227,7 @@ def test_outputs_and_the_saved_adapter_reloads(trained, toy):
 
     tokenizer = AutoTokenizer.from_pretrained(toy.model_dir)
     dpo_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy.model_dir), str(out)).eval()
-    val = stratified_sample(load_split(toy.paths.gen_val), None, 42)
+    val = stratified_sample(load_split(toy.paths.gen_val), 16, 42)
     probs = Scorer(dpo_model, tokenizer, batch_size=16).predict_proba(val["text"].tolist())
     saved = trained.summary["best_val"]["gen_val"]
     again = classification_metrics(val["label"].to_numpy(), probs)
@@ -264,7 +266,7 @@ def test_early_stopping_fires_on_a_plateau(toy):
     # The first step is lr warm-up (lr 0), so F1 cannot move: a plateau by construction.
     out = toy.root / "plateau"
     summary = dpo.run(dpo_settings(toy, out, lr=1e-9, epochs=1, eval_steps=1, patience=1, sample_size=16,
-                                   probe_size=8))
+                                   probe_size=8, val_sample_size=8))
     assert summary["stopped_early"] and summary["global_steps"] == 1
     assert summary["best_step"] == 0 and not summary["improved_over_sft"]
     epochs = json.loads((out / "dpo_epoch_metrics.json").read_text())
@@ -278,7 +280,7 @@ def test_beta_sweep_writes_every_output(toy):
 
     out = toy.root / "sweep"
     results = dpo.run(dpo_settings(toy, out, beta_sweep=True, betas=[0.1, 0.5], epochs=1, sample_size=16,
-                                   batch_size=8, probe_size=8))
+                                   batch_size=8, probe_size=8, val_sample_size=8))
     on_disk = json.loads((out / "beta_sweep_results.json").read_text())
     assert on_disk["best_beta"] == results["best_beta"] and on_disk["best_beta"] in (0.1, 0.5)
     assert [r["beta"] for r in on_disk["runs"]] == [0.1, 0.5]
@@ -307,7 +309,7 @@ def test_readme_command_runs_with_no_wandb(toy):
     result = _cli("scripts/dpo_train_v2.py", "--no_wandb", "--beta", "0.1", "--epochs", "1",
                   "--sft_model", str(toy.sft), "--output_dir", str(out), "--train_csv", str(toy.paths.train),
                   "--val_csv", str(toy.paths.gen_val), "--isarcasm_val_csv", str(toy.paths.is_val),
-                  "--sample_size", "8", "--batch_size", "4", "--probe_size", "8", "--lr", "5e-5")
+                  "--sample_size", "8", "--batch_size", "8", "--probe_size", "8", "--val_sample_size", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "COMPLETE.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert "--sample_size 8" not in result.stdout  # 8 <= 32 pairs: no cap note
@@ -354,7 +356,7 @@ def test_reasoning_pairs_start_with_the_label_and_match_in_length(tiny_model_dir
     for row in pairs.itertuples():
         word, other = ("Yes", "No") if row.label == 1 else ("No", "Yes")
         assert row.chosen.startswith(word + ". ") and row.rejected.startswith(other + ". ")
-        assert abs(len(row.chosen) - len(row.rejected)) <= 4
+        assert abs(len(row.chosen) - len(row.rejected)) <= 5  # "Yes. " vs "No. " adds one
         check_pair_tokens(tokenizer, row.prompt, row.chosen, row.rejected, row.label)
     labels = build_pairs(frame, tokenizer, "label")
     assert set(labels["chosen"]) == {"Yes", "No"}
@@ -375,3 +377,33 @@ def test_preference_file_errors_are_clear(tmp_path):
             path.write_text(content)
         with pytest.raises(UserError, match=messages[name]):
             load_pairs_file(path)
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_last_checkpoint(toy, monkeypatch):
+    """Kill a run after step 5 (checkpoints every 2 steps), then --resume: it continues from step 4 and
+    ends like an uninterrupted run, with the diagnostics history of the killed part kept."""
+    from sarcasm_dpo import callbacks, dpo
+
+    out = toy.root / "resumed"
+    original = callbacks.DPODiagnosticsCallback.on_log
+
+    def dying_on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        original(self, args, state, control, logs=logs, model=model, **kwargs)
+        if state.global_step == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(callbacks.DPODiagnosticsCallback, "on_log", dying_on_log)
+    settings = dpo_settings(toy, out, epochs=1, save_steps=2, val_sample_size=8, probe_size=8)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.run(settings)
+    assert (out / "checkpoints" / "checkpoint-4" / dpo.STATE_FILE).is_file()
+    assert not (out / "COMPLETE.json").exists()
+    monkeypatch.setattr(callbacks.DPODiagnosticsCallback, "on_log", original)
+    import dataclasses
+
+    summary = dpo.run(dataclasses.replace(settings, resume=True))
+    assert summary["resumed_from"].endswith("checkpoint-4") and summary["global_steps"] == 8
+    steps = [r["step"] for r in json.loads((out / "dpo_batch_metrics.json").read_text())["steps"]]
+    assert steps[0] == 0 and steps[-1] == 8 and 3 in steps  # the killed part's records came back with the checkpoint
+    assert (out / "COMPLETE.json").is_file() and not (out / "checkpoints").exists()

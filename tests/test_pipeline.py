@@ -22,7 +22,8 @@ def small_data_dir(tmp_path_factory, shared_data):
     gen = pd.concat([gen[gen["class"] == "sarc"].head(100), gen[gen["class"] == "notsarc"].head(100)])
     (folder / "sarcasm_v2").mkdir()
     gen.to_csv(folder / "sarcasm_v2" / "GEN-sarc-notsarc.csv", index=False)
-    isarcasm = pd.read_csv(ISARCASM_CSV).head(150)
+    isarcasm = pd.read_csv(ISARCASM_CSV)
+    isarcasm = pd.concat([isarcasm[isarcasm.sarcastic == 1].head(60), isarcasm[isarcasm.sarcastic == 0].head(90)])
     (folder / "isarcasmeval").mkdir()
     isarcasm.to_csv(folder / "isarcasmeval" / "train.En.csv", index=False)
     return folder

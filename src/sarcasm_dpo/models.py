@@ -47,7 +47,7 @@ def pick_dtype(device):
     return torch.float32
 
 
-def resolve_source(ref: str) -> tuple[str, dict]:
+def resolve_source(ref: str, tokenizer_only: bool = False) -> tuple[str, dict]:
     """(path or hub id, extra from_pretrained kwargs). Errors early for a path that is not there."""
     ref = os.path.expanduser(str(ref))
     if ref.endswith(".gguf"):
@@ -61,7 +61,8 @@ def resolve_source(ref: str) -> tuple[str, dict]:
             ggufs = sorted(path.glob("*.gguf"))
             if not (path / "config.json").is_file() and len(ggufs) == 1:
                 return str(path), {"gguf_file": ggufs[0].name}
-            if not (path / "config.json").is_file():
+            # An adapter folder carries its tokenizer but no config.json; that is enough for a tokenizer.
+            if not (path / "config.json").is_file() and not (tokenizer_only and (path / "tokenizer_config.json").is_file()):
                 raise UserError(f"Model folder {ref} has no config.json (nor a single .gguf file); it is not a model.")
         return str(path), {}
     if ref.startswith((".", "/")) or ref.count("/") > 1:
@@ -69,8 +70,8 @@ def resolve_source(ref: str) -> tuple[str, dict]:
     return ref, {}
 
 
-def _from_pretrained(cls, ref: str, **kwargs):
-    source, extra = resolve_source(ref)
+def _from_pretrained(cls, ref: str, tokenizer_only: bool = False, **kwargs):
+    source, extra = resolve_source(ref, tokenizer_only=tokenizer_only)
     try:
         return cls.from_pretrained(source, **extra, **kwargs)
     except OSError as exc:
@@ -87,7 +88,7 @@ def load_tokenizer(ref: str):
 
     from .prompts import require_chat_template
 
-    tokenizer = _from_pretrained(AutoTokenizer, ref)
+    tokenizer = _from_pretrained(AutoTokenizer, ref, tokenizer_only=True)
     require_chat_template(tokenizer, ref)
     if tokenizer.pad_token is None:  # many chat models ship without one; eos is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
@@ -100,7 +101,21 @@ def load_base_model(ref: str, device=None, dtype=None):
     device = pick_device(str(device)) if device is not None else pick_device()
     dtype = dtype or pick_dtype(device)
     model = _from_pretrained(AutoModelForCausalLM, ref, dtype=dtype)
-    return model.to(device)
+    return drop_gguf_tag(model).to(device)
+
+
+def drop_gguf_tag(model):
+    """Let the Trainer train a model loaded from a .gguf file.
+
+    transformers de-quantizes GGUF weights to plain floats on load but keeps the model tagged as
+    GGUF-quantized, and the Trainer refuses to fine-tune a model with that tag. The weights are
+    ordinary float tensors, so the tag is removed (with the quantizer's own method).
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and getattr(method, "value", method) == "gguf":
+        quantizer.remove_quantization_config(model)
+    return model
 
 
 def adapter_base_model(adapter_dir: str | os.PathLike) -> str:

@@ -37,9 +37,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from . import callbacks as shared_callbacks
 from .atomic import (atomic_path, finish_output_dir, prepare_output_dir, read_complete, read_json,
                      stable_config, write_json)
-from .callbacks import LossProgressCallback, TrackerLogCallback, ValidationCallback
+from .callbacks import LossProgressCallback, SaveStateCallback, TrackerLogCallback, ValidationCallback
 from .data import balanced_sample, class_counts, frame_checksum, load_split, overlap_count, stratified_sample
 from .errors import UserError
 from .models import load_base_model, load_tokenizer, pick_device
@@ -61,12 +62,16 @@ RESUME_NEUTRAL = ("device", "eval_batch_size", "logging_steps", "save_steps", "a
                   "gradient_checkpointing")
 
 
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the weights would be garbage from here on."""
+class TrainingDiverged(shared_callbacks.TrainingDiverged, UserError):
+    """The loss became NaN or infinite. A UserError (the fix is a setting: a lower --lr), so the CLI
+    prints it as one paragraph; also the shared TrainingDiverged, so one `except` catches both stages'."""
 
 
 def run(settings, extra_callbacks=()) -> dict:
-    """Train, pick the best epoch by validation F1, save it; returns the training summary."""
+    """Train, pick the best epoch by validation F1, save it; returns the training summary.
+
+    `extra_callbacks` are more TrainerCallbacks for the trainer (the tests interrupt runs with one).
+    """
     s = settings
     started = time.perf_counter()
     config = dataclasses.asdict(s)
@@ -96,8 +101,11 @@ def run(settings, extra_callbacks=()) -> dict:
                                         max_text_tokens=s.max_text_tokens, log=tracker.log)
         if resume_from:
             load_validation_state(validation, resume_from)
-        callbacks = [validation, CheckpointStateCallback(validation, save_each_epoch=bool(s.save_steps)),
-                     TrackerLogCallback(tracker.log), NonFiniteLossCallback(), *extra_callbacks]
+        # Beside each checkpoint: validation history + best adapter (step checkpoints also at epoch ends).
+        state_saver = SaveStateCallback(lambda folder: save_validation_state(validation, folder),
+                                        save_each_epoch=bool(s.save_steps))
+        callbacks = [validation, state_saver, TrackerLogCallback(tracker.log), NonFiniteLossCallback(),
+                     *extra_callbacks]
         trainer = build_trainer(s, model, tokenizer, train_ds, out / CHECKPOINTS, callbacks)
         params = parameter_counts(trainer.model)
         write_json(out / CHECKPOINTS / RUN_CONFIG, config)
@@ -324,7 +332,7 @@ def training_args(s, model, ckpt_dir: Path):
         bf16=model.dtype == torch.bfloat16,
         fp16=False,
         use_cpu=model.device.type == "cpu",
-        activation_checkpointing=s.gradient_checkpointing,  # TRL defaults to on; we trade speed for memory only when asked
+        activation_checkpointing=s.gradient_checkpointing,  # TRL defaults to on; here only when asked
         max_length=s.max_length,
         completion_only_loss=True,  # loss on the answer tokens only, never the prompt or padding
         packing=False,
@@ -362,31 +370,11 @@ def parameter_counts(model) -> dict:
     return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1)}
 
 
-# -- callbacks specific to this stage -----------------------------------------------------------------
-
-
-class CheckpointStateCallback(TrainerCallback):
-    """Store the validation history and best adapter beside each Trainer checkpoint.
-
-    The state file is written after the Trainer's own files, so its presence marks a checkpoint
-    complete. With step checkpoints (--save_steps) we still checkpoint at every epoch end.
-    """
-
-    def __init__(self, validation: ValidationCallback, save_each_epoch: bool = False):
-        self.validation = validation
-        self.save_each_epoch = save_each_epoch
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.save_each_epoch:
-            control.should_save = True
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            save_validation_state(self.validation, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+# -- checkpoint state and the divergence guard -------------------------------------------------------
 
 
 def save_validation_state(validation: ValidationCallback, folder: Path) -> None:
+    """Written after the Trainer's own checkpoint files; the state file, last, marks the checkpoint complete."""
     from safetensors.torch import save_file
 
     if validation.best_state is not None:
