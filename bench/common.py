@@ -166,6 +166,7 @@ def make_step_meter():
     class StepMeter(TrainerCallback):
         def __init__(self):
             self.step_times: list[float] = []
+            self.step_cpu: list[float] = []
             self.step_real: list[int] = []
             self.step_total: list[int] = []
             self.step_forwards: list[int] = []
@@ -202,6 +203,7 @@ def make_step_meter():
 
         def on_step_end(self, args, state, control, **kwargs):
             self.step_times.append(time.perf_counter())
+            self.step_cpu.append(time.process_time())
             self.step_real.append(self._real)
             self.step_total.append(self._total)
             self.step_forwards.append(self._forwards)
@@ -234,6 +236,9 @@ def make_step_meter():
                             "real_tokens_per_s": round(real / seconds, 2),
                             "padded_tokens_per_s": round(padded / seconds, 2),
                             "seconds_per_step": round(seconds / (steps - 1), 3)})
+                cpu = self.step_cpu[-1] - self.step_cpu[0]
+                if cpu > 0:
+                    out.update({"timed_cpu_seconds": round(cpu, 3), "real_tokens_per_cpu_s": round(real / cpu, 2)})
             return out
 
     return StepMeter()

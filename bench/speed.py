@@ -75,14 +75,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Texts cut to this many tokens in the prompt (default: the config's: 128 CPU, 256 GPU).")
     p.add_argument("--eval_texts", type=int, default=None, help="Test texts scored by every method (default 32 CPU, 512 GPU).")
     p.add_argument("--eval_batch_size", type=int, default=16, help="Scorer and bare-forward batch size.")
-    p.add_argument("--eval_repeats", type=int, default=2, help="Timed repeats of the scorer and bare pass (fastest kept).")
+    p.add_argument("--eval_repeats", type=int, default=2, help="Rounds of the scorer and bare pass (mean kept).")
     p.add_argument("--generate_texts", type=int, default=None,
                    help="Texts for the generate loop (default: all of --eval_texts; fewer to save time on a slow box).")
     p.add_argument("--sft_examples", type=int, default=None, help="Training examples for both SFT setups "
                                                                    "(default 12 CPU, 1024 GPU).")
     p.add_argument("--sft_batch_size", type=int, default=None, help="Batch size of both setups (default 2 CPU, 8 GPU).")
     p.add_argument("--usual_max_length", type=int, default=256, help="The usual setup pads every example to this.")
-    p.add_argument("--dpo_pairs", type=int, default=None, help="Preference pairs for the memory run (default 8 CPU, 256 GPU).")
+    p.add_argument("--dpo_pairs", type=int, default=None, help="Preference pairs for the memory run, batch = half the SFT batch (default 4 CPU, 256 GPU).")
     p.add_argument("--val_texts", type=int, default=4, help="Validation texts the SFT/DPO stages score (not timed).")
     p.add_argument("--gpu_peak_tflops", type=float, default=None, help="The GPU's dense bf16 peak, if not in the table.")
     p.add_argument("--pipeline_sample", type=int, default=None,
@@ -137,7 +137,25 @@ def parse_answer(text: str) -> int | None:
     return None if match is None else int(match.group(1) == "yes")
 
 
-def generate_and_parse(model, tokenizer, texts, max_text_tokens: int) -> tuple[list, float, int]:
+class Clock:
+    """Wall time and this process's CPU time (all threads) of a block; CUDA work is waited for."""
+
+    def __init__(self, device):
+        self.device = device
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self):
+        _sync(self.device)
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
+
+
+def generate_and_parse(model, tokenizer, texts, max_text_tokens: int) -> tuple[list, int]:
     """The loop many evaluation scripts use: one text at a time, generate, decode, look for Yes/No."""
     import torch
 
@@ -145,7 +163,6 @@ def generate_and_parse(model, tokenizer, texts, max_text_tokens: int) -> tuple[l
 
     device = next(model.parameters()).device
     answers, new_tokens = [], 0
-    start = time.perf_counter()
     with torch.inference_mode():
         for text in texts:
             enc = tokenizer(build_prompt(tokenizer, text, max_text_tokens), add_special_tokens=False, return_tensors="pt")
@@ -154,22 +171,16 @@ def generate_and_parse(model, tokenizer, texts, max_text_tokens: int) -> tuple[l
             generated = out[0, enc["input_ids"].shape[1]:]
             new_tokens += int(generated.numel())
             answers.append(parse_answer(tokenizer.decode(generated, skip_special_tokens=True)))
-    _sync(device)
-    return answers, time.perf_counter() - start, new_tokens
+    return answers, new_tokens
 
 
-def bare_forward(model, batches) -> float:
-    """The same forward call the scorer makes, over the same prebuilt batches, and nothing else."""
+def bare_forward(model, inputs) -> None:
+    """The same forward call the scorer makes, on a prebuilt batch, and nothing else."""
     import torch
 
-    device = next(model.parameters()).device
-    start = time.perf_counter()
     with torch.inference_mode():
-        for _, inputs in batches:
-            position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            model(**inputs, position_ids=position_ids, logits_to_keep=1, use_cache=False)
-    _sync(device)
-    return time.perf_counter() - start
+        position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        model(**inputs, position_ids=position_ids, logits_to_keep=1, use_cache=False)
 
 
 def _sync(device) -> None:
@@ -180,6 +191,13 @@ def _sync(device) -> None:
 
 
 def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> dict:
+    """Scorer, bare forward and generate-and-parse on the same texts, interleaved batch by batch.
+
+    On a machine shared with other jobs the speed comes and goes in bursts of tens of seconds;
+    timing the three methods one after the other on each batch (and the scorer and bare pass over
+    several rounds) lets every method see the same bursts, so the ratios hold up where the
+    absolute rates do not.
+    """
     import numpy as np
 
     from sarcasm_dpo.data import load_split, stratified_sample
@@ -196,46 +214,83 @@ def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> di
     # Warm-up on other texts: first calls allocate buffers and pick kernels, for every method alike.
     warm = load_split(splits / "gen_val.csv")["text"].tolist()[: args.eval_batch_size]
     scorer.predict_proba(warm)
+    bare_forward(model, next(iter(scorer.batches(scorer.encode(warm))))[1])
     generate_and_parse(model, tokenizer, warm[:1], max_text_tokens)
 
-    # Batches for the bare pass are built once, outside the clock: exactly the scorer's batches.
-    encoded = scorer.encode(texts)
-    batches = [(idx, {k: v.to(device) for k, v in inputs.items()}) for idx, inputs in scorer.batches(encoded)]
+    # The scorer's own batches (length-sorted, left-padded), built once outside the clock for the bare pass.
+    batches = [(idx, {k: v.to(device) for k, v in inputs.items()}) for idx, inputs in scorer.batches(scorer.encode(texts))]
     padded = sum(int(b["input_ids"].numel()) for _, b in batches)
     real = sum(int(b["attention_mask"].sum()) for _, b in batches)
-
-    scorer_s, bare_s = [], []
-    for _ in range(args.eval_repeats):  # interleaved, so a burst of load from elsewhere hits both alike
-        t0 = time.perf_counter()
-        probs = scorer.predict_proba(texts)
-        _sync(device)
-        scorer_s.append(time.perf_counter() - t0)
-        bare_s.append(bare_forward(model, batches))
     n_gen = min(args.generate_texts or len(texts), len(texts))
-    answers, gen_s, new_tokens = generate_and_parse(model, tokenizer, texts[:n_gen], max_text_tokens)
+    gen_set = set(range(n_gen))
 
-    best_scorer, best_bare = min(scorer_s), min(bare_s)
-    scorer_rate, gen_rate, bare_rate = len(texts) / best_scorer, n_gen / gen_s, len(texts) / best_bare
-    scored_labels = (probs >= 0.5).astype(int)[:n_gen]
-    parsed = [a for a in answers if a is not None]
-    agree = [int(a == s) for a, s in zip(answers, scored_labels) if a is not None]
+    probs = np.zeros(len(texts))
+    answers: dict[int, int | None] = {}
+    times = {"scorer": [0.0, 0.0], "bare": [0.0, 0.0], "generate": [0.0, 0.0]}  # [wall, cpu]
+    per_batch = []
+    new_tokens = 0
+    for round_no in range(args.eval_repeats):
+        for idx, inputs in batches:
+            batch_texts = [texts[i] for i in idx]
+            c_score, c_bare = Clock(device), Clock(device)
+            # Alternate which goes first, so neither always inherits the other's warm caches.
+            for which in (("score", "bare") if round_no % 2 == 0 else ("bare", "score")):
+                if which == "score":
+                    with c_score:
+                        p = scorer.predict_proba(batch_texts)  # prompts, tokenizing, padding, forward, softmax
+                else:
+                    with c_bare:
+                        bare_forward(model, inputs)
+            row = {"round": round_no, "rows": len(idx), "width": int(inputs["input_ids"].shape[1]),
+                   "scorer_s": round(c_score.wall, 3), "bare_s": round(c_bare.wall, 3)}
+            if round_no == 0:
+                probs[idx] = p
+                todo = [i for i in idx if i in gen_set]
+                with Clock(device) as c_gen:
+                    got, n_new = generate_and_parse(model, tokenizer, [texts[i] for i in todo], max_text_tokens)
+                answers.update(zip(todo, got))
+                new_tokens += n_new
+                times["generate"][0] += c_gen.wall
+                times["generate"][1] += c_gen.cpu
+                row.update({"generate_texts": len(todo), "generate_s": round(c_gen.wall, 3)})
+            for key, clock in (("scorer", c_score), ("bare", c_bare)):
+                times[key][0] += clock.wall / args.eval_repeats
+                times[key][1] += clock.cpu / args.eval_repeats
+            per_batch.append(row)
+
+    rate = {"scorer": len(texts) / times["scorer"][0], "bare": len(texts) / times["bare"][0],
+            "generate": n_gen / times["generate"][0]}
+    cpu_rate = {"scorer": len(texts) / times["scorer"][1], "bare": len(texts) / times["bare"][1],
+                "generate": n_gen / times["generate"][1]}
+    gen_answers = [answers[i] for i in range(n_gen)]
+    scored_labels = (probs >= 0.5).astype(int)
+    parsed = [(a, y) for a, y in zip(gen_answers, labels[:n_gen]) if a is not None]
+    agree = [int(a == s) for a, s in zip(gen_answers, scored_labels[:n_gen]) if a is not None]
     return {
-        "texts": len(texts), "generate_texts": n_gen, "batch_size": args.eval_batch_size,
+        "texts": len(texts), "generate_texts": n_gen, "batch_size": args.eval_batch_size, "rounds": args.eval_repeats,
         "max_text_tokens": max_text_tokens, "model_load_s": round(load_s, 2),
-        "scorer": {"seconds": [round(s, 3) for s in scorer_s], "texts_per_s": round(scorer_rate, 3)},
-        "bare_forward": {"seconds": [round(s, 3) for s in bare_s], "texts_per_s": round(bare_rate, 3),
-                         "padded_tokens": padded, "real_tokens": real,
-                         "padding_share": round(1 - real / padded, 4)},
-        "generate_and_parse": {"seconds": round(gen_s, 3), "texts_per_s": round(gen_rate, 3),
+        "scorer": {"seconds": round(times["scorer"][0], 3), "cpu_seconds": round(times["scorer"][1], 3),
+                   "texts_per_s": round(rate["scorer"], 3), "texts_per_cpu_s": round(cpu_rate["scorer"], 3)},
+        "bare_forward": {"seconds": round(times["bare"][0], 3), "cpu_seconds": round(times["bare"][1], 3),
+                         "texts_per_s": round(rate["bare"], 3), "texts_per_cpu_s": round(cpu_rate["bare"], 3),
+                         "padded_tokens": padded, "real_tokens": real, "padding_share": round(1 - real / padded, 4)},
+        "generate_and_parse": {"seconds": round(times["generate"][0], 3), "cpu_seconds": round(times["generate"][1], 3),
+                               "texts_per_s": round(rate["generate"], 3),
+                               "texts_per_cpu_s": round(cpu_rate["generate"], 3),
                                "new_tokens_mean": round(new_tokens / max(n_gen, 1), 2),
                                "unparseable": n_gen - len(parsed),
                                "agreement_with_scorer": round(float(np.mean(agree)), 4) if agree else None,
-                               "accuracy_where_parsed": round(float(np.mean([a == y for a, y in zip(answers, labels)
-                                                                            if a is not None])), 4) if parsed else None},
-        "scorer_accuracy": round(float(np.mean(scored_labels == labels[:n_gen])), 4),
-        "ratio_scorer_vs_generate": round(scorer_rate / gen_rate, 3),
-        "scorer_overhead_vs_bare": round(best_scorer / best_bare - 1, 4),
-        "note": "texts/s from the fastest of the timed repeats for scorer and bare pass; the generate loop runs once.",
+                               "accuracy_where_parsed": round(float(np.mean([a == y for a, y in parsed])), 4)
+                               if parsed else None},
+        "scorer_accuracy": round(float(np.mean(scored_labels == labels)), 4),
+        "ratio_scorer_vs_generate": round(rate["scorer"] / rate["generate"], 3),
+        "scorer_overhead_vs_bare": round(times["scorer"][0] / times["bare"][0] - 1, 4),
+        "cpu_time_ratio_scorer_vs_generate": round(cpu_rate["scorer"] / cpu_rate["generate"], 3),
+        "cpu_time_scorer_overhead_vs_bare": round(times["scorer"][1] / times["bare"][1] - 1, 4),
+        "per_batch": per_batch,
+        "note": "scorer and bare pass: mean over the rounds; generate loop: round 1 only. Methods are interleaved "
+                "batch by batch, scorer and bare pass in alternating order. Ratios from wall time; the CPU-time ratios beside them count this process's CPU "
+                "seconds, which other jobs on the machine disturb less.",
     }
 
 
@@ -347,6 +402,9 @@ def training_specs(args, model_ref: str, splits: Path, work: Path, max_text_toke
         config, DPOSettings, "dpo", sft_model=str(work / "sft"), output_dir=str(work / "dpo"),
         train_csv=str(splits / "isarcasm_train.csv"), val_csv=str(splits / "gen_val.csv"),
         isarcasm_val_csv=str(splits / "isarcasm_val.csv"), epochs=1, sample_size=args.dpo_pairs, grad_accum=1,
+        # A pair is two sequences (chosen, rejected): half the SFT batch keeps the sequences per step equal,
+        # as the configs do (SFT 8 examples, DPO 4 pairs).
+        batch_size=max(1, args.sft_batch_size // 2),
         val_sample_size=args.val_texts, probe_size=min(8, args.val_texts), eval_steps=0, logging_steps=1000,
         max_text_tokens=max_text_tokens, device=device, seed=args.seed, no_wandb=True, overwrite=True)
     return dataclasses.asdict(sft_s), dataclasses.asdict(dpo_s)
@@ -363,6 +421,8 @@ def sft_section(ours: dict, usual: dict, args) -> dict:
                            "(every real token), gradient_checkpointing=True", **u,
                   "truncated_examples": usual.get("truncated_examples")},
         "same_real_tokens": o["real_tokens"] == u["real_tokens"],
+        "cpu_time_ratio_tokens_per_s": round(o["real_tokens_per_cpu_s"] / u["real_tokens_per_cpu_s"], 3)
+        if o.get("real_tokens_per_cpu_s") and u.get("real_tokens_per_cpu_s") else None,
         "ratio_tokens_per_s": round(ratio, 3) if ratio else None,
         "note": "tokens/s = real (non-padding) tokens fed to training forward passes per second, over optimizer "
                 "steps 2..N (step 1 is warm-up); both setups train the same examples, so the ratio is the time ratio.",
@@ -437,7 +497,7 @@ def throughput_share(sft: dict, evaluation: dict | None, flops: dict, peak: floa
         out["sft_share_of_peak"] = round(achieved / peak, 4)
     if evaluation and peak:
         b = evaluation["bare_forward"]
-        seconds = min(evaluation["scorer"]["seconds"])
+        seconds = evaluation["scorer"]["seconds"]
         work = 2 * flops["block_params"] * b["padded_tokens"] + 2 * flops["head_params"] * evaluation["texts"]
         out["scorer_tflops"] = round(work / seconds / 1e12, 2)
         out["scorer_share_of_peak"] = round(work / seconds / 1e12 / peak, 4)
@@ -554,7 +614,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     on_gpu = cuda and (args.device in (None, "cuda") or str(args.device).startswith("cuda"))
     config = GPU_CONFIG if args.random_init else CPU_CONFIG
-    defaults = dict(eval_texts=(512, 32), sft_examples=(1024, 12), sft_batch_size=(8, 2), dpo_pairs=(256, 8))
+    defaults = dict(eval_texts=(512, 32), sft_examples=(1024, 12), sft_batch_size=(8, 2), dpo_pairs=(256, 4))
     for key, (gpu_value, cpu_value) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, gpu_value if on_gpu else cpu_value)

@@ -279,8 +279,9 @@ def test_beta_sweep_writes_every_output(toy):
     from sarcasm_dpo.models import adapter_base_model
 
     out = toy.root / "sweep"
-    results = dpo.run(dpo_settings(toy, out, beta_sweep=True, betas=[0.1, 0.5], epochs=1, sample_size=16,
-                                   batch_size=8, probe_size=8, val_sample_size=8))
+    settings = dpo_settings(toy, out, beta_sweep=True, betas=[0.1, 0.5], epochs=1, sample_size=16, batch_size=8,
+                            probe_size=8, val_sample_size=8)
+    results = dpo.run(settings)
     on_disk = json.loads((out / "beta_sweep_results.json").read_text())
     assert on_disk["best_beta"] == results["best_beta"] and on_disk["best_beta"] in (0.1, 0.5)
     assert [r["beta"] for r in on_disk["runs"]] == [0.1, 0.5]
@@ -297,6 +298,12 @@ def test_beta_sweep_writes_every_output(toy):
     assert (out / "beta_sweep.png").is_file() and (out / "COMPLETE.json").is_file()
     assert (out / "adapter_model.safetensors").read_bytes() == (best_dir / "adapter_model.safetensors").read_bytes()
     assert adapter_base_model(out) == str(toy.model_dir)
+
+    # Run again (as after an interruption): finished betas are reused, not trained again.
+    stamp = (best_dir / "dpo_training_summary.json").stat().st_mtime_ns
+    again = dpo.run(settings)
+    assert again["runs"] == results["runs"] and again["best_beta"] == results["best_beta"]
+    assert (best_dir / "dpo_training_summary.json").stat().st_mtime_ns == stamp
 
 
 def _cli(*args, timeout=300):

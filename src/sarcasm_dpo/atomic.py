@@ -25,6 +25,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes it owner-only; outputs get the usual permissions
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:  # flush the data before the rename makes it visible
@@ -33,6 +34,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -124,13 +131,15 @@ def is_complete_for(folder: str | os.PathLike, config: dict) -> bool:
     return bool(record) and record.get("config_fingerprint") == config_fingerprint(config)
 
 
-def prepare_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool = False, resume: bool = False,
-                       ignore_keys: tuple[str, ...] = ()) -> Path:
-    """Make sure a stage may write into `folder`, then clear its completion marker.
+def check_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool = False, resume: bool = False,
+                     ignore_keys: tuple[str, ...] = ()) -> Path:
+    """Read-only: may a stage with `config` write into `folder`? Raises UserError if not.
 
     A folder holding another run's results (a completion marker with a different config, or
     files we did not write) is refused unless `overwrite`, so a typo in --output_dir never
     destroys a finished model. Re-running with the same config, or resuming, is allowed.
+    Stages call this before their slow setup and `prepare_output_dir` only when all checks passed,
+    so a run refused for any reason leaves the folder exactly as it was.
     """
     from .errors import UserError
 
@@ -154,6 +163,13 @@ def prepare_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool 
                 f"{folder} is not empty ({', '.join(names)}) and holds no finished run of ours. "
                 "Pass --overwrite to write into it anyway, or choose another --output_dir."
             )
+    return folder
+
+
+def prepare_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool = False, resume: bool = False,
+                       ignore_keys: tuple[str, ...] = ()) -> Path:
+    """`check_output_dir`, then claim the folder: create it and clear its completion marker."""
+    folder = check_output_dir(folder, config, overwrite=overwrite, resume=resume, ignore_keys=ignore_keys)
     folder.mkdir(parents=True, exist_ok=True)
     clear_complete(folder)
     return folder

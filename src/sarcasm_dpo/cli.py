@@ -6,8 +6,10 @@
     sarcasm-dpo compare --test_csv data/splits/gen_test.csv
     sarcasm-dpo pipeline --config configs/qwen2.5-0.5b.yaml
 
-Bad input or settings end with one paragraph on stderr and exit code 2 (no traceback).
-Runs under `accelerate launch ... -m sarcasm_dpo.cli sft ...` as well.
+Bad input or settings end with one paragraph on stderr and exit code 2 (no traceback). Ctrl-C or
+SIGTERM during sft/dpo training writes a checkpoint, prints the command that resumes, and exits
+128 + the signal number (130, 143). Runs under `accelerate launch ... -m sarcasm_dpo.cli sft ...`
+as well, `--cpu --num_processes N` included (see runtime.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
+import signal
 import sys
+import threading
 
 from . import __version__
 from .config import add_arguments, from_namespace
@@ -79,18 +84,78 @@ def run_command(args: argparse.Namespace) -> object:
     return module.run(settings)
 
 
+# Stages whose checkpoints `--resume` continues from, and the ones that train data-parallel.
+RESUMABLE = ("sft", "dpo")
+DISTRIBUTED = ("sft", "dpo")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, a closing laptop lid), handled like Ctrl-C."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _main_process() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def resume_command(args: argparse.Namespace, argv: list[str]) -> str:
+    """The command line that continues an interrupted run."""
+    words = list(argv)
+    if args.command in RESUMABLE and "--resume" not in words:
+        words.append("--resume")
+    return "sarcasm-dpo " + shlex.join(words)
+
+
+def interrupt_message(args: argparse.Namespace, argv: list[str], exc: KeyboardInterrupt) -> str:
+    name = signal.Signals(getattr(exc, "signum", signal.SIGINT)).name
+    again = resume_command(args, argv)
+    launcher = " (under accelerate launch or torchrun: the same launch line, with --resume added)" \
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+    checkpoint = getattr(exc, "checkpoint", None)
+    if args.command in RESUMABLE and checkpoint is not None:
+        return (f"Stopped by {name} at step {exc.step}: checkpoint {checkpoint} holds the weights, optimizer, "
+                f"scheduler, random-number states and validation history. Continue with: {again}{launcher}")
+    if args.command in RESUMABLE:
+        return (f"Interrupted by {name} before a new checkpoint was written. Finished files are intact; continue "
+                f"from the newest complete checkpoint (or from the start if there is none) with: {again}{launcher}")
+    if args.command == "pipeline":
+        return (f"Interrupted by {name}. Re-run the same command; finished stages are skipped and an interrupted "
+                f"training stage resumes from its newest checkpoint: {again}")
+    return f"Interrupted by {name}. Files already written are whole (each is written atomically); re-run: {again}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in DISTRIBUTED and os.environ.get("ACCELERATE_USE_CPU"):
+        from .runtime import cpu_workers_requested, run_workers
+
+        workers = cpu_workers_requested()
+        if workers > 1:  # `accelerate launch --cpu --num_processes N` started only us; start the N ranks
+            print(f"[{args.command}] accelerate launch --cpu --num_processes {workers}: starting {workers} "
+                  "data-parallel processes (gloo).", file=sys.stderr)
+            return run_workers(workers, argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         run_command(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if _main_process():  # every process meets the same bad input; one message is enough
+            print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("Interrupted. Finished outputs are intact; re-run the same command with --resume to continue.",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        if _main_process():
+            print(interrupt_message(args, argv, exc), file=sys.stderr)
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -107,7 +107,7 @@ def train(s, run_name: str | None = None) -> dict:
     from .tracking import Tracker
 
     # Setup. Data first: a wrong path fails in a second, before any model is loaded.
-    if s.resume and _finished_with(out, config):
+    if s.resume and _finished_with(out, config, sft_dir):
         print(f"{out} already holds the finished run of these settings; nothing to resume.")
         return read_json(out / SUMMARY_FILE)
     tokenizer = load_tokenizer(base_ref)
@@ -162,7 +162,7 @@ def train(s, run_name: str | None = None) -> dict:
                                 saved_diagnostics, device, timings, resume_from)
         write_json(out / SUMMARY_FILE, summary)
         finish_output_dir(out, config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
-                                        "beta": s.beta})
+                                        "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir)})
 
         tracker.log_image("dpo/training_curves", out / CURVES_FILE)
         tracker.log_summary({"best_step": summary["best_step"], "best_f1": summary["best_f1"],
@@ -443,10 +443,19 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _finished_with(out: Path, config: dict) -> bool:
+def sft_fingerprint(sft_dir: Path) -> str | None:
+    """The SFT adapter's weights checksum: a finished DPO run is only reused while its SFT start is unchanged."""
+    from .data import file_sha256
+
+    weights = Path(sft_dir) / "adapter_model.safetensors"
+    return file_sha256(weights) if weights.is_file() else None
+
+
+def _finished_with(out: Path, config: dict, sft_dir: Path) -> bool:
+    """True when `out` holds a finished run of these settings, from the same SFT adapter weights."""
     record = read_complete(out)
     return bool(record) and stable_config(record.get("config") or {}) == stable_config(config) \
-        and (out / SUMMARY_FILE).is_file()
+        and record.get("sft_adapter_sha256") == sft_fingerprint(sft_dir) and (out / SUMMARY_FILE).is_file()
 
 
 def prepare_run_dir(out: Path, config: dict, s) -> Path | None:
@@ -608,8 +617,13 @@ def run_sweep(s) -> dict:
     for i, beta in enumerate(betas, 1):
         sub = dataclasses.replace(s, beta=beta, beta_sweep=False, output_dir=str(beta_dir(out, beta)),
                                   wandb_group=group)
-        print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} -> {sub.output_dir}")
-        summary = train(sub, run_name=f"dpo-beta-{beta:g}")
+        if _finished_with(Path(sub.output_dir), dataclasses.asdict(sub), Path(s.sft_model)):
+            # An interrupted sweep picks up where it stopped: finished betas are not trained again.
+            print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} already finished in {sub.output_dir}; reusing it.")
+            summary = read_json(Path(sub.output_dir) / SUMMARY_FILE)
+        else:
+            print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} -> {sub.output_dir}")
+            summary = train(sub, run_name=f"dpo-beta-{beta:g}")
         rows.append(sweep_row(beta, sub.output_dir, summary))
         _free_memory()
     # Best by GEN validation F1; ties go to the run that stayed closest to SFT (smaller KL).

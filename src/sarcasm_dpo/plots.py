@@ -136,6 +136,21 @@ def _series(records: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def _healthy_band(ax, values: list, kl_range: tuple[float, float]) -> None:
+    """Shade the healthy KL range when the curve comes near it; otherwise say where it is, so a
+    KL of 0.01 is not squashed flat by a band drawn up to 2."""
+    low, high = kl_range
+    top = max(values) if values else 0.0
+    ax.ticklabel_format(axis="y", useOffset=False)
+    if top >= low / 2:
+        ax.axhspan(low, high, color="tab:green", alpha=0.12, label=f"healthy {low:g}-{high:g}")
+        ax.set_ylim(0, max(high, top) * 1.08)  # KL is never negative
+    else:
+        ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
+        ax.text(0.98, 0.04, f"healthy range {low:g}-{high:g} lies above this plot", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=8, color="tab:green")
+
+
 def plot_dpo_curves(batch: list[dict], evals: list[dict], path, *, best_step: int | None = None,
                     primary: str = "gen_val", kl_range: tuple[float, float] = (0.5, 2.0),
                     ratio_threshold: float = 1.2):
@@ -153,8 +168,9 @@ def plot_dpo_curves(batch: list[dict], evals: list[dict], path, *, best_step: in
     ax_loss.set_title("DPO loss")
     ax_loss.set_ylabel("loss")
 
-    ax_kl.axhspan(*kl_range, color="tab:green", alpha=0.12, label=f"healthy {kl_range[0]:g}-{kl_range[1]:g}")
-    ax_kl.plot(*_series(batch, "dpo/kl"), marker=marker, color="tab:red", label="KL(policy || SFT), answer position")
+    kl_steps, kls = _series(batch, "dpo/kl")
+    ax_kl.plot(kl_steps, kls, marker=marker, color="tab:red", label="KL(policy || SFT), answer position")
+    _healthy_band(ax_kl, kls, kl_range)
     ax_kl.set_title("KL to the reference (probe set)")
     ax_kl.set_ylabel("nats")
     ax_drift = ax_kl.twinx()
@@ -189,6 +205,7 @@ def plot_dpo_curves(batch: list[dict], evals: list[dict], path, *, best_step: in
     if best_step is not None:
         ax_f1.axvline(best_step, color="grey", linestyle="--", linewidth=1, label=f"saved (step {best_step})")
     ax_f1.set_ylim(0, 1.02)
+    ax_f1.set_ylabel("F1")
     ax_f1.set_title("Validation F1 (sarcastic class)")
     ax_f1.legend(fontsize=8, loc="lower right")
 
@@ -213,12 +230,15 @@ def plot_beta_sweep(rows: list[dict], path, best_beta: float | None = None,
         ax.plot(betas, [r.get("isarcasm_val_f1") for r in rows], marker="s", linestyle="--", color="tab:cyan",
                 label="iSarcasmEval val F1")
     ax.set_xscale("log")
+    ax.set_xticks(betas, [f"{b:g}" for b in betas])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("beta")
     ax.set_ylabel("F1")
     ax.set_ylim(0, 1.02)
     ax_kl = ax.twinx()
-    ax_kl.axhspan(*kl_range, color="tab:green", alpha=0.1)
-    ax_kl.plot(betas, [r.get("final_kl") for r in rows], marker="^", color="tab:red", label="final KL (end of training)")
+    kls = [r.get("final_kl") for r in rows]
+    ax_kl.plot(betas, kls, marker="^", color="tab:red", label="final KL (end of training)")
+    _healthy_band(ax_kl, [k for k in kls if k is not None], kl_range)
     ax_kl.set_ylabel("KL to SFT (nats)")
     if best_beta is not None:
         ax.axvline(best_beta, color="grey", linestyle="--", linewidth=1, label=f"best beta {best_beta:g}")

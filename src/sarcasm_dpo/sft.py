@@ -38,13 +38,15 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from . import callbacks as shared_callbacks
-from .atomic import (atomic_path, finish_output_dir, prepare_output_dir, read_complete, read_json,
-                     stable_config, write_json)
+from .atomic import (atomic_path, check_output_dir, finish_output_dir, prepare_output_dir, read_complete,
+                     read_json, stable_config, write_json)
 from .callbacks import LossProgressCallback, SaveStateCallback, TrackerLogCallback, ValidationCallback
 from .data import balanced_sample, class_counts, frame_checksum, load_split, overlap_count, stratified_sample
 from .errors import UserError
 from .models import load_base_model, load_tokenizer, pick_device
-from .prompts import build_prompt, label_word
+from .prompts import build_prompt, label_token_ids, label_word
+from .runtime import (BarrierOnSaveCallback, GracefulStopCallback, barrier, is_main_process, stop_on_signal,
+                      train_within_memory, world_size)
 from .tracking import Tracker
 
 ARTIFACT_NAME = "sft-adapter"  # the DPO run declares this artifact (the output folder) as its input
@@ -71,49 +73,41 @@ def run(settings, extra_callbacks=()) -> dict:
     """Train, pick the best epoch by validation F1, save it; returns the training summary.
 
     `extra_callbacks` are more TrainerCallbacks for the trainer (the tests interrupt runs with one).
+    Under `accelerate launch` / `torchrun` every process trains; only the main one writes.
     """
     s = settings
     started = time.perf_counter()
     config = dataclasses.asdict(s)
     out = Path(s.output_dir)
+    main = is_main_process()
     check_settings(s)
 
-    # Setup. Data first: a wrong path fails in a second, before any model is loaded.
-    train_df, val_df = load_data(s)
+    # Setup. Every check on the input runs before the output folder is touched, so a run refused
+    # for any reason leaves a previous result in --output_dir byte for byte as it was.
+    train_df, val_df = load_data(s)  # a wrong path fails in a second, before any model is loaded
     if s.resume and _finished_with(out, config):
-        print(f"{out} already holds the finished run of these settings; nothing to resume.")
+        if main:
+            print(f"{out} already holds the finished run of these settings; nothing to resume.")
         return read_json(out / SUMMARY_FILE)
-    resume_from = prepare_run_dir(out, config, s)
+    resume_from = plan_run_dir(out, config, s)
 
     import transformers
 
     transformers.set_seed(s.seed)  # LoRA init, dropout and data order all follow from the seed
     device = pick_device(s.device)
     tokenizer = load_tokenizer(s.model)
+    label_token_ids(tokenizer)  # both label words must be single tokens: fail now, not at the first evaluation
     model = drop_gguf_tag(load_base_model(s.model, device))
     check_lora_targets(model, s.lora_targets)
     train_ds = build_dataset(tokenizer, train_df, s.max_text_tokens, s.max_length)
     load_s = time.perf_counter() - started
 
-    with Tracker(enabled=not s.no_wandb, project=s.wandb_project, job_type="sft", config=config,
+    with Tracker(enabled=not s.no_wandb and main, project=s.wandb_project, job_type="sft", config=config,
                  group=s.wandb_group) as tracker:
-        validation = ValidationCallback(tokenizer, {VAL_SPLIT: val_df}, batch_size=s.eval_batch_size,
-                                        max_text_tokens=s.max_text_tokens, log=tracker.log)
-        if resume_from:
-            load_validation_state(validation, resume_from)
-        # Beside each checkpoint: validation history + best adapter (step checkpoints also at epoch ends).
-        state_saver = SaveStateCallback(lambda folder: save_validation_state(validation, folder),
-                                        save_each_epoch=bool(s.save_steps))
-        callbacks = [validation, state_saver, TrackerLogCallback(tracker.log), NonFiniteLossCallback(),
-                     *extra_callbacks]
-        trainer = build_trainer(s, model, tokenizer, train_ds, out / CHECKPOINTS, callbacks)
-        params = parameter_counts(trainer.model)
-        write_json(out / CHECKPOINTS / RUN_CONFIG, config)
-        print(describe_start(s, train_df, val_df, device, params, resume_from))
-
-        # Train.
+        # Train (on an out-of-memory error: smaller batches or a clear message; on Ctrl-C: a checkpoint).
         train_start = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trainer, validation, result, used = fit(s, config, out, model, tokenizer, train_ds, val_df, tracker,
+                                                resume_from, extra_callbacks, train_df)
         train_s = time.perf_counter() - train_start
 
         # Save: the best epoch's adapter, then the record of how it was made, the marker last.
@@ -121,21 +115,27 @@ def run(settings, extra_callbacks=()) -> dict:
         if not validation.history:  # e.g. resumed from a checkpoint taken after the last step
             validation.evaluate(trainer.model, trainer.state.global_step, trainer.state.epoch or 0.0)
         validation.restore_best(trainer.model)
-        save_adapter(trainer.model, tokenizer, out)
         metrics = training_metrics(trainer.state.log_history, validation, len(val_df), result.training_loss)
-        write_json(out / METRICS_FILE, metrics)
-        from .plots import plot_sft_curves
+        params = parameter_counts(trainer.model)
+        if main:
+            save_adapter(trainer.model, tokenizer, out)
+            write_json(out / METRICS_FILE, metrics)
+            from .plots import plot_sft_curves
 
-        plot_sft_curves(metrics["steps"], [{"epoch": e["epoch"], **e[VAL_SPLIT]} for e in metrics["epochs"]],
-                        out / CURVES_FILE, best_epoch=validation.best_epoch, split_name=VAL_SPLIT)
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # success: nothing left to resume
+            plot_sft_curves(metrics["steps"], [{"epoch": e["epoch"], **e[VAL_SPLIT]} for e in metrics["epochs"]],
+                            out / CURVES_FILE, best_epoch=validation.best_epoch, split_name=VAL_SPLIT)
         timings = {"load_s": load_s, "train_s": train_s, "eval_s": validation.eval_seconds,
                    "save_s": time.perf_counter() - save_start}
         timings["total_s"] = time.perf_counter() - started
         summary = build_summary(s, config, train_df, val_df, validation, trainer, params, device, timings,
-                                resume_from)
-        write_json(out / SUMMARY_FILE, summary)
-        finish_output_dir(out, config, {"best_epoch": summary["best_epoch"], "best_f1": summary["best_val"]["f1"]})
+                                resume_from, used)
+        if main:
+            write_json(out / SUMMARY_FILE, summary)
+            finish_output_dir(out, config, {"best_epoch": summary["best_epoch"],
+                                            "best_f1": summary["best_val"]["f1"]})
+            # Only now: a run killed before the marker can still --resume from its checkpoints.
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        barrier()  # the other processes end when the outputs are in place
 
         tracker.log_image("sft/training_curves", out / CURVES_FILE)
         tracker.log_summary({k: summary[k] for k in ("best_epoch", "best_step", "best_val", "trainable_params",
@@ -143,8 +143,63 @@ def run(settings, extra_callbacks=()) -> dict:
         tracker.log_artifact(out, name=ARTIFACT_NAME, type=ARTIFACT_TYPE,
                              metadata={"base_model": s.model, "best_epoch": summary["best_epoch"],
                                        "best_val_f1": summary["best_val"]["f1"]})
-    print(describe_result(summary, out))
+    if main:
+        print(describe_result(summary, out))
     return summary
+
+
+def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resume_from, extra_callbacks, train_df):
+    """Build the trainer and train; returns (trainer, validation callback, train output, batch used).
+
+    Out of memory: with --auto_find_batch_size each retry halves the batch, doubles gradient
+    accumulation and starts over from the same seed and weights (runtime.train_within_memory).
+    Ctrl-C / SIGTERM: the current step finishes, a checkpoint is written, StopRequested ends it.
+    """
+    import transformers
+
+    main = is_main_process()
+    holder = {"model": model, "claimed": False}
+
+    def attempt(batch_size: int, grad_accum: int, eval_batch_size: int):
+        current = holder["model"]
+        if holder["claimed"]:  # a retry: take the LoRA layers off and start from the same seed again
+            current = current.unload()
+            transformers.set_seed(s.seed)
+        validation = ValidationCallback(tokenizer, {VAL_SPLIT: val_df}, batch_size=eval_batch_size,
+                                        max_text_tokens=s.max_text_tokens, log=tracker.log,
+                                        printer=print if main else _quiet)
+        if resume_from:
+            load_validation_state(validation, resume_from)
+        # Beside each checkpoint: validation history + best adapter (step checkpoints also at epoch ends).
+        state_saver = SaveStateCallback(lambda folder: save_validation_state(validation, folder),
+                                        save_each_epoch=bool(s.save_steps))
+        callbacks = [validation, BarrierOnSaveCallback(), state_saver, TrackerLogCallback(tracker.log),
+                     NonFiniteLossCallback(out / CHECKPOINTS), GracefulStopCallback(flag), *extra_callbacks]
+        sized = dataclasses.replace(s, batch_size=batch_size, grad_accum=grad_accum)
+        trainer = build_trainer(sized, current, tokenizer, train_ds, out / CHECKPOINTS, callbacks)
+        holder["model"] = trainer.model
+        if not holder["claimed"]:
+            # The folder is claimed once every process got this far (the trainer set up the process group).
+            barrier()
+            if main:
+                claim_run_dir(out, config, s, resume_from)
+                write_json(out / CHECKPOINTS / RUN_CONFIG, config)
+            barrier()
+            holder["claimed"] = True
+        if main:
+            print(describe_start(sized, train_df, val_df, current.device, parameter_counts(trainer.model),
+                                 resume_from))
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        return trainer, validation, result, {"batch_size": batch_size, "grad_accum": grad_accum,
+                                             "eval_batch_size": eval_batch_size, "processes": world_size()}
+
+    with stop_on_signal() as flag:
+        return train_within_memory(attempt, batch_size=s.batch_size, grad_accum=s.grad_accum,
+                                   eval_batch_size=s.eval_batch_size, auto=s.auto_find_batch_size, stage="sft")
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The printer of processes other than the main one: one copy of each message is enough."""
 
 
 # -- setup -------------------------------------------------------------------------------------------
@@ -162,6 +217,9 @@ def check_settings(s) -> None:
         raise UserError(f"--lora_alpha must be positive, got {s.lora_alpha}.")
     if not s.lora_targets:
         raise UserError("--lora_targets is empty; name the modules that get LoRA adapters, e.g. q_proj,v_proj.")
+    if s.auto_find_batch_size and world_size() > 1:
+        raise UserError("--auto_find_batch_size works in single-process runs only: the processes of a distributed "
+                        "run cannot retry in step. Set --batch_size and --grad_accum instead.")
 
 
 def load_data(s):
@@ -187,19 +245,18 @@ def _finished_with(out: Path, config: dict) -> bool:
         and (out / SUMMARY_FILE).is_file()
 
 
-def prepare_run_dir(out: Path, config: dict, s) -> Path | None:
-    """Claim the output folder; return the checkpoint to resume from, if any.
+def plan_run_dir(out: Path, config: dict, s) -> Path | None:
+    """Read-only: may this run use the output folder, and which checkpoint does it continue from?
 
-    A folder with another run's results is refused unless --overwrite (prepare_output_dir). Old
+    A folder with another run's results is refused unless --overwrite (check_output_dir). Old
     checkpoints are never silently reused nor silently thrown away: without --resume they are an
-    error, unless --overwrite says to start over.
+    error, unless --overwrite says to start over. Nothing is changed here (see claim_run_dir).
     """
     ckpt_dir = out / CHECKPOINTS
-    latest = latest_checkpoint(ckpt_dir)
+    # Checkpoints beside a finished run of these settings are leftovers of a run killed after its marker.
+    latest = None if _finished_with(out, config) else latest_checkpoint(ckpt_dir)
     resume_from = latest if s.resume else None
-    if s.resume and latest is None:
-        print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
-    prepare_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+    check_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
     if resume_from is not None:
         had = read_json(ckpt_dir / RUN_CONFIG) if (ckpt_dir / RUN_CONFIG).is_file() else {}
         mine = {k: v for k, v in stable_config(config).items() if k not in RESUME_NEUTRAL}
@@ -209,13 +266,22 @@ def prepare_run_dir(out: Path, config: dict, s) -> Path | None:
             raise UserError(f"The checkpoints in {ckpt_dir} were made with other settings (differ in: "
                             f"{', '.join(diff)}). Resume with the same settings, or pass --overwrite "
                             "without --resume to start over.")
-        print(f"Resuming from {resume_from}.")
     elif latest is not None and not s.overwrite:
         raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
                         "or --overwrite to start over.")
+    return resume_from
+
+
+def claim_run_dir(out: Path, config: dict, s, resume_from: Path | None) -> None:
+    """Take the folder over (main process, after every check passed): marker cleared, stale checkpoints gone."""
+    ckpt_dir = out / CHECKPOINTS
+    if s.resume and resume_from is None:
+        print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
+    prepare_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+    if resume_from is not None:
+        print(f"Resuming from {resume_from}.")
     elif ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)  # --overwrite, or leftovers with no complete checkpoint to resume from
-    return resume_from
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -322,7 +388,7 @@ def training_args(s, model, ckpt_dir: Path):
         num_train_epochs=s.epochs,
         per_device_train_batch_size=s.batch_size,
         gradient_accumulation_steps=s.grad_accum,
-        auto_find_batch_size=s.auto_find_batch_size,
+        auto_find_batch_size=False,  # ours (runtime.train_within_memory) also keeps the effective batch
         optim="adamw_torch",
         learning_rate=s.lr,
         weight_decay=s.weight_decay,
@@ -392,29 +458,35 @@ def load_validation_state(validation: ValidationCallback, folder: Path) -> None:
 
 
 class NonFiniteLossCallback(TrainerCallback):
-    """Stop at the first step whose loss is NaN/inf, naming the step.
+    """Stop at the first step whose loss is NaN/inf, naming the step and the last good checkpoint.
 
     Checked on the gradients just before the optimizer step (a NaN/inf loss makes them NaN/inf),
     so the bad update is never applied and the last checkpoint stays usable.
     """
+
+    def __init__(self, ckpt_dir: Path | None = None):
+        self.ckpt_dir = ckpt_dir
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         import torch
 
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
         if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            self._stop(state.global_step + 1, "gradients")
+            self._stop(state.global_step + 1, "gradients", self.ckpt_dir)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss):
-            self._stop(state.global_step, "loss")
+            self._stop(state.global_step, "loss", self.ckpt_dir)
 
     @staticmethod
-    def _stop(step: int, what: str) -> None:
+    def _stop(step: int, what: str, ckpt_dir: Path | None) -> None:
+        last = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+        kept = (f"The last good checkpoint, {last}, is kept (written before the fault)" if last else
+                "No checkpoint was written before the fault")
         raise TrainingDiverged(
-            f"Training diverged: the {what} became NaN or infinite at optimizer step {step}. Lower --lr "
-            "(or raise --warmup_ratio) and start over with --overwrite; checkpoints before that step are intact.")
+            f"Training diverged: the {what} became NaN or infinite at optimizer step {step}; the bad update was "
+            f"not applied. {kept}. Lower --lr (or raise --warmup_ratio) and start over with --overwrite.")
 
 
 # -- save --------------------------------------------------------------------------------------------
@@ -467,7 +539,8 @@ def training_metrics(log_history: list[dict], validation: ValidationCallback, va
                      "f1": best[VAL_SPLIT]["f1"] if best else None}}
 
 
-def build_summary(s, config, train_df, val_df, validation, trainer, params, device, timings, resume_from) -> dict:
+def build_summary(s, config, train_df, val_df, validation, trainer, params, device, timings, resume_from,
+                  used: dict | None = None) -> dict:
     import peft
     import torch
     import transformers
@@ -490,6 +563,8 @@ def build_summary(s, config, train_df, val_df, validation, trainer, params, devi
         "device": str(device),
         "dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
         "resumed_from": str(resume_from) if resume_from else None,
+        # What training really used: --auto_find_batch_size may have shrunk the batch; processes > 1 under DDP.
+        "batch": used,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                      "peft": peft.__version__},
@@ -506,7 +581,8 @@ def describe_start(s, train_df, val_df, device, params, resume_from) -> str:
             f"validating on {len(val_df)}; model {s.model} on {device}; LoRA r={s.lora_r} alpha={s.lora_alpha} on "
             f"{','.join(s.lora_targets)}: {params['trainable_params']:,} trainable parameters "
             f"({100 * params['trainable_share']:.2f}%); {s.epochs:g} epoch(s), lr {s.lr:g}, batch "
-            f"{s.batch_size}x{s.grad_accum}" + (f"; resuming from {resume_from.name}" if resume_from else "") + ".")
+            f"{s.batch_size}x{s.grad_accum}" + (f"x{world_size()} processes" if world_size() > 1 else "")
+            + (f"; resuming from {resume_from.name}" if resume_from else "") + ".")
 
 
 def describe_result(summary: dict, out: Path) -> str:
