@@ -4,7 +4,8 @@ One YAML file drives every stage (shared keys at the top, one section per stage)
 ties the runs together, and each stage's output folder carries a COMPLETE.json written last with
 a fingerprint of the settings that made it. A re-run skips every stage whose folder is complete
 for the same settings, resumes a stage that was interrupted (its checkpoints are there but no
-marker), and redoes a stage whose settings changed; `--force` redoes everything.
+marker), and redoes a stage whose settings changed, and every stage after it (their inputs
+changed); `--force` redoes everything.
 
     sarcasm-dpo pipeline --config configs/smollm2-135m-cpu.yaml --data_dir ../shared/data
 """
@@ -82,7 +83,8 @@ def run(pipe, config_path: str | None = None) -> dict:
             settings = dataclasses.replace(settings, dpo_model=_dpo_result_dir(stages["dpo"]))
         out = Path(_output_of(name, settings))
         config = dataclasses.asdict(settings)
-        if not pipe.force and is_complete_for(out, config):
+        # Once a stage has run, everything after it runs too: its inputs just changed.
+        if not pipe.force and not ran and is_complete_for(out, config):
             print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to redo).")
             skipped.append(name)
             if name == "compare":

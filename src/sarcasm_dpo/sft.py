@@ -38,7 +38,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from . import callbacks as shared_callbacks
-from .atomic import (atomic_path, check_output_dir, finish_output_dir, prepare_output_dir, read_complete,
+from .atomic import (_umask, atomic_path, check_output_dir, finish_output_dir, prepare_output_dir, read_complete,
                      read_json, stable_config, write_json)
 from .callbacks import LossProgressCallback, SaveStateCallback, TrackerLogCallback, ValidationCallback
 from .data import balanced_sample, class_counts, frame_checksum, load_split, overlap_count, stratified_sample
@@ -504,7 +504,9 @@ def save_adapter(model, tokenizer, out: Path) -> None:
         tokenizer.save_pretrained(str(scratch))
         (scratch / "README.md").unlink(missing_ok=True)  # PEFT's empty model card template
         files = sorted((p for p in scratch.iterdir() if p.is_file()), key=lambda p: p.name == "adapter_config.json")
+        mode = 0o666 & ~_umask()  # some writers make owner-only files; outputs get the usual permissions
         for path in files:
+            os.chmod(path, mode)
             os.replace(path, out / path.name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
