@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import shlex
 import subprocess
 import sys
@@ -236,6 +237,10 @@ def make_step_meter():
                             "real_tokens_per_s": round(real / seconds, 2),
                             "padded_tokens_per_s": round(padded / seconds, 2),
                             "seconds_per_step": round(seconds / (steps - 1), 3)})
+                # Per-step rates: their median shrugs off the steps that a burst of other work slowed down.
+                rates = [self.step_real[i] / (self.step_times[i] - self.step_times[i - 1]) for i in range(1, steps)]
+                out["real_tokens_per_s_median_step"] = round(statistics.median(rates), 2)
+                out["real_tokens_per_s_each_step"] = [round(r, 2) for r in rates]
                 cpu = self.step_cpu[-1] - self.step_cpu[0]
                 if cpu > 0:
                     out.update({"timed_cpu_seconds": round(cpu, 3), "real_tokens_per_cpu_s": round(real / cpu, 2)})

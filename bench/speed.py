@@ -75,11 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Texts cut to this many tokens in the prompt (default: the config's: 128 CPU, 256 GPU).")
     p.add_argument("--eval_texts", type=int, default=None, help="Test texts scored by every method (default 32 CPU, 512 GPU).")
     p.add_argument("--eval_batch_size", type=int, default=16, help="Scorer and bare-forward batch size.")
-    p.add_argument("--eval_repeats", type=int, default=2, help="Rounds of the scorer and bare pass (mean kept).")
+    p.add_argument("--eval_repeats", type=int, default=3, help="Timed rounds of all three methods (fastest per batch kept).")
     p.add_argument("--generate_texts", type=int, default=None,
                    help="Texts for the generate loop (default: all of --eval_texts; fewer to save time on a slow box).")
     p.add_argument("--sft_examples", type=int, default=None, help="Training examples for both SFT setups "
-                                                                   "(default 12 CPU, 1024 GPU).")
+                                                                   "(default 10 CPU, 1024 GPU).")
     p.add_argument("--sft_batch_size", type=int, default=None, help="Batch size of both setups (default 2 CPU, 8 GPU).")
     p.add_argument("--usual_max_length", type=int, default=256, help="The usual setup pads every example to this.")
     p.add_argument("--dpo_pairs", type=int, default=None, help="Preference pairs for the memory run, batch = half the SFT batch (default 4 CPU, 256 GPU).")
@@ -226,71 +226,76 @@ def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> di
 
     probs = np.zeros(len(texts))
     answers: dict[int, int | None] = {}
-    times = {"scorer": [0.0, 0.0], "bare": [0.0, 0.0], "generate": [0.0, 0.0]}  # [wall, cpu]
-    per_batch = []
+    methods = ("scorer", "bare", "generate")
+    # wall[method][batch] = seconds in each round; cpu likewise (this process's CPU seconds)
+    wall = {m: [[] for _ in batches] for m in methods}
+    cpu = {m: [[] for _ in batches] for m in methods}
     new_tokens = 0
     for round_no in range(args.eval_repeats):
-        for idx, inputs in batches:
-            batch_texts = [texts[i] for i in idx]
-            c_score, c_bare = Clock(device), Clock(device)
-            # Alternate which goes first, so neither always inherits the other's warm caches.
-            for which in (("score", "bare") if round_no % 2 == 0 else ("bare", "score")):
-                if which == "score":
-                    with c_score:
-                        p = scorer.predict_proba(batch_texts)  # prompts, tokenizing, padding, forward, softmax
-                else:
-                    with c_bare:
+        # Rotate the order each round, so no method always inherits another's warm caches or a quiet spell.
+        order = methods[round_no % 3:] + methods[:round_no % 3]
+        for b, (idx, inputs) in enumerate(batches):
+            todo = [i for i in idx if i in gen_set]
+            for method in order:
+                with Clock(device) as clock:
+                    if method == "scorer":
+                        p = scorer.predict_proba([texts[i] for i in idx])  # prompts, tokenizing, padding, forward, softmax
+                    elif method == "bare":
                         bare_forward(model, inputs)
-            row = {"round": round_no, "rows": len(idx), "width": int(inputs["input_ids"].shape[1]),
-                   "scorer_s": round(c_score.wall, 3), "bare_s": round(c_bare.wall, 3)}
+                    else:
+                        got, n_new = generate_and_parse(model, tokenizer, [texts[i] for i in todo], max_text_tokens)
+                wall[method][b].append(clock.wall)
+                cpu[method][b].append(clock.cpu)
             if round_no == 0:
                 probs[idx] = p
-                todo = [i for i in idx if i in gen_set]
-                with Clock(device) as c_gen:
-                    got, n_new = generate_and_parse(model, tokenizer, [texts[i] for i in todo], max_text_tokens)
                 answers.update(zip(todo, got))
                 new_tokens += n_new
-                times["generate"][0] += c_gen.wall
-                times["generate"][1] += c_gen.cpu
-                row.update({"generate_texts": len(todo), "generate_s": round(c_gen.wall, 3)})
-            for key, clock in (("scorer", c_score), ("bare", c_bare)):
-                times[key][0] += clock.wall / args.eval_repeats
-                times[key][1] += clock.cpu / args.eval_repeats
-            per_batch.append(row)
 
-    rate = {"scorer": len(texts) / times["scorer"][0], "bare": len(texts) / times["bare"][0],
-            "generate": n_gen / times["generate"][0]}
-    cpu_rate = {"scorer": len(texts) / times["scorer"][1], "bare": len(texts) / times["bare"][1],
-                "generate": n_gen / times["generate"][1]}
+    def total(table, pick):
+        return sum(pick(rounds) for rounds in table)
+
+    n = {"scorer": len(texts), "bare": len(texts), "generate": n_gen}
+    best = {m: total(wall[m], min) for m in methods}  # best of the rounds, batch by batch: noise only ever adds time
+    mean = {m: total(wall[m], statistics.mean) for m in methods}
+    cpu_best = {m: total(cpu[m], min) for m in methods}
+    rate = {m: n[m] / best[m] for m in methods}
+    mean_rate = {m: n[m] / mean[m] for m in methods}
+    cpu_rate = {m: n[m] / cpu_best[m] for m in methods}
     gen_answers = [answers[i] for i in range(n_gen)]
     scored_labels = (probs >= 0.5).astype(int)
     parsed = [(a, y) for a, y in zip(gen_answers, labels[:n_gen]) if a is not None]
     agree = [int(a == s) for a, s in zip(gen_answers, scored_labels[:n_gen]) if a is not None]
+
+    def block(m):
+        return {"best_seconds": round(best[m], 3), "mean_seconds": round(mean[m], 3),
+                "best_cpu_seconds": round(cpu_best[m], 3), "texts_per_s": round(rate[m], 3),
+                "texts_per_s_mean_rounds": round(mean_rate[m], 3), "texts_per_cpu_s": round(cpu_rate[m], 3)}
+
     return {
         "texts": len(texts), "generate_texts": n_gen, "batch_size": args.eval_batch_size, "rounds": args.eval_repeats,
         "max_text_tokens": max_text_tokens, "model_load_s": round(load_s, 2),
-        "scorer": {"seconds": round(times["scorer"][0], 3), "cpu_seconds": round(times["scorer"][1], 3),
-                   "texts_per_s": round(rate["scorer"], 3), "texts_per_cpu_s": round(cpu_rate["scorer"], 3)},
-        "bare_forward": {"seconds": round(times["bare"][0], 3), "cpu_seconds": round(times["bare"][1], 3),
-                         "texts_per_s": round(rate["bare"], 3), "texts_per_cpu_s": round(cpu_rate["bare"], 3),
-                         "padded_tokens": padded, "real_tokens": real, "padding_share": round(1 - real / padded, 4)},
-        "generate_and_parse": {"seconds": round(times["generate"][0], 3), "cpu_seconds": round(times["generate"][1], 3),
-                               "texts_per_s": round(rate["generate"], 3),
-                               "texts_per_cpu_s": round(cpu_rate["generate"], 3),
-                               "new_tokens_mean": round(new_tokens / max(n_gen, 1), 2),
+        "scorer": block("scorer"),
+        "bare_forward": {**block("bare"), "padded_tokens": padded, "real_tokens": real,
+                         "padding_share": round(1 - real / padded, 4)},
+        "generate_and_parse": {**block("generate"), "new_tokens_mean": round(new_tokens / max(n_gen, 1), 2),
                                "unparseable": n_gen - len(parsed),
                                "agreement_with_scorer": round(float(np.mean(agree)), 4) if agree else None,
                                "accuracy_where_parsed": round(float(np.mean([a == y for a, y in parsed])), 4)
                                if parsed else None},
         "scorer_accuracy": round(float(np.mean(scored_labels == labels)), 4),
         "ratio_scorer_vs_generate": round(rate["scorer"] / rate["generate"], 3),
-        "scorer_overhead_vs_bare": round(times["scorer"][0] / times["bare"][0] - 1, 4),
+        "scorer_overhead_vs_bare": round(best["scorer"] / best["bare"] - 1, 4),
+        "mean_rounds_ratio_scorer_vs_generate": round(mean_rate["scorer"] / mean_rate["generate"], 3),
+        "mean_rounds_scorer_overhead_vs_bare": round(mean["scorer"] / mean["bare"] - 1, 4),
         "cpu_time_ratio_scorer_vs_generate": round(cpu_rate["scorer"] / cpu_rate["generate"], 3),
-        "cpu_time_scorer_overhead_vs_bare": round(times["scorer"][1] / times["bare"][1] - 1, 4),
-        "per_batch": per_batch,
-        "note": "scorer and bare pass: mean over the rounds; generate loop: round 1 only. Methods are interleaved "
-                "batch by batch, scorer and bare pass in alternating order. Ratios from wall time; the CPU-time ratios beside them count this process's CPU "
-                "seconds, which other jobs on the machine disturb less.",
+        "cpu_time_scorer_overhead_vs_bare": round(cpu_best["scorer"] / cpu_best["bare"] - 1, 4),
+        "per_batch": [{"rows": len(idx), "width": int(inputs["input_ids"].shape[1]),
+                       **{f"{m}_s": [round(x, 3) for x in wall[m][b]] for m in methods}}
+                      for b, (idx, inputs) in enumerate(batches)],
+        "note": "Each round times the three methods on each batch, one after the other, in an order that rotates "
+                "by round. Headline rates: for each batch the fastest of the rounds (other jobs on the machine only "
+                "ever add time), summed over batches. Beside them: the mean over rounds, and this process's CPU "
+                "seconds.",
     }
 
 
@@ -421,11 +426,15 @@ def sft_section(ours: dict, usual: dict, args) -> dict:
                            "(every real token), gradient_checkpointing=True", **u,
                   "truncated_examples": usual.get("truncated_examples")},
         "same_real_tokens": o["real_tokens"] == u["real_tokens"],
+        "median_step_ratio_tokens_per_s": round(o["real_tokens_per_s_median_step"] / u["real_tokens_per_s_median_step"], 3)
+        if o.get("real_tokens_per_s_median_step") and u.get("real_tokens_per_s_median_step") else None,
         "cpu_time_ratio_tokens_per_s": round(o["real_tokens_per_cpu_s"] / u["real_tokens_per_cpu_s"], 3)
         if o.get("real_tokens_per_cpu_s") and u.get("real_tokens_per_cpu_s") else None,
         "ratio_tokens_per_s": round(ratio, 3) if ratio else None,
         "note": "tokens/s = real (non-padding) tokens fed to training forward passes per second, over optimizer "
-                "steps 2..N (step 1 is warm-up); both setups train the same examples, so the ratio is the time ratio.",
+                "steps 2..N (step 1 is warm-up); both setups train the same examples. Headline ratio: total tokens "
+                "over total time; beside it the ratio of the median per-step rates (robust to bursts of other "
+                "work on a shared machine) and of tokens per CPU-second of the process.",
     }
 
 
@@ -497,7 +506,7 @@ def throughput_share(sft: dict, evaluation: dict | None, flops: dict, peak: floa
         out["sft_share_of_peak"] = round(achieved / peak, 4)
     if evaluation and peak:
         b = evaluation["bare_forward"]
-        seconds = evaluation["scorer"]["seconds"]
+        seconds = evaluation["scorer"]["best_seconds"]
         work = 2 * flops["block_params"] * b["padded_tokens"] + 2 * flops["head_params"] * evaluation["texts"]
         out["scorer_tflops"] = round(work / seconds / 1e12, 2)
         out["scorer_share_of_peak"] = round(work / seconds / 1e12 / peak, 4)
@@ -566,32 +575,44 @@ def verdicts(result: dict) -> dict:
 def markdown(result: dict) -> str:
     machine = result["machine"]
     where = machine.get("gpu") or f"{machine['processor']}, {machine['cpus_usable']} cores"
-    lines = [f"Speed on {where} ({result['model']}; `{result['command']}`)", "",
-             "| Figure | Ours | Usual / limit | Ratio | Target | Met |", "|---|---|---|---|---|---|"]
+    load = machine.get("load_average_at_start")
+    lines = [f"Speed on {where}{f' (load average {load[0]:.1f} at start)' if load else ''}, {result['started']}; "
+             f"model {result['model']}", f"Command: `{result['command']}`", "",
+             "| Figure | Ours | Usual / limit | Ratio | Target | Met | Other estimates of the ratio |",
+             "|---|---|---|---|---|---|---|"]
     e, s, m, v = result.get("evaluation"), result.get("sft_training"), result.get("memory"), result["verdicts"]
 
     def met(key):
         return "yes" if v[key]["met"] else "**no**"
 
     if e:
-        lines.append(f"| Eval texts/s: scorer vs generate-and-parse | {e['scorer']['texts_per_s']:.2f} | "
-                     f"{e['generate_and_parse']['texts_per_s']:.2f} | {e['ratio_scorer_vs_generate']:.2f}x | >= 3x | "
-                     f"{met('scorer_vs_generate')} |")
-        lines.append(f"| Eval texts/s: scorer vs bare forward | {e['scorer']['texts_per_s']:.2f} | "
-                     f"{e['bare_forward']['texts_per_s']:.2f} | {100 * e['scorer_overhead_vs_bare']:+.1f}% time | "
-                     f"<= +15% | {met('scorer_vs_bare')} |")
+        sc, ge, ba = e["scorer"], e["generate_and_parse"], e["bare_forward"]
+        lines.append(f"| Eval texts/s: scorer vs generate-and-parse | {sc['texts_per_s']:.2f} | {ge['texts_per_s']:.2f} | "
+                     f"{e['ratio_scorer_vs_generate']:.2f}x | >= 3x | {met('scorer_vs_generate')} | "
+                     f"mean of rounds {e['mean_rounds_ratio_scorer_vs_generate']:.2f}x, CPU time "
+                     f"{e['cpu_time_ratio_scorer_vs_generate']:.2f}x |")
+        lines.append(f"| Eval texts/s: scorer vs bare forward | {sc['texts_per_s']:.2f} | {ba['texts_per_s']:.2f} | "
+                     f"{100 * e['scorer_overhead_vs_bare']:+.1f}% time | <= +15% | {met('scorer_vs_bare')} | "
+                     f"mean of rounds {100 * e['mean_rounds_scorer_overhead_vs_bare']:+.1f}%, CPU time "
+                     f"{100 * e['cpu_time_scorer_overhead_vs_bare']:+.1f}% |")
     if s and s.get("ratio_tokens_per_s"):
-        lines.append(f"| SFT tokens/s (padding share) | {s['ours']['real_tokens_per_s']:.0f} "
-                     f"({100 * s['ours']['padding_share']:.0f}%) | {s['usual']['real_tokens_per_s']:.0f} "
+        other = []
+        if s.get("median_step_ratio_tokens_per_s"):
+            other.append(f"median step {s['median_step_ratio_tokens_per_s']:.2f}x")
+        if s.get("cpu_time_ratio_tokens_per_s"):
+            other.append(f"CPU time {s['cpu_time_ratio_tokens_per_s']:.2f}x")
+        lines.append(f"| SFT real tokens/s (padding share) | {s['ours']['real_tokens_per_s']:.1f} "
+                     f"({100 * s['ours']['padding_share']:.0f}%) | {s['usual']['real_tokens_per_s']:.1f} "
                      f"({100 * s['usual']['padding_share']:.0f}%) | {s['ratio_tokens_per_s']:.2f}x | >= 2.5x | "
-                     f"{met('sft_vs_usual')} |")
+                     f"{met('sft_vs_usual')} | {', '.join(other)} |")
     if m:
-        lines.append(f"| Peak RSS MiB, DPO vs SFT stage | {m['dpo_process_peak_rss_mib']:.0f} | "
+        extra = (f"training phase only {m['ratio_training_phase_peak']:.2f}x"
+                 if m.get("ratio_training_phase_peak") else "")
+        if m.get("ratio_gpu_peak"):
+            extra += f", GPU memory {m['ratio_gpu_peak']:.2f}x"
+        lines.append(f"| Peak RSS MiB: DPO stage vs SFT stage | {m['dpo_process_peak_rss_mib']:.0f} | "
                      f"{m['sft_process_peak_rss_mib']:.0f} | {m['ratio_process_peak']:.2f}x | <= 1.2x | "
-                     f"{met('dpo_vs_sft_memory')} |")
-        if m.get("ratio_training_phase_peak"):
-            lines.append(f"| Peak RSS MiB, training phase only | {m['dpo_training_phase_peak_rss_mib']:.0f} | "
-                         f"{m['sft_training_phase_peak_rss_mib']:.0f} | {m['ratio_training_phase_peak']:.2f}x | | |")
+                     f"{met('dpo_vs_sft_memory')} | {extra} |")
     gpu = result.get("gpu")
     lines.append("")
     lines.append(f"GPU: {gpu}" if isinstance(gpu, str) else "GPU: " + json.dumps(gpu, indent=None)[:2000])
@@ -614,7 +635,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     on_gpu = cuda and (args.device in (None, "cuda") or str(args.device).startswith("cuda"))
     config = GPU_CONFIG if args.random_init else CPU_CONFIG
-    defaults = dict(eval_texts=(512, 32), sft_examples=(1024, 12), sft_batch_size=(8, 2), dpo_pairs=(256, 4))
+    defaults = dict(eval_texts=(512, 32), sft_examples=(1024, 10), sft_batch_size=(8, 2), dpo_pairs=(256, 4))
     for key, (gpu_value, cpu_value) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, gpu_value if on_gpu else cpu_value)

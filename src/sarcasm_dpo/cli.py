@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        if _main_process():
-            print(interrupt_message(args, argv, exc), file=sys.stderr)
+        if _main_process():  # on a line of its own: a progress bar may be mid-line
+            print("\n" + interrupt_message(args, argv, exc), file=sys.stderr)
         return 128 + int(getattr(exc, "signum", signal.SIGINT))
     finally:
         if in_main_thread:

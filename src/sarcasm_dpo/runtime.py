@@ -100,7 +100,7 @@ class StopFlag:
 
 
 @contextlib.contextmanager
-def stop_on_signal(printer: Callable[[str], None] = print):
+def stop_on_signal():
     """While inside: the first SIGINT/SIGTERM sets the flag (checkpoint at the next step end), a second
     one raises KeyboardInterrupt at once. Outside the main thread signals cannot be caught; no-op there."""
     flag = StopFlag()
@@ -112,8 +112,11 @@ def stop_on_signal(printer: Callable[[str], None] = print):
         if flag.signum is None:
             flag.signum = signum
             if is_main_process():
-                printer(f"\n{signal.Signals(signum).name} received: finishing the current step and writing a "
-                        "checkpoint, then stopping. Send it again to stop at once.")
+                # os.write, not print: the handler may interrupt a print, and buffered streams are not reentrant.
+                note = (f"\n{signal.Signals(signum).name} received: finishing the current step and writing a "
+                        "checkpoint, then stopping. Send it again to stop at once.\n")
+                with contextlib.suppress(OSError):
+                    os.write(2, note.encode())
             return
         raise KeyboardInterrupt
 

@@ -97,7 +97,7 @@ def run(settings, extra_callbacks=()) -> dict:
     device = pick_device(s.device)
     tokenizer = load_tokenizer(s.model)
     label_token_ids(tokenizer)  # both label words must be single tokens: fail now, not at the first evaluation
-    model = drop_gguf_tag(load_base_model(s.model, device))
+    model = load_base_model(s.model, device)
     check_lora_targets(model, s.lora_targets)
     train_ds = build_dataset(tokenizer, train_df, s.max_text_tokens, s.max_length)
     load_s = time.perf_counter() - started
@@ -294,20 +294,6 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
         if match and (folder / "trainer_state.json").is_file() and (folder / STATE_FILE).is_file():
             found.append((int(match.group(1)), folder))
     return max(found)[1] if found else None
-
-
-def drop_gguf_tag(model):
-    """Let the Trainer train a model loaded from a .gguf file.
-
-    transformers de-quantizes GGUF weights to plain floats on load but keeps the model tagged as
-    GGUF-quantized, and the Trainer refuses to fine-tune a model with that tag. The weights are
-    ordinary float tensors, so the tag is removed (with the quantizer's own method).
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    if quantizer is not None and getattr(method, "value", method) == "gguf":
-        quantizer.remove_quantization_config(model)
-    return model
 
 
 def check_lora_targets(model, targets: list[str]) -> None:
@@ -535,7 +521,12 @@ def training_metrics(log_history: list[dict], validation: ValidationCallback, va
                        "train_loss": acc[0] / acc[1] if acc and acc[1] else None,
                        VAL_SPLIT: h[VAL_SPLIT], "selected": h["step"] == validation.best_step})
     best = next((e for e in epochs if e["selected"]), None)
-    return {"validation_split": VAL_SPLIT, "validation_rows": val_rows, "train_loss_mean": train_loss,
+    # The mean over every step, from the logged windows: the Trainer's own figure only counts the
+    # steps since a --resume, while the log history (restored from the checkpoint) covers them all.
+    total = sum(acc[0] for acc in sums.values())
+    steps_logged = sum(acc[1] for acc in sums.values())
+    mean = total / steps_logged if steps_logged else train_loss
+    return {"validation_split": VAL_SPLIT, "validation_rows": val_rows, "train_loss_mean": mean,
             "epochs": epochs, "steps": steps,
             "best": {"epoch": validation.best_epoch, "step": validation.best_step,
                      "f1": best[VAL_SPLIT]["f1"] if best else None}}

@@ -1,0 +1,131 @@
+"""Ctrl-C and SIGTERM: the current step finishes, a checkpoint is written, the W&B run is closed as
+interrupted, and the process exits non-zero (130 / 143) with the command that resumes.
+
+The fast test sends a real SIGINT to this very process mid-epoch (the handler is the stage's own);
+the slow ones send SIGINT and SIGTERM to a `sarcasm-dpo sft` subprocess and resume it with the
+printed command. Every resumed run must end with the adapter and metrics of the uninterrupted
+reference run (same seed), within ATOL = 1e-6 (on CPU they are in fact identical).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+
+import pytest
+from reliability_common import (ATOL, assert_close, complete_checkpoints, max_adapter_difference, metrics_json,
+                                reference_run, run_cli, sft_argv, sft_settings, start_cli, wait_for)
+from transformers import TrainerCallback
+
+from sarcasm_dpo import cli, sft
+from sarcasm_dpo.config import build
+from sarcasm_dpo.runtime import StopRequested
+from sarcasm_dpo.settings import SFTSettings
+from sarcasm_dpo.tracking import Tracker
+
+
+class _SignalAtStep(TrainerCallback):
+    """Send a real signal to this process while optimizer step `step` is running."""
+
+    def __init__(self, step: int, signum: int = signal.SIGINT):
+        self.step, self.signum = step, signum
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class _RecordingTracker(Tracker):
+    finished: list = []
+
+    def finish(self, exit_code: int = 0, interrupted: bool = False) -> None:
+        _RecordingTracker.finished.append((exit_code, interrupted))
+        super().finish(exit_code, interrupted)
+
+
+def test_signal_writes_a_checkpoint_and_resume_matches_the_uninterrupted_run(
+        tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch):
+    ref, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
+    out = tmp_path / "sft"
+    s = sft_settings(tiny_model_dir, train, val, out)
+    monkeypatch.setattr(sft, "Tracker", _RecordingTracker)
+    _RecordingTracker.finished = []
+    previous_handler = signal.getsignal(signal.SIGINT)
+
+    with pytest.raises(StopRequested) as stop:
+        sft.run(s, extra_callbacks=[_SignalAtStep(5)])  # mid-epoch: 6 steps per epoch, periodic saves at 4, 8
+    assert stop.value.signum == signal.SIGINT and stop.value.step == 5
+    checkpoint = out / "checkpoints" / "checkpoint-5"
+    assert stop.value.checkpoint == checkpoint
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+                 sft.STATE_FILE):
+        assert (checkpoint / name).is_file(), name
+    assert sft.latest_checkpoint(out / "checkpoints") == checkpoint
+    assert not (out / "COMPLETE.json").exists()
+    assert _RecordingTracker.finished == [(1, True)]  # closed as interrupted (a no-op here: --no_wandb)
+    assert signal.getsignal(signal.SIGINT) == previous_handler  # the stage put the old handler back
+
+    summary = sft.run(build(SFTSettings, {**vars(s), "resume": True}))
+    assert summary["resumed_from"] == str(checkpoint) and summary["global_steps"] == 12
+    assert max_adapter_difference(ref, out) <= ATOL
+    assert_close(metrics_json(out), metrics_json(ref))
+
+
+def test_cli_prints_the_resume_command_and_exits_128_plus_signal(tmp_path, monkeypatch, capsys):
+    argv = ["sft", "--no_wandb", "--output_dir", str(tmp_path / "o"), "--epochs", "3"]
+    for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        def stopped(args, signum=signum):
+            raise StopRequested(signum, tmp_path / "o" / "checkpoints" / "checkpoint-7", 7)
+
+        monkeypatch.setattr(cli, "run_command", stopped)
+        assert cli.main(argv) == code
+        err = capsys.readouterr().err
+        assert f"Stopped by {signal.Signals(signum).name} at step 7" in err and "checkpoint-7" in err
+        assert err.strip().endswith("sarcasm-dpo " + shlex.join(argv + ["--resume"]))
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_sigterm_outside_training_is_an_interrupt_too(tmp_path, monkeypatch, capsys):
+    def killed_while_loading(args):
+        os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler turns it into an exception here
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(cli, "run_command", killed_while_loading)
+    assert cli.main(["compare", "--no_wandb", "--output_dir", str(tmp_path / "r")]) == 143
+    err = capsys.readouterr().err
+    assert err.strip().startswith("Interrupted by SIGTERM") and "re-run: sarcasm-dpo compare" in err
+    assert signal.getsignal(signal.SIGTERM) is not cli._raise_terminated  # restored
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signalled_subprocess_checkpoints_and_the_printed_command_resumes(
+        signum, tiny_model_dir, tmp_path_factory, tmp_path):
+    ref, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
+    out = tmp_path / "sft"
+    argv = sft_argv(tiny_model_dir, train, val, out)
+    proc = start_cli(argv, tmp_path / "log.txt")
+    try:
+        assert wait_for(lambda: complete_checkpoints(out), timeout=300, proc=proc), \
+            (tmp_path / "log.txt").read_text()[-3000:]
+        proc.send_signal(signum)
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "log.txt").read_text()
+    assert code == 128 + signum, log[-3000:]
+    assert f"{signal.Signals(signum).name} received" in log and "Traceback" not in log
+    resume_line = next(line for line in log.splitlines() if line.startswith("Stopped by"))
+    checkpoint = resume_line.split("checkpoint ", 1)[1].split(" ", 1)[0]
+    assert checkpoint.startswith(str(out / "checkpoints")) and checkpoint.rsplit("/", 1)[1] in complete_checkpoints(out)
+    assert not (out / "COMPLETE.json").exists()
+
+    command = shlex.split(resume_line.split("Continue with: ", 1)[1])
+    assert command[0] == "sarcasm-dpo" and command[-1] == "--resume"
+    done = run_cli(command[1:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Resuming from" in done.stdout and (out / "COMPLETE.json").is_file()
+    assert max_adapter_difference(ref, out) <= ATOL
+    assert_close(metrics_json(out), metrics_json(ref))
