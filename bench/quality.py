@@ -118,7 +118,9 @@ def run_stages(stages: dict, force: bool) -> tuple[dict, dict]:
         folder = Path(settings.output_dir)
         if not redo and is_complete_for(folder, dataclasses.asdict(settings)):
             print(f"[quality] {name}: {folder} is complete for these settings; reused (--force to redo).")
-            seconds[name] = "reused"
+            record = json.loads((folder / records[name]).read_text())
+            took = (record.get("timings") or {}).get("total_s")
+            seconds[name] = {"reused": True, "seconds_when_run": took}
         else:
             redo = True  # a stage that reruns invalidates every stage after it
             print(f"[quality] {name} -> {folder}", flush=True)
@@ -165,7 +167,8 @@ def mcnemar_all(frame, probs: dict) -> dict:
 
     labels = frame["label"].to_numpy(dtype=int)
     pairs = [("sft", "base"), ("dpo", "base"), ("dpo", "sft"), ("sft", "tfidf_logreg"), ("dpo", "tfidf_logreg"),
-             ("sft", "majority"), ("dpo", "majority"), ("tfidf_logreg", "majority"), ("base", "majority")]
+             ("tfidf_logreg", "base"), ("sft", "majority"), ("dpo", "majority"), ("tfidf_logreg", "majority"),
+             ("base", "majority")]
     out = {}
     for a, b in pairs:
         if a in probs and b in probs:

@@ -533,7 +533,7 @@ def pipeline_wall_time(args, model_ref: str, work: Path) -> dict:
                                      val_csv=str(out / "splits/gen_val.csv"),
                                      isarcasm_val_csv=str(out / "splits/isarcasm_val.csv"),
                                      **({"sample_size": cap, "val_sample_size": cap} if cap else {}), overwrite=True),
-        "compare": common.stage_settings(GPU_CONFIG, CompareSettings, "compare", no_wandb=True, seed=args.seed,
+        "compare": common.stage_settings(GPU_CONFIG, CompareSettings, "compare", **common_kw,
                                          test_csv=str(out / "splits/gen_test.csv"),
                                          train_csv=str(out / "splits/gen_train.csv"), sft_model=str(out / "sft"),
                                          dpo_model=str(out / "dpo"), output_dir=str(out / "results"), sample_size=cap),

@@ -149,3 +149,9 @@ def complete_checkpoints(out: Path) -> list[str]:
     if not ckpt.is_dir():
         return []
     return sorted(p.name for p in ckpt.glob("checkpoint-*") if (p / sft.STATE_FILE).is_file())
+
+
+def error_paragraph(stderr: str) -> str:
+    """The CLI's error message: what follows the last "error: " (progress bars may precede it)."""
+    assert "error: " in stderr, stderr[-2000:]
+    return "error: " + stderr.rsplit("error: ", 1)[1]

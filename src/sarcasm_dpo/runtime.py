@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import signal
 import socket
@@ -169,6 +170,64 @@ class BarrierOnSaveCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         barrier()
+
+
+# -- data order that survives a resume ------------------------------------------------------------------
+
+
+def seeded_length_grouping(trainer_class: type) -> type:
+    """`trainer_class` whose length-grouped batches come in an order fixed by (seed, epoch) alone.
+
+    transformers' LengthGroupedSampler shuffles with the global torch RNG at the start of each
+    epoch; after a --resume that RNG is not where the uninterrupted run had it (the checkpoint's RNG
+    state is restored only after the loader is built), so from the second epoch on a resumed run
+    would see the examples in another order. Seeding each epoch's shuffle with seed + epoch makes
+    the order a pure function of the settings, so a resumed run retraces the uninterrupted one.
+    """
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    if trainer_class in _SEEDED:
+        return _SEEDED[trainer_class]
+
+    class Seeded(trainer_class):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler) is not LengthGroupedSampler:
+                return sampler
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=seed,
+                                                   epoch_of=lambda: math.floor((self.state.epoch or 0) + 1e-6))
+
+    Seeded.__name__ = Seeded.__qualname__ = f"Seeded{trainer_class.__name__}"
+    _SEEDED[trainer_class] = Seeded
+    return Seeded
+
+
+_SEEDED: dict[type, type] = {}
+
+
+def _length_grouped_sampler_class():
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    return LengthGroupedSampler
+
+
+class EpochSeededLengthGroupedSampler(_length_grouped_sampler_class()):
+    """Length-grouped indices shuffled by a generator seeded with seed + the epoch being started
+    (`epoch_of()` reads it from the trainer state, which a resume restores)."""
+
+    def __init__(self, batch_size: int, *, lengths: list[int], seed: int, epoch_of: Callable[[], int]):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch_of = epoch_of
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator()
+        generator.manual_seed(int(self.seed) + int(self.epoch_of()))
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 # -- out of memory ------------------------------------------------------------------------------------

@@ -45,8 +45,8 @@ from .data import balanced_sample, class_counts, frame_checksum, load_split, ove
 from .errors import UserError
 from .models import load_base_model, load_tokenizer, pick_device
 from .prompts import build_prompt, label_token_ids, label_word
-from .runtime import (BarrierOnSaveCallback, GracefulStopCallback, barrier, is_main_process, stop_on_signal,
-                      train_within_memory, world_size)
+from .runtime import (BarrierOnSaveCallback, GracefulStopCallback, barrier, is_main_process, seeded_length_grouping,
+                      stop_on_signal, train_within_memory, world_size)
 from .tracking import Tracker
 
 ARTIFACT_NAME = "sft-adapter"  # the DPO run declares this artifact (the output folder) as its input
@@ -189,13 +189,24 @@ def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resum
         if main:
             print(describe_start(sized, train_df, val_df, current.device, parameter_counts(trainer.model),
                                  resume_from))
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except BaseException:
+            close_progress_bars(trainer)  # the message that follows starts on a line of its own
+            raise
         return trainer, validation, result, {"batch_size": batch_size, "grad_accum": grad_accum,
                                              "eval_batch_size": eval_batch_size, "processes": world_size()}
 
     with stop_on_signal() as flag:
         return train_within_memory(attempt, batch_size=s.batch_size, grad_accum=s.grad_accum,
                                    eval_batch_size=s.eval_batch_size, auto=s.auto_find_batch_size, stage="sft")
+
+
+def close_progress_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, LossProgressCallback) and callback.bar is not None:
+            callback.bar.close()
+            callback.bar = None
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -409,8 +420,10 @@ def build_trainer(s, model, tokenizer, train_ds, ckpt_dir: Path, callbacks=()):
     from transformers import ProgressCallback
     from trl import SFTTrainer
 
-    trainer = SFTTrainer(model=model, args=training_args(s, model, ckpt_dir), train_dataset=train_ds,
-                         processing_class=tokenizer, peft_config=lora_config(s), callbacks=list(callbacks))
+    # Batches grouped by length, shuffled by (seed, epoch): a resumed run sees the same order.
+    trainer = seeded_length_grouping(SFTTrainer)(
+        model=model, args=training_args(s, model, ckpt_dir), train_dataset=train_ds, processing_class=tokenizer,
+        peft_config=lora_config(s), callbacks=list(callbacks))
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(LossProgressCallback("sft"))
     return trainer

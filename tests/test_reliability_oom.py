@@ -1,0 +1,115 @@
+"""Out of memory: --auto_find_batch_size halves the per-device batch and doubles gradient accumulation
+(the effective batch stays the same) on a CUDA/MPS out-of-memory error; without it the error names
+the flags to change. The errors are raised by hand here (this machine has no GPU): a callback raises
+torch.OutOfMemoryError, the exception type and message CUDA gives, while the batch is too big.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reliability_common import error_paragraph, max_adapter_difference, sft_settings, toy_csvs
+from transformers import TrainerCallback
+
+from sarcasm_dpo import cli, sft
+from sarcasm_dpo.errors import UserError
+from sarcasm_dpo.runtime import OutOfMemory, is_out_of_memory, train_within_memory
+
+CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.75 GiB"
+MPS_OOM = "MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.40 GB, max allowed: 18.13 GB)."
+
+
+class _FitsUpTo(TrainerCallback):
+    """Raise CUDA's out-of-memory error at the first step of any attempt with a bigger per-device batch."""
+
+    def __init__(self, largest: int):
+        self.largest = largest
+        self.tried: list[tuple[int, int]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tried.append((args.per_device_train_batch_size, args.gradient_accumulation_steps))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if args.per_device_train_batch_size > self.largest:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+
+
+def test_the_errors_cuda_and_mps_raise_are_recognised():
+    assert is_out_of_memory(torch.OutOfMemoryError(CUDA_OOM))
+    assert is_out_of_memory(RuntimeError(MPS_OOM))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("out of memory."))
+
+
+def test_auto_batch_halves_the_batch_doubles_accumulation_and_restarts_cleanly(tiny_model_dir, tmp_path, capsys):
+    train, val = toy_csvs(tmp_path / "data", n_train=32, n_val=8)
+    guard = _FitsUpTo(2)
+    summary = sft.run(sft_settings(tiny_model_dir, train, val, tmp_path / "auto", epochs=1, auto_find_batch_size=True),
+                      extra_callbacks=[guard])
+    assert guard.tried == [(8, 1), (4, 2), (2, 4)]  # batch x accumulation = 8 every time
+    assert summary["batch"] == {"batch_size": 2, "grad_accum": 4, "eval_batch_size": 16, "processes": 1}
+    assert summary["global_steps"] == 4  # 32 examples / effective batch 8: the schedule did not change
+    out = capsys.readouterr().out
+    assert "retrying from the start with --batch_size 4 --grad_accum 2" in out
+    assert "--batch_size 2 --grad_accum 4" in out
+    assert (tmp_path / "auto" / "COMPLETE.json").is_file()
+
+    # Each retry started over from the seed: the result is the run that used batch 2 x 4 from the start.
+    sft.run(sft_settings(tiny_model_dir, train, val, tmp_path / "direct", epochs=1, batch_size=2, grad_accum=4))
+    assert max_adapter_difference(tmp_path / "auto", tmp_path / "direct") <= 1e-6
+
+
+def test_without_auto_batch_the_error_names_the_flags(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from trl import SFTTrainer
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", out_of_memory)
+    train, val = toy_csvs(tmp_path / "data", n_train=16, n_val=8)
+    code = cli.main(["sft", "--no_wandb", "--model", str(tiny_model_dir), "--train_csv", str(train), "--val_csv",
+                     str(val), "--output_dir", str(tmp_path / "o"), "--lora_targets", "q_proj,v_proj"])
+    stderr = capsys.readouterr().err
+    err = error_paragraph(stderr)
+    assert code == 2 and err.startswith("error: sft: the device ran out of memory while training (8 examples")
+    for flag in ("--batch_size", "--grad_accum", "--auto_find_batch_size", "--max_text_tokens", "--max_length",
+                 "--gradient_checkpointing"):
+        assert flag in err, flag
+    assert "Traceback" not in stderr and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "COMPLETE.json").exists()
+
+
+def _raise_in_scoring():
+    """A function whose frame is in a file called scoring.py, as the scorer's forward pass is."""
+    namespace = {"torch": torch, "MESSAGE": CUDA_OOM}
+    exec(compile("def forward():\n    raise torch.OutOfMemoryError(MESSAGE)\n", "/x/sarcasm_dpo/scoring.py", "exec"),
+         namespace)
+    namespace["forward"]()
+
+
+def test_out_of_memory_while_scoring_shrinks_the_eval_batch_instead():
+    calls = []
+
+    def attempt(batch, accum, eval_batch):
+        calls.append((batch, accum, eval_batch))
+        if eval_batch > 4:
+            _raise_in_scoring()
+        return "done"
+
+    assert train_within_memory(attempt, batch_size=8, grad_accum=1, eval_batch_size=16, auto=True, stage="dpo",
+                               printer=lambda m: None) == "done"
+    assert calls == [(8, 1, 16), (8, 1, 8), (8, 1, 4)]
+    with pytest.raises(OutOfMemory, match="--eval_batch_size") as info:
+        train_within_memory(attempt, batch_size=8, grad_accum=1, eval_batch_size=16, auto=False, stage="dpo")
+    assert isinstance(info.value, UserError) and "scoring the validation set (16 texts per pass)" in str(info.value)
+
+
+def test_batch_one_still_too_big_is_explained():
+    def attempt(batch, accum, eval_batch):
+        raise RuntimeError(MPS_OOM)
+
+    with pytest.raises(OutOfMemory, match="even at the smallest batch") as info:
+        train_within_memory(attempt, batch_size=4, grad_accum=3, eval_batch_size=16, auto=True, stage="sft",
+                            printer=lambda m: None)
+    assert "(1 examples per device per step, gradient accumulation 12)" in str(info.value)
+    assert "--gradient_checkpointing" in str(info.value)

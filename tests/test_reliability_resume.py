@@ -1,0 +1,82 @@
+"""Resume: a run killed mid-way continues from its newest complete checkpoint and ends exactly where the
+uninterrupted run with the same seed ends (adapter tensors and sft_metrics.json within ATOL = 1e-6;
+on CPU they are identical).
+
+Checkpoints come every --save_steps steps and at each epoch end; each holds the Trainer's model,
+optimizer, scheduler, RNG states and trainer state, and our validation history, best adapter and
+early-stopping counters (validation_state.json, written last: it marks the checkpoint complete).
+The fast test stops the run by an exception between two steps; the slow one SIGKILLs a real
+`sarcasm-dpo sft` process as soon as its first checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from reliability_common import (ATOL, assert_close, complete_checkpoints, max_adapter_difference, metrics_json,
+                                reference_run, run_cli, sft_argv, sft_settings, start_cli, wait_for)
+from transformers import TrainerCallback
+
+from sarcasm_dpo import sft
+from sarcasm_dpo.config import build
+from sarcasm_dpo.settings import SFTSettings
+
+
+class _DieAtStep(TrainerCallback):
+    """Leave the run abruptly, without a checkpoint of its own (like a kill, minus the process exit)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise SystemExit("killed")
+
+
+def test_resume_from_a_periodic_checkpoint_matches_the_uninterrupted_run(tiny_model_dir, tmp_path_factory, tmp_path):
+    ref, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
+    out = tmp_path / "sft"
+    s = sft_settings(tiny_model_dir, train, val, out)
+    with pytest.raises(SystemExit):
+        sft.run(s, extra_callbacks=[_DieAtStep(9)])
+    # Step 8 is a --save_steps checkpoint in the second epoch, two steps after the epoch-1 one.
+    assert complete_checkpoints(out) == ["checkpoint-6", "checkpoint-8"]
+    checkpoint = out / "checkpoints" / "checkpoint-8"
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+        assert (checkpoint / name).is_file(), name
+    state = json.loads((checkpoint / sft.STATE_FILE).read_text())  # validation + early-stopping state
+    assert [h["step"] for h in state["history"]] == [6] and state["best_step"] == 6 and state["bad_evals"] == 0
+    assert (checkpoint / sft.BEST_FILE).is_file()
+
+    summary = sft.run(build(SFTSettings, {**vars(s), "resume": True}))
+    assert summary["resumed_from"] == str(checkpoint) and summary["global_steps"] == 12
+    assert max_adapter_difference(ref, out) <= ATOL
+    assert_close(metrics_json(out), metrics_json(ref))
+    assert (out / "COMPLETE.json").is_file() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sigkilled_subprocess_resumes_to_the_same_adapter_and_metrics(tiny_model_dir, tmp_path_factory, tmp_path):
+    ref, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
+    out = tmp_path / "sft"
+    argv = sft_argv(tiny_model_dir, train, val, out)
+    proc = start_cli(argv, tmp_path / "log.txt")
+    try:
+        assert wait_for(lambda: complete_checkpoints(out), timeout=300, proc=proc), \
+            (tmp_path / "log.txt").read_text()[-3000:]
+        proc.kill()  # SIGKILL: no handler runs, nothing is flushed
+        assert proc.wait(timeout=60) == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    survived = complete_checkpoints(out)
+    assert survived and not (out / "COMPLETE.json").exists()
+
+    done = run_cli(argv + ["--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Resuming from {out / 'checkpoints' / survived[-1]}" in done.stdout
+    assert max_adapter_difference(ref, out) <= ATOL
+    assert_close(metrics_json(out), metrics_json(ref))
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["resumed_from"].endswith(survived[-1]) and summary["global_steps"] == 12
