@@ -94,75 +94,76 @@ def run(settings) -> dict:
 
 
 def train(s, run_name: str | None = None) -> dict:
-    """Train DPO from the SFT adapter, keep the best adapter by GEN validation F1, save it and its record."""
-    from .models import adapter_base_model, attach_adapter, check_adapter_dir, load_base_model, load_tokenizer, pick_device
+    """Train DPO from the SFT adapter, keep the best adapter by GEN validation F1, save it and its record.
+
+    Under `accelerate launch` / `torchrun` every process trains; only the main one writes files and logs.
+    """
+    from .models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_tokenizer, pick_device
+    from .runtime import barrier, is_main_process
 
     started = time.perf_counter()
     config = dataclasses.asdict(s)
     out = Path(s.output_dir)
+    main = is_main_process()
     sft_dir = check_adapter_dir(s.sft_model)  # before the heavy imports: a wrong folder fails at once
     base_ref = adapter_base_model(sft_dir)
 
-    from .callbacks import TrainingDiverged
     from .tracking import Tracker
 
-    # Setup. Data first: a wrong path fails in a second, before any model is loaded.
+    # Setup. Every check on the input runs before the output folder is touched, so a run refused for
+    # any reason leaves a previous result in --output_dir byte for byte as it was.
     if s.resume and _finished_with(out, config, sft_dir):
-        print(f"{out} already holds the finished run of these settings; nothing to resume.")
+        if main:
+            print(f"{out} already holds the finished run of these settings; nothing to resume.")
         return read_json(out / SUMMARY_FILE)
     tokenizer = load_tokenizer(base_ref)
     check_text_budget(sft_dir, s.max_text_tokens)
     data = load_data(s, tokenizer)
-    resume_from = prepare_run_dir(out, config, s)
+    check_adapter_fits(sft_dir, base_ref)
+    resume_from = plan_run_dir(out, config, s, sft_dir)
 
     import transformers
 
     transformers.set_seed(s.seed)
     device = pick_device(s.device)
-    model = attach_adapter(load_base_model(base_ref, device), sft_dir, trainable=True)
+    model = load_policy(base_ref, sft_dir, device)
     load_s = time.perf_counter() - started
 
-    with Tracker(enabled=not s.no_wandb, project=s.wandb_project, job_type="dpo", config={**config, "model": base_ref},
-                 group=s.wandb_group, name=run_name) as tracker:
+    with Tracker(enabled=not s.no_wandb and main, project=s.wandb_project, job_type="dpo",
+                 config={**config, "model": base_ref}, group=s.wandb_group, name=run_name) as tracker:
         tracker.use_artifact(sft_dir, type="model", name=SFT_ARTIFACT)
-        trainer, validation, diagnostics = build_trainer(s, model, tokenizer, data, out / CHECKPOINTS, tracker.log)
-        if resume_from:
-            load_state(resume_from, validation, diagnostics)
-        write_json(out / CHECKPOINTS / RUN_CONFIG, config)
-        print(describe_start(s, data, base_ref, device, resume_from))
 
-        # Train.
+        # Train (out of memory: smaller batches or a clear message; Ctrl-C / SIGTERM: a checkpoint first).
         train_start = time.perf_counter()
-        try:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except TrainingDiverged as exc:
-            write_json(out / BATCH_FILE, batch_metrics(s, diagnostics))
-            raise UserError(f"DPO training diverged: {exc}. Lower --lr (now {s.lr:g}) or raise --warmup_ratio, then "
-                            "start over with --overwrite, or continue from the last checkpoint with --resume; "
-                            f"the metrics up to that step are in {out / BATCH_FILE}.") from None
+        trainer, validation, diagnostics, used = fit(s, config, out, model, tokenizer, data, tracker, resume_from,
+                                                     base_ref, sft_dir, device)
         train_s = time.perf_counter() - train_start
 
         # Save: the best adapter by GEN validation F1, then the record of how it was made, the marker last.
         save_start = time.perf_counter()
         validation.restore_best(trainer.model)
         saved_diagnostics = diagnostics.measure(trainer.model)
-        save_adapter(trainer.model, tokenizer, out)
         epochs = epoch_metrics(s, validation, diagnostics)
-        write_json(out / EPOCH_FILE, epochs)
-        write_json(out / BATCH_FILE, batch_metrics(s, diagnostics))
-        from .plots import plot_dpo_curves
+        if main:
+            save_adapter(trainer.model, tokenizer, out)
+            write_json(out / EPOCH_FILE, epochs)
+            write_json(out / BATCH_FILE, batch_metrics(s, diagnostics))
+            from .plots import plot_dpo_curves
 
-        plot_dpo_curves(diagnostics.records, validation.history, out / CURVES_FILE, best_step=validation.best_step,
-                        primary=PRIMARY)
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # success: nothing left to resume
+            plot_dpo_curves(diagnostics.records, validation.history, out / CURVES_FILE,
+                            best_step=validation.best_step, primary=PRIMARY)
         timings = {"load_s": load_s, "train_s": train_s, "eval_s": validation.eval_seconds,
                    "diagnostics_s": diagnostics.seconds, "save_s": time.perf_counter() - save_start}
         timings["total_s"] = time.perf_counter() - started
         summary = build_summary(s, base_ref, sft_dir, data, trainer, validation, diagnostics, epochs,
-                                saved_diagnostics, device, timings, resume_from)
-        write_json(out / SUMMARY_FILE, summary)
-        finish_output_dir(out, config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
-                                        "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir)})
+                                saved_diagnostics, device, timings, resume_from, used)
+        if main:
+            write_json(out / SUMMARY_FILE, summary)
+            finish_output_dir(out, config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
+                                            "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir)})
+            # Only now: a run killed before the marker can still --resume from its checkpoints.
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        barrier()  # the other processes end when the outputs are in place
 
         tracker.log_image("dpo/training_curves", out / CURVES_FILE)
         tracker.log_summary({"best_step": summary["best_step"], "best_f1": summary["best_f1"],
@@ -171,8 +172,88 @@ def train(s, run_name: str | None = None) -> dict:
         tracker.log_artifact(out, name=DPO_ARTIFACT, type="model",
                              metadata={"base_model": base_ref, "beta": s.beta, "best_step": summary["best_step"],
                                        "best_val_f1": summary["best_f1"]})
-    print(describe_result(summary, out))
+    if main:
+        print(describe_result(summary, out))
     return summary
+
+
+def load_policy(base_ref: str, sft_dir: Path, device):
+    """The base model with the SFT adapter on it, trainable (TRL adds the frozen "ref" copy)."""
+    from .models import attach_adapter, load_base_model
+
+    return attach_adapter(load_base_model(base_ref, device), sft_dir, trainable=True)
+
+
+def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base_ref, sft_dir, device):
+    """Build the trainer and train; returns (trainer, validation, diagnostics, batch used).
+
+    Out of memory: with --auto_find_batch_size each retry halves the batch, doubles gradient
+    accumulation and starts over from the SFT adapter and the same seed (runtime.train_within_memory).
+    Ctrl-C / SIGTERM: the current step finishes, a checkpoint is written, StopRequested ends the run.
+    A NaN/inf loss stops it with the step and the last good checkpoint named.
+    """
+    import transformers
+
+    from .callbacks import TrainingDiverged
+    from .runtime import barrier, is_main_process, stop_on_signal, train_within_memory, world_size
+
+    main = is_main_process()
+    holder = {"model": model, "claimed": False}
+
+    def attempt(batch_size: int, grad_accum: int, eval_batch_size: int):
+        if holder["claimed"]:  # a retry: a fresh copy of the SFT starting point, the same seed
+            holder["model"] = None
+            _free_memory()
+            transformers.set_seed(s.seed)
+            holder["model"] = load_policy(base_ref, sft_dir, device)
+        sized = dataclasses.replace(s, batch_size=batch_size, grad_accum=grad_accum, eval_batch_size=eval_batch_size)
+        trainer, validation, diagnostics = build_trainer(sized, holder["model"], tokenizer, data, out / CHECKPOINTS,
+                                                         tracker.log, stop_flag=flag, printer=print if main else _quiet)
+        if resume_from:
+            load_state(resume_from, validation, diagnostics)
+        if not holder["claimed"]:
+            # The folder is claimed once every process got this far (the trainer set up the process group).
+            barrier()
+            if main:
+                claim_run_dir(out, config, s, resume_from)
+                write_json(out / CHECKPOINTS / RUN_CONFIG, config)
+            barrier()
+            holder["claimed"] = True
+        if main:
+            print(describe_start(sized, data, base_ref, device, resume_from))
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except TrainingDiverged as exc:
+            close_progress_bars(trainer)
+            if main:
+                write_json(out / BATCH_FILE, batch_metrics(s, diagnostics))
+            last = latest_checkpoint(out / CHECKPOINTS)
+            kept = f"The last good checkpoint, {last}, is kept" if last else "No checkpoint was written before it"
+            raise UserError(f"DPO training diverged: {exc}; the bad update was not applied. {kept}. Lower --lr "
+                            f"(now {s.lr:g}) or raise --warmup_ratio, then start over with --overwrite; the metrics "
+                            f"up to that step are in {out / BATCH_FILE}.") from None
+        except BaseException:
+            close_progress_bars(trainer)  # the message that follows starts on a line of its own
+            raise
+        return trainer, validation, diagnostics, {"batch_size": batch_size, "grad_accum": grad_accum,
+                                                  "eval_batch_size": eval_batch_size, "processes": world_size()}
+
+    with stop_on_signal() as flag:
+        return train_within_memory(attempt, batch_size=s.batch_size, grad_accum=s.grad_accum,
+                                   eval_batch_size=s.eval_batch_size, auto=s.auto_find_batch_size, stage="dpo")
+
+
+def close_progress_bars(trainer) -> None:
+    from .callbacks import LossProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, LossProgressCallback) and callback.bar is not None:
+            callback.bar.close()
+            callback.bar = None
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The printer of processes other than the main one: one copy of each message is enough."""
 
 
 def check_settings(s) -> None:
@@ -188,6 +269,11 @@ def check_settings(s) -> None:
             raise UserError(f"--{name} must be 0 or a positive count, got {getattr(s, name)}.")
     if s.beta_sweep and not s.betas:
         raise UserError("--beta_sweep needs at least one value in --betas.")
+    from .runtime import world_size
+
+    if s.auto_find_batch_size and world_size() > 1:
+        raise UserError("--auto_find_batch_size works in single-process runs only: the processes of a distributed "
+                        "run cannot retry in step. Set --batch_size and --grad_accum instead.")
 
 
 def check_text_budget(sft_dir: Path, max_text_tokens: int) -> None:
@@ -348,7 +434,7 @@ def dpo_args(s, model, ckpt_dir: Path):
         num_train_epochs=s.epochs,
         per_device_train_batch_size=s.batch_size,
         gradient_accumulation_steps=s.grad_accum,
-        auto_find_batch_size=s.auto_find_batch_size,
+        auto_find_batch_size=False,  # ours (runtime.train_within_memory) also keeps the effective batch
         optim="adamw_torch",
         learning_rate=s.lr,
         lr_scheduler_type="cosine",
@@ -374,13 +460,17 @@ def dpo_args(s, model, ckpt_dir: Path):
     )
 
 
-def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None):
-    """DPOTrainer on the SFT PeftModel (TRL adds the frozen "ref" copy), with our callbacks."""
+def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, stop_flag=None, printer=print):
+    """DPOTrainer on the SFT PeftModel (TRL adds the frozen "ref" copy), with our callbacks.
+
+    With `stop_flag` (runtime.stop_on_signal) a Ctrl-C / SIGTERM ends training with a checkpoint.
+    """
     from datasets import Dataset
     from transformers import ProgressCallback
     from trl import DPOTrainer
 
     from .callbacks import DPODiagnosticsCallback, DPOValidationCallback, LossProgressCallback, SaveStateCallback
+    from .runtime import BarrierOnSaveCallback, GracefulStopCallback, seeded_length_grouping
 
     prefix = special_prefix(tokenizer, data.pairs["prompt"].iloc[0])
     prompts = [p[len(prefix):] if prefix and p.startswith(prefix) else p for p in data.pairs["prompt"]]
@@ -388,9 +478,9 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None):
                                  "rejected": list(data.pairs["rejected"])})
     validation = DPOValidationCallback(tokenizer, data.val_sets, batch_size=s.eval_batch_size,
                                        max_text_tokens=s.max_text_tokens, eval_steps=s.eval_steps,
-                                       patience=s.patience, eval_at_start=True, log=log)
+                                       patience=s.patience, eval_at_start=True, log=log, printer=printer)
     try:
-        trainer = DPOTrainer(model=model, ref_model=None, args=dpo_args(s, model, ckpt_dir), train_dataset=dataset,
+        trainer = seeded_length_grouping(DPOTrainer)(model=model, ref_model=None, args=dpo_args(s, model, ckpt_dir), train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[validation])
     except ValueError as exc:  # TRL's checks on the settings (e.g. a loss type that needs other options)
         raise UserError(f"TRL's DPOTrainer refused these settings: {exc}") from None
@@ -398,11 +488,15 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None):
         raise RuntimeError("DPOTrainer did not add the frozen 'ref' adapter; the reference would not be the SFT model.")
     check_trl_tokens(trainer.train_dataset, data.pairs, tokenizer, s.max_length)
     diagnostics = DPODiagnosticsCallback(model, tokenizer, data.probe_texts, beta=s.beta,
-                                         batch_size=s.eval_batch_size, max_text_tokens=s.max_text_tokens, log=log)
+                                         batch_size=s.eval_batch_size, max_text_tokens=s.max_text_tokens, log=log,
+                                         printer=printer)
     validation.diagnostics = diagnostics
     trainer.add_callback(diagnostics)
+    trainer.add_callback(BarrierOnSaveCallback())  # every process wrote its part before the state file marks it done
     trainer.add_callback(SaveStateCallback(lambda folder: save_state(folder, validation, diagnostics),
                                            save_each_epoch=bool(s.save_steps or s.eval_steps)))
+    if stop_flag is not None:  # after the state saver: the checkpoint is complete when it stops the run
+        trainer.add_callback(GracefulStopCallback(stop_flag))
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(LossProgressCallback("dpo"))
     return trainer, validation, diagnostics
@@ -458,17 +552,20 @@ def _finished_with(out: Path, config: dict, sft_dir: Path) -> bool:
         and record.get("sft_adapter_sha256") == sft_fingerprint(sft_dir) and (out / SUMMARY_FILE).is_file()
 
 
-def prepare_run_dir(out: Path, config: dict, s) -> Path | None:
-    """Claim the output folder; return the checkpoint to resume from, if any.
+def plan_run_dir(out: Path, config: dict, s, sft_dir: Path | None = None) -> Path | None:
+    """Read-only: may this run use the output folder, and which checkpoint does it continue from?
 
     Old checkpoints are never silently reused nor silently thrown away: without --resume they are
-    an error, unless --overwrite says to start over.
+    an error, unless --overwrite says to start over. Nothing is changed here (see claim_run_dir).
     """
+    from .atomic import check_output_dir
+
     ckpt_dir = out / CHECKPOINTS
-    resume_from = latest_checkpoint(ckpt_dir) if s.resume else None
-    if s.resume and resume_from is None:
-        print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
-    prepare_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+    # Checkpoints beside a finished run of these settings are leftovers of a run killed after its marker.
+    finished = sft_dir is not None and _finished_with(out, config, sft_dir)
+    latest = None if finished else latest_checkpoint(ckpt_dir)
+    resume_from = latest if s.resume else None
+    check_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
     if resume_from is not None:
         had = read_json(ckpt_dir / RUN_CONFIG) if (ckpt_dir / RUN_CONFIG).is_file() else {}
         mine = {k: v for k, v in stable_config(config).items() if k not in RESUME_NEUTRAL}
@@ -478,13 +575,22 @@ def prepare_run_dir(out: Path, config: dict, s) -> Path | None:
             raise UserError(f"The checkpoints in {ckpt_dir} were made with other settings (differ in: "
                             f"{', '.join(diff)}). Resume with the same settings, or pass --overwrite without "
                             "--resume to start over.")
+    elif latest is not None and not s.overwrite:
+        raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
+                        "or --overwrite to start over.")
+    return resume_from
+
+
+def claim_run_dir(out: Path, config: dict, s, resume_from: Path | None) -> None:
+    """Take the folder over (main process, after every check passed): marker cleared, stale checkpoints gone."""
+    ckpt_dir = out / CHECKPOINTS
+    if s.resume and resume_from is None:
+        print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
+    prepare_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+    if resume_from is not None:
         print(f"Resuming from {resume_from}.")
     elif ckpt_dir.exists():
-        if not s.overwrite:
-            raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
-                            "or --overwrite to start over.")
-        shutil.rmtree(ckpt_dir)
-    return resume_from
+        shutil.rmtree(ckpt_dir)  # --overwrite, or leftovers with no complete checkpoint to resume from
 
 
 # -- outputs ---------------------------------------------------------------------------------------------
@@ -543,7 +649,7 @@ def batch_metrics(s, diagnostics) -> dict:
 
 
 def build_summary(s, base_ref, sft_dir, data, trainer, validation, diagnostics, epochs, saved, device, timings,
-                  resume_from) -> dict:
+                  resume_from, used: dict | None = None) -> dict:
     import peft
     import torch
     import transformers
@@ -586,6 +692,8 @@ def build_summary(s, base_ref, sft_dir, data, trainer, validation, diagnostics, 
         "device": str(device),
         "dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
         "resumed_from": str(resume_from) if resume_from else None,
+        # What training really used: --auto_find_batch_size may have shrunk the batch; processes > 1 under DDP.
+        "batch": used,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                      "peft": peft.__version__},
@@ -603,14 +711,17 @@ def beta_dir(out: Path, beta: float) -> Path:
 
 def run_sweep(s) -> dict:
     """One model per beta into OUTPUT_DIR_beta_X; the best by GEN validation F1 is named (and copied)."""
+    from .atomic import check_output_dir
     from .models import check_adapter_dir
+    from .runtime import barrier, is_main_process
     from .tracking import Tracker, make_group_name
 
     started = time.perf_counter()
     config = dataclasses.asdict(s)
     out = Path(s.output_dir)
+    main = is_main_process()
     check_adapter_dir(s.sft_model)
-    prepare_output_dir(out, config, overwrite=s.overwrite, resume=s.resume)
+    check_output_dir(out, config, overwrite=s.overwrite, resume=s.resume)  # claimed once the betas are trained
     group = s.wandb_group or (None if s.no_wandb else make_group_name("dpo-beta-sweep"))
     betas = list(dict.fromkeys(s.betas))
     rows = []
@@ -619,10 +730,13 @@ def run_sweep(s) -> dict:
                                   wandb_group=group)
         if _finished_with(Path(sub.output_dir), dataclasses.asdict(sub), Path(s.sft_model)):
             # An interrupted sweep picks up where it stopped: finished betas are not trained again.
-            print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} already finished in {sub.output_dir}; reusing it.")
+            if main:
+                print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} already finished in {sub.output_dir}; "
+                      "reusing it.")
             summary = read_json(Path(sub.output_dir) / SUMMARY_FILE)
         else:
-            print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} -> {sub.output_dir}")
+            if main:
+                print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} -> {sub.output_dir}")
             summary = train(sub, run_name=f"dpo-beta-{beta:g}")
         rows.append(sweep_row(beta, sub.output_dir, summary))
         _free_memory()
@@ -633,6 +747,10 @@ def run_sweep(s) -> dict:
                                               "ties go to the smaller final KL",
                "best_beta": best["beta"], "best_output_dir": best["output_dir"], "best_val_f1": best["val_f1"],
                "copied_to": str(out), "runs": rows, "seconds": round(time.perf_counter() - started, 2)}
+    if not main:
+        barrier()  # the main process writes the sweep's files
+        return results
+    prepare_output_dir(out, config, overwrite=s.overwrite, resume=s.resume)
     write_json(out / SWEEP_FILE, results)
     from .plots import plot_beta_sweep
 
@@ -650,6 +768,7 @@ def run_sweep(s) -> dict:
     print(f"[beta sweep] best beta by {PRIMARY} F1: {best['beta']:g} (F1 {best['val_f1']:.3f}, final KL "
           f"{_fmt(best['final_kl'])}); model in {best['output_dir']} (adapter also copied to {out}). "
           f"Results: {out / SWEEP_FILE}")
+    barrier()
     return results
 
 
@@ -704,9 +823,16 @@ def describe_start(s, data: DPOData, base_ref: str, device, resume_from) -> str:
     vals = ", ".join(f"{k} {len(v)}" for k, v in data.val_sets.items())
     return (f"DPO on {info['used']} preference pairs{classes} from {info['file']} ({info['pair_style']} style); "
             f"SFT adapter {s.sft_model} on {base_ref}, {device}; reference = frozen SFT adapter; beta {s.beta:g}, "
-            f"loss {s.loss_type}, {s.epochs:g} epoch(s), lr {s.lr:g}, batch {s.batch_size}x{s.grad_accum}; "
+            f"loss {s.loss_type}, {s.epochs:g} epoch(s), lr {s.lr:g}, batch {s.batch_size}x{s.grad_accum}"
+            f"{_processes()}; "
             f"validating on {vals}; KL probe {len(data.probe_texts)} prompts"
             + (f"; resuming from {resume_from.name}" if resume_from else "") + ".")
+
+
+def _processes() -> str:
+    from .runtime import world_size
+
+    return f"x{world_size()} processes" if world_size() > 1 else ""
 
 
 def describe_result(summary: dict, out: Path) -> str:

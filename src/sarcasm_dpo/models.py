@@ -9,6 +9,7 @@ CUDA (bf16 where the card supports it) > MPS > CPU (fp32), unless `--device` say
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,8 @@ from .errors import UserError
 
 OFFLINE_HINT = (
     "This machine may be offline: pass a local model with --model PATH (a folder with config.json and weights, "
-    "or a .gguf file), and set HF_HUB_OFFLINE=1 to stop retries."
+    "or a .gguf file), and set HF_HUB_OFFLINE=1 so nothing tries the network; the datasets' offline route is "
+    "--data_dir DIR."
 )
 
 
@@ -70,8 +72,36 @@ def resolve_source(ref: str, tokenizer_only: bool = False) -> tuple[str, dict]:
     return ref, {}
 
 
+@functools.lru_cache(maxsize=1)
+def hub_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why the Hugging Face hub does not answer (one quick request, proxies honoured), or None if it does.
+
+    huggingface_hub retries a dead connection five times with growing pauses (about a minute of
+    "Retrying in 8s" lines) before giving up; one probe first turns that into one clear message.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)  # any HTTP answer means it is reachable
+    except Exception as exc:  # noqa: BLE001 - connection refused, DNS failure, timeout, proxy error
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'no answer'}"
+    return None
+
+
 def _from_pretrained(cls, ref: str, tokenizer_only: bool = False, **kwargs):
     source, extra = resolve_source(ref, tokenizer_only=tokenizer_only)
+    if not Path(source).exists():  # a hub id
+        from huggingface_hub import constants
+        from transformers.utils.hub import is_offline_mode
+
+        reason = None if is_offline_mode() else hub_unreachable()
+        if reason:
+            try:  # a copy in the local cache still works without the network
+                return cls.from_pretrained(source, local_files_only=True, **extra, **kwargs)
+            except (OSError, ValueError):
+                raise UserError(f"Cannot download {ref!r}: the Hugging Face hub ({constants.ENDPOINT}) does not "
+                                f"answer ({reason}) and the model is not in the local cache. {OFFLINE_HINT}") from None
     try:
         return cls.from_pretrained(source, **extra, **kwargs)
     except OSError as exc:
@@ -149,6 +179,60 @@ def check_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
             "Point to the output folder of `sarcasm-dpo sft` or `sarcasm-dpo dpo`."
         )
     return adapter_dir
+
+
+def check_adapter_fits(adapter_dir: str | os.PathLike, base_ref: str) -> None:
+    """Refuse an adapter whose LoRA matrices do not fit the layers of `base_ref`, before anything heavy runs.
+
+    Reads only the adapter's tensor shapes (safetensors header) and the base model's config, whose
+    layers are built on the meta device (no weights, no memory), so a stage can refuse the
+    combination before it touches its output folder. What it cannot read (a .gguf base, a model
+    that needs remote code) is left to attach_adapter, which refuses it as clearly, only later.
+    """
+    import re
+
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    try:
+        import torch
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with safe_open(str(weights), "pt") as handle:
+            shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        source, extra = resolve_source(base_ref)
+        if extra:  # a .gguf file: its config comes with the weights
+            return
+        config = AutoConfig.from_pretrained(source)
+        with torch.device("meta"):
+            layers = dict(AutoModelForCausalLM.from_config(config).named_modules())
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - unreadable here; attach_adapter will check on the real model
+        return
+    wrong = []
+    for key, shape in shapes.items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight", key)
+        if not match or len(shape) != 2:
+            continue
+        name, part = match.groups()
+        layer = layers.get(name)
+        weight = getattr(layer, "weight", None)
+        if layer is None:
+            wrong.append(f"{name} does not exist")
+        elif weight is not None and weight.dim() == 2:
+            expected = weight.shape[1] if part == "A" else weight.shape[0]
+            got = shape[1] if part == "A" else shape[0]
+            if got != expected:
+                wrong.append(f"{name} is {weight.shape[1]}->{weight.shape[0]} wide, the adapter's lora_{part} "
+                             f"expects {got}")
+    if wrong:
+        raise UserError(
+            f"The adapter in {adapter_dir} does not fit the base model {base_ref!r}: {len(wrong)} of its LoRA matrices "
+            f"do not match that model's layers (e.g. {wrong[0]}). It was made for another model; use the base model "
+            "it was trained on (--model, where the command has it), restore that model if its folder was replaced, "
+            "or retrain the adapter."
+        )
 
 
 def attach_adapter(model, adapter_dir: str | os.PathLike, adapter_name: str = "default", trainable: bool = False):
