@@ -87,7 +87,7 @@ def test_random_kills_in_the_save_phase_leave_whole_files(tiny_model_dir, tmp_pa
     argv = sft_argv(tiny_model_dir, train, val, tmp_path / "sft", epochs=1)
     rng = random.Random(7)
     outcomes = []
-    for attempt in range(5):
+    for attempt in range(4):
         out = tmp_path / f"sft-{attempt}"
         run_argv = [*argv[:argv.index("--output_dir") + 1], str(out), *argv[argv.index("--output_dir") + 2:]]
         log = tmp_path / f"log-{attempt}.txt"
@@ -95,14 +95,15 @@ def test_random_kills_in_the_save_phase_leave_whole_files(tiny_model_dir, tmp_pa
         try:
             # The save phase starts right after the last evaluation (step 2 of 2).
             assert wait_for(lambda: "[eval] step 2 " in log.read_text(), timeout=300, proc=proc, every=0.01)
-            time.sleep(rng.uniform(0.0, 0.8))
+            time.sleep(rng.uniform(0.0, 1.5))
             proc.kill()
             proc.wait(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
         assert check_folder(out, "sft") == [], attempt
-        outcomes.append("complete" if (out / "COMPLETE.json").is_file() else "incomplete")
+        written = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
+        outcomes.append(f"{len(written)} files" + (", complete" if (out / "COMPLETE.json").is_file() else ""))
         done = run_cli(run_argv + ["--resume"])  # whatever the kill left, the re-run finishes the job
         assert done.returncode == 0, done.stderr[-3000:]
         assert check_folder(out, "sft") == [] and (out / "COMPLETE.json").is_file()

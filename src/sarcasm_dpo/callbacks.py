@@ -108,8 +108,12 @@ class ValidationCallback(TrainerCallback):
             self.log(flat, int(step))
         return record
 
-    def _maybe_stop(self, control) -> None:
-        if self.patience and self.bad_evals >= self.patience:
+    def _maybe_stop(self, control, args=None) -> None:
+        from .runtime import any_process
+
+        # Under several processes each one evaluates; they must stop at the same step or the one that
+        # goes on waits forever for the others, so one process wanting to stop stops them all.
+        if any_process(bool(self.patience and self.bad_evals >= self.patience), getattr(args, "device", None)):
             self.stopped_early = True
             control.should_training_stop = True
             self.printer(f"[early stop] no better {self.primary} F1 in {self.bad_evals} evaluations; "
@@ -122,7 +126,7 @@ class ValidationCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.eval_steps and state.global_step % self.eval_steps == 0:
             self.evaluate(model, state.global_step, state.epoch)
-            self._maybe_stop(control)
+            self._maybe_stop(control, args)
         return control
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
@@ -130,7 +134,7 @@ class ValidationCallback(TrainerCallback):
         if not self.eval_steps or not already:
             if not already:
                 self.evaluate(model, state.global_step, state.epoch)
-            self._maybe_stop(control)
+            self._maybe_stop(control, args)
         return control
 
     def restore_best(self, model) -> None:

@@ -456,6 +456,7 @@ def dpo_args(s, model, ckpt_dir: Path):
         seed=s.seed,
         data_seed=s.seed,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trainable (LoRA) parameter gets a gradient at every step
         **save,
     )
 

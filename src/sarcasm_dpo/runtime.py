@@ -103,15 +103,20 @@ class StopFlag:
 @contextlib.contextmanager
 def stop_on_signal():
     """While inside: the first SIGINT/SIGTERM sets the flag (checkpoint at the next step end), a second
-    one raises KeyboardInterrupt at once. Outside the main thread signals cannot be caught; no-op there."""
+    one (a second or more later) raises KeyboardInterrupt at once. Outside the main thread signals
+    cannot be caught; no-op there."""
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
+    first = [0.0]
 
     def handler(signum, frame):
+        if flag.signum is not None and time.monotonic() - first[0] < 1.0:
+            return  # the same stop request twice: a terminal's Ctrl-C and a launcher forwarding it
         if flag.signum is None:
             flag.signum = signum
+            first[0] = time.monotonic()
             if is_main_process():
                 # os.write, not print: the handler may interrupt a print, and buffered streams are not reentrant.
                 note = (f"\n{signal.Signals(signum).name} received: finishing the current step and writing a "
@@ -363,8 +368,10 @@ def _free_port(preferred: int) -> int:
 def run_workers(n: int, argv: list[str], module: str = "sarcasm_dpo.cli") -> int:
     """Start `n` ranks of `python -m module argv` the way torchrun does, wait, return the exit code.
 
-    Workers run in their own session, so a Ctrl-C reaches them once, forwarded from here (a second
-    Ctrl-C is forwarded too and stops them at once). If one fails, the others are stopped.
+    The workers stay in our process group, so a Ctrl-C in the terminal reaches each of them; a
+    SIGINT or SIGTERM sent to this launcher alone is forwarded (the workers count two signals
+    within a second as one). If accelerate, our parent, dies (it does not pass SIGTERM on), the
+    workers are stopped the same way: a checkpoint first. If one worker fails, the others are stopped.
     """
     port = _free_port(int(os.environ.get("MASTER_PORT", "29500")))
     threads = str(max(1, (os.cpu_count() or n) // n))
@@ -373,22 +380,27 @@ def run_workers(n: int, argv: list[str], module: str = "sarcasm_dpo.cli") -> int
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n),
                "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
                "MASTER_PORT": str(port), "OMP_NUM_THREADS": threads}
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env, start_new_session=True))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
 
-    def forward(signum, frame):
+    def forward(signum, frame=None):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    parent = os.getppid()
     try:
         code = 0
         while any(p.poll() is None for p in procs):
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
             if failed:
                 code = failed[0]
-                _stop_all(procs)
-                break
+                if code not in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # a stopped rank: the others stop too
+                    _stop_all(procs)
+                    break
+            if parent and os.getppid() != parent:
+                parent = 0
+                forward(signal.SIGTERM)
             time.sleep(0.2)
         return code or next((p.returncode for p in procs if p.returncode), 0)
     finally:
