@@ -155,3 +155,36 @@ def error_paragraph(stderr: str) -> str:
     """The CLI's error message: what follows the last "error: " (progress bars may precede it)."""
     assert "error: " in stderr, stderr[-2000:]
     return "error: " + stderr.rsplit("error: ", 1)[1]
+
+
+# -- DPO: from the reference SFT adapter, on the toy splits (8 steps per epoch, checkpoints every 3) --------
+DPO_BASE = dict(epochs=2, lr=5e-3, batch_size=2, grad_accum=1, logging_steps=1, save_steps=3, sample_size=16,
+                val_sample_size=8, probe_size=8, isarcasm_val_csv="", no_wandb=True, seed=0, patience=5)
+
+
+def dpo_settings(sft_dir, train_csv, val_csv, output_dir, **overrides):
+    from sarcasm_dpo.settings import DPOSettings
+
+    values = dict(DPO_BASE, sft_model=str(sft_dir), train_csv=str(train_csv), val_csv=str(val_csv),
+                  output_dir=str(output_dir))
+    values.update(overrides)
+    return build(DPOSettings, values)
+
+
+def dpo_reference_run(tiny_model_dir: Path, tmp_path_factory) -> tuple[Path, tuple]:
+    """(output folder, (sft dir, train csv, val csv)) of the uninterrupted DPO run; trained once per session."""
+    if "dpo" not in _cache:
+        from sarcasm_dpo import dpo
+
+        sft_dir, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
+        out = tmp_path_factory.mktemp("dpo-reference") / "dpo"
+        dpo.run(dpo_settings(sft_dir, train, val, out))
+        _cache["dpo"] = (out, (sft_dir, train, val))
+    return _cache["dpo"]
+
+
+def dpo_records(folder: Path) -> dict:
+    """The DPO run's metrics files, which must match between a resumed and an uninterrupted run."""
+    folder = Path(folder)
+    return {name: json.loads((folder / name).read_text())
+            for name in ("dpo_epoch_metrics.json", "dpo_batch_metrics.json")}

@@ -129,3 +129,34 @@ def test_signalled_subprocess_checkpoints_and_the_printed_command_resumes(
     assert "Resuming from" in done.stdout and (out / "COMPLETE.json").is_file()
     assert max_adapter_difference(ref, out) <= ATOL
     assert_close(metrics_json(out), metrics_json(ref))
+
+
+@pytest.mark.slow
+def test_dpo_signal_writes_a_checkpoint_and_resume_matches(tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch):
+    from reliability_common import dpo_records, dpo_reference_run, dpo_settings
+
+    from sarcasm_dpo import dpo
+    from sarcasm_dpo.settings import DPOSettings
+
+    ref, (sft_dir, train, val) = dpo_reference_run(tiny_model_dir, tmp_path_factory)
+    out = tmp_path / "dpo"
+    s = dpo_settings(sft_dir, train, val, out)
+    original = dpo.build_trainer
+
+    def build_signalling(*args, **kwargs):
+        trainer, validation, diagnostics = original(*args, **kwargs)
+        trainer.add_callback(_SignalAtStep(5, signal.SIGTERM))
+        return trainer, validation, diagnostics
+
+    monkeypatch.setattr(dpo, "build_trainer", build_signalling)
+    with pytest.raises(StopRequested) as stop:
+        dpo.run(s)
+    assert stop.value.signum == signal.SIGTERM and stop.value.step == 5
+    checkpoint = out / "checkpoints" / "checkpoint-5"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", dpo.STATE_FILE):
+        assert (checkpoint / name).is_file(), name
+    monkeypatch.setattr(dpo, "build_trainer", original)
+    summary = dpo.run(build(DPOSettings, {**vars(s), "resume": True}))
+    assert summary["resumed_from"] == str(checkpoint) and summary["global_steps"] == 16
+    assert max_adapter_difference(ref, out) <= ATOL
+    assert_close(dpo_records(out), dpo_records(ref))

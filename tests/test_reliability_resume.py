@@ -80,3 +80,38 @@ def test_sigkilled_subprocess_resumes_to_the_same_adapter_and_metrics(tiny_model
     assert_close(metrics_json(out), metrics_json(ref))
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["resumed_from"].endswith(survived[-1]) and summary["global_steps"] == 12
+
+
+@pytest.mark.slow
+def test_dpo_resume_matches_the_uninterrupted_run(tiny_model_dir, tmp_path_factory, tmp_path):
+    """The same for DPO: killed (an exception between steps) after its step-6 checkpoint, resumed."""
+    from reliability_common import dpo_records, dpo_reference_run, dpo_settings
+
+    from sarcasm_dpo import dpo
+    from sarcasm_dpo.settings import DPOSettings
+
+    ref, (sft_dir, train, val) = dpo_reference_run(tiny_model_dir, tmp_path_factory)
+    out = tmp_path / "dpo"
+    s = dpo_settings(sft_dir, train, val, out)
+    with pytest.raises(SystemExit):
+        _run_dpo_dying(dpo, s, at_step=7)
+    assert (out / "checkpoints" / "checkpoint-6" / dpo.STATE_FILE).is_file()
+    summary = dpo.run(build(DPOSettings, {**vars(s), "resume": True}))
+    assert summary["resumed_from"].endswith("checkpoint-6") and summary["global_steps"] == 16
+    assert max_adapter_difference(ref, out) <= ATOL
+    assert_close(dpo_records(out), dpo_records(ref))
+
+
+def _run_dpo_dying(dpo, s, at_step: int):
+    original = dpo.build_trainer
+
+    def build_dying(*args, **kwargs):
+        trainer, validation, diagnostics = original(*args, **kwargs)
+        trainer.add_callback(_DieAtStep(at_step))
+        return trainer, validation, diagnostics
+
+    dpo.build_trainer = build_dying
+    try:
+        dpo.run(s)
+    finally:
+        dpo.build_trainer = original

@@ -17,10 +17,25 @@ trainable parameters). The folder is the W&B artifact `sft-adapter` that the DPO
 as its input.
 
 Checkpoints: the Trainer saves one at every epoch end (and every --save_steps steps if set) into
-OUTPUT_DIR/checkpoints/, keeping the newest two; beside each we store the validation history and
-the best adapter so far, so `--resume` continues from the newest complete checkpoint without
-losing the best epoch. After a successful run the checkpoints are deleted: the saved adapter is
-the result, and nothing is left to resume.
+OUTPUT_DIR/checkpoints/, keeping the newest two: weights, optimizer, scheduler, RNG states and
+trainer state; beside each we store the validation history and the best adapter so far
+(validation_state.json, written last, marks the checkpoint complete). `--resume` continues from
+the newest complete checkpoint and ends exactly where an uninterrupted run with the same seed
+ends (on CPU bit for bit; tests/test_reliability_resume.py). After a successful run the
+checkpoints are deleted: the saved adapter is the result, and nothing is left to resume.
+
+When things go wrong (runtime.py holds the shared parts; tests/test_reliability_*.py, one per point):
+- Ctrl-C / SIGTERM: the current step finishes, a checkpoint is written, the W&B run is closed as
+  interrupted, and the CLI prints the command that resumes (exit 130 / 143). A second signal stops at once.
+- Out of memory: --auto_find_batch_size halves --batch_size and doubles --grad_accum (same effective
+  batch) and starts over; without it the error names the flags to change.
+- NaN/inf loss: the run stops before the bad update, naming the step and the last good checkpoint.
+- Bad input or settings: every check runs before --output_dir is touched, so nothing is overwritten.
+- Several processes (accelerate launch / torchrun): all train, the main one writes; see README.
+- Determinism: the same seed and settings give the same data order, adapter and metrics; on CPU
+  bit for bit. On a GPU, cuBLAS/cuDNN sum in varying order and bf16 rounds, so two runs agree only
+  approximately (not measured in this project, which has no GPU); compare GPU runs by their
+  validation metrics, not their weights.
 """
 
 from __future__ import annotations
