@@ -7,10 +7,11 @@ sys.path, so both run as plain scripts from the repository root:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
-import statistics
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,8 +98,6 @@ def make_splits(data_dir: str | Path, out: Path) -> Path:
     from sarcasm_dpo.atomic import is_complete_for
     from sarcasm_dpo.data import run as split_run
     from sarcasm_dpo.settings import SplitSettings
-
-    import dataclasses
 
     settings = SplitSettings(data_dir=str(data_dir), output_dir=str(out), no_wandb=True, overwrite=True)
     if not is_complete_for(out, dataclasses.asdict(settings)):

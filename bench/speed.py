@@ -52,8 +52,7 @@ CPU_CONFIG = common.REPO / "configs" / "smollm2-135m-cpu.yaml"
 GPU_CONFIG = common.REPO / "configs" / "qwen2.5-0.5b.yaml"
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity); --gpu_peak_tflops overrides.
 GPU_PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0,
-                        "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0, "L40S": 362.1, "L4": 121.0,
-                        "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.2}
+                        "H100 PCIe": 756.0, "H100": 756.0, "A100": 312.0, "L40S": 362.1, "L4": 121.0}
 QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                   intermediate_size=4864, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
                   tie_word_embeddings=True, hidden_act="silu")

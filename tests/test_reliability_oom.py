@@ -113,3 +113,25 @@ def test_batch_one_still_too_big_is_explained():
                             printer=lambda m: None)
     assert "(1 examples per device per step, gradient accumulation 12)" in str(info.value)
     assert "--gradient_checkpointing" in str(info.value)
+
+
+@pytest.mark.slow
+def test_dpo_auto_batch_keeps_the_effective_batch(tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch):
+    from reliability_common import dpo_reference_run, dpo_settings
+
+    from sarcasm_dpo import dpo
+
+    _, (sft_dir, train, val) = dpo_reference_run(tiny_model_dir, tmp_path_factory)
+    guard = _FitsUpTo(1)
+    original = dpo.build_trainer
+
+    def build_guarded(*args, **kwargs):
+        trainer, validation, diagnostics = original(*args, **kwargs)
+        trainer.add_callback(guard)
+        return trainer, validation, diagnostics
+
+    monkeypatch.setattr(dpo, "build_trainer", build_guarded)
+    summary = dpo.run(dpo_settings(sft_dir, train, val, tmp_path / "dpo", epochs=1, auto_find_batch_size=True))
+    assert guard.tried == [(2, 1), (1, 2)]
+    assert summary["batch"]["batch_size"] == 1 and summary["batch"]["grad_accum"] == 2
+    assert summary["global_steps"] == 8 and (tmp_path / "dpo" / "COMPLETE.json").is_file()

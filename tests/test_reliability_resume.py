@@ -16,6 +16,7 @@ import json
 import pytest
 from reliability_common import (ATOL, assert_close, complete_checkpoints, max_adapter_difference, metrics_json,
                                 reference_run, run_cli, sft_argv, sft_settings, start_cli, wait_for)
+from test_pipeline import small_data_dir  # noqa: F401 - the fixture, for the pipeline test
 from transformers import TrainerCallback
 
 from sarcasm_dpo import sft
@@ -115,3 +116,38 @@ def _run_dpo_dying(dpo, s, at_step: int):
         dpo.run(s)
     finally:
         dpo.build_trainer = original
+
+
+@pytest.mark.slow
+def test_pipeline_rerun_resumes_the_interrupted_stage(tiny_model_dir, small_data_dir, tmp_path):
+    """`sarcasm-dpo pipeline` stopped during SFT: the same command again resumes SFT from its newest
+    checkpoint (no --resume needed), then runs the later stages."""
+    import signal
+
+    from test_pipeline import write_config
+
+    work = tmp_path / "work"
+    config = write_config(tmp_path / "p.yaml", tiny_model_dir, work)
+    config.write_text(config.read_text().replace("  epochs: 1\n  sample_size: 48",
+                                                 "  epochs: 3\n  save_steps: 2\n  sample_size: 48"))
+    argv = ["pipeline", "--config", str(config), "--data_dir", str(small_data_dir), "--no_wandb"]
+    proc = start_cli(argv, tmp_path / "first.log")
+    try:
+        assert wait_for(lambda: complete_checkpoints(work / "sft"), timeout=300, proc=proc), \
+            (tmp_path / "first.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=300) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = (tmp_path / "first.log").read_text()
+    assert "Re-run the same command" in first and not (work / "sft" / "COMPLETE.json").exists()
+    kept = complete_checkpoints(work / "sft")[-1]
+
+    done = run_cli(argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[pipeline] sft: resuming" in done.stdout and f"Resuming from {work / 'sft' / 'checkpoints' / kept}" in done.stdout
+    for stage in ("sft", "dpo", "results"):
+        assert (work / stage / "COMPLETE.json").is_file(), stage
+    summary = json.loads((work / "sft" / "training_summary.json").read_text())
+    assert summary["resumed_from"].endswith(kept) and summary["global_steps"] == 18

@@ -124,7 +124,7 @@ def stop_on_signal():
                 with contextlib.suppress(OSError):
                     os.write(2, note.encode())
             return
-        raise KeyboardInterrupt
+        raise StopRequested(signum)  # no new checkpoint: the newest complete one is where --resume starts
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
@@ -302,7 +302,8 @@ def train_within_memory(attempt: Callable, *, batch_size: int, grad_accum: int, 
                               f"Change: {fix}. Checkpoints written so far are kept; add --resume to continue.")
         if while_scoring:
             eval_batch_size = max(1, eval_batch_size // 2)
-            printer(f"[{stage}] out of memory while {where}; retrying with --eval_batch_size {eval_batch_size}.")
+            printer(f"[{stage}] out of memory while {where}; retrying from the start with --eval_batch_size "
+                    f"{eval_batch_size}.")
         else:
             batch_size, grad_accum = max(1, batch_size // 2), grad_accum * 2
             printer(f"[{stage}] out of memory while {where}; retrying from the start with --batch_size "
