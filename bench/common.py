@@ -152,8 +152,12 @@ def lifetime_peak_rss_mib() -> float:
 # -- training meter ----------------------------------------------------------------------------------
 
 
-def make_step_meter():
+def make_step_meter(stop_after: int | None = None, record_rows: bool = False):
     """A TrainerCallback that counts the tokens every training forward pass sees, per optimizer step.
+
+    `stop_after` ends training after that many optimizer steps (the stage still runs its epoch-end
+    validation and saves); `record_rows` keeps the real token ids of every training row, so another
+    setup can be given exactly the examples this one trained on.
 
     A forward pre-hook on the model reads each batch as the model gets it: all positions (padding
     included) and real tokens (attention mask). Forward passes in eval mode (validation scoring,
@@ -171,6 +175,7 @@ def make_step_meter():
             self.step_total: list[int] = []
             self.step_forwards: list[int] = []
             self.step_rows: list[int] = []
+            self.rows: list[list[int]] = []
             self._real = self._total = self._forwards = self._rows = 0
             self._handle = None
             self.start_rss_mib = None
@@ -190,6 +195,9 @@ def make_step_meter():
             self._rows += int(ids.shape[0]) if ids.dim() > 1 else 1
             self._real += int(mask.sum()) if mask is not None else int(ids.numel())
             self._forwards += 1
+            if record_rows and ids.dim() > 1:
+                for row, m in zip(ids.tolist(), (mask if mask is not None else ids.new_ones(ids.shape)).tolist()):
+                    self.rows.append([t for t, keep in zip(row, m) if keep])
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             import torch
@@ -209,6 +217,9 @@ def make_step_meter():
             self.step_forwards.append(self._forwards)
             self.step_rows.append(self._rows)
             self._real = self._total = self._forwards = self._rows = 0
+            if stop_after and len(self.step_times) >= stop_after:
+                control.should_training_stop = True
+            return control
 
         def on_train_end(self, args, state, control, **kwargs):
             import torch

@@ -77,8 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_repeats", type=int, default=3, help="Timed rounds of all three methods (fastest per batch kept).")
     p.add_argument("--generate_texts", type=int, default=None,
                    help="Texts for the generate loop (default: all of --eval_texts; fewer to save time on a slow box).")
-    p.add_argument("--sft_examples", type=int, default=None, help="Training examples for both SFT setups "
-                                                                   "(default 10 CPU, 1024 GPU).")
+    p.add_argument("--sft_pool", type=int, default=None,
+                   help="Class-balanced GEN train sample the SFT stage draws its batches from; a pool larger than "
+                        "the steps need lets its length grouping work as in a real run (default 64 CPU, 4096 GPU).")
+    p.add_argument("--sft_steps", type=int, default=None,
+                   help="Optimizer steps of the SFT stage; the usual setup then trains exactly the examples those "
+                        "steps saw (default 6 CPU, 64 GPU).")
     p.add_argument("--sft_batch_size", type=int, default=None, help="Batch size of both setups (default 2 CPU, 8 GPU).")
     p.add_argument("--usual_max_length", type=int, default=256, help="The usual setup pads every example to this.")
     p.add_argument("--dpo_pairs", type=int, default=None, help="Preference pairs for the memory run, batch = half the SFT batch (default 4 CPU, 256 GPU).")
@@ -330,10 +334,10 @@ def worker_sft_ours(spec: dict) -> dict:
     from sarcasm_dpo import sft
     from sarcasm_dpo.settings import SFTSettings
 
-    meter = common.make_step_meter()
+    meter = common.make_step_meter(stop_after=spec["steps"], record_rows=True)
     summary = sft.run(SFTSettings(**spec["sft"]), extra_callbacks=[meter])
     return {"meter": meter.report(), "stage_timings": summary["timings"], "params": summary["trainable_params"],
-            "total_params": summary["total_params"]}
+            "total_params": summary["total_params"], "rows": meter.rows}
 
 
 def worker_sft_usual(spec: dict) -> dict:
@@ -350,12 +354,22 @@ def worker_sft_usual(spec: dict) -> dict:
 
     s = SFTSettings(**spec["sft"])
     max_length = spec["usual_max_length"]
-    train_df, _ = sft.load_data(s)  # the very same balanced sample as the stage trains on
+    train_df, _ = sft.load_data(s)  # the same balanced sample the stage drew its batches from
     transformers.set_seed(s.seed)
     device = pick_device(s.device)
     tokenizer = load_tokenizer(s.model)
     model = load_base_model(s.model, device)
     pairs = sft.build_dataset(tokenizer, train_df, s.max_text_tokens, s.max_length)
+    # Keep exactly the examples the stage trained on: each of its rows starts with one example's prompt.
+    rows = spec["rows"]
+    keep = []
+    for i, prompt in enumerate(pairs["prompt"]):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if any(row[:len(ids)] == ids for row in rows):
+            keep.append(i)
+    if len(keep) != len(spec["rows"]):
+        raise SystemExit(f"matched {len(keep)} of the {len(spec['rows'])} examples the stage trained on")
+    pairs = pairs.select(keep)
     texts = [p + c + tokenizer.eos_token for p, c in zip(pairs["prompt"], pairs["completion"])]
     enc = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=False)
     labels = [[t if m else -100 for t, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
@@ -372,8 +386,9 @@ def worker_sft_usual(spec: dict) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
                       callbacks=[meter])
     trainer.train()
-    return {"meter": meter.report(), "truncated_examples": sum(len(tokenizer(t, add_special_tokens=False)["input_ids"])
-                                                              > max_length for t in texts)}
+    return {"meter": meter.report(), "examples": len(texts),
+            "truncated_examples": sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) > max_length
+                                      for t in texts)}
 
 
 def worker_dpo(spec: dict) -> dict:
@@ -399,7 +414,7 @@ def training_specs(args, model_ref: str, splits: Path, work: Path, max_text_toke
 
     sft_s = common.stage_settings(
         config, SFTSettings, "sft", model=model_ref, train_csv=str(splits / "gen_train.csv"),
-        val_csv=str(splits / "gen_val.csv"), output_dir=str(work / "sft"), epochs=1, sample_size=args.sft_examples,
+        val_csv=str(splits / "gen_val.csv"), output_dir=str(work / "sft"), epochs=1, sample_size=args.sft_pool,
         val_sample_size=args.val_texts, batch_size=args.sft_batch_size, grad_accum=1, logging_steps=1000,
         max_text_tokens=max_text_tokens, device=device, seed=args.seed, no_wandb=True, overwrite=True)
     dpo_s = common.stage_settings(
@@ -418,7 +433,8 @@ def sft_section(ours: dict, usual: dict, args) -> dict:
     o, u = ours["meter"], usual["meter"]
     ratio = (o["real_tokens_per_s"] / u["real_tokens_per_s"]) if o.get("real_tokens_per_s") and u.get("real_tokens_per_s") else None
     return {
-        "examples": args.sft_examples, "batch_size": args.sft_batch_size, "grad_accum": 1, "epochs": 1,
+        "examples": usual.get("examples"), "pool": args.sft_pool, "steps": args.sft_steps,
+        "batch_size": args.sft_batch_size, "grad_accum": 1,
         "ours": {"setup": "sarcasm-dpo sft: TRL SFTTrainer, dynamic padding + group_by_length, completion-only loss, "
                           "no gradient checkpointing", **o},
         "usual": {"setup": f"transformers Trainer, padding='max_length' {args.usual_max_length}, labels = input_ids "
@@ -634,7 +650,8 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     on_gpu = cuda and (args.device in (None, "cuda") or str(args.device).startswith("cuda"))
     config = GPU_CONFIG if args.random_init else CPU_CONFIG
-    defaults = dict(eval_texts=(512, 32), sft_examples=(1024, 10), sft_batch_size=(8, 2), dpo_pairs=(256, 4))
+    defaults = dict(eval_texts=(512, 32), sft_pool=(4096, 64), sft_steps=(64, 6), sft_batch_size=(8, 2),
+                    dpo_pairs=(256, 4))
     for key, (gpu_value, cpu_value) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, gpu_value if on_gpu else cpu_value)
@@ -667,9 +684,9 @@ def main(argv=None) -> int:
     if "sft" in sections:
         print("[speed] 2. SFT training: sarcasm-dpo sft vs the usual setup", flush=True)
         sft_spec, dpo_spec = training_specs(args, model_ref, splits, work, max_text_tokens, config, device)
-        ours = run_worker("sft_ours", {"sft": sft_spec}, work)
+        ours = run_worker("sft_ours", {"sft": sft_spec, "steps": args.sft_steps}, work)
         usual = run_worker("sft_usual", {"sft": sft_spec, "usual_max_length": args.usual_max_length,
-                                         "usual_output_dir": str(work / "usual")}, work)
+                                         "usual_output_dir": str(work / "usual"), "rows": ours.pop("rows")}, work)
         result["sft_training"] = sft_section(ours, usual, args)
         if "memory" in sections:
             print("[speed] 3. memory: DPO stage vs SFT stage", flush=True)
