@@ -188,3 +188,20 @@ def dpo_records(folder: Path) -> dict:
     folder = Path(folder)
     return {name: json.loads((folder / name).read_text())
             for name in ("dpo_epoch_metrics.json", "dpo_batch_metrics.json")}
+
+
+def cli_config(argv: list[str]) -> dict:
+    """The settings dict the CLI builds from `argv` (what a stage records in COMPLETE.json)."""
+    import dataclasses
+
+    from sarcasm_dpo import cli
+    from sarcasm_dpo.config import from_namespace
+    from sarcasm_dpo.settings import STAGES
+
+    args = cli.build_parser().parse_args(argv)
+    section = cli.COMMANDS[args.command][1]
+    return dataclasses.asdict(from_namespace(STAGES[section], args, section))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}

@@ -20,9 +20,10 @@ import time
 
 import pytest
 from atomic_probe import check_folder
-from reliability_common import ROOT, env, run_cli, sft_argv, sft_settings, start_cli, toy_csvs, wait_for
+from reliability_common import (ROOT, cli_config, env, reference_run, run_cli, sft_argv, start_cli, toy_csvs,
+                                wait_for)
 
-from sarcasm_dpo import sft
+from sarcasm_dpo.atomic import finish_output_dir
 
 WRITER = """
 import sys, time
@@ -65,11 +66,14 @@ def _probe(argv, report):
     return json.loads(report.read_text())
 
 
-def test_sft_write_phase_never_exposes_a_partial_file(tiny_model_dir, tmp_path):
+def test_sft_write_phase_never_exposes_a_partial_file(tiny_model_dir, tmp_path_factory, tmp_path):
     train, val = toy_csvs(tmp_path / "data", n_train=16, n_val=8)
     out = tmp_path / "sft"
-    sft.run(sft_settings(tiny_model_dir, train, val, out, epochs=1))  # a finished run to write over
-    report = _probe(sft_argv(tiny_model_dir, train, val, out, epochs=1), tmp_path / "report.json")
+    argv = sft_argv(tiny_model_dir, train, val, out, epochs=1)
+    # A finished run of the same settings to write over (the reference run's files, marked as this one's).
+    shutil.copytree(reference_run(tiny_model_dir, tmp_path_factory)[0], out)
+    finish_output_dir(out, cli_config(argv))
+    report = _probe(argv, tmp_path / "report.json")
     assert report["exit_code"] == 0 and report["complete"]
     assert report["violations"] == []
     renamed = report["renames_into_out"]

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from reliability_common import error_paragraph, reference_run, toy_csvs
+from reliability_common import error_paragraph, reference_run, snapshot, toy_csvs
 from tiny_model import build_tiny_model
 
 from sarcasm_dpo import cli
@@ -94,10 +94,6 @@ def previous_run(out: Path, argv: list[str]) -> dict[str, bytes]:
         (out / name).write_bytes(f"previous run: {name}\n".encode())
     finish_output_dir(out, config)
     return snapshot(out)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def sft(e, out, *extra):

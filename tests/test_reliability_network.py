@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from reliability_common import error_paragraph, run_cli, toy_csvs
 
 from sarcasm_dpo import cli, download
@@ -25,6 +26,28 @@ def _assert_offline_route(stderr: str, *routes: str) -> str:
     return message
 
 
+def test_unreachable_hub_is_one_message_in_process(tmp_path, capsys, monkeypatch):
+    """The same with the endpoint switched in this process: the probe refuses, nothing is retried."""
+    import huggingface_hub.constants
+    import transformers.utils.hub
+
+    from sarcasm_dpo import models
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", DEAD)
+    monkeypatch.setattr(transformers.utils.hub, "is_offline_mode", lambda: False)
+    models.hub_unreachable.cache_clear()
+    train, val = toy_csvs(tmp_path / "data", n_train=16, n_val=8)
+    try:
+        code = cli.main(["sft", "--no_wandb", "--model", "nobody-here/no-such-model-xyz", "--train_csv", str(train),
+                         "--val_csv", str(val), "--output_dir", str(tmp_path / "out")])
+    finally:
+        models.hub_unreachable.cache_clear()
+    assert code == 2
+    message = _assert_offline_route(capsys.readouterr().err, "--model PATH", ".gguf", "--data_dir DIR")
+    assert "does not answer" in message and DEAD in message and "ConnectError" in message
+
+
+@pytest.mark.slow
 def test_unreachable_hub_gives_one_message_without_retries(tmp_path):
     train, val = toy_csvs(tmp_path / "data", n_train=16, n_val=8)
     started = time.monotonic()

@@ -33,7 +33,7 @@ class _PoisonAfter(TrainerCallback):
                     param.data.fill_(self.value)
 
 
-@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("value", [math.nan, pytest.param(math.inf, marks=pytest.mark.slow)])
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
         value, tiny_model_dir, tmp_path_factory, tmp_path):
     ref, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)

@@ -41,7 +41,7 @@ def test_the_errors_cuda_and_mps_raise_are_recognised():
     assert not is_out_of_memory(ValueError("out of memory."))
 
 
-def test_auto_batch_halves_the_batch_doubles_accumulation_and_restarts_cleanly(tiny_model_dir, tmp_path, capsys):
+def test_auto_batch_halves_the_batch_and_doubles_accumulation(tiny_model_dir, tmp_path, capsys):
     train, val = toy_csvs(tmp_path / "data", n_train=32, n_val=8)
     guard = _FitsUpTo(2)
     summary = sft.run(sft_settings(tiny_model_dir, train, val, tmp_path / "auto", epochs=1, auto_find_batch_size=True),
@@ -54,7 +54,13 @@ def test_auto_batch_halves_the_batch_doubles_accumulation_and_restarts_cleanly(t
     assert "--batch_size 2 --grad_accum 4" in out
     assert (tmp_path / "auto" / "COMPLETE.json").is_file()
 
-    # Each retry started over from the seed: the result is the run that used batch 2 x 4 from the start.
+
+@pytest.mark.slow
+def test_a_retry_is_a_clean_restart(tiny_model_dir, tmp_path):
+    """Each retry starts over from the seed: the result is the run that used batch 2 x 4 from the start."""
+    train, val = toy_csvs(tmp_path / "data", n_train=32, n_val=8)
+    sft.run(sft_settings(tiny_model_dir, train, val, tmp_path / "auto", epochs=1, auto_find_batch_size=True),
+            extra_callbacks=[_FitsUpTo(2)])
     sft.run(sft_settings(tiny_model_dir, train, val, tmp_path / "direct", epochs=1, batch_size=2, grad_accum=4))
     assert max_adapter_difference(tmp_path / "auto", tmp_path / "direct") <= 1e-6
 
