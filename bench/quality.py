@@ -238,7 +238,6 @@ def main(argv=None) -> int:
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "model": model,
               "budget": {"name": args.budget, **{k: getattr(args, k) for k in BUDGETS[args.budget]}},
               "settings": {k: dataclasses.asdict(v) for k, v in stages.items()}}
-    common.allow_training_dequantized_gguf()  # see common.py: needed while the loader keeps the GGUF flag
     outputs, seconds = run_stages(stages, args.force)
     result["stage_seconds"] = seconds
     result["evaluation"] = evaluate(Path(stages["compare"].output_dir), stages["compare"].train_csv, args)

@@ -324,7 +324,6 @@ def run_worker(name: str, spec: dict, work: Path) -> dict:
 
 def worker_main(name: str, spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    common.allow_training_dequantized_gguf()  # see common.py: needed while the loader keeps the GGUF flag
     result = {"sft_ours": worker_sft_ours, "sft_usual": worker_sft_usual, "dpo": worker_dpo}[name](spec)
     result["process_peak_rss_mib"] = common.lifetime_peak_rss_mib()
     Path(spec["result"]).write_text(json.dumps(result, indent=2))
