@@ -34,6 +34,7 @@ def test_unreachable_hub_is_one_message_in_process(tmp_path, capsys, monkeypatch
     from sarcasm_dpo import models
 
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", DEAD)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the tests run offline otherwise
     monkeypatch.setattr(transformers.utils.hub, "is_offline_mode", lambda: False)
     models.hub_unreachable.cache_clear()
     train, val = toy_csvs(tmp_path / "data", n_train=16, n_val=8)
