@@ -15,10 +15,16 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 elif [[ "$(uname -s)" == "Darwin" ]]; then
   "${pip[@]}" "torch>=2.4,<2.15"            # macOS wheels are CPU/MPS builds
 else
-  # A CPU build from a local wheel folder if the machine has one (pip's find-links), else
-  # PyTorch's CPU wheel index, else PyPI as a last resort.
-  "${pip[@]}" --no-index torch==2.13.0 2>/dev/null \
-    || "${pip[@]}" torch==2.13.0 --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" 2>/dev/null \
-    || "${pip[@]}" torch==2.13.0
+  # A CPU build from a local wheel folder if the machine has one (pip's find-links; its
+  # dependencies still come from the index), else PyTorch's CPU wheel index, else PyPI.
+  probe=$(mktemp -d)
+  if "$py" -m pip download -q --no-deps --no-index -d "$probe" torch==2.13.0 >/dev/null 2>&1; then
+    "${pip[@]}" torch==2.13.0
+  else
+    "${pip[@]}" --timeout 15 --retries 1 torch==2.13.0 \
+        --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" \
+      || "${pip[@]}" torch==2.13.0
+  fi
+  rm -rf "$probe"
 fi
 "$py" -c "import torch; print('installed torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
