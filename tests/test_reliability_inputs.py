@@ -125,7 +125,7 @@ CASES = [
     ("header-only-csv", lambda e, o: _replace(sft(e, o), "--val_csv", str(e["bad"] / "header_only.csv")),
      ["header but no rows"]),
     ("wrong-columns", lambda e, o: _replace(sft(e, o), "--train_csv", str(e["bad"] / "columns.csv")),
-     ["'body'", "'lbl'", "text, label"]),
+     ["columns.csv", "'body'", "'lbl'", "text, label"]),
     ("unknown-labels", lambda e, o: _replace(sft(e, o), "--train_csv", str(e["bad"] / "labels.csv")),
      ["unknown label", "'maybe'", "rows 2, 3"]),
     ("text-all-nan", lambda e, o: _replace(sft(e, o), "--train_csv", str(e["bad"] / "nan_text.csv")),
