@@ -204,4 +204,6 @@ def cli_config(argv: list[str]) -> dict:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+    """Every file below `folder` (by relative path) and its bytes; subfolders such as mine's <stem>_run/ too."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -61,8 +61,11 @@ def test_missing_columns_name_found_and_expected(tmp_path):
         load_gen(path)
     assert "missing column(s) ['id']" in str(err.value) and "Found columns: ['class', 'text']" in str(err.value)
     path = write(tmp_path, "x.csv", "body,y\nhello,1\n")
-    with pytest.raises(UserError, match="Unrecognised columns"):
+    with pytest.raises(UserError) as err:
         load_table(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: unrecognised columns")  # names the file, like the other data errors
+    assert "Found columns: ['body', 'y']" in message and "generic (text, label)" in message
 
 
 def test_unknown_labels_list_rows(tmp_path):

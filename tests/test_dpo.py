@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,11 @@ def test_outputs_and_the_saved_adapter_reloads(trained, toy):
         assert (out / name).is_file(), name
     assert not (out / "ref").exists() and not (out / "checkpoints").exists()
     assert not [p for p in out.iterdir() if p.is_dir()]
+    umask = os.umask(0)
+    os.umask(umask)
+    # As readable as any file written here (safetensors alone would make the weights owner-only).
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == \
+        {p.name: oct(0o666 & ~umask) for p in out.iterdir()}
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and not any(".ref." in k for k in weights)
     assert adapter_base_model(out) == str(toy.model_dir)

@@ -17,7 +17,7 @@ import pytest
 from reliability_common import error_paragraph, reference_run, snapshot, toy_csvs
 from tiny_model import build_tiny_model
 
-from sarcasm_dpo import cli
+from sarcasm_dpo import cli, mining
 from sarcasm_dpo.atomic import finish_output_dir
 from sarcasm_dpo.config import from_namespace
 from sarcasm_dpo.errors import UserError
@@ -26,7 +26,8 @@ from sarcasm_dpo.settings import STAGES
 # Files each stage writes; the "previous run" in the output folder is made of these.
 PREVIOUS = {"sft": ("adapter_model.safetensors", "training_summary.json", "sft_metrics.json"),
             "dpo": ("adapter_model.safetensors", "dpo_training_summary.json", "dpo_epoch_metrics.json"),
-            "compare": ("model_comparison_results.json", "predictions.csv")}
+            "compare": ("model_comparison_results.json", "predictions.csv"),
+            "mine": ("pairs.json", "pairs_summary.json")}  # mine's output file is OUT/pairs.json
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,8 @@ def previous_run(out: Path, argv: list[str]) -> dict[str, bytes]:
     out.mkdir(parents=True)
     for name in PREVIOUS[args.command]:
         (out / name).write_bytes(f"previous run: {name}\n".encode())
-    finish_output_dir(out, config)
+    # mine writes a file, not a folder; its completion record sits in <stem>_run/ beside the file.
+    finish_output_dir(mining.marker_dir(args.output_file) if args.command == "mine" else out, config)
     return snapshot(out)
 
 
@@ -111,6 +113,11 @@ def compare(e, out, *extra):
             str(e["sft"]), "--dpo_model", "none", "--output_dir", str(out), "--skip_base", *extra]
 
 
+def mine(e, out, *extra):
+    return ["mine", "--no_wandb", "--sft_model", str(e["sft"]), "--input_csv", str(e["train"]), "--output_file",
+            str(out / "pairs.json"), "--sample_size", "8", *extra]
+
+
 def _replace(argv: list[str], flag: str, value: str) -> list[str]:
     argv = list(argv)
     argv[argv.index(flag) + 1] = value
@@ -125,7 +132,7 @@ CASES = [
     ("header-only-csv", lambda e, o: _replace(sft(e, o), "--val_csv", str(e["bad"] / "header_only.csv")),
      ["header but no rows"]),
     ("wrong-columns", lambda e, o: _replace(sft(e, o), "--train_csv", str(e["bad"] / "columns.csv")),
-     ["'body'", "'lbl'", "text, label"]),
+     ["columns.csv", "'body'", "'lbl'", "text, label"]),
     ("unknown-labels", lambda e, o: _replace(sft(e, o), "--train_csv", str(e["bad"] / "labels.csv")),
      ["unknown label", "'maybe'", "rows 2, 3"]),
     ("text-all-nan", lambda e, o: _replace(sft(e, o), "--train_csv", str(e["bad"] / "nan_text.csv")),
@@ -139,17 +146,22 @@ CASES = [
      ["no LoRA adapter", "notes.txt"]),
     ("dpo-adapter-of-another-base", lambda e, o: _replace(dpo(e, o), "--sft_model", str(e["foreign_adapter"][0])),
      ["does not fit the base model", "lora_A expects 32", "retrain the adapter"]),
-    pytest.param(
-        "compare-adapter-of-another-base",
-        lambda e, o: _replace(compare(e, o, "--model", str(e["foreign_adapter"][1])), "--sft_model",
-                              str(e["foreign_adapter"][0])),
-        ["does not fit"],
-        marks=pytest.mark.xfail(strict=True, reason="compare.py claims its results folder (clears COMPLETE.json) "
-                                "before the adapters meet the base model; it needs models.check_adapter_fits(folder, "
-                                "base_ref) for each adapter before prepare_results_dir")),
+    ("compare-adapter-of-another-base",
+     lambda e, o: _replace(compare(e, o, "--model", str(e["foreign_adapter"][1])), "--sft_model",
+                           str(e["foreign_adapter"][0])),
+     ["does not fit the base model", "lora_A expects 32", "retrain the adapter"]),
     ("beta-zero", lambda e, o: dpo(e, o, "--beta", "0"), ["--beta must be > 0", "0"]),
     ("beta-negative", lambda e, o: dpo(e, o, "--beta", "-0.5"), ["--beta must be > 0", "-0.5"]),
     ("dpo-negative-sample-size", lambda e, o: _replace(dpo(e, o), "--sample_size", "-3"), ["--sample_size", "-3"]),
+    ("mine-missing-csv", lambda e, o: _replace(mine(e, o), "--input_csv", str(e["bad"] / "nope.csv")),
+     ["does not exist", "nope.csv"]),
+    ("mine-wrong-columns", lambda e, o: _replace(mine(e, o), "--input_csv", str(e["bad"] / "columns.csv")),
+     ["columns.csv", "'body'", "'lbl'", "text, label"]),
+    ("mine-sft-model-without-adapter",
+     lambda e, o: _replace(mine(e, o), "--sft_model", str(e["root"] / "not_an_adapter")), ["no LoRA adapter", "notes.txt"]),
+    ("mine-adapter-of-another-base", lambda e, o: _replace(mine(e, o), "--sft_model", str(e["foreign_adapter"][0])),
+     ["does not fit the base model", "lora_A expects 32", "retrain the adapter"]),
+    ("mine-negative-sample-size", lambda e, o: _replace(mine(e, o), "--sample_size", "-4"), ["--sample_size", "-4"]),
 ]
 
 
@@ -177,3 +189,28 @@ def test_output_folder_of_another_run_is_refused_unless_overwrite(env, tmp_path,
     message = error_paragraph(capsys.readouterr().err)
     assert code == 2 and "already holds the results of another run" in message and "lr" in message
     assert "--overwrite" in message and snapshot(out) == before
+
+
+def test_mined_pairs_of_another_run_are_refused_unless_overwrite(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    before = previous_run(out, mine(env, out, "--filter_strategy", "all"))  # mined with another filter
+    code = cli.main(mine(env, out))
+    message = error_paragraph(capsys.readouterr().err)
+    assert code == 2, message
+    assert "pairs.json already holds the results of another run" in message and "filter_strategy" in message
+    assert "--overwrite" in message and len(message.strip().splitlines()) == 1 and snapshot(out) == before
+
+    assert cli.main(mine(env, out, "--overwrite")) == 0
+    record = json.loads((out / "pairs_run" / "COMPLETE.json").read_text())
+    assert record["config"]["filter_strategy"] == "mistakes_only"
+    assert json.loads((out / "pairs_summary.json").read_text())["filter_strategy"] == "mistakes_only"
+
+
+def test_a_pairs_file_mine_did_not_write_is_refused_unless_overwrite(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pairs.json").write_text("[]\n")  # hand-made, or from the original scripts: no pairs_run/ record
+    code = cli.main(mine(env, out))
+    message = error_paragraph(capsys.readouterr().err)
+    assert code == 2 and "did not write" in message and "pairs.json" in message and "--overwrite" in message
+    assert snapshot(out) == {"pairs.json": b"[]\n"}

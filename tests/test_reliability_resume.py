@@ -19,7 +19,7 @@ from reliability_common import (ATOL, assert_close, complete_checkpoints, max_ad
 from test_pipeline import small_data_dir  # noqa: F401 - the fixture, for the pipeline test
 from transformers import TrainerCallback
 
-from sarcasm_dpo import sft
+from sarcasm_dpo import runtime, sft
 from sarcasm_dpo.config import build
 from sarcasm_dpo.settings import SFTSettings
 
@@ -48,7 +48,7 @@ def test_resume_from_a_periodic_checkpoint_matches_the_uninterrupted_run(tiny_mo
         assert (checkpoint / name).is_file(), name
     state = json.loads((checkpoint / sft.STATE_FILE).read_text())  # validation + early-stopping state
     assert [h["step"] for h in state["history"]] == [6] and state["best_step"] == 6 and state["bad_evals"] == 0
-    assert (checkpoint / sft.BEST_FILE).is_file()
+    assert (checkpoint / runtime.BEST_FILE).is_file()
 
     summary = sft.run(build(SFTSettings, {**vars(s), "resume": True}))
     assert summary["resumed_from"] == str(checkpoint) and summary["global_steps"] == 12

@@ -15,6 +15,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -110,6 +111,23 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
+def read_finished_run(path: Path, timeout_s: float = 30.0) -> list:
+    """The records of a finished run's log, once wandb has written them all.
+
+    run.finish() can return before wandb-core has written the log (seen with the first run of a
+    process: only the 7-byte header on disk), so wait for the exit record, which comes last.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = read_wandb_records(path)
+        except AssertionError:  # a chunk still being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
 def items_to_dict(items) -> dict:
     """History/summary items -> dict; a key nested by wandb (table, image) becomes a nested dict."""
     out: dict = {}
@@ -162,7 +180,7 @@ def test_offline_run_contains_what_was_logged(no_credentials):
     run_dir = runs[0]
     assert not (tmp / "wandb").exists()  # `dir` decides where wandb writes, not the cwd
     [log_file] = run_dir.glob("run-*.wandb")
-    records = read_wandb_records(log_file)
+    records = read_finished_run(log_file)
     by_type: dict[str, list] = {}
     for record in records:
         by_type.setdefault(record.WhichOneof("record_type"), []).append(record)
@@ -211,6 +229,28 @@ def test_offline_run_contains_what_was_logged(no_credentials):
 
     # finish wrote the exit record, once, with code 0
     assert [r.exit.exit_code for r in by_type["exit"]] == [0]
+
+
+@pytest.mark.parametrize("value", ["", "garbage"])
+def test_empty_or_unknown_wandb_mode_still_tracks(no_credentials, monkeypatch, value):
+    # wandb itself refuses such a value (a pydantic error at setup), which would turn tracking off.
+    tmp = no_credentials
+    monkeypatch.setenv("WANDB_MODE", value)
+    with pytest.warns(TrackingWarning, match="WANDB_MODE") as caught:
+        tracker = Tracker(enabled=True, project="sarcasm-test", job_type="sft", config={"lr": 0.1}, dir=tmp / "runs")
+    assert [str(w.message) for w in caught if "failed" in str(w.message)] == []
+    assert tracker.mode == "offline" and tracker.active
+    assert os.environ["WANDB_MODE"] == value  # the user's environment is left as it was
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrackingWarning)  # a failing call would warn and turn tracking off
+        tracker.log({"train": {"loss": 0.5}}, step=0)
+        tracker.finish()
+    assert tracker.mode == "offline"
+    [log_file] = (tmp / "runs" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_finished_run(log_file)
+    rows = [items_to_dict(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+    assert [row["train/loss"] for row in rows] == [0.5]
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [0]
 
 
 # ---------------------------------------------------------------------------------------------

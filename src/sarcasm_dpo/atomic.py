@@ -131,6 +131,15 @@ def is_complete_for(folder: str | os.PathLike, config: dict) -> bool:
     return bool(record) and record.get("config_fingerprint") == config_fingerprint(config)
 
 
+def settings_differences(record: dict, config: dict, ignore_keys: tuple[str, ...] = ()) -> list[str]:
+    """Names of the settings in which `config` differs from the one a completion `record` holds
+    (settings that only change logging or start-up, VOLATILE_KEYS, never count)."""
+    wanted = {k: v for k, v in stable_config(config).items() if k not in ignore_keys}
+    wanted = json.loads(json.dumps(wanted, default=_default))  # as it reads back from COMPLETE.json
+    had = {k: v for k, v in stable_config(record.get("config") or {}).items() if k not in ignore_keys}
+    return sorted(k for k in set(had) | set(wanted) if had.get(k) != wanted.get(k))
+
+
 def check_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool = False, resume: bool = False,
                      ignore_keys: tuple[str, ...] = ()) -> Path:
     """Read-only: may a stage with `config` write into `folder`? Raises UserError if not.
@@ -148,11 +157,9 @@ def check_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool = 
         raise UserError(f"Output path {folder} exists and is not a folder.")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         record = read_complete(folder)
-        wanted = {k: v for k, v in stable_config(config).items() if k not in ignore_keys}
         if record is not None:
-            had = {k: v for k, v in stable_config(record.get("config") or {}).items() if k not in ignore_keys}
-            if had != json.loads(json.dumps(wanted, default=_default)) and not resume:
-                diff = sorted(k for k in set(had) | set(wanted) if had.get(k) != wanted.get(k))
+            diff = settings_differences(record, config, ignore_keys)
+            if diff and not resume:
                 raise UserError(
                     f"{folder} already holds the results of another run (settings differ in: {', '.join(diff)}). "
                     "Pass --overwrite to replace them, or choose another --output_dir."

@@ -16,6 +16,7 @@ import pandas as pd
 from transformers import TrainerCallback
 
 from .metrics import classification_metrics
+from .runtime import gradients_finite
 from .scoring import Scorer
 
 
@@ -393,10 +394,7 @@ class DPODiagnosticsCallback(TrainerCallback):
                 self.log({k: v for k, v in record.items() if k not in ("step", "epoch") and v is not None}, 0)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        import torch
-
-        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if not gradients_finite(model):
             raise TrainingDiverged(f"the loss or its gradients became NaN or infinite at optimizer step "
                                    f"{state.global_step + 1}")
 

@@ -65,6 +65,9 @@ def run(settings: CompareSettings) -> dict:
     # --- setup: every check on the user's input happens here, before a model is loaded ---
     adapters = resolve_adapters(s)
     base_ref = resolve_base_model(s, adapters)
+    for folder in adapters.values():
+        # Reads shapes only; refusing here keeps a previous comparison in --output_dir as it was.
+        models.check_adapter_fits(folder, base_ref)
     test_full = data.load_split(s.test_csv, "test")
     train = load_train(s, test_full)
     test = data.stratified_sample(test_full, s.sample_size, s.seed)

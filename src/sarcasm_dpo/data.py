@@ -94,7 +94,7 @@ def _labels(values: pd.Series, path, mapping: dict[str, int]) -> pd.Series:
     return labels.astype(int)
 
 
-def detect_format(frame: pd.DataFrame) -> str:
+def detect_format(frame: pd.DataFrame, path: str | Path | None = None) -> str:
     cols = set(frame.columns)
     if {"class", "text"} <= cols:
         return "gen"
@@ -102,8 +102,9 @@ def detect_format(frame: pd.DataFrame) -> str:
         return "isarcasmeval"
     if {"text", "label"} <= cols:
         return "generic"
+    opening = "Unrecognised" if path is None else f"{path}: unrecognised"
     raise UserError(
-        f"Unrecognised columns {list(frame.columns)}. Expected one of: GEN (class, id, text), "
+        f"{opening} columns. Found columns: {list(frame.columns)}; expected one of: GEN (class, id, text), "
         "iSarcasmEval (tweet, sarcastic, rephrase, ...), or generic (text, label)."
     )
 
@@ -171,7 +172,7 @@ def load_table(path: str | Path, fmt: str = "auto", strict: bool = False, drop_c
                log: Callable[[str], None] = print) -> pd.DataFrame:
     """Load GEN, iSarcasmEval or a generic text/label CSV/JSONL as the standard table."""
     frame = read_frame(path)
-    fmt = detect_format(frame) if fmt == "auto" else fmt
+    fmt = detect_format(frame, path) if fmt == "auto" else fmt
     return clean(_standard(frame, path, fmt), path, strict=strict, drop_conflicts=drop_conflicts, log=log)
 
 

@@ -34,15 +34,12 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-import os
-import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_path, finish_output_dir, prepare_output_dir, read_complete, read_json, stable_config, write_json
+from .atomic import atomic_path, finish_output_dir, prepare_output_dir, read_json, write_json
 from .errors import UserError
 
 # The loss types TRL 1.16's DPOTrainer implements (DPOConfig.loss_type).
@@ -50,10 +47,8 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 PRIMARY = "gen_val"  # its F1 picks the saved checkpoint and the best beta
 SECONDARY = "isarcasm_val"  # reported beside it
-CHECKPOINTS = "checkpoints"
-RUN_CONFIG = "run_config.json"  # in checkpoints/: whose checkpoints these are
+CHECKPOINTS = "checkpoints"  # as runtime.CHECKPOINTS; dpo.py imports runtime only when it trains
 STATE_FILE = "dpo_state.json"  # in each checkpoint, written last: the checkpoint is complete
-BEST_FILE = "validation_best_adapter.safetensors"
 EPOCH_FILE = "dpo_epoch_metrics.json"
 BATCH_FILE = "dpo_batch_metrics.json"
 CURVES_FILE = "dpo_training_curves.png"
@@ -62,9 +57,6 @@ SWEEP_FILE = "beta_sweep_results.json"
 SWEEP_PLOT = "beta_sweep.png"
 SFT_ARTIFACT = "sft-adapter"  # the SFT stage logs its folder under this name; we declare it as input
 DPO_ARTIFACT = "dpo-adapter"
-# Settings that may change between an interrupted run and its --resume without changing the math.
-RESUME_NEUTRAL = ("device", "eval_batch_size", "logging_steps", "save_steps", "auto_find_batch_size",
-                  "gradient_checkpointing")
 
 DEFINITIONS = {
     "dpo/kl": "Exact KL(policy || reference) of the next-token distribution at the answer position, over the full "
@@ -99,7 +91,7 @@ def train(s, run_name: str | None = None) -> dict:
     Under `accelerate launch` / `torchrun` every process trains; only the main one writes files and logs.
     """
     from .models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_tokenizer, pick_device
-    from .runtime import barrier, is_main_process
+    from .runtime import barrier, finish_run_dir, is_main_process, plan_run_dir, save_adapter
 
     started = time.perf_counter()
     config = dataclasses.asdict(s)
@@ -112,7 +104,8 @@ def train(s, run_name: str | None = None) -> dict:
 
     # Setup. Every check on the input runs before the output folder is touched, so a run refused for
     # any reason leaves a previous result in --output_dir byte for byte as it was.
-    if s.resume and _finished_with(out, config, sft_dir):
+    finished = _finished_with(out, config, sft_dir)
+    if s.resume and finished:
         if main:
             print(f"{out} already holds the finished run of these settings; nothing to resume.")
         return read_json(out / SUMMARY_FILE)
@@ -120,7 +113,7 @@ def train(s, run_name: str | None = None) -> dict:
     check_text_budget(sft_dir, s.max_text_tokens)
     data = load_data(s, tokenizer)
     check_adapter_fits(sft_dir, base_ref)
-    resume_from = plan_run_dir(out, config, s, sft_dir)
+    resume_from = plan_run_dir(out, config, s, finished=finished, state_file=STATE_FILE)
 
     import transformers
 
@@ -145,7 +138,7 @@ def train(s, run_name: str | None = None) -> dict:
         saved_diagnostics = diagnostics.measure(trainer.model)
         epochs = epoch_metrics(s, validation, diagnostics)
         if main:
-            save_adapter(trainer.model, tokenizer, out)
+            save_adapter(trainer.model, tokenizer, out, selected_adapters=["default"])  # never TRL's "ref" copy
             write_json(out / EPOCH_FILE, epochs)
             write_json(out / BATCH_FILE, batch_metrics(s, diagnostics))
             from .plots import plot_dpo_curves
@@ -159,10 +152,8 @@ def train(s, run_name: str | None = None) -> dict:
                                 saved_diagnostics, device, timings, resume_from, used)
         if main:
             write_json(out / SUMMARY_FILE, summary)
-            finish_output_dir(out, config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
-                                            "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir)})
-            # Only now: a run killed before the marker can still --resume from its checkpoints.
-            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+            finish_run_dir(out, config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
+                                         "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir)})
         barrier()  # the other processes end when the outputs are in place
 
         tracker.log_image("dpo/training_curves", out / CURVES_FILE)
@@ -195,12 +186,12 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
     import transformers
 
     from .callbacks import TrainingDiverged
-    from .runtime import barrier, is_main_process, stop_on_signal, train_within_memory, world_size
+    from .runtime import claim_run_dir, fit_within_memory, is_main_process, latest_checkpoint, quiet, run_trainer
 
     main = is_main_process()
     holder = {"model": model, "claimed": False}
 
-    def attempt(batch_size: int, grad_accum: int, eval_batch_size: int):
+    def attempt(batch_size: int, grad_accum: int, eval_batch_size: int, flag):
         if holder["claimed"]:  # a retry: a fresh copy of the SFT starting point, the same seed
             holder["model"] = None
             _free_memory()
@@ -208,72 +199,42 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
             holder["model"] = load_policy(base_ref, sft_dir, device)
         sized = dataclasses.replace(s, batch_size=batch_size, grad_accum=grad_accum, eval_batch_size=eval_batch_size)
         trainer, validation, diagnostics = build_trainer(sized, holder["model"], tokenizer, data, out / CHECKPOINTS,
-                                                         tracker.log, stop_flag=flag, printer=print if main else _quiet)
+                                                         tracker.log, stop_flag=flag, printer=print if main else quiet)
         if resume_from:
             load_state(resume_from, validation, diagnostics)
         if not holder["claimed"]:
-            # The folder is claimed once every process got this far (the trainer set up the process group).
-            barrier()
-            if main:
-                claim_run_dir(out, config, s, resume_from)
-                write_json(out / CHECKPOINTS / RUN_CONFIG, config)
-            barrier()
+            claim_run_dir(out, config, s, resume_from)
             holder["claimed"] = True
         if main:
             print(describe_start(sized, data, base_ref, device, resume_from))
         try:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            run_trainer(trainer, resume_from)
         except TrainingDiverged as exc:
-            close_progress_bars(trainer)
             if main:
                 write_json(out / BATCH_FILE, batch_metrics(s, diagnostics))
-            last = latest_checkpoint(out / CHECKPOINTS)
+            last = latest_checkpoint(out / CHECKPOINTS, STATE_FILE)
             kept = f"The last good checkpoint, {last}, is kept" if last else "No checkpoint was written before it"
             raise UserError(f"DPO training diverged: {exc}; the bad update was not applied. {kept}. Lower --lr "
                             f"(now {s.lr:g}) or raise --warmup_ratio, then start over with --overwrite; the metrics "
                             f"up to that step are in {out / BATCH_FILE}.") from None
-        except BaseException:
-            close_progress_bars(trainer)  # the message that follows starts on a line of its own
-            raise
-        return trainer, validation, diagnostics, {"batch_size": batch_size, "grad_accum": grad_accum,
-                                                  "eval_batch_size": eval_batch_size, "processes": world_size()}
+        return trainer, validation, diagnostics
 
-    with stop_on_signal() as flag:
-        return train_within_memory(attempt, batch_size=s.batch_size, grad_accum=s.grad_accum,
-                                   eval_batch_size=s.eval_batch_size, auto=s.auto_find_batch_size, stage="dpo")
-
-
-def close_progress_bars(trainer) -> None:
-    from .callbacks import LossProgressCallback
-
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, LossProgressCallback) and callback.bar is not None:
-            callback.bar.close()
-            callback.bar = None
-
-
-def _quiet(*_args, **_kwargs) -> None:
-    """The printer of processes other than the main one: one copy of each message is enough."""
+    (trainer, validation, diagnostics), used = fit_within_memory(attempt, s, "dpo")
+    return trainer, validation, diagnostics, used
 
 
 def check_settings(s) -> None:
     """What DPOSettings.validate leaves to the stage."""
+    from .runtime import check_training_settings
+
     if s.loss_type not in LOSS_TYPES:
         raise UserError(f"--loss_type {s.loss_type!r} is not one of TRL's DPO losses: {', '.join(LOSS_TYPES)}.")
-    if not 0 <= s.warmup_ratio < 1:
-        raise UserError(f"--warmup_ratio must be in [0, 1), got {s.warmup_ratio}.")
-    if s.logging_steps < 1:
-        raise UserError(f"--logging_steps must be at least 1, got {s.logging_steps}.")
+    check_training_settings(s)
     for name in ("save_steps", "eval_steps"):
         if getattr(s, name) < 0:
             raise UserError(f"--{name} must be 0 or a positive count, got {getattr(s, name)}.")
     if s.beta_sweep and not s.betas:
         raise UserError("--beta_sweep needs at least one value in --betas.")
-    from .runtime import world_size
-
-    if s.auto_find_batch_size and world_size() > 1:
-        raise UserError("--auto_find_batch_size works in single-process runs only: the processes of a distributed "
-                        "run cannot retry in step. Set --batch_size and --grad_accum instead.")
 
 
 def check_text_budget(sft_dir: Path, max_text_tokens: int) -> None:
@@ -379,22 +340,6 @@ def _isnan(value) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def special_prefix(tokenizer, prompt: str) -> str:
-    """Text to strip from each prompt so TRL's tokenization equals the scorer's.
-
-    TRL tokenizes plain-text prompts with the tokenizer's special tokens on; the rendered chat
-    template already holds them, so a tokenizer that adds a BOS would get it twice.
-    """
-    plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer(prompt)["input_ids"] == plain:
-        return ""
-    bos = tokenizer.bos_token
-    if bos and prompt.startswith(bos) and tokenizer(prompt[len(bos):])["input_ids"] == plain:
-        return bos
-    raise UserError("This tokenizer adds special tokens that its chat template does not contain, so DPO would train "
-                    "on different prompt tokens from the ones evaluation reads. Use another model.")
-
-
 def check_trl_tokens(dataset, pairs, tokenizer, max_length: int) -> None:
     """Every tokenized training example must start from exactly the scorer's prompt tokens and fit whole."""
     from .prompts import label_token_ids
@@ -420,8 +365,9 @@ def check_trl_tokens(dataset, pairs, tokenizer, max_length: int) -> None:
 
 
 def dpo_args(s, model, ckpt_dir: Path):
-    import torch
     from trl import DPOConfig
+
+    from .runtime import trainer_arguments
 
     if s.save_steps:
         save = {"save_strategy": "steps", "save_steps": s.save_steps}
@@ -430,33 +376,11 @@ def dpo_args(s, model, ckpt_dir: Path):
     else:
         save = {"save_strategy": "epoch"}
     return DPOConfig(
-        output_dir=str(ckpt_dir),
-        num_train_epochs=s.epochs,
-        per_device_train_batch_size=s.batch_size,
-        gradient_accumulation_steps=s.grad_accum,
-        auto_find_batch_size=False,  # ours (runtime.train_within_memory) also keeps the effective batch
-        optim="adamw_torch",
-        learning_rate=s.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=s.warmup_ratio,  # transformers 5: a value below 1 is a share of all steps
-        bf16=model.dtype == torch.bfloat16,  # bf16 weights only where the GPU does bf16 (models.pick_dtype)
-        fp16=False,
-        use_cpu=next(model.parameters()).device.type == "cpu",
+        **trainer_arguments(s, model, ckpt_dir),
         gradient_checkpointing=s.gradient_checkpointing,  # TRL's default is on; we only trade speed when asked
-        max_length=s.max_length,
         beta=s.beta,
         loss_type=[s.loss_type],
         precompute_ref_log_probs=False,  # the "ref" adapter computes them on the fly, on the same weights
-        logging_steps=s.logging_steps,
-        logging_first_step=True,  # step 1's rewards are measured before any update: exactly 0
-        logging_nan_inf_filter=False,  # show a NaN loss as NaN; the diagnostics callback stops the run
-        save_total_limit=2,  # the newest may be half-written when killed; the one before it is whole
-        eval_strategy="no",  # validation is the F1 of the scorer, in DPOValidationCallback
-        report_to="none",  # W&B goes through our Tracker
-        seed=s.seed,
-        data_seed=s.seed,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,  # every trainable (LoRA) parameter gets a gradient at every step
         **save,
     )
 
@@ -471,10 +395,12 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
     from trl import DPOTrainer
 
     from .callbacks import DPODiagnosticsCallback, DPOValidationCallback, LossProgressCallback, SaveStateCallback
-    from .runtime import BarrierOnSaveCallback, GracefulStopCallback, seeded_length_grouping
+    from .runtime import BarrierOnSaveCallback, GracefulStopCallback, seeded_length_grouping, strip_special_prefix
 
-    prefix = special_prefix(tokenizer, data.pairs["prompt"].iloc[0])
-    prompts = [p[len(prefix):] if prefix and p.startswith(prefix) else p for p in data.pairs["prompt"]]
+    prompts = strip_special_prefix(tokenizer, list(data.pairs["prompt"]))
+    if prompts is None:
+        raise UserError("This tokenizer adds special tokens that its chat template does not contain, so DPO would "
+                        "train on different prompt tokens from the ones evaluation reads. Use another model.")
     dataset = Dataset.from_dict({"prompt": prompts, "chosen": list(data.pairs["chosen"]),
                                  "rejected": list(data.pairs["rejected"])})
     validation = DPOValidationCallback(tokenizer, data.val_sets, batch_size=s.eval_batch_size,
@@ -508,34 +434,20 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
 
 def save_state(folder: Path, validation, diagnostics) -> None:
     """Validation history, best adapter and diagnostics beside a Trainer checkpoint; the state file last."""
-    from safetensors.torch import save_file
+    from .runtime import save_checkpoint_state
 
-    if validation.best_state is not None:
-        with atomic_path(folder / BEST_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in validation.best_state.items()}, str(tmp))
-    write_json(folder / STATE_FILE, {"validation": validation.state_dict(), "diagnostics": diagnostics.state_dict()})
+    save_checkpoint_state(folder, STATE_FILE, {"validation": validation.state_dict(),
+                                               "diagnostics": diagnostics.state_dict()}, validation.best_state)
 
 
 def load_state(folder: Path, validation, diagnostics) -> None:
-    from safetensors.torch import load_file
+    from .runtime import load_checkpoint_state
 
-    state = read_json(folder / STATE_FILE)
+    state, best = load_checkpoint_state(folder, STATE_FILE)
     validation.load_state_dict(state["validation"])
     diagnostics.load_state_dict(state["diagnostics"])
-    if (folder / BEST_FILE).is_file():
-        validation.best_state = load_file(str(folder / BEST_FILE))
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint whose save finished (our state file is written after the Trainer's)."""
-    if not ckpt_dir.is_dir():
-        return None
-    found = []
-    for folder in ckpt_dir.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
-        if match and (folder / "trainer_state.json").is_file() and (folder / STATE_FILE).is_file():
-            found.append((int(match.group(1)), folder))
-    return max(found)[1] if found else None
+    if best is not None:
+        validation.best_state = best
 
 
 def sft_fingerprint(sft_dir: Path) -> str | None:
@@ -548,70 +460,13 @@ def sft_fingerprint(sft_dir: Path) -> str | None:
 
 def _finished_with(out: Path, config: dict, sft_dir: Path) -> bool:
     """True when `out` holds a finished run of these settings, from the same SFT adapter weights."""
-    record = read_complete(out)
-    return bool(record) and stable_config(record.get("config") or {}) == stable_config(config) \
-        and record.get("sft_adapter_sha256") == sft_fingerprint(sft_dir) and (out / SUMMARY_FILE).is_file()
+    from .runtime import finished_record
 
-
-def plan_run_dir(out: Path, config: dict, s, sft_dir: Path | None = None) -> Path | None:
-    """Read-only: may this run use the output folder, and which checkpoint does it continue from?
-
-    Old checkpoints are never silently reused nor silently thrown away: without --resume they are
-    an error, unless --overwrite says to start over. Nothing is changed here (see claim_run_dir).
-    """
-    from .atomic import check_output_dir
-
-    ckpt_dir = out / CHECKPOINTS
-    # Checkpoints beside a finished run of these settings are leftovers of a run killed after its marker.
-    finished = sft_dir is not None and _finished_with(out, config, sft_dir)
-    latest = None if finished else latest_checkpoint(ckpt_dir)
-    resume_from = latest if s.resume else None
-    check_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
-    if resume_from is not None:
-        had = read_json(ckpt_dir / RUN_CONFIG) if (ckpt_dir / RUN_CONFIG).is_file() else {}
-        mine = {k: v for k, v in stable_config(config).items() if k not in RESUME_NEUTRAL}
-        theirs = {k: v for k, v in stable_config(had).items() if k not in RESUME_NEUTRAL}
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if diff:
-            raise UserError(f"The checkpoints in {ckpt_dir} were made with other settings (differ in: "
-                            f"{', '.join(diff)}). Resume with the same settings, or pass --overwrite without "
-                            "--resume to start over.")
-    elif latest is not None and not s.overwrite:
-        raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
-                        "or --overwrite to start over.")
-    return resume_from
-
-
-def claim_run_dir(out: Path, config: dict, s, resume_from: Path | None) -> None:
-    """Take the folder over (main process, after every check passed): marker cleared, stale checkpoints gone."""
-    ckpt_dir = out / CHECKPOINTS
-    if s.resume and resume_from is None:
-        print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
-    prepare_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
-    if resume_from is not None:
-        print(f"Resuming from {resume_from}.")
-    elif ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # --overwrite, or leftovers with no complete checkpoint to resume from
+    record = finished_record(out, config, SUMMARY_FILE)
+    return record is not None and record.get("sft_adapter_sha256") == sft_fingerprint(sft_dir)
 
 
 # -- outputs ---------------------------------------------------------------------------------------------
-
-
-def save_adapter(model, tokenizer, out: Path) -> None:
-    """Only the trained adapter ("default"), never TRL's "ref" copy; files moved into place one by one,
-    adapter_config.json last, so a half-saved folder never looks loadable."""
-    scratch = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=out))
-    try:
-        model.save_pretrained(str(scratch), selected_adapters=["default"])
-        tokenizer.save_pretrained(str(scratch))
-        (scratch / "README.md").unlink(missing_ok=True)  # PEFT's empty model card template
-        if any(p.is_dir() for p in scratch.iterdir()):  # another adapter would land in a subfolder
-            raise RuntimeError(f"Saving the DPO adapter wrote subfolders {[p.name for p in scratch.iterdir() if p.is_dir()]}.")
-        files = sorted(scratch.iterdir(), key=lambda p: p.name == "adapter_config.json")
-        for path in files:
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _window_means(records: list[dict], after: int, upto: int, beta: float) -> dict | None:
@@ -651,13 +506,9 @@ def batch_metrics(s, diagnostics) -> dict:
 
 def build_summary(s, base_ref, sft_dir, data, trainer, validation, diagnostics, epochs, saved, device, timings,
                   resume_from, used: dict | None = None) -> dict:
-    import peft
-    import torch
-    import transformers
-    import trl
-
     from .callbacks import kl_verdict, ratio_verdict
     from .data import class_counts, frame_checksum
+    from .runtime import run_record
 
     history = validation.history
     best = next((h for h in history if h["step"] == validation.best_step), None)
@@ -690,14 +541,7 @@ def build_summary(s, base_ref, sft_dir, data, trainer, validation, diagnostics, 
         "health": {"measured_at_step": last.get("step"),
                    "kl": kl_verdict(last.get("dpo/kl")),
                    "reward_ratio": {**ratio_verdict(ratio), "over": "logging steps since the last evaluation"}},
-        "device": str(device),
-        "dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
-        "resumed_from": str(resume_from) if resume_from else None,
-        # What training really used: --auto_find_batch_size may have shrunk the batch; processes > 1 under DDP.
-        "batch": used,
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-                     "peft": peft.__version__},
+        **run_record(trainer, device, resume_from, used, timings),
         "outputs": {"adapter": "adapter_model.safetensors", "epoch_metrics": EPOCH_FILE, "batch_metrics": BATCH_FILE,
                     "curves": CURVES_FILE},
     }

@@ -15,7 +15,8 @@ its validation splits.
 Outputs: --output_file (a JSON list of {prompt, chosen, rejected, text, label, p_sarcastic, id}) and
 beside it <stem>_summary.json (the SFT model's accuracy and per-class metrics on the mined split,
 how many texts were mistakes and how many pairs were kept, per class). A folder <stem>_run/ holds
-only the completion marker the pipeline uses to skip a finished mining stage.
+only the completion marker the pipeline uses to skip a finished mining stage; it also tells a later
+run whose pairs these are: pairs mined with other settings are replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import finish_output_dir, prepare_output_dir, write_json
+from .atomic import finish_output_dir, prepare_output_dir, read_complete, settings_differences, write_json
 from .errors import UserError
 
 STRATEGIES = ("all", "mistakes_only", "confident_mistakes")
@@ -40,6 +41,36 @@ def summary_path(output_file: str | Path) -> Path:
 def marker_dir(output_file: str | Path) -> Path:
     output_file = Path(output_file)
     return output_file.parent / f"{output_file.stem}_run"
+
+
+def check_output_file(out_file: Path, config: dict, overwrite: bool) -> None:
+    """Read-only: may this run write `out_file`? Another run's pairs are replaced only with --overwrite.
+
+    The completion record in <stem>_run/ tells whose pairs these are: the same settings may be
+    mined again, other settings are refused. Files with no record folder beside them were not
+    written by this stage (a hand-made or older pairs file) and are refused too. A record folder
+    without its marker is an interrupted mining run, which the same command may redo.
+    """
+    if out_file.suffix.lower() != ".json":
+        raise UserError(f"--output_file must be a .json file, got {out_file}.")
+    if out_file.is_dir():
+        raise UserError(f"--output_file {out_file} is a folder; name a .json file.")
+    if overwrite:
+        return
+    marker = marker_dir(out_file)
+    record = read_complete(marker)
+    if record is not None:
+        diff = settings_differences(record, config)
+        if diff:
+            raise UserError(f"{out_file} already holds the results of another run (settings differ in: "
+                            f"{', '.join(diff)}; see {marker}). Pass --overwrite to replace them, or choose "
+                            "another --output_file.")
+    elif not marker.is_dir():
+        found = [p.name for p in (out_file, summary_path(out_file)) if p.exists()]
+        if found:
+            raise UserError(f"{out_file.parent} already holds {', '.join(found)}, which `sarcasm-dpo mine` did not "
+                            f"write (there is no {marker.name}/ record beside it). Pass --overwrite to replace them, "
+                            "or choose another --output_file.")
 
 
 def select(labels: np.ndarray, probs: np.ndarray, strategy: str, confidence: float) -> np.ndarray:
@@ -60,19 +91,22 @@ def select(labels: np.ndarray, probs: np.ndarray, strategy: str, confidence: flo
 def run(s) -> dict:
     """Score the split with the SFT model, keep the chosen items, write the pairs and the summary."""
     from .data import class_counts, load_split, stratified_sample
-    from .models import adapter_base_model, check_adapter_dir
+    from .models import adapter_base_model, check_adapter_dir, check_adapter_fits
 
     started = time.perf_counter()
     config = dataclasses.asdict(s)
+    # Every check on the input runs before anything is written, so a refused run leaves a
+    # previous run's pairs, summary and completion record as they were.
     sft_dir = check_adapter_dir(s.sft_model)
     base_ref = adapter_base_model(sft_dir)
     out_file = Path(s.output_file)
-    if out_file.suffix.lower() != ".json":
-        raise UserError(f"--output_file must be a .json file, got {out_file}.")
+    check_output_file(out_file, config, s.overwrite)
     frame = load_split(s.input_csv, "iSarcasmEval training split")
     if s.sample_size:
         frame = stratified_sample(frame, s.sample_size, s.seed)
-    marker = prepare_output_dir(marker_dir(out_file), config, overwrite=True)  # clears a stale completion marker
+    check_adapter_fits(sft_dir, base_ref)
+    # check_output_file decided; this only clears a stale completion marker.
+    marker = prepare_output_dir(marker_dir(out_file), config, overwrite=True)
 
     from .metrics import classification_metrics
     from .models import load_model, pick_device

@@ -2,6 +2,9 @@
 
 Used by the SFT and DPO stages (the code lives in them, this module holds the shared parts):
 
+- `plan_run_dir()` / `claim_run_dir()` / `finish_run_dir()`: the output folder's life, checked
+  read-only first, taken over only when every check passed, marked complete last; with
+  `latest_checkpoint()` and `save/load_checkpoint_state()` for --resume, and `save_adapter()`.
 - `stop_on_signal()` + `GracefulStopCallback`: the first Ctrl-C (SIGINT) or SIGTERM lets the
   current optimizer step finish, writes a checkpoint through the Trainer's own save path (model,
   optimizer, scheduler, RNG states, plus the stage's validation state) and stops with
@@ -10,6 +13,7 @@ Used by the SFT and DPO stages (the code lives in them, this module holds the sh
 - `train_within_memory()`: runs training; on a CUDA/MPS out-of-memory error it halves the
   per-device batch and doubles gradient accumulation (same effective batch) when
   --auto_find_batch_size is on, or explains which flags to change when it is off.
+  `fit_within_memory()` runs a stage's training attempt under both.
 - `world_size()`, `is_main_process()`, `barrier()`: what a stage needs under `accelerate launch`
   or `torchrun`: every process trains, only the main one writes files and talks to W&B.
 - `cpu_workers_requested()` / `run_workers()`: `accelerate launch --cpu --num_processes N` starts a
@@ -25,10 +29,13 @@ import contextlib
 import gc
 import math
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -177,6 +184,262 @@ class BarrierOnSaveCallback(TrainerCallback):
         barrier()
 
 
+# -- settings both training stages check ----------------------------------------------------------------
+
+
+def check_training_settings(s) -> None:
+    """The checks SFT and DPO share, beyond what their settings' validate() does."""
+    if not 0 <= s.warmup_ratio < 1:
+        raise UserError(f"--warmup_ratio must be in [0, 1), got {s.warmup_ratio}.")
+    if s.logging_steps < 1:
+        raise UserError(f"--logging_steps must be at least 1, got {s.logging_steps}.")
+    if s.auto_find_batch_size and world_size() > 1:
+        raise UserError("--auto_find_batch_size works in single-process runs only: the processes of a distributed "
+                        "run cannot retry in step. Set --batch_size and --grad_accum instead.")
+
+
+# -- the output folder and its checkpoints --------------------------------------------------------------
+
+CHECKPOINTS = "checkpoints"  # in the output folder
+RUN_CONFIG = "run_config.json"  # in checkpoints/: whose checkpoints these are
+BEST_FILE = "validation_best_adapter.safetensors"  # in each checkpoint: the best adapter so far
+# Settings that may change between an interrupted run and its --resume without changing the math.
+RESUME_NEUTRAL = ("device", "eval_batch_size", "logging_steps", "save_steps", "auto_find_batch_size",
+                  "gradient_checkpointing")
+
+
+def latest_checkpoint(ckpt_dir: Path, state_file: str) -> Path | None:
+    """The newest checkpoint whose save finished (the stage's `state_file` is written after the Trainer's)."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = []
+    for folder in ckpt_dir.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+        if match and (folder / "trainer_state.json").is_file() and (folder / state_file).is_file():
+            found.append((int(match.group(1)), folder))
+    return max(found)[1] if found else None
+
+
+def finished_record(out: Path, config: dict, summary_file: str) -> dict | None:
+    """The completion record of `out` when it holds the finished run of these settings, else None."""
+    from .atomic import read_complete, stable_config
+
+    record = read_complete(out)
+    if record and stable_config(record.get("config") or {}) == stable_config(config) \
+            and (out / summary_file).is_file():
+        return record
+    return None
+
+
+def plan_run_dir(out: Path, config: dict, s, *, finished: bool, state_file: str) -> Path | None:
+    """Read-only: may this run use the output folder, and which checkpoint does it continue from?
+
+    A folder with another run's results is refused unless --overwrite (check_output_dir). Old
+    checkpoints are never silently reused nor silently thrown away: without --resume they are an
+    error, unless --overwrite says to start over. Nothing is changed here (see claim_run_dir).
+    `finished`: the folder holds the finished run of these settings (each stage knows what that takes).
+    """
+    from .atomic import check_output_dir, read_json, settings_differences
+
+    ckpt_dir = out / CHECKPOINTS
+    # Checkpoints beside a finished run of these settings are leftovers of a run killed after its marker.
+    latest = None if finished else latest_checkpoint(ckpt_dir, state_file)
+    resume_from = latest if s.resume else None
+    check_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+    if resume_from is not None:
+        had = read_json(ckpt_dir / RUN_CONFIG) if (ckpt_dir / RUN_CONFIG).is_file() else {}
+        diff = settings_differences({"config": had}, config, ignore_keys=RESUME_NEUTRAL)
+        if diff:
+            raise UserError(f"The checkpoints in {ckpt_dir} were made with other settings (differ in: "
+                            f"{', '.join(diff)}). Resume with the same settings, or pass --overwrite "
+                            "without --resume to start over.")
+    elif latest is not None and not s.overwrite:
+        raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
+                        "or --overwrite to start over.")
+    return resume_from
+
+
+def claim_run_dir(out: Path, config: dict, s, resume_from: Path | None) -> None:
+    """Take the folder over once every check passed: marker cleared, stale checkpoints gone, the settings
+    recorded beside the checkpoints. Call it on every process once the trainer exists (it sets up the
+    process group); only the main process writes, and all wait until it has."""
+    from .atomic import prepare_output_dir, write_json
+
+    barrier()
+    if is_main_process():
+        ckpt_dir = out / CHECKPOINTS
+        if s.resume and resume_from is None:
+            print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
+        prepare_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+        if resume_from is not None:
+            print(f"Resuming from {resume_from}.")
+        elif ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)  # --overwrite, or leftovers with no complete checkpoint to resume from
+        write_json(ckpt_dir / RUN_CONFIG, config)
+    barrier()
+
+
+def finish_run_dir(out: Path, config: dict, extra: dict) -> None:
+    """Main process, after every output is written: the completion marker, then the checkpoints go."""
+    from .atomic import finish_output_dir
+
+    finish_output_dir(out, config, extra)
+    # Only now: a run killed before the marker can still --resume from its checkpoints.
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+
+
+def save_checkpoint_state(folder: Path, state_file: str, state: dict, best_state: dict | None) -> None:
+    """The stage's state beside a Trainer checkpoint: the best adapter so far, then `state_file`, which
+    is written last and so marks the checkpoint complete."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_path, write_json
+
+    if best_state is not None:
+        with atomic_path(folder / BEST_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in best_state.items()}, str(tmp))
+    write_json(folder / state_file, state)
+
+
+def load_checkpoint_state(folder: Path, state_file: str) -> tuple[dict, dict | None]:
+    """(state, best adapter so far or None) as `save_checkpoint_state` left them."""
+    from safetensors.torch import load_file
+
+    from .atomic import read_json
+
+    best = folder / BEST_FILE
+    return read_json(folder / state_file), (load_file(str(best)) if best.is_file() else None)
+
+
+def save_adapter(model, tokenizer, out: Path, **save_kwargs) -> None:
+    """Write adapter and tokenizer to a scratch folder, then move each file into place.
+
+    adapter_config.json moves last, so a folder killed mid-save never holds a loadable adapter
+    with missing weights; COMPLETE.json (written after everything) is the final word anyway.
+    `save_kwargs` go to the model's save_pretrained (which adapter, which layers).
+    """
+    from .atomic import _umask
+
+    scratch = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=out))
+    try:
+        model.save_pretrained(str(scratch), **save_kwargs)
+        tokenizer.save_pretrained(str(scratch))
+        (scratch / "README.md").unlink(missing_ok=True)  # PEFT's empty model card template
+        folders = [p.name for p in scratch.iterdir() if p.is_dir()]
+        if folders:  # PEFT saves every adapter but the first into a subfolder: more than one was saved
+            raise RuntimeError(f"Saving the adapter wrote subfolders {folders}.")
+        files = sorted(scratch.iterdir(), key=lambda p: p.name == "adapter_config.json")
+        mode = 0o666 & ~_umask()  # safetensors writes owner-only files; outputs get the usual permissions
+        for path in files:
+            os.chmod(path, mode)
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# -- what the trainer is given and what it shows --------------------------------------------------------
+
+
+def run_record(trainer, device, resume_from: Path | None, used: dict | None, timings: dict) -> dict:
+    """What a training summary says about how the run went, beside the stage's own results."""
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    return {
+        "device": str(device),
+        "dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
+        "resumed_from": str(resume_from) if resume_from else None,
+        # What training really used: --auto_find_batch_size may have shrunk the batch; processes > 1 under DDP.
+        "batch": used,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+                     "peft": peft.__version__},
+    }
+
+
+def trainer_arguments(s, model, ckpt_dir: Path) -> dict:
+    """The TrainingArguments SFT and DPO share; each stage adds its loss, saving and memory settings."""
+    import torch
+
+    return dict(
+        output_dir=str(ckpt_dir),
+        num_train_epochs=s.epochs,
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        auto_find_batch_size=False,  # ours (train_within_memory) also keeps the effective batch
+        optim="adamw_torch",
+        learning_rate=s.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=s.warmup_ratio,  # transformers 5: a value below 1 is a share of all steps
+        # The model was loaded in bf16 only where the GPU does bf16 (models.pick_dtype); fp32 elsewhere.
+        bf16=model.dtype == torch.bfloat16,
+        fp16=False,
+        use_cpu=next(model.parameters()).device.type == "cpu",
+        max_length=s.max_length,
+        logging_steps=s.logging_steps,
+        logging_first_step=True,  # DPO: step 1's rewards are measured before any update, exactly 0
+        logging_nan_inf_filter=False,  # show a NaN loss as NaN; the stage's divergence check stops the run
+        save_total_limit=2,  # the newest may be half-written when killed; the one before it is whole
+        eval_strategy="no",  # validation is the F1 of the scorer, in the stage's validation callback
+        report_to="none",  # W&B goes through our Tracker
+        seed=s.seed,
+        data_seed=s.seed,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every trainable (LoRA) parameter gets a gradient at every step
+    )
+
+
+def strip_special_prefix(tokenizer, prompts: list[str]) -> list[str] | None:
+    """The prompts as TRL must get them for its tokens to equal the scorer's; None if no such form exists.
+
+    TRL tokenizes plain-text prompts with the tokenizer's special tokens on; the rendered chat
+    template already holds them, so a tokenizer that adds a BOS would get it twice: it is cut
+    from the text. None: the tokenizer adds special tokens other than a leading BOS (the stage
+    decides whether that is an error).
+    """
+    plain = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    if tokenizer(prompts[0])["input_ids"] == plain:
+        return list(prompts)
+    bos = tokenizer.bos_token
+    if bos and prompts[0].startswith(bos) and tokenizer(prompts[0][len(bos):])["input_ids"] == plain:
+        return [p[len(bos):] if p.startswith(bos) else p for p in prompts]
+    return None
+
+
+def gradients_finite(model) -> bool:
+    """False when a trainable parameter's gradient holds a NaN or inf (a NaN/inf loss makes them so);
+    checked before the optimizer step, it keeps the bad update from being applied."""
+    import torch
+
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def run_trainer(trainer, resume_from: Path | None):
+    """trainer.train(), from `resume_from` if given; whatever ends it early closes the progress bar first."""
+    try:
+        return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except BaseException:
+        close_progress_bars(trainer)
+        raise
+
+
+def close_progress_bars(trainer) -> None:
+    """So that the message after a failed or stopped run starts on a line of its own."""
+    from .callbacks import LossProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, LossProgressCallback) and callback.bar is not None:
+            callback.bar.close()
+            callback.bar = None
+
+
+def quiet(*_args, **_kwargs) -> None:
+    """The printer of processes other than the main one: one copy of each message is enough."""
+
+
 # -- data order that survives a resume ------------------------------------------------------------------
 
 
@@ -308,6 +571,20 @@ def train_within_memory(attempt: Callable, *, batch_size: int, grad_accum: int, 
             batch_size, grad_accum = max(1, batch_size // 2), grad_accum * 2
             printer(f"[{stage}] out of memory while {where}; retrying from the start with --batch_size "
                     f"{batch_size} --grad_accum {grad_accum} (same effective batch).")
+
+
+def fit_within_memory(attempt: Callable, s, stage: str) -> tuple:
+    """`attempt(batch_size, grad_accum, eval_batch_size, stop_flag)` under `stop_on_signal()` and
+    `train_within_memory()`, starting from the batch settings in `s`; returns (what the attempt that
+    fitted returned, the batch it used, for the run's record)."""
+    with stop_on_signal() as flag:
+        def sized(batch_size: int, grad_accum: int, eval_batch_size: int):
+            used = {"batch_size": batch_size, "grad_accum": grad_accum, "eval_batch_size": eval_batch_size,
+                    "processes": world_size()}
+            return attempt(batch_size, grad_accum, eval_batch_size, flag), used
+
+        return train_within_memory(sized, batch_size=s.batch_size, grad_accum=s.grad_accum,
+                                   eval_batch_size=s.eval_batch_size, auto=s.auto_find_batch_size, stage=stage)
 
 
 # -- `accelerate launch --cpu --num_processes N` --------------------------------------------------------

@@ -110,6 +110,7 @@ class MineSettings(Common):
                           choices=["reasoning", "label"])
     batch_size: int = opt(16, "Texts per forward pass.")
     sample_size: int | None = opt(None, "Mine a stratified sample of this many texts (empty = all).")
+    overwrite: bool = opt(False, "Replace an output_file holding another run's pairs (or a file mining did not write).")
 
     def validate(self) -> None:
         _check_sample_size(self.sample_size)

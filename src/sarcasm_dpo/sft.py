@@ -42,10 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import re
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -53,30 +49,27 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from . import callbacks as shared_callbacks
-from .atomic import (_umask, atomic_path, check_output_dir, finish_output_dir, prepare_output_dir, read_complete,
-                     read_json, stable_config, write_json)
+from . import runtime
+from .atomic import read_json, write_json
 from .callbacks import LossProgressCallback, SaveStateCallback, TrackerLogCallback, ValidationCallback
 from .data import balanced_sample, class_counts, frame_checksum, load_split, overlap_count, stratified_sample
 from .errors import UserError
 from .models import load_base_model, load_tokenizer, pick_device
 from .prompts import build_prompt, label_token_ids, label_word
-from .runtime import (BarrierOnSaveCallback, GracefulStopCallback, barrier, is_main_process, seeded_length_grouping,
-                      stop_on_signal, train_within_memory, world_size)
+from .runtime import (CHECKPOINTS, BarrierOnSaveCallback, GracefulStopCallback, barrier, check_training_settings,
+                      claim_run_dir, finish_run_dir, finished_record, fit_within_memory, gradients_finite, is_main_process,
+                      load_checkpoint_state, plan_run_dir, quiet, run_record, run_trainer, save_adapter,
+                      save_checkpoint_state, seeded_length_grouping, strip_special_prefix, trainer_arguments,
+                      world_size)
 from .tracking import Tracker
 
 ARTIFACT_NAME = "sft-adapter"  # the DPO run declares this artifact (the output folder) as its input
 ARTIFACT_TYPE = "model"
 VAL_SPLIT = "gen_val"
-CHECKPOINTS = "checkpoints"
-RUN_CONFIG = "run_config.json"  # in checkpoints/: whose checkpoints these are
 STATE_FILE = "validation_state.json"  # in each checkpoint, written last: the checkpoint is complete
-BEST_FILE = "validation_best_adapter.safetensors"
 METRICS_FILE = "sft_metrics.json"
 CURVES_FILE = "sft_training_curves.png"
 SUMMARY_FILE = "training_summary.json"
-# Settings that may change between an interrupted run and its --resume without changing the math.
-RESUME_NEUTRAL = ("device", "eval_batch_size", "logging_steps", "save_steps", "auto_find_batch_size",
-                  "gradient_checkpointing")
 
 
 class TrainingDiverged(shared_callbacks.TrainingDiverged, UserError):
@@ -100,11 +93,12 @@ def run(settings, extra_callbacks=()) -> dict:
     # Setup. Every check on the input runs before the output folder is touched, so a run refused
     # for any reason leaves a previous result in --output_dir byte for byte as it was.
     train_df, val_df = load_data(s)  # a wrong path fails in a second, before any model is loaded
-    if s.resume and _finished_with(out, config):
+    finished = finished_record(out, config, SUMMARY_FILE) is not None
+    if s.resume and finished:
         if main:
             print(f"{out} already holds the finished run of these settings; nothing to resume.")
         return read_json(out / SUMMARY_FILE)
-    resume_from = plan_run_dir(out, config, s)
+    resume_from = plan_run_dir(out, config, s, finished=finished, state_file=STATE_FILE)
 
     import transformers
 
@@ -133,7 +127,7 @@ def run(settings, extra_callbacks=()) -> dict:
         metrics = training_metrics(trainer.state.log_history, validation, len(val_df), result.training_loss)
         params = parameter_counts(trainer.model)
         if main:
-            save_adapter(trainer.model, tokenizer, out)
+            save_adapter(trainer.model, tokenizer, out, save_embedding_layers=False)  # LoRA only; embeddings are frozen
             write_json(out / METRICS_FILE, metrics)
             from .plots import plot_sft_curves
 
@@ -146,10 +140,7 @@ def run(settings, extra_callbacks=()) -> dict:
                                 resume_from, used)
         if main:
             write_json(out / SUMMARY_FILE, summary)
-            finish_output_dir(out, config, {"best_epoch": summary["best_epoch"],
-                                            "best_f1": summary["best_val"]["f1"]})
-            # Only now: a run killed before the marker can still --resume from its checkpoints.
-            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+            finish_run_dir(out, config, {"best_epoch": summary["best_epoch"], "best_f1": summary["best_val"]["f1"]})
         barrier()  # the other processes end when the outputs are in place
 
         tracker.log_image("sft/training_curves", out / CURVES_FILE)
@@ -175,14 +166,14 @@ def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resum
     main = is_main_process()
     holder = {"model": model, "claimed": False}
 
-    def attempt(batch_size: int, grad_accum: int, eval_batch_size: int):
+    def attempt(batch_size: int, grad_accum: int, eval_batch_size: int, flag):
         current = holder["model"]
         if holder["claimed"]:  # a retry: take the LoRA layers off and start from the same seed again
             current = current.unload()
             transformers.set_seed(s.seed)
         validation = ValidationCallback(tokenizer, {VAL_SPLIT: val_df}, batch_size=eval_batch_size,
                                         max_text_tokens=s.max_text_tokens, log=tracker.log,
-                                        printer=print if main else _quiet)
+                                        printer=print if main else quiet)
         if resume_from:
             load_validation_state(validation, resume_from)
         # Beside each checkpoint: validation history + best adapter (step checkpoints also at epoch ends).
@@ -194,38 +185,15 @@ def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resum
         trainer = build_trainer(sized, current, tokenizer, train_ds, out / CHECKPOINTS, callbacks)
         holder["model"] = trainer.model
         if not holder["claimed"]:
-            # The folder is claimed once every process got this far (the trainer set up the process group).
-            barrier()
-            if main:
-                claim_run_dir(out, config, s, resume_from)
-                write_json(out / CHECKPOINTS / RUN_CONFIG, config)
-            barrier()
+            claim_run_dir(out, config, s, resume_from)
             holder["claimed"] = True
         if main:
             print(describe_start(sized, train_df, val_df, current.device, parameter_counts(trainer.model),
                                  resume_from))
-        try:
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except BaseException:
-            close_progress_bars(trainer)  # the message that follows starts on a line of its own
-            raise
-        return trainer, validation, result, {"batch_size": batch_size, "grad_accum": grad_accum,
-                                             "eval_batch_size": eval_batch_size, "processes": world_size()}
+        return trainer, validation, run_trainer(trainer, resume_from)
 
-    with stop_on_signal() as flag:
-        return train_within_memory(attempt, batch_size=s.batch_size, grad_accum=s.grad_accum,
-                                   eval_batch_size=s.eval_batch_size, auto=s.auto_find_batch_size, stage="sft")
-
-
-def close_progress_bars(trainer) -> None:
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, LossProgressCallback) and callback.bar is not None:
-            callback.bar.close()
-            callback.bar = None
-
-
-def _quiet(*_args, **_kwargs) -> None:
-    """The printer of processes other than the main one: one copy of each message is enough."""
+    (trainer, validation, result), used = fit_within_memory(attempt, s, "sft")
+    return trainer, validation, result, used
 
 
 # -- setup -------------------------------------------------------------------------------------------
@@ -233,19 +201,13 @@ def _quiet(*_args, **_kwargs) -> None:
 
 def check_settings(s) -> None:
     """What SFTSettings.validate leaves to the stage."""
-    if not 0 <= s.warmup_ratio < 1:
-        raise UserError(f"--warmup_ratio must be in [0, 1), got {s.warmup_ratio}.")
-    if s.logging_steps < 1:
-        raise UserError(f"--logging_steps must be at least 1, got {s.logging_steps}.")
+    check_training_settings(s)
     if s.save_steps < 0:
         raise UserError(f"--save_steps must be 0 (each epoch) or a positive count, got {s.save_steps}.")
     if s.lora_alpha <= 0:
         raise UserError(f"--lora_alpha must be positive, got {s.lora_alpha}.")
     if not s.lora_targets:
         raise UserError("--lora_targets is empty; name the modules that get LoRA adapters, e.g. q_proj,v_proj.")
-    if s.auto_find_batch_size and world_size() > 1:
-        raise UserError("--auto_find_batch_size works in single-process runs only: the processes of a distributed "
-                        "run cannot retry in step. Set --batch_size and --grad_accum instead.")
 
 
 def load_data(s):
@@ -265,61 +227,9 @@ def load_data(s):
     return train, val
 
 
-def _finished_with(out: Path, config: dict) -> bool:
-    record = read_complete(out)
-    return bool(record) and stable_config(record.get("config") or {}) == stable_config(config) \
-        and (out / SUMMARY_FILE).is_file()
-
-
-def plan_run_dir(out: Path, config: dict, s) -> Path | None:
-    """Read-only: may this run use the output folder, and which checkpoint does it continue from?
-
-    A folder with another run's results is refused unless --overwrite (check_output_dir). Old
-    checkpoints are never silently reused nor silently thrown away: without --resume they are an
-    error, unless --overwrite says to start over. Nothing is changed here (see claim_run_dir).
-    """
-    ckpt_dir = out / CHECKPOINTS
-    # Checkpoints beside a finished run of these settings are leftovers of a run killed after its marker.
-    latest = None if _finished_with(out, config) else latest_checkpoint(ckpt_dir)
-    resume_from = latest if s.resume else None
-    check_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
-    if resume_from is not None:
-        had = read_json(ckpt_dir / RUN_CONFIG) if (ckpt_dir / RUN_CONFIG).is_file() else {}
-        mine = {k: v for k, v in stable_config(config).items() if k not in RESUME_NEUTRAL}
-        theirs = {k: v for k, v in stable_config(had).items() if k not in RESUME_NEUTRAL}
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if diff:
-            raise UserError(f"The checkpoints in {ckpt_dir} were made with other settings (differ in: "
-                            f"{', '.join(diff)}). Resume with the same settings, or pass --overwrite "
-                            "without --resume to start over.")
-    elif latest is not None and not s.overwrite:
-        raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
-                        "or --overwrite to start over.")
-    return resume_from
-
-
-def claim_run_dir(out: Path, config: dict, s, resume_from: Path | None) -> None:
-    """Take the folder over (main process, after every check passed): marker cleared, stale checkpoints gone."""
-    ckpt_dir = out / CHECKPOINTS
-    if s.resume and resume_from is None:
-        print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
-    prepare_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
-    if resume_from is not None:
-        print(f"Resuming from {resume_from}.")
-    elif ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # --overwrite, or leftovers with no complete checkpoint to resume from
-
-
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint whose save finished (our state file is written after the Trainer's)."""
-    if not ckpt_dir.is_dir():
-        return None
-    found = []
-    for folder in ckpt_dir.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
-        if match and (folder / "trainer_state.json").is_file() and (folder / STATE_FILE).is_file():
-            found.append((int(match.group(1)), folder))
-    return max(found)[1] if found else None
+    """The newest complete checkpoint of an SFT run in `ckpt_dir`."""
+    return runtime.latest_checkpoint(ckpt_dir, STATE_FILE)
 
 
 def check_lora_targets(model, targets: list[str]) -> None:
@@ -351,23 +261,6 @@ def fit_prompt(tokenizer, text: str, max_text_tokens: int, room: int) -> str:
                     f"than {room} tokens. Raise --max_length (default 512).")
 
 
-def _special_prefix(tokenizer, prompt: str) -> str:
-    """Text to strip from each prompt so TRL's tokenization equals the scorer's.
-
-    TRL tokenizes prompt-completion text with the tokenizer's special tokens on; the scorer (and
-    the rendered chat template) add them once. Tokenizers that add a BOS would get it twice.
-    """
-    plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer(prompt)["input_ids"] == plain:
-        return ""
-    bos = tokenizer.bos_token
-    if bos and prompt.startswith(bos) and tokenizer(prompt[len(bos):])["input_ids"] == plain:
-        return bos
-    warnings.warn("This tokenizer adds special tokens that the chat template does not contain; training inputs "
-                  "differ slightly from the scorer's.", stacklevel=3)
-    return ""
-
-
 def build_dataset(tokenizer, frame, max_text_tokens: int, max_length: int):
     """Prompt-completion pairs in TRL's non-conversational format (the prompt is already rendered).
 
@@ -378,10 +271,11 @@ def build_dataset(tokenizer, frame, max_text_tokens: int, max_length: int):
     answer = max(len(tokenizer(label_word(y) + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
                  for y in (0, 1))
     prompts = [fit_prompt(tokenizer, text, max_text_tokens, max_length - answer) for text in frame["text"]]
-    prefix = _special_prefix(tokenizer, prompts[0])
-    if prefix:
-        prompts = [p[len(prefix):] if p.startswith(prefix) else p for p in prompts]
-    return Dataset.from_dict({"prompt": prompts, "completion": [label_word(y) for y in frame["label"]]})
+    stripped = strip_special_prefix(tokenizer, prompts)
+    if stripped is None:
+        warnings.warn("This tokenizer adds special tokens that the chat template does not contain; training inputs "
+                      "differ slightly from the scorer's.", stacklevel=2)
+    return Dataset.from_dict({"prompt": stripped or prompts, "completion": [label_word(y) for y in frame["label"]]})
 
 
 def lora_config(s):
@@ -392,42 +286,18 @@ def lora_config(s):
 
 
 def training_args(s, model, ckpt_dir: Path):
-    import torch
     from trl import SFTConfig
 
     return SFTConfig(
-        output_dir=str(ckpt_dir),
-        num_train_epochs=s.epochs,
-        per_device_train_batch_size=s.batch_size,
-        gradient_accumulation_steps=s.grad_accum,
-        auto_find_batch_size=False,  # ours (runtime.train_within_memory) also keeps the effective batch
-        optim="adamw_torch",
-        learning_rate=s.lr,
+        **trainer_arguments(s, model, ckpt_dir),
         weight_decay=s.weight_decay,
-        lr_scheduler_type="cosine",
-        warmup_steps=s.warmup_ratio,  # transformers 5: a value below 1 is a share of all steps
-        # The model was loaded in bf16 only where the GPU does bf16 (models.pick_dtype); fp32 elsewhere.
-        bf16=model.dtype == torch.bfloat16,
-        fp16=False,
-        use_cpu=model.device.type == "cpu",
         activation_checkpointing=s.gradient_checkpointing,  # TRL defaults to on; here only when asked
-        max_length=s.max_length,
         completion_only_loss=True,  # loss on the answer tokens only, never the prompt or padding
         packing=False,
         padding_free=False,  # dynamic padding to the longest example of each batch
         train_sampling_strategy="group_by_length",  # similar lengths together: little padding
-        logging_steps=s.logging_steps,
-        logging_first_step=True,
-        logging_nan_inf_filter=False,  # show a NaN loss as NaN; NonFiniteLossCallback stops the run
         save_strategy="steps" if s.save_steps else "epoch",
         save_steps=s.save_steps or 500,
-        save_total_limit=2,  # the newest may be half-written when killed; the one before it is whole
-        eval_strategy="no",  # validation is the F1 of the scorer, in ValidationCallback
-        report_to="none",  # W&B goes through our Tracker
-        seed=s.seed,
-        data_seed=s.seed,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,  # every trainable (LoRA) parameter gets a gradient at every step
     )
 
 
@@ -456,20 +326,14 @@ def parameter_counts(model) -> dict:
 
 def save_validation_state(validation: ValidationCallback, folder: Path) -> None:
     """Written after the Trainer's own checkpoint files; the state file, last, marks the checkpoint complete."""
-    from safetensors.torch import save_file
-
-    if validation.best_state is not None:
-        with atomic_path(folder / BEST_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in validation.best_state.items()}, str(tmp))
-    write_json(folder / STATE_FILE, validation.state_dict())
+    save_checkpoint_state(folder, STATE_FILE, validation.state_dict(), validation.best_state)
 
 
 def load_validation_state(validation: ValidationCallback, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    validation.load_state_dict(read_json(folder / STATE_FILE))
-    if (folder / BEST_FILE).is_file():
-        validation.best_state = load_file(str(folder / BEST_FILE))
+    state, best = load_checkpoint_state(folder, STATE_FILE)
+    validation.load_state_dict(state)
+    if best is not None:
+        validation.best_state = best
 
 
 class NonFiniteLossCallback(TrainerCallback):
@@ -483,10 +347,7 @@ class NonFiniteLossCallback(TrainerCallback):
         self.ckpt_dir = ckpt_dir
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        import torch
-
-        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if not gradients_finite(model):
             self._stop(state.global_step + 1, "gradients", self.ckpt_dir)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -505,26 +366,6 @@ class NonFiniteLossCallback(TrainerCallback):
 
 
 # -- save --------------------------------------------------------------------------------------------
-
-
-def save_adapter(model, tokenizer, out: Path) -> None:
-    """Write adapter and tokenizer to a scratch folder, then move each file into place.
-
-    adapter_config.json moves last, so a folder killed mid-save never holds a loadable adapter
-    with missing weights; COMPLETE.json (written after everything) is the final word anyway.
-    """
-    scratch = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=out))
-    try:
-        model.save_pretrained(str(scratch), save_embedding_layers=False)  # LoRA only; embeddings are frozen
-        tokenizer.save_pretrained(str(scratch))
-        (scratch / "README.md").unlink(missing_ok=True)  # PEFT's empty model card template
-        files = sorted((p for p in scratch.iterdir() if p.is_file()), key=lambda p: p.name == "adapter_config.json")
-        mode = 0o666 & ~_umask()  # some writers make owner-only files; outputs get the usual permissions
-        for path in files:
-            os.chmod(path, mode)
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def training_metrics(log_history: list[dict], validation: ValidationCallback, val_rows: int,
@@ -563,11 +404,6 @@ def training_metrics(log_history: list[dict], validation: ValidationCallback, va
 
 def build_summary(s, config, train_df, val_df, validation, trainer, params, device, timings, resume_from,
                   used: dict | None = None) -> dict:
-    import peft
-    import torch
-    import transformers
-    import trl
-
     best = next((h for h in validation.history if h["step"] == validation.best_step), None)
     return {
         "config": config,  # other stages read the base model from config.model
@@ -582,14 +418,7 @@ def build_summary(s, config, train_df, val_df, validation, trainer, params, devi
             "train_csv": s.train_csv, "train": class_counts(train_df), "train_checksum": frame_checksum(train_df),
             "val_csv": s.val_csv, "val": class_counts(val_df), "val_checksum": frame_checksum(val_df),
         },
-        "device": str(device),
-        "dtype": str(next(trainer.model.parameters()).dtype).replace("torch.", ""),
-        "resumed_from": str(resume_from) if resume_from else None,
-        # What training really used: --auto_find_batch_size may have shrunk the batch; processes > 1 under DDP.
-        "batch": used,
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-                     "peft": peft.__version__},
+        **run_record(trainer, device, resume_from, used, timings),
         "outputs": {"adapter": "adapter_model.safetensors", "metrics": METRICS_FILE, "curves": CURVES_FILE},
     }
 

@@ -9,7 +9,8 @@ Mode, chosen without any network call and without ever prompting (see `choose_mo
 
 * ``enabled=False`` (the CLI's ``--no_wandb``): "disabled"; wandb is not even imported, and no
   files are written.
-* ``WANDB_MODE`` / ``WANDB_DISABLED`` set by the user: respected.
+* ``WANDB_MODE`` / ``WANDB_DISABLED`` set by the user: respected. An empty or unknown
+  ``WANDB_MODE`` is ignored with a warning (and hidden from wandb, which would refuse to start).
 * credentials present (``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, or a netrc entry for the
   W&B host): "online".
 * otherwise "offline": the run is written under ``<dir>/wandb/offline-run-*`` and can be uploaded
@@ -34,6 +35,7 @@ Example (runs as is; with no credentials it writes an offline run under /tmp/wan
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -55,6 +57,9 @@ DEFAULT_BASE_URL = "https://api.wandb.ai"
 INIT_TIMEOUT_S = 30.0
 
 _TRUE = {"1", "true", "yes", "on"}
+# The WANDB_MODE values wandb's own settings accept, spelled exactly so; any other value (empty,
+# upper case, a typo) makes wandb.setup/init raise a validation error.
+WANDB_MODES = {"online", "offline", "shared", "disabled", "dryrun", "run"}
 
 
 class TrackingWarning(RuntimeWarning):
@@ -157,6 +162,8 @@ def choose_mode(enabled: bool) -> str:
     if os.environ.get("WANDB_DISABLED", "").strip().lower() in _TRUE:
         return "disabled"
     env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if "WANDB_MODE" in os.environ and not env_mode:
+        _warn("WANDB_MODE is set but empty; ignoring it")
     if env_mode == "disabled":
         return "disabled"
     if env_mode in {"offline", "dryrun"}:
@@ -168,6 +175,25 @@ def choose_mode(enabled: bool) -> str:
     if env_mode and env_mode not in {"online", "run"}:
         _warn(f"WANDB_MODE={env_mode!r} is not one of online/offline/disabled; ignoring it")
     return "online" if credentials else "offline"
+
+
+@contextlib.contextmanager
+def _wandb_mode_env_hidden_if_invalid():
+    """Hide a WANDB_MODE that wandb would refuse while wandb reads its settings.
+
+    wandb validates the variable itself and raises on an empty or unknown value, which would cost
+    the run its tracking. `choose_mode` has already read (and warned about) it, and the chosen mode
+    is passed to wandb.init explicitly, so wandb does not need it; the user's value is put back after.
+    """
+    value = os.environ.get("WANDB_MODE")
+    if value is None or value in WANDB_MODES:
+        yield
+        return
+    del os.environ["WANDB_MODE"]
+    try:
+        yield
+    finally:
+        os.environ["WANDB_MODE"] = value
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,12 +247,13 @@ class Tracker:
         modes = [self.mode] if self.mode == "offline" else ["online", "offline"]
         for mode in modes:
             try:
-                if "WANDB_SILENT" not in os.environ:
-                    # wandb configures its console printer once, at setup, from the setup
-                    # settings; init's `silent` alone leaves messages such as "Adding directory
-                    # to artifact" on stderr.
-                    wandb.setup(settings=wandb.Settings(silent=True))
-                self.run = wandb.init(mode=mode, settings=self._settings(wandb), **kwargs)
+                with _wandb_mode_env_hidden_if_invalid():
+                    if "WANDB_SILENT" not in os.environ:
+                        # wandb configures its console printer once, at setup, from the setup
+                        # settings; init's `silent` alone leaves messages such as "Adding directory
+                        # to artifact" on stderr.
+                        wandb.setup(settings=wandb.Settings(silent=True))
+                    self.run = wandb.init(mode=mode, settings=self._settings(wandb), **kwargs)
                 self.mode = mode
                 break
             except Exception as exc:
