@@ -41,6 +41,7 @@ from pathlib import Path
 
 from .atomic import atomic_path, finish_output_dir, prepare_output_dir, read_json, write_json
 from .errors import UserError
+from .fused_head import project_labelled_positions_only
 
 # The loss types TRL 1.16's DPOTrainer implements (DPOConfig.loss_type).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -406,6 +407,7 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
     validation = DPOValidationCallback(tokenizer, data.val_sets, batch_size=s.eval_batch_size,
                                        max_text_tokens=s.max_text_tokens, eval_steps=s.eval_steps,
                                        patience=s.patience, eval_at_start=True, log=log, printer=printer)
+    project_labelled_positions_only()  # CPU/MPS: the LM head on the completion rows only (fused_head.py)
     try:
         trainer = seeded_length_grouping(DPOTrainer)(model=model, ref_model=None, args=dpo_args(s, model, ckpt_dir), train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[validation])

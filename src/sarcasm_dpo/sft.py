@@ -33,9 +33,9 @@ When things go wrong (runtime.py holds the shared parts; tests/test_reliability_
 - Bad input or settings: every check runs before --output_dir is touched, so nothing is overwritten.
 - Several processes (accelerate launch / torchrun): all train, the main one writes; see README.
 - Determinism: the same seed and settings give the same data order, adapter and metrics; on CPU
-  bit for bit. On a GPU, cuBLAS/cuDNN sum in varying order and bf16 rounds, so two runs agree only
-  approximately (not measured in this project, which has no GPU); compare GPU runs by their
-  validation metrics, not their weights.
+  bit for bit (tested). On one H200, two bf16 runs in one process were bit-identical too
+  (bench/determinism.py, bench/README.md); across GPU models, library versions or process counts
+  the summation order changes, so compare such runs by their validation metrics, not their weights.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from .atomic import read_json, write_json
 from .callbacks import LossProgressCallback, SaveStateCallback, TrackerLogCallback, ValidationCallback
 from .data import balanced_sample, class_counts, frame_checksum, load_split, overlap_count, stratified_sample
 from .errors import UserError
+from .fused_head import project_labelled_positions_only
 from .models import load_base_model, load_tokenizer, pick_device
 from .prompts import build_prompt, label_token_ids, label_word
 from .runtime import (CHECKPOINTS, BarrierOnSaveCallback, GracefulStopCallback, barrier, check_training_settings,
@@ -306,6 +307,8 @@ def build_trainer(s, model, tokenizer, train_ds, ckpt_dir: Path, callbacks=()):
     from transformers import ProgressCallback
     from trl import SFTTrainer
 
+    # On CPU/MPS, TRL would run the LM head over every prompt position only to mask it out (fused_head.py).
+    project_labelled_positions_only()
     # Batches grouped by length, shuffled by (seed, epoch): a resumed run sees the same order.
     trainer = seeded_length_grouping(SFTTrainer)(
         model=model, args=training_args(s, model, ckpt_dir), train_dataset=train_ds, processing_class=tokenizer,
