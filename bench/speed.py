@@ -68,8 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_dir", default=str(common.DEFAULT_DATA), help="Datasets laid out like shared/data.")
     p.add_argument("--work_dir", default=str(common.DEFAULT_WORK / "speed"), help="Scratch folder (splits, adapters).")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one).")
-    p.add_argument("--sections", default="eval,sft,memory,gpu",
-                   help="Comma-separated subset of eval,sft,memory,gpu (memory needs sft: DPO starts from its adapter).")
+    p.add_argument("--sections", default="eval,sft,head,memory,gpu",
+                   help="Comma-separated subset of eval,sft,head,memory,gpu (memory needs sft: DPO starts from its adapter).")
+    p.add_argument("--head_batches", type=int, default=8,
+                   help="Batches of the 'head' section (one SFT step in each LM-head mode per batch).")
     p.add_argument("--max_text_tokens", type=int, default=None,
                    help="Texts cut to this many tokens in the prompt (default: the config's: 128 CPU, 256 GPU).")
     p.add_argument("--eval_texts", type=int, default=None, help="Test texts scored by every method (default 32 CPU, 512 GPU).")
@@ -475,6 +477,87 @@ def memory_section(ours: dict, dpo_result: dict, usual: dict | None) -> dict:
     return out
 
 
+# -- 2b. the LM head: every position vs the labelled ones -------------------------------------------------
+
+
+def head_section(args, model_ref: str, splits: Path, max_text_tokens: int, device: str) -> dict:
+    """One SFT training step (forward + backward, LoRA, loss on answer + EOS) with TRL's fused LM head
+    projecting every position (TRL's choice on CPU) against the labelled positions only (what
+    fused_head.py makes it do), alternating on the same batches in one process.
+
+    The stage-level SFT figure compares two processes run one after the other; on a machine shared
+    with other jobs their loads differ. Alternating step by step in one process lets both modes see
+    the same load, so this ratio isolates the one change.
+    """
+    import torch
+    from peft import get_peft_model
+    from trl.trainer import utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from sarcasm_dpo import fused_head, sft
+    from sarcasm_dpo.data import load_split, stratified_sample
+    from sarcasm_dpo.models import load_base_model, load_tokenizer, pick_device
+    from sarcasm_dpo.prompts import build_prompt, label_token_ids
+    from sarcasm_dpo.settings import SFTSettings
+
+    dev = pick_device(device)
+    tokenizer = load_tokenizer(model_ref)
+    model = load_base_model(model_ref, dev)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer asks for
+    model = get_peft_model(model, sft.lora_config(SFTSettings(model=model_ref)))
+    model.train()
+    no_id, yes_id = label_token_ids(tokenizer)
+    rows = stratified_sample(load_split(splits / "gen_train.csv"), args.head_batches * args.sft_batch_size, args.seed)
+    examples = []
+    for text, label in zip(rows["text"], rows["label"]):
+        ids = tokenizer(build_prompt(tokenizer, text, max_text_tokens), add_special_tokens=False)["input_ids"]
+        examples.append(ids + [yes_id if label else no_id, tokenizer.eos_token_id])
+    examples.sort(key=len)  # length-grouped batches, as the stage trains
+    pad = tokenizer.pad_token_id
+    batches = []
+    for b in range(0, len(examples), args.sft_batch_size):
+        chunk = examples[b:b + args.sft_batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([e + [pad] * (width - len(e)) for e in chunk])
+        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in chunk])
+        labels = torch.full_like(ids, -100)
+        for r, e in enumerate(chunk):
+            labels[r, len(e) - 2:len(e)] = ids[r, len(e) - 2:len(e)]  # the answer word and EOS
+        batches.append({"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev)})
+
+    original = getattr(trl_utils._use_triton, "original", trl_utils._use_triton)
+    fused_head.project_labelled_positions_only()
+    patched = trl_utils._use_triton
+    modes = {"every_position": original, "labelled_only": patched}
+    times = {m: [] for m in modes}
+    losses = {m: [] for m in modes}
+
+    def step(batch):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, fused_lm_head=True)
+        out.loss.backward()
+        return float(out.loss)
+
+    trl_utils._use_triton = patched
+    step(batches[0])  # warm-up
+    for b, batch in enumerate(batches):
+        order = list(modes) if b % 2 == 0 else list(modes)[::-1]
+        for m in order:
+            trl_utils._use_triton = modes[m]
+            with Clock(dev) as clock:
+                losses[m].append(step(batch))
+            times[m].append(clock.wall)
+    trl_utils._use_triton = patched
+    per = {m: {"total_s": round(sum(t), 3), "median_step_s": round(statistics.median(t), 4)} for m, t in times.items()}
+    ratio = sum(times["every_position"]) / sum(times["labelled_only"])
+    return {"batches": len(batches), "batch_size": args.sft_batch_size,
+            "mean_length": round(sum(map(len, examples)) / len(examples), 1), "per_mode": per,
+            "ratio_step_time_every_vs_labelled": round(ratio, 3),
+            "ratio_median_step": round(per["every_position"]["median_step_s"] / per["labelled_only"]["median_step_s"], 3),
+            "max_loss_difference": max(abs(a - b) for a, b in zip(losses["every_position"], losses["labelled_only"])),
+            "note": head_section.__doc__.split("\n\n")[0]}
+
+
 # -- 4. GPU: throughput share and the whole pipeline ---------------------------------------------------
 
 
@@ -644,6 +727,13 @@ def markdown(result: dict) -> str:
                      f"({100 * s['ours']['padding_share']:.0f}%) | {s['usual']['real_tokens_per_s']:.1f} "
                      f"({100 * s['usual']['padding_share']:.0f}%) | {s['ratio_tokens_per_s']:.2f}x | >= 2.5x | "
                      f"{met('sft_vs_usual')} | {', '.join(other)} |")
+    h = result.get("lm_head")
+    if h:
+        pm = h["per_mode"]
+        lines.append(f"| SFT step s, LM head on every position vs labelled only (same process, alternating) | "
+                     f"{pm['labelled_only']['total_s']:.1f} | {pm['every_position']['total_s']:.1f} | "
+                     f"{h['ratio_step_time_every_vs_labelled']:.2f}x | - | - | median step "
+                     f"{h['ratio_median_step']:.2f}x; loss difference {h['max_loss_difference']:.1e} |")
     if m:
         extra = (f"training phase only {m['ratio_training_phase_peak']:.2f}x"
                  if m.get("ratio_training_phase_peak") else "")
@@ -666,9 +756,9 @@ def main(argv=None) -> int:
     import torch
 
     sections = {x.strip() for x in args.sections.split(",") if x.strip()}
-    unknown = sections - {"eval", "sft", "memory", "gpu"}
+    unknown = sections - {"eval", "sft", "head", "memory", "gpu"}
     if unknown:
-        raise SystemExit(f"--sections: unknown {sorted(unknown)}; choose from eval,sft,memory,gpu.")
+        raise SystemExit(f"--sections: unknown {sorted(unknown)}; choose from eval,sft,head,memory,gpu.")
     if "memory" in sections:
         sections.add("sft")
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -729,6 +819,11 @@ def main(argv=None) -> int:
             result["memory"]["dpo_pairs"] = args.dpo_pairs
             result["memory"]["dpo_meter"] = dpo_result["meter"]
             save_partial("memory")
+
+    if "head" in sections:
+        print("[speed] 2b. SFT step: LM head over every position vs the labelled ones", flush=True)
+        result["lm_head"] = head_section(args, model_ref, splits, max_text_tokens, device)
+        save_partial("head")
 
     if "gpu" in sections:
         if not on_gpu:
