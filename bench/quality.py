@@ -1,7 +1,7 @@
 """Quality benchmark: what SFT and DPO buy with a real pretrained chat model, on a CPU.
 
     python bench/quality.py --budget small     # ~25 min on 2 busy cores: smaller samples
-    python bench/quality.py --budget full      # about an hour on 2 cores
+    python bench/quality.py --budget full      # 104 min measured on 2 shared cores
 
 Runs the pipeline with SmolLM2-135M-Instruct (the .gguf file from ../shared/bin/fetch-smollm2,
 de-quantized by transformers) on the GEN split made by `sarcasm-dpo split`, with the settings of
@@ -37,7 +37,7 @@ CONFIG = common.REPO / "configs" / "smollm2-135m-cpu.yaml"
 # Sample sizes per budget, sized from the per-item costs measured on 2 shared cores (bench/README.md):
 # one SFT example ~3-9 s, one DPO pair ~8-25 s, one scored text ~0.2-0.7 s, the low end on free cores.
 # full: the whole test split (1,304) and iSarcasmEval validation split (691), so compare alone scores
-# 3 x 1,995 texts; about an hour on 2 free cores. small: cut everywhere, and gradient accumulation 1
+# 3 x 1,995 texts; measured 104 min on 2 shared cores (bench/README.md). small: cut everywhere, and gradient accumulation 1
 # so the few examples still make a handful of optimizer steps; ~25 minutes on 2 busy cores.
 BUDGETS = {
     "full": dict(sft_samples=400, sft_epochs=1, val_samples=100, dpo_pairs=120, dpo_epochs=1, dpo_eval_steps=0,
@@ -53,7 +53,7 @@ EXTRA = "isarcasm_val"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Each knob overrides the budget's value. Writes bench/results/quality_<model>.json.")
-    p.add_argument("--budget", choices=sorted(BUDGETS), default="small", help="Sample sizes: small (~25 min) or full (~1 h).")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="small", help="Sample sizes: small (~25 min) or full (~1-2 h).")
     p.add_argument("--model", default=None, help="Base model (default: SmolLM2-135M-Instruct .gguf from fetch-smollm2).")
     p.add_argument("--data_dir", default=str(common.DEFAULT_DATA), help="Datasets laid out like shared/data.")
     p.add_argument("--work_dir", default=str(common.DEFAULT_WORK / "quality"), help="Where splits and adapters go.")
