@@ -107,10 +107,10 @@ def score(model_ref: str, adapter: Path, texts: list[str], device) -> list[float
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
 
     from sarcasm_dpo import dpo, sft
     from sarcasm_dpo.data import load_split
+    from sarcasm_dpo.models import pick_device
     from sarcasm_dpo.settings import DPOSettings, SFTSettings
 
     model_ref = args.model or str(common.fetch_smollm2())
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
                                          "prediction_flips": flips}
         comparisons.append(row)
     result["comparisons"] = comparisons
-    result["device_used"] = "cuda" if torch.cuda.is_available() and args.device in (None, "cuda") else (args.device or "cpu")
+    result["device_used"] = pick_device(args.device).type
     result["total_s"] = round(time.perf_counter() - started, 1)
 
     tag = "smollm2-135m" if "smollm2-135m" in model_ref.lower() else Path(model_ref).name.lower().split(".gguf")[0]
