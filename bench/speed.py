@@ -15,6 +15,9 @@ Same model, same texts, same machine, one process run after the other:
    against the usual setup (plain transformers Trainer, every example padded to 256 tokens, loss
    on the whole sequence, gradient checkpointing on), both training the same examples with the
    same LoRA, batch size, learning rate and seed; and the padding share of each.
+   2b (`head`). The same SFT step with TRL's fused LM head projecting every position (its
+   choice on a CPU) against the labelled positions only (src/sarcasm_dpo/fused_head.py),
+   alternating on the same batches in one process.
 3. Memory. Peak resident memory of the DPO stage (from the SFT adapter just trained, the frozen
    reference being a second LoRA adapter on the same weights) against the SFT stage, each stage
    in its own process. Reported for the whole process (model loading included) and for the
