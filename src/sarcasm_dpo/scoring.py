@@ -54,8 +54,6 @@ class Scorer:
 
     def label_logits(self, inputs: dict):
         """(batch, 2) logits of [No, Yes] at the answer position; one forward pass, LM head on one position."""
-        import torch
-
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items()}
         # Left padding shifts the real tokens right; position ids must count from each row's first real token.
