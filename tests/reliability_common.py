@@ -7,6 +7,7 @@ against "the uninterrupted run with the same seed".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -149,6 +150,18 @@ def complete_checkpoints(out: Path) -> list[str]:
     if not ckpt.is_dir():
         return []
     return sorted(p.name for p in ckpt.glob("checkpoint-*") if (p / sft.STATE_FILE).is_file())
+
+
+@contextlib.contextmanager
+def cli_running_past_a_checkpoint(argv: list[str], out: Path, log: Path):
+    """The CLI in a subprocess, yielded once it has written a complete checkpoint; killed on exit if still running."""
+    proc = start_cli(argv, log)
+    try:
+        assert wait_for(lambda: complete_checkpoints(out), timeout=300, proc=proc), log.read_text()[-3000:]
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def error_paragraph(stderr: str) -> str:

@@ -14,8 +14,8 @@ import shlex
 import signal
 
 import pytest
-from reliability_common import (ATOL, assert_close, complete_checkpoints, max_adapter_difference, metrics_json,
-                                reference_run, run_cli, sft_argv, sft_settings, start_cli, wait_for)
+from reliability_common import (ATOL, assert_close, cli_running_past_a_checkpoint, complete_checkpoints,
+                                max_adapter_difference, metrics_json, reference_run, run_cli, sft_argv, sft_settings)
 from transformers import TrainerCallback
 
 from sarcasm_dpo import cli, sft
@@ -105,15 +105,9 @@ def test_signalled_subprocess_checkpoints_and_the_printed_command_resumes(
     ref, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
     out = tmp_path / "sft"
     argv = sft_argv(tiny_model_dir, train, val, out)
-    proc = start_cli(argv, tmp_path / "log.txt")
-    try:
-        assert wait_for(lambda: complete_checkpoints(out), timeout=300, proc=proc), \
-            (tmp_path / "log.txt").read_text()[-3000:]
+    with cli_running_past_a_checkpoint(argv, out, tmp_path / "log.txt") as proc:
         proc.send_signal(signum)
         code = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     log = (tmp_path / "log.txt").read_text()
     assert code == 128 + signum, log[-3000:]
     assert f"{signal.Signals(signum).name} received" in log and "Traceback" not in log

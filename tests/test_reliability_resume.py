@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from reliability_common import (ATOL, assert_close, complete_checkpoints, max_adapter_difference, metrics_json,
-                                reference_run, run_cli, sft_argv, sft_settings, start_cli, wait_for)
+from reliability_common import (ATOL, assert_close, cli_running_past_a_checkpoint, complete_checkpoints,
+                                max_adapter_difference, metrics_json, reference_run, run_cli, sft_argv, sft_settings)
 from test_pipeline import small_data_dir  # noqa: F401 - the fixture, for the pipeline test
 from transformers import TrainerCallback
 
@@ -62,15 +62,9 @@ def test_sigkilled_subprocess_resumes_to_the_same_adapter_and_metrics(tiny_model
     ref, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
     out = tmp_path / "sft"
     argv = sft_argv(tiny_model_dir, train, val, out)
-    proc = start_cli(argv, tmp_path / "log.txt")
-    try:
-        assert wait_for(lambda: complete_checkpoints(out), timeout=300, proc=proc), \
-            (tmp_path / "log.txt").read_text()[-3000:]
+    with cli_running_past_a_checkpoint(argv, out, tmp_path / "log.txt") as proc:
         proc.kill()  # SIGKILL: no handler runs, nothing is flushed
         assert proc.wait(timeout=60) == -9
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     survived = complete_checkpoints(out)
     assert survived and not (out / "COMPLETE.json").exists()
 
@@ -131,15 +125,9 @@ def test_pipeline_rerun_resumes_the_interrupted_stage(tiny_model_dir, small_data
     config.write_text(config.read_text().replace("  epochs: 1\n  sample_size: 48",
                                                  "  epochs: 3\n  save_steps: 2\n  sample_size: 48"))
     argv = ["pipeline", "--config", str(config), "--data_dir", str(small_data_dir), "--no_wandb"]
-    proc = start_cli(argv, tmp_path / "first.log")
-    try:
-        assert wait_for(lambda: complete_checkpoints(work / "sft"), timeout=300, proc=proc), \
-            (tmp_path / "first.log").read_text()[-3000:]
+    with cli_running_past_a_checkpoint(argv, work / "sft", tmp_path / "first.log") as proc:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=300) == 130
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     first = (tmp_path / "first.log").read_text()
     assert "Re-run the same command" in first and not (work / "sft" / "COMPLETE.json").exists()
     kept = complete_checkpoints(work / "sft")[-1]
