@@ -58,3 +58,27 @@ def test_missing_chat_template_is_a_clear_error(tiny_model_dir, tmp_path):
         (copy / extra).unlink(missing_ok=True)
     with pytest.raises(UserError, match="no chat template"):
         load_tokenizer(str(copy))
+
+
+BATCH = ["Oh great, rain again.", "", "  padded  ", "line one\nline two", "{braces} and <tags> & 'quotes'",
+         "the train is late again " * 200, "ünïcödé 🙃 text"]
+
+
+def test_build_prompts_gives_build_prompts_strings(tok):
+    from sarcasm_dpo.prompts import build_prompts, prompt_frame
+
+    assert prompt_frame(tok) is not None  # this template inserts text verbatim: the fast path is taken
+    assert build_prompts(tok, BATCH, max_text_tokens=20) == [build_prompt(tok, t, max_text_tokens=20) for t in BATCH]
+    assert build_prompts(tok, [], max_text_tokens=20) == []
+
+
+def test_a_template_that_alters_the_text_is_rendered_per_prompt(tok, monkeypatch):
+    from sarcasm_dpo.prompts import build_prompts, prompt_frame
+
+    trimming = tok.chat_template.replace("message['content']", "message['content'] | trim")
+    assert trimming != tok.chat_template
+    monkeypatch.setattr(tok, "chat_template", trimming)
+    assert prompt_frame(tok) is None
+    expected = [build_prompt(tok, t, max_text_tokens=20) for t in BATCH]
+    assert expected[2].count("padded<|im_end|>") == 1  # the template really trims (the trailing spaces)
+    assert build_prompts(tok, BATCH, max_text_tokens=20) == expected

@@ -1,4 +1,4 @@
-"""The scorer: one forward pass per batch, batch-invariant probabilities, adapters, model loading errors."""
+"""The scorer: one forward pass per batch (the shared prompt prefix once per call), batch-invariant probabilities, adapters, model loading errors."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from sarcasm_dpo.errors import UserError
 from sarcasm_dpo.models import attach_adapter, load_model, pick_device, resolve_source
+from sarcasm_dpo import scoring
 from sarcasm_dpo.scoring import Scorer
 
 TEXTS = ["oh great", "a much longer text about the gun control debate and the evidence people cite", "x",
@@ -35,6 +36,7 @@ def test_probabilities_match_unbatched_and_softmax_of_label_logits(loaded):
 
 def test_one_forward_pass_per_batch_with_last_position_only(loaded, monkeypatch):
     model, tok = loaded
+    monkeypatch.setattr(scoring, "_PREFIX_CHECKED", {})  # this process has not checked the prefix path yet
     calls = []
     original = model.forward
 
@@ -46,11 +48,91 @@ def test_one_forward_pass_per_batch_with_last_position_only(loaded, monkeypatch)
 
     monkeypatch.setattr(model, "forward", spy)
     texts = [f"text number {i} " * (i % 7 + 1) for i in range(1304)]
-    probs = Scorer(model, tok, batch_size=64).predict_proba(texts)
-    assert len(probs) == 1304 and len(calls) == 21  # ceil(1304 / 64)
-    assert all(k == 1 for _, k in calls)
-    widths = [shape[1] for shape, _ in calls]
+    scorer = Scorer(model, tok, batch_size=64)
+    encoded = scorer.encode(texts)
+    shared = scoring.shared_prefix_length(encoded)
+    probs = scorer.predict_proba(texts)
+    assert len(probs) == 1304 and all(k == 1 for _, k in calls)
+    # The shared prefix once (one row), the first-time check of both paths on two rows, then ceil(1304 / 64) = 21
+    # batches that carry only each prompt's own tokens.
+    assert calls[0][0] == (1, shared) and shared >= 10
+    assert [shape[0] for shape, _ in calls[1:3]] == [2, 2]
+    batches = [shape for shape, _ in calls[3:]]
+    assert len(batches) == 21 and sum(rows for rows, _ in batches) == 1304
+    widths = [width for _, width in batches]
     assert widths == sorted(widths, reverse=True)  # length-sorted batches
+    assert widths[0] == max(len(ids) for ids in encoded) - shared
+    # Once checked, a second call is the prefix plus the batches and nothing else.
+    calls.clear()
+    scorer.predict_proba(texts)
+    assert len(calls) == 22 and calls[0][0] == (1, shared)
+
+
+def test_shared_prefix_length_comes_from_the_token_ids():
+    assert scoring.shared_prefix_length([[1, 2, 3, 9], [1, 2, 3, 4, 5], [1, 2, 3, 4]]) == 3
+    assert scoring.shared_prefix_length([[1, 2, 7], [1, 2, 8]]) == 2  # a merged boundary token is never shared
+    assert scoring.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # every prompt keeps a token of its own
+    assert scoring.shared_prefix_length([[1, 2, 3], [1, 2]]) == 1
+    assert scoring.shared_prefix_length([[5, 2], [1, 2]]) == 0
+    assert scoring.shared_prefix_length([]) == 0
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_shared_prefix_gives_the_plain_paths_probabilities(loaded, monkeypatch, batch_size):
+    model, tok = loaded
+    monkeypatch.setattr(scoring, "_PREFIX_CHECKED", {})
+    texts = TEXTS + ["", "Yes", "a" * 400, "no way, really?"]
+    plain = Scorer(model, tok, batch_size=batch_size, prefix_cache=False).predict_proba(texts)
+    cached = Scorer(model, tok, batch_size=batch_size, max_text_tokens=256).predict_proba(texts)
+    np.testing.assert_allclose(cached, plain, atol=1e-5)
+    assert scoring.shared_prefix_length(Scorer(model, tok).encode(texts)) >= 10  # the cache was really used
+    assert list(scoring._PREFIX_CHECKED.values()) == [True]
+
+
+def test_shared_prefix_with_an_adapter(loaded, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = loaded
+    monkeypatch.setattr(scoring, "_PREFIX_CHECKED", {})
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    try:
+        cached = Scorer(peft_model, tok).predict_proba(TEXTS)
+        plain = Scorer(peft_model, tok, prefix_cache=False).predict_proba(TEXTS)
+        np.testing.assert_allclose(cached, plain, atol=1e-5)
+        assert scoring._PREFIX_CHECKED and all(scoring._PREFIX_CHECKED.values())
+    finally:
+        peft_model.unload()
+
+
+def test_a_cache_that_does_not_compose_falls_back_with_a_warning(loaded, monkeypatch):
+    """An architecture whose cache gives other numbers is scored the plain way, and says so."""
+    model, tok = loaded
+    monkeypatch.setattr(scoring, "_PREFIX_CHECKED", {})
+    plain = Scorer(model, tok, prefix_cache=False).predict_proba(TEXTS)
+    original = scoring.PrefixCache.cache_for
+
+    def broken(self, rows, m):
+        cache = original(self, rows, m)
+        for layer in cache.layers:
+            layer.keys = torch.randn_like(layer.keys) * 10
+        return cache
+
+    monkeypatch.setattr(scoring.PrefixCache, "cache_for", broken)
+    with pytest.warns(UserWarning, match="without the shared-prefix cache.*differs by"):
+        first = Scorer(model, tok).predict_proba(TEXTS)
+    np.testing.assert_allclose(first, plain, atol=1e-6)
+    assert list(scoring._PREFIX_CHECKED.values()) == [False]
+    np.testing.assert_allclose(Scorer(model, tok).predict_proba(TEXTS), plain, atol=1e-6)  # no second check
+
+    def raising(self, rows, m):
+        raise TypeError("no cache here")
+
+    monkeypatch.setattr(scoring, "_PREFIX_CHECKED", {})
+    monkeypatch.setattr(scoring.PrefixCache, "cache_for", raising)
+    with pytest.warns(UserWarning, match="TypeError: no cache here"):
+        np.testing.assert_allclose(Scorer(model, tok).predict_proba(TEXTS), plain, atol=1e-6)
 
 
 def test_adapter_changes_scores_and_reloads(loaded, tiny_model_dir, tmp_path):

@@ -48,7 +48,36 @@ def build_prompt(tokenizer, text: str, max_text_tokens: int = 256) -> str:
 
 
 def build_prompts(tokenizer, texts, max_text_tokens: int = 256) -> list[str]:
-    return [build_prompt(tokenizer, t, max_text_tokens) for t in texts]
+    """`build_prompt` for many texts, the same strings, with one template render and one tokenizer call.
+
+    Rendering the chat template (Jinja) and tokenizing each text on its own cost ~0.1 ms a text:
+    nothing next to a CPU forward pass, but on a GPU that is most of what a batch costs.
+    """
+    texts = [str(t) for t in texts]
+    frame = prompt_frame(tokenizer)
+    if frame is None:  # a template that alters the text it is given: render each prompt
+        return [build_prompt(tokenizer, t, max_text_tokens) for t in texts]
+    before, after = frame
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    cut = [t if len(i) <= max_text_tokens else truncate_text(tokenizer, t, max_text_tokens) for t, i in zip(texts, ids)]
+    return [before + t + after for t in cut]
+
+
+_FRAME_MARKER = "\u2063sarcasm-dpo-text\u2063"  # invisible separators: never in a real text by accident
+# Leading/trailing space, newlines, braces, quotes and markup: what a template that trims, escapes or
+# formats its content would change.
+_FRAME_PROBE = "  {x} 'quoted' \"double\" <b>&amp;</b>\n\nsecond line\t "
+
+
+def prompt_frame(tokenizer) -> tuple[str, str] | None:
+    """The rendered prompt around its text, (before, after), if the template inserts text verbatim, else None."""
+    rendered = build_prompt(tokenizer, _FRAME_MARKER, max_text_tokens=10**9)
+    if rendered.count(_FRAME_MARKER) != 1:
+        return None
+    before, after = rendered.split(_FRAME_MARKER)
+    if build_prompt(tokenizer, _FRAME_PROBE, max_text_tokens=10**9) != before + _FRAME_PROBE + after:
+        return None
+    return before, after
 
 
 def label_token_ids(tokenizer) -> tuple[int, int]:

@@ -6,61 +6,186 @@ parsed, so there are no unparseable answers, and every stage (SFT validation, DP
 mining, compare, predict) gets the same probabilities, from which accuracy at 0.5, ROC-AUC and any
 threshold follow.
 
-Speed comes from three choices: prompts are sorted by length so batches carry little padding,
-padding goes on the left so the last position is the answer position for every row, and the model
-computes the LM head for that one position only (`logits_to_keep=1`), not for the whole sequence.
+Speed comes from four choices: prompts are sorted by length so batches carry little padding,
+padding goes on the left so the last position is the answer position for every row, the model
+computes the LM head for that one position only (`logits_to_keep=1`), and the tokens every prompt
+starts with (the chat template's system turn and the question, ~40% of a GEN prompt) are run once
+per call and their keys/values shared by every batch (`prefix_cache`), so each text costs only its
+own tokens.
 
     python -m sarcasm_dpo.cli predict --model HuggingFaceTB/SmolLM2-135M-Instruct --input texts.txt
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from .prompts import build_prompts, label_token_ids
 
+# Architectures on which the shared-prefix path was checked against the plain path in this
+# process: (model class, attention implementation, dtype, device type) -> agreed?
+_PREFIX_CHECKED: dict[tuple, bool] = {}
+
+
+def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each prompt at least one token of its own.
+
+    Taken from the token ids themselves rather than from the template, so a tokenizer that merges
+    the last template token with the text can never make the shared part wrong: it just gets shorter.
+    """
+    if not encoded:
+        return 0
+    first = encoded[0]
+    length = min(len(ids) for ids in encoded) - 1
+    for ids in encoded[1:]:
+        n = 0
+        while n < length and ids[n] == first[n]:
+            n += 1
+        length = n
+        if length == 0:
+            break
+    return max(length, 0)
+
 
 class Scorer:
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_text_tokens: int = 256, progress: bool = False):
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_text_tokens: int = 256, progress: bool = False,
+                 prefix_cache: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_text_tokens = max_text_tokens
         self.progress = progress
+        self.prefix_cache = prefix_cache
         self.no_id, self.yes_id = label_token_ids(tokenizer)  # fails early if a label word is not one token
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         prompts = build_prompts(self.tokenizer, texts, self.max_text_tokens)
         return self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
-    def batches(self, encoded: list[list[int]]) -> Iterable[tuple[np.ndarray, dict]]:
-        """Length-sorted, left-padded batches as (original indices, model inputs)."""
+    def batches(self, encoded: list[list[int]], skip: int = 0) -> Iterable[tuple[np.ndarray, dict]]:
+        """Length-sorted, left-padded batches as (original indices, model inputs), without the first `skip` tokens."""
         import torch
 
         order = np.argsort([-len(ids) for ids in encoded], kind="stable")
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            width = max(len(encoded[i]) for i in idx)
+            width = max(len(encoded[i]) for i in idx) - skip
             input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             attention = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):
-                ids = encoded[i]
+                ids = encoded[i][skip:]
                 input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention[row, width - len(ids) :] = 1
             yield idx, {"input_ids": input_ids, "attention_mask": attention}
 
-    def label_logits(self, inputs: dict):
-        """(batch, 2) logits of [No, Yes] at the answer position; one forward pass, LM head on one position."""
-        device = next(self.model.parameters()).device
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def label_logits(self, inputs: dict, prefix=None):
+        """(batch, 2) logits of [No, Yes] at the answer position; one forward pass, LM head on one position.
+
+        With `prefix` (from `encode_prefix`), `inputs` holds only what follows the shared prefix, and
+        the prefix's keys/values are reused instead of being computed again for every row.
+        """
+        device = self._device()
+        if device.type == "cuda":  # pinned + non_blocking: the copy queues behind the previous batch instead of waiting
+            inputs = {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
+        else:
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+        mask = inputs["attention_mask"]
         # Left padding shifts the real tokens right; position ids must count from each row's first real token.
-        position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        out = self.model(**inputs, position_ids=position_ids, logits_to_keep=1, use_cache=False)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        extra = {"use_cache": False}
+        if prefix is not None:
+            rows = mask.shape[0]
+            position_ids = position_ids + prefix.length
+            # Rows see [prefix | their own left-padded tokens]; pads in the middle are masked out.
+            mask = torch_cat_ones(prefix.length, mask)
+            extra = {self._cache_argument(): prefix.cache_for(rows, self.model), "use_cache": True}
+        out = self.model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=position_ids,
+                         logits_to_keep=1, **extra)
         last = out.logits[:, -1, :]
         return last[:, [self.no_id, self.yes_id]].float()
+
+    def _cache_argument(self) -> str:
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name still works, with a warning).
+        base = getattr(self.model, "get_base_model", lambda: self.model)()
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+    def encode_prefix(self, prefix_ids: list[int]) -> "PrefixCache":
+        """Run the shared prefix once (batch of one) and keep its keys/values."""
+        import torch
+
+        ids = torch.tensor([prefix_ids], dtype=torch.long, device=self._device())
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **{self._cache_argument(): None},
+                         use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        return PrefixCache(len(prefix_ids), cache)
+
+    def shared_prefix(self, encoded: list[list[int]], length: int) -> "PrefixCache | None":
+        """The prefix's cache, or None where this model cannot use one.
+
+        Once per architecture/dtype/device in a process, both paths score two prompts and must give
+        the same probabilities: any Hugging Face causal LM may come in, and if its cache does not
+        compose this way (or fails) we warn and score without it rather than report other numbers.
+        """
+        import torch
+
+        base = getattr(self.model, "get_base_model", lambda: self.model)()
+        dtype = next(self.model.parameters()).dtype
+        attention = getattr(getattr(base, "config", None), "_attn_implementation", None)
+        key = (type(base).__name__, attention, str(dtype), self._device().type)
+        if _PREFIX_CHECKED.get(key) is False:
+            return None
+        if key in _PREFIX_CHECKED:
+            return self.encode_prefix(encoded[0][:length])
+        sample = [encoded[0], min(encoded, key=len)]  # ragged on purpose: padding in the middle must be masked
+        saved, self.batch_size = self.batch_size, len(sample)
+        prefix = None
+        try:
+            prefix = self.encode_prefix(encoded[0][:length])
+            (_, inputs_full), = list(self.batches(sample))
+            (_, inputs_tail), = list(self.batches(sample, skip=length))
+            plain = torch.softmax(self.label_logits(inputs_full), -1)[:, 1]
+            cached = torch.softmax(self.label_logits(inputs_tail, prefix), -1)[:, 1]
+            gap = float((plain - cached).abs().max())
+            tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+            agrees = bool(np.isfinite(gap) and gap <= tolerance)
+            why = f"P(sarcastic) differs by {gap:.2g}, tolerance {tolerance:g}"
+        except Exception as exc:  # an architecture whose cache does not compose this way
+            agrees, why = False, f"{type(exc).__name__}: {exc}"
+        finally:
+            self.batch_size = saved
+        if not agrees:
+            warnings.warn(f"Scoring {key[0]} without the shared-prefix cache ({why}): same results, more compute.",
+                          stacklevel=4)
+        _PREFIX_CHECKED[key] = agrees
+        return prefix if agrees else None
+
+    def plan(self, texts: Sequence[str]) -> tuple[Iterable[tuple[np.ndarray, dict]], "PrefixCache | None"]:
+        """Tokenize, then run the shared prefix once: (batches of what follows it, the prefix's cache or None).
+
+        Call with the model in eval mode under torch.inference_mode(), as `predict_proba` does.
+        """
+        encoded = self.encode(texts)
+        prefix, skip = None, 0
+        if self.prefix_cache and len(encoded) > 1:
+            skip = shared_prefix_length(encoded)
+            prefix = self.shared_prefix(encoded, skip) if skip else None
+            skip = skip if prefix is not None else 0
+        return self.batches(encoded, skip=skip), prefix
+
+    def batch_proba(self, inputs: dict, prefix: "PrefixCache | None" = None) -> np.ndarray:
+        import torch
+
+        return torch.softmax(self.label_logits(inputs, prefix), dim=-1)[:, 1].cpu().numpy()
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """P(sarcastic) for each text, in the input order."""
@@ -72,21 +197,53 @@ class Scorer:
             return probs
         was_training = self.model.training
         self.model.eval()
-        encoded = self.encode(texts)
-        batches = self.batches(encoded)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, total=-(-len(texts) // self.batch_size), desc="scoring", unit="batch")
         try:
             with torch.inference_mode():
-                for idx, inputs in batches:
-                    pair = torch.softmax(self.label_logits(inputs), dim=-1)
-                    probs[idx] = pair[:, 1].cpu().numpy()
+                batches, prefix = self.plan(texts)
+                if self.progress:
+                    from tqdm.auto import tqdm
+
+                    batches = tqdm(batches, total=-(-len(texts) // self.batch_size), desc="scoring", unit="batch")
+                # Results stay on the device until the end, so on a GPU the host builds the next batch
+                # while the last one runs instead of waiting for it.
+                pending = [(idx, torch.softmax(self.label_logits(inputs, prefix), dim=-1)[:, 1]) for idx, inputs in batches]
+                for idx, p in pending:
+                    probs[idx] = p.cpu().numpy()
         finally:
             if was_training:
                 self.model.train()
         return probs
+
+
+class PrefixCache:
+    """The shared prefix's keys/values, handed to each batch as a fresh cache of the right batch size.
+
+    A fresh cache per batch because the forward pass appends the batch's own keys/values to it;
+    `expand` makes the copies views, so the prefix is stored once.
+    """
+
+    def __init__(self, length: int, cache):
+        self.length = length
+        self.layers = [tuple(entry[:2]) for entry in _cache_entries(cache)]
+
+    def cache_for(self, rows: int, model):
+        from transformers import DynamicCache
+
+        base = getattr(model, "get_base_model", lambda: model)()
+        data = [(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in self.layers]
+        return DynamicCache(ddp_cache_data=data, config=getattr(base, "config", None))
+
+
+def _cache_entries(cache):
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(cache)  # legacy tuple-of-tuples
+
+
+def torch_cat_ones(length: int, mask):
+    import torch
+
+    return torch.cat([torch.ones((mask.shape[0], length), dtype=mask.dtype, device=mask.device), mask], dim=1)
 
 
 def predict_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
