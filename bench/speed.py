@@ -100,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pipeline_dpo_pairs", type=int, default=None,
                    help="GPU pipeline timing: cap only the DPO pairs (the longest stage) to fit a time limit; the "
                         "report then adds an estimate for the original pair count, scaled from the measured DPO time.")
+    p.add_argument("--pipeline_stages", default=None,
+                   help="GPU pipeline timing: run only these of split,sft,dpo,compare; the others' times (and "
+                        "outputs) come from an earlier call with the same --work_dir and settings (default: all).")
     p.add_argument("--output", default=None, help="Result file (default bench/results/speed_<model>.json).")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one stage in a child process
@@ -719,8 +722,14 @@ def throughput_share(sft: dict, evaluation: dict | None, flops: dict, peak: floa
 
 
 def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
-    """split -> sft -> dpo -> compare with the original settings (configs/qwen2.5-0.5b.yaml), timed per stage."""
+    """split -> sft -> dpo -> compare with the original settings (configs/qwen2.5-0.5b.yaml), timed per stage.
+
+    `--pipeline_stages` runs some of the stages and takes the others' times from an earlier call
+    with the same settings and work folder, for device limits shorter than the whole pipeline.
+    The total is the sum of the stage times.
+    """
     from sarcasm_dpo import compare, data, dpo, sft
+    from sarcasm_dpo.atomic import read_complete, write_json
     from sarcasm_dpo.settings import CompareSettings, DPOSettings, SFTSettings, SplitSettings
 
     out = work / "pipeline"
@@ -748,16 +757,41 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
                                          dpo_model=str(out / "dpo"), output_dir=str(out / "results"), sample_size=cap),
     }
     modules = {"split": data, "sft": sft, "dpo": dpo, "compare": compare}
-    seconds = {}
+    folders = {"split": out / "splits", "sft": out / "sft", "dpo": out / "dpo", "compare": out / "results"}
+    wanted = [x.strip() for x in (args.pipeline_stages or ",".join(stages)).split(",") if x.strip()]
+    if set(wanted) - set(stages):
+        raise SystemExit(f"--pipeline_stages: unknown {sorted(set(wanted) - set(stages))}; choose from {list(stages)}.")
+    # Each stage's time and settings, kept beside its outputs, so a later call (on the same machine,
+    # same --work_dir) can run the remaining stages and still report the whole pipeline.
+    record_path = out / "stage_seconds.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    seconds, earlier = {}, []
     start = time.perf_counter()
-    for name, settings in stages.items():
+    last = max(list(stages).index(name) for name in wanted)
+    for name, settings in list(stages.items())[: last + 1]:  # later stages: not run yet, by this call or before
+        as_dict = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
+        if name not in wanted:
+            kept = record.get(name)
+            if not kept or kept["settings"] != as_dict or read_complete(folders[name]) is None:
+                raise SystemExit(f"--pipeline_stages leaves out {name!r}, but {folders[name]} holds no complete "
+                                 f"{name} output timed with these settings; run that stage first (same --work_dir).")
+            seconds[name] = kept["seconds"]
+            earlier.append(name)
+            continue
         t0 = time.perf_counter()
         modules[name].run(settings)
         seconds[name] = round(time.perf_counter() - t0, 2)
+        record[name] = {"seconds": seconds[name], "settings": as_dict}
+        write_json(record_path, record)
         if on_stage:
             on_stage(dict(seconds))
+    if not (folders["compare"] / compare.RESULTS_FILE).is_file():
+        return {"stage_seconds": seconds, "stages_timed_in_earlier_calls": earlier,
+                "note": "compare has not run yet: no whole-pipeline figure"}
     result = json.loads((out / "results" / compare.RESULTS_FILE).read_text())
-    timing = {"stage_seconds": seconds, "total_s": round(time.perf_counter() - start, 2),
+    timing = {"stage_seconds": seconds, "stages_timed_in_earlier_calls": earlier,
+              "total_s": round(sum(seconds.values()), 2),
+              "wall_s_this_call": round(time.perf_counter() - start, 2),
               "settings": {k: dataclasses.asdict(v) for k, v in stages.items()},
               "test_items": result["test_set"]["n"], "evaluations": list(result["models"]),
               "note": "random weights: the accuracy figures are meaningless; this measures time only."}

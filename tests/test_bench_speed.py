@@ -1,0 +1,41 @@
+"""bench/speed.py's pipeline timing can be split over two calls (device limits shorter than the pipeline)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+@pytest.mark.slow
+def test_pipeline_timing_split_over_two_calls(tiny_model_dir, shared_data, tmp_path):
+    import speed
+
+    def args(stages):
+        return speed.parse_args(["--data_dir", str(shared_data), "--pipeline_sample", "8", "--pipeline_stages", stages])
+
+    work = tmp_path / "work"
+    first = speed.pipeline_wall_time(args("split,sft"), str(tiny_model_dir), work)
+    assert set(first["stage_seconds"]) == {"split", "sft"} and "total_s" not in first  # no compare yet
+    with pytest.raises(SystemExit, match="leaves out 'dpo'"):
+        speed.pipeline_wall_time(args("compare"), str(tiny_model_dir), work)
+
+    second = speed.pipeline_wall_time(args("dpo,compare"), str(tiny_model_dir), work)
+    assert second["stages_timed_in_earlier_calls"] == ["split", "sft"]
+    assert second["stage_seconds"]["sft"] == first["stage_seconds"]["sft"] > 0
+    assert second["total_s"] == pytest.approx(sum(second["stage_seconds"].values()), abs=0.02)
+    assert second["evaluations"] and second["test_items"] == 8
+    record = json.loads((work / "pipeline" / "stage_seconds.json").read_text())
+    assert set(record) == {"split", "sft", "dpo", "compare"}
+
+    # Other settings for a stage left out: its earlier time does not count.
+    changed = speed.parse_args(["--data_dir", str(shared_data), "--pipeline_sample", "6", "--pipeline_stages", "compare"])
+    with pytest.raises(SystemExit, match="leaves out .sft., .* no complete sft output timed with these settings"):
+        speed.pipeline_wall_time(changed, str(tiny_model_dir), work)
+    with pytest.raises(SystemExit, match="unknown \\['eval'\\]"):
+        speed.pipeline_wall_time(args("eval"), str(tiny_model_dir), work)
