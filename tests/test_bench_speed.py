@@ -39,3 +39,26 @@ def test_pipeline_timing_split_over_two_calls(tiny_model_dir, shared_data, tmp_p
         speed.pipeline_wall_time(changed, str(tiny_model_dir), work)
     with pytest.raises(SystemExit, match="unknown \\['eval'\\]"):
         speed.pipeline_wall_time(args("eval"), str(tiny_model_dir), work)
+
+
+def test_eval_section_runs_every_method_on_the_same_texts(tiny_model_dir, shared_data, tmp_path):
+    """A crash here would otherwise first show on a lent GPU, where device time is scarce."""
+    import speed
+
+    out = tmp_path / "speed.json"
+    assert speed.main(["--sections", "eval,gpu", "--model", str(tiny_model_dir), "--data_dir", str(shared_data),
+                       "--device", "cpu", "--eval_texts", "12", "--eval_batch_size", "4", "--eval_repeats", "1",
+                       "--work_dir", str(tmp_path / "work"), "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    e = result["evaluation"]
+    assert e["texts"] == 12 and len(e["per_batch"]) == 3 and e["shared_prefix_tokens"] >= 10
+    # the prefix cache changes the work, not the answers
+    assert e["max_probability_difference_prefix_cache_vs_not"] < 1e-5
+    assert e["bare_forward"]["padded_tokens"] < e["bare_forward_full_prompts"]["padded_tokens"]
+    assert all(b["width_after_prefix"] == b["width"] - e["shared_prefix_tokens"] for b in e["per_batch"])
+    for key in ("ratio_scorer_vs_generate", "scorer_overhead_vs_bare", "ratio_prefix_cache"):
+        assert isinstance(e[key], float)
+    assert e["generate_and_parse"]["new_tokens_mean"] > 0
+    assert result["gpu"] == "skipped: no CUDA device"
+    assert set(result["verdicts"]) == {"scorer_vs_generate", "scorer_vs_bare"}
+    assert "scorer vs the same without its shared-prefix cache" in out.with_suffix(".md").read_text()
