@@ -190,25 +190,15 @@ def generate_and_parse(model, tokenizer, texts, max_text_tokens: int) -> tuple[l
     return answers, new_tokens
 
 
-def bare_forward(model, inputs, prefix=None, cache_argument: str = "cache") -> None:
-    """The forward call the scorer makes, on a prebuilt batch, and nothing else.
-
-    With `prefix` the batch holds only what follows the shared prefix, whose keys/values are reused,
-    exactly as in `Scorer.label_logits`; without it, the whole left-padded prompts.
+def bare_forward(scorer, inputs, prefix=None) -> None:
+    """The forward call the scorer makes (`Scorer.forward_kwargs`), on a prebuilt batch already on
+    the device, and nothing else: with `prefix` the batch holds only what follows the shared prefix,
+    whose keys/values are reused; without it, the whole left-padded prompts.
     """
     import torch
 
-    from sarcasm_dpo.scoring import torch_cat_ones
-
     with torch.inference_mode():
-        mask = inputs["attention_mask"]
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra = {"use_cache": False}
-        if prefix is not None:
-            position_ids = position_ids + prefix.length
-            mask = torch_cat_ones(prefix.length, mask)
-            extra = {cache_argument: prefix.cache_for(mask.shape[0], model), "use_cache": True}
-        model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=position_ids, logits_to_keep=1, **extra)
+        scorer.model(**scorer.forward_kwargs(inputs, prefix))
 
 
 def _sync(device) -> None:
@@ -260,9 +250,8 @@ def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> di
     full = [(idx, {k: v.to(device) for k, v in inputs.items()}) for idx, inputs in plain.batches(encoded)]
     assert all((a == b).all() for (a, _), (b, _) in zip(tail, full))
     skip = prefix.length if prefix is not None else 0
-    cache_argument = scorer._cache_argument()
-    bare_forward(model, tail[0][1], prefix, cache_argument)
-    bare_forward(model, full[0][1])
+    bare_forward(scorer, tail[0][1], prefix)
+    bare_forward(scorer, full[0][1])
 
     def tokens(batches):
         return (sum(int(b["input_ids"].numel()) for _, b in batches), sum(int(b["attention_mask"].sum()) for _, b in batches))
@@ -296,13 +285,13 @@ def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> di
                 with Clock(device) as clock:
                     if method == "scorer":
                         with torch.inference_mode():
-                            p = scorer.batch_proba(planned[b][1], round_prefix)  # to device, forward, softmax
+                            p = scorer.sarcastic_proba(planned[b][1], round_prefix).cpu().numpy()  # to device, forward, softmax
                     elif method == "scorer_no_prefix":
                         p_plain = plain.predict_proba([texts[i] for i in idx])  # prompts, tokenizing, padding, forward
                     elif method == "bare":
-                        bare_forward(model, tail[b][1], bare_prefix, cache_argument)
+                        bare_forward(scorer, tail[b][1], bare_prefix)
                     elif method == "bare_full":
-                        bare_forward(model, full[b][1])
+                        bare_forward(scorer, full[b][1])
                     else:
                         got, n_new = generate_and_parse(model, tokenizer, [texts[i] for i in todo], max_text_tokens)
                 wall[method][b].append(clock.wall)
@@ -322,7 +311,7 @@ def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> di
         with Clock(device) as clock, torch.inference_mode():
             bare_prefix = scorer.encode_prefix(encoded[0][:skip]) if skip else None
             for _, inputs in tail:
-                bare_forward(model, inputs, bare_prefix, cache_argument)
+                bare_forward(scorer, inputs, bare_prefix)
         whole["bare"].append(clock.wall)
     # Prompt building alone (CPU work whatever the device): one template render per text, as
     # before, against one render per call (`prompts.build_prompts`). Same strings, checked.

@@ -113,8 +113,8 @@ def test_a_cache_that_does_not_compose_falls_back_with_a_warning(loaded, monkeyp
     plain = Scorer(model, tok, prefix_cache=False).predict_proba(TEXTS)
     original = scoring.PrefixCache.cache_for
 
-    def broken(self, rows, m):
-        cache = original(self, rows, m)
+    def broken(self, rows):
+        cache = original(self, rows)
         for layer in cache.layers:
             layer.keys = torch.randn_like(layer.keys) * 10
         return cache
@@ -126,7 +126,7 @@ def test_a_cache_that_does_not_compose_falls_back_with_a_warning(loaded, monkeyp
     assert list(scoring._PREFIX_CHECKED.values()) == [False]
     np.testing.assert_allclose(Scorer(model, tok).predict_proba(TEXTS), plain, atol=1e-6)  # no second check
 
-    def raising(self, rows, m):
+    def raising(self, rows):
         raise TypeError("no cache here")
 
     monkeypatch.setattr(scoring, "_PREFIX_CHECKED", {})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from functools import cached_property
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -29,6 +30,11 @@ from .prompts import build_prompts, label_token_ids
 # Architectures on which the shared-prefix path was checked against the plain path in this
 # process: (model class, attention implementation, dtype, device type) -> agreed?
 _PREFIX_CHECKED: dict[tuple, bool] = {}
+
+
+def _base_model(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return getattr(model, "get_base_model", lambda: model)()
 
 
 def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
@@ -86,48 +92,58 @@ class Scorer:
     def _device(self):
         return next(self.model.parameters()).device
 
-    def label_logits(self, inputs: dict, prefix=None):
-        """(batch, 2) logits of [No, Yes] at the answer position; one forward pass, LM head on one position.
+    def forward_kwargs(self, inputs: dict, prefix: "PrefixCache | None" = None) -> dict:
+        """The model call for a batch already on the model's device: one forward pass, LM head on one position.
 
         With `prefix` (from `encode_prefix`), `inputs` holds only what follows the shared prefix, and
         the prefix's keys/values are reused instead of being computed again for every row.
         """
-        device = self._device()
-        if device.type == "cuda":  # pinned + non_blocking: the copy queues behind the previous batch instead of waiting
-            inputs = {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
-        else:
-            inputs = {k: v.to(device) for k, v in inputs.items()}
+        import torch
+
         mask = inputs["attention_mask"]
         # Left padding shifts the real tokens right; position ids must count from each row's first real token.
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         extra = {"use_cache": False}
         if prefix is not None:
-            rows = mask.shape[0]
             position_ids = position_ids + prefix.length
             # Rows see [prefix | their own left-padded tokens]; pads in the middle are masked out.
-            mask = torch_cat_ones(prefix.length, mask)
-            extra = {self._cache_argument(): prefix.cache_for(rows, self.model), "use_cache": True}
-        out = self.model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=position_ids,
-                         logits_to_keep=1, **extra)
-        last = out.logits[:, -1, :]
+            mask = torch.cat([torch.ones((mask.shape[0], prefix.length), dtype=mask.dtype, device=mask.device), mask], 1)
+            extra = {self.cache_argument: prefix.cache_for(mask.shape[0]), "use_cache": True}
+        return {"input_ids": inputs["input_ids"], "attention_mask": mask, "position_ids": position_ids,
+                "logits_to_keep": 1, **extra}
+
+    def label_logits(self, inputs: dict, prefix: "PrefixCache | None" = None):
+        """(batch, 2) logits of [No, Yes] at the answer position."""
+        device = self._device()
+        if device.type == "cuda":  # pinned + non_blocking: the copy queues behind the previous batch instead of waiting
+            inputs = {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
+        else:
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+        last = self.model(**self.forward_kwargs(inputs, prefix)).logits[:, -1, :]
         return last[:, [self.no_id, self.yes_id]].float()
 
-    def _cache_argument(self) -> str:
+    def sarcastic_proba(self, inputs: dict, prefix: "PrefixCache | None" = None):
+        """P(sarcastic) per row, as a tensor on the model's device: softmax over the two label logits."""
+        import torch
+
+        return torch.softmax(self.label_logits(inputs, prefix), dim=-1)[:, 1]
+
+    @cached_property
+    def cache_argument(self) -> str:
         # transformers 5.x renamed `past_key_values` to `cache` (the old name still works, with a warning).
-        base = getattr(self.model, "get_base_model", lambda: self.model)()
-        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        return "cache" if "cache" in inspect.signature(_base_model(self.model).forward).parameters else "past_key_values"
 
     def encode_prefix(self, prefix_ids: list[int]) -> "PrefixCache":
         """Run the shared prefix once (batch of one) and keep its keys/values."""
         import torch
 
         ids = torch.tensor([prefix_ids], dtype=torch.long, device=self._device())
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **{self._cache_argument(): None},
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **{self.cache_argument: None},
                          use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None)
         if cache is None:
             cache = getattr(out, "past_key_values", None)
-        return PrefixCache(len(prefix_ids), cache)
+        return PrefixCache(len(prefix_ids), cache, getattr(_base_model(self.model), "config", None))
 
     def shared_prefix(self, encoded: list[list[int]], length: int) -> "PrefixCache | None":
         """The prefix's cache, or None where this model cannot use one.
@@ -138,7 +154,7 @@ class Scorer:
         """
         import torch
 
-        base = getattr(self.model, "get_base_model", lambda: self.model)()
+        base = _base_model(self.model)
         dtype = next(self.model.parameters()).dtype
         attention = getattr(getattr(base, "config", None), "_attn_implementation", None)
         key = (type(base).__name__, attention, str(dtype), self._device().type)
@@ -153,8 +169,8 @@ class Scorer:
             prefix = self.encode_prefix(encoded[0][:length])
             (_, inputs_full), = list(self.batches(sample))
             (_, inputs_tail), = list(self.batches(sample, skip=length))
-            plain = torch.softmax(self.label_logits(inputs_full), -1)[:, 1]
-            cached = torch.softmax(self.label_logits(inputs_tail, prefix), -1)[:, 1]
+            plain = self.sarcastic_proba(inputs_full)
+            cached = self.sarcastic_proba(inputs_tail, prefix)
             gap = float((plain - cached).abs().max())
             tolerance = 1e-3 if dtype == torch.float32 else 5e-2
             agrees = bool(np.isfinite(gap) and gap <= tolerance)
@@ -182,11 +198,6 @@ class Scorer:
             skip = skip if prefix is not None else 0
         return self.batches(encoded, skip=skip), prefix
 
-    def batch_proba(self, inputs: dict, prefix: "PrefixCache | None" = None) -> np.ndarray:
-        import torch
-
-        return torch.softmax(self.label_logits(inputs, prefix), dim=-1)[:, 1].cpu().numpy()
-
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """P(sarcastic) for each text, in the input order."""
         import torch
@@ -206,7 +217,7 @@ class Scorer:
                     batches = tqdm(batches, total=-(-len(texts) // self.batch_size), desc="scoring", unit="batch")
                 # Results stay on the device until the end, so on a GPU the host builds the next batch
                 # while the last one runs instead of waiting for it.
-                pending = [(idx, torch.softmax(self.label_logits(inputs, prefix), dim=-1)[:, 1]) for idx, inputs in batches]
+                pending = [(idx, self.sarcastic_proba(inputs, prefix)) for idx, inputs in batches]
                 for idx, p in pending:
                     probs[idx] = p.cpu().numpy()
         finally:
@@ -222,28 +233,22 @@ class PrefixCache:
     `expand` makes the copies views, so the prefix is stored once.
     """
 
-    def __init__(self, length: int, cache):
+    def __init__(self, length: int, cache, config=None):
         self.length = length
         self.layers = [tuple(entry[:2]) for entry in _cache_entries(cache)]
+        self.config = config  # lets transformers lay out sliding-window layers as the model has them
 
-    def cache_for(self, rows: int, model):
+    def cache_for(self, rows: int):
         from transformers import DynamicCache
 
-        base = getattr(model, "get_base_model", lambda: model)()
         data = [(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in self.layers]
-        return DynamicCache(ddp_cache_data=data, config=getattr(base, "config", None))
+        return DynamicCache(ddp_cache_data=data, config=self.config)
 
 
 def _cache_entries(cache):
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]
     return list(cache)  # legacy tuple-of-tuples
-
-
-def torch_cat_ones(length: int, mask):
-    import torch
-
-    return torch.cat([torch.ones((mask.shape[0], length), dtype=mask.dtype, device=mask.device), mask], dim=1)
 
 
 def predict_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
