@@ -9,6 +9,7 @@ reference run (same seed), within ATOL = 1e-6 (on CPU they are in fact identical
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -44,8 +45,11 @@ class _RecordingTracker(Tracker):
         super().finish(exit_code, interrupted)
 
 
+# 6 steps per epoch, periodic saves at 4, 8: step 5 is mid-epoch; step 6 ends the epoch, whose validation
+# runs after the step and must be in the checkpoint, or the resumed run never validates epoch 1.
+@pytest.mark.parametrize("step", [5, 6])
 def test_signal_writes_a_checkpoint_and_resume_matches_the_uninterrupted_run(
-        tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch):
+        step, tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch):
     ref, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
     out = tmp_path / "sft"
     s = sft_settings(tiny_model_dir, train, val, out)
@@ -54,14 +58,16 @@ def test_signal_writes_a_checkpoint_and_resume_matches_the_uninterrupted_run(
     previous_handler = signal.getsignal(signal.SIGINT)
 
     with pytest.raises(StopRequested) as stop:
-        sft.run(s, extra_callbacks=[_SignalAtStep(5)])  # mid-epoch: 6 steps per epoch, periodic saves at 4, 8
-    assert stop.value.signum == signal.SIGINT and stop.value.step == 5
-    checkpoint = out / "checkpoints" / "checkpoint-5"
+        sft.run(s, extra_callbacks=[_SignalAtStep(step)])
+    assert stop.value.signum == signal.SIGINT and stop.value.step == step
+    checkpoint = out / "checkpoints" / f"checkpoint-{step}"
     assert stop.value.checkpoint == checkpoint
     for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
                  sft.STATE_FILE):
         assert (checkpoint / name).is_file(), name
     assert sft.latest_checkpoint(out / "checkpoints") == checkpoint
+    validated = [record["step"] for record in json.loads((checkpoint / sft.STATE_FILE).read_text())["history"]]
+    assert validated == ([6] if step == 6 else [])
     assert not (out / "COMPLETE.json").exists()
     assert _RecordingTracker.finished == [(1, True)]  # closed as interrupted (a no-op here: --no_wandb)
     assert signal.getsignal(signal.SIGINT) == previous_handler  # the stage put the old handler back

@@ -109,9 +109,9 @@ class StopFlag:
 
 @contextlib.contextmanager
 def stop_on_signal():
-    """While inside: the first SIGINT/SIGTERM sets the flag (checkpoint at the next step end), a second
-    one (a second or more later) raises KeyboardInterrupt at once. Outside the main thread signals
-    cannot be caught; no-op there."""
+    """While inside: the first SIGINT/SIGTERM sets the flag (checkpoint at the next step end, or after
+    the validation of the epoch that step ends), a second one (a second or more later) raises
+    KeyboardInterrupt at once. Outside the main thread signals cannot be caught; no-op there."""
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -163,7 +163,12 @@ class GracefulStopCallback(TrainerCallback):
             control.should_save = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._check(args, control)
+        # An epoch's last step is followed by that epoch's validation (on_epoch_end). A checkpoint
+        # taken here would miss it, and the resumed run, starting after the epoch, would never
+        # validate it: its best-epoch choice would differ from an uninterrupted run's. So wait for
+        # the epoch end there. state.epoch is the same in every process, so they all agree.
+        if state.epoch is None or not float(state.epoch).is_integer():
+            self._check(args, control)
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
