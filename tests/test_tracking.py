@@ -330,6 +330,18 @@ def test_choose_mode(no_credentials, monkeypatch):
         assert choose_mode(True) == "offline"
 
 
+def test_wandb_shared_mode_counts_as_online(no_credentials, monkeypatch):
+    # wandb accepts WANDB_MODE=shared (online, several writers); only our main process logs.
+    monkeypatch.setenv("WANDB_MODE", "shared")
+    with pytest.warns(TrackingWarning, match="WANDB_MODE=shared but no W&B credentials"):
+        assert choose_mode(True) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrackingWarning)
+        assert choose_mode(True) == "online"
+    assert choose_mode(False) == "disabled"
+
+
 # ---------------------------------------------------------------------------------------------
 # failures inside wandb (fake runs: fast, and no real run is needed to break)
 

@@ -169,10 +169,12 @@ def choose_mode(enabled: bool) -> str:
     if env_mode in {"offline", "dryrun"}:
         return "offline"
     credentials = has_credentials()
-    if env_mode in {"online", "run"} and not credentials:
+    # "shared" is wandb's online mode for several processes writing one run; only our main
+    # process logs, so plain online is what it amounts to here.
+    if env_mode in {"online", "run", "shared"} and not credentials:
         _warn(f"WANDB_MODE={env_mode} but no W&B credentials were found; logging offline instead of prompting for a login")
         return "offline"
-    if env_mode and env_mode not in {"online", "run"}:
+    if env_mode and env_mode not in {"online", "run", "shared"}:
         _warn(f"WANDB_MODE={env_mode!r} is not one of online/offline/disabled; ignoring it")
     return "online" if credentials else "offline"
 
