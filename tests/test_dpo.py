@@ -150,6 +150,45 @@ def test_reference_is_the_sft_model_at_step_zero(untrained, toy):
     assert start["dpo/flip_rate"] == 0.0 and start["dpo/drift"] == 0.0 and start["dpo/drift_delta_w"] == 0.0
 
 
+def test_kl_and_flips_match_a_direct_computation(untrained):
+    """The diagnostics' KL (batched, shared-prefix cache) against one plain forward pass per probe prompt."""
+    import torch
+    from trl.trainer.utils import use_adapter
+
+    model, diagnostics = untrained.model, untrained.diagnostics
+    policy_params = {n: p for n, p in model.named_parameters() if "lora_B" in n and ".default." in n}
+    saved = {n: p.detach().clone() for n, p in policy_params.items()}
+    fresh = type(diagnostics)(model, untrained.tokenizer, untrained.data.probe_texts, beta=0.1,
+                              batch_size=3, max_text_tokens=diagnostics.scorer.max_text_tokens)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in policy_params.values():  # move the policy away from the reference
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+        got = fresh.measure(model)
+
+        def last_logprobs():
+            model.eval()
+            with torch.no_grad():
+                return torch.stack([torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+                                    for ids in fresh.encoded])
+
+        policy = last_logprobs()
+        with use_adapter(model, "ref"):
+            ref = last_logprobs()
+    finally:
+        with torch.no_grad():
+            for n, p in policy_params.items():
+                p.copy_(saved[n])
+    kl = (policy.exp() * (policy - ref)).sum(-1)
+    assert float(kl.mean()) > 1e-3  # the perturbation did move the policy
+    assert got["dpo/kl"] == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-6)
+    assert got["dpo/kl_max"] == pytest.approx(float(kl.max()), rel=1e-4, abs=1e-6)
+    no_id, yes_id = fresh.scorer.no_id, fresh.scorer.yes_id
+    flips = ((policy[:, yes_id] >= policy[:, no_id]) != (ref[:, yes_id] >= ref[:, no_id])).float().mean()
+    assert got["dpo/flip_rate"] == pytest.approx(float(flips))
+
+
 def test_prompt_tokens_are_the_scorers(untrained):
     from sarcasm_dpo.prompts import label_token_ids
     from sarcasm_dpo.scoring import Scorer

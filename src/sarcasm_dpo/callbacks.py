@@ -340,12 +340,13 @@ class DPODiagnosticsCallback(TrainerCallback):
         """(n, vocab) log-softmax of the next token at the answer position, in probe order."""
         import torch
 
-        device = next(model.parameters()).device
+        # The scorer's own model call (shared-prefix cache included), with the whole vocabulary kept.
+        # The prefix is run again each time: the adapter in use changes its keys/values.
+        self.scorer.model = model
         rows = [None] * len(self.encoded)
-        for idx, inputs in self.scorer.batches(self.encoded):
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding, as the scorer
-            logits = model(**inputs, position_ids=position_ids, logits_to_keep=1, use_cache=False).logits[:, -1, :]
+        batches, prefix = self.scorer.plan_encoded(self.encoded)
+        for idx, inputs in batches:
+            logits = self.scorer.next_token_logits(inputs, prefix)
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
             for row, i in enumerate(idx):
                 rows[i] = logprobs[row]

@@ -112,15 +112,18 @@ class Scorer:
         return {"input_ids": inputs["input_ids"], "attention_mask": mask, "position_ids": position_ids,
                 "logits_to_keep": 1, **extra}
 
-    def label_logits(self, inputs: dict, prefix: "PrefixCache | None" = None):
-        """(batch, 2) logits of [No, Yes] at the answer position."""
+    def next_token_logits(self, inputs: dict, prefix: "PrefixCache | None" = None):
+        """(batch, vocab) logits of the next token at the answer position, on the model's device."""
         device = self._device()
         if device.type == "cuda":  # pinned + non_blocking: the copy queues behind the previous batch instead of waiting
             inputs = {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
         else:
             inputs = {k: v.to(device) for k, v in inputs.items()}
-        last = self.model(**self.forward_kwargs(inputs, prefix)).logits[:, -1, :]
-        return last[:, [self.no_id, self.yes_id]].float()
+        return self.model(**self.forward_kwargs(inputs, prefix)).logits[:, -1, :]
+
+    def label_logits(self, inputs: dict, prefix: "PrefixCache | None" = None):
+        """(batch, 2) logits of [No, Yes] at the answer position."""
+        return self.next_token_logits(inputs, prefix)[:, [self.no_id, self.yes_id]].float()
 
     def sarcastic_proba(self, inputs: dict, prefix: "PrefixCache | None" = None):
         """P(sarcastic) per row, as a tensor on the model's device: softmax over the two label logits."""
@@ -190,7 +193,10 @@ class Scorer:
 
         Call with the model in eval mode under torch.inference_mode(), as `predict_proba` does.
         """
-        encoded = self.encode(texts)
+        return self.plan_encoded(self.encode(texts))
+
+    def plan_encoded(self, encoded: list[list[int]]) -> tuple[Iterable[tuple[np.ndarray, dict]], "PrefixCache | None"]:
+        """`plan` for prompts tokenized already (by `encode`). The prefix is run with the weights as they are now."""
         prefix, skip = None, 0
         if self.prefix_cache and len(encoded) > 1:
             skip = shared_prefix_length(encoded)
