@@ -189,6 +189,18 @@ def test_kl_and_flips_match_a_direct_computation(untrained):
     assert got["dpo/flip_rate"] == pytest.approx(float(flips))
 
 
+def test_checkpointing_only_when_asked(untrained, toy, tmp_path):
+    import warnings
+
+    from sarcasm_dpo import dpo
+
+    assert not untrained.trainer.args.activation_checkpointing  # TRL's default is on; ours is off
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the deprecated name would warn on every run
+        args = dpo.dpo_args(dpo_settings(toy, tmp_path / "out", gradient_checkpointing=True), untrained.model, tmp_path)
+    assert args.activation_checkpointing and args.gradient_checkpointing
+
+
 def test_prompt_tokens_are_the_scorers(untrained):
     from sarcasm_dpo.prompts import label_token_ids
     from sarcasm_dpo.scoring import Scorer

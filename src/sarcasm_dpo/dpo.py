@@ -378,7 +378,7 @@ def dpo_args(s, model, ckpt_dir: Path):
         save = {"save_strategy": "epoch"}
     return DPOConfig(
         **trainer_arguments(s, model, ckpt_dir),
-        gradient_checkpointing=s.gradient_checkpointing,  # TRL's default is on; we only trade speed when asked
+        activation_checkpointing=s.gradient_checkpointing,  # TRL defaults to on; here only when asked
         beta=s.beta,
         loss_type=[s.loss_type],
         precompute_ref_log_probs=False,  # the "ref" adapter computes them on the fly, on the same weights
