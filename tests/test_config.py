@@ -75,6 +75,12 @@ def test_defaults_match_the_original_scripts():
     (["sft", "--sample_size", "-5"], "sample_size must be 0"),
     (["sft", "--epochs", "two"], "expects float"),
     (["compare", "--extra_test", "nopath"], "NAME=PATH"),
+    (["mine", "--batch_size", "0"], "--batch_size must be a positive number, got 0"),
+    (["sft", "--max_text_tokens", "0"], "--max_text_tokens must be a positive number, got 0"),
+    (["dpo", "--max_text_tokens", "-3"], "--max_text_tokens must be a positive number, got -3"),
+    (["dpo", "--eval_batch_size", "0"], "--eval_batch_size must be a positive number"),
+    (["compare", "--max_text_tokens", "0"], "--max_text_tokens must be a positive number"),
+    (["compare", "--n_bootstrap", "0"], "--n_bootstrap must be a positive number"),
 ])
 def test_bad_settings(argv, match):
     section = argv[0]
@@ -90,6 +96,14 @@ def test_unknown_keys_in_config_are_errors(tmp_path):
     cfg.write_text("modle: x\n")
     with pytest.raises(UserError, match="unknown setting.*modle"):
         check_known_keys(load_yaml(cfg), STAGES)
+    # A single stage checks the whole file, not only the keys it reads: a typo at the top level or in
+    # a section's name would otherwise fall back to a default without a word.
+    for text, typo in [("learning_rate: 1e-4\nsft:\n  epochs: 1\n", "learning_rate"),
+                       ("sfft:\n  epochs: 1\n", "sfft"),
+                       ("dpo:\n  betaa: 0.2\n", "betaa")]:
+        cfg.write_text(text)
+        with pytest.raises(UserError, match=f"unknown setting.*{typo}"):
+            from_namespace(SFTSettings, parse(["sft", "--config", str(cfg)]), "sft")
 
 
 def test_every_field_has_help():

@@ -181,7 +181,13 @@ def from_namespace(cls: type[C], ns: argparse.Namespace, section: str) -> C:
     values: dict[str, Any] = {}
     config_path = getattr(ns, "config", None)
     if config_path:
-        values.update(values_for_stage(load_yaml(config_path), cls, section, str(config_path)))
+        from .settings import STAGES  # here, not at the top: settings imports this module
+
+        data = load_yaml(config_path)
+        # The whole file is checked, not just what this stage reads: a misspelled top-level key or
+        # section would otherwise be ignored in favour of a default without a word.
+        check_known_keys(data, STAGES, str(config_path))
+        values.update(values_for_stage(data, cls, section, str(config_path)))
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in given.items() if k in names})
     return build(cls, values)

@@ -42,6 +42,11 @@ def run(args) -> list[dict]:
 
     if not args.model and not args.adapter:
         raise UserError("Give --model (a hub id, folder or .gguf) and/or --adapter (an sft/dpo output folder).")
+    for name in ("batch_size", "max_text_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be a positive number, got {getattr(args, name)}.")
+    if not 0 <= args.threshold <= 1:
+        raise UserError(f"--threshold is a probability and must be in [0, 1], got {args.threshold}.")
     model_ref = args.model or adapter_base_model(args.adapter)
     texts = read_texts(args.input)
     if not texts:

@@ -60,6 +60,8 @@ def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
 class Scorer:
     def __init__(self, model, tokenizer, batch_size: int = 16, max_text_tokens: int = 256, progress: bool = False,
                  prefix_cache: bool = True):
+        if batch_size < 1 or max_text_tokens < 1:
+            raise ValueError(f"batch_size and max_text_tokens must be positive, got {batch_size} and {max_text_tokens}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size

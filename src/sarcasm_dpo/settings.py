@@ -39,6 +39,10 @@ class Common:
     wandb_group: str | None = opt(None, "W&B group that ties the runs of one pipeline together.")
     no_wandb: bool = opt(False, "Turn Weights & Biases logging off (JSON and PNG outputs are written anyway).")
 
+    def validate(self) -> None:
+        # 0 would cut every text to nothing: each would get the same probability, and SFT would train on empty texts.
+        _check_positive("max_text_tokens", self.max_text_tokens, allow_none=False)
+
 
 @dataclass
 class SplitSettings:
@@ -90,6 +94,7 @@ class SFTSettings(Common):
     overwrite: bool = opt(False, "Replace an output_dir that holds another run's results.")
 
     def validate(self) -> None:
+        super().validate()
         _check_sample_size(self.sample_size)
         _check_sample_size(self.val_sample_size)
         for name in ("epochs", "lr", "batch_size", "grad_accum", "max_length", "lora_r", "eval_batch_size"):
@@ -113,7 +118,9 @@ class MineSettings(Common):
     overwrite: bool = opt(False, "Replace an output_file holding another run's pairs (or a file mining did not write).")
 
     def validate(self) -> None:
+        super().validate()
         _check_sample_size(self.sample_size)
+        _check_positive("batch_size", self.batch_size, allow_none=False)
         if not 0.5 <= self.confidence < 1:
             raise UserError(f"--confidence must be in [0.5, 1), got {self.confidence}.")
 
@@ -153,13 +160,15 @@ class DPOSettings(Common):
     overwrite: bool = opt(False, "Replace an output_dir that holds another run's results.")
 
     def validate(self) -> None:
+        super().validate()
         _check_sample_size(self.sample_size)
         _check_sample_size(self.val_sample_size)
         if self.beta <= 0:
             raise UserError(f"--beta must be > 0, got {self.beta}.")
         if any(b <= 0 for b in self.betas):
             raise UserError(f"--betas must all be > 0, got {self.betas}.")
-        for name in ("epochs", "lr", "batch_size", "grad_accum", "patience", "probe_size"):
+        for name in ("epochs", "lr", "batch_size", "grad_accum", "patience", "probe_size", "eval_batch_size",
+                     "max_length"):
             _check_positive(name, getattr(self, name), allow_none=False)
 
 
@@ -179,8 +188,10 @@ class CompareSettings(Common):
     n_bootstrap: int = opt(1000, "Bootstrap resamples for the 95% intervals.")
 
     def validate(self) -> None:
+        super().validate()
         _check_sample_size(self.sample_size)
         _check_positive("batch_size", self.batch_size, allow_none=False)
+        _check_positive("n_bootstrap", self.n_bootstrap, allow_none=False)
         for item in self.extra_test:
             if "=" not in item:
                 raise UserError(f"--extra_test expects NAME=PATH, got {item!r}.")
