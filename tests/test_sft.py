@@ -195,6 +195,31 @@ def test_saved_adapter_reloads_and_scores_as_in_memory(trained):
         assert scores[key] == pytest.approx(summary["best_val"][key], abs=1e-9), key
 
 
+def test_a_relative_model_path_is_recorded_absolute(tiny_model_dir, tmp_path, monkeypatch):
+    # Later commands read the adapter's base model back, maybe from another folder (the original
+    # workflow trains from scripts/): a relative path would point nowhere there.
+    monkeypatch.chdir(tiny_model_dir.parent)
+    s = build(SFTSettings, {"model": f"./{tiny_model_dir.name}"})
+    assert s.model == str(tiny_model_dir.resolve())
+    assert build(SFTSettings, {"model": "Some/hub-model"}).model == "Some/hub-model"  # not a local path: unchanged
+
+
+def test_an_old_adapter_with_a_relative_base_path_says_what_to_do(trained, tmp_path, monkeypatch):
+    import shutil
+
+    from sarcasm_dpo.models import adapter_base_model
+
+    _, out, _ = trained
+    old = tmp_path / "old_adapter"
+    shutil.copytree(out, old)
+    summary = json.loads((old / "training_summary.json").read_text())
+    summary["config"]["model"] = "../models/base"  # as a run made before paths were kept absolute
+    (old / "training_summary.json").write_text(json.dumps(summary))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"records the base model as '\.\./models/base', a path relative.*--model"):
+        adapter_base_model(old)
+
+
 def test_output_folder_of_another_run_is_refused(trained, tiny_model_dir, toy_csvs, capsys):
     s, out, _ = trained
     code = main(["sft", "--no_wandb", "--model", str(tiny_model_dir), "--train_csv", str(toy_csvs[0]),

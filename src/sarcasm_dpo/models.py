@@ -160,12 +160,25 @@ def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
             except (KeyError, ValueError, TypeError):
                 continue
             if model:
+                _check_recorded_path(model, summary)
                 return model
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = cfg.get("base_model_name_or_path")
     if not base:
         raise UserError(f"{adapter_dir}/adapter_config.json does not name its base model; pass --model.")
     return base
+
+
+def _check_recorded_path(model: str, record: Path) -> None:
+    """A recorded base model that is a relative path only means something in the folder training ran in."""
+    path = os.path.expanduser(model)
+    looks_local = model.endswith(".gguf") or model.startswith(".") or model.count("/") > 1
+    if looks_local and not os.path.isabs(path) and not os.path.exists(path):
+        raise UserError(
+            f"{record} records the base model as {model!r}, a path relative to the folder that training ran in; "
+            f"it is not found from {os.getcwd()}. Run the command from that folder, or pass the model's path with "
+            "--model (compare, predict). Adapters trained now record an absolute path."
+        )
 
 
 def check_adapter_dir(adapter_dir: str | os.PathLike) -> Path:

@@ -6,6 +6,7 @@ The values actually used are saved beside every output (`training_summary.json` 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .config import opt
@@ -21,6 +22,12 @@ def _check_positive(name: str, value: float | int | None, allow_none: bool = Tru
         return
     if value is None or value <= 0:
         raise UserError(f"--{name} must be a positive number, got {value}.")
+
+
+def _absolute_if_local(ref: str) -> str:
+    """An existing local file or folder as an absolute path; anything else (a hub id) as it is."""
+    path = os.path.expanduser(str(ref))
+    return os.path.abspath(path) if os.path.exists(path) else ref
 
 
 def _check_sample_size(value: int | None) -> None:
@@ -92,6 +99,11 @@ class SFTSettings(Common):
     save_steps: int = opt(0, "Also checkpoint every this many steps (0 = at each epoch only).")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
     overwrite: bool = opt(False, "Replace an output_dir that holds another run's results.")
+
+    def __post_init__(self) -> None:
+        # The adapter records this as its base model, and later commands (dpo, mine, compare, predict)
+        # read it back, maybe from another folder: a local path is kept absolute so it still points there.
+        self.model = _absolute_if_local(self.model)
 
     def validate(self) -> None:
         super().validate()
