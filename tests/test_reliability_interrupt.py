@@ -16,7 +16,8 @@ import signal
 
 import pytest
 from reliability_common import (ATOL, assert_close, cli_running_past_a_checkpoint, complete_checkpoints,
-                                max_adapter_difference, metrics_json, reference_run, run_cli, sft_argv, sft_settings)
+                                max_adapter_difference, metrics_json, reference_run, run_cli, sft_argv, sft_settings,
+                                toy_csvs)
 from transformers import TrainerCallback
 
 from sarcasm_dpo import cli, sft
@@ -76,6 +77,24 @@ def test_signal_writes_a_checkpoint_and_resume_matches_the_uninterrupted_run(
     assert summary["resumed_from"] == str(checkpoint) and summary["global_steps"] == 12
     assert max_adapter_difference(ref, out) <= ATOL
     assert_close(metrics_json(out), metrics_json(ref))
+
+
+def test_training_losses_of_a_resumed_run_cover_every_step(tiny_model_dir, tmp_path, monkeypatch):
+    """Loss windows longer than a step: a stop mid-window still gives the uninterrupted run's epoch losses."""
+    train, val = toy_csvs(tmp_path / "data")
+    ref = sft.run(sft_settings(tiny_model_dir, train, val, tmp_path / "ref", logging_steps=4))
+    s = sft_settings(tiny_model_dir, train, val, tmp_path / "sft", logging_steps=4)
+    with pytest.raises(StopRequested):
+        sft.run(s, extra_callbacks=[_SignalAtStep(5)])  # mid-way through the window of steps 5-8
+    resumed = sft.run(build(SFTSettings, {**vars(s), "resume": True}))
+    got, want = metrics_json(tmp_path / "sft"), metrics_json(tmp_path / "ref")
+    # The checkpoint closed the window at step 5; afterwards windows restart, so every record is exact.
+    assert [r["step"] for r in got["steps"]] == [1, 4, 5, 6, 8, 12]  # 1: the Trainer logs the first step
+    assert [r["step"] for r in want["steps"]] == [1, 4, 6, 8, 12]
+    for a, b in zip(got["epochs"], want["epochs"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=ATOL)
+    assert got["train_loss_mean"] == pytest.approx(want["train_loss_mean"], abs=ATOL)
+    assert resumed["best_val"] == ref["best_val"]
 
 
 def test_cli_prints_the_resume_command_and_exits_128_plus_signal(tmp_path, monkeypatch, capsys):

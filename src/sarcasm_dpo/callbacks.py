@@ -236,14 +236,20 @@ class LossProgressCallback(TrainerCallback):
 KL_HEALTHY = (0.5, 2.0)  # nats; the original guide's "sweet spot" for the KL to the reference
 RATIO_HEALTHY = 1.2  # the original guide: a reward ratio above this means preferences are learned
 
+# Why the advice names no direction for beta: it scales the loss's gradient (early on, a larger beta
+# moves the model faster: the original guide's "raise beta when KL is low") and it is the weight of
+# the pull back to the reference (at convergence, a larger beta stays closer). Which wins depends on
+# the run, so the advice points at the measurement.
+_BETA_BOTH_WAYS = ("Beta acts both ways (a larger one takes bigger early steps but pulls harder back to the "
+                   "reference), so compare values with --beta_sweep rather than guessing its direction.")
 ADVICE = {
-    "kl_too_high": ("KL to the SFT reference is {value:.3f}, above {high:g}: DPO is moving far from what SFT "
-                    "taught. Lower --lr or --beta (the original guide's advice; note that in the DPO loss a larger "
-                    "beta is the stronger pull back to the reference, so confirm with --beta_sweep)."),
-    "kl_too_low": ("KL to the SFT reference is {value:.3f}, below {low:g}: DPO has barely changed the SFT model. "
-                   "Raise --beta (the original guide's advice), or train longer or with a higher --lr."),
+    "kl_too_high": ("KL to the SFT reference is {value:.4g}, above {high:g}: DPO is moving far from what SFT "
+                    "taught. Lower --lr or train for fewer epochs. " + _BETA_BOTH_WAYS),
+    "kl_too_low": ("KL to the SFT reference is {value:.4g}, below {low:g}: DPO has barely changed the SFT model. "
+                   "Train longer or with a higher --lr. " + _BETA_BOTH_WAYS),
     "ratio_weak": ("Reward ratio is {value:.3f}, not above {threshold:g}: the policy prefers the chosen answers "
-                   "little more than the reference did. Raise --beta or use better pairs (`sarcasm-dpo mine`)."),
+                   "little more than the reference did. Train longer, use better pairs (`sarcasm-dpo mine`), or compare "
+                   "betas with --beta_sweep."),
 }
 
 

@@ -396,7 +396,8 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
     from trl import DPOTrainer
 
     from .callbacks import DPODiagnosticsCallback, DPOValidationCallback, LossProgressCallback, SaveStateCallback
-    from .runtime import BarrierOnSaveCallback, GracefulStopCallback, seeded_length_grouping, strip_special_prefix
+    from .runtime import (BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback, seeded_length_grouping,
+                          strip_special_prefix)
 
     prompts = strip_special_prefix(tokenizer, list(data.pairs["prompt"]))
     if prompts is None:
@@ -426,6 +427,7 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
                                            save_each_epoch=bool(s.save_steps or s.eval_steps)))
     if stop_flag is not None:  # after the state saver: the checkpoint is complete when it stops the run
         trainer.add_callback(GracefulStopCallback(stop_flag))
+    trainer.add_callback(LogBeforeSaveCallback())  # last: it sees every save request, the stop's included
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(LossProgressCallback("dpo"))
     return trainer, validation, diagnostics
@@ -695,7 +697,7 @@ def describe_result(summary: dict, out: Path) -> str:
     else:
         lines.append(f"DPO never beat the SFT start on {PRIMARY} F1 ({_fmt(start.get('f1'))}); the saved adapter "
                      f"in {out}/ is the SFT adapter unchanged.")
-    lines.append(f"End of training: KL to SFT {_fmt(health['kl']['value'], '.4f')} ({health['kl']['verdict']}), "
+    lines.append(f"End of training: KL to SFT {_fmt(health['kl']['value'], '.4g')} ({health['kl']['verdict']}), "
                  f"reward ratio {_fmt(health['reward_ratio']['value'], '.2f')} ({health['reward_ratio']['verdict']}).")
     for part in (health["kl"], health["reward_ratio"]):
         if part.get("advice"):

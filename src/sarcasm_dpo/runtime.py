@@ -181,6 +181,24 @@ class GracefulStopCallback(TrainerCallback):
             raise StopRequested(self.flag.signum or signal.SIGTERM, checkpoint, state.global_step)
 
 
+class LogBeforeSaveCallback(TrainerCallback):
+    """Close the Trainer's logging window at every checkpoint; put it last.
+
+    The Trainer averages the loss (and TRL its reward metrics) over the steps since the last log,
+    and a resumed run starts a fresh window. A checkpoint taken mid-window would lose the steps
+    before it from every average, and the first log after a resume would be read as covering
+    steps it never saw. Logging at each checkpoint keeps each logged window exact, so per-epoch
+    and whole-run training losses of a resumed run equal the uninterrupted run's.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+        return control
+
+    on_epoch_end = on_step_end
+
+
 class BarrierOnSaveCallback(TrainerCallback):
     """Every process has written its part of a checkpoint (each writes its own RNG state) before the
     main process marks it complete; put it before the state saver."""

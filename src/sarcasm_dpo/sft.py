@@ -57,11 +57,11 @@ from .errors import UserError
 from .fused_head import project_labelled_positions_only
 from .models import load_base_model, load_tokenizer, pick_device
 from .prompts import build_prompt, label_token_ids, label_word
-from .runtime import (CHECKPOINTS, BarrierOnSaveCallback, GracefulStopCallback, barrier, check_training_settings,
-                      claim_run_dir, finish_run_dir, finished_record, fit_within_memory, gradients_finite, is_main_process,
-                      load_checkpoint_state, plan_run_dir, quiet, run_record, run_trainer, save_adapter,
-                      save_checkpoint_state, seeded_length_grouping, strip_special_prefix, trainer_arguments,
-                      world_size)
+from .runtime import (CHECKPOINTS, BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback, barrier,
+                      check_training_settings, claim_run_dir, finish_run_dir, finished_record, fit_within_memory,
+                      gradients_finite, is_main_process, load_checkpoint_state, plan_run_dir, quiet, run_record,
+                      run_trainer, save_adapter, save_checkpoint_state, seeded_length_grouping, strip_special_prefix,
+                      trainer_arguments, world_size)
 from .tracking import Tracker
 
 ARTIFACT_NAME = "sft-adapter"  # the DPO run declares this artifact (the output folder) as its input
@@ -181,7 +181,8 @@ def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resum
         state_saver = SaveStateCallback(lambda folder: save_validation_state(validation, folder),
                                         save_each_epoch=bool(s.save_steps))
         callbacks = [validation, BarrierOnSaveCallback(), state_saver, TrackerLogCallback(tracker.log),
-                     NonFiniteLossCallback(out / CHECKPOINTS), GracefulStopCallback(flag), *extra_callbacks]
+                     NonFiniteLossCallback(out / CHECKPOINTS), GracefulStopCallback(flag), *extra_callbacks,
+                     LogBeforeSaveCallback()]
         sized = dataclasses.replace(s, batch_size=batch_size, grad_accum=grad_accum)
         trainer = build_trainer(sized, current, tokenizer, train_ds, out / CHECKPOINTS, callbacks)
         holder["model"] = trainer.model
