@@ -152,7 +152,7 @@ def tiny_png(path: Path) -> Path:
 # the real offline run
 
 
-def test_offline_run_contains_what_was_logged(no_credentials):
+def test_offline_run_contains_what_was_logged(no_credentials, capsys):
     tmp = no_credentials
     adapter = tmp / "sft-adapter"
     adapter.mkdir()
@@ -178,6 +178,9 @@ def test_offline_run_contains_what_was_logged(no_credentials):
     runs = list((tmp / "runs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     run_dir = runs[0]
+    # Where the offline run went and how to upload it, said once (the second finish is a no-op).
+    hints = [line for line in capsys.readouterr().err.splitlines() if line.startswith("W&B: offline run")]
+    assert hints == [f"W&B: offline run saved in {run_dir}; upload it with: wandb sync {run_dir}"]
     assert not (tmp / "wandb").exists()  # `dir` decides where wandb writes, not the cwd
     [log_file] = run_dir.glob("run-*.wandb")
     records = read_finished_run(log_file)

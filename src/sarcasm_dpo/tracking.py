@@ -43,6 +43,7 @@ import netrc
 import os
 import re
 import secrets
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -422,7 +423,8 @@ class Tracker:
         self._finished = True
         if self.mode == "offline" and run is not None:
             sync_dir = Path(getattr(run, "dir", "") or "").parent
-            logger.info("W&B offline run saved in %s; upload it with: wandb sync %s", sync_dir, sync_dir)
+            # Said out loud: without a login the run is offline by design, and nothing else says where it went.
+            print(f"W&B: offline run saved in {sync_dir}; upload it with: wandb sync {sync_dir}", file=sys.stderr)
 
     def __enter__(self) -> Tracker:
         return self
