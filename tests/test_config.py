@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 from conftest import ROOT
@@ -33,7 +34,8 @@ def test_every_config_file_loads_and_validates(path):
     data = load_yaml(path)
     check_known_keys(data, STAGES, str(path))
     stages = stage_settings(data, PipelineSettings(no_wandb=True), None, str(path))
-    assert stages["sft"].model == data["model"]
+    local = os.path.expanduser(data["model"])  # a model file that exists here is recorded absolute
+    assert stages["sft"].model == (os.path.abspath(local) if os.path.exists(local) else data["model"])
     assert stages["dpo"].sft_model == stages["sft"].output_dir  # chained
     assert stages["compare"].dpo_model == stages["dpo"].output_dir
     assert stages["sft"].train_csv.startswith(stages["split"].output_dir)
