@@ -70,8 +70,8 @@ def test_predict_json_lines(tiny_model_dir, tmp_path):
     (["--max_text_tokens", "0"], "--max_text_tokens must be a positive number, got 0"),
     (["--threshold", "1.5"], "--threshold is a probability and must be in [0, 1], got 1.5"),
 ])
-def test_predict_refuses_nonsense_numbers(tiny_model_dir, tmp_path, flags, message):
+def test_predict_refuses_nonsense_numbers(tiny_model_dir, tmp_path, flags, message, capsys):
     texts = tmp_path / "texts.txt"
     texts.write_text("oh great, rain again\n")
-    done = run_cli(["predict", "--model", str(tiny_model_dir), "--input", str(texts), *flags])
-    assert done.returncode == 2 and done.stderr.strip() == f"error: {message}.", done.stderr
+    assert main(["predict", "--model", str(tiny_model_dir), "--input", str(texts), *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}."
