@@ -74,14 +74,16 @@ class Scorer:
         prompts = build_prompts(self.tokenizer, texts, self.max_text_tokens)
         return self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
-    def batches(self, encoded: list[list[int]], skip: int = 0) -> Iterable[tuple[np.ndarray, dict]]:
+    def batches(self, encoded: list[list[int]], skip: int = 0,
+                batch_size: int | None = None) -> Iterable[tuple[np.ndarray, dict]]:
         """Length-sorted, left-padded batches as (original indices, model inputs), without the first `skip` tokens."""
         import torch
 
+        size = batch_size or self.batch_size
         order = np.argsort([-len(ids) for ids in encoded], kind="stable")
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        for start in range(0, len(order), size):
+            idx = order[start : start + size]
             width = max(len(encoded[i]) for i in idx) - skip
             input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             attention = torch.zeros((len(idx), width), dtype=torch.long)
@@ -168,12 +170,11 @@ class Scorer:
         if key in _PREFIX_CHECKED:
             return self.encode_prefix(encoded[0][:length])
         sample = [encoded[0], min(encoded, key=len)]  # ragged on purpose: padding in the middle must be masked
-        saved, self.batch_size = self.batch_size, len(sample)
         prefix = None
         try:
             prefix = self.encode_prefix(encoded[0][:length])
-            (_, inputs_full), = list(self.batches(sample))
-            (_, inputs_tail), = list(self.batches(sample, skip=length))
+            (_, inputs_full), = list(self.batches(sample, batch_size=len(sample)))
+            (_, inputs_tail), = list(self.batches(sample, skip=length, batch_size=len(sample)))
             plain = self.sarcastic_proba(inputs_full)
             cached = self.sarcastic_proba(inputs_tail, prefix)
             gap = float((plain - cached).abs().max())
@@ -182,8 +183,6 @@ class Scorer:
             why = f"P(sarcastic) differs by {gap:.2g}, tolerance {tolerance:g}"
         except Exception as exc:  # an architecture whose cache does not compose this way
             agrees, why = False, f"{type(exc).__name__}: {exc}"
-        finally:
-            self.batch_size = saved
         if not agrees:
             warnings.warn(f"Scoring {key[0]} without the shared-prefix cache ({why}): same results, more compute.",
                           stacklevel=4)
