@@ -171,14 +171,18 @@ def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
 
 def _check_recorded_path(model: str, record: Path) -> None:
     """A recorded base model that is a relative path only means something in the folder training ran in."""
-    path = os.path.expanduser(model)
-    looks_local = model.endswith(".gguf") or model.startswith(".") or model.count("/") > 1
-    if looks_local and not os.path.isabs(path) and not os.path.exists(path):
+    if os.path.isabs(os.path.expanduser(model)):
+        return  # a missing absolute path gets resolve_source's own message where the model is loaded
+    try:
+        resolve_source(model)  # the one rule for what is a local path and whether it is there
+    except UserError:
+        if os.path.exists(os.path.expanduser(model)):
+            raise  # there, but not a model: resolve_source's message says why
         raise UserError(
             f"{record} records the base model as {model!r}, a path relative to the folder that training ran in; "
             f"it is not found from {os.getcwd()}. Run the command from that folder, or pass the model's path with "
             "--model (compare, predict). Adapters trained now record an absolute path."
-        )
+        ) from None
 
 
 def check_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
