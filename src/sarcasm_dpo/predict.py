@@ -39,12 +39,12 @@ def read_texts(path: str | None) -> list[str]:
 def run(args) -> list[dict]:
     from .models import adapter_base_model, load_model, pick_device
     from .scoring import Scorer
+    from .settings import check_positive
 
     if not args.model and not args.adapter:
         raise UserError("Give --model (a hub id, folder or .gguf) and/or --adapter (an sft/dpo output folder).")
     for name in ("batch_size", "max_text_tokens"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be a positive number, got {getattr(args, name)}.")
+        check_positive(name, getattr(args, name), allow_none=False)
     if not 0 <= args.threshold <= 1:
         raise UserError(f"--threshold is a probability and must be in [0, 1], got {args.threshold}.")
     model_ref = args.model or adapter_base_model(args.adapter)

@@ -17,7 +17,7 @@ DEFAULT_PROJECT = "sarcasm-detection"
 SPLITS = "data/splits"
 
 
-def _check_positive(name: str, value: float | int | None, allow_none: bool = True) -> None:
+def check_positive(name: str, value: float | int | None, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
     if value is None or value <= 0:
@@ -48,7 +48,7 @@ class Common:
 
     def validate(self) -> None:
         # 0 would cut every text to nothing: each would get the same probability, and SFT would train on empty texts.
-        _check_positive("max_text_tokens", self.max_text_tokens, allow_none=False)
+        check_positive("max_text_tokens", self.max_text_tokens, allow_none=False)
 
 
 @dataclass
@@ -110,7 +110,7 @@ class SFTSettings(Common):
         _check_sample_size(self.sample_size)
         _check_sample_size(self.val_sample_size)
         for name in ("epochs", "lr", "batch_size", "grad_accum", "max_length", "lora_r", "eval_batch_size"):
-            _check_positive(name, getattr(self, name), allow_none=False)
+            check_positive(name, getattr(self, name), allow_none=False)
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
 
@@ -132,7 +132,7 @@ class MineSettings(Common):
     def validate(self) -> None:
         super().validate()
         _check_sample_size(self.sample_size)
-        _check_positive("batch_size", self.batch_size, allow_none=False)
+        check_positive("batch_size", self.batch_size, allow_none=False)
         if not 0.5 <= self.confidence < 1:
             raise UserError(f"--confidence must be in [0.5, 1), got {self.confidence}.")
 
@@ -181,7 +181,7 @@ class DPOSettings(Common):
             raise UserError(f"--betas must all be > 0, got {self.betas}.")
         for name in ("epochs", "lr", "batch_size", "grad_accum", "patience", "probe_size", "eval_batch_size",
                      "max_length"):
-            _check_positive(name, getattr(self, name), allow_none=False)
+            check_positive(name, getattr(self, name), allow_none=False)
 
 
 @dataclass
@@ -202,8 +202,8 @@ class CompareSettings(Common):
     def validate(self) -> None:
         super().validate()
         _check_sample_size(self.sample_size)
-        _check_positive("batch_size", self.batch_size, allow_none=False)
-        _check_positive("n_bootstrap", self.n_bootstrap, allow_none=False)
+        check_positive("batch_size", self.batch_size, allow_none=False)
+        check_positive("n_bootstrap", self.n_bootstrap, allow_none=False)
         for item in self.extra_test:
             if "=" not in item:
                 raise UserError(f"--extra_test expects NAME=PATH, got {item!r}.")
