@@ -193,7 +193,9 @@ def make_step_meter(stop_after: int | None = None, record_rows: bool = False):
             mask = kwargs.get("attention_mask")
             self._total += int(ids.numel())
             self._rows += int(ids.shape[0]) if ids.dim() > 1 else 1
-            self._real += int(mask.sum()) if mask is not None else int(ids.numel())
+            # a device tensor, read once at the end: int() here would wait for the GPU at every forward
+            # pass and keep the host from queueing the next kernels, slowing the steps being timed
+            self._real = self._real + (mask.sum() if mask is not None else int(ids.numel()))
             self._forwards += 1
             if record_rows and ids.dim() > 1:
                 for row, m in zip(ids.tolist(), (mask if mask is not None else ids.new_ones(ids.shape)).tolist()):
@@ -210,6 +212,10 @@ def make_step_meter(stop_after: int | None = None, record_rows: bool = False):
             self.start_time = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            import torch
+
+            if torch.cuda.is_available():  # the step's kernels done, so its time is its own (once per step)
+                torch.cuda.synchronize()
             self.step_times.append(time.perf_counter())
             self.step_cpu.append(time.process_time())
             self.step_real.append(self._real)
@@ -231,6 +237,7 @@ def make_step_meter(stop_after: int | None = None, record_rows: bool = False):
                 self.gpu_peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 3)
 
         def report(self) -> dict:
+            self.step_real = [int(x) for x in self.step_real]
             steps = len(self.step_times)
             out = {"optimizer_steps": steps, "forward_passes": sum(self.step_forwards),
                    "real_tokens": sum(self.step_real), "padded_tokens": sum(self.step_total),
@@ -246,7 +253,9 @@ def make_step_meter(stop_after: int | None = None, record_rows: bool = False):
                             "mean_padded_length": round(padded / max(sum(self.step_rows[1:]), 1), 1),
                             "real_tokens_per_s": round(real / seconds, 2),
                             "padded_tokens_per_s": round(padded / seconds, 2),
-                            "seconds_per_step": round(seconds / (steps - 1), 3)})
+                            "seconds_per_step": round(seconds / (steps - 1), 3),
+                            "seconds_each_step": [round(self.step_times[i] - self.step_times[i - 1], 4)
+                                                  for i in range(1, steps)]})
                 # Per-step rates: their median shrugs off the steps that a burst of other work slowed down.
                 rates = [self.step_real[i] / (self.step_times[i] - self.step_times[i - 1]) for i in range(1, steps)]
                 out["real_tokens_per_s_median_step"] = round(statistics.median(rates), 2)

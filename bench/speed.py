@@ -113,11 +113,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 # -- model --------------------------------------------------------------------------------------------
 
 
-def random_qwen_model(folder: Path, tokenizer_ref: str, seed: int) -> Path:
-    """Qwen2.5-0.5B's architecture with random weights, saved with the SmolLM2 tokenizer (no download).
+def random_qwen_model(folder: Path, tokenizer_ref: str, seed: int, vocab_size: int | None = None,
+                      **shape) -> Path:
+    """Qwen2.5-0.5B's architecture with random weights, saved with the given tokenizer (no download).
 
-    The vocabulary is the tokenizer's (49,152) rather than Qwen's 151,936, since only the tokens
-    a tokenizer can produce can be fed; everything else is Qwen2.5-0.5B's config.
+    The vocabulary is the tokenizer's (SmolLM2's: 49,152) rather than Qwen's 151,936, since only
+    the tokens a tokenizer can produce can be fed; everything else is Qwen2.5-0.5B's config.
+    `vocab_size` sets the embedding rows instead (at least the tokenizer's: Qwen2.5 pads its
+    151,665 tokens to 151,936); `shape` overrides config fields (a tiny model for CPU tests).
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -127,8 +130,11 @@ def random_qwen_model(folder: Path, tokenizer_ref: str, seed: int) -> Path:
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     tokenizer = load_tokenizer(tokenizer_ref)
-    config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **QWEN25_05B)
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise SystemExit(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    config = Qwen2Config(vocab_size=vocab_size or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **{**QWEN25_05B, **shape})
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)
@@ -435,7 +441,8 @@ def worker_sft_ours(spec: dict) -> dict:
     from sarcasm_dpo import sft
     from sarcasm_dpo.settings import SFTSettings
 
-    meter = common.make_step_meter(stop_after=spec["steps"], record_rows=True)
+    # the rows let the usual setup train the same examples; reading them waits for the GPU each pass
+    meter = common.make_step_meter(stop_after=spec["steps"], record_rows=spec.get("record_rows", True))
     summary = sft.run(SFTSettings(**spec["sft"]), extra_callbacks=[meter])
     return {"meter": meter.report(), "stage_timings": summary["timings"], "params": summary["trainable_params"],
             "total_params": summary["total_params"], "rows": meter.rows}
@@ -496,7 +503,7 @@ def worker_dpo(spec: dict) -> dict:
     from sarcasm_dpo import dpo
     from sarcasm_dpo.settings import DPOSettings
 
-    meter = common.make_step_meter()
+    meter = common.make_step_meter(stop_after=spec.get("steps"))
     build = dpo.build_trainer
 
     def build_with_meter(*a, **k):  # instrument the stage without changing it: one more callback
@@ -505,7 +512,10 @@ def worker_dpo(spec: dict) -> dict:
         return trainer, validation, diagnostics
 
     dpo.build_trainer = build_with_meter
-    summary = dpo.run(DPOSettings(**spec["dpo"]))
+    try:
+        summary = dpo.run(DPOSettings(**spec["dpo"]))
+    finally:  # a later stage in this process (bench/device_check.py) gets the stage as it was
+        dpo.build_trainer = build
     return {"meter": meter.report(), "stage_timings": summary.get("timings")}
 
 
@@ -685,6 +695,13 @@ def model_flops(model_ref: str) -> dict:
             "layers": c.num_hidden_layers, "hidden": c.hidden_size}
 
 
+def lora_flops_per_token(flops: dict, seq: float, backward: bool = True) -> float:
+    """Model FLOPs per token of a LoRA training pass (forward + backward for activations: 4 x params,
+    plus attention scores 8 x layers x hidden x sequence), or of a forward pass alone (half)."""
+    per_token = 4 * (flops["block_params"] + flops["head_params"]) + 8 * flops["layers"] * flops["hidden"] * seq
+    return per_token if backward else per_token / 2
+
+
 def throughput_share(sft: dict, evaluation: dict | None, flops: dict, peak: float | None) -> dict:
     """Model FLOPs actually done per second over the GPU's peak (MFU), for LoRA training and scoring.
 
@@ -696,9 +713,7 @@ def throughput_share(sft: dict, evaluation: dict | None, flops: dict, peak: floa
     out = {"peak_bf16_tflops": peak, "formula": throughput_share.__doc__.split("\n\n", 1)[1].strip()}
     m = sft["ours"]
     if m.get("padded_tokens_per_s") and peak:
-        seq = m["mean_padded_length"]
-        per_token = 4 * (flops["block_params"] + flops["head_params"]) + 8 * flops["layers"] * flops["hidden"] * seq
-        achieved = per_token * m["padded_tokens_per_s"] / 1e12
+        achieved = lora_flops_per_token(flops, m["mean_padded_length"]) * m["padded_tokens_per_s"] / 1e12
         out["sft_tflops"] = round(achieved, 2)
         out["sft_share_of_peak"] = round(achieved / peak, 4)
     if evaluation and peak:
@@ -708,6 +723,11 @@ def throughput_share(sft: dict, evaluation: dict | None, flops: dict, peak: floa
         out["scorer_tflops"] = round(work / seconds / 1e12, 2)
         out["scorer_share_of_peak"] = round(work / seconds / 1e12 / peak, 4)
     return out
+
+
+def _stage_settings(extra: dict, config, cls, section: str, **values):
+    """`common.stage_settings`, with `extra[section]` over `values` (a later key wins, not a clash)."""
+    return common.stage_settings(config, cls, section, **{**values, **extra.get(section, {})})
 
 
 def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
@@ -723,14 +743,16 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
 
     out = work / "pipeline"
     cap = args.pipeline_sample
+    # {stage: {setting: value}} on top of the config's (bench/device_check.py --set); none by default
+    extra = getattr(args, "stage_overrides", None) or {}
     common_kw = dict(model=model_ref, no_wandb=True, seed=args.seed)
     stages = {
-        "split": common.stage_settings(GPU_CONFIG, SplitSettings, "split", data_dir=args.data_dir,
+        "split": _stage_settings(extra, GPU_CONFIG, SplitSettings, "split", data_dir=args.data_dir,
                                        output_dir=str(out / "splits"), no_wandb=True, overwrite=True),
-        "sft": common.stage_settings(GPU_CONFIG, SFTSettings, "sft", **common_kw, output_dir=str(out / "sft"),
+        "sft": _stage_settings(extra, GPU_CONFIG, SFTSettings, "sft", **common_kw, output_dir=str(out / "sft"),
                                      train_csv=str(out / "splits/gen_train.csv"), val_csv=str(out / "splits/gen_val.csv"),
                                      sample_size=cap, val_sample_size=cap, overwrite=True),
-        "dpo": common.stage_settings(GPU_CONFIG, DPOSettings, "dpo", no_wandb=True, seed=args.seed,
+        "dpo": _stage_settings(extra, GPU_CONFIG, DPOSettings, "dpo", no_wandb=True, seed=args.seed,
                                      sft_model=str(out / "sft"), output_dir=str(out / "dpo"),
                                      train_csv=str(out / "splits/isarcasm_train.csv"),
                                      val_csv=str(out / "splits/gen_val.csv"),
@@ -740,7 +762,7 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
                                      # random weights make early stopping arbitrary: time all 3 epochs, as a
                                      # run that keeps improving would
                                      patience=10_000, overwrite=True),
-        "compare": common.stage_settings(GPU_CONFIG, CompareSettings, "compare", **common_kw,
+        "compare": _stage_settings(extra, GPU_CONFIG, CompareSettings, "compare", **common_kw,
                                          test_csv=str(out / "splits/gen_test.csv"),
                                          train_csv=str(out / "splits/gen_train.csv"), sft_model=str(out / "sft"),
                                          dpo_model=str(out / "dpo"), output_dir=str(out / "results"), sample_size=cap),

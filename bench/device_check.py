@@ -1,0 +1,445 @@
+"""The prepared device check: the default recipe's costs on one GPU, in one short command.
+
+    python bench/device_check.py --out OUT --data_dir .gpu/data --tokenizer .gpu/qwen-tokenizer --time_budget 450
+    python bench/device_check.py --out /tmp/dc --tiny      # the same parts on a CPU, tiny model (~1 min)
+
+On the exact Qwen2.5-0.5B-Instruct shape (random weights, the GPU's bf16; `bench/speed.py`'s
+config) with Qwen's real tokenizer (`bench/qwen_tokenizer.py`; another one only when that is not
+to be had, and the JSON says which), it measures, each part through the project's own code:
+
+  sft       SFT step time and MFU of `sarcasm-dpo sft` at configs/qwen2.5-0.5b.yaml's batch
+            settings, and the same micro-batch at grad_accum 1 and 2;
+  dpo       DPO step time and MFU of `sarcasm-dpo dpo`, from that SFT adapter;
+  score     the scorer (`predict_proba`) against its bare forward passes on the same batches
+            (`bench/speed.py`'s evaluation section);
+  pipeline  split -> sft -> dpo -> compare with the config's settings, DPO early stopping off,
+            each stage's wall time (`bench/speed.py`'s pipeline timing, one stage per call).
+
+After every part (and pipeline stage) `OUT/device_check.json` is rewritten and `OUT/device_check.log`
+holds everything printed, so a time limit loses nothing already measured. `--time_budget S` skips
+any part whose expected time (`--expect`, defaults from the H200 run in bench/README.md) exceeds
+what is left, and records it as skipped. `--set STAGE.SETTING=VALUE` (repeatable) changes a stage
+setting for every part that runs that stage, checked against the stage's settings first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import speed  # noqa: E402
+
+PARTS = ("sft", "dpo", "score", "pipeline")
+PIPELINE_STAGES = ("split", "sft", "dpo", "compare")
+# Expected seconds on one H100/H200 (bench/README.md: SFT 174 s, DPO ~430 s for 2,760 pairs x 3,
+# compare ~20 s; the parts: two or three short stage runs each, model loading included).
+EXPECT = {"sft": 90, "dpo": 60, "score": 60, "pipeline.split": 5, "pipeline.sft": 200, "pipeline.dpo": 480,
+          "pipeline.compare": 45}
+# A Qwen2 small enough for a CPU test; the vocabulary stays Qwen2.5's.
+TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, max_position_embeddings=2048)
+RESULT_FILE, LOG_FILE = "device_check.json", "device_check.log"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Figures and the command the lead runs: bench/README.md, section GPU.")
+    p.add_argument("--out", required=True, help="Folder for device_check.json and device_check.log.")
+    p.add_argument("--data_dir", default=str(common.DEFAULT_DATA), help="Datasets laid out like shared/data.")
+    p.add_argument("--tokenizer", default=None,
+                   help="Tokenizer folder (default: Qwen2.5's, built by bench/qwen_tokenizer.py; SmolLM2's if that "
+                        "cannot be had).")
+    p.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "sarcasm-dpo-device-check"),
+                   help="Scratch folder (model, splits, adapters).")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"Comma-separated subset of {','.join(PARTS)} "
+                                                             "(dpo trains from the sft part's adapter).")
+    p.add_argument("--time_budget", type=float, default=None,
+                   help="Seconds from the start: a part expected to run past it is skipped (and recorded so).")
+    p.add_argument("--expect", action="append", default=[], metavar="PART=SECONDS",
+                   help=f"Expected seconds of a part or pipeline stage, for --time_budget (defaults: {EXPECT}).")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.SETTING=VALUE",
+                   help="A stage setting on top of configs/qwen2.5-0.5b.yaml (split, sft, dpo, compare), e.g. "
+                        "sft.batch_size=16; repeatable. compare.batch_size and compare.max_text_tokens also set "
+                        "the score part's.")
+    p.add_argument("--tiny", action="store_true", help="A 2-layer Qwen2 (hidden 64) with the same vocabulary and "
+                                                       "small samples: the CPU check that every part runs.")
+    p.add_argument("--sft_steps", type=int, default=None, help="Optimizer steps per SFT run (default 40; tiny 3).")
+    p.add_argument("--dpo_steps", type=int, default=None, help="Optimizer steps of the DPO run (default 30; tiny 3).")
+    p.add_argument("--score_texts", type=int, default=None, help="GEN test texts scored (default 512; tiny 12).")
+    p.add_argument("--generate_texts", type=int, default=None,
+                   help="Of those, texts also run through generate-and-parse (default 16; tiny 2).")
+    p.add_argument("--score_repeats", type=int, default=2, help="Timed rounds of the score part.")
+    p.add_argument("--val_texts", type=int, default=16, help="Validation texts of the sft/dpo parts (untimed).")
+    p.add_argument("--pipeline_sample", type=int, default=None,
+                   help="Cap every pipeline stage's sample (default: none, the config's; tiny 8).")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one).")
+    p.add_argument("--gpu_peak_tflops", type=float, default=None, help="The GPU's dense bf16 peak, if not in "
+                                                                       "bench/speed.py's table.")
+    p.add_argument("--seed", type=int, default=42)
+    args = p.parse_args(argv)
+    tiny = args.tiny
+    for key, full, small in (("sft_steps", 40, 3), ("dpo_steps", 30, 3), ("score_texts", 512, 12),
+                             ("generate_texts", 16, 2), ("pipeline_sample", None, 8)):
+        if getattr(args, key) is None:
+            setattr(args, key, small if tiny else full)
+    return args
+
+
+# -- settings ------------------------------------------------------------------------------------------
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
+    """`--set sft.batch_size=16` -> {"sft": {"batch_size": "16"}}, each checked by building the stage's settings."""
+    from sarcasm_dpo.errors import UserError
+    from sarcasm_dpo.settings import STAGES
+
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not eq or not dot or stage not in PIPELINE_STAGES:
+            raise SystemExit(f"--set {item!r}: expected STAGE.SETTING=VALUE with STAGE one of {', '.join(PIPELINE_STAGES)}.")
+        out.setdefault(stage, {})[name.strip()] = value.strip()
+    for stage, values in out.items():
+        try:  # types and each stage's own checks, the way a config file is read
+            common.stage_settings(speed.GPU_CONFIG, STAGES[stage], stage, **values)
+        except UserError as exc:
+            raise SystemExit(f"--set {stage}: {exc}") from None
+    return out
+
+
+def parse_expect(items: list[str]) -> dict[str, float]:
+    expect = dict(EXPECT)
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or key not in EXPECT:
+            raise SystemExit(f"--expect {item!r}: expected PART=SECONDS with PART one of {', '.join(EXPECT)}.")
+        expect[key] = float(value)
+    return expect
+
+
+# -- output: the JSON after every part, everything printed into the log ------------------------------------
+
+
+@contextlib.contextmanager
+def tee_output(path: Path):
+    """Everything written to stdout/stderr (C libraries and child processes included) also goes to `path`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    read_end, write_end = os.pipe()
+    log = open(path, "ab")
+
+    def pump():
+        while chunk := os.read(read_end, 65536):
+            os.write(saved[0], chunk)
+            log.write(chunk)
+            log.flush()
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    # Python's own streams onto the new fds too: under a harness (pytest) they need not write to fds 1 and 2
+    streams = sys.stdout, sys.stderr
+    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        thread.join(timeout=10)  # the pipe's last writer is gone: the pump reads to the end and stops
+        os.close(read_end)
+        os.close(saved[0])
+        os.close(saved[1])
+        log.close()
+
+
+class Report:
+    """The result dict, rewritten atomically to OUT/device_check.json whenever something is added."""
+
+    def __init__(self, out: Path, started: float, budget: float | None, expect: dict):
+        from sarcasm_dpo.atomic import write_json
+
+        self._write = write_json
+        self.path, self.started, self.budget, self.expect = out / RESULT_FILE, started, budget, expect
+        self.data: dict = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def fits(self, key: str) -> str | None:
+        """None if part `key` fits the time budget, else why it is skipped."""
+        if self.budget is None:
+            return None
+        left = self.budget - self.elapsed()
+        if self.expect[key] > left:
+            return (f"skipped: expected {self.expect[key]:.0f} s (--expect {key}=...), {max(left, 0):.0f} s of "
+                    f"--time_budget {self.budget:.0f} left")
+        return None
+
+    def save(self, **values) -> None:
+        self.data.update(values)
+        self.data["elapsed_s"] = round(self.elapsed(), 1)
+        self._write(self.path, self.data)
+
+
+# -- model and tokenizer -------------------------------------------------------------------------------
+
+
+def pick_tokenizer(args) -> tuple[str, dict]:
+    """(tokenizer folder or file, what it is): Qwen2.5's real one where it can be had."""
+    import qwen_tokenizer
+
+    if args.tokenizer:
+        return args.tokenizer, {"source": f"--tokenizer {args.tokenizer}"}
+    try:
+        return str(qwen_tokenizer.tokenizer_dir()), {"source": "bench/qwen_tokenizer.py (dashscope ranks)"}
+    except qwen_tokenizer.Unavailable as exc:
+        print(f"[device_check] Qwen tokenizer unavailable ({exc}); falling back to SmolLM2's", flush=True)
+        return str(common.fetch_smollm2()), {"source": "SmolLM2-135M-Instruct (fallback)", "why": str(exc)}
+
+
+def build_model(args, work: Path) -> tuple[str, dict]:
+    import qwen_tokenizer
+
+    from sarcasm_dpo.models import load_tokenizer
+
+    tok_ref, info = pick_tokenizer(args)
+    tokenizer = load_tokenizer(tok_ref)
+    qwen = len(tokenizer) == qwen_tokenizer.RANKS_COUNT + len(qwen_tokenizer.ADDED_TOKENS) and \
+        tokenizer.convert_tokens_to_ids("<|im_start|>") == 151_644
+    info.update({"tokens": len(tokenizer), "is_qwen2.5": qwen, "eos": tokenizer.eos_token, "pad": tokenizer.pad_token})
+    vocab = qwen_tokenizer.QWEN25_VOCAB_SIZE if qwen else None
+    shape = TINY_SHAPE if args.tiny else {}
+    name = ("qwen-tiny" if args.tiny else "qwen2.5-0.5b") + ("-random-qwentok" if qwen else "-random-othertok")
+    t0 = time.perf_counter()
+    folder = speed.random_qwen_model(work / name, tok_ref, args.seed, vocab_size=vocab, **shape)
+    model_info = {"path": str(folder), "shape": "tiny (CPU check)" if args.tiny else "Qwen2.5-0.5B-Instruct",
+                  "config": {**speed.QWEN25_05B, **shape}, "build_s": round(time.perf_counter() - t0, 1),
+                  "flop_counts": speed.model_flops(str(folder))}
+    config = json.loads((folder / "config.json").read_text())
+    model_info["vocab_size"] = config["vocab_size"]
+    return str(folder), {"tokenizer": info, "model": model_info}
+
+
+# -- parts -----------------------------------------------------------------------------------------------
+
+
+def training_figures(meter: dict, flops: dict, peak: float | None, micro_batches_per_step: int, dpo: bool) -> dict:
+    """Step times and model FLOP/s of a training run (bench/speed.py's LoRA formula).
+
+    SFT: every counted forward pass trains (4 x params per token + attention). DPO: each
+    micro-batch also runs the frozen "ref" adapter forward (2 x params + attention, no backward);
+    the forward hook counts both, on the same rows, so the policy share of the counted tokens is
+    (optimizer steps x grad_accum) / forward passes.
+    """
+    import statistics
+
+    if not meter.get("padded_tokens_per_s"):
+        return {"error": "fewer than 2 optimizer steps: nothing timed", "meter": meter}
+    seq = meter["mean_padded_length"]
+    train_share = 1.0
+    if dpo:
+        train_share = meter["optimizer_steps"] * micro_batches_per_step / meter["forward_passes"]
+    per_token = (train_share * speed.lora_flops_per_token(flops, seq)
+                 + (1 - train_share) * speed.lora_flops_per_token(flops, seq, backward=False))
+    tflops = per_token * meter["padded_tokens_per_s"] / 1e12
+    each = meter["seconds_each_step"]
+    out = {"seconds_per_step": meter["seconds_per_step"], "median_step_s": round(statistics.median(each), 4),
+           "seconds_per_micro_batch": round(meter["seconds_per_step"] / micro_batches_per_step, 4),
+           "micro_batches_per_step": micro_batches_per_step, "timed_steps": meter["timed_steps"],
+           "mean_padded_length": seq, "padding_share": meter["padding_share"],
+           "real_tokens_per_s": meter["real_tokens_per_s"], "padded_tokens_per_s": meter["padded_tokens_per_s"],
+           "model_tflops": round(tflops, 4), "mfu": round(tflops / peak, 5) if peak else None,
+           "training_share_of_counted_tokens": round(train_share, 4),
+           "gpu_peak_allocated_gib": meter.get("gpu_peak_allocated_gib"), "meter": meter}
+    return out
+
+
+def sft_part(args, model_ref, splits, work, overrides, flops, peak) -> tuple[dict, str]:
+    """The SFT stage at the config's batch settings, then the same micro-batch at grad_accum 1 and 2."""
+    from sarcasm_dpo.settings import SFTSettings
+
+    def settings(name, **extra):
+        return speed._stage_settings(
+            {"sft": {**overrides.get("sft", {}), **extra}}, speed.GPU_CONFIG, SFTSettings, "sft", model=model_ref,
+            train_csv=str(splits / "gen_train.csv"), val_csv=str(splits / "gen_val.csv"),
+            output_dir=str(work / name), epochs=1, sample_size=4096 if not args.tiny else 64,
+            val_sample_size=args.val_texts, device=args.device, seed=args.seed, no_wandb=True, overwrite=True)
+
+    config = settings("sft_config")
+    runs = {"config": config}
+    for accum in (1, 2):
+        if config.grad_accum != accum:
+            runs[f"grad_accum_{accum}"] = settings(f"sft_ga{accum}", grad_accum=accum)
+    out = {"steps_per_run": args.sft_steps, "runs": {}}
+    for name, s in runs.items():
+        print(f"[device_check] sft {name}: batch_size {s.batch_size} x grad_accum {s.grad_accum}, "
+              f"{args.sft_steps} steps", flush=True)
+        t0 = time.perf_counter()
+        got = speed.worker_sft_ours({"sft": dataclasses.asdict(s), "steps": args.sft_steps, "record_rows": False})
+        out["runs"][name] = {"batch_size": s.batch_size, "grad_accum": s.grad_accum,
+                             "stage_wall_s": round(time.perf_counter() - t0, 2), "stage_timings": got["stage_timings"],
+                             **training_figures(got["meter"], flops, peak, s.grad_accum, dpo=False)}
+    by_accum = {r["grad_accum"]: r for r in out["runs"].values()}
+    if 1 in by_accum and 2 in by_accum and "seconds_per_step" in by_accum[1] and "seconds_per_step" in by_accum[2]:
+        out["grad_accum_2_vs_1"] = {
+            "seconds_per_step": [by_accum[1]["seconds_per_step"], by_accum[2]["seconds_per_step"]],
+            "seconds_per_micro_batch": [by_accum[1]["seconds_per_micro_batch"], by_accum[2]["seconds_per_micro_batch"]],
+            "ratio_step_time": round(by_accum[2]["seconds_per_step"] / by_accum[1]["seconds_per_step"], 3),
+            "note": "the same micro-batch; grad_accum 2 runs two of them per optimizer step"}
+    return out, str(work / "sft_config")
+
+
+def dpo_part(args, sft_dir, splits, work, overrides, flops, peak) -> dict:
+    from sarcasm_dpo.settings import DPOSettings
+
+    s = speed._stage_settings(
+        overrides, speed.GPU_CONFIG, DPOSettings, "dpo", sft_model=sft_dir, output_dir=str(work / "dpo"),
+        train_csv=str(splits / "isarcasm_train.csv"), val_csv=str(splits / "gen_val.csv"),
+        isarcasm_val_csv=str(splits / "isarcasm_val.csv"), epochs=1, sample_size=512 if not args.tiny else 24,
+        val_sample_size=args.val_texts, probe_size=min(8, args.val_texts), eval_steps=0, patience=10_000,
+        device=args.device, seed=args.seed, no_wandb=True, overwrite=True)
+    print(f"[device_check] dpo: batch_size {s.batch_size} x grad_accum {s.grad_accum}, {args.dpo_steps} steps",
+          flush=True)
+    t0 = time.perf_counter()
+    got = speed.worker_dpo({"dpo": dataclasses.asdict(s), "steps": args.dpo_steps})
+    return {"batch_size_pairs": s.batch_size, "grad_accum": s.grad_accum, "steps": args.dpo_steps,
+            "stage_wall_s": round(time.perf_counter() - t0, 2), "stage_timings": got["stage_timings"],
+            **training_figures(got["meter"], flops, peak, s.grad_accum, dpo=True)}
+
+
+def score_part(args, model_ref, splits, overrides, flops, peak) -> dict:
+    """bench/speed.py's evaluation section: scorer vs bare forward (and the others) on the same batches."""
+    from sarcasm_dpo.settings import CompareSettings
+
+    c = common.stage_settings(speed.GPU_CONFIG, CompareSettings, "compare", **overrides.get("compare", {}))
+    batch = c.batch_size if isinstance(c.batch_size, int) else 16
+    sargs = speed.parse_args(["--eval_texts", str(args.score_texts), "--eval_batch_size", str(batch),
+                              "--eval_repeats", str(args.score_repeats), "--generate_texts", str(args.generate_texts),
+                              "--seed", str(args.seed)] + (["--device", args.device] if args.device else []))
+    e = speed.eval_section(sargs, model_ref, splits, c.max_text_tokens)
+    sc, ba = e["scorer"], e["bare_forward"]
+    work = 2 * flops["block_params"] * ba["padded_tokens"] + 2 * flops["head_params"] * e["texts"]
+    tflops = work / sc["best_seconds"] / 1e12
+    return {"texts": e["texts"], "batch_size": batch, "scorer_texts_per_s": sc["texts_per_s"],
+            "bare_forward_texts_per_s": ba["texts_per_s"],
+            "scorer_time_over_bare": round(1 + e["scorer_overhead_vs_bare"], 4),
+            "whole_call_time_over_bare": round(1 + e["whole_calls"]["scorer_overhead_vs_bare_best"], 4),
+            "scorer_model_tflops": round(tflops, 4), "scorer_mfu": round(tflops / peak, 5) if peak else None,
+            "evaluation": e}
+
+
+def pipeline_part(args, model_ref, work, overrides, report: Report) -> dict:
+    """The pipeline one stage per call of speed.pipeline_wall_time, so a stage that will not fit is skipped."""
+    out: dict = {"settings_source": str(speed.GPU_CONFIG), "set": overrides, "stages": {}}
+    for stage in PIPELINE_STAGES:
+        why = report.fits(f"pipeline.{stage}")
+        if why:
+            out["stages"][stage] = why
+            out["incomplete"] = f"stopped before {stage}: the later stages need its output"
+            break
+        print(f"[device_check] pipeline: {stage}", flush=True)
+        sargs = speed.parse_args(["--data_dir", args.data_dir, "--pipeline_stages", stage, "--seed", str(args.seed)]
+                                 + (["--pipeline_sample", str(args.pipeline_sample)] if args.pipeline_sample else []))
+        sargs.stage_overrides = overrides
+        timing = speed.pipeline_wall_time(sargs, model_ref, work)
+        out["stages"][stage] = timing["stage_seconds"][stage]
+        if stage == "compare":
+            out.update({k: timing[k] for k in ("total_s", "test_items", "evaluations", "dpo_summary", "note")})
+            out["settings"] = timing["settings"]
+        report.save(pipeline=out)
+    return out
+
+
+# -- main ------------------------------------------------------------------------------------------------
+
+
+def run(args, report: Report) -> None:
+    import torch
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if set(parts) - set(PARTS):
+        raise SystemExit(f"--parts: unknown {sorted(set(parts) - set(PARTS))}; choose from {','.join(PARTS)}.")
+    if "dpo" in parts and "sft" not in parts:
+        parts.insert(0, "sft")  # DPO continues the SFT part's adapter
+    overrides = parse_sets(args.sets)
+    on_gpu = torch.cuda.is_available() and args.device in (None, "cuda")
+    report.save(command=common.command_line(), machine=common.machine_info(),
+                started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), parts_asked=parts, set=overrides,
+                time_budget_s=args.time_budget, expect=report.expect, done=[],
+                settings={k: v for k, v in vars(args).items() if k not in ("sets", "expect")})
+    if on_gpu:
+        peak, source = speed.gpu_peak_tflops(args)
+    else:
+        peak, source = None, "no GPU: model TFLOP/s reported, MFU not"
+    report.save(peak_bf16_tflops=peak, peak_source=source)
+    if all(report.fits(p if p != "pipeline" else "pipeline.split") for p in parts):
+        report.save(**{p: report.fits(p if p != "pipeline" else "pipeline.split") for p in parts})
+        return
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_ref, info = build_model(args, work)
+    report.save(**info)
+    flops = info["model"]["flop_counts"]
+    splits = common.make_splits(args.data_dir, work / "splits")
+    sft_dir = None
+    for part in parts:
+        why = report.fits(part if part != "pipeline" else "pipeline.split")
+        if part == "dpo" and sft_dir is None:
+            why = "skipped: the sft part did not run"
+        if why:
+            report.save(**{part: why})
+            continue
+        print(f"[device_check] part {part} ({report.elapsed():.0f} s in)", flush=True)
+        t0 = time.perf_counter()
+        if part == "sft":
+            result, sft_dir = sft_part(args, model_ref, splits, work, overrides, flops, peak)
+        elif part == "dpo":
+            result = dpo_part(args, sft_dir, splits, work, overrides, flops, peak)
+        elif part == "score":
+            result = score_part(args, model_ref, splits, overrides, flops, peak)
+        else:
+            result = pipeline_part(args, model_ref, work, overrides, report)
+        result["part_wall_s"] = round(time.perf_counter() - t0, 1)
+        report.save(**{part: result, "done": report.data["done"] + [part]})
+
+
+def main(argv=None) -> int:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_MODE", "disabled")  # every stage runs with no_wandb too
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on the hub
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tee_output(out / LOG_FILE):
+        report = Report(out, started, args.time_budget, parse_expect(args.expect))
+        try:
+            run(args, report)
+        except BaseException as exc:  # the error goes into the JSON too, beside what was measured before it
+            report.save(error=f"{type(exc).__name__}: {exc}")
+            raise
+        report.save(finished=True)
+        print(f"[device_check] done in {report.elapsed():.0f} s: {report.path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
