@@ -6,19 +6,24 @@
 #
 # The GPU image (Python 3.12, torch 2.11, transformers 5.17, peft, accelerate, pandas, pyarrow, ...)
 # lacks trl, datasets and the two packages datasets needs that nothing else there brings (dill,
-# multiprocess). All four are pure Python; multiprocess ships one wheel per Python version, hence
-# the cp312 target. datasets 5.0.1 rather than 5.2.0: 5.2 asks huggingface-hub >= 1.31, 5.0.1
-# >= 0.25, and the image's hub is only known to satisfy transformers 5.17's >= 1.5. wandb and gguf
-# stay behind: the stages import wandb only when W&B is on (the check runs with no_wandb), gguf only
-# for .gguf models. Installing needs no pip: a pure-Python wheel is a zip to extract (the command in
-# bench/README.md, section GPU).
+# multiprocess). Its transformers is too old for the stages: they pass `activation_checkpointing` to
+# TRL's configs, a TrainingArguments field that transformers 5.17 does not have. So the stack the
+# tests pass on here is carried too: transformers 5.24.0 (which needs huggingface-hub >= 1.31; 1.31.0
+# needs nothing new at import: click and hf-xet only for its CLI and xet downloads), peft and
+# accelerate at this venv's versions. All pure Python (multiprocess ships one wheel per Python
+# version, hence the cp312 target); torch, tokenizers, safetensors, numpy, pandas, pyarrow stay the
+# image's. wandb and gguf stay behind: the stages import wandb only when W&B is on (the check runs
+# with no_wandb), gguf only for .gguf models. Installing needs no pip: a pure-Python wheel is a zip
+# to extract (the command in bench/README.md, section GPU), and the extracted folder goes first on
+# PYTHONPATH, in front of the image's packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 OUT=.gpu
 DATA=${DATA_DIR:-../shared/data}
-WHEELS=(trl==1.16.0 datasets==5.0.1 dill==0.4.1 multiprocess==0.70.19)
+WHEELS=(trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0
+        huggingface_hub==1.31.0 peft==0.21.2 accelerate==1.15.0)
 
 rm -rf "$OUT/whl" "$OUT/data" "$OUT/qwen-tokenizer"
 mkdir -p "$OUT/whl"
@@ -34,7 +39,7 @@ PYTHONPATH=src "$PY" bench/qwen_tokenizer.py --copy_to "$OUT/qwen-tokenizer" >/d
 # carries its metadata (importlib.metadata finds datasets' dependencies' versions).
 check=$(mktemp -d)
 "$PY" -c "import glob, sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in glob.glob('$OUT/whl/*.whl')]" "$check"
-for pkg in trl datasets dill multiprocess; do
+for pkg in trl datasets dill multiprocess transformers huggingface_hub peft accelerate; do
     ls -d "$check/$pkg"-*.dist-info >/dev/null || { echo "$pkg: no metadata after extraction" >&2; exit 1; }
 done
 rm -rf "$check"

@@ -748,24 +748,24 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
     common_kw = dict(model=model_ref, no_wandb=True, seed=args.seed)
     stages = {
         "split": _stage_settings(extra, GPU_CONFIG, SplitSettings, "split", data_dir=args.data_dir,
-                                       output_dir=str(out / "splits"), no_wandb=True, overwrite=True),
+                                 output_dir=str(out / "splits"), no_wandb=True, overwrite=True),
         "sft": _stage_settings(extra, GPU_CONFIG, SFTSettings, "sft", **common_kw, output_dir=str(out / "sft"),
-                                     train_csv=str(out / "splits/gen_train.csv"), val_csv=str(out / "splits/gen_val.csv"),
-                                     sample_size=cap, val_sample_size=cap, overwrite=True),
+                               train_csv=str(out / "splits/gen_train.csv"), val_csv=str(out / "splits/gen_val.csv"),
+                               sample_size=cap, val_sample_size=cap, overwrite=True),
         "dpo": _stage_settings(extra, GPU_CONFIG, DPOSettings, "dpo", no_wandb=True, seed=args.seed,
-                                     sft_model=str(out / "sft"), output_dir=str(out / "dpo"),
-                                     train_csv=str(out / "splits/isarcasm_train.csv"),
-                                     val_csv=str(out / "splits/gen_val.csv"),
-                                     isarcasm_val_csv=str(out / "splits/isarcasm_val.csv"),
-                                     **({"sample_size": cap, "val_sample_size": cap} if cap else {}),
-                                     **({"sample_size": args.pipeline_dpo_pairs} if args.pipeline_dpo_pairs else {}),
-                                     # random weights make early stopping arbitrary: time all 3 epochs, as a
-                                     # run that keeps improving would
-                                     patience=10_000, overwrite=True),
+                               sft_model=str(out / "sft"), output_dir=str(out / "dpo"),
+                               train_csv=str(out / "splits/isarcasm_train.csv"),
+                               val_csv=str(out / "splits/gen_val.csv"),
+                               isarcasm_val_csv=str(out / "splits/isarcasm_val.csv"),
+                               **({"sample_size": cap, "val_sample_size": cap} if cap else {}),
+                               **({"sample_size": args.pipeline_dpo_pairs} if args.pipeline_dpo_pairs else {}),
+                               # random weights make early stopping arbitrary: time all 3 epochs, as a
+                               # run that keeps improving would
+                               patience=10_000, overwrite=True),
         "compare": _stage_settings(extra, GPU_CONFIG, CompareSettings, "compare", **common_kw,
-                                         test_csv=str(out / "splits/gen_test.csv"),
-                                         train_csv=str(out / "splits/gen_train.csv"), sft_model=str(out / "sft"),
-                                         dpo_model=str(out / "dpo"), output_dir=str(out / "results"), sample_size=cap),
+                                   test_csv=str(out / "splits/gen_test.csv"),
+                                   train_csv=str(out / "splits/gen_train.csv"), sft_model=str(out / "sft"),
+                                   dpo_model=str(out / "dpo"), output_dir=str(out / "results"), sample_size=cap),
     }
     modules = {"split": data, "sft": sft, "dpo": dpo, "compare": compare}
     folders = {"split": out / "splits", "sft": out / "sft", "dpo": out / "dpo", "compare": out / "results"}
