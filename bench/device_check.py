@@ -80,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Of those, texts also run through generate-and-parse (default 16; tiny 2).")
     p.add_argument("--score_repeats", type=int, default=2, help="Timed rounds of the score part.")
     p.add_argument("--val_texts", type=int, default=16, help="Validation texts of the sft/dpo parts (untimed).")
+    p.add_argument("--pipeline_stages", default=",".join(PIPELINE_STAGES),
+                   help="The pipeline stages this call runs; the earlier ones' times and outputs come from an "
+                        "earlier call with the same --work_dir and settings (a pipeline longer than one call).")
     p.add_argument("--pipeline_sample", type=int, default=None,
                    help="Cap every pipeline stage's sample (default: none, the config's; tiny 8).")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one).")
@@ -346,10 +349,17 @@ def score_part(args, model_ref, splits, overrides, flops, peak) -> dict:
             "evaluation": e}
 
 
+def pipeline_stages(args) -> list[str]:
+    wanted = [x.strip() for x in args.pipeline_stages.split(",") if x.strip()]
+    if not wanted or set(wanted) - set(PIPELINE_STAGES):
+        raise SystemExit(f"--pipeline_stages: choose from {','.join(PIPELINE_STAGES)}, got {args.pipeline_stages!r}.")
+    return [x for x in PIPELINE_STAGES if x in wanted]
+
+
 def pipeline_part(args, model_ref, work, overrides, report: Report) -> dict:
     """The pipeline one stage per call of speed.pipeline_wall_time, so a stage that will not fit is skipped."""
     out: dict = {"settings_source": str(speed.GPU_CONFIG), "set": overrides, "stages": {}}
-    for stage in PIPELINE_STAGES:
+    for stage in pipeline_stages(args):
         why = report.fits(f"pipeline.{stage}")
         if why:
             out["stages"][stage] = why
@@ -360,11 +370,43 @@ def pipeline_part(args, model_ref, work, overrides, report: Report) -> dict:
                                  + (["--pipeline_sample", str(args.pipeline_sample)] if args.pipeline_sample else []))
         sargs.stage_overrides = overrides
         timing = speed.pipeline_wall_time(sargs, model_ref, work)
+        for name in timing["stages_timed_in_earlier_calls"]:
+            out["stages"].setdefault(name, timing["stage_seconds"][name])
         out["stages"][stage] = timing["stage_seconds"][stage]
+        out["stages_timed_in_earlier_calls"] = timing["stages_timed_in_earlier_calls"]
         if stage == "compare":
             out.update({k: timing[k] for k in ("total_s", "test_items", "evaluations", "dpo_summary", "note")})
             out["settings"] = timing["settings"]
         report.save(pipeline=out)
+    return out
+
+
+def summary(data: dict) -> dict:
+    """The headline figures of what ran, for the end of the log and the top of a reader's attention."""
+    out: dict = {"device": data.get("machine", {}).get("gpu") or "cpu", "peak_bf16_tflops": data.get("peak_bf16_tflops"),
+                 "tokenizer": data.get("tokenizer", {}).get("source"),
+                 "tokenizer_is_qwen2.5": data.get("tokenizer", {}).get("is_qwen2.5")}
+    sft = data.get("sft")
+    if isinstance(sft, dict):
+        for name, r in sft["runs"].items():
+            if "seconds_per_step" in r:
+                out[f"sft_{name}"] = {k: r[k] for k in ("batch_size", "grad_accum", "seconds_per_step", "median_step_s",
+                                                        "seconds_per_micro_batch", "model_tflops", "mfu")}
+    dpo = data.get("dpo")
+    if isinstance(dpo, dict) and "seconds_per_step" in dpo:
+        out["dpo"] = {k: dpo[k] for k in ("batch_size_pairs", "grad_accum", "seconds_per_step", "median_step_s",
+                                          "model_tflops", "mfu")}
+    score = data.get("score")
+    if isinstance(score, dict):
+        out["score"] = {k: score[k] for k in ("scorer_texts_per_s", "bare_forward_texts_per_s", "scorer_time_over_bare",
+                                              "whole_call_time_over_bare", "scorer_mfu")}
+    pipe = data.get("pipeline")
+    if isinstance(pipe, dict):
+        out["pipeline_stage_s"] = pipe["stages"]
+        out["pipeline_total_s"] = pipe.get("total_s")
+    for part in PARTS:
+        if isinstance(data.get(part), str):
+            out[part] = data[part]
     return out
 
 
@@ -390,8 +432,11 @@ def run(args, report: Report) -> None:
     else:
         peak, source = None, "no GPU: model TFLOP/s reported, MFU not"
     report.save(peak_bf16_tflops=peak, peak_source=source)
-    if all(report.fits(p if p != "pipeline" else "pipeline.split") for p in parts):
-        report.save(**{p: report.fits(p if p != "pipeline" else "pipeline.split") for p in parts})
+    def gate(part):  # what a part needs to fit to start at all
+        return f"pipeline.{pipeline_stages(args)[0]}" if part == "pipeline" else part
+
+    if all(report.fits(gate(p)) for p in parts):
+        report.save(**{p: report.fits(gate(p)) for p in parts})
         return
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -401,7 +446,7 @@ def run(args, report: Report) -> None:
     splits = common.make_splits(args.data_dir, work / "splits")
     sft_dir = None
     for part in parts:
-        why = report.fits(part if part != "pipeline" else "pipeline.split")
+        why = report.fits(gate(part))
         if part == "dpo" and sft_dir is None:
             why = "skipped: the sft part did not run"
         if why:
@@ -436,7 +481,8 @@ def main(argv=None) -> int:
         except BaseException as exc:  # the error goes into the JSON too, beside what was measured before it
             report.save(error=f"{type(exc).__name__}: {exc}")
             raise
-        report.save(finished=True)
+        report.save(finished=True, summary=summary(report.data))
+        print("[device_check] summary: " + json.dumps(report.data["summary"], indent=1), flush=True)
         print(f"[device_check] done in {report.elapsed():.0f} s: {report.path}", flush=True)
     return 0
 

@@ -20,8 +20,20 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on two cores shared with other jobs, two threads spin-wait on each other and this
+    test took twice as long (202 s against 109 s, load average 7). Nothing here checks speed."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_every_part_runs_on_a_tiny_model(qwen_tokenizer_dir, shared_data, tmp_path):
+def test_every_part_runs_on_a_tiny_model(qwen_tokenizer_dir, shared_data, tmp_path, one_thread):
     import device_check
 
     out = tmp_path / "out"
@@ -62,6 +74,21 @@ def test_every_part_runs_on_a_tiny_model(qwen_tokenizer_dir, shared_data, tmp_pa
     assert pipe["test_items"] == 4
     log = (out / "device_check.log").read_text()
     assert "[device_check] part pipeline" in log and "[device_check] done" in log
+    head = result["summary"]  # the headline, also printed last
+    assert head["tokenizer_is_qwen2.5"] and head["pipeline_total_s"] == pipe["total_s"]
+    assert set(head) >= {"sft_config", "sft_grad_accum_1", "dpo", "score", "pipeline_stage_s"}
+
+    # A pipeline longer than one device call: a second call runs the last stage, the others' times carried over.
+    again = tmp_path / "again"
+    assert device_check.main([
+        "--out", str(again), "--tiny", "--data_dir", str(shared_data), "--tokenizer", str(qwen_tokenizer_dir),
+        "--work_dir", str(tmp_path / "work"), "--parts", "pipeline", "--pipeline_stages", "compare",
+        "--pipeline_sample", "4", "--set", "sft.batch_size=2", "--set", "dpo.batch_size=1", "--set", "sft.epochs=1",
+        "--set", "dpo.epochs=1", "--set", "compare.batch_size=4"]) == 0
+    second = json.loads((again / "device_check.json").read_text())["pipeline"]
+    assert second["stages_timed_in_earlier_calls"] == ["split", "sft", "dpo"]
+    assert {k: second["stages"][k] for k in ("split", "sft", "dpo")} == {k: pipe["stages"][k] for k in ("split", "sft", "dpo")}
+    assert _positive(second["stages"]["compare"]) and _positive(second["total_s"])
 
 
 def test_time_budget_skips_and_records_without_loading_anything(tmp_path):
