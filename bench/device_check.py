@@ -390,19 +390,19 @@ def summary(data: dict) -> dict:
     if isinstance(sft, dict):
         for name, r in sft["runs"].items():
             if "seconds_per_step" in r:
-                out[f"sft_{name}"] = {k: r[k] for k in ("batch_size", "grad_accum", "seconds_per_step", "median_step_s",
+                out[f"sft_{name}"] = {k: r.get(k) for k in ("batch_size", "grad_accum", "seconds_per_step", "median_step_s",
                                                         "seconds_per_micro_batch", "model_tflops", "mfu")}
     dpo = data.get("dpo")
     if isinstance(dpo, dict) and "seconds_per_step" in dpo:
-        out["dpo"] = {k: dpo[k] for k in ("batch_size_pairs", "grad_accum", "seconds_per_step", "median_step_s",
+        out["dpo"] = {k: dpo.get(k) for k in ("batch_size_pairs", "grad_accum", "seconds_per_step", "median_step_s",
                                           "model_tflops", "mfu")}
     score = data.get("score")
     if isinstance(score, dict):
-        out["score"] = {k: score[k] for k in ("scorer_texts_per_s", "bare_forward_texts_per_s", "scorer_time_over_bare",
+        out["score"] = {k: score.get(k) for k in ("scorer_texts_per_s", "bare_forward_texts_per_s", "scorer_time_over_bare",
                                               "whole_call_time_over_bare", "scorer_mfu")}
     pipe = data.get("pipeline")
     if isinstance(pipe, dict):
-        out["pipeline_stage_s"] = pipe["stages"]
+        out["pipeline_stage_s"] = pipe.get("stages")
         out["pipeline_total_s"] = pipe.get("total_s")
     for part in PARTS:
         if isinstance(data.get(part), str):
@@ -448,20 +448,30 @@ def run(args, report: Report) -> None:
     for part in parts:
         why = report.fits(gate(part))
         if part == "dpo" and sft_dir is None:
-            why = "skipped: the sft part did not run"
+            why = "skipped: the sft part did not finish (DPO starts from its adapter)"
         if why:
             report.save(**{part: why})
             continue
         print(f"[device_check] part {part} ({report.elapsed():.0f} s in)", flush=True)
         t0 = time.perf_counter()
-        if part == "sft":
-            result, sft_dir = sft_part(args, model_ref, splits, work, overrides, flops, peak)
-        elif part == "dpo":
-            result = dpo_part(args, sft_dir, splits, work, overrides, flops, peak)
-        elif part == "score":
-            result = score_part(args, model_ref, splits, overrides, flops, peak)
-        else:
-            result = pipeline_part(args, model_ref, work, overrides, report)
+        try:
+            if part == "sft":
+                result, sft_dir = sft_part(args, model_ref, splits, work, overrides, flops, peak)
+            elif part == "dpo":
+                result = dpo_part(args, sft_dir, splits, work, overrides, flops, peak)
+            elif part == "score":
+                result = score_part(args, model_ref, splits, overrides, flops, peak)
+            else:
+                result = pipeline_part(args, model_ref, work, overrides, report)
+        except Exception as exc:  # noqa: BLE001 - one part's failure must not cost the others their device time
+            import traceback
+
+            traceback.print_exc()
+            failed = f"error: {type(exc).__name__}: {exc}"
+            kept = report.data.get(part)  # the pipeline keeps the stages it finished
+            report.save(**{part: {**kept, "error": failed} if isinstance(kept, dict) else failed,
+                           "failed": report.data.get("failed", []) + [part]})
+            continue
         result["part_wall_s"] = round(time.perf_counter() - t0, 1)
         report.save(**{part: result, "done": report.data["done"] + [part]})
 
@@ -483,8 +493,9 @@ def main(argv=None) -> int:
             raise
         report.save(finished=True, summary=summary(report.data))
         print("[device_check] summary: " + json.dumps(report.data["summary"], indent=1), flush=True)
-        print(f"[device_check] done in {report.elapsed():.0f} s: {report.path}", flush=True)
-    return 0
+        print(f"[device_check] done in {report.elapsed():.0f} s: {report.path}"
+              + (f"; FAILED: {', '.join(report.data['failed'])}" if report.data.get("failed") else ""), flush=True)
+    return 1 if report.data.get("failed") else 0
 
 
 if __name__ == "__main__":

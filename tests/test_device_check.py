@@ -116,3 +116,24 @@ def test_set_is_checked_against_the_stage_settings(tmp_path):
         "sft": {"batch_size": "16", "grad_accum": "1"}}
     with pytest.raises(SystemExit, match="--expect"):
         device_check.parse_expect(["warmup=3"])
+
+
+def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    """On a lent GPU one crash must not cost the remaining parts their device time."""
+    import device_check
+
+    monkeypatch.setattr(device_check, "build_model", lambda args, work: ("model", {"model": {"flop_counts": {}}}))
+    monkeypatch.setattr(device_check.common, "make_splits", lambda data_dir, out: out)
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(device_check, "sft_part", broken)
+    monkeypatch.setattr(device_check, "score_part", lambda *a, **k: {"scorer_texts_per_s": 1.0})
+    out = tmp_path / "out"
+    assert device_check.main(["--out", str(out), "--parts", "sft,dpo,score", "--work_dir", str(tmp_path / "w")]) == 1
+    result = json.loads((out / "device_check.json").read_text())
+    assert result["sft"] == "error: RuntimeError: CUDA error: an illegal memory access"
+    assert result["dpo"].startswith("skipped: the sft part did not finish")
+    assert result["score"]["scorer_texts_per_s"] == 1.0 and result["done"] == ["score"] and result["failed"] == ["sft"]
+    assert "FAILED: sft" in (out / "device_check.log").read_text()
