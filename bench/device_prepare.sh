@@ -15,14 +15,15 @@
 # image's. wandb and gguf stay behind: the stages import wandb only when W&B is on (the check runs
 # with no_wandb), gguf only for .gguf models. Installing needs no pip: a pure-Python wheel is a zip
 # to extract (the command in bench/README.md, section GPU), and the extracted folder goes first on
-# PYTHONPATH, in front of the image's packages.
+# PYTHONPATH, in front of the image's packages. datasets 5.0.1 rather than this venv's 5.2.0: 5.2
+# declares pyarrow >= 24, 5.0.1 >= 21 (as trl does), and pyarrow stays the image's, version unknown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 OUT=.gpu
 DATA=${DATA_DIR:-../shared/data}
-WHEELS=(trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0
+WHEELS=(trl==1.16.0 datasets==5.0.1 dill==0.4.1 multiprocess==0.70.19 transformers==5.24.0
         huggingface_hub==1.31.0 peft==0.21.2 accelerate==1.15.0)
 
 rm -rf "$OUT/whl" "$OUT/data" "$OUT/qwen-tokenizer"
