@@ -244,35 +244,34 @@ def build_model(args, work: Path) -> tuple[str, dict]:
 # -- parts -----------------------------------------------------------------------------------------------
 
 
-def training_figures(meter: dict, flops: dict, peak: float | None, micro_batches_per_step: int, dpo: bool) -> dict:
+def training_figures(meter: dict, flops: dict, peak: float | None, dpo: bool) -> dict:
     """Step times and model FLOP/s of a training run (bench/speed.py's LoRA formula).
 
-    SFT: every counted forward pass trains (4 x params per token + attention). DPO: each
-    micro-batch also runs the frozen "ref" adapter forward (2 x params + attention, no backward);
-    the forward hook counts both, on the same rows, so the policy share of the counted tokens is
-    (optimizer steps x grad_accum) / forward passes.
+    Micro-batches per optimizer step are counted, not taken from the settings (a batch size found
+    at run time changes grad_accum). SFT: every counted forward pass trains (4 x params per token +
+    attention). DPO: each micro-batch runs the policy forward (and backward) and the frozen "ref"
+    adapter forward on the same rows (TRL with precompute_ref_log_probs off), so half the counted
+    tokens are a forward pass alone (2 x params + attention).
     """
     import statistics
 
     if not meter.get("padded_tokens_per_s"):
         return {"error": "fewer than 2 optimizer steps: nothing timed", "meter": meter}
     seq = meter["mean_padded_length"]
-    train_share = 1.0
-    if dpo:
-        train_share = meter["optimizer_steps"] * micro_batches_per_step / meter["forward_passes"]
+    micro = meter["forward_passes"] / meter["optimizer_steps"] / (2 if dpo else 1)
+    train_share = 0.5 if dpo else 1.0
     per_token = (train_share * speed.lora_flops_per_token(flops, seq)
                  + (1 - train_share) * speed.lora_flops_per_token(flops, seq, backward=False))
     tflops = per_token * meter["padded_tokens_per_s"] / 1e12
-    each = meter["seconds_each_step"]
-    out = {"seconds_per_step": meter["seconds_per_step"], "median_step_s": round(statistics.median(each), 4),
-           "seconds_per_micro_batch": round(meter["seconds_per_step"] / micro_batches_per_step, 4),
-           "micro_batches_per_step": micro_batches_per_step, "timed_steps": meter["timed_steps"],
-           "mean_padded_length": seq, "padding_share": meter["padding_share"],
-           "real_tokens_per_s": meter["real_tokens_per_s"], "padded_tokens_per_s": meter["padded_tokens_per_s"],
-           "model_tflops": round(tflops, 4), "mfu": round(tflops / peak, 5) if peak else None,
-           "training_share_of_counted_tokens": round(train_share, 4),
-           "gpu_peak_allocated_gib": meter.get("gpu_peak_allocated_gib"), "meter": meter}
-    return out
+    return {"seconds_per_step": meter["seconds_per_step"],
+            "median_step_s": round(statistics.median(meter["seconds_each_step"]), 4),
+            "seconds_per_micro_batch": round(meter["seconds_per_step"] / micro, 4),
+            "micro_batches_per_step": round(micro, 3), "timed_steps": meter["timed_steps"],
+            "mean_padded_length": seq, "padding_share": meter["padding_share"],
+            "real_tokens_per_s": meter["real_tokens_per_s"], "padded_tokens_per_s": meter["padded_tokens_per_s"],
+            "model_tflops": round(tflops, 4), "mfu": round(tflops / peak, 5) if peak else None,
+            "training_share_of_counted_tokens": train_share,
+            "gpu_peak_allocated_gib": meter.get("gpu_peak_allocated_gib"), "meter": meter}
 
 
 def sft_part(args, model_ref, splits, work, overrides, flops, peak) -> tuple[dict, str]:
@@ -299,7 +298,7 @@ def sft_part(args, model_ref, splits, work, overrides, flops, peak) -> tuple[dic
         got = speed.worker_sft_ours({"sft": dataclasses.asdict(s), "steps": args.sft_steps, "record_rows": False})
         out["runs"][name] = {"batch_size": s.batch_size, "grad_accum": s.grad_accum,
                              "stage_wall_s": round(time.perf_counter() - t0, 2), "stage_timings": got["stage_timings"],
-                             **training_figures(got["meter"], flops, peak, s.grad_accum, dpo=False)}
+                             **training_figures(got["meter"], flops, peak, dpo=False)}
     by_accum = {r["grad_accum"]: r for r in out["runs"].values()}
     if 1 in by_accum and 2 in by_accum and "seconds_per_step" in by_accum[1] and "seconds_per_step" in by_accum[2]:
         out["grad_accum_2_vs_1"] = {
@@ -325,7 +324,7 @@ def dpo_part(args, sft_dir, splits, work, overrides, flops, peak) -> dict:
     got = speed.worker_dpo({"dpo": dataclasses.asdict(s), "steps": args.dpo_steps})
     return {"batch_size_pairs": s.batch_size, "grad_accum": s.grad_accum, "steps": args.dpo_steps,
             "stage_wall_s": round(time.perf_counter() - t0, 2), "stage_timings": got["stage_timings"],
-            **training_figures(got["meter"], flops, peak, s.grad_accum, dpo=True)}
+            **training_figures(got["meter"], flops, peak, dpo=True)}
 
 
 def score_part(args, model_ref, splits, overrides, flops, peak) -> dict:
