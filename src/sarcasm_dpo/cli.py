@@ -78,6 +78,12 @@ def run_command(args: argparse.Namespace) -> object:
         return predict_run(args)
     module_name, section, _ = COMMANDS[args.command]
     settings = from_namespace(STAGES[section], args, section)
+    if getattr(settings, "model", None):  # a hub id with an offline fallback becomes what is actually loaded
+        from dataclasses import replace
+
+        from .model_route import route_model
+
+        settings = replace(settings, model=route_model(settings.model))
     module = importlib.import_module(module_name)
     if section == "pipeline":
         return module.run(settings, config_path=getattr(args, "config", None))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .atomic import is_complete_for, read_complete
 from .config import build, check_known_keys, load_yaml, values_for_stage
+from .model_route import route_model
 from .settings import STAGES, CompareSettings, DPOSettings, MineSettings, SFTSettings, SplitSettings
 
 
@@ -74,6 +75,9 @@ def run(pipe, config_path: str | None = None) -> dict:
     check_known_keys(data, STAGES, str(config_path or "defaults"))  # pipe itself came from the same file + flags
     group = None if pipe.no_wandb else make_group_name()
     stages = stage_settings(data, pipe, group, str(config_path or "defaults"))
+    for name, settings in stages.items():  # recorded as what is loaded: the hub id or its offline fallback
+        if getattr(settings, "model", None):
+            stages[name] = dataclasses.replace(settings, model=route_model(settings.model))
     order = ["split", "sft", *(["mine"] if pipe.mine else []), "dpo", "compare"]
     ran, skipped = [], []
     result = None

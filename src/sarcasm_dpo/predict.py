@@ -47,7 +47,9 @@ def run(args) -> list[dict]:
         check_positive(name, getattr(args, name), allow_none=False)
     if not 0 <= args.threshold <= 1:
         raise UserError(f"--threshold is a probability and must be in [0, 1], got {args.threshold}.")
-    model_ref = args.model or adapter_base_model(args.adapter)
+    from .model_route import route_model
+
+    model_ref = route_model(args.model) or adapter_base_model(args.adapter)
     texts = read_texts(args.input)
     if not texts:
         raise UserError("No texts to classify (the input is empty).")
