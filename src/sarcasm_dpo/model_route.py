@@ -140,5 +140,30 @@ def route_model(ref: str | None, log=None) -> str | None:
     return str(path)
 
 
+def check_available(ref: str) -> None:
+    """Refuse, before anything runs, a model that cannot be loaded here: a missing path, or a hub id with the hub
+    out of reach and no local copy. A pipeline would otherwise write its splits and open a W&B run first."""
+    from .models import OFFLINE_HINT, resolve_source
+
+    source, _ = resolve_source(ref)  # a missing local path fails here, with its own message
+    if Path(source).exists() or _in_hub_cache(ref):
+        return
+    reason = _hub_unreachable()
+    if reason and not _hub_snapshot(ref):
+        raise UserError(f"Cannot get the model {ref!r}: the Hugging Face hub does not answer ({reason}) and the model "
+                        f"is not in the local cache, so nothing was run. {OFFLINE_HINT}")
+
+
+def _hub_snapshot(repo_id: str) -> bool:
+    """A complete local snapshot of the repo (transformers can load it with local_files_only)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo_id, local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - not cached (or a broken cache): not available offline
+        return False
+
+
 if __name__ == "__main__":
     print(route_model(sys.argv[1] if len(sys.argv) > 1 else "HuggingFaceTB/SmolLM2-135M-Instruct"))
