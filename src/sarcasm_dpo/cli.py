@@ -152,10 +152,26 @@ def interrupt_message(args: argparse.Namespace, argv: list[str], exc: KeyboardIn
     return f"Interrupted by {name}. Files already written are whole (each is written atomically); re-run: {again}"
 
 
+def quiet_known_noise() -> None:
+    """Silence library chatter that says nothing to a user of this tool; its own progress and warnings stay.
+
+    - transformers' deprecation of `is_gradient_checkpointing`, raised by its own Trainer/PEFT code, not ours;
+    - peft's "Could not find a config file" when the base model is a .gguf file (no config.json to compare
+      embedding sizes against; our adapters never touch the embeddings);
+    - the datasets library's per-step preparation bars ("Tokenizing train dataset", "Adding EOS ...").
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in", category=UserWarning)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_known_noise()
     if args.command in DISTRIBUTED and os.environ.get("ACCELERATE_USE_CPU"):
         from .runtime import cpu_workers_requested, run_workers
 
