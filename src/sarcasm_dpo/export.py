@@ -121,7 +121,12 @@ def model_card(info: dict, usage: str) -> str:
              f"merged into the base weights (saved as {info['dtype']}). It answers one question with one token, "
              "and P(sarcastic) is the softmax over the logits of the two answer tokens at the answer position.", ""]
     if info["base_model"] != info["base_hub_id"]:
-        lines += [f"Base weights loaded from: `{info['base_model']}`.", ""]
+        note = (" (de-quantized from that GGUF file, so they differ slightly from the Hub model's own weights)"
+                if info["base_model"].endswith(".gguf") else "")
+        lines += [f"Base weights loaded from `{Path(info['base_model']).name}`{note}.", ""]
+    if info["stage"] == "dpo" and info.get("dpo_kept_sft"):
+        lines += ["DPO did not raise validation F1 above the SFT start, so its stage kept the SFT adapter: these "
+                  "are the SFT weights.", ""]
     lines += ["## Prompt", "",
               "One user turn, rendered with the tokenizer's chat template and the generation prompt:", "", "```text",
               info["question"], "```", "",
@@ -140,8 +145,8 @@ def model_card(info: dict, usage: str) -> str:
             lines.append(f"| {name}{' (this model)' if name == test['key'] else ''} | {m['accuracy']:.3f} "
                          f"[{m['accuracy_ci'][0]:.3f}, {m['accuracy_ci'][1]:.3f}] | {m['f1']:.3f} "
                          f"[{m['f1_ci'][0]:.3f}, {m['f1_ci'][1]:.3f}] | {m['macro_f1']:.3f} | {_fmt(m.get('roc_auc'))} |")
-        for pair, verdict in test["verdicts"].items():
-            lines.append(f"\n- {pair}: {verdict} (exact McNemar test)")
+        lines.append("")
+        lines += [f"- {verdict} (exact McNemar test)" for verdict in test["verdicts"].values()]
         lines.append("")
     else:
         lines += ["No comparison run names this adapter, so there are no test-set figures here (run "
@@ -247,13 +252,15 @@ def run(s) -> dict:
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
         no_id, yes_id = label_token_ids(tokenizer)
-        info = {"name": f"sarcasm-dpo {stage.upper()} {hub_base_id(base) or Path(base).name}".replace("/", " "),
+        short = (hub_base_id(base) or Path(base).name).rsplit("/", 1)[-1]
+        info = {"name": f"{short} sarcasm detector ({'SFT + DPO' if stage == 'dpo' else stage.upper()}, sarcasm-dpo)",
                 "stage": stage, "adapter": str(adapter.resolve()), "base_model": base, "base_hub_id": hub_base_id(base),
                 "license": s.license or KNOWN_LICENSES.get(hub_base_id(base) or "", "other"), "dtype": s.dtype,
                 "question": QUESTION, "label_words": list(LABEL_WORDS), "label_token_ids": [no_id, yes_id],
                 "threshold": threshold, "threshold_source": threshold_source,
                 "test": _test_block(results, key, s.results) if results else None,
-                "validation": _validation_block(stage_record), "training_config": stage_record.get("config")}
+                "validation": _validation_block(stage_record), "training_config": stage_record.get("config"),
+                "dpo_kept_sft": stage == "dpo" and stage_record.get("improved_over_sft") is False}
         write_json(out / EXPORT_INFO, info)
         write_text(out / CARD, model_card(info, usage_snippet(QUESTION, no_id, yes_id, threshold)))
         finish_output_dir(out, config, {"threshold": threshold})
