@@ -47,6 +47,7 @@ def test_export_loads_in_plain_transformers_with_the_adapter_probabilities(adapt
     out = tmp_path / "exported"
     assert main(["export", "--adapter", str(adapter_dir), "--output_dir", str(out), "--results", ""]) == 0
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert (out / "model.safetensors").stat().st_mode & 0o044  # readable by others, like every other output
     plain = AutoModelForCausalLM.from_pretrained(out)  # no peft anywhere
     assert not hasattr(plain, "peft_config")
     tokenizer = AutoTokenizer.from_pretrained(out)

@@ -232,6 +232,7 @@ def run(s) -> dict:
     from .atomic import check_output_dir, finish_output_dir, is_complete_for, prepare_output_dir, write_json, write_text
     from .models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_model
     from .prompts import LABEL_WORDS, QUESTION, label_token_ids
+    from .runtime import save_adapter
 
     adapter = check_adapter_dir(s.adapter)
     config = {k: v for k, v in dataclasses.asdict(s).items() if k not in PUBLISH_KEYS}
@@ -249,8 +250,7 @@ def run(s) -> dict:
         model, tokenizer = load_model(base, adapter=str(adapter), device=torch.device("cpu"))
         merged = model.merge_and_unload().to(getattr(torch, s.dtype))
         prepare_output_dir(out, config, overwrite=s.overwrite)
-        merged.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        save_adapter(merged, tokenizer, out)  # the stages' saver: scratch folder, usual file permissions
         no_id, yes_id = label_token_ids(tokenizer)
         short = (hub_base_id(base) or Path(base).name).rsplit("/", 1)[-1]
         info = {"name": f"{short} sarcasm detector ({'SFT + DPO' if stage == 'dpo' else stage.upper()}, sarcasm-dpo)",
