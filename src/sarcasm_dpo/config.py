@@ -3,7 +3,8 @@
 Each stage's settings are a dataclass whose fields carry their own help text (litgpt style), so
 `--help`, the YAML files in configs/ and the `config` saved beside every output all come from one
 place. A YAML file may hold keys shared by all stages at the top level (`model`, `seed`,
-`wandb_project`, ...) and one section per stage (`split:`, `sft:`, `mine:`, `dpo:`, `compare:`);
+`wandb_project`, ...) and one section per stage (`split:`, `sft:`, `mine:`, `dpo:`, `compare:`,
+`export:`);
 a stage takes the shared keys it knows plus its own section. Unknown keys are an error, so a typo
 in a config never silently falls back to a default.
 

@@ -8,6 +8,10 @@ marker), and redoes a stage whose settings changed, and every stage after it (th
 changed); `--force` redoes everything.
 
     sarcasm-dpo pipeline --config configs/smollm2-135m-cpu.yaml --data_dir ../shared/data
+    sarcasm-dpo pipeline --config configs/smoke.yaml --set sft.sample_size=64    # one stage's setting, as in the file
+
+Before any stage writes, the base model is routed (model_route: hub id, or its offline fallback)
+and checked to be loadable here, so a missing model fails at once instead of after the split.
 """
 
 from __future__ import annotations
