@@ -157,3 +157,22 @@ def test_pipeline_refuses_an_unreachable_model_before_writing_anything(small_dat
     err = capsys.readouterr().err
     assert "Cannot get the model 'someone/not-a-cached-model'" in err and "nothing was run" in err
     assert "make run-cpu" in err and not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow
+def test_smoke_config_runs_every_stage_then_exports(tiny_model_dir, shared_data, tmp_path):
+    """configs/smoke.yaml as `make smoke` runs it, with the tiny model swapped in by --set; then its export: section."""
+    config = ROOT / "configs" / "smoke.yaml"
+    cmd = [sys.executable, "-m", "sarcasm_dpo.cli", "pipeline", "--config", str(config), "--data_dir", str(shared_data),
+           "--no_wandb", "--set", f"model={tiny_model_dir}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "runs/smoke/results/model_comparison_results.json").read_text())
+    assert results["test_set"]["n"] == 64 and results["config"]["model"] == str(tiny_model_dir)
+    assert json.loads((tmp_path / "runs/smoke/sft/training_summary.json").read_text())["config"]["model"] == str(
+        tiny_model_dir)
+    export = subprocess.run([sys.executable, "-m", "sarcasm_dpo.cli", "export", "--config", str(config)],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert export.returncode == 0, export.stderr[-3000:]
+    info = json.loads((tmp_path / "runs/smoke/exported/sarcasm_dpo.json").read_text())
+    assert info["test"]["n"] == 64 and info["threshold"] == 0.5
