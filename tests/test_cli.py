@@ -75,3 +75,27 @@ def test_predict_refuses_nonsense_numbers(tiny_model_dir, tmp_path, flags, messa
     texts.write_text("oh great, rain again\n")
     assert main(["predict", "--model", str(tiny_model_dir), "--input", str(texts), *flags]) == 2
     assert capsys.readouterr().err.strip() == f"error: {message}."
+
+
+def test_pipeline_interrupted_under_make_names_the_make_command(monkeypatch, capsys):
+    """A fresh shell may not have `sarcasm-dpo` on its PATH; the Makefile's targets say how they were started."""
+    import sarcasm_dpo.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_command", interrupted)
+    monkeypatch.setenv("SARCASM_DPO_RERUN", "make run-cpu DATA_DIR=../data")
+    assert main(["pipeline", "--no_wandb"]) == 130
+    assert capsys.readouterr().err.strip().endswith("resumes from its newest checkpoint: make run-cpu DATA_DIR=../data")
+    monkeypatch.delenv("SARCASM_DPO_RERUN")
+    assert main(["pipeline", "--no_wandb"]) == 130
+    assert capsys.readouterr().err.strip().endswith("checkpoint: sarcasm-dpo pipeline --no_wandb")
+
+
+def test_help_of_data_download_and_predict_explain_and_show_defaults(capsys):
+    for argv in (["data", "download", "--help"], ["predict", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = capsys.readouterr().out
+        assert "default:" in out and ("sha256" in out or "JSON line" in out)

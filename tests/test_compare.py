@@ -215,7 +215,8 @@ def test_mcnemar_and_improvements_match_hand_computation(full_run):
         p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, k) for k in range(min(n01, n10) + 1)) / 2 ** n)
         assert (test["a_right_b_wrong"], test["a_wrong_b_right"]) == (n01, n10)
         assert test["p_value"] == pytest.approx(p, rel=1e-9)
-        assert test == {**metrics.mcnemar_exact(labels, a, b), "verdict": test["verdict"], "alpha": 0.05}
+        assert test == {**metrics.mcnemar_exact(labels, a, b), "verdict": test["verdict"], "alpha": 0.05,
+                        "test": "exact McNemar test (two-sided binomial on the items where the two models disagree)"}
         if p < 0.05:
             assert " at p<0.05" in test["verdict"]
         else:

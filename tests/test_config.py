@@ -112,3 +112,42 @@ def test_every_field_has_help():
     for cls in STAGES.values():
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+
+
+def test_set_overrides_one_stage_like_the_config_file():
+    from sarcasm_dpo.config import apply_overrides
+
+    data = load_yaml(ROOT / "configs" / "smoke.yaml")
+    args = parse(["pipeline", "--config", "configs/smoke.yaml", "--set", "sft.sample_size=16",
+                  "--set", "dpo.beta=0.5", "--set", "seed=7",
+                  "--set", "sft.lora_targets=[q_proj, v_proj]"])
+    pipe = from_namespace(PipelineSettings, args, "pipeline")
+    assert pipe.set == ["sft.sample_size=16", "dpo.beta=0.5", "seed=7", "sft.lora_targets=[q_proj, v_proj]"]
+    stages = stage_settings(apply_overrides(data, pipe.set, STAGES), pipe, None)
+    assert (stages["sft"].sample_size, stages["dpo"].beta, stages["sft"].seed, stages["compare"].seed) == (16, 0.5, 7, 7)
+    assert stages["sft"].lora_targets == ["q_proj", "v_proj"]
+    assert stages["dpo"].sample_size == data["dpo"]["sample_size"]  # the rest as the file says
+    assert data["sft"]["sample_size"] == 32  # the loaded mapping itself is untouched
+
+
+@pytest.mark.parametrize("item,match", [
+    ("sft.sample_size", "expects SECTION.KEY=VALUE"),
+    ("sftt.epochs=1", "unknown section 'sftt'"),
+    ("sft.learning_rate=0.1", "section 'sft' has no setting 'learning_rate'. Known: .*lr"),
+    ("learning_rate=0.1", "no stage has a setting 'learning_rate'"),
+    ("pipeline.mine=true", "unknown section 'pipeline'.*--mine"),
+])
+def test_set_refuses_unknown_keys(item, match):
+    from sarcasm_dpo.config import apply_overrides
+
+    with pytest.raises(UserError, match=match):
+        apply_overrides({}, [item], STAGES)
+
+
+def test_set_values_are_typed_and_checked_like_config_values():
+    from sarcasm_dpo.config import apply_overrides
+
+    for item, match in [("sft.sample_size=many", "Setting 'sample_size' expects int"),
+                        ("dpo.beta=0", "beta must be > 0")]:
+        with pytest.raises(UserError, match=match):
+            stage_settings(apply_overrides({}, [item], STAGES), PipelineSettings(no_wandb=True), None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,7 +13,8 @@ import pytest
 from sarcasm_dpo import download as dl
 from sarcasm_dpo.errors import UserError
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA  # noqa: E402 - the real datasets, wherever the route found them
+
 URL_TO_FILE = {"/" + d.url_path: SHARED_DATA / d.relpath for d in dl.DATASETS.values()}
 GEN = dl.DATASETS["gen"]
 
@@ -48,8 +50,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def server():
-    assert all(p.is_file() for p in URL_TO_FILE.values()), f"shared datasets not found under {SHARED_DATA}"
+def server(shared_data):  # skips, saying why, when no route found the real datasets to serve
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.requests = []
     srv.modes = {}  # url path -> "ok" | "corrupt" | "drop" | "drop_once"
@@ -148,7 +149,7 @@ def test_stale_file_in_cache_is_replaced(server, tmp_path):
     assert _leftovers(tmp_path) == [stale]
 
 
-def test_ensure_data_dir_uses_given_folder_without_network(monkeypatch):
+def test_ensure_data_dir_uses_given_folder_without_network(monkeypatch, shared_data):
     def no_network(*a, **k):
         raise AssertionError("ensure_data_dir(dir) must not download")
 
@@ -176,12 +177,46 @@ def test_ensure_data_dir_own_copy_with_other_checksum_only_warns(tmp_path):
 
 
 def test_ensure_data_dir_none_downloads_into_cache(server, tmp_path, monkeypatch):
+    monkeypatch.delenv(dl.DATA_DIRS_ENV, raising=False)
     monkeypatch.setenv("SARCASM_DPO_DATA", str(tmp_path / "cache"))
     monkeypatch.setattr(dl, "DEFAULT_BASE_URL", server.base_url)
     assert dl.default_cache_dir() == tmp_path / "cache"
     root = dl.ensure_data_dir(None, keys=["isarcasmeval"], log=lambda _m: None)
     assert root == tmp_path / "cache"
     assert dl.sha256_file(root / "isarcasmeval/train.En.csv") == dl.DATASETS["isarcasmeval"].sha256
+
+
+def test_route_order_data_dirs_then_cache_then_download(server, tmp_path, monkeypatch):
+    """$SARCASM_DPO_DATA_DIRS copies count only when whole and verified; then the cache; then a download."""
+    import shutil
+
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    for root in (bad, good):
+        for d in dl.DATASETS.values():
+            (root / d.relpath).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(SHARED_DATA / d.relpath, root / d.relpath)
+    (bad / GEN.relpath).write_text("edited\n")
+    monkeypatch.setenv("SARCASM_DPO_DATA", str(tmp_path / "cache"))
+    monkeypatch.setattr(dl, "DEFAULT_BASE_URL", server.base_url)
+    logs = []
+    monkeypatch.setenv(dl.DATA_DIRS_ENV, f"{tmp_path / 'missing'}{os.pathsep}{bad}{os.pathsep}{good}")
+    assert dl.ensure_data_dir(None, log=logs.append) == good and server.requests == []
+    assert logs == [f"data: {good} (from ${dl.DATA_DIRS_ENV}, checksums verified)"]
+    monkeypatch.setenv(dl.DATA_DIRS_ENV, str(bad))  # no verified copy: download into the cache
+    assert dl.ensure_data_dir(None, log=lambda _m: None) == tmp_path / "cache"
+    assert sorted(server.requests) == sorted(URL_TO_FILE)
+    server.requests.clear()  # the cache now holds both: no request at all
+    assert dl.ensure_data_dir(None, log=lambda _m: None) == tmp_path / "cache" and server.requests == []
+
+
+def test_offline_error_names_every_route(tmp_path, monkeypatch):
+    monkeypatch.delenv(dl.DATA_DIRS_ENV, raising=False)
+    monkeypatch.setenv("SARCASM_DPO_DATA", str(tmp_path / "cache"))
+    monkeypatch.setattr(dl, "DEFAULT_BASE_URL", "http://127.0.0.1:9")  # discard port: nothing answers
+    with pytest.raises(UserError) as exc:
+        dl.ensure_data_dir(None, log=lambda _m: None, timeout=5, retries=0)
+    msg = str(exc.value)
+    assert "--data_dir DIR" in msg and "make run-cpu DATA_DIR=DIR" in msg and dl.DATA_DIRS_ENV in msg
 
 
 def test_unknown_key_is_a_user_error(tmp_path):

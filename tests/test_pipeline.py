@@ -94,6 +94,11 @@ def test_pipeline_end_to_end_then_skips(tiny_model_dir, small_data_dir, tmp_path
     assert not np.allclose(preds["p_sft"], preds["p_base"])  # SFT trained something
     assert "verdict" in results["significance"]["dpo_vs_sft"]
     assert "dpo" in done.stdout.lower() and "accuracy" in done.stdout.lower() or "acc" in done.stdout.lower()
+    # It ends with what it found and where: the table, the verdicts, the plot, predictions and results.
+    tail = done.stdout.rstrip().splitlines()[-3:]
+    assert tail == [f"Plot: {work}/results/model_comparison_plot.png", f"Predictions: {work}/results/predictions.csv",
+                    f"Results: {work}/results/model_comparison_results.json"]
+    assert done.stdout.count("DPO vs SFT: accuracy") == 2  # compare's report, then the pipeline's closing summary
 
     # Re-run: every stage is complete for the same settings and is skipped.
     again = pipeline(config, small_data_dir)
@@ -107,6 +112,15 @@ def test_pipeline_end_to_end_then_skips(tiny_model_dir, small_data_dir, tmp_path
     changed = pipeline(config, small_data_dir)
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert "ran dpo, compare" in changed.stdout
+
+    # A per-stage override on the command line counts like the same change in the file.
+    overridden = pipeline(config, small_data_dir, "--set", "compare.n_bootstrap=100")
+    assert overridden.returncode == 0, overridden.stderr[-2000:]
+    assert "ran compare;" in overridden.stdout
+    results = json.loads((work / "results" / "model_comparison_results.json").read_text())
+    assert results["config"]["n_bootstrap"] == 100
+    bad = pipeline(config, small_data_dir, "--set", "compare.n_bootstrapp=100")
+    assert bad.returncode == 2 and "section 'compare' has no setting 'n_bootstrapp'" in bad.stderr
 
 
 def test_original_scripts_chain(tiny_model_dir, small_data_dir, tmp_path):
@@ -133,3 +147,32 @@ def test_original_scripts_chain(tiny_model_dir, small_data_dir, tmp_path):
     results = json.loads((s / "results" / "model_comparison_results.json").read_text())
     assert results["test_set"]["n"] == 20 and "base" not in results["models"]
     assert set(results["models"]) >= {"sft", "dpo"}
+
+
+def test_pipeline_refuses_an_unreachable_model_before_writing_anything(small_data_dir, tmp_path, capsys):
+    from sarcasm_dpo.cli import main
+
+    config = write_config(tmp_path / "p.yaml", "someone/not-a-cached-model", tmp_path / "work")
+    assert main(["pipeline", "--config", str(config), "--data_dir", str(small_data_dir), "--no_wandb"]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot get the model 'someone/not-a-cached-model'" in err and "nothing was run" in err
+    assert "make run-cpu" in err and not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow
+def test_smoke_config_runs_every_stage_then_exports(tiny_model_dir, shared_data, tmp_path):
+    """configs/smoke.yaml as `make smoke` runs it, with the tiny model swapped in by --set; then its export: section."""
+    config = ROOT / "configs" / "smoke.yaml"
+    cmd = [sys.executable, "-m", "sarcasm_dpo.cli", "pipeline", "--config", str(config), "--data_dir", str(shared_data),
+           "--no_wandb", "--set", f"model={tiny_model_dir}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "runs/smoke/results/model_comparison_results.json").read_text())
+    assert results["test_set"]["n"] == 64 and results["config"]["model"] == str(tiny_model_dir)
+    assert json.loads((tmp_path / "runs/smoke/sft/training_summary.json").read_text())["config"]["model"] == str(
+        tiny_model_dir)
+    export = subprocess.run([sys.executable, "-m", "sarcasm_dpo.cli", "export", "--config", str(config)],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert export.returncode == 0, export.stderr[-3000:]
+    info = json.loads((tmp_path / "runs/smoke/exported/sarcasm_dpo.json").read_text())
+    assert info["test"]["n"] == 64 and info["threshold"] == 0.5

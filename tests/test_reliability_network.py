@@ -82,6 +82,7 @@ def test_dataset_that_cannot_be_downloaded_names_data_dir(tmp_path, capsys, monk
     # `split` without --data_dir downloads into the cache first: same message, no split written.
     monkeypatch.setattr(download, "DEFAULT_BASE_URL", DEAD)
     monkeypatch.setenv("SARCASM_DPO_DATA", str(tmp_path / "cache"))
+    monkeypatch.delenv(download.DATA_DIRS_ENV, raising=False)  # no other copy of the data either
     code = cli.main(["split", "--no_wandb", "--output_dir", str(tmp_path / "splits")])
     assert code == 2
     _assert_offline_route(capsys.readouterr().err, "--data_dir DIR")

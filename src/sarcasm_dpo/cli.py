@@ -35,6 +35,8 @@ COMMANDS = {
     "dpo": ("sarcasm_dpo.dpo", "dpo", "Phase 2: DPO on iSarcasmEval from the SFT adapter, SFT as frozen reference."),
     "compare": ("sarcasm_dpo.compare", "compare", "Evaluate Base vs SFT vs DPO on the held-out GEN test split."),
     "pipeline": ("sarcasm_dpo.pipeline", "pipeline", "Run download/split -> sft -> dpo -> compare with one config."),
+    "export": ("sarcasm_dpo.export", "export", "Merge an adapter into its base model: a folder plain transformers "
+                                               "loads, with threshold and model card; optionally push it to the Hub."),
 }
 
 
@@ -46,23 +48,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    data = sub.add_parser("data", help="Dataset commands (download).")
+    data = sub.add_parser("data", help="Dataset commands (download).", description="Dataset commands.")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    download = data_sub.add_parser("download", help="Fetch GEN and iSarcasmEval into the cache and verify checksums.")
-    download.add_argument("--cache_dir", default=None, help="Where to put the files (default: ~/.cache/sarcasm-dpo/data).")
-    download.add_argument("--base_url", default=None, help="Mirror to fetch from instead of the GitHub repositories.")
+    text = ("Fetch GEN and iSarcasmEval from their GitHub repositories into the cache, verify their sha256 and "
+            "write them atomically; files already there with the right checksum are kept. Every command that "
+            "reads the datasets finds them there afterwards, offline too.")
+    download = data_sub.add_parser("download", help="Fetch GEN and iSarcasmEval into the cache and verify checksums.",
+                                   description=text)
+    download.add_argument("--cache_dir", default=None,
+                          help="Where to put the files (default: $SARCASM_DPO_DATA or ~/.cache/sarcasm-dpo/data).")
+    download.add_argument("--base_url", default=None,
+                          help="Mirror to fetch from instead of the GitHub repositories (default: "
+                               "https://raw.githubusercontent.com).")
 
     for name, (_, section, text) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
         add_arguments(p, STAGES[section])
 
-    predict = sub.add_parser("predict", help="Classify texts with a model and an optional adapter; prints JSON lines.")
-    predict.add_argument("--model", default=None, help="Base model: hub id, folder or .gguf (default: the adapter's base).")
+    text = ("Classify texts with a model (a hub id, a folder such as an `export`, or a .gguf) and an optional "
+            "LoRA adapter; prints one JSON line per text: {\"text\", \"p_sarcastic\", \"label\"}.")
+    predict = sub.add_parser("predict", help="Classify texts with a model and an optional adapter; prints JSON lines.",
+                             description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    predict.add_argument("--model", default=None, help="Base model: hub id, folder or .gguf (empty: the adapter's base).")
     predict.add_argument("--adapter", default=None, help="LoRA adapter folder (from sft or dpo).")
     predict.add_argument("--input", default=None, help="Text file (one text per line) or CSV/JSONL with a text column; stdin if absent.")
     predict.add_argument("--batch_size", type=int, default=16, help="Texts per forward pass.")
     predict.add_argument("--max_text_tokens", type=int, default=256, help="Texts are cut to this many tokens inside the prompt.")
-    predict.add_argument("--threshold", type=float, default=0.5, help="P(sarcastic) at or above which the label is 1.")
+    predict.add_argument("--threshold", type=float, default=None,
+                         help="P(sarcastic) at or above which the label is 1 (empty: the threshold an exported model "
+                              "records in sarcasm_dpo.json, else 0.5).")
     predict.add_argument("--device", default=None, help="cuda, mps or cpu (auto-detected when empty).")
     return parser
 
@@ -78,6 +92,12 @@ def run_command(args: argparse.Namespace) -> object:
         return predict_run(args)
     module_name, section, _ = COMMANDS[args.command]
     settings = from_namespace(STAGES[section], args, section)
+    if getattr(settings, "model", None):  # a hub id with an offline fallback becomes what is actually loaded
+        from dataclasses import replace
+
+        from .model_route import route_model
+
+        settings = replace(settings, model=route_model(settings.model))
     module = importlib.import_module(module_name)
     if section == "pipeline":
         return module.run(settings, config_path=getattr(args, "config", None))
@@ -104,7 +124,10 @@ def _main_process() -> bool:
 
 
 def resume_command(args: argparse.Namespace, argv: list[str]) -> str:
-    """The command line that continues an interrupted run."""
+    """The command line that continues an interrupted run: the make command when make started it."""
+    rerun = os.environ.get("SARCASM_DPO_RERUN")  # set by the Makefile's run targets
+    if rerun and args.command == "pipeline":
+        return rerun
     words = list(argv)
     if args.command in RESUMABLE and "--resume" not in words:
         words.append("--resume")
@@ -129,10 +152,26 @@ def interrupt_message(args: argparse.Namespace, argv: list[str], exc: KeyboardIn
     return f"Interrupted by {name}. Files already written are whole (each is written atomically); re-run: {again}"
 
 
+def quiet_known_noise() -> None:
+    """Silence library chatter that says nothing to a user of this tool; its own progress and warnings stay.
+
+    - transformers' deprecation of `is_gradient_checkpointing`, raised by its own Trainer/PEFT code, not ours;
+    - peft's "Could not find a config file" when the base model is a .gguf file (no config.json to compare
+      embedding sizes against; our adapters never touch the embeddings);
+    - the datasets library's per-step preparation bars ("Tokenizing train dataset", "Adding EOS ...").
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in", category=UserWarning)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_known_noise()
     if args.command in DISTRIBUTED and os.environ.get("ACCELERATE_USE_CPU"):
         from .runtime import cpu_workers_requested, run_workers
 

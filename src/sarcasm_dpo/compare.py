@@ -73,7 +73,9 @@ def run(settings: CompareSettings) -> dict:
     test = data.stratified_sample(test_full, s.sample_size, s.seed)
     extras = load_extra_tests(s, train)
     out = prepare_results_dir(Path(s.output_dir), config)
-    print(f"Test set: {s.test_csv}: {len(test)} of {len(test_full)} items {data.class_counts(test)}")
+    counts = data.class_counts(test)
+    print(f"Test set: {s.test_csv}: {len(test)} of {len(test_full)} items ({counts['sarcastic']} sarcastic, "
+          f"{counts['not_sarcastic']} not)")
 
     from .tracking import Tracker
 
@@ -279,6 +281,9 @@ def split_probs(probs: dict[str, np.ndarray], sets: dict[str, pd.DataFrame]) -> 
 # evaluation
 
 
+MCNEMAR = "exact McNemar test (two-sided binomial on the items where the two models disagree)"
+
+
 def evaluate(frame: pd.DataFrame, probs: dict[str, np.ndarray], s: CompareSettings) -> dict:
     """Metrics with intervals per model, improvements in points, and McNemar tests for each pair."""
     labels = frame["label"].to_numpy(dtype=int)
@@ -294,6 +299,7 @@ def evaluate(frame: pd.DataFrame, probs: dict[str, np.ndarray], s: CompareSettin
         test["verdict"] = metrics.significance_verdict(NAMES[new], NAMES[old], scored[new]["accuracy"],
                                                        scored[old]["accuracy"], test["p_value"], ALPHA)
         test["alpha"] = ALPHA
+        test["test"] = MCNEMAR  # named in the results, so a reader need not guess which test gave p_value
         significance[pair] = test
     return {"models": scored, "improvements_pp": improvements, "significance": significance}
 

@@ -3,7 +3,8 @@
 Each stage's settings are a dataclass whose fields carry their own help text (litgpt style), so
 `--help`, the YAML files in configs/ and the `config` saved beside every output all come from one
 place. A YAML file may hold keys shared by all stages at the top level (`model`, `seed`,
-`wandb_project`, ...) and one section per stage (`split:`, `sft:`, `mine:`, `dpo:`, `compare:`);
+`wandb_project`, ...) and one section per stage (`split:`, `sft:`, `mine:`, `dpo:`, `compare:`,
+`export:`);
 a stage takes the shared keys it knows plus its own section. Unknown keys are an error, so a typo
 in a config never silently falls back to a default.
 
@@ -23,7 +24,7 @@ import yaml
 
 from .errors import UserError
 
-STAGE_SECTIONS = ("split", "sft", "mine", "dpo", "compare", "pipeline")
+STAGE_SECTIONS = ("split", "sft", "mine", "dpo", "compare", "pipeline", "export")
 
 C = TypeVar("C")
 
@@ -113,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 # List fields that are given by repeating the flag (`--extra_test a=x --extra_test b=y`)
 # rather than as one comma-separated value.
-REPEATABLE = {"extra_test"}
+REPEATABLE = {"extra_test", "set"}
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -157,6 +158,47 @@ def check_known_keys(data: dict, classes: dict[str, type], source: str = "config
         raise UserError(f"{source}: unknown setting(s): {', '.join(unknown)}.")
     for section, cls in classes.items():
         values_for_stage(data, cls, section, source)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str], classes: dict[str, type]) -> dict:
+    """A copy of a YAML mapping with `SECTION.KEY=VALUE` (or shared `KEY=VALUE`) items set, as the file would.
+
+    The value is read as YAML (`64`, `1e-4`, `true`, `[q_proj, v_proj]`), then typed and checked
+    like any config value when the stage's settings are built. Unknown sections and keys are errors.
+
+        sarcasm-dpo pipeline --config configs/smoke.yaml --set sft.sample_size=64 --set seed=1
+    """
+    import copy
+
+    out = copy.deepcopy(data)
+    sections = {name: cls for name, cls in classes.items() if name != "pipeline"}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, _, name = key.strip().rpartition(".")
+        if not sep or not name:
+            raise UserError(f"--set expects SECTION.KEY=VALUE or KEY=VALUE (e.g. sft.sample_size=64), got {item!r}.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if section:
+            if section not in sections:
+                raise UserError(f"--set {item}: unknown section {section!r}; sections: {', '.join(sections)} "
+                                "(the pipeline's own settings are flags: --data_dir, --mine, ...).")
+            known = {f.name for f in dataclasses.fields(sections[section])}
+            if name not in known:
+                raise UserError(f"--set {item}: section {section!r} has no setting {name!r}. "
+                                f"Known: {', '.join(sorted(known))}.")
+            if not isinstance(out.get(section), dict):
+                out[section] = {}
+            out[section][name] = value
+        else:
+            known = {f.name for cls in sections.values() for f in dataclasses.fields(cls)}
+            if name not in known:
+                raise UserError(f"--set {item}: no stage has a setting {name!r}; use SECTION.KEY=VALUE for one "
+                                f"stage's setting (sections: {', '.join(sections)}).")
+            out[name] = value
+    return out
 
 
 def build(cls: type[C], values: dict) -> C:

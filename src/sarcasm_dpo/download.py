@@ -2,7 +2,10 @@
 
     python -m sarcasm_dpo.download            # into $SARCASM_DPO_DATA or ~/.cache/sarcasm-dpo/data
 
-Offline, skip this and point the pipeline at a local copy with `--data_dir DIR`, laid out as
+Every command that reads the datasets finds them in this order (`ensure_data_dir`): `--data_dir DIR`;
+the folders listed in $SARCASM_DPO_DATA_DIRS (a copy counts only with the right checksums); the
+download cache (filled by `sarcasm-dpo data download`, checksums verified); a download on first use.
+Offline, point the pipeline at a local copy with `--data_dir DIR`, laid out as
 `DIR/sarcasm_v2/GEN-sarc-notsarc.csv` and `DIR/isarcasmeval/train.En.csv`.
 
 A file only ever appears at its final path whole and with the expected checksum: it is streamed
@@ -52,6 +55,9 @@ DATASETS: dict[str, DatasetFile] = {
 }
 
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com"  # canonical public GitHub repos, branch main
+# More folders laid out like shared/data, separated by os.pathsep; searched before the cache.
+# CI sets it to ../shared/data, which is then just one more place the datasets may be.
+DATA_DIRS_ENV = "SARCASM_DPO_DATA_DIRS"
 CHUNK = 1 << 16
 RETRY_PAUSE_S = 1.0  # grows linearly per attempt; tests set it to 0
 
@@ -71,7 +77,19 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def _offline_hint() -> str:
     layout = " and ".join(f"DIR/{d.relpath}" for d in DATASETS.values())
-    return f"To run without network, pass --data_dir DIR with a folder laid out like {layout}."
+    return (f"To run without network, pass --data_dir DIR with a folder laid out like {layout} "
+            f"(with make: `make run-cpu DATA_DIR=DIR`), or list such folders in ${DATA_DIRS_ENV}.")
+
+
+def extra_data_dirs() -> list[Path]:
+    """The folders named in $SARCASM_DPO_DATA_DIRS, in order."""
+    value = os.environ.get(DATA_DIRS_ENV, "")
+    return [Path(p).expanduser() for p in value.split(os.pathsep) if p.strip()]
+
+
+def verified_copy(root: Path, selected: Iterable[DatasetFile]) -> bool:
+    """True if `root` holds every selected file with its published checksum."""
+    return all((root / d.relpath).is_file() and sha256_file(root / d.relpath) == d.sha256 for d in selected)
 
 
 def _select(keys: Iterable[str] | None) -> list[DatasetFile]:
@@ -190,14 +208,21 @@ def download(
 
 
 def ensure_data_dir(
-    data_dir: str | os.PathLike | None, keys: Iterable[str] | None = None, log=print
+    data_dir: str | os.PathLike | None, keys: Iterable[str] | None = None, log=print,
+    timeout: float = 60, retries: int = 2,
 ) -> Path:
-    """The folder to read datasets from: `data_dir` as given (checked), or the download cache."""
+    """The folder to read datasets from: `data_dir` as given (checked), else the first verified copy
+    in $SARCASM_DPO_DATA_DIRS, else the download cache (downloading what it lacks)."""
     selected = _select(keys)
     if data_dir is None:
+        for root in extra_data_dirs():
+            if verified_copy(root, selected):
+                log(f"data: {root} (from ${DATA_DIRS_ENV}, checksums verified)")
+                return root
         root = default_cache_dir()
         # DEFAULT_BASE_URL is looked up now, not at import, so it can be pointed at a mirror.
-        download(root, base_url=DEFAULT_BASE_URL, keys=[d.key for d in selected], log=log)
+        download(root, base_url=DEFAULT_BASE_URL, keys=[d.key for d in selected], log=log, timeout=timeout,
+                 retries=retries)
         return root
     root = Path(data_dir).expanduser()
     missing = [root / d.relpath for d in selected if not (root / d.relpath).is_file()]

@@ -703,5 +703,5 @@ def describe_result(summary: dict, out: Path) -> str:
         if part.get("advice"):
             lines.append("Advice: " + part["advice"])
     lines.append(f"Records: {EPOCH_FILE}, {BATCH_FILE}, {CURVES_FILE}, {SUMMARY_FILE}. "
-                 f"Next: sarcasm-dpo compare --dpo_model {out}")
+                 f"Next: sarcasm-dpo compare --sft_model {summary.get('sft_model', 'models/sft')} --dpo_model {out}")
     return "\n".join(lines)

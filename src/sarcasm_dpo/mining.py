@@ -175,4 +175,5 @@ def describe(summary: dict, kept: int) -> str:
             f"at probability >= {summary['confidence']:g}). Kept {kept} pair(s) with --filter_strategy "
             f"{summary['filter_strategy']} ({counts['kept']['sarcastic']} sarcastic, {counts['kept']['not_sarcastic']} "
             f"not) in {summary['output_file']}; summary in {summary_path(summary['output_file'])}. "
-            f"Next: sarcasm-dpo dpo --preference_data {summary['output_file']}")
+            f"Next: sarcasm-dpo dpo --sft_model {summary.get('sft_model', 'models/sft')} --preference_data "
+            f"{summary['output_file']}")

@@ -8,6 +8,10 @@ marker), and redoes a stage whose settings changed, and every stage after it (th
 changed); `--force` redoes everything.
 
     sarcasm-dpo pipeline --config configs/smollm2-135m-cpu.yaml --data_dir ../shared/data
+    sarcasm-dpo pipeline --config configs/smoke.yaml --set sft.sample_size=64    # one stage's setting, as in the file
+
+Before any stage writes, the base model is routed (model_route: hub id, or its offline fallback)
+and checked to be loadable here, so a missing model fails at once instead of after the split.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import json
 from pathlib import Path
 
 from .atomic import is_complete_for, read_complete
-from .config import build, check_known_keys, load_yaml, values_for_stage
+from .config import apply_overrides, build, check_known_keys, load_yaml, values_for_stage
+from .model_route import check_available, route_model
 from .settings import STAGES, CompareSettings, DPOSettings, MineSettings, SFTSettings, SplitSettings
 
 
@@ -70,11 +75,18 @@ def _output_of(name: str, settings) -> str:
 def run(pipe, config_path: str | None = None) -> dict:
     from .tracking import make_group_name
 
-    data = load_yaml(config_path) if config_path else {}
+    data = apply_overrides(load_yaml(config_path) if config_path else {}, pipe.set,
+                           {name: STAGES[name] for name in ("split", "sft", "mine", "dpo", "compare")})
     check_known_keys(data, STAGES, str(config_path or "defaults"))  # pipe itself came from the same file + flags
     group = None if pipe.no_wandb else make_group_name()
     stages = stage_settings(data, pipe, group, str(config_path or "defaults"))
+    for name, settings in stages.items():  # recorded as what is loaded: the hub id or its offline fallback
+        if getattr(settings, "model", None):
+            stages[name] = dataclasses.replace(settings, model=route_model(settings.model))
     order = ["split", "sft", *(["mine"] if pipe.mine else []), "dpo", "compare"]
+    sft = stages["sft"]
+    if pipe.force or not is_complete_for(sft.output_dir, dataclasses.asdict(sft)):
+        check_available(sft.model)  # before the split is written or a W&B run opened
     ran, skipped = [], []
     result = None
     for name in order:
@@ -100,4 +112,17 @@ def run(pipe, config_path: str | None = None) -> dict:
         result = module.run(settings)
         ran.append(name)
     print(f"[pipeline] done: ran {', '.join(ran) or 'nothing'}; skipped {', '.join(skipped) or 'nothing'}.")
+    if result:
+        print(headline(result))
     return {"ran": ran, "skipped": skipped, "compare": result}
+
+
+def headline(results: dict) -> str:
+    """What the run found, last on screen: the test table, the verdicts, and where the evidence is."""
+    from .compare import format_table, format_verdicts
+
+    info, out = results["test_set"], results.get("outputs", {})
+    predictions = (out.get("predictions") or {}).get("main", "")
+    return "\n".join([f"\nTest set {info['path']} ({info['n']} items):", format_table(results["models"]),
+                      *format_verdicts(results), f"Plot: {out.get('plot', '')}", f"Predictions: {predictions}",
+                      f"Results: {out.get('results', '')}"])

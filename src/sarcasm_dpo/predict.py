@@ -36,6 +36,19 @@ def read_texts(path: str | None) -> list[str]:
     return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def recorded_threshold(model: str | None) -> float:
+    """The decision threshold an exported model folder records (`sarcasm-dpo export`), else 0.5."""
+    import json
+
+    info = Path(model or "") / "sarcasm_dpo.json"
+    if model and info.is_file():
+        try:
+            return float(json.loads(info.read_text())["threshold"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{info} is not a valid export record (no numeric 'threshold'); pass --threshold.") from None
+    return 0.5
+
+
 def run(args) -> list[dict]:
     from .models import adapter_base_model, load_model, pick_device
     from .scoring import Scorer
@@ -45,9 +58,12 @@ def run(args) -> list[dict]:
         raise UserError("Give --model (a hub id, folder or .gguf) and/or --adapter (an sft/dpo output folder).")
     for name in ("batch_size", "max_text_tokens"):
         check_positive(name, getattr(args, name), allow_none=False)
-    if not 0 <= args.threshold <= 1:
-        raise UserError(f"--threshold is a probability and must be in [0, 1], got {args.threshold}.")
-    model_ref = args.model or adapter_base_model(args.adapter)
+    threshold = args.threshold if args.threshold is not None else recorded_threshold(args.model)
+    if not 0 <= threshold <= 1:
+        raise UserError(f"--threshold is a probability and must be in [0, 1], got {threshold}.")
+    from .model_route import route_model
+
+    model_ref = route_model(args.model) or adapter_base_model(args.adapter)
     texts = read_texts(args.input)
     if not texts:
         raise UserError("No texts to classify (the input is empty).")
@@ -55,7 +71,7 @@ def run(args) -> list[dict]:
     probs = Scorer(model, tokenizer, batch_size=args.batch_size, max_text_tokens=args.max_text_tokens).predict_proba(texts)
     rows = []
     for text, p in zip(texts, probs):
-        row = {"text": text, "p_sarcastic": round(float(p), 6), "label": int(p >= args.threshold)}
+        row = {"text": text, "p_sarcastic": round(float(p), 6), "label": int(p >= threshold)}
         print(json.dumps(row, ensure_ascii=False))
         rows.append(row)
     return rows

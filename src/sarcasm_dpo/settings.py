@@ -214,8 +214,25 @@ class PipelineSettings:
     data_dir: str | None = opt(None, "Offline data folder laid out like shared/data (empty = download on first use).")
     force: bool = opt(False, "Redo every stage even when its outputs are complete and match the config.")
     mine: bool = opt(False, "Train DPO on pairs mined from the SFT model's mistakes instead of all pairs.")
+    set: list[str] = opt([], "SECTION.KEY=VALUE: set one stage's setting as the config file would "
+                             "(e.g. sft.sample_size=64, or seed=1 for every stage); repeatable.")
     wandb_project: str = opt(DEFAULT_PROJECT, "Weights & Biases project name.")
     no_wandb: bool = opt(False, "Turn Weights & Biases logging off.")
+
+
+@dataclass
+class ExportSettings:
+    adapter: str = opt("models/dpo_enhanced", "LoRA adapter folder to export (from sft or dpo).")
+    output_dir: str = opt("exported", "Where the merged model, tokenizer, sarcasm_dpo.json and README.md go.")
+    base_model: str | None = opt(None, "Base model to merge into (empty = the one the adapter was trained on).")
+    dtype: str = opt("float32", "Data type of the saved weights.", choices=["float32", "bfloat16", "float16"])
+    results: str | None = opt("results/model_comparison_results.json",
+                              "Comparison results whose test metrics go in the model card, used only if they "
+                              "name this adapter folder.")
+    license: str | None = opt(None, "License in the model card (empty = the base model's, where known, else 'other').")
+    push_to_hub: str | None = opt(None, "After exporting, upload the folder to this Hugging Face Hub repo (user/name).")
+    private: bool = opt(False, "Create the Hub repo as private.")
+    overwrite: bool = opt(False, "Replace an output_dir that holds another export.")
 
 
 STAGES: dict[str, type] = {
@@ -225,4 +242,5 @@ STAGES: dict[str, type] = {
     "dpo": DPOSettings,
     "compare": CompareSettings,
     "pipeline": PipelineSettings,
+    "export": ExportSettings,
 }

@@ -1,0 +1,272 @@
+"""`sarcasm-dpo export`: one folder that plain transformers loads, with its threshold and model card.
+
+The LoRA weights are merged into the base model (`merge_and_unload`) and saved as safetensors in
+the chosen dtype, beside the tokenizer (chat template included), `sarcasm_dpo.json` (the prompt,
+the label tokens and the decision threshold the run recorded) and a generated README.md: Hub
+metadata (base model, datasets, license, metrics), the test metrics with their 95% intervals from
+the comparison run, the validation metrics from the training record, the prompt, five lines of
+plain-transformers usage, and the intended use and limits. `--push_to_hub REPO` uploads the
+folder after it is complete; a failed upload leaves it as it is.
+
+    sarcasm-dpo export --adapter models/dpo_enhanced --output_dir exported/
+    sarcasm-dpo predict --model exported/ --input texts.txt
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+EXPORT_INFO = "sarcasm_dpo.json"
+CARD = "README.md"
+# Settings that say where the folder goes after it is made, not what is in it.
+PUBLISH_KEYS = ("push_to_hub", "private", "overwrite")
+# Licenses of the base models this project names; any other base is marked "other" until the user says.
+KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0", "Qwen/Qwen2.5-0.5B-Instruct": "apache-2.0"}
+DATASETS = {
+    "gen": "GEN (Sarcasm Corpus V2, Oraby et al. 2016: sarcastic and not-sarcastic forum posts)",
+    "isarcasmeval": "iSarcasmEval (SemEval-2022 Task 6: tweets labelled by their authors)",
+}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def hub_base_id(base: str) -> str | None:
+    """The Hub id of the base model: the id itself, or the model a known offline fallback file stands for."""
+    from .model_route import FALLBACKS
+
+    for hub_id, fallback in FALLBACKS.items():
+        if Path(base).name == fallback.filename:
+            return hub_id
+    if os.path.exists(os.path.expanduser(base)):
+        return None  # a local folder: no Hub id to name
+    return base
+
+
+def training_record(adapter: Path) -> tuple[str, dict]:
+    """(stage, record) of the run that wrote the adapter: DPO's or SFT's summary."""
+    for stage, name in (("dpo", "dpo_training_summary.json"), ("sft", "training_summary.json")):
+        record = _read_json(adapter / name)
+        if record is not None:
+            return stage, record
+    return "unknown", {}
+
+
+def comparison_for(adapter: Path, results_path: str | None) -> tuple[dict | None, str | None]:
+    """(comparison results, the model key in them) when the results name this very adapter folder."""
+    if not results_path:
+        return None, None
+    results = _read_json(Path(results_path))
+    if not results:
+        return None, None
+    for key, path in (results.get("model_paths") or {}).items():
+        try:
+            if Path(path).resolve() == adapter.resolve():
+                return results, key
+        except OSError:
+            continue
+    return None, None
+
+
+def recorded_threshold(stage_record: dict, results: dict | None, key: str | None) -> tuple[float, str]:
+    """The decision threshold the run's own records used, and where it was read."""
+    if results is not None and "threshold" in results["models"][key]:
+        return float(results["models"][key]["threshold"]), f"comparison results, models.{key}.threshold"
+    validation = _validation_block(stage_record)
+    if validation and "threshold" in validation:
+        return float(validation["threshold"]), f"training record, validation metrics ({validation['split']})"
+    raise UserError("The adapter's records hold no decision threshold (no comparison results naming it, no "
+                    "validation metrics in its training summary); export needs the threshold the run used. "
+                    "Run `sarcasm-dpo compare` on it, or export an adapter made by `sarcasm-dpo sft`/`dpo`.")
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def model_card(info: dict, usage: str) -> str:
+    """README.md: Hub metadata, then what the model is, its measured numbers, how to use it, and its limits."""
+    import yaml
+
+    meta = {"library_name": "transformers", "license": info["license"], "pipeline_tag": "text-generation",
+            "tags": ["sarcasm-detection", "text-classification", "lora", "sft", "dpo", "sarcasm-dpo"],
+            "datasets": [DATASETS["gen"], DATASETS["isarcasmeval"]], "language": ["en"]}
+    if info["base_hub_id"]:
+        meta["base_model"] = info["base_hub_id"]
+    test = info.get("test")
+    if test:
+        metrics = [{"type": name, "value": round(test["metrics"][name], 4),
+                    "name": f"{label} (95% CI {test['metrics'][name + '_ci'][0]:.3f}-{test['metrics'][name + '_ci'][1]:.3f})"
+                    if f"{name}_ci" in test["metrics"] else label}
+                   for name, label in (("accuracy", "Accuracy"), ("f1", "F1 (sarcastic)"), ("roc_auc", "ROC-AUC"))
+                   if test["metrics"].get(name) is not None]
+        meta["model-index"] = [{"name": info["name"], "results": [{
+            "task": {"type": "text-classification", "name": "Sarcasm detection"},
+            "dataset": {"name": f"GEN test split ({test['n']} items)", "type": "sarcasm-v2-gen"},
+            "metrics": metrics}]}]
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", "",
+             f"# {info['name']}", "",
+             f"A sarcasm detector made by sarcasm-dpo from "
+             f"`{info['base_hub_id'] or info['base_model']}`: LoRA "
+             f"{'supervised fine-tuning then DPO' if info['stage'] == 'dpo' else 'supervised fine-tuning'}, "
+             f"merged into the base weights (saved as {info['dtype']}). It answers one question with one token, "
+             "and P(sarcastic) is the softmax over the logits of the two answer tokens at the answer position.", ""]
+    if info["base_model"] != info["base_hub_id"]:
+        note = (" (de-quantized from that GGUF file, so they differ slightly from the Hub model's own weights)"
+                if info["base_model"].endswith(".gguf") else "")
+        lines += [f"Base weights loaded from `{Path(info['base_model']).name}`{note}.", ""]
+    if info["stage"] == "dpo" and info.get("dpo_kept_sft"):
+        lines += ["DPO did not raise validation F1 above the SFT start, so its stage kept the SFT adapter: these "
+                  "are the SFT weights.", ""]
+    lines += ["## Prompt", "",
+              "One user turn, rendered with the tokenizer's chat template and the generation prompt:", "", "```text",
+              info["question"], "```", "",
+              f"Answer tokens: `{info['label_words'][1]}` (sarcastic, id {info['label_token_ids'][1]}) and "
+              f"`{info['label_words'][0]}` (not sarcastic, id {info['label_token_ids'][0]}). A text is labelled "
+              f"sarcastic when P(sarcastic) >= {info['threshold']} (the threshold the run used: "
+              f"{info['threshold_source']}; also in `{EXPORT_INFO}`).", "",
+              "## Use it with plain transformers", "", "```python", usage, "```", "",
+              "Or with this project: `sarcasm-dpo predict --model THIS_FOLDER --input texts.txt`.", "",
+              "## Measured results", ""]
+    if test:
+        lines += [f"Held-out GEN test split, {test['n']} items (of {test['n_total']}), scored once; 95% bootstrap "
+                  f"intervals (from `{test['source']}`):", "",
+                  "| model | accuracy [95% CI] | F1 sarcastic [95% CI] | macro F1 | ROC-AUC |", "|---|---|---|---|---|"]
+        for name, m in test["rows"].items():
+            lines.append(f"| {name}{' (this model)' if name == test['key'] else ''} | {m['accuracy']:.3f} "
+                         f"[{m['accuracy_ci'][0]:.3f}, {m['accuracy_ci'][1]:.3f}] | {m['f1']:.3f} "
+                         f"[{m['f1_ci'][0]:.3f}, {m['f1_ci'][1]:.3f}] | {m['macro_f1']:.3f} | {_fmt(m.get('roc_auc'))} |")
+        lines.append("")
+        lines += [f"- {verdict} (exact McNemar test)" for verdict in test["verdicts"].values()]
+        lines.append("")
+    else:
+        lines += ["No comparison run names this adapter, so there are no test-set figures here (run "
+                  "`sarcasm-dpo compare`, then export with `--results`).", ""]
+    val = info.get("validation")
+    if val:
+        lines += [f"Validation ({val['split']}, used for model selection): accuracy {_fmt(val['accuracy'])}, "
+                  f"F1 {_fmt(val['f1'])}, ROC-AUC {_fmt(val.get('roc_auc'))}, {val.get('n', '?')} texts.", ""]
+    lines += ["## Intended use and limits", "",
+              "- For research on sarcasm detection in short English texts and as a baseline to compare against. "
+              "Not for decisions about people (moderation, hiring, credit): the labels are noisy and sarcasm "
+              "depends on context the model never sees.",
+              "- Trained on forum posts (GEN) and tweets (iSarcasmEval); other registers, languages, and texts "
+              "longer than the training texts are out of distribution.",
+              "- The figures above come from one run, one seed and the sample sizes in `sarcasm_dpo.json`; "
+              "a small model at a small budget. A TF-IDF + logistic regression baseline is listed where the "
+              "comparison ran it: check it before trusting the model over it.",
+              "- The threshold is the run's own default; it was not tuned for any cost of errors.", ""]
+    return "\n".join(lines)
+
+
+def usage_snippet(question: str, no_id: int, yes_id: int, threshold: float, folder: str = "THIS_FOLDER") -> str:
+    """Five lines of plain transformers that compute P(sarcastic) the way the project's scorer does."""
+    return "\n".join([
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"tok, model = AutoTokenizer.from_pretrained({folder!r}), AutoModelForCausalLM.from_pretrained({folder!r})",
+        f"prompt = tok.apply_chat_template([{{'role': 'user', 'content': {question!r}.format(text='Oh great, another Monday.')}}], tokenize=False, add_generation_prompt=True)",
+        "logits = model(**tok(prompt, return_tensors='pt', add_special_tokens=False)).logits[0, -1]",
+        f"p_sarcastic = logits[[{no_id}, {yes_id}]].softmax(-1)[1].item(); print(p_sarcastic, p_sarcastic >= {threshold})",
+    ])
+
+
+def _test_block(results: dict, key: str, results_path: str) -> dict:
+    from .compare import NAMES
+
+    info = results["test_set"]
+    rows = {NAMES.get(k, k): m for k, m in results["models"].items()}
+    verdicts = {pair: t["verdict"] for pair, t in results.get("significance", {}).items()}
+    return {"n": info["n"], "n_total": info.get("n_total", info["n"]), "metrics": results["models"][key],
+            "rows": rows, "key": NAMES.get(key, key), "verdicts": verdicts, "source": results_path}
+
+
+def _validation_block(stage_record: dict) -> dict | None:
+    best = stage_record.get("best_val") or {}
+    if "f1" in best:
+        return {"split": "GEN validation", **best}
+    for name, block in best.items():  # DPO: per validation set; GEN validation drives selection
+        if isinstance(block, dict) and "f1" in block:
+            return {"split": name, **block}
+    return None
+
+
+def push(folder: Path, repo: str, private: bool) -> str:
+    """Upload `folder` to the Hub repo; a clear error (exit 2) when the hub is out of reach, the folder intact."""
+    from transformers.utils.hub import is_offline_mode
+
+    from .models import hub_unreachable
+
+    again = f"sarcasm-dpo export ... --output_dir {folder} --push_to_hub {repo}"
+    reason = "HF_HUB_OFFLINE is set" if is_offline_mode() else hub_unreachable()
+    if reason:
+        raise UserError(f"Cannot push to the Hugging Face Hub repo {repo}: the hub does not answer ({reason}). The "
+                        f"export in {folder} is complete and untouched; upload it later with the same command "
+                        f"({again}) or `huggingface-cli upload {repo} {folder}`.")
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo, private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo,
+                                   commit_message="Upload sarcasm detector exported by sarcasm-dpo")
+    except Exception as exc:  # noqa: BLE001 - auth, permissions, network: all the user's to fix, nothing lost
+        raise UserError(f"Uploading {folder} to {repo} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). "
+                        f"The export in {folder} is complete; log in (`huggingface-cli login` or HF_TOKEN) and "
+                        f"retry: {again}") from None
+    return getattr(commit, "commit_url", f"https://huggingface.co/{repo}")
+
+
+def run(s) -> dict:
+    """Merge, save, describe; then push if asked. Re-running with the same settings only pushes."""
+    import torch
+
+    from .atomic import check_output_dir, finish_output_dir, is_complete_for, prepare_output_dir, write_json, write_text
+    from .models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_model
+    from .prompts import LABEL_WORDS, QUESTION, label_token_ids
+    from .runtime import save_adapter
+
+    adapter = check_adapter_dir(s.adapter)
+    config = {k: v for k, v in dataclasses.asdict(s).items() if k not in PUBLISH_KEYS}
+    out = Path(s.output_dir)
+    if is_complete_for(out, config):
+        print(f"[export] {out} already holds this export; not redone.")
+    else:
+        base = s.base_model or adapter_base_model(adapter)
+        stage, stage_record = training_record(adapter)
+        results, key = comparison_for(adapter, s.results)
+        threshold, threshold_source = recorded_threshold(stage_record, results, key)
+        check_adapter_fits(adapter, base)
+        check_output_dir(out, config, overwrite=s.overwrite)
+        print(f"[export] merging {adapter} into {base} -> {out} ({s.dtype})")
+        model, tokenizer = load_model(base, adapter=str(adapter), device=torch.device("cpu"))
+        merged = model.merge_and_unload().to(getattr(torch, s.dtype))
+        prepare_output_dir(out, config, overwrite=s.overwrite)
+        save_adapter(merged, tokenizer, out)  # the stages' saver: scratch folder, usual file permissions
+        no_id, yes_id = label_token_ids(tokenizer)
+        short = (hub_base_id(base) or Path(base).name).rsplit("/", 1)[-1]
+        info = {"name": f"{short} sarcasm detector ({'SFT + DPO' if stage == 'dpo' else stage.upper()}, sarcasm-dpo)",
+                "stage": stage, "adapter": str(adapter.resolve()), "base_model": base, "base_hub_id": hub_base_id(base),
+                "license": s.license or KNOWN_LICENSES.get(hub_base_id(base) or "", "other"), "dtype": s.dtype,
+                "question": QUESTION, "label_words": list(LABEL_WORDS), "label_token_ids": [no_id, yes_id],
+                "threshold": threshold, "threshold_source": threshold_source,
+                "test": _test_block(results, key, s.results) if results else None,
+                "validation": _validation_block(stage_record), "training_config": stage_record.get("config"),
+                "dpo_kept_sft": stage == "dpo" and stage_record.get("improved_over_sft") is False}
+        write_json(out / EXPORT_INFO, info)
+        write_text(out / CARD, model_card(info, usage_snippet(QUESTION, no_id, yes_id, threshold)))
+        finish_output_dir(out, config, {"threshold": threshold})
+        print(f"[export] wrote {out}: merged weights, tokenizer with chat template, {EXPORT_INFO} (threshold "
+              f"{threshold}), {CARD}")
+    pushed = push(out, s.push_to_hub, s.private) if s.push_to_hub else None
+    if pushed:
+        print(f"[export] pushed {out} to {pushed}")
+    return {"output_dir": str(out), "pushed": pushed}

@@ -1,0 +1,121 @@
+"""`sarcasm-dpo export`: merged weights that plain transformers loads give the adapter path's probabilities."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from sarcasm_dpo.cli import main
+
+TEXTS = ["oh great, rain again", "we agreed on the plan", "i just love waiting in line for hours", "thanks for nothing"]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter on the tiny model with random (non-zero) B matrices, recorded like an SFT run's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, config)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    record = {"config": {"model": str(tiny_model_dir)}, "best_val": {"f1": 0.5, "accuracy": 0.5, "n": 8,
+                                                                   "roc_auc": 0.5, "threshold": 0.5}}
+    (folder / "training_summary.json").write_text(json.dumps(record))
+    return folder
+
+
+def _scores(model, tokenizer):
+    from sarcasm_dpo.scoring import Scorer
+
+    return Scorer(model, tokenizer, batch_size=2).predict_proba(TEXTS)
+
+
+def test_export_loads_in_plain_transformers_with_the_adapter_probabilities(adapter_dir, tiny_model_dir, tmp_path,
+                                                                            capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sarcasm_dpo.models import load_model
+
+    out = tmp_path / "exported"
+    assert main(["export", "--adapter", str(adapter_dir), "--output_dir", str(out), "--results", ""]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert (out / "model.safetensors").stat().st_mode & 0o044  # readable by others, like every other output
+    plain = AutoModelForCausalLM.from_pretrained(out)  # no peft anywhere
+    assert not hasattr(plain, "peft_config")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    reference_model, reference_tok = load_model(str(tiny_model_dir), adapter=str(adapter_dir))
+    assert tokenizer.chat_template == reference_tok.chat_template
+    exported, adapted = _scores(plain.eval(), tokenizer), _scores(reference_model, reference_tok)
+    base = _scores(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), tokenizer)
+    assert abs(exported - adapted).max() < 1e-4
+    assert abs(adapted - base).max() > 1e-3  # the adapter changed something, so the check above means something
+
+    info = json.loads((out / "sarcasm_dpo.json").read_text())
+    assert info["threshold"] == 0.5 and "training record" in info["threshold_source"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "license: other" in card and "Intended use and limits" in card
+    assert "Is the following text sarcastic?" in card and "no test-set figures" in card
+    # The card's five lines of plain transformers give the same probability.
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("THIS_FOLDER", str(out))
+    assert len(code.strip().splitlines()) == 5
+    exec(compile(code, "card", "exec"), {})
+    p_card = float(capsys.readouterr().out.strip().split()[-2])
+    from sarcasm_dpo.scoring import Scorer
+
+    assert p_card == pytest.approx(float(Scorer(plain, tokenizer).predict_proba(["Oh great, another Monday."])[0]),
+                                   abs=1e-5)
+
+    # predict reads the export like any model folder.
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out), "--input", str(texts)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["p_sarcastic"] for r in rows] == pytest.approx([round(float(p), 6) for p in exported], abs=2e-6)
+
+
+def test_card_carries_the_comparison_metrics_with_intervals(adapter_dir, tmp_path):
+    from sarcasm_dpo.metrics import with_intervals
+
+    labels = [1, 0, 1, 0, 1, 0, 1, 1]
+    probs = [0.9, 0.2, 0.6, 0.4, 0.3, 0.1, 0.8, 0.7]
+    metrics = with_intervals(labels, probs, n_resamples=100, seed=1)
+    results = {"test_set": {"n": 8, "n_total": 100}, "models": {"sft": metrics},
+               "significance": {}, "model_paths": {"sft": str(adapter_dir)}}
+    path = tmp_path / "model_comparison_results.json"
+    path.write_text(json.dumps(results))
+    out = tmp_path / "exported"
+    assert main(["export", "--adapter", str(adapter_dir), "--output_dir", str(out), "--results", str(path),
+                 "--dtype", "bfloat16", "--license", "mit"]) == 0
+    card = (out / "README.md").read_text()
+    lo, hi = metrics["accuracy_ci"]
+    assert f"Accuracy (95% CI {lo:.3f}-{hi:.3f})" in card and "license: mit" in card
+    assert f"| SFT (this model) | {metrics['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]" in card
+    info = json.loads((out / "sarcasm_dpo.json").read_text())
+    assert info["threshold_source"] == "comparison results, models.sft.threshold"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert handle.get_slice(next(iter(handle.keys()))).get_dtype() == "BF16"
+
+
+def test_push_without_network_is_exit_2_and_keeps_the_export(adapter_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "exported"
+    args = ["export", "--adapter", str(adapter_dir), "--output_dir", str(out), "--results", ""]
+    assert main(args + ["--push_to_hub", "someone/sarcasm"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: Cannot push to the Hugging Face Hub repo someone/sarcasm") and "untouched" in err
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in files and "COMPLETE.json" in files
+    # Again: the complete export is reused, not redone, and the push fails the same clear way.
+    assert main(args + ["--push_to_hub", "someone/sarcasm"]) == 2
+    assert "already holds this export" in capsys.readouterr().out
