@@ -228,7 +228,7 @@ RUN_CONFIG = "run_config.json"  # in checkpoints/: whose checkpoints these are
 BEST_FILE = "validation_best_adapter.safetensors"  # in each checkpoint: the best adapter so far
 # Settings that may change between an interrupted run and its --resume without changing the math.
 RESUME_NEUTRAL = ("device", "eval_batch_size", "logging_steps", "save_steps", "auto_find_batch_size",
-                  "gradient_checkpointing")
+                  "gradient_checkpointing", "diagnostics_steps")
 
 
 def latest_checkpoint(ckpt_dir: Path, state_file: str) -> Path | None:

@@ -164,7 +164,10 @@ class DPOSettings(Common):
     patience: int = opt(2, "Stop after this many evaluations without a better validation F1.")
     val_sample_size: int | None = opt(None, "Evaluate on a stratified sample of this many validation texts (empty = all).")
     probe_size: int = opt(64, "Validation prompts in the fixed probe set for KL and prediction flips.")
-    logging_steps: int = opt(5, "Log loss, rewards, KL and drift every this many optimizer steps.")
+    logging_steps: int = opt(5, "Log loss and rewards every this many optimizer steps.")
+    diagnostics_steps: int = opt(0, "Measure KL, drift and prediction flips (a pass over the probe set) on the logged "
+                                    "steps that are multiples of this, at the last step and at every evaluation "
+                                    "(0 = about four times per epoch).")
     save_steps: int = opt(0, "Also checkpoint every this many steps (0 = at each evaluation only).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     auto_find_batch_size: bool = opt(False, "On an out-of-memory error, halve the batch size and double grad_accum, then retry.")
