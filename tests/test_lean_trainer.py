@@ -224,3 +224,20 @@ def test_the_step_check_names_a_nan_loss_before_the_update(tiny_model_dir, tmp_p
     after = _lora(trainer.model)
     assert all(bool(torch.isfinite(after[k]).all()) for k in after) and any(
         not torch.equal(after[k], before[k]) for k in after)  # steps 1-2 applied, step 3 not
+
+
+def test_unusual_lr_and_beta_warn(tiny_model_dir, tmp_path):
+    from sarcasm_dpo.config import build
+    from sarcasm_dpo.runtime import check_training_settings
+    from sarcasm_dpo.settings import DPOSettings
+
+    with pytest.warns(UserWarning, match=r"--lr 1e\+09 is outside its usual range"):
+        check_training_settings(sft_settings(tiny_model_dir, "t.csv", "v.csv", tmp_path, lr=1e9))
+    with pytest.warns(UserWarning, match="--beta 50 is outside its usual range"):
+        dpo.check_settings(build(DPOSettings, {"beta": 50.0}))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dpo.check_settings(build(DPOSettings, {}))  # the defaults are usual
+        check_training_settings(sft_settings(tiny_model_dir, "t.csv", "v.csv", tmp_path, lr=2e-4))

@@ -238,6 +238,11 @@ def check_settings(s) -> None:
             raise UserError(f"--{name} must be 0 or a positive count, got {getattr(s, name)}.")
     if s.beta_sweep and not s.betas:
         raise UserError("--beta_sweep needs at least one value in --betas.")
+    from .runtime import USUAL_BETA, warn_if_unusual
+
+    for beta in (s.betas if s.beta_sweep else [s.beta]):
+        warn_if_unusual("beta", beta, USUAL_BETA, "DPO uses 0.01 to 0.5; a much larger beta barely moves the model from "
+                        "SFT, a much smaller one lets it drift without restraint")
 
 
 def check_text_budget(sft_dir: Path, max_text_tokens: int) -> None:

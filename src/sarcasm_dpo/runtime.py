@@ -219,6 +219,21 @@ def check_training_settings(s) -> None:
     if s.auto_find_batch_size and world_size() > 1:
         raise UserError("--auto_find_batch_size works in single-process runs only: the processes of a distributed "
                         "run cannot retry in step. Set --batch_size and --grad_accum instead.")
+    warn_if_unusual("lr", s.lr, USUAL_LR, "LoRA fine-tuning uses 1e-5 to 1e-3; far above, the adapter blows up "
+                    "(the run stops when its weight norm or loss explodes), far below, it does not move")
+
+
+USUAL_LR = (1e-6, 1e-2)  # LoRA learning rates seen in practice, with a margin on both sides
+USUAL_BETA = (0.005, 2.0)  # DPO betas seen in practice (0.01 to 0.5), with a margin
+
+
+def warn_if_unusual(name: str, value: float, usual: tuple[float, float], why: str) -> None:
+    """A warning, not an error: values outside the usual range are legal, but most often a typo."""
+    import warnings
+
+    low, high = usual
+    if not low <= value <= high:
+        warnings.warn(f"--{name} {value:g} is outside its usual range [{low:g}, {high:g}]: {why}.", stacklevel=3)
 
 
 # -- the output folder and its checkpoints --------------------------------------------------------------
