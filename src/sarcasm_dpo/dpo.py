@@ -222,7 +222,7 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
                             f"up to that step are in {out / BATCH_FILE}.") from None
         return trainer, validation, diagnostics
 
-    (trainer, validation, diagnostics), used = fit_within_memory(attempt, s, "dpo")
+    (trainer, validation, diagnostics), used = fit_within_memory(attempt, s, "dpo", device)
     return trainer, validation, diagnostics, used
 
 

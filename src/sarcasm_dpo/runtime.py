@@ -606,23 +606,59 @@ def train_within_memory(attempt: Callable, *, batch_size: int, grad_accum: int, 
             printer(f"[{stage}] out of memory while {where}; retrying from the start with --eval_batch_size "
                     f"{eval_batch_size}.")
         else:
-            batch_size, grad_accum = max(1, batch_size // 2), grad_accum * 2
+            batch_size, grad_accum = smaller_batch(batch_size, grad_accum)
             printer(f"[{stage}] out of memory while {where}; retrying from the start with --batch_size "
                     f"{batch_size} --grad_accum {grad_accum} (same effective batch).")
 
 
-def fit_within_memory(attempt: Callable, s, stage: str) -> tuple:
+def smaller_batch(batch_size: int, grad_accum: int) -> tuple[int, int]:
+    """The largest batch at most half of `batch_size` that divides the effective batch, and the accumulation
+    that keeps it: (8, 2) -> (4, 4); (3, 4) -> (1, 12), where plain halving would give (1, 8)."""
+    effective = batch_size * grad_accum
+    smaller = next(b for b in range(max(1, batch_size // 2), 0, -1) if effective % b == 0)
+    return smaller, effective // smaller
+
+
+def auto_batch(s, stage: str, device=None, printer: Callable[[str], None] = print) -> tuple[int, int, bool]:
+    """(batch_size, grad_accum, retry on OOM) for --batch_size auto.
+
+    On CUDA in a single process: start at the recipe's whole effective batch in one micro-batch
+    (batch x grad_accum, the batch being the setting's default) and let the out-of-memory retry
+    shrink it to the largest size that divides it and fits (smaller_batch), so batch x grad_accum
+    stays exactly the recipe's. The length-grouped sampler puts the longest batch first, so a
+    batch that does not fit fails at the first step. Elsewhere (CPU, MPS: the batch does not buy
+    speed there; several processes: they cannot retry in step) the recipe's batch is kept.
+    """
+    import dataclasses
+
+    import torch
+
+    recipe = next(f.default for f in dataclasses.fields(s) if f.name == "batch_size")
+    kind = getattr(device, "type", str(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    if kind != "cuda" or world_size() > 1:
+        printer(f"[{stage}] --batch_size auto: {recipe} (the recipe's; auto searches only on a single CUDA device).")
+        return recipe, s.grad_accum, s.auto_find_batch_size
+    effective = recipe * s.grad_accum
+    printer(f"[{stage}] --batch_size auto: trying {effective} (the whole effective batch of {recipe} x {s.grad_accum} "
+            "in one micro-batch), smaller on an out-of-memory error.")
+    return effective, 1, True
+
+
+def fit_within_memory(attempt: Callable, s, stage: str, device=None) -> tuple:
     """`attempt(batch_size, grad_accum, eval_batch_size, stop_flag)` under `stop_on_signal()` and
     `train_within_memory()`, starting from the batch settings in `s`; returns (what the attempt that
     fitted returned, the batch it used, for the run's record)."""
     with stop_on_signal() as flag:
         def sized(batch_size: int, grad_accum: int, eval_batch_size: int):
             used = {"batch_size": batch_size, "grad_accum": grad_accum, "eval_batch_size": eval_batch_size,
-                    "processes": world_size()}
+                    "processes": world_size(), "batch_size_setting": s.batch_size}
             return attempt(batch_size, grad_accum, eval_batch_size, flag), used
 
-        return train_within_memory(sized, batch_size=s.batch_size, grad_accum=s.grad_accum,
-                                   eval_batch_size=s.eval_batch_size, auto=s.auto_find_batch_size, stage=stage)
+        batch_size, grad_accum, auto = s.batch_size, s.grad_accum, s.auto_find_batch_size
+        if batch_size == "auto":
+            batch_size, grad_accum, auto = auto_batch(s, stage, device, printer=print if is_main_process() else quiet)
+        return train_within_memory(sized, batch_size=batch_size, grad_accum=grad_accum,
+                                   eval_batch_size=s.eval_batch_size, auto=auto, stage=stage)
 
 
 # -- `accelerate launch --cpu --num_processes N` --------------------------------------------------------

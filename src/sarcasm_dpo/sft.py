@@ -200,7 +200,7 @@ def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resum
                 raise
             NonFiniteLossCallback.stop(exc.step, exc.what, out / CHECKPOINTS, applied=exc.applied)
 
-    (trainer, validation, result), used = fit_within_memory(attempt, s, "sft")
+    (trainer, validation, result), used = fit_within_memory(attempt, s, "sft", model.device)
     return trainer, validation, result, used
 
 
