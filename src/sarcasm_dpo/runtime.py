@@ -426,7 +426,12 @@ def trainer_arguments(s, model, ckpt_dir: Path) -> dict:
         data_seed=s.seed,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every trainable (LoRA) parameter gets a gradient at every step
+        # --compile: a few padded lengths instead of one shape per batch, so torch.compile does not recompile each step
+        **({"torch_compile": True, "pad_to_multiple_of": COMPILE_PAD} if getattr(s, "compile", False) else {}),
     )
+
+
+COMPILE_PAD = 64  # tokens; sequence lengths are rounded up to a multiple of this under --compile
 
 
 def strip_special_prefix(tokenizer, prompts: list[str]) -> list[str] | None:

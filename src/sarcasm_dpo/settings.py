@@ -105,6 +105,8 @@ class SFTSettings(Common):
     lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters (comma-separated).")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory: recompute activations in the backward pass.")
     auto_find_batch_size: bool = opt(False, "On an out-of-memory error, halve the batch size and double grad_accum, then retry.")
+    compile: bool = opt(False, "torch.compile the model; sequences are padded to multiples of 64 tokens so it compiles a "
+                               "few shapes rather than one per batch (opt-in: measure it on your GPU first).")
     logging_steps: int = opt(10, "Log the training loss every this many optimizer steps.")
     save_steps: int = opt(0, "Also checkpoint every this many steps (0 = at each epoch only).")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
@@ -184,6 +186,8 @@ class DPOSettings(Common):
     save_steps: int = opt(0, "Also checkpoint every this many steps (0 = at each evaluation only).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     auto_find_batch_size: bool = opt(False, "On an out-of-memory error, halve the batch size and double grad_accum, then retry.")
+    compile: bool = opt(False, "torch.compile the model; sequences are padded to multiples of 64 tokens so it compiles a "
+                               "few shapes rather than one per batch (opt-in: measure it on your GPU first).")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
     overwrite: bool = opt(False, "Replace an output_dir that holds another run's results.")
 
