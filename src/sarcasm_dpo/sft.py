@@ -29,7 +29,8 @@ When things go wrong (runtime.py holds the shared parts; tests/test_reliability_
   interrupted, and the CLI prints the command that resumes (exit 130 / 143). A second signal stops at once.
 - Out of memory: --auto_find_batch_size halves --batch_size and doubles --grad_accum (same effective
   batch) and starts over; without it the error names the flags to change.
-- NaN/inf loss: the run stops before the bad update, naming the step and the last good checkpoint.
+- NaN/inf loss or gradients, or a loss or LoRA weight norm that explodes (lean_trainer.py): the run stops
+  with the step named and the last good checkpoint kept; --lr and --beta outside their usual ranges warn.
 - Bad input or settings: every check runs before --output_dir is touched, so nothing is overwritten.
 - Several processes (accelerate launch / torchrun): all train, the main one writes; see README.
 - Determinism: the same seed and settings give the same data order, adapter and metrics; on CPU
