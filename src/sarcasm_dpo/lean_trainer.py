@@ -14,7 +14,8 @@ e.g. one that `runtime.seeded_length_grouping` made) that composes through coope
   gradient, so the norm is the same) and one health check per optimizer step, before the
   update: the Trainer's own gradient norm (NaN/inf when any gradient is), the step's loss and
   the trainable weights' norm, read with one host-device sync. A NaN/inf gradient or loss, a
-  loss above LOSS_FACTOR x max(first step's loss, 1) or a trainable-weight norm above
+  loss above LOSS_FACTOR x max(first step's loss, 1) (single-process runs: each process has its
+  own loss) or a trainable-weight norm above
   WEIGHT_FACTOR x its value at the start of this training run raises
   `callbacks.TrainingDiverged` naming the step; the optimizer never applies that update. (The
   weight norm is the one the previous update produced; before any checkpoint, evaluation or log
@@ -37,6 +38,8 @@ import contextlib
 import math
 
 from transformers import TrainerCallback
+
+from .runtime import world_size
 
 LOSS_FACTOR = 10.0  # a step loss this many times max(first step's loss, 1) is an explosion, not noise
 WEIGHT_FACTOR = 10.0  # trainable weights whose norm grew this many times since the start have exploded
@@ -150,7 +153,9 @@ class LeanStepMixin:
             if self._lean_first_loss is None:
                 self._lean_first_loss = step_loss
             limit = LOSS_FACTOR * max(self._lean_first_loss, 1.0)
-            if step_loss > limit:
+            # Each process sees its own loss; one stopping alone would leave the others waiting, so with several
+            # processes only what they share (gradient norm, weights) decides.
+            if step_loss > limit and world_size() == 1:
                 self._diverged(step, f"loss exploded to {step_loss:.4g} (more than {LOSS_FACTOR:g}x max(first step's "
                                      f"loss {self._lean_first_loss:.4g}, 1))")
         self._check_weights(weights, self.state.global_step)  # after the gradients: NaN weights make NaN gradients
