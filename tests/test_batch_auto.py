@@ -56,3 +56,16 @@ def test_batch_size_setting_reads_numbers_and_auto():
     for bad in ("big", 0):
         with pytest.raises(UserError, match="batch_size"):
             build(SFTSettings, {"batch_size": bad}).validate()
+
+
+def test_the_run_record_says_auto_was_asked(monkeypatch):
+    s = build(SFTSettings, {"batch_size": "auto", "grad_accum": 2})
+    seen = []
+
+    def attempt(batch_size, grad_accum, eval_batch_size, flag):
+        seen.append((batch_size, grad_accum))
+        return "trained"
+
+    result, used = runtime.fit_within_memory(attempt, s, "sft", torch.device("cpu"))
+    assert result == "trained" and seen == [(8, 2)]
+    assert used["batch_size"] == 8 and used["grad_accum"] == 2 and used["batch_size_setting"] == "auto"

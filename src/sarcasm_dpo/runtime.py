@@ -656,7 +656,9 @@ def fit_within_memory(attempt: Callable, s, stage: str, device=None) -> tuple:
     with stop_on_signal() as flag:
         def sized(batch_size: int, grad_accum: int, eval_batch_size: int):
             used = {"batch_size": batch_size, "grad_accum": grad_accum, "eval_batch_size": eval_batch_size,
-                    "processes": world_size(), "batch_size_setting": s.batch_size}
+                    "processes": world_size()}
+            if s.batch_size == "auto":  # what was asked for, beside what it became
+                used["batch_size_setting"] = "auto"
             return attempt(batch_size, grad_accum, eval_batch_size, flag), used
 
         batch_size, grad_accum, auto = s.batch_size, s.grad_accum, s.auto_find_batch_size
