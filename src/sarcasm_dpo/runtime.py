@@ -451,15 +451,6 @@ def strip_special_prefix(tokenizer, prompts: list[str]) -> list[str] | None:
     return None
 
 
-def gradients_finite(model) -> bool:
-    """False when a trainable parameter's gradient holds a NaN or inf (a NaN/inf loss makes them so);
-    checked before the optimizer step, it keeps the bad update from being applied."""
-    import torch
-
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-
-
 def run_trainer(trainer, resume_from: Path | None):
     """trainer.train(), from `resume_from` if given; whatever ends it early closes the progress bar first."""
     try:
