@@ -66,7 +66,8 @@ def dpo_settings(toy, output_dir: Path, **overrides):
 
     values = dict(sft_model=str(toy.sft), output_dir=str(output_dir), train_csv=str(toy.paths.train),
                   val_csv=str(toy.paths.gen_val), isarcasm_val_csv=str(toy.paths.is_val), beta=0.5, lr=2e-2,
-                  epochs=2, batch_size=4, grad_accum=1, logging_steps=1, eval_batch_size=16, probe_size=16,
+                  epochs=2, batch_size=4, grad_accum=1, logging_steps=1, diagnostics_steps=1, eval_batch_size=16,
+                  probe_size=16,
                   patience=3, no_wandb=True, seed=42)
     values.update(overrides)
     return build(DPOSettings, values)

@@ -16,7 +16,6 @@ import pandas as pd
 from transformers import TrainerCallback
 
 from .metrics import classification_metrics
-from .runtime import gradients_finite
 from .scoring import Scorer
 
 
@@ -254,7 +253,12 @@ ADVICE = {
 
 
 class TrainingDiverged(Exception):
-    """The loss or the gradients became NaN or infinite; the run stops before the bad update."""
+    """The loss, the gradients or the trainable weights became NaN, infinite or exploded; the run stops
+    before the bad update (lean_trainer.py checks each step). `step` and `what` say where and what."""
+
+    def __init__(self, message: str, *, step: int | None = None, what: str | None = None, applied: bool = False):
+        super().__init__(message)
+        self.step, self.what, self.applied = step, what, applied
 
 
 def reward_ratio(margin: float | None, beta: float) -> float | None:
@@ -283,50 +287,62 @@ def ratio_verdict(ratio: float | None, threshold: float = RATIO_HEALTHY) -> dict
             "advice": None if healthy else ADVICE["ratio_weak"].format(value=ratio, threshold=threshold)}
 
 
-def lora_weights(model, adapter: str = "default") -> dict:
-    """CPU float copies of one adapter's LoRA parameters, keyed by name without the adapter name."""
+def lora_weights(model, adapter: str = "default", copy: bool = True) -> dict:
+    """One adapter's LoRA parameters in float, keyed by name without the adapter name, on the model's
+    device (a snapshot when `copy`, else views of the live weights): never copied to the host per log."""
     marker = f".{adapter}."
-    return {name.replace(marker, "."): p.detach().float().cpu().clone()
+    return {name.replace(marker, "."): (p.detach().float().clone() if copy else p.detach().float())
             for name, p in model.named_parameters() if "lora_" in name and marker in name}
 
 
 def weight_drift(now: dict, start: dict) -> dict:
-    """Relative change of the LoRA parameters and of the weight update B@A (see the definitions above)."""
-    num = den = 0.0
+    """Relative change of the LoRA parameters and of the weight update B@A (see the definitions above).
+    Summed on the device; one read back to the host."""
+    import torch
+
+    sums = []
     for key, w0 in start.items():
-        num += float(((now[key] - w0) ** 2).sum())
-        den += float((w0 ** 2).sum())
-    dnum = dden = 0.0
+        sums += [((now[key] - w0) ** 2).sum(), (w0 ** 2).sum()]
     for key, a0 in start.items():
         b_key = key.replace("lora_A.weight", "lora_B.weight")
         if not key.endswith("lora_A.weight") or b_key not in start:
             continue
         d0 = start[b_key] @ a0
-        dnum += float(((now[b_key] @ now[key] - d0) ** 2).sum())
-        dden += float((d0 ** 2).sum())
+        sums += [((now[b_key] @ now[key] - d0) ** 2).sum(), (d0 ** 2).sum()]
+    values = torch.stack(sums).double().cpu().view(-1, 2) if sums else torch.zeros(0, 2, dtype=torch.float64)
+    num, den = values[:len(start)].sum(0).tolist()
+    dnum, dden = values[len(start):].sum(0).tolist()
     return {"dpo/drift": math.sqrt(num / den) if den > 0 else None,
             "dpo/drift_delta_w": math.sqrt(dnum / dden) if dden > 0 else None}
 
 
 class DPODiagnosticsCallback(TrainerCallback):
-    """KL to the reference, reward ratio, drift and prediction flips at every logging step.
+    """KL to the reference, reward ratio, drift and prediction flips.
+
+    TRL's training metrics (and the reward ratio from them) are recorded at every logging step;
+    KL, drift and flips, which cost a pass over the probe set, at every evaluation (through
+    DPOValidationCallback), at step 0, on the logging steps that are multiples of
+    `diagnostics_steps` (0: about four times per epoch) and at the last logged step.
 
     Built after DPOTrainer, on the PeftModel that carries the trained adapter ("default") and
     TRL's frozen copy of the SFT adapter ("ref"). The starting LoRA weights are copied here, before
     any checkpoint is loaded, so drift is always measured from SFT. `records` holds one flat dict
-    per logging step (plus step 0), with the same keys that go to W&B. A NaN/inf loss or gradient
-    raises TrainingDiverged before the optimizer applies it.
+    per logging step (plus step 0), with the same keys that go to W&B. A NaN/inf logged loss raises
+    TrainingDiverged (the lean trainer checks gradients, loss and weights at every step, before the update).
     """
 
     def __init__(self, model, tokenizer, probe_texts, *, beta: float, policy_adapter: str = "default",
                  reference_adapter: str = "ref", batch_size: int = 16, max_text_tokens: int = 256,
-                 log: Callable[[dict, int], None] | None = None, printer: Callable[[str], None] = print):
+                 diagnostics_steps: int = 0, log: Callable[[dict, int], None] | None = None,
+                 printer: Callable[[str], None] = print):
         self.scorer = Scorer(model, tokenizer, batch_size=batch_size, max_text_tokens=max_text_tokens)
         self.encoded = self.scorer.encode(list(probe_texts))
         self.beta = beta
         self.policy_adapter = policy_adapter
         self.reference_adapter = reference_adapter
-        self.start = lora_weights(model, policy_adapter)
+        self.start = lora_weights(model, policy_adapter)  # on the device, copied once
+        self.diagnostics_steps = diagnostics_steps
+        self._every = max(1, diagnostics_steps)  # set at train begin when diagnostics_steps is 0
         self.log = log
         self.printer = printer
         self.records: list[dict] = []
@@ -386,24 +402,30 @@ class DPODiagnosticsCallback(TrainerCallback):
         out = {"dpo/kl": float(kl.mean()), "dpo/kl_max": float(kl.max()),
                "dpo/flip_rate": float((says_yes_policy != says_yes_ref).float().mean()),
                "dpo/probe_p_sarcastic": float(torch.sigmoid(policy[:, yes_id] - policy[:, no_id]).mean()),
-               **weight_drift(lora_weights(model, self.policy_adapter), self.start)}
+               **weight_drift(lora_weights(model, self.policy_adapter, copy=False), self.start)}
         self.seconds += time.perf_counter() - start
         if step is not None:
             self._cache = (step, dict(out))
         return out
 
+    def diagnostic_step(self, state) -> bool:
+        """KL, drift and flips at this logged step? Every `diagnostics_steps`, the last step, or when an
+        evaluation at this step measured them already (cached)."""
+        step = state.global_step
+        cached = self._cache is not None and self._cache[0] == step
+        return cached or step % self._every == 0 or step >= state.max_steps
+
     # -- events -------------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if not self.diagnostics_steps:  # about four times per epoch
+            batches = len(train_dataloader) if train_dataloader is not None else 0
+            per_epoch = max(1, math.ceil(batches / max(1, args.gradient_accumulation_steps)))
+            self._every = max(1, round(per_epoch / 4))
         if state.global_step == 0 and not self.records:
             record = {"step": 0, "epoch": 0.0, **self.measure(model, 0)}
             self.records.append(record)
             if self.log:
                 self.log({k: v for k, v in record.items() if k not in ("step", "epoch") and v is not None}, 0)
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if not gradients_finite(model):
-            raise TrainingDiverged(f"the loss or its gradients became NaN or infinite at optimizer step "
-                                   f"{state.global_step + 1}")
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         logs = logs or {}
@@ -423,7 +445,8 @@ class DPODiagnosticsCallback(TrainerCallback):
         for side in ("chosen", "rejected"):
             if f"rewards/{side}" in logs:
                 record[f"dpo/logratio_{side}"] = logs[f"rewards/{side}"] / self.beta
-        record.update(self.measure(model, state.global_step))
+        if self.diagnostic_step(state):
+            record.update(self.measure(model, state.global_step))
         self.records.append(record)
         if self.log:
             self.log({k: v for k, v in record.items() if k not in ("step", "epoch") and v is not None},

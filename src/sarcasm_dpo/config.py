@@ -49,6 +49,10 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Turn a YAML or command-line value into the field's type, with an error that names the field."""
     inner, optional = _base_type(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and {int, str} <= set(typing.get_args(tp)):
+        # `int | str` (e.g. --batch_size 8 or auto): a whole number when it reads as one, else the word
+        text = str(value).strip()
+        return int(text) if text.lstrip("+-").isdigit() else text
     if value is None:
         if optional:
             return None

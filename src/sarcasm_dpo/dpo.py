@@ -14,10 +14,11 @@ mined by `sarcasm-dpo mine` (--preference_data).
     sarcasm-dpo dpo --sft_model models/sft --output_dir models/dpo_enhanced --beta 0.1 --epochs 3 --no_wandb
     python scripts/dpo_train_v2.py --beta_sweep --betas 0.01,0.1,0.5 --no_wandb
 
-Diagnostics (callbacks.py has the exact definitions): at every logging step the exact KL of the
-answer-position distribution to the reference over a fixed probe set of validation prompts, TRL's
-rewards/* and a reward ratio exp(margin/beta), the drift of the adapter from SFT and the share of
-probe predictions that flipped. Validation F1 on the GEN validation split (iSarcasmEval validation
+Diagnostics (callbacks.py has the exact definitions): at every logging step TRL's rewards/* and a
+reward ratio exp(margin/beta); at every evaluation, every --diagnostics_steps (default about four
+times per epoch) and the last step, the exact KL of the answer-position distribution to the
+reference over a fixed probe set of validation prompts, the drift of the adapter from SFT and the
+share of probe predictions that flipped. Validation F1 on the GEN validation split (iSarcasmEval validation
 F1 beside it) is measured at step 0 and every epoch (or --eval_steps); the best adapter by GEN F1
 is saved, which may be the SFT start itself if DPO never beat it; training stops after --patience
 evaluations without improvement.
@@ -215,12 +216,13 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
                 write_json(out / BATCH_FILE, batch_metrics(s, diagnostics))
             last = latest_checkpoint(out / CHECKPOINTS, STATE_FILE)
             kept = f"The last good checkpoint, {last}, is kept" if last else "No checkpoint was written before it"
-            raise UserError(f"DPO training diverged: {exc}; the bad update was not applied. {kept}. Lower --lr "
+            update = "that update was never saved or scored" if exc.applied else "the bad update was not applied"
+            raise UserError(f"DPO training diverged: {exc}; {update}. {kept}. Lower --lr "
                             f"(now {s.lr:g}) or raise --warmup_ratio, then start over with --overwrite; the metrics "
                             f"up to that step are in {out / BATCH_FILE}.") from None
         return trainer, validation, diagnostics
 
-    (trainer, validation, diagnostics), used = fit_within_memory(attempt, s, "dpo")
+    (trainer, validation, diagnostics), used = fit_within_memory(attempt, s, "dpo", device)
     return trainer, validation, diagnostics, used
 
 
@@ -231,11 +233,16 @@ def check_settings(s) -> None:
     if s.loss_type not in LOSS_TYPES:
         raise UserError(f"--loss_type {s.loss_type!r} is not one of TRL's DPO losses: {', '.join(LOSS_TYPES)}.")
     check_training_settings(s)
-    for name in ("save_steps", "eval_steps"):
+    for name in ("save_steps", "eval_steps", "diagnostics_steps"):
         if getattr(s, name) < 0:
             raise UserError(f"--{name} must be 0 or a positive count, got {getattr(s, name)}.")
     if s.beta_sweep and not s.betas:
         raise UserError("--beta_sweep needs at least one value in --betas.")
+    from .runtime import USUAL_BETA, warn_if_unusual
+
+    for beta in (s.betas if s.beta_sweep else [s.beta]):
+        warn_if_unusual("beta", beta, USUAL_BETA, "DPO uses 0.01 to 0.5; a much larger beta barely moves the model from "
+                        "SFT, a much smaller one lets it drift without restraint")
 
 
 def check_text_budget(sft_dir: Path, max_text_tokens: int) -> None:
@@ -396,6 +403,7 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
     from trl import DPOTrainer
 
     from .callbacks import DPODiagnosticsCallback, DPOValidationCallback, LossProgressCallback, SaveStateCallback
+    from .lean_trainer import lean
     from .runtime import (BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback, seeded_length_grouping,
                           strip_special_prefix)
 
@@ -410,7 +418,7 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
                                        patience=s.patience, eval_at_start=True, log=log, printer=printer)
     project_labelled_positions_only()  # CPU/MPS: the LM head on the completion rows only (fused_head.py)
     try:
-        trainer = seeded_length_grouping(DPOTrainer)(model=model, ref_model=None, args=dpo_args(s, model, ckpt_dir), train_dataset=dataset,
+        trainer = seeded_length_grouping(lean(DPOTrainer))(model=model, ref_model=None, args=dpo_args(s, model, ckpt_dir), train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[validation])
     except ValueError as exc:  # TRL's checks on the settings (e.g. a loss type that needs other options)
         raise UserError(f"TRL's DPOTrainer refused these settings: {exc}") from None
@@ -419,7 +427,7 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
     check_trl_tokens(trainer.train_dataset, data.pairs, tokenizer, s.max_length)
     diagnostics = DPODiagnosticsCallback(model, tokenizer, data.probe_texts, beta=s.beta,
                                          batch_size=s.eval_batch_size, max_text_tokens=s.max_text_tokens, log=log,
-                                         printer=printer)
+                                         diagnostics_steps=s.diagnostics_steps, printer=printer)
     validation.diagnostics = diagnostics
     trainer.add_callback(diagnostics)
     trainer.add_callback(BarrierOnSaveCallback())  # every process wrote its part before the state file marks it done

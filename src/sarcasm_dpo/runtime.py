@@ -219,6 +219,21 @@ def check_training_settings(s) -> None:
     if s.auto_find_batch_size and world_size() > 1:
         raise UserError("--auto_find_batch_size works in single-process runs only: the processes of a distributed "
                         "run cannot retry in step. Set --batch_size and --grad_accum instead.")
+    warn_if_unusual("lr", s.lr, USUAL_LR, "LoRA fine-tuning uses 1e-5 to 1e-3; far above, the adapter blows up "
+                    "(the run stops when its weight norm or loss explodes), far below, it does not move")
+
+
+USUAL_LR = (1e-6, 1e-2)  # LoRA learning rates seen in practice, with a margin on both sides
+USUAL_BETA = (0.005, 2.0)  # DPO betas seen in practice (0.01 to 0.5), with a margin
+
+
+def warn_if_unusual(name: str, value: float, usual: tuple[float, float], why: str) -> None:
+    """A warning, not an error: values outside the usual range are legal, but most often a typo."""
+    import warnings
+
+    low, high = usual
+    if not low <= value <= high:
+        warnings.warn(f"--{name} {value:g} is outside its usual range [{low:g}, {high:g}]: {why}.", stacklevel=3)
 
 
 # -- the output folder and its checkpoints --------------------------------------------------------------
@@ -228,7 +243,7 @@ RUN_CONFIG = "run_config.json"  # in checkpoints/: whose checkpoints these are
 BEST_FILE = "validation_best_adapter.safetensors"  # in each checkpoint: the best adapter so far
 # Settings that may change between an interrupted run and its --resume without changing the math.
 RESUME_NEUTRAL = ("device", "eval_batch_size", "logging_steps", "save_steps", "auto_find_batch_size",
-                  "gradient_checkpointing")
+                  "gradient_checkpointing", "diagnostics_steps")
 
 
 def latest_checkpoint(ckpt_dir: Path, state_file: str) -> Path | None:
@@ -411,7 +426,12 @@ def trainer_arguments(s, model, ckpt_dir: Path) -> dict:
         data_seed=s.seed,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every trainable (LoRA) parameter gets a gradient at every step
+        # --compile: a few padded lengths instead of one shape per batch, so torch.compile does not recompile each step
+        **({"torch_compile": True, "pad_to_multiple_of": COMPILE_PAD} if getattr(s, "compile", False) else {}),
     )
+
+
+COMPILE_PAD = 64  # tokens; sequence lengths are rounded up to a multiple of this under --compile
 
 
 def strip_special_prefix(tokenizer, prompts: list[str]) -> list[str] | None:
@@ -429,15 +449,6 @@ def strip_special_prefix(tokenizer, prompts: list[str]) -> list[str] | None:
     if bos and prompts[0].startswith(bos) and tokenizer(prompts[0][len(bos):])["input_ids"] == plain:
         return [p[len(bos):] if p.startswith(bos) else p for p in prompts]
     return None
-
-
-def gradients_finite(model) -> bool:
-    """False when a trainable parameter's gradient holds a NaN or inf (a NaN/inf loss makes them so);
-    checked before the optimizer step, it keeps the bad update from being applied."""
-    import torch
-
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def run_trainer(trainer, resume_from: Path | None):
@@ -591,12 +602,45 @@ def train_within_memory(attempt: Callable, *, batch_size: int, grad_accum: int, 
             printer(f"[{stage}] out of memory while {where}; retrying from the start with --eval_batch_size "
                     f"{eval_batch_size}.")
         else:
-            batch_size, grad_accum = max(1, batch_size // 2), grad_accum * 2
+            batch_size, grad_accum = smaller_batch(batch_size, grad_accum)
             printer(f"[{stage}] out of memory while {where}; retrying from the start with --batch_size "
                     f"{batch_size} --grad_accum {grad_accum} (same effective batch).")
 
 
-def fit_within_memory(attempt: Callable, s, stage: str) -> tuple:
+def smaller_batch(batch_size: int, grad_accum: int) -> tuple[int, int]:
+    """The largest batch at most half of `batch_size` that divides the effective batch, and the accumulation
+    that keeps it: (8, 2) -> (4, 4); (3, 4) -> (1, 12), where plain halving would give (1, 8)."""
+    effective = batch_size * grad_accum
+    smaller = next(b for b in range(max(1, batch_size // 2), 0, -1) if effective % b == 0)
+    return smaller, effective // smaller
+
+
+def auto_batch(s, stage: str, device=None, printer: Callable[[str], None] = print) -> tuple[int, int, bool]:
+    """(batch_size, grad_accum, retry on OOM) for --batch_size auto.
+
+    On CUDA in a single process: start at the recipe's whole effective batch in one micro-batch
+    (batch x grad_accum, the batch being the setting's default) and let the out-of-memory retry
+    shrink it to the largest size that divides it and fits (smaller_batch), so batch x grad_accum
+    stays exactly the recipe's. The length-grouped sampler puts the longest batch first, so a
+    batch that does not fit fails at the first step. Elsewhere (CPU, MPS: the batch does not buy
+    speed there; several processes: they cannot retry in step) the recipe's batch is kept.
+    """
+    import dataclasses
+
+    import torch
+
+    recipe = next(f.default for f in dataclasses.fields(s) if f.name == "batch_size")
+    kind = getattr(device, "type", str(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    if kind != "cuda" or world_size() > 1:
+        printer(f"[{stage}] --batch_size auto: {recipe} (the recipe's; auto searches only on a single CUDA device).")
+        return recipe, s.grad_accum, s.auto_find_batch_size
+    effective = recipe * s.grad_accum
+    printer(f"[{stage}] --batch_size auto: trying {effective} (the whole effective batch of {recipe} x {s.grad_accum} "
+            "in one micro-batch), smaller on an out-of-memory error.")
+    return effective, 1, True
+
+
+def fit_within_memory(attempt: Callable, s, stage: str, device=None) -> tuple:
     """`attempt(batch_size, grad_accum, eval_batch_size, stop_flag)` under `stop_on_signal()` and
     `train_within_memory()`, starting from the batch settings in `s`; returns (what the attempt that
     fitted returned, the batch it used, for the run's record)."""
@@ -604,10 +648,15 @@ def fit_within_memory(attempt: Callable, s, stage: str) -> tuple:
         def sized(batch_size: int, grad_accum: int, eval_batch_size: int):
             used = {"batch_size": batch_size, "grad_accum": grad_accum, "eval_batch_size": eval_batch_size,
                     "processes": world_size()}
+            if s.batch_size == "auto":  # what was asked for, beside what it became
+                used["batch_size_setting"] = "auto"
             return attempt(batch_size, grad_accum, eval_batch_size, flag), used
 
-        return train_within_memory(sized, batch_size=s.batch_size, grad_accum=s.grad_accum,
-                                   eval_batch_size=s.eval_batch_size, auto=s.auto_find_batch_size, stage=stage)
+        batch_size, grad_accum, auto = s.batch_size, s.grad_accum, s.auto_find_batch_size
+        if batch_size == "auto":
+            batch_size, grad_accum, auto = auto_batch(s, stage, device, printer=print if is_main_process() else quiet)
+        return train_within_memory(sized, batch_size=batch_size, grad_accum=grad_accum,
+                                   eval_batch_size=s.eval_batch_size, auto=auto, stage=stage)
 
 
 # -- `accelerate launch --cpu --num_processes N` --------------------------------------------------------

@@ -24,6 +24,14 @@ def check_positive(name: str, value: float | int | None, allow_none: bool = True
         raise UserError(f"--{name} must be a positive number, got {value}.")
 
 
+def check_batch_size(value: int | str) -> None:
+    """A positive count or the word auto."""
+    if value != "auto":
+        if isinstance(value, str):
+            raise UserError(f"--batch_size must be a positive whole number or auto, got {value!r}.")
+        check_positive("batch_size", value, allow_none=False)
+
+
 def _absolute_if_local(ref: str) -> str:
     """An existing local file or folder as an absolute path; anything else (a hub id) as it is."""
     path = os.path.expanduser(str(ref))
@@ -83,7 +91,9 @@ class SFTSettings(Common):
     lr: float = opt(2e-4, "Peak learning rate (AdamW, linear warmup then cosine decay).")
     warmup_ratio: float = opt(0.05, "Share of steps spent warming the learning rate up.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
-    batch_size: int = opt(8, "Examples per device per step.")
+    batch_size: int | str = opt(8, "Examples per device per step, or auto: on CUDA the largest batch that fits, at "
+                                   "most batch x grad_accum of the recipe (8 x grad_accum), with grad_accum lowered "
+                                   "to keep the effective batch; on CPU/MPS or with several processes, 8.")
     eval_batch_size: int = opt(16, "Texts per forward pass when scoring the validation split.")
     grad_accum: int = opt(2, "Gradient accumulation steps (effective batch = batch_size x grad_accum x processes).")
     max_length: int = opt(512, "Longest prompt+answer in tokens; longer examples are cut from the text side.")
@@ -95,6 +105,8 @@ class SFTSettings(Common):
     lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters (comma-separated).")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory: recompute activations in the backward pass.")
     auto_find_batch_size: bool = opt(False, "On an out-of-memory error, halve the batch size and double grad_accum, then retry.")
+    compile: bool = opt(False, "torch.compile the model; sequences are padded to multiples of 64 tokens so it compiles a "
+                               "few shapes rather than one per batch (opt-in: measure it on your GPU first).")
     logging_steps: int = opt(10, "Log the training loss every this many optimizer steps.")
     save_steps: int = opt(0, "Also checkpoint every this many steps (0 = at each epoch only).")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
@@ -109,7 +121,8 @@ class SFTSettings(Common):
         super().validate()
         _check_sample_size(self.sample_size)
         _check_sample_size(self.val_sample_size)
-        for name in ("epochs", "lr", "batch_size", "grad_accum", "max_length", "lora_r", "eval_batch_size"):
+        check_batch_size(self.batch_size)
+        for name in ("epochs", "lr", "grad_accum", "max_length", "lora_r", "eval_batch_size"):
             check_positive(name, getattr(self, name), allow_none=False)
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
@@ -156,7 +169,9 @@ class DPOSettings(Common):
     epochs: float = opt(3, "Training epochs.")
     lr: float = opt(5e-5, "Peak learning rate.")
     warmup_ratio: float = opt(0.05, "Share of steps spent warming the learning rate up.")
-    batch_size: int = opt(4, "Preference pairs per device per step.")
+    batch_size: int | str = opt(4, "Preference pairs per device per step, or auto: on CUDA the largest batch that "
+                                   "fits, at most batch x grad_accum of the recipe (4 x grad_accum), with grad_accum "
+                                   "lowered to keep the effective batch; on CPU/MPS or with several processes, 4.")
     eval_batch_size: int = opt(16, "Texts per forward pass when scoring validation splits.")
     grad_accum: int = opt(2, "Gradient accumulation steps.")
     max_length: int = opt(512, "Longest prompt+answer in tokens.")
@@ -164,10 +179,15 @@ class DPOSettings(Common):
     patience: int = opt(2, "Stop after this many evaluations without a better validation F1.")
     val_sample_size: int | None = opt(None, "Evaluate on a stratified sample of this many validation texts (empty = all).")
     probe_size: int = opt(64, "Validation prompts in the fixed probe set for KL and prediction flips.")
-    logging_steps: int = opt(5, "Log loss, rewards, KL and drift every this many optimizer steps.")
+    logging_steps: int = opt(5, "Log loss and rewards every this many optimizer steps.")
+    diagnostics_steps: int = opt(0, "Measure KL, drift and prediction flips (a pass over the probe set) on the logged "
+                                    "steps that are multiples of this, at the last step and at every evaluation "
+                                    "(0 = about four times per epoch).")
     save_steps: int = opt(0, "Also checkpoint every this many steps (0 = at each evaluation only).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     auto_find_batch_size: bool = opt(False, "On an out-of-memory error, halve the batch size and double grad_accum, then retry.")
+    compile: bool = opt(False, "torch.compile the model; sequences are padded to multiples of 64 tokens so it compiles a "
+                               "few shapes rather than one per batch (opt-in: measure it on your GPU first).")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
     overwrite: bool = opt(False, "Replace an output_dir that holds another run's results.")
 
@@ -179,8 +199,8 @@ class DPOSettings(Common):
             raise UserError(f"--beta must be > 0, got {self.beta}.")
         if any(b <= 0 for b in self.betas):
             raise UserError(f"--betas must all be > 0, got {self.betas}.")
-        for name in ("epochs", "lr", "batch_size", "grad_accum", "patience", "probe_size", "eval_batch_size",
-                     "max_length"):
+        check_batch_size(self.batch_size)
+        for name in ("epochs", "lr", "grad_accum", "patience", "probe_size", "eval_batch_size", "max_length"):
             check_positive(name, getattr(self, name), allow_none=False)
 
 

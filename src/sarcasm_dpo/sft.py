@@ -29,7 +29,8 @@ When things go wrong (runtime.py holds the shared parts; tests/test_reliability_
   interrupted, and the CLI prints the command that resumes (exit 130 / 143). A second signal stops at once.
 - Out of memory: --auto_find_batch_size halves --batch_size and doubles --grad_accum (same effective
   batch) and starts over; without it the error names the flags to change.
-- NaN/inf loss: the run stops before the bad update, naming the step and the last good checkpoint.
+- NaN/inf loss or gradients, or a loss or LoRA weight norm that explodes (lean_trainer.py): the run stops
+  with the step named and the last good checkpoint kept; --lr and --beta outside their usual ranges warn.
 - Bad input or settings: every check runs before --output_dir is touched, so nothing is overwritten.
 - Several processes (accelerate launch / torchrun): all train, the main one writes; see README.
 - Determinism: the same seed and settings give the same data order, adapter and metrics; on CPU
@@ -55,11 +56,12 @@ from .callbacks import LossProgressCallback, SaveStateCallback, TrackerLogCallba
 from .data import balanced_sample, class_counts, frame_checksum, load_split, overlap_count, stratified_sample
 from .errors import UserError
 from .fused_head import project_labelled_positions_only
+from .lean_trainer import lean
 from .models import load_base_model, load_tokenizer, pick_device
 from .prompts import build_prompt, label_token_ids, label_word
 from .runtime import (CHECKPOINTS, BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback, barrier,
                       check_training_settings, claim_run_dir, finish_run_dir, finished_record, fit_within_memory,
-                      gradients_finite, is_main_process, load_checkpoint_state, plan_run_dir, quiet, run_record,
+                      is_main_process, load_checkpoint_state, plan_run_dir, quiet, run_record,
                       run_trainer, save_adapter, save_checkpoint_state, seeded_length_grouping, strip_special_prefix,
                       trainer_arguments, world_size)
 from .tracking import Tracker
@@ -192,9 +194,14 @@ def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resum
         if main:
             print(describe_start(sized, train_df, val_df, current.device, parameter_counts(trainer.model),
                                  resume_from))
-        return trainer, validation, run_trainer(trainer, resume_from)
+        try:
+            return trainer, validation, run_trainer(trainer, resume_from)
+        except shared_callbacks.TrainingDiverged as exc:  # the lean trainer's per-step check
+            if isinstance(exc, TrainingDiverged):
+                raise
+            NonFiniteLossCallback.stop(exc.step, exc.what, out / CHECKPOINTS, applied=exc.applied)
 
-    (trainer, validation, result), used = fit_within_memory(attempt, s, "sft")
+    (trainer, validation, result), used = fit_within_memory(attempt, s, "sft", model.device)
     return trainer, validation, result, used
 
 
@@ -311,7 +318,7 @@ def build_trainer(s, model, tokenizer, train_ds, ckpt_dir: Path, callbacks=()):
     # On CPU/MPS, TRL would run the LM head over every prompt position only to mask it out (fused_head.py).
     project_labelled_positions_only()
     # Batches grouped by length, shuffled by (seed, epoch): a resumed run sees the same order.
-    trainer = seeded_length_grouping(SFTTrainer)(
+    trainer = seeded_length_grouping(lean(SFTTrainer))(
         model=model, args=training_args(s, model, ckpt_dir), train_dataset=train_ds, processing_class=tokenizer,
         peft_config=lora_config(s), callbacks=list(callbacks))
     if trainer.pop_callback(ProgressCallback) is not None:
@@ -341,32 +348,30 @@ def load_validation_state(validation: ValidationCallback, folder: Path) -> None:
 
 
 class NonFiniteLossCallback(TrainerCallback):
-    """Stop at the first step whose loss is NaN/inf, naming the step and the last good checkpoint.
+    """Stop when a logged loss is NaN/inf, naming the step and the last good checkpoint.
 
-    Checked on the gradients just before the optimizer step (a NaN/inf loss makes them NaN/inf),
-    so the bad update is never applied and the last checkpoint stays usable.
+    The gradients, the step's loss and the LoRA weights are checked at every step, before the
+    optimizer applies the update, by the lean trainer (lean_trainer.py); `stop` turns its finding
+    into this stage's message, so the bad update is never applied and the last checkpoint stays usable.
     """
 
     def __init__(self, ckpt_dir: Path | None = None):
         self.ckpt_dir = ckpt_dir
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if not gradients_finite(model):
-            self._stop(state.global_step + 1, "gradients", self.ckpt_dir)
-
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss):
-            self._stop(state.global_step, "loss", self.ckpt_dir)
+            self.stop(state.global_step, "loss became NaN or infinite", self.ckpt_dir)
 
     @staticmethod
-    def _stop(step: int, what: str, ckpt_dir: Path | None) -> None:
+    def stop(step: int, what: str, ckpt_dir: Path | None, applied: bool = False) -> None:
         last = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
         kept = (f"The last good checkpoint, {last}, is kept (written before the fault)" if last else
                 "No checkpoint was written before the fault")
+        update = ("that update was never saved or scored" if applied else "the bad update was not applied")
         raise TrainingDiverged(
-            f"Training diverged: the {what} became NaN or infinite at optimizer step {step}; the bad update was "
-            f"not applied. {kept}. Lower --lr (or raise --warmup_ratio) and start over with --overwrite.")
+            f"Training diverged: the {what} at optimizer step {step}; {update}. {kept}. Lower --lr (or raise "
+            f"--warmup_ratio) and start over with --overwrite.")
 
 
 # -- save --------------------------------------------------------------------------------------------
