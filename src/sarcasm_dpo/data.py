@@ -51,13 +51,9 @@ def _rows(index, limit: int = 10) -> str:
 
 def read_frame(path: str | Path) -> pd.DataFrame:
     """Read a CSV or JSONL file into a DataFrame, turning every pandas failure into a clear error."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"Data file not found: {path}")
-    if path.is_dir():
-        raise UserError(f"Expected a data file but {path} is a folder.")
-    if path.stat().st_size == 0:
-        raise UserError(f"Data file {path} is empty (0 bytes).")
+    from .inputs import check_input_file
+
+    path = check_input_file(path, "Data file")
     try:
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             frame = pd.read_json(path, lines=True, dtype=False)
@@ -66,10 +62,24 @@ def read_frame(path: str | Path) -> pd.DataFrame:
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=True)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise UserError(f"Could not parse {path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"Could not parse {path}: {str(exc).splitlines()[0]}{_separator_hint(path)}") from None
     if frame.empty:
         raise UserError(f"Data file {path} has a header but no rows.")
     return frame
+
+
+def _separator_hint(path: Path) -> str:
+    """A hint when the header looks separated by something other than commas (a European-locale export)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            header = fh.readline()
+    except OSError:
+        return ""
+    for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "vertical bars")):
+        if header.count(sep) > header.count(","):
+            return (f". Its header is separated by {name}, not commas: save it as a comma-separated CSV "
+                    "(or as JSONL).")
+    return ""
 
 
 def _require(frame: pd.DataFrame, expected: list[str], path, kind: str) -> None:
@@ -105,7 +115,8 @@ def detect_format(frame: pd.DataFrame, path: str | Path | None = None) -> str:
     opening = "Unrecognised" if path is None else f"{path}: unrecognised"
     raise UserError(
         f"{opening} columns. Found columns: {list(frame.columns)}; expected one of: GEN (class, id, text), "
-        "iSarcasmEval (tweet, sarcastic, rephrase, ...), or generic (text, label)."
+        "iSarcasmEval (tweet, sarcastic, rephrase, ...), or generic (text, label)"
+        + (_separator_hint(Path(path)) if path is not None else ".")
     )
 
 

@@ -16,12 +16,12 @@ from .errors import UserError
 
 
 def read_texts(path: str | None) -> list[str]:
+    from .inputs import check_input_file, decode_text
+
     if path is None:
-        lines = sys.stdin.read().splitlines()
+        lines = decode_text(sys.stdin.buffer.read(), "Standard input").splitlines()
         return [line for line in lines if line.strip()]
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"Input file not found: {path}")
+    p = check_input_file(path, "Input file", allow_empty=True)
     if p.suffix.lower() in (".csv", ".jsonl", ".ndjson", ".json"):
         from .data import read_frame
 
@@ -33,18 +33,19 @@ def read_texts(path: str | None) -> list[str]:
             rows = ", ".join(str(i + 1) for i in frame.index[empty][:10])
             raise UserError(f"{path}: {int(empty.sum())} row(s) with an empty text (rows {rows}).")
         return frame["text"].astype(str).tolist()
-    return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for line in decode_text(p.read_bytes(), f"Input file {p}").splitlines() if line.strip()]
 
 
 def run(args) -> list[dict]:
     from .models import adapter_base_model, load_model, pick_device
     from .scoring import Scorer
-    from .settings import check_positive
+    from .settings import check_device, check_positive
 
     if not args.model and not args.adapter:
         raise UserError("Give --model (a hub id, folder or .gguf) and/or --adapter (an sft/dpo output folder).")
     for name in ("batch_size", "max_text_tokens"):
         check_positive(name, getattr(args, name), allow_none=False)
+    check_device(args.device)
     if not 0 <= args.threshold <= 1:
         raise UserError(f"--threshold is a probability and must be in [0, 1], got {args.threshold}.")
     model_ref = args.model or adapter_base_model(args.adapter)

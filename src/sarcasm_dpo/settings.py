@@ -7,6 +7,7 @@ The values actually used are saved beside every output (`training_summary.json` 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from .config import opt
@@ -22,6 +23,14 @@ def check_positive(name: str, value: float | int | None, allow_none: bool = True
         return
     if value is None or value <= 0:
         raise UserError(f"--{name} must be a positive number, got {value}.")
+
+
+def check_device(value: str | None) -> None:
+    """--device names a kind of device PyTorch can run this on (whether it is here is checked on use)."""
+    if value is None or value == "":
+        return
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
+        raise UserError(f"--device must be cpu, cuda, cuda:N or mps (or empty to pick one), got {value!r}.")
 
 
 def _absolute_if_local(ref: str) -> str:
@@ -49,6 +58,7 @@ class Common:
     def validate(self) -> None:
         # 0 would cut every text to nothing: each would get the same probability, and SFT would train on empty texts.
         check_positive("max_text_tokens", self.max_text_tokens, allow_none=False)
+        check_device(self.device)
 
 
 @dataclass
