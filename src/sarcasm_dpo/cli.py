@@ -82,9 +82,17 @@ def run_command(args: argparse.Namespace) -> object:
     module_name, section, _ = COMMANDS[args.command]
     settings = from_namespace(STAGES[section], args, section)
     module = importlib.import_module(module_name)
-    if section == "pipeline":
+    if section == "pipeline":  # it locks every stage's output itself, once it knows them
         return module.run(settings, config_path=getattr(args, "config", None))
-    return module.run(settings)
+    from .rundir import claim_outputs, outputs_of
+
+    with claim_outputs(outputs_of(section, settings), command_line(args), main_process=_main_process()):
+        return module.run(settings)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed (recorded in an output's lock, so a second run can name the first)."""
+    return "sarcasm-dpo " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
 
 
 # Stages whose checkpoints `--resume` continues from, and the ones that train data-parallel.
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command in DISTRIBUTED and os.environ.get("ACCELERATE_USE_CPU"):
         from .runtime import cpu_workers_requested, run_workers
 

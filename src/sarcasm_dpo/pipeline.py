@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from .atomic import is_complete_for, read_complete
@@ -75,6 +76,15 @@ def run(pipe, config_path: str | None = None) -> dict:
     group = None if pipe.no_wandb else make_group_name()
     stages = stage_settings(data, pipe, group, str(config_path or "defaults"))
     order = ["split", "sft", *(["mine"] if pipe.mine else []), "dpo", "compare"]
+    from .rundir import claim_outputs, outputs_of
+
+    # Every stage's output is locked for the whole pipeline: a second run into the same folders exits 2.
+    outputs = [o for name in order for o in outputs_of(name, stages[name])]
+    with claim_outputs(outputs, "sarcasm-dpo " + " ".join(sys.argv[1:])):
+        return run_stages(pipe, stages, order)
+
+
+def run_stages(pipe, stages: dict, order: list[str]) -> dict:
     ran, skipped = [], []
     result = None
     for name in order:
@@ -91,10 +101,13 @@ def run(pipe, config_path: str | None = None) -> dict:
                 result = json.loads((out / "model_comparison_results.json").read_text())
             continue
         interrupted = (out / "checkpoints").is_dir() and read_complete(out) is None
+        # Replacing a finished run of this stage is the pipeline's job (its settings changed); files no run of
+        # ours wrote are another matter: the stage refuses them, as it does on its own, unless --overwrite.
+        ours = read_complete(out) is not None or interrupted
         if hasattr(settings, "resume"):
-            settings = dataclasses.replace(settings, resume=interrupted, overwrite=not interrupted)
+            settings = dataclasses.replace(settings, resume=interrupted, overwrite=pipe.overwrite or not interrupted and ours)
         elif hasattr(settings, "overwrite"):
-            settings = dataclasses.replace(settings, overwrite=True)
+            settings = dataclasses.replace(settings, overwrite=pipe.overwrite or ours)
         print(f"[pipeline] {name}: {'resuming' if interrupted else 'running'} -> {out}")
         module = __import__(f"sarcasm_dpo.{ {'split': 'data', 'mine': 'mining'}.get(name, name) }", fromlist=["run"])
         result = module.run(settings)

@@ -208,6 +208,8 @@ class CompareSettings(Common):
     output_dir: str = opt("results", "Where the comparison JSON, plot and predictions are written.")
     batch_size: int = opt(16, "Texts per forward pass.")
     n_bootstrap: int = opt(1000, "Bootstrap resamples for the 95% intervals.")
+    overwrite: bool = opt(False, "Replace an output_dir holding another comparison (other settings or inputs) "
+                                 "or files compare did not write.")
 
     def validate(self) -> None:
         super().validate()
@@ -224,6 +226,7 @@ class PipelineSettings:
     data_dir: str | None = opt(None, "Offline data folder laid out like shared/data (empty = download on first use).")
     force: bool = opt(False, "Redo every stage even when its outputs are complete and match the config.")
     mine: bool = opt(False, "Train DPO on pairs mined from the SFT model's mistakes instead of all pairs.")
+    overwrite: bool = opt(False, "Let stages write into output folders holding files that no run of theirs wrote.")
     wandb_project: str = opt(DEFAULT_PROJECT, "Weights & Biases project name.")
     no_wandb: bool = opt(False, "Turn Weights & Biases logging off.")
 
