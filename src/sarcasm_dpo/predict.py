@@ -49,6 +49,12 @@ def run(args) -> list[dict]:
     if not 0 <= args.threshold <= 1:
         raise UserError(f"--threshold is a probability and must be in [0, 1], got {args.threshold}.")
     model_ref = args.model or adapter_base_model(args.adapter)
+    if args.adapter:
+        from .atomic import read_complete
+
+        if read_complete(args.adapter) is None:  # stdout carries the JSON lines; the warning goes beside them
+            print(f"Warning: {args.adapter} has no COMPLETE.json: the run that wrote this adapter may not have "
+                  "finished (or was stopped while saving), so it may not be the model you expect.", file=sys.stderr)
     texts = read_texts(args.input)
     if not texts:
         raise UserError("No texts to classify (the input is empty).")

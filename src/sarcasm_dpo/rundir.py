@@ -63,6 +63,15 @@ def acquire(out: str | os.PathLike, command: str) -> Path | None:
     path = lock_path(out)
     if str(path) in _held:
         return None
+    for folder in [path.parent, *path.parent.parents]:  # the nearest existing folder above must be a folder
+        if folder.is_symlink() and not folder.exists():
+            raise UserError(f"Cannot write the output {out}: {folder} is a symbolic link to {os.readlink(folder)}, "
+                            "which does not exist. Create what it points to, or choose another output path.")
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"Cannot write the output {out}: {folder} is a file, not a folder. Choose another "
+                                "output path.")
+            break
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -83,19 +92,23 @@ def acquire(out: str | os.PathLike, command: str) -> Path | None:
             if same:
                 break
             os.close(fd)
+        stale = _holder(fd)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            raise
     except OSError as exc:
         raise UserError(f"Cannot write the output {out}: {describe_failure(exc) or exc}") from None
-    stale = _holder(fd)
     if stale.get("pid") is not None:
         alive = stale.get("host") == socket.gethostname() and _pid_alive(stale["pid"])
         print(f"Note: taking over the lock {path} left by pid {stale.get('pid')} on {stale.get('host')} "
               f"({stale.get('command', '?')}), which {'released it' if alive else 'is no longer running'}.",
               file=sys.stderr)
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-    os.fsync(fd)
     _held[str(path)] = fd
     return path
 
