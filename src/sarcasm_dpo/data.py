@@ -198,7 +198,7 @@ def load_isarcasm(path, **kw) -> pd.DataFrame:
 
 def load_split(path: str | Path, what: str = "split") -> pd.DataFrame:
     """Read a split file written by `sarcasm-dpo split` (or any text,label file), with a hint if absent."""
-    if not Path(path).exists():
+    if not Path(path).exists() and not Path(path).is_symlink():  # a broken link gets read_frame's own message
         raise UserError(f"The {what} file {path} does not exist. Run `sarcasm-dpo split` first, or pass the right path.")
     return load_table(path)
 
