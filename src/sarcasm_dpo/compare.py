@@ -73,9 +73,7 @@ def run(settings: CompareSettings) -> dict:
     train = load_train(s, test_full)
     test = data.stratified_sample(test_full, s.sample_size, s.seed)
     extras = load_extra_tests(s, train)
-    inputs = rundir.input_identity({"test_csv": s.test_csv, "train_csv": s.train_csv,
-                                    **{f"extra_test {n}": p for n, (p, _, _) in extras.items()},
-                                    **{f"{k}_model": folder for k, folder in adapters.items()}})
+    inputs = inputs_of(s)
     final = check_results_dir(Path(s.output_dir), config, s.overwrite, inputs)
     print(f"Test set: {s.test_csv}: {len(test)} of {len(test_full)} items {data.class_counts(test)}")
 
@@ -224,6 +222,15 @@ def load_extra_tests(s: CompareSettings, train: pd.DataFrame | None) -> dict[str
             print(f"Warning: {overlap} text(s) of extra test set {name} ({path}) are in the training split.")
         extras[name] = (path, full, data.stratified_sample(full, s.sample_size, s.seed))
     return extras
+
+
+def inputs_of(s: CompareSettings) -> dict[str, str]:
+    """The checksums of everything a comparison reads (splits, extra test sets, adapters): recorded in its
+    COMPLETE.json, so a finished comparison of other data or other adapters is never taken for this one's."""
+    extras = {f"extra_test {name.strip()}": path.strip() for name, _, path in (e.partition("=") for e in s.extra_test)}
+    adapters = {f"{key}_model": value for key, value in (("sft", s.sft_model), ("dpo", s.dpo_model))
+                if not _skipped(value)}
+    return rundir.input_identity({"test_csv": s.test_csv, "train_csv": s.train_csv, **extras, **adapters})
 
 
 def check_results_dir(folder: Path, config: dict, overwrite: bool, inputs: dict) -> Path:

@@ -318,20 +318,27 @@ def make_splits(gen: pd.DataFrame, isarcasm: pd.DataFrame, test_size: float = 0.
     return splits
 
 
+def inputs_of(data_dir: Path) -> dict[str, str]:
+    """The checksums of the two datasets a split is made from (recorded in its COMPLETE.json)."""
+    from .rundir import input_identity
+
+    return input_identity({"gen": data_dir / GEN_RELPATH, "isarcasmeval": data_dir / ISARCASM_RELPATH})
+
+
 def run(settings) -> dict:
     """`sarcasm-dpo split`: read both datasets, clean them, split, check leakage, write CSVs + split_info.json."""
     import dataclasses
 
     from .atomic import check_output_dir, finish_output_dir, write_csv, write_json
     from .download import ensure_data_dir
-    from .rundir import input_identity, staged
+    from .rundir import staged
     from .tracking import Tracker
 
     config = dataclasses.asdict(settings)
     out = Path(settings.output_dir)
     data_dir = ensure_data_dir(settings.data_dir)
     # The data's identity is part of what a finished split was made from: other data is another run.
-    inputs = input_identity({"gen": data_dir / GEN_RELPATH, "isarcasmeval": data_dir / ISARCASM_RELPATH})
+    inputs = inputs_of(data_dir)
     check_output_dir(out, config, overwrite=settings.overwrite, inputs=inputs)
     with Tracker(enabled=not settings.no_wandb, project=settings.wandb_project, job_type="split",
                  group=settings.wandb_group, config=config) as tracker:

@@ -62,6 +62,26 @@ def _dpo_result_dir(dpo: DPOSettings) -> str:
     return dpo.output_dir
 
 
+def same_inputs(name: str, settings, out: Path) -> bool:
+    """The finished stage in `out` read the same data and adapters as this run would (by checksum). A stage
+    redone after an earlier pipeline run stopped part-way may have left later stages' records from older
+    inputs; settings alone would not tell."""
+    from . import compare, data, mining
+    from .atomic import input_differences
+
+    if name == "split":
+        from .download import ensure_data_dir
+
+        inputs = data.inputs_of(ensure_data_dir(settings.data_dir))
+    elif name == "compare":
+        inputs = compare.inputs_of(settings)
+    elif name == "mine":
+        inputs = mining.inputs_of(settings)
+    else:
+        return True  # sft and dpo: their records hold settings only (their inputs come from the stages before)
+    return not input_differences(read_complete(out) or {}, inputs)
+
+
 def _output_of(name: str, settings) -> str:
     if name == "mine":
         return str(Path(settings.output_file).parent / (Path(settings.output_file).stem + "_run"))
@@ -94,7 +114,7 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
         out = Path(_output_of(name, settings))
         config = dataclasses.asdict(settings)
         # Once a stage has run, everything after it runs too: its inputs just changed.
-        if not pipe.force and not ran and is_complete_for(out, config):
+        if not pipe.force and not ran and is_complete_for(out, config) and same_inputs(name, settings, out):
             print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to redo).")
             skipped.append(name)
             if name == "compare":
