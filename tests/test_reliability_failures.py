@@ -525,3 +525,25 @@ def test_sigkill_during_the_swap_loses_nothing(kill_after, tmp_path):
     assert (out / "result.txt").read_text() == "new\n"
     assert json.loads((out / COMPLETE_MARKER).read_text())["config"] == {"run": "new"}
     assert [p.name for p in tmp_path.iterdir()] == ["results"]
+
+
+def test_mine_keeps_its_record_when_it_fails_and_counts_its_adapter(env, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    adapter = tmp_path / "sft"
+    shutil.copytree(env["sft"], adapter)
+    argv = _replace(mine(env, out), "--sft_model", str(adapter))
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    from sarcasm_dpo import scoring
+
+    def disk_full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "wandb"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(scoring.Scorer, "predict_proba", disk_full)
+        refused(argv, capsys, ["no space left"], [tmp_path])
+    assert (out / "pairs_run" / COMPLETE_MARKER).is_file()
+    # The same path, another adapter (retrained): refused like any other change of settings.
+    _write(adapter / "adapter_config.json", (adapter / "adapter_config.json").read_text() + "\n")
+    refused(argv, capsys, ["input sft_model", "--overwrite"], [tmp_path])
