@@ -547,3 +547,34 @@ def test_mine_keeps_its_record_when_it_fails_and_counts_its_adapter(env, tmp_pat
     # The same path, another adapter (retrained): refused like any other change of settings.
     _write(adapter / "adapter_config.json", (adapter / "adapter_config.json").read_text() + "\n")
     refused(argv, capsys, ["input sft_model", "--overwrite"], [tmp_path])
+
+
+@pytest.mark.parametrize("code,words", [
+    (errno.ENOSPC, ["no space left", "free there now"]), (errno.EACCES, ["permission was denied"]),
+    (errno.EROFS, ["read-only file system"]), (errno.ENAMETOOLONG, ["name is too long"]),
+    (errno.ELOOP, ["loop of symbolic links"]), (errno.ENOTDIR, ["should be a folder is a file"]),
+    (errno.EFBIG, ["ulimit -f"]),
+])
+def test_the_boundary_names_the_path_and_the_cause_of_each_os_error(code, words, tmp_path):
+    """The CLI's one boundary (errors.describe_failure) for each errno the issue lists: path and cause."""
+    from sarcasm_dpo.errors import describe_failure
+
+    message = describe_failure(OSError(code, os.strerror(code), str(tmp_path / "out" / "file.json")))
+    assert str(tmp_path / "out" / "file.json") in message and "\n" not in message
+    for word in words:
+        assert word in message
+    assert describe_failure(OSError(errno.ECONNRESET, "reset")) is None  # not a file problem: a bug shows its traceback
+    assert describe_failure(ValueError("x")) is None
+
+
+def test_the_boundary_turns_safetensors_errors_into_a_paragraph(tmp_path):
+    from safetensors.torch import load_file  # what PEFT calls: its frame holds the file name
+
+    from sarcasm_dpo.errors import describe_failure
+
+    bad = tmp_path / "adapter_model.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(Exception) as info:
+        load_file(str(bad))
+    message = describe_failure(info.value)
+    assert message and "adapter_model.safetensors" in message and "truncated or not a safetensors file" in message

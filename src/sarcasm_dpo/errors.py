@@ -86,6 +86,7 @@ def _filename_in_traceback(exc: BaseException) -> str | None:
 
     Decode and safetensors errors do not carry the file's name; the frames that raised them do."""
     import os
+    import re
 
     found = None
     tb = exc.__traceback__
@@ -93,7 +94,8 @@ def _filename_in_traceback(exc: BaseException) -> str | None:
         for name in ("filename", "path", "file", "fname", "filepath", "weights", "p"):
             value = tb.tb_frame.f_locals.get(name)
             text = str(value) if isinstance(value, (str, os.PathLike)) else ""
-            if text and len(text) < 4096 and (isinstance(value, os.PathLike) or os.sep in text or "." in text):
+            if text and len(text) < 4096 and (isinstance(value, os.PathLike) or os.sep in text
+                                               or re.search(r"\.[A-Za-z]\w*$", text)):
                 found = text
                 break
         tb = tb.tb_next
