@@ -578,3 +578,18 @@ def test_the_boundary_turns_safetensors_errors_into_a_paragraph(tmp_path):
         load_file(str(bad))
     message = describe_failure(info.value)
     assert message and "adapter_model.safetensors" in message and "truncated or not a safetensors file" in message
+
+
+def test_full_disk_while_saving_tensors_is_a_paragraph(tmp_path):
+    """torch.save and safetensors report a full disk in their own words; the boundary still says what happened."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sarcasm_dpo.errors import describe_failure
+
+    with mounted_tmpfs(tmp_path / "full", "size=64k") as full:
+        for name, save in (("x.pt", torch.save), ("y.safetensors", save_file)):
+            with pytest.raises(Exception) as info:
+                save({"a": torch.zeros(100_000)}, str(full / name))
+            message = describe_failure(info.value)
+            assert message and str(full / name) in message and "free there now" in message, message

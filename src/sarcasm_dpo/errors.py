@@ -17,6 +17,7 @@ class UserError(Exception):
 # one place, whichever stage met them. Anything not recognised keeps its traceback (cli.py).
 
 import errno as _errno  # noqa: E402
+import os  # noqa: E402
 
 # errno -> what it means for the person at the keyboard, and what to do about it.
 _OS_ERRORS = {
@@ -73,6 +74,18 @@ def describe_failure(exc: BaseException) -> str | None:
         return (f"Could not read {where} as UTF-8 text: byte {exc.object[exc.start:exc.start + 1]!r} at position "
                 f"{exc.start} is not valid UTF-8 (a binary file, or text in another encoding). Give a UTF-8 text "
                 "file (re-save it as UTF-8).")
+    import re
+
+    os_error = re.search(r"os error (\d+)", str(exc))  # Rust I/O errors (safetensors, tokenizers) carry the errno
+    if os_error and int(os_error.group(1)) in _OS_ERRORS:
+        code = int(os_error.group(1))
+        return describe_failure(OSError(code, os.strerror(code), _filename_in_traceback(exc)))
+    if isinstance(exc, RuntimeError) and "inline_container" in str(exc):  # torch.save's zip writer, e.g. a full disk
+        where = _filename_in_traceback(exc)
+        return (f"Could not write {where or 'a PyTorch file'}: PyTorch's file writer failed "
+                f"({str(exc).splitlines()[0][:200]}), which almost always means the disk filled up"
+                f"{_free_space(where)}. Free some space or choose an output folder on another disk, then run the same "
+                "command again (sft and dpo: with --resume).")
     if type(exc).__name__ == "SafetensorError":
         where = _filename_in_traceback(exc) or "a .safetensors file"
         return (f"Could not read {where}: {str(exc).splitlines()[0] if str(exc) else 'invalid safetensors data'}. "
@@ -91,7 +104,7 @@ def _filename_in_traceback(exc: BaseException) -> str | None:
     found = None
     tb = exc.__traceback__
     while tb is not None:
-        for name in ("filename", "path", "file", "fname", "filepath", "weights", "p"):
+        for name in ("filename", "path", "file", "fname", "filepath", "weights", "p", "f"):
             value = tb.tb_frame.f_locals.get(name)
             text = str(value) if isinstance(value, (str, os.PathLike)) else ""
             if text and len(text) < 4096 and (isinstance(value, os.PathLike) or os.sep in text
