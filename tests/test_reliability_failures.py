@@ -593,3 +593,25 @@ def test_full_disk_while_saving_tensors_is_a_paragraph(tmp_path):
                 save({"a": torch.zeros(100_000)}, str(full / name))
             message = describe_failure(info.value)
             assert message and str(full / name) in message and "free there now" in message, message
+
+
+def test_file_size_limit_mid_run_keeps_the_previous_comparison(env, tmp_path, capsys):
+    """Where no tmpfs can be mounted, RLIMIT_FSIZE (ulimit -f) stops writes the same way a full disk does:
+    the comparison fails while writing its outputs, exits 2 naming the cause, and the previous one stays whole."""
+    import resource
+
+    out = tmp_path / "results"
+    argv = compare(env, out, "--no_baseline")
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    before = hashes(tmp_path, env["root"])
+    limit = 8 * 1024  # the lock and the predictions fit; the plot (tens of KiB) does not
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run(CLI + argv, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_files)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "ulimit -f" in error_paragraph(done.stderr)
+    assert hashes(tmp_path, env["root"]) == before and not list(tmp_path.glob(".staging-*"))

@@ -196,7 +196,13 @@ def _silence_stdout() -> None:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    code = main()
+    try:  # the last lines may still sit in the buffer when the reader of a pipe has gone
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        code = 128 + signal.SIGPIPE
+    sys.exit(code)
 
 
 if __name__ == "__main__":
