@@ -431,10 +431,17 @@ def test_leftovers_of_killed_runs_are_removed_by_the_next_run(env, tmp_path, cap
     folder = tmp_path / "sft"
     folder.mkdir()
     _write(folder / "adapter_config.json", "{}")
+    (folder / "checkpoints").mkdir()
     (folder / ".tmp-save-123").mkdir()
     _write(folder / ".tmp-adapter_config.json.q1", "{")
     rundir.tidy(folder)
-    assert [p.name for p in folder.iterdir()] == ["adapter_config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "checkpoints"]
+    # A folder no run of ours wrote is left exactly as it was (the stage then refuses it).
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    _write(foreign / ".tmp-my-notes", "mine\n")
+    rundir.tidy(foreign)
+    assert (foreign / ".tmp-my-notes").read_text() == "mine\n"
 
 
 def test_a_stale_lock_is_taken_over_with_one_line(env, tmp_path, capsys):

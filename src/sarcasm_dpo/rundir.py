@@ -190,7 +190,9 @@ def tidy(out: str | os.PathLike) -> None:
     for folder in [*staged_dirs, *old_dirs]:
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
-    if out.is_dir():
+    # Only in a folder that holds a run of ours (finished, or with checkpoints): a folder someone else
+    # filled is refused by the stage, and must be left exactly as it was.
+    if out.is_dir() and ((out / COMPLETE_MARKER).exists() or (out / "checkpoints").is_dir()):
         for leftover in out.glob(".tmp-*"):  # atomic writes and adapter saves of killed runs
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
