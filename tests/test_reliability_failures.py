@@ -622,3 +622,38 @@ def test_file_size_limit_mid_run_keeps_the_previous_comparison(env, tmp_path, ca
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "ulimit -f" in error_paragraph(done.stderr)
     assert hashes(tmp_path, env["root"]) == before and not list(tmp_path.glob(".staging-*"))
+
+
+def test_a_training_run_that_fails_keeps_the_previous_run_and_its_marker(env, tmp_path, capsys, monkeypatch):
+    """sft (dpo shares the code: runtime.claim_run_dir / save_adapter) with --overwrite over a finished run of
+    other settings fails while training: the previous run's files and COMPLETE.json are as they were; the
+    stopped run is then seen as interrupted (the pipeline resumes it), and --resume finishes it."""
+    from sarcasm_dpo import runtime, sft as sft_stage
+
+    out = tmp_path / "sft"
+    shutil.copytree(env["sft"], out)  # a finished run (the reference's settings)
+    previous = hashes(out)
+    argv = sft(env, out, "--lr", "0.01", "--epochs", "1", "--save_steps", "2", "--overwrite")
+    real = sft_stage.run_trainer
+
+    def disk_full_after_a_checkpoint(trainer, resume_from):
+        trainer.add_callback(_FailAfterSave())
+        return real(trainer, resume_from)
+
+    monkeypatch.setattr(sft_stage, "run_trainer", disk_full_after_a_checkpoint)
+    refused(argv, capsys, ["no space left"], [env["root"]])
+    assert {k: v for k, v in hashes(out).items() if "/checkpoints/" not in k} == previous
+    assert runtime.interrupted_run(out) and runtime.finished_record(out, {}, sft_stage.SUMMARY_FILE) is None
+    monkeypatch.setattr(sft_stage, "run_trainer", real)
+    assert cli.main([a for a in argv if a != "--overwrite"] + ["--resume"]) == 0
+    assert json.loads((out / COMPLETE_MARKER).read_text())["config"]["lr"] == 0.01 and not runtime.interrupted_run(out)
+
+
+class _FailAfterSave:
+    """A TrainerCallback whose first checkpoint is followed by a full disk."""
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def on_save(self, args, state, control, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(args.output_dir) / "checkpoint-next"))

@@ -113,14 +113,17 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
             settings = dataclasses.replace(settings, dpo_model=_dpo_result_dir(stages["dpo"]))
         out = Path(_output_of(name, settings))
         config = dataclasses.asdict(settings)
+        from .runtime import interrupted_run
+
+        interrupted = interrupted_run(out)
         # Once a stage has run, everything after it runs too: its inputs just changed.
-        if not pipe.force and not ran and is_complete_for(out, config) and same_inputs(name, settings, out):
+        if not pipe.force and not ran and not interrupted and is_complete_for(out, config) \
+                and same_inputs(name, settings, out):
             print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to redo).")
             skipped.append(name)
             if name == "compare":
                 result = json.loads((out / "model_comparison_results.json").read_text())
             continue
-        interrupted = (out / "checkpoints").is_dir() and read_complete(out) is None
         # Replacing a finished run of this stage is the pipeline's job (its settings changed); files no run of
         # ours wrote are another matter: the stage refuses them, as it does on its own, unless --overwrite.
         ours = read_complete(out) is not None or interrupted
