@@ -291,9 +291,15 @@ def test_without_dpo_and_baseline_and_reusing_the_results_folder(setup):
     assert set(first["models"]) == {"base", "sft"}
     assert set(first["significance"]) == {"sft_vs_base"}
     assert (out / "predictions_extra.csv").is_file()
-    # A second comparison with other settings may reuse the folder (only our files are in it) and
-    # must not leave the first run's extra predictions behind.
-    second = run(settings(setup, out, dpo_model="", no_baseline=True, sample_size=12))
+    # A second comparison with other settings is refused without --overwrite (the first stays whole); with
+    # it, the folder is replaced whole: the first run's extra predictions do not stay behind.
+    from sarcasm_dpo.errors import UserError
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match="settings differ in: dpo_model"):
+        run(settings(setup, out, dpo_model="", no_baseline=True, sample_size=12))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    second = run(settings(setup, out, dpo_model="", no_baseline=True, sample_size=12, overwrite=True))
     assert second["test_set"]["n"] == 12
     assert not (out / "predictions_extra.csv").exists()
     assert list(pd.read_csv(out / "predictions.csv").columns) == ["id", "text", "label", "p_base", "p_sft"]

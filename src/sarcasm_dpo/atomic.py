@@ -140,8 +140,17 @@ def settings_differences(record: dict, config: dict, ignore_keys: tuple[str, ...
     return sorted(k for k in set(had) | set(wanted) if had.get(k) != wanted.get(k))
 
 
+def input_differences(record: dict, inputs: dict | None) -> list[str]:
+    """Names of the inputs (data files, adapters, by checksum) that differ from those a completion record
+    holds. A record without them (written before inputs were recorded) is compared on settings only."""
+    if inputs is None or "inputs" not in record:
+        return []
+    had = record.get("inputs") or {}
+    return sorted(f"input {k}" for k in set(had) | set(inputs) if had.get(k) != inputs.get(k))
+
+
 def check_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool = False, resume: bool = False,
-                     ignore_keys: tuple[str, ...] = ()) -> Path:
+                     ignore_keys: tuple[str, ...] = (), inputs: dict | None = None) -> Path:
     """Read-only: may a stage with `config` write into `folder`? Raises UserError if not.
 
     A folder holding another run's results (a completion marker with a different config, or
@@ -153,12 +162,15 @@ def check_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool = 
     from .errors import UserError
 
     folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise UserError(f"Output path {folder} is a symbolic link to {os.readlink(folder)}, which does not exist; "
+                        "create the folder it points to, or choose another output path.")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"Output path {folder} exists and is not a folder.")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         record = read_complete(folder)
         if record is not None:
-            diff = settings_differences(record, config, ignore_keys)
+            diff = settings_differences(record, config, ignore_keys) + input_differences(record, inputs)
             if diff and not resume:
                 raise UserError(
                     f"{folder} already holds the results of another run (settings differ in: {', '.join(diff)}). "
@@ -174,9 +186,10 @@ def check_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool = 
 
 
 def prepare_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool = False, resume: bool = False,
-                       ignore_keys: tuple[str, ...] = ()) -> Path:
+                       ignore_keys: tuple[str, ...] = (), inputs: dict | None = None) -> Path:
     """`check_output_dir`, then claim the folder: create it and clear its completion marker."""
-    folder = check_output_dir(folder, config, overwrite=overwrite, resume=resume, ignore_keys=ignore_keys)
+    folder = check_output_dir(folder, config, overwrite=overwrite, resume=resume, ignore_keys=ignore_keys,
+                              inputs=inputs)
     folder.mkdir(parents=True, exist_ok=True)
     clear_complete(folder)
     return folder

@@ -6,7 +6,10 @@
     sarcasm-dpo compare --test_csv data/splits/gen_test.csv
     sarcasm-dpo pipeline --config configs/qwen2.5-0.5b.yaml
 
-Bad input or settings end with one paragraph on stderr and exit code 2 (no traceback). Ctrl-C or
+Bad input or settings end with one paragraph on stderr and exit code 2 (no traceback), and so do
+files and folders the machine refuses (a full disk, a read-only or unreadable path, a name too long,
+a truncated .safetensors file, text that is not UTF-8). A closed pipe (`predict ... | head -1`)
+ends quietly with 141, as Unix tools do; anything else is a bug and keeps its traceback. Ctrl-C or
 SIGTERM during sft/dpo training writes a checkpoint, prints the command that resumes, and exits
 128 + the signal number (130, 143). Runs under `accelerate launch ... -m sarcasm_dpo.cli sft ...`
 as well, `--cpu --num_processes N` included (see runtime.py).
@@ -24,7 +27,7 @@ import threading
 
 from . import __version__
 from .config import add_arguments, from_namespace
-from .errors import UserError
+from .errors import UserError, describe_failure
 from .settings import STAGES
 
 # subcommand -> (module that runs it, settings section, one-line description)
@@ -99,9 +102,17 @@ def run_command(args: argparse.Namespace) -> object:
 
         settings = replace(settings, model=route_model(settings.model))
     module = importlib.import_module(module_name)
-    if section == "pipeline":
+    if section == "pipeline":  # it locks every stage's output itself, once it knows them
         return module.run(settings, config_path=getattr(args, "config", None))
-    return module.run(settings)
+    from .rundir import claim_outputs, outputs_of
+
+    with claim_outputs(outputs_of(section, settings), command_line(args), main_process=_main_process()):
+        return module.run(settings)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed (recorded in an output's lock, so a second run can name the first)."""
+    return "sarcasm-dpo " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
 
 
 # Stages whose checkpoints `--resume` continues from, and the ones that train data-parallel.
@@ -172,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_known_noise()
+    args.argv = argv
     if args.command in DISTRIBUTED and os.environ.get("ACCELERATE_USE_CPU"):
         from .runtime import cpu_workers_requested, run_workers
 
@@ -192,14 +204,44 @@ def main(argv: list[str] | None = None) -> int:
         if _main_process():  # on a line of its own: a progress bar may be mid-line
             print("\n" + interrupt_message(args, argv, exc), file=sys.stderr)
         return 128 + int(getattr(exc, "signum", signal.SIGINT))
+    except BrokenPipeError:  # `sarcasm-dpo predict ... | head -1`: the reader left; stop quietly, as Unix tools do
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
+    except Exception as exc:  # noqa: BLE001 - the one boundary: the user's machine or files, or a bug
+        message = describe_failure(exc)
+        if message is None:  # a bug: keep the traceback visible, and say where it belongs
+            import traceback
+
+            traceback.print_exc()
+            print(f"\nThis looks like a bug in sarcasm-dpo {__version__}; please report it with the command and the "
+                  "traceback above.", file=sys.stderr)
+            return 1
+        if _main_process():
+            print(f"error: {message}", file=sys.stderr)
+        return 2
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def entry_point() -> None:
-    sys.exit(main())
+    code = main()
+    try:  # the last lines may still sit in the buffer when the reader of a pipe has gone
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        code = 128 + signal.SIGPIPE
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ path that is given but not there is an error naming it, so a typo never silently
 
 Outputs (in `--output_dir`, default results/): model_comparison_results.json,
 model_comparison_plot.png, predictions.csv, one predictions_NAME.csv per `--extra_test`, and
-COMPLETE.json last. A folder holding only these files (an earlier compare) is reused, since
-compare is cheap to redo; a folder with anything else in it is refused.
+COMPLETE.json last. They are written into a staging folder beside it and swapped in whole at the
+end, so a comparison that fails leaves the previous one as it was. The output folder follows every
+stage's rule: empty, or holding a finished comparison of the same settings and inputs (test and
+train files, adapters, by checksum), is (re)written; anything else only with --overwrite.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -38,7 +41,8 @@ import numpy as np
 import pandas as pd
 
 from . import baseline, data, metrics, models
-from .atomic import finish_output_dir, prepare_output_dir, read_complete, write_csv, write_json
+from . import rundir
+from .atomic import check_output_dir, finish_output_dir, read_complete, write_csv, write_json
 from .errors import UserError
 from .settings import CompareSettings
 
@@ -51,9 +55,6 @@ NAMES = {"base": "Base", "sft": "SFT", "dpo": "DPO", BASELINE: "TF-IDF+LR"}
 PAIRS = [("sft", "base"), ("dpo", "base"), ("dpo", "sft"), ("sft", BASELINE), ("dpo", BASELINE)]
 IMPROVEMENT_KEYS = ("accuracy", "precision", "recall", "f1", "macro_f1", "roc_auc")
 ALPHA = 0.05
-# What a compare run writes; a results folder holding only these names may be reused.
-OWN_FILES = re.compile(r"^(model_comparison_results\.json|model_comparison_plot\.png|predictions(_[A-Za-z0-9_.-]+)?\.csv"
-                       r"|COMPLETE\.json|\.tmp-.*|wandb)$")
 EXTRA_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -72,7 +73,8 @@ def run(settings: CompareSettings) -> dict:
     train = load_train(s, test_full)
     test = data.stratified_sample(test_full, s.sample_size, s.seed)
     extras = load_extra_tests(s, train)
-    out = prepare_results_dir(Path(s.output_dir), config)
+    inputs = inputs_of(s)
+    final = check_results_dir(Path(s.output_dir), config, s.overwrite, inputs)
     counts = data.class_counts(test)
     print(f"Test set: {s.test_csv}: {len(test)} of {len(test_full)} items ({counts['sarcastic']} sarcastic, "
           f"{counts['not_sarcastic']} not)")
@@ -116,26 +118,27 @@ def run(settings: CompareSettings) -> dict:
             results["extra_tests"][name] = {"test_set": info, **evaluate(frame, by_set[name], s)}
 
         predictions = {"main": predictions_frame(test, by_set["main"])}
-        files = {"main": out / PREDICTIONS_FILE}
+        files = {"main": PREDICTIONS_FILE, **{name: f"predictions_{name}.csv" for name in extras}}
         for name in extras:
             predictions[name] = predictions_frame(sets[name], by_set[name])
-            files[name] = out / f"predictions_{name}.csv"
-        for name, frame in predictions.items():
-            write_csv(files[name], frame)
-        remove_stale_predictions(out, set(files.values()))
         from .plots import plot_comparison
 
-        plot_path = plot_comparison(results["models"], out / PLOT_FILE, names=NAMES,
-                                    title=f"{Path(s.test_csv).name}: {len(test)} items")
-        timings["total_s"] = round(time.perf_counter() - started, 3)
-        results["outputs"] = {"results": str(out / RESULTS_FILE), "plot": str(plot_path),
-                              "predictions": {k: str(v) for k, v in files.items()}}
-        write_json(out / RESULTS_FILE, results)
+        # Every file is written into a staging folder beside --output_dir and swapped in at the end: a
+        # comparison that fails half-way (out of memory, a full disk) leaves the previous one whole.
+        with rundir.staged(final) as stage:
+            for name, frame in predictions.items():
+                write_csv(stage / files[name], frame)
+            plot_comparison(results["models"], stage / PLOT_FILE, names=NAMES,
+                            title=f"{Path(s.test_csv).name}: {len(test)} items")
+            timings["total_s"] = round(time.perf_counter() - started, 3)
+            results["outputs"] = {"results": str(final / RESULTS_FILE), "plot": str(final / PLOT_FILE),
+                                  "predictions": {k: str(final / v) for k, v in files.items()}}
+            write_json(stage / RESULTS_FILE, results)
+            finish_output_dir(stage, config, extra={"stage": "compare", "n": len(test), "inputs": inputs,
+                                                    "accuracy": {k: m["accuracy"] for k, m in results["models"].items()}})
+        out = Path(os.path.realpath(final))
         print(format_report(results))
-        log_to_tracker(tracker, results, predictions["main"], plot_path, out / RESULTS_FILE)
-
-    finish_output_dir(out, config, extra={"stage": "compare", "n": len(test),
-                                          "accuracy": {k: m["accuracy"] for k, m in results["models"].items()}})
+        log_to_tracker(tracker, results, predictions["main"], out / PLOT_FILE, out / RESULTS_FILE)
     return results
 
 
@@ -223,14 +226,20 @@ def load_extra_tests(s: CompareSettings, train: pd.DataFrame | None) -> dict[str
     return extras
 
 
-def prepare_results_dir(folder: Path, config: dict) -> Path:
-    """Reuse a folder that holds only an earlier compare's files; refuse one holding anything else."""
-    if folder.is_dir():
-        foreign = sorted(p.name for p in folder.iterdir() if not OWN_FILES.match(p.name))
-        if foreign:
-            raise UserError(f"{folder} holds files the compare stage did not write ({', '.join(foreign[:8])}); "
-                            "choose another --output_dir so they are not mixed with the comparison.")
-    return prepare_output_dir(folder, config, overwrite=True)
+def inputs_of(s: CompareSettings) -> dict[str, str]:
+    """The checksums of everything a comparison reads (splits, extra test sets, adapters): recorded in its
+    COMPLETE.json, so a finished comparison of other data or other adapters is never taken for this one's."""
+    extras = {f"extra_test {name.strip()}": path.strip() for name, _, path in (e.partition("=") for e in s.extra_test)}
+    adapters = {f"{key}_model": value for key, value in (("sft", s.sft_model), ("dpo", s.dpo_model))
+                if not _skipped(value)}
+    return rundir.input_identity({"test_csv": s.test_csv, "train_csv": s.train_csv, **extras, **adapters})
+
+
+def check_results_dir(folder: Path, config: dict, overwrite: bool, inputs: dict) -> Path:
+    """Read-only: the rule every stage follows. An empty folder, or one holding a finished comparison of
+    these settings and inputs, may be (re)written; another comparison or files compare did not write
+    only with --overwrite."""
+    return check_output_dir(folder, config, overwrite=overwrite, inputs=inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,13 +324,6 @@ def predictions_frame(frame: pd.DataFrame, probs: dict[str, np.ndarray]) -> pd.D
     for key, p in probs.items():
         out[f"p_{key}"] = p
     return out
-
-
-def remove_stale_predictions(out: Path, written: set[Path]) -> None:
-    """predictions_NAME.csv from an earlier run with other --extra_test sets would not match the JSON."""
-    for path in out.glob("predictions_*.csv"):
-        if path not in written:
-            path.unlink()
 
 
 # --------------------------------------------------------------------------------------------

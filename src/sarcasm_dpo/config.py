@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -79,7 +80,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 raise ValueError(value)
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         if inner is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan/inf pass float() but no setting means anything at them
+                raise UserError(f"Setting '{name}' must be a finite number, got {value!r}.")
+            return number
         if inner is str:
             return str(value)
     except (TypeError, ValueError):
@@ -122,16 +126,26 @@ REPEATABLE = {"extra_test", "set"}
 
 
 def load_yaml(path: str | Path) -> dict:
+    from .inputs import read_input_text
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Config file not found: {path}")
+    text = read_input_text(path, "Config file", allow_empty=True)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"Config file {path} is not valid YAML: {exc}") from None
+        raise UserError(f"Config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"Config file {path} must hold a mapping of settings, found {type(data).__name__}.")
     return data
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """The parser's complaint on one line, with where it was found (its own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}" + (f" ({context})" if context else "") + "."
 
 
 def values_for_stage(data: dict, cls: type, section: str, source: str = "config") -> dict:

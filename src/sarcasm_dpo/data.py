@@ -11,6 +11,7 @@ unknown label or an empty text, which texts carry conflicting labels.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -51,13 +52,9 @@ def _rows(index, limit: int = 10) -> str:
 
 def read_frame(path: str | Path) -> pd.DataFrame:
     """Read a CSV or JSONL file into a DataFrame, turning every pandas failure into a clear error."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"Data file not found: {path}")
-    if path.is_dir():
-        raise UserError(f"Expected a data file but {path} is a folder.")
-    if path.stat().st_size == 0:
-        raise UserError(f"Data file {path} is empty (0 bytes).")
+    from .inputs import check_input_file
+
+    path = check_input_file(path, "Data file")
     try:
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             frame = pd.read_json(path, lines=True, dtype=False)
@@ -66,10 +63,24 @@ def read_frame(path: str | Path) -> pd.DataFrame:
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=True)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise UserError(f"Could not parse {path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"Could not parse {path}: {str(exc).splitlines()[0]}{_separator_hint(path)}") from None
     if frame.empty:
         raise UserError(f"Data file {path} has a header but no rows.")
     return frame
+
+
+def _separator_hint(path: Path) -> str:
+    """A hint when the header looks separated by something other than commas (a European-locale export)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            header = fh.readline()
+    except OSError:
+        return ""
+    for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "vertical bars")):
+        if header.count(sep) > header.count(","):
+            return (f". Its header is separated by {name}, not commas: save it as a comma-separated CSV "
+                    "(or as JSONL).")
+    return ""
 
 
 def _require(frame: pd.DataFrame, expected: list[str], path, kind: str) -> None:
@@ -105,7 +116,8 @@ def detect_format(frame: pd.DataFrame, path: str | Path | None = None) -> str:
     opening = "Unrecognised" if path is None else f"{path}: unrecognised"
     raise UserError(
         f"{opening} columns. Found columns: {list(frame.columns)}; expected one of: GEN (class, id, text), "
-        "iSarcasmEval (tweet, sarcastic, rephrase, ...), or generic (text, label)."
+        "iSarcasmEval (tweet, sarcastic, rephrase, ...), or generic (text, label)"
+        + (_separator_hint(Path(path)) if path is not None else ".")
     )
 
 
@@ -186,7 +198,7 @@ def load_isarcasm(path, **kw) -> pd.DataFrame:
 
 def load_split(path: str | Path, what: str = "split") -> pd.DataFrame:
     """Read a split file written by `sarcasm-dpo split` (or any text,label file), with a hint if absent."""
-    if not Path(path).exists():
+    if not Path(path).exists() and not Path(path).is_symlink():  # a broken link gets read_frame's own message
         raise UserError(f"The {what} file {path} does not exist. Run `sarcasm-dpo split` first, or pass the right path.")
     return load_table(path)
 
@@ -256,6 +268,32 @@ def class_counts(frame: pd.DataFrame) -> dict[str, int]:
     return {"sarcastic": int((frame.label == 1).sum()), "not_sarcastic": int((frame.label == 0).sum()), "total": len(frame)}
 
 
+def _held_out(n: int, share: float) -> int:
+    """How many of n rows scikit-learn's train_test_split puts in the held-out part for a float share."""
+    return math.ceil(n * share)
+
+
+def check_split_sizes(name: str, frame: pd.DataFrame, share: float, held_out: str) -> int:
+    """Refuse a split of `frame` that would leave a part empty or single-class, naming the sizes; returns
+    the number of rows that stay on the training side.
+
+    A stratified split needs at least one row of each class on each side (scikit-learn then keeps
+    both classes in both parts); a model cannot be trained, selected or scored on a part without."""
+    n = len(frame)
+    counts = frame["label"].value_counts().to_dict()
+    if len(counts) < 2:
+        only = f"only label {next(iter(counts))}" if counts else "no rows"
+        raise UserError(f"{name} has {n} row(s) with {only}: a sarcasm split needs both classes (sarcastic and not). "
+                        "Check the data file and its label column.")
+    held = _held_out(n, share)
+    kept = n - held
+    if held < 2 or kept < 2 or min(counts.values()) < 2:
+        raise UserError(f"Splitting {name} ({n} rows: {counts.get(1, 0)} sarcastic, {counts.get(0, 0)} not) with a "
+                        f"{held_out} share of {share} gives {held} {held_out} and {kept} training row(s); each part needs "
+                        "at least one row of each class. Use a larger share, or more data.")
+    return kept
+
+
 def make_splits(gen: pd.DataFrame, isarcasm: pd.DataFrame, test_size: float = 0.2, val_size: float = 0.1,
                 isarcasm_val_size: float = 0.2, seed: int = 42) -> dict[str, pd.DataFrame]:
     """GEN -> train / val / test and iSarcasmEval -> train / val, all stratified and seeded.
@@ -265,7 +303,10 @@ def make_splits(gen: pd.DataFrame, isarcasm: pd.DataFrame, test_size: float = 0.
     """
     from sklearn.model_selection import train_test_split
 
+    check_split_sizes("GEN", gen, test_size, "test")
+    check_split_sizes("iSarcasmEval", isarcasm, isarcasm_val_size, "validation")
     gen_train_full, gen_test = train_test_split(gen, test_size=test_size, stratify=gen["label"], random_state=seed)
+    check_split_sizes("GEN's training share", gen_train_full, val_size, "validation")
     gen_train, gen_val = train_test_split(gen_train_full, test_size=val_size, stratify=gen_train_full["label"],
                                           random_state=seed)
     is_train, is_val = train_test_split(isarcasm, test_size=isarcasm_val_size, stratify=isarcasm["label"],
@@ -277,37 +318,47 @@ def make_splits(gen: pd.DataFrame, isarcasm: pd.DataFrame, test_size: float = 0.
     return splits
 
 
+def inputs_of(data_dir: Path) -> dict[str, str]:
+    """The checksums of the two datasets a split is made from (recorded in its COMPLETE.json)."""
+    from .rundir import input_identity
+
+    return input_identity({"gen": data_dir / GEN_RELPATH, "isarcasmeval": data_dir / ISARCASM_RELPATH})
+
+
 def run(settings) -> dict:
     """`sarcasm-dpo split`: read both datasets, clean them, split, check leakage, write CSVs + split_info.json."""
     import dataclasses
 
-    from .atomic import finish_output_dir, prepare_output_dir, write_csv, write_json
+    from .atomic import check_output_dir, finish_output_dir, write_csv, write_json
     from .download import ensure_data_dir
+    from .rundir import staged
     from .tracking import Tracker
 
     config = dataclasses.asdict(settings)
     out = Path(settings.output_dir)
     data_dir = ensure_data_dir(settings.data_dir)
-    prepare_output_dir(out, config, overwrite=settings.overwrite)
+    # The data's identity is part of what a finished split was made from: other data is another run.
+    inputs = inputs_of(data_dir)
+    check_output_dir(out, config, overwrite=settings.overwrite, inputs=inputs)
     with Tracker(enabled=not settings.no_wandb, project=settings.wandb_project, job_type="split",
                  group=settings.wandb_group, config=config) as tracker:
         gen = load_gen(data_dir / GEN_RELPATH, strict=settings.strict)
         isarcasm = load_isarcasm(data_dir / ISARCASM_RELPATH, strict=settings.strict, drop_conflicts=not settings.strict)
         splits = make_splits(gen, isarcasm, settings.test_size, settings.val_size, settings.isarcasm_val_size, settings.seed)
         info = {"config": config, "sources": {
-                    "gen": {"path": str(data_dir / GEN_RELPATH), "sha256": file_sha256(data_dir / GEN_RELPATH)},
-                    "isarcasmeval": {"path": str(data_dir / ISARCASM_RELPATH),
-                                     "sha256": file_sha256(data_dir / ISARCASM_RELPATH)}},
+                    "gen": {"path": str(data_dir / GEN_RELPATH), "sha256": inputs["gen"]},
+                    "isarcasmeval": {"path": str(data_dir / ISARCASM_RELPATH), "sha256": inputs["isarcasmeval"]}},
                 "splits": {}}
         print(f"{'split':<16}{'sarcastic':>10}{'not':>8}{'total':>8}")
-        for name, frame in splits.items():
-            path = out / SPLIT_FILES[name]
-            write_csv(path, frame)
-            counts = class_counts(frame)
-            info["splits"][name] = {"file": str(path), "sha256": frame_checksum(frame), **counts}
-            print(f"{name:<16}{counts['sarcastic']:>10}{counts['not_sarcastic']:>8}{counts['total']:>8}")
-            tracker.log_summary({f"split/{name}/{k}": v for k, v in counts.items()})
-        write_json(out / "split_info.json", info)
-        finish_output_dir(out, config)
+        # Written beside the output folder and swapped in whole: a failure leaves the previous splits as they were.
+        with staged(out) as stage:
+            for name, frame in splits.items():
+                write_csv(stage / SPLIT_FILES[name], frame)
+                counts = class_counts(frame)
+                info["splits"][name] = {"file": str(out / SPLIT_FILES[name]), "sha256": frame_checksum(frame), **counts}
+                print(f"{name:<16}{counts['sarcastic']:>10}{counts['not_sarcastic']:>8}{counts['total']:>8}")
+                tracker.log_summary({f"split/{name}/{k}": v for k, v in counts.items()})
+            write_json(stage / "split_info.json", info)
+            finish_output_dir(stage, config, extra={"inputs": inputs})
     print(f"Splits written to {out}/ (no text appears in more than one split).")
     return info

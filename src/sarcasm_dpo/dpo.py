@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_path, finish_output_dir, prepare_output_dir, read_json, write_json
+from .atomic import atomic_path, clear_complete, finish_output_dir, prepare_output_dir, read_json, write_json
 from .errors import UserError
 from .fused_head import project_labelled_positions_only
 
@@ -213,6 +213,7 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
             run_trainer(trainer, resume_from)
         except TrainingDiverged as exc:
             if main:
+                clear_complete(out)  # the metrics below are this run's: the previous run's marker would lie
                 write_json(out / BATCH_FILE, batch_metrics(s, diagnostics))
             last = latest_checkpoint(out / CHECKPOINTS, STATE_FILE)
             kept = f"The last good checkpoint, {last}, is kept" if last else "No checkpoint was written before it"

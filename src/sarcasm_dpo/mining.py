@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import finish_output_dir, prepare_output_dir, read_complete, settings_differences, write_json
+from .atomic import (finish_output_dir, input_differences, prepare_output_dir, read_complete, settings_differences,
+                     write_json)
 from .errors import UserError
 
 STRATEGIES = ("all", "mistakes_only", "confident_mistakes")
@@ -43,7 +44,14 @@ def marker_dir(output_file: str | Path) -> Path:
     return output_file.parent / f"{output_file.stem}_run"
 
 
-def check_output_file(out_file: Path, config: dict, overwrite: bool) -> None:
+def inputs_of(s) -> dict[str, str]:
+    """The checksums of what mining reads (the split and the SFT adapter), recorded beside its marker."""
+    from .rundir import input_identity
+
+    return input_identity({"input_csv": s.input_csv, "sft_model": s.sft_model})
+
+
+def check_output_file(out_file: Path, config: dict, overwrite: bool, inputs: dict | None = None) -> None:
     """Read-only: may this run write `out_file`? Another run's pairs are replaced only with --overwrite.
 
     The completion record in <stem>_run/ tells whose pairs these are: the same settings may be
@@ -60,7 +68,7 @@ def check_output_file(out_file: Path, config: dict, overwrite: bool) -> None:
     marker = marker_dir(out_file)
     record = read_complete(marker)
     if record is not None:
-        diff = settings_differences(record, config)
+        diff = settings_differences(record, config) + input_differences(record, inputs)
         if diff:
             raise UserError(f"{out_file} already holds the results of another run (settings differ in: "
                             f"{', '.join(diff)}; see {marker}). Pass --overwrite to replace them, or choose "
@@ -100,13 +108,12 @@ def run(s) -> dict:
     sft_dir = check_adapter_dir(s.sft_model)
     base_ref = adapter_base_model(sft_dir)
     out_file = Path(s.output_file)
-    check_output_file(out_file, config, s.overwrite)
+    inputs = inputs_of(s)
+    check_output_file(out_file, config, s.overwrite, inputs)
     frame = load_split(s.input_csv, "iSarcasmEval training split")
     if s.sample_size:
         frame = stratified_sample(frame, s.sample_size, s.seed)
     check_adapter_fits(sft_dir, base_ref)
-    # check_output_file decided; this only clears a stale completion marker.
-    marker = prepare_output_dir(marker_dir(out_file), config, overwrite=True)
 
     from .metrics import classification_metrics
     from .models import load_model, pick_device
@@ -132,6 +139,9 @@ def run(s) -> dict:
         if len(pairs):
             first = pairs.iloc[0]
             check_pair_tokens(tokenizer, first["prompt"], first["chosen"], first["rejected"], int(first["label"]))
+        # check_output_file decided; only now, with every result in hand, is the previous run's marker cleared, so
+        # a run that fails while loading or scoring (out of memory, a damaged adapter) leaves the previous pairs' record.
+        marker = prepare_output_dir(marker_dir(out_file), config, overwrite=True)
         write_pairs_file(out_file, pairs)
 
         wrong = select(labels, probs, "mistakes_only", s.confidence)
@@ -154,7 +164,7 @@ def run(s) -> dict:
                         "total_s": round(time.perf_counter() - started, 2)},
         }
         write_json(summary_path(out_file), summary)
-        finish_output_dir(marker, config, {"kept": len(pairs), "output_file": str(out_file)})
+        finish_output_dir(marker, config, {"kept": len(pairs), "output_file": str(out_file), "inputs": inputs})
         tracker.log_summary({"mine": {"kept": len(pairs), "mistakes": int(wrong.sum()), "scored": len(frame),
                                       "sft_accuracy": metrics["accuracy"], "sft_f1": metrics["f1"]}})
         tracker.log_artifact(out_file, name="mined-pairs", type="dataset",

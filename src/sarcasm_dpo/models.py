@@ -196,7 +196,47 @@ def check_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
             f"{adapter_dir} holds no LoRA adapter (no adapter_config.json; found: {', '.join(found) or 'nothing'}). "
             "Point to the output folder of `sarcasm-dpo sft` or `sarcasm-dpo dpo`."
         )
+    from .inputs import read_input_text
+
+    config_file = adapter_dir / "adapter_config.json"
+    try:
+        config = json.loads(read_input_text(config_file, "Adapter config"))
+    except ValueError as exc:
+        raise UserError(f"{config_file} is not valid JSON ({exc}); the adapter folder is damaged (an interrupted "
+                        "copy?). Copy it again or retrain the adapter.") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file} must hold a JSON object, found {type(config).__name__}; the adapter folder "
+                        "is damaged. Copy it again or retrain the adapter.")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.exists() or weights.is_symlink():
+        check_safetensors(weights)
     return adapter_dir
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a truncated or foreign .safetensors file from its header alone (no tensor is read).
+
+    The format is an 8-byte header length, a JSON header with each tensor's byte range, then the
+    data: the file must be exactly as long as the header says, or loading fails half-way later."""
+    from .inputs import check_input_file
+
+    check_input_file(path, "Adapter weights")
+    damaged = (f"{path} is truncated or not a safetensors file (an interrupted save or copy); copy it again or "
+               "retrain the adapter.")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length <= 0 or 8 + length > size:
+            raise UserError(damaged)
+        try:
+            header = json.loads(fh.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise UserError(damaged) from None
+    if 8 + length + end != size:
+        raise UserError(damaged.replace("is truncated", f"holds {size} bytes where its header describes "
+                                        f"{8 + length + end}: it is truncated"))
 
 
 def check_adapter_fits(adapter_dir: str | os.PathLike, base_ref: str) -> None:
@@ -267,7 +307,8 @@ def attach_adapter(model, adapter_dir: str | os.PathLike, adapter_name: str = "d
         # Shape mismatches and missing target modules both mean: this adapter belongs to another base model.
         raise UserError(
             f"The adapter in {adapter_dir} does not fit this base model ({str(exc).splitlines()[0][:300]}). "
-            f"It was trained on {adapter_base_model(adapter_dir)!r}; pass that as --model."
+            f"It was trained on {adapter_base_model(adapter_dir)!r}; use that base model (--model, where the command "
+            "has it, or retrain the adapter on this one)."
         ) from None
 
 

@@ -131,12 +131,15 @@ def write_pairs_file(path: str | Path, pairs: pd.DataFrame) -> Path:
 
 def load_pairs_file(path: str | Path) -> pd.DataFrame:
     """Read a preference pairs JSON (list of objects with prompt/chosen/rejected), with clear errors."""
+    from .inputs import read_input_text
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise UserError(f"Preference data file not found: {path}. Create it with `sarcasm-dpo mine` or fix the path.")
+    text = read_input_text(path, "Preference data file", allow_empty=True)  # a FIFO, a loop, binary: said so
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise UserError(f"Preference data file {path} is not valid JSON: {exc}") from None
     if isinstance(data, dict) and isinstance(data.get("pairs"), list):
         data = data["pairs"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from .atomic import is_complete_for, read_complete
@@ -66,6 +67,26 @@ def _dpo_result_dir(dpo: DPOSettings) -> str:
     return dpo.output_dir
 
 
+def same_inputs(name: str, settings, out: Path) -> bool:
+    """The finished stage in `out` read the same data and adapters as this run would (by checksum). A stage
+    redone after an earlier pipeline run stopped part-way may have left later stages' records from older
+    inputs; settings alone would not tell."""
+    from . import compare, data, mining
+    from .atomic import input_differences
+
+    if name == "split":
+        from .download import ensure_data_dir
+
+        inputs = data.inputs_of(ensure_data_dir(settings.data_dir))
+    elif name == "compare":
+        inputs = compare.inputs_of(settings)
+    elif name == "mine":
+        inputs = mining.inputs_of(settings)
+    else:
+        return True  # sft and dpo: their records hold settings only (their inputs come from the stages before)
+    return not input_differences(read_complete(out) or {}, inputs)
+
+
 def _output_of(name: str, settings) -> str:
     if name == "mine":
         return str(Path(settings.output_file).parent / (Path(settings.output_file).stem + "_run"))
@@ -87,6 +108,15 @@ def run(pipe, config_path: str | None = None) -> dict:
     sft = stages["sft"]
     if pipe.force or not is_complete_for(sft.output_dir, dataclasses.asdict(sft)):
         check_available(sft.model)  # before the split is written or a W&B run opened
+    from .rundir import claim_outputs, outputs_of
+
+    # Every stage's output is locked for the whole pipeline: a second run into the same folders exits 2.
+    outputs = [o for name in order for o in outputs_of(name, stages[name])]
+    with claim_outputs(outputs, "sarcasm-dpo " + " ".join(sys.argv[1:])):
+        return run_stages(pipe, stages, order)
+
+
+def run_stages(pipe, stages: dict, order: list[str]) -> dict:
     ran, skipped = [], []
     result = None
     for name in order:
@@ -95,18 +125,24 @@ def run(pipe, config_path: str | None = None) -> dict:
             settings = dataclasses.replace(settings, dpo_model=_dpo_result_dir(stages["dpo"]))
         out = Path(_output_of(name, settings))
         config = dataclasses.asdict(settings)
+        from .runtime import interrupted_run
+
+        interrupted = interrupted_run(out)
         # Once a stage has run, everything after it runs too: its inputs just changed.
-        if not pipe.force and not ran and is_complete_for(out, config):
+        if not pipe.force and not ran and not interrupted and is_complete_for(out, config) \
+                and same_inputs(name, settings, out):
             print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to redo).")
             skipped.append(name)
             if name == "compare":
                 result = json.loads((out / "model_comparison_results.json").read_text())
             continue
-        interrupted = (out / "checkpoints").is_dir() and read_complete(out) is None
+        # Replacing a finished run of this stage is the pipeline's job (its settings changed); files no run of
+        # ours wrote are another matter: the stage refuses them, as it does on its own, unless --overwrite.
+        ours = read_complete(out) is not None or interrupted
         if hasattr(settings, "resume"):
-            settings = dataclasses.replace(settings, resume=interrupted, overwrite=not interrupted)
+            settings = dataclasses.replace(settings, resume=interrupted, overwrite=pipe.overwrite or not interrupted and ours)
         elif hasattr(settings, "overwrite"):
-            settings = dataclasses.replace(settings, overwrite=True)
+            settings = dataclasses.replace(settings, overwrite=pipe.overwrite or ours)
         print(f"[pipeline] {name}: {'resuming' if interrupted else 'running'} -> {out}")
         module = __import__(f"sarcasm_dpo.{ {'split': 'data', 'mine': 'mining'}.get(name, name) }", fromlist=["run"])
         result = module.run(settings)

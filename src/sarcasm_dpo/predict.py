@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from .errors import UserError
 
 
 def read_texts(path: str | None) -> list[str]:
+    from .inputs import check_input_file, decode_text
+
     if path is None:
-        lines = sys.stdin.read().splitlines()
+        lines = decode_text(sys.stdin.buffer.read(), "Standard input").splitlines()
         return [line for line in lines if line.strip()]
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"Input file not found: {path}")
+    p = check_input_file(path, "Input file", allow_empty=True)
     if p.suffix.lower() in (".csv", ".jsonl", ".ndjson", ".json"):
         from .data import read_frame
 
@@ -33,13 +32,11 @@ def read_texts(path: str | None) -> list[str]:
             rows = ", ".join(str(i + 1) for i in frame.index[empty][:10])
             raise UserError(f"{path}: {int(empty.sum())} row(s) with an empty text (rows {rows}).")
         return frame["text"].astype(str).tolist()
-    return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for line in decode_text(p.read_bytes(), f"Input file {p}").splitlines() if line.strip()]
 
 
 def recorded_threshold(model: str | None) -> float:
     """The decision threshold an exported model folder records (`sarcasm-dpo export`), else 0.5."""
-    import json
-
     info = Path(model or "") / "sarcasm_dpo.json"
     if model and info.is_file():
         try:
@@ -52,18 +49,25 @@ def recorded_threshold(model: str | None) -> float:
 def run(args) -> list[dict]:
     from .models import adapter_base_model, load_model, pick_device
     from .scoring import Scorer
-    from .settings import check_positive
+    from .settings import check_device, check_positive
 
     if not args.model and not args.adapter:
         raise UserError("Give --model (a hub id, folder or .gguf) and/or --adapter (an sft/dpo output folder).")
     for name in ("batch_size", "max_text_tokens"):
         check_positive(name, getattr(args, name), allow_none=False)
+    check_device(args.device)
     threshold = args.threshold if args.threshold is not None else recorded_threshold(args.model)
     if not 0 <= threshold <= 1:
         raise UserError(f"--threshold is a probability and must be in [0, 1], got {threshold}.")
     from .model_route import route_model
 
     model_ref = route_model(args.model) or adapter_base_model(args.adapter)
+    if args.adapter:
+        from .atomic import read_complete
+
+        if read_complete(args.adapter) is None:  # stdout carries the JSON lines; the warning goes beside them
+            print(f"Warning: {args.adapter} has no COMPLETE.json: the run that wrote this adapter may not have "
+                  "finished (or was stopped while saving), so it may not be the model you expect.", file=sys.stderr)
     texts = read_texts(args.input)
     if not texts:
         raise UserError("No texts to classify (the input is empty).")

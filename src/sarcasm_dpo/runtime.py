@@ -264,7 +264,7 @@ def finished_record(out: Path, config: dict, summary_file: str) -> dict | None:
 
     record = read_complete(out)
     if record and stable_config(record.get("config") or {}) == stable_config(config) \
-            and (out / summary_file).is_file():
+            and (out / summary_file).is_file() and not interrupted_run(out):  # a newer run stopped: not this record's
         return record
     return None
 
@@ -283,6 +283,9 @@ def plan_run_dir(out: Path, config: dict, s, *, finished: bool, state_file: str)
     # Checkpoints beside a finished run of these settings are leftovers of a run killed after its marker.
     latest = None if finished else latest_checkpoint(ckpt_dir, state_file)
     resume_from = latest if s.resume else None
+    if latest is not None and not s.resume and not s.overwrite:  # say so first: --resume is the likely wish
+        raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
+                        "or --overwrite to start over.")
     check_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
     if resume_from is not None:
         had = read_json(ckpt_dir / RUN_CONFIG) if (ckpt_dir / RUN_CONFIG).is_file() else {}
@@ -291,30 +294,43 @@ def plan_run_dir(out: Path, config: dict, s, *, finished: bool, state_file: str)
             raise UserError(f"The checkpoints in {ckpt_dir} were made with other settings (differ in: "
                             f"{', '.join(diff)}). Resume with the same settings, or pass --overwrite "
                             "without --resume to start over.")
-    elif latest is not None and not s.overwrite:
-        raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
-                        "or --overwrite to start over.")
     return resume_from
 
 
 def claim_run_dir(out: Path, config: dict, s, resume_from: Path | None) -> None:
-    """Take the folder over once every check passed: marker cleared, stale checkpoints gone, the settings
-    recorded beside the checkpoints. Call it on every process once the trainer exists (it sets up the
-    process group); only the main process writes, and all wait until it has."""
-    from .atomic import prepare_output_dir, write_json
+    """Take the folder over once every check passed: stale checkpoints gone, the settings recorded beside
+    the checkpoints. The previous run's files and COMPLETE.json stay until this run's outputs start to
+    land (save_adapter clears the marker), so a run that fails while training (out of memory, a full
+    disk, a diverging loss) leaves them whole; `interrupted_run()` tells the pipeline a newer run was
+    stopped there. Call it on every process once the trainer exists (it sets up the process group);
+    only the main process writes, and all wait until it has."""
+    from .atomic import check_output_dir, write_json
 
     barrier()
     if is_main_process():
         ckpt_dir = out / CHECKPOINTS
         if s.resume and resume_from is None:
             print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
-        prepare_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+        check_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+        out.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             print(f"Resuming from {resume_from}.")
         elif ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)  # --overwrite, or leftovers with no complete checkpoint to resume from
         write_json(ckpt_dir / RUN_CONFIG, config)
     barrier()
+
+
+def interrupted_run(out: Path) -> bool:
+    """A run was stopped in `out` before it finished: its checkpoints' record is there and no completion
+    marker, or only one older than that record (the previous run's, which this one had not yet replaced)."""
+    from .atomic import COMPLETE_MARKER
+
+    started = out / CHECKPOINTS / RUN_CONFIG
+    marker = out / COMPLETE_MARKER
+    if not started.is_file():
+        return False
+    return not marker.is_file() or marker.stat().st_mtime < started.stat().st_mtime
 
 
 def finish_run_dir(out: Path, config: dict, extra: dict) -> None:
@@ -356,8 +372,10 @@ def save_adapter(model, tokenizer, out: Path, **save_kwargs) -> None:
     with missing weights; COMPLETE.json (written after everything) is the final word anyway.
     `save_kwargs` go to the model's save_pretrained (which adapter, which layers).
     """
-    from .atomic import _umask
+    from .atomic import _umask, clear_complete
 
+    # The first of this run's outputs to land in the folder: from here on the previous run's marker would lie.
+    clear_complete(out)
     scratch = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=out))
     try:
         model.save_pretrained(str(scratch), **save_kwargs)

@@ -7,6 +7,7 @@ The values actually used are saved beside every output (`training_summary.json` 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from .config import opt
@@ -30,6 +31,14 @@ def check_batch_size(value: int | str) -> None:
         if isinstance(value, str):
             raise UserError(f"--batch_size must be a positive whole number or auto, got {value!r}.")
         check_positive("batch_size", value, allow_none=False)
+
+
+def check_device(value: str | None) -> None:
+    """--device names a kind of device PyTorch can run this on (whether it is here is checked on use)."""
+    if value is None or value == "":
+        return
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
+        raise UserError(f"--device must be cpu, cuda, cuda:N or mps (or empty to pick one), got {value!r}.")
 
 
 def _absolute_if_local(ref: str) -> str:
@@ -57,6 +66,7 @@ class Common:
     def validate(self) -> None:
         # 0 would cut every text to nothing: each would get the same probability, and SFT would train on empty texts.
         check_positive("max_text_tokens", self.max_text_tokens, allow_none=False)
+        check_device(self.device)
 
 
 @dataclass
@@ -218,6 +228,8 @@ class CompareSettings(Common):
     output_dir: str = opt("results", "Where the comparison JSON, plot and predictions are written.")
     batch_size: int = opt(16, "Texts per forward pass.")
     n_bootstrap: int = opt(1000, "Bootstrap resamples for the 95% intervals.")
+    overwrite: bool = opt(False, "Replace an output_dir holding another comparison (other settings or inputs) "
+                                 "or files compare did not write.")
 
     def validate(self) -> None:
         super().validate()
@@ -236,6 +248,7 @@ class PipelineSettings:
     mine: bool = opt(False, "Train DPO on pairs mined from the SFT model's mistakes instead of all pairs.")
     set: list[str] = opt([], "SECTION.KEY=VALUE: set one stage's setting as the config file would "
                              "(e.g. sft.sample_size=64, or seed=1 for every stage); repeatable.")
+    overwrite: bool = opt(False, "Let stages write into output folders holding files that no run of theirs wrote.")
     wandb_project: str = opt(DEFAULT_PROJECT, "Weights & Biases project name.")
     no_wandb: bool = opt(False, "Turn Weights & Biases logging off.")
 

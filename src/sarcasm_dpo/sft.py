@@ -266,8 +266,10 @@ def fit_prompt(tokenizer, text: str, max_text_tokens: int, room: int) -> str:
         budget -= max(excess, 1)
         if budget < 1:
             break
-    raise UserError(f"--max_length leaves no room for the text: the prompt around it plus the answer need more "
-                    f"than {room} tokens. Raise --max_length (default 512).")
+    need = len(tokenizer(build_prompt(tokenizer, "", 1), add_special_tokens=False)["input_ids"])
+    raise UserError(f"--max_length leaves no room for the text: the prompt around it needs {need} tokens, and "
+                    f"{max(room, 0)} are left for the prompt once the answer's are taken. Raise --max_length "
+                    f"(default 512) by at least {need + 1 - room}.")
 
 
 def build_dataset(tokenizer, frame, max_text_tokens: int, max_length: int):

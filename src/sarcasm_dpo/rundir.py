@@ -1,0 +1,255 @@
+"""Who may write an output folder, and how a finished one is replaced without ever being half-gone.
+
+- `lock_outputs(paths, command)`: an exclusive lock per output folder (or per mined-pairs file),
+  taken by the CLI before anything is written and released on exit. The lock is a file beside the
+  output, `.NAME.lock`, held with flock(2), so the kernel releases it when its process dies; it
+  records pid, host and command, so a second run into a busy folder exits 2 naming the running one,
+  and a lock left by a dead process is taken over with one line.
+- `staged(out)`: a stage writes its whole output into a staging folder beside `out`; only when
+  every file (COMPLETE.json last) is there does it swap the two (two renames). Until then the
+  previous run's files and marker stay as they were, whatever goes wrong (a full disk, a crash).
+- `tidy(out)`: under the lock, before a stage claims `out`: finish or undo a swap a kill cut in
+  half, and remove the staging folders and `.tmp-*` files killed runs left behind.
+
+    sarcasm-dpo compare --output_dir results & sarcasm-dpo compare --output_dir results   # the second exits 2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .atomic import _umask
+from .errors import UserError, describe_failure
+
+STAGING = ".staging-"  # .staging-NAME-XXXX beside the output: a run's outputs before the swap
+OLD = ".old-"  # .old-NAME-XXXX: the previous outputs during the swap (two renames)
+
+_held: dict[str, int] = {}  # lock file -> descriptor, for the locks this process holds
+
+
+def lock_path(out: str | os.PathLike) -> Path:
+    out = Path(os.path.abspath(os.path.expanduser(str(out))))
+    return out.parent / f".{out.name}.lock"
+
+
+def _holder(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 65536).decode("utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+def acquire(out: str | os.PathLike, command: str) -> Path | None:
+    """Take the lock of `out` for this process (a no-op if it already holds it); UserError if another run has it."""
+    path = lock_path(out)
+    if str(path) in _held:
+        return None
+    for folder in [path.parent, *path.parent.parents]:  # the nearest existing folder above must be a folder
+        if folder.is_symlink() and not folder.exists():
+            raise UserError(f"Cannot write the output {out}: {folder} is a symbolic link to {os.readlink(folder)}, "
+                            "which does not exist. Create what it points to, or choose another output path.")
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"Cannot write the output {out}: {folder} is a file, not a folder. Choose another "
+                                "output path.")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}: "
+                       f"{holder.get('command', '?')}") if holder else "a process that is still starting"
+                raise UserError(f"{out} is in use by another run ({who}). Two runs into one output would overwrite "
+                                "each other's files; wait for that run to finish, or choose another output path.") from None
+            try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        stale = _holder(fd)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            raise
+    except OSError as exc:
+        raise UserError(f"Cannot write the output {out}: {describe_failure(exc) or exc}") from None
+    if stale.get("pid") is not None:
+        alive = stale.get("host") == socket.gethostname() and _pid_alive(stale["pid"])
+        print(f"Note: taking over the lock {path} left by pid {stale.get('pid')} on {stale.get('host')} "
+              f"({stale.get('command', '?')}), which {'released it' if alive else 'is no longer running'}.",
+              file=sys.stderr)
+    _held[str(path)] = fd
+    return path
+
+
+def release(path: Path | None) -> None:
+    """Give a lock back: the file goes (a clean exit leaves nothing behind), then the lock itself."""
+    if path is None or str(path) not in _held:
+        return
+    fd = _held.pop(str(path))
+    try:
+        path.unlink(missing_ok=True)
+        os.ftruncate(fd, 0)
+    except OSError:
+        pass
+    os.close(fd)  # closing releases the flock
+
+
+@contextlib.contextmanager
+def lock_outputs(outputs: Iterable[str | os.PathLike], command: str) -> Iterator[None]:
+    """Hold the locks of every output in `outputs` for the duration of the block."""
+    taken: list[Path | None] = []
+    try:
+        for out in dict.fromkeys(str(o) for o in outputs if o):
+            taken.append(acquire(out, command))
+        yield
+    finally:
+        for path in reversed(taken):
+            release(path)
+
+
+# -- staging and swap ---------------------------------------------------------------------------------
+
+
+def outputs_of(section: str, settings) -> list[str]:
+    """What a stage's run writes and so locks: its output folder, or for `mine` its pairs file."""
+    if section == "mine":
+        return [settings.output_file]
+    out = getattr(settings, "output_dir", None)
+    return [out] if out else []
+
+
+@contextlib.contextmanager
+def claim_outputs(outputs: Iterable[str | os.PathLike], command: str, main_process: bool = True) -> Iterator[None]:
+    """The CLI's one gate before a stage runs: lock every output, then clean up after killed runs of it.
+    Only the main process of a distributed run locks; the others write nothing."""
+    outputs = [str(o) for o in outputs if o] if main_process else []
+    with lock_outputs(outputs, command):
+        for out in outputs:
+            tidy(out)
+        yield
+
+
+def tidy(out: str | os.PathLike) -> None:
+    """Clean up after killed runs of `out` (call it with the lock held, before checking the folder).
+
+    A swap cut between its two renames is finished when the staged outputs are complete, undone
+    otherwise; then leftover staging folders, old copies and `.tmp-*` files are removed."""
+    from .atomic import COMPLETE_MARKER
+
+    out = Path(out)
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    if out.suffix and not out.is_dir():  # a file output (mined pairs): only atomic-write leftovers beside it
+        for leftover in parent.glob(f".tmp-{out.stem}*"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+        return
+    staged_dirs = sorted(parent.glob(f"{STAGING}{out.name}-*"))
+    old_dirs = sorted(parent.glob(f"{OLD}{out.name}-*"))
+    if not out.exists() and not out.is_symlink():
+        done = [d for d in staged_dirs if (d / COMPLETE_MARKER).is_file()]
+        if done:
+            os.rename(done[-1], out)
+            print(f"Note: finished the replacement of {out} that a stopped run had begun.", file=sys.stderr)
+        elif old_dirs:
+            os.rename(old_dirs[-1], out)
+            print(f"Note: restored the previous {out}, which a stopped run was replacing.", file=sys.stderr)
+    for folder in [*staged_dirs, *old_dirs]:
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+    # Only in a folder that holds a run of ours (finished, or with checkpoints): a folder someone else
+    # filled is refused by the stage, and must be left exactly as it was.
+    if out.is_dir() and ((out / COMPLETE_MARKER).exists() or (out / "checkpoints").is_dir()):
+        for leftover in out.glob(".tmp-*"):  # atomic writes and adapter saves of killed runs
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged(out: str | os.PathLike) -> Iterator[Path]:
+    """A fresh folder beside `out` to write every output into; it replaces `out` when the block succeeds."""
+    out = Path(os.path.realpath(out))  # a link to a folder: replace what it points to, not the link
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING}{out.name}-", dir=out.parent))
+    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes it owner-only; outputs get the usual permissions
+    try:
+        yield stage
+        swap_in(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def swap_in(stage: Path, out: Path) -> None:
+    """Put the complete `stage` where `out` is: out -> .old-*, stage -> out, then the old copy goes.
+
+    A kill between the two renames leaves no `out`; `tidy()` then finishes the swap (the staged
+    copy is complete: its marker is written before the swap) on the next run."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = out.parent / f"{OLD}{out.name}-{os.getpid()}-{time.time_ns()}"
+        os.rename(out, old)
+    os.rename(stage, out)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def input_identity(inputs: dict[str, str | os.PathLike | None]) -> dict[str, str]:
+    """{name: sha256} of a run's input files, and of adapter folders (their weights and config), so a
+    finished output made from other data or another adapter is never taken for this run's."""
+    import hashlib
+
+    from .data import file_sha256
+
+    out = {}
+    for name, path in inputs.items():
+        if not path or not Path(path).exists():
+            continue
+        path = Path(path)
+        if path.is_dir():
+            digest = hashlib.sha256()
+            for part in ("adapter_config.json", "adapter_model.safetensors"):
+                if (path / part).is_file():
+                    digest.update(f"{part}:{file_sha256(path / part)}\n".encode())
+            out[name] = digest.hexdigest()
+        else:
+            out[name] = file_sha256(path)
+    return out

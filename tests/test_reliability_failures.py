@@ -1,0 +1,659 @@
+"""The failure classes of the hostile-input issue, one table-driven test per class: every case exits 2
+with one paragraph that names the cause, shows no traceback, and leaves the sha256 of every file that
+was there before unchanged (a finished previous run in the output folder included).
+
+Classes: output locations that cannot be written; inputs that cannot be read or decoded; numbers
+that are not finite (and devices that do not exist); splits that would be empty or single-class;
+unclear messages; data lost or replaced (claim rules, staging). The lock is tested with real
+concurrent processes and a real SIGKILL during the swap at the end of this file (`slow`).
+
+Run: PYTHONPATH=src python -m pytest -q tests/test_reliability_failures.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from reliability_common import CLI, env as cli_env, error_paragraph, wait_for
+from test_reliability_inputs import _replace, compare, dpo, env, mine, previous_run, sft  # noqa: F401 (env: fixture)
+
+from sarcasm_dpo import cli, rundir
+from sarcasm_dpo.atomic import COMPLETE_MARKER
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def hashes(*folders: Path) -> dict[str, str]:
+    """sha256 of every file below the folders (links followed, loops and unreadable files skipped)."""
+    out = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            with contextlib.suppress(OSError):
+                if path.is_file() and not path.is_symlink():
+                    out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def refused(argv: list[str], capsys, words: list[str], watch: list[Path]) -> str:
+    """Run the CLI in-process; assert exit 2, one paragraph, no traceback, the words, nothing changed."""
+    before = hashes(*watch)
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err
+    message = error_paragraph(err)
+    assert len(message.strip().splitlines()) == 1, message
+    for word in words:
+        assert word in message, (word, message)
+    assert hashes(*watch) == before
+    return message
+
+
+def split_argv(out: Path, *extra: str, data_dir: Path = SHARED) -> list[str]:
+    return ["split", "--no_wandb", "--data_dir", str(data_dir), "--output_dir", str(out), *extra]
+
+
+def stage_argv(stage: str, e, out: Path) -> list[str]:
+    if stage == "split":
+        return split_argv(out)
+    if stage == "mine":
+        return _replace(mine(e, out), "--output_file", str(out))
+    return {"sft": sft, "dpo": dpo, "compare": compare}[stage](e, out)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, options: str):
+    """A tmpfs at `folder` (root with mount rights only); skips the test, naming why, when it cannot be made."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+# -- class: output locations that cannot be written, in every stage --------------------------------------
+
+
+def _location(kind: str, tmp_path: Path) -> tuple[Path, list[str]]:
+    """(output path, words its refusal must contain) for one kind of unwritable location."""
+    if kind == "proc":
+        return Path("/proc/sarcasm-dpo-test/out"), ["/proc/sarcasm-dpo-test", "Cannot write the output"]
+    if kind == "sys":
+        if not Path("/sys/kernel").is_dir():
+            pytest.skip("no /sys here")
+        return Path("/sys/sarcasm-dpo-test"), ["/sys/sarcasm-dpo-test", "permi"]  # EACCES or EPERM
+    if kind == "dangling-symlink":
+        link = tmp_path / "link"
+        link.symlink_to(tmp_path / "nowhere" / "deeper")
+        return link, ["symbolic link", "does not exist"]
+    if kind == "parent-is-a-file":
+        (tmp_path / "a_file").write_text("x\n")
+        return tmp_path / "a_file" / "out", ["a_file", "is a file"]
+    if kind == "name-too-long":
+        return tmp_path / ("n" * 300), ["name is too long"]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["proc", "sys", "dangling-symlink", "parent-is-a-file", "name-too-long"])
+@pytest.mark.parametrize("stage", ["split", "sft", "dpo", "mine", "compare"])
+def test_unwritable_output_location_exits_2_in_every_stage(stage, kind, env, tmp_path, capsys):
+    out, words = _location(kind, tmp_path)
+    if stage == "mine":
+        out = out / "pairs.json" if kind != "name-too-long" else tmp_path / ("n" * 300 + ".json")
+    refused(stage_argv(stage, env, out), capsys, words, [tmp_path, env["root"]])
+
+
+def test_read_only_file_system_and_full_disk(env, tmp_path, capsys):
+    """A read-only mount refuses at once; a full disk fails while writing and keeps the previous run whole."""
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        refused(compare(env, ro / "results"), capsys, ["read-only file system", str(ro)], [env["root"]])
+    with mounted_tmpfs(tmp_path / "small", "size=512k") as small:
+        out = small / "results"
+        assert cli.main(compare(env, out, "--no_baseline")) == 0
+        capsys.readouterr()
+        stats = os.statvfs(small)  # fill the disk, leaving a few pages: the lock fits, the outputs do not
+        (small / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - 3 * 4096))
+        message = refused(compare(env, out, "--no_baseline"), capsys, ["no space left", "free there now"],
+                          [out, env["root"]])
+        assert (out / COMPLETE_MARKER).is_file() and not list(small.glob(".staging-*")), message
+
+
+# -- class: inputs that cannot be read or decoded ------------------------------------------------------
+
+
+def truncated_adapter(e, folder: Path) -> Path:
+    shutil.copytree(e["sft"], folder)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+def broken_config_adapter(e, folder: Path) -> Path:
+    shutil.copytree(e["sft"], folder)
+    (folder / "adapter_config.json").write_text('{"r": 16, "lora_alpha":')
+    return folder
+
+
+UNREADABLE = [
+    ("predict-binary-file", lambda e, t: ["predict", "--model", str(e["model"]), "--input", str(_binary(t))],
+     ["not UTF-8", "binary.txt", "position 0"]),
+    ("predict-fifo", lambda e, t: ["predict", "--model", str(e["model"]), "--input", str(_fifo(t))],
+     ["pipe (FIFO)", "not a regular file"]),
+    ("predict-dev-stdin", lambda e, t: ["predict", "--model", str(e["model"]), "--input", "/dev/stdin"],
+     ["/dev/stdin", "not a regular file"]),
+    ("csv-symlink-loop", lambda e, t: _replace(sft(e, t / "out"), "--train_csv", str(_loop(t))),
+     ["loop of symbolic links"]),
+    ("csv-dangling-symlink", lambda e, t: _replace(sft(e, t / "out"), "--train_csv", str(_dangling(t))),
+     ["symbolic link", "does not exist"]),
+    ("csv-permission-denied", lambda e, t: _replace(sft(e, t / "out"), "--train_csv", str(_unreadable(t))),
+     ["cannot be read", "Permission denied"]),
+    ("csv-not-utf8", lambda e, t: _replace(sft(e, t / "out"), "--train_csv", str(_latin1_csv(t))),
+     ["latin1.csv", "utf-8"]),
+    ("yaml-binary", lambda e, t: sft(e, t / "out", "--config", str(_binary(t, "config.yaml"))),
+     ["config.yaml", "not UTF-8"]),
+    ("yaml-invalid", lambda e, t: sft(e, t / "out", "--config", str(_write(t / "bad.yaml", "sft:\n  lr: [1,\n"))),
+     ["bad.yaml", "not valid YAML", "line"]),
+    ("predict-truncated-adapter", lambda e, t: ["predict", "--adapter", str(truncated_adapter(e, t / "a")),
+                                                "--input", str(_write(t / "x.txt", "hi\n"))],
+     ["adapter_model.safetensors", "truncated"]),
+    ("dpo-truncated-adapter", lambda e, t: _replace(dpo(e, t / "out"), "--sft_model", str(truncated_adapter(e, t / "a"))),
+     ["adapter_model.safetensors", "truncated"]),
+    ("mine-truncated-adapter", lambda e, t: _replace(mine(e, t / "out"), "--sft_model", str(truncated_adapter(e, t / "a"))),
+     ["adapter_model.safetensors", "truncated"]),
+    ("compare-truncated-adapter",
+     lambda e, t: _replace(compare(e, t / "out"), "--sft_model", str(truncated_adapter(e, t / "a"))),
+     ["adapter_model.safetensors", "truncated"]),
+    ("compare-broken-adapter-config",
+     lambda e, t: _replace(compare(e, t / "out"), "--sft_model", str(broken_config_adapter(e, t / "a"))),
+     ["adapter_config.json is not valid JSON"]),
+]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _binary(t: Path, name: str = "binary.txt") -> Path:
+    (t / name).write_bytes(b"\xff\xfe\x00\x01binary\x00\n")
+    return t / name
+
+
+def _fifo(t: Path) -> Path:
+    os.mkfifo(t / "fifo")
+    return t / "fifo"
+
+
+def _loop(t: Path) -> Path:
+    (t / "loop_a.csv").symlink_to(t / "loop_b.csv")
+    (t / "loop_b.csv").symlink_to(t / "loop_a.csv")
+    return t / "loop_a.csv"
+
+
+def _dangling(t: Path) -> Path:
+    (t / "gone.csv").symlink_to(t / "nothing-here.csv")
+    return t / "gone.csv"
+
+
+def _unreadable(t: Path) -> Path:
+    """A file even root may not read (we run as root here, so file modes alone would not refuse it)."""
+    target = Path("/sys/bus/pci/rescan")  # write-only sysfs attribute
+    try:
+        target.open("rb").close()
+    except PermissionError:
+        (t / "denied.csv").symlink_to(target)
+        return t / "denied.csv"
+    except OSError:
+        pass
+    if os.geteuid() != 0:
+        (t / "denied.csv").write_text("text,label\na,1\n")
+        (t / "denied.csv").chmod(0)
+        return t / "denied.csv"
+    pytest.skip("no file this root process is refused to read (no write-only /sys/bus/pci/rescan here)")
+
+
+def _latin1_csv(t: Path) -> Path:
+    (t / "latin1.csv").write_bytes("text,label\ncaf\u00e9 cr\u00e8me,1\nbof,0\n".encode("latin-1"))
+    return t / "latin1.csv"
+
+
+@pytest.mark.parametrize("name,make_argv,words", UNREADABLE, ids=[c[0] for c in UNREADABLE])
+def test_unreadable_or_undecodable_input_exits_2(name, make_argv, words, env, tmp_path, capsys):
+    argv = make_argv(env, tmp_path)
+    refused(argv, capsys, words, [tmp_path, env["root"]])
+
+
+def test_predict_binary_stdin_exits_2(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ok\n\xff\xfe not text\n")))
+    refused(["predict", "--model", str(env["model"])], capsys, ["Standard input", "not UTF-8"], [tmp_path])
+
+
+def test_predict_into_a_closed_pipe_ends_quietly(env, tmp_path):
+    """`predict ... | head -1`: the reader goes away; predict stops without a traceback, as Unix tools do."""
+    texts = _write(tmp_path / "t.txt", "".join(f"text number {i}\n" for i in range(2000)))
+    command = " ".join(CLI) + f" predict --model {env['model']} --input {texts} --batch_size 64 | head -1"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=ROOT, env=cli_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 128 + signal.SIGPIPE and json.loads(done.stdout)["text"] == "text number 0"
+
+
+def test_an_unknown_exception_keeps_its_traceback(monkeypatch, capsys, tmp_path):
+    """Real bugs stay visible: not every failure becomes a tidy one-liner."""
+    from sarcasm_dpo import data
+
+    def bug(*_a, **_k):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(data, "make_splits", bug)
+    assert cli.main(split_argv(tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError" in err and "please report it" in err
+
+
+# -- class: numbers that are not finite, devices that do not exist -------------------------------------
+
+NUMBERS = [
+    ("epochs-nan", ["--epochs", "nan"], "'epochs' must be a finite number"),
+    ("epochs-inf", ["--epochs", "inf"], "'epochs' must be a finite number"),
+    ("lr-nan", ["--lr", "nan"], "'lr' must be a finite number"),
+    ("lr-inf", ["--lr", "inf"], "'lr' must be a finite number"),
+    ("lr-minus-inf", ["--lr=-inf"], "'lr' must be a finite number"),
+    ("device-tpu9", ["--device", "tpu9"], "--device must be cpu, cuda, cuda:N or mps"),
+]
+
+
+@pytest.mark.parametrize("flags,words", [(c[1], c[2]) for c in NUMBERS], ids=[c[0] for c in NUMBERS])
+@pytest.mark.parametrize("how", ["flag", "yaml"])
+def test_settings_that_are_not_finite_exit_2(flags, words, how, env, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = sft(env, out)
+    if how == "flag":
+        argv += flags
+    else:
+        key, value = flags[0].lstrip("-").split("=") if "=" in flags[0] else (flags[0].lstrip("-"), flags[1])
+        argv += ["--config", str(_write(tmp_path / "c.yaml", f"sft:\n  {key}: {value}\n"))]
+    previous_run(out, sft(env, out))
+    refused(argv, capsys, [words], [tmp_path])
+
+
+def test_dpo_betas_and_predict_device_are_checked(env, tmp_path, capsys):
+    refused(dpo(env, tmp_path / "out", "--beta_sweep", "--betas", "0.1,nan"), capsys, ["'betas' must be a finite"],
+            [tmp_path])
+    refused(["predict", "--model", str(env["model"]), "--device", "tpu9"], capsys, ["--device", "tpu9"], [tmp_path])
+
+
+# -- class: splits that would be empty or single-class -------------------------------------------------
+
+
+def small_data_dir(root: Path, gen_rows: pd.DataFrame) -> Path:
+    (root / "sarcasm_v2").mkdir(parents=True)
+    (root / "isarcasmeval").mkdir(parents=True)
+    gen_rows.to_csv(root / "sarcasm_v2" / "GEN-sarc-notsarc.csv", index=False)
+    shutil.copyfile(SHARED / "isarcasmeval" / "train.En.csv", root / "isarcasmeval" / "train.En.csv")
+    return root
+
+
+@pytest.fixture(scope="module")
+def gen_frame(shared_data):
+    return pd.read_csv(shared_data / "sarcasm_v2" / "GEN-sarc-notsarc.csv")
+
+
+SPLITS = [
+    ("test-size-tiny", lambda g: g, ["--test_size", "0.0001"], ["test share of 0.0001", "gives 1 test"]),
+    ("one-row-file", lambda g: g.iloc[:1], [], ["GEN has 1 row(s) with only label"]),
+    ("single-class-gen", lambda g: g[g["class"] == "sarc"].iloc[:200], [], ["only label 1", "both classes"]),
+    ("val-size-tiny", lambda g: g.groupby("class").head(30), ["--val_size", "0.01"],
+     ["GEN's training share", "validation share of 0.01"]),
+]
+
+
+@pytest.mark.parametrize("make_gen,flags,words", [c[1:] for c in SPLITS], ids=[c[0] for c in SPLITS])
+def test_split_refuses_empty_or_single_class_parts(make_gen, flags, words, gen_frame, tmp_path, capsys):
+    data_dir = small_data_dir(tmp_path / "data", make_gen(gen_frame))
+    refused(split_argv(tmp_path / "splits", *flags, data_dir=data_dir), capsys, words, [tmp_path])
+    assert not (tmp_path / "splits").exists()
+
+
+# -- class: unclear or wrong messages ------------------------------------------------------------------
+
+
+def test_clearer_messages(env, tmp_path, capsys):
+    semi = _write(tmp_path / "semi.csv", "text;label\noh great, rain;1\nfine;0\n")
+    refused(_replace(sft(env, tmp_path / "o"), "--train_csv", str(semi)), capsys, ["separated by semicolons"], [tmp_path])
+    semi2 = _write(tmp_path / "semi2.csv", "text;label\nfine;0\n")
+    refused(_replace(sft(env, tmp_path / "o"), "--train_csv", str(semi2)), capsys, ["separated by semicolons"], [tmp_path])
+    message = refused(sft(env, tmp_path / "o", "--max_length", "1"), capsys,
+                      ["--max_length leaves no room", "by at least"], [tmp_path])
+    assert "-1" not in message
+
+
+def test_predict_warns_when_the_adapter_has_no_completion_marker(env, tmp_path, capsys):
+    adapter = tmp_path / "unfinished"
+    shutil.copytree(env["sft"], adapter)
+    (adapter / COMPLETE_MARKER).unlink()
+    texts = _write(tmp_path / "t.txt", "oh great\n")
+    assert cli.main(["predict", "--adapter", str(adapter), "--input", str(texts)]) == 0
+    captured = capsys.readouterr()
+    assert "has no COMPLETE.json" in captured.err and json.loads(captured.out)["text"] == "oh great"
+
+
+# -- class: data lost or replaced --------------------------------------------------------------------
+
+
+def test_compare_refuses_another_comparison_and_files_it_did_not_write(env, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert cli.main(compare(env, out, "--no_baseline")) == 0
+    capsys.readouterr()
+    refused(compare(env, out), capsys, ["another run", "no_baseline", "--overwrite"], [tmp_path])
+    lookalike = tmp_path / "lookalike"
+    lookalike.mkdir()
+    (lookalike / "predictions.csv").write_text("my own file\n")
+    refused(compare(env, lookalike), capsys, ["predictions.csv", "--overwrite"], [tmp_path])
+    # Another adapter at the same path is another input: refused, though every setting is the same.
+    other_sft = tmp_path / "sft_copy"
+    shutil.copytree(env["sft"], other_sft)
+    assert cli.main(_replace(compare(env, tmp_path / "r2", "--no_baseline"), "--sft_model", str(other_sft))) == 0
+    weights = other_sft / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    save_file({k: v * 2 for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
+    capsys.readouterr()
+    refused(_replace(compare(env, tmp_path / "r2", "--no_baseline"), "--sft_model", str(other_sft)), capsys,
+            ["input sft_model"], [tmp_path / "r2"])
+    assert cli.main(compare(env, out, "--overwrite")) == 0
+    assert json.loads((out / COMPLETE_MARKER).read_text())["config"]["no_baseline"] is False
+
+
+def test_a_failing_compare_keeps_the_previous_one(env, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "results"
+    assert cli.main(compare(env, out, "--no_baseline")) == 0
+    capsys.readouterr()
+    from sarcasm_dpo import plots
+
+    def full_disk(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "model_comparison_plot.png"))
+
+    monkeypatch.setattr(plots, "plot_comparison", full_disk)
+    refused(compare(env, out, "--no_baseline"), capsys, ["no space left", "model_comparison_plot.png"], [tmp_path])
+    assert (out / COMPLETE_MARKER).is_file() and not list(tmp_path.glob(".staging-*"))
+
+
+def test_split_with_other_data_is_another_run(gen_frame, tmp_path, capsys):
+    rows = gen_frame.groupby("class").head(200)
+    first = small_data_dir(tmp_path / "d1", rows)
+    second = small_data_dir(tmp_path / "d2", rows.iloc[::-1])  # the same rows in another order: another file
+    out = tmp_path / "splits"
+    assert cli.main(split_argv(out, data_dir=first)) == 0
+    capsys.readouterr()
+    refused(split_argv(out, data_dir=second), capsys, ["input gen", "--overwrite"], [tmp_path])
+    assert cli.main(split_argv(out, data_dir=first)) == 0  # the same data again: redone, allowed
+
+
+def test_pipeline_refuses_a_folder_no_run_of_ours_wrote(tmp_path, capsys, shared_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the stages' default folders (models/, results/) land here, not in the checkout
+    splits = tmp_path / "mine_not_yours"
+    splits.mkdir()
+    _write(splits / "thesis.tex", "years of work\n")
+    config = _write(tmp_path / "p.yaml", f"no_wandb: true\nsplit:\n  output_dir: {splits}\n")
+    refused(["pipeline", "--config", str(config), "--data_dir", str(shared_data)], capsys,
+            ["thesis.tex", "--overwrite"], [tmp_path])
+
+
+def test_leftovers_of_killed_runs_are_removed_by_the_next_run(env, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert cli.main(compare(env, out, "--no_baseline")) == 0
+    (out / ".tmp-save-abc").mkdir()
+    (out / ".tmp-save-abc" / "adapter_model.safetensors").write_bytes(b"half")
+    _write(out / ".tmp-COMPLETE.json.xyz", "{")
+    (tmp_path / ".staging-results-old").mkdir()
+    assert cli.main(compare(env, out, "--no_baseline")) == 0
+    assert not list(out.glob(".tmp-*")) and not list(tmp_path.glob(".staging-*"))
+    assert not (tmp_path / ".results.lock").exists()  # released, and removed, at the end
+    # The same for a training stage's folder: tidy() keeps the run's files and drops the killed saves.
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    _write(folder / "adapter_config.json", "{}")
+    (folder / "checkpoints").mkdir()
+    (folder / ".tmp-save-123").mkdir()
+    _write(folder / ".tmp-adapter_config.json.q1", "{")
+    rundir.tidy(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "checkpoints"]
+    # A folder no run of ours wrote is left exactly as it was (the stage then refuses it).
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    _write(foreign / ".tmp-my-notes", "mine\n")
+    rundir.tidy(foreign)
+    assert (foreign / ".tmp-my-notes").read_text() == "mine\n"
+
+
+def test_a_stale_lock_is_taken_over_with_one_line(env, tmp_path, capsys):
+    out = tmp_path / "results"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = {"pid": int(dead.stdout), "host": os.uname().nodename, "command": "sarcasm-dpo compare (killed)"}
+    _write(rundir.lock_path(out), json.dumps(record))
+    assert cli.main(compare(env, out, "--no_baseline")) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "taking over the lock" in line]
+    assert len(notes) == 1 and "no longer running" in notes[0] and str(record["pid"]) in notes[0]
+
+
+def test_a_busy_output_is_refused_naming_the_run_that_holds_it(env, tmp_path, capsys):
+    """In-process half of the lock test: a lock held by another live process (here: a child holding flock)."""
+    out = tmp_path / "results"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, %r); from sarcasm_dpo import rundir; "
+        "rundir.acquire(%r, 'sarcasm-dpo compare --output_dir X'); print('held', flush=True); time.sleep(60)")
+        % (str(ROOT / "src"), str(out))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused(compare(env, out), capsys, ["in use by another run", f"pid {holder.pid}", "compare --output_dir X"],
+                [tmp_path])
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# -- the lock and the swap with real processes (slow) ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_into_one_folder(env, tmp_path):
+    """Two real compare processes into one folder: one finishes (exit 0), the other exits 2 naming it."""
+    out = tmp_path / "results"
+    argv = compare(env, out)
+    first = subprocess.Popen(CLI + argv, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert wait_for(lambda: rundir.lock_path(out).is_file(), timeout=120, proc=first)
+        first.send_signal(signal.SIGSTOP)  # hold it inside its run while the second one starts, however fast it is
+        second = subprocess.run(CLI + argv, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+        first.send_signal(signal.SIGCONT)
+        _, first_err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, first_err[-2000:]
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert "in use by another run" in second.stderr and f"pid {first.pid}" in second.stderr
+    assert (out / COMPLETE_MARKER).is_file() and not rundir.lock_path(out).exists()
+
+
+KILL_DURING_SWAP = """
+import os, signal, sys
+sys.path.insert(0, {src!r})
+from pathlib import Path
+from sarcasm_dpo import rundir
+from sarcasm_dpo.atomic import finish_output_dir, write_text
+real_rename, calls = os.rename, []
+def rename(a, b):
+    real_rename(a, b)
+    calls.append(b)
+    if len(calls) == {kill_after}:
+        os.kill(os.getpid(), signal.SIGKILL)
+rundir.os.rename = rename
+with rundir.staged({out!r}) as stage:
+    write_text(stage / "result.txt", "new\\n")
+    finish_output_dir(stage, {{"run": "new"}})
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [1, 2])
+def test_sigkill_during_the_swap_loses_nothing(kill_after, tmp_path):
+    """SIGKILL between the swap's two renames (1) or after them (2): the next run's tidy() ends with either
+    the old folder or the new one, whole, never a mix and never nothing."""
+    out = tmp_path / "results"
+    out.mkdir()
+    _write(out / "result.txt", "old\n")
+    _write(out / COMPLETE_MARKER, '{"config": {"run": "old"}}\n')
+    done = subprocess.run([sys.executable, "-c", KILL_DURING_SWAP.format(src=str(ROOT / "src"), out=str(out),
+                                                                        kill_after=kill_after)], timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    if kill_after == 1:
+        assert not out.exists()  # the moment the kill caught: the old copy moved aside, the new one not in yet
+    rundir.tidy(out)
+    assert (out / "result.txt").read_text() == "new\n"
+    assert json.loads((out / COMPLETE_MARKER).read_text())["config"] == {"run": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]
+
+
+def test_mine_keeps_its_record_when_it_fails_and_counts_its_adapter(env, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    adapter = tmp_path / "sft"
+    shutil.copytree(env["sft"], adapter)
+    argv = _replace(mine(env, out), "--sft_model", str(adapter))
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    from sarcasm_dpo import scoring
+
+    def disk_full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "wandb"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(scoring.Scorer, "predict_proba", disk_full)
+        refused(argv, capsys, ["no space left"], [tmp_path])
+    assert (out / "pairs_run" / COMPLETE_MARKER).is_file()
+    # The same path, another adapter (retrained): refused like any other change of settings.
+    _write(adapter / "adapter_config.json", (adapter / "adapter_config.json").read_text() + "\n")
+    refused(argv, capsys, ["input sft_model", "--overwrite"], [tmp_path])
+
+
+@pytest.mark.parametrize("code,words", [
+    (errno.ENOSPC, ["no space left", "free there now"]), (errno.EACCES, ["permission was denied"]),
+    (errno.EROFS, ["read-only file system"]), (errno.ENAMETOOLONG, ["name is too long"]),
+    (errno.ELOOP, ["loop of symbolic links"]), (errno.ENOTDIR, ["should be a folder is a file"]),
+    (errno.EFBIG, ["ulimit -f"]),
+])
+def test_the_boundary_names_the_path_and_the_cause_of_each_os_error(code, words, tmp_path):
+    """The CLI's one boundary (errors.describe_failure) for each errno the issue lists: path and cause."""
+    from sarcasm_dpo.errors import describe_failure
+
+    message = describe_failure(OSError(code, os.strerror(code), str(tmp_path / "out" / "file.json")))
+    assert str(tmp_path / "out" / "file.json") in message and "\n" not in message
+    for word in words:
+        assert word in message
+    assert describe_failure(OSError(errno.ECONNRESET, "reset")) is None  # not a file problem: a bug shows its traceback
+    assert describe_failure(ValueError("x")) is None
+
+
+def test_the_boundary_turns_safetensors_errors_into_a_paragraph(tmp_path):
+    from safetensors.torch import load_file  # what PEFT calls: its frame holds the file name
+
+    from sarcasm_dpo.errors import describe_failure
+
+    bad = tmp_path / "adapter_model.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(Exception) as info:
+        load_file(str(bad))
+    message = describe_failure(info.value)
+    assert message and "adapter_model.safetensors" in message and "truncated or not a safetensors file" in message
+
+
+def test_full_disk_while_saving_tensors_is_a_paragraph(tmp_path):
+    """torch.save and safetensors report a full disk in their own words; the boundary still says what happened."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sarcasm_dpo.errors import describe_failure
+
+    with mounted_tmpfs(tmp_path / "full", "size=64k") as full:
+        for name, save in (("x.pt", torch.save), ("y.safetensors", save_file)):
+            with pytest.raises(Exception) as info:
+                save({"a": torch.zeros(100_000)}, str(full / name))
+            message = describe_failure(info.value)
+            assert message and str(full / name) in message and "free there now" in message, message
+
+
+def test_file_size_limit_mid_run_keeps_the_previous_comparison(env, tmp_path, capsys):
+    """Where no tmpfs can be mounted, RLIMIT_FSIZE (ulimit -f) stops writes the same way a full disk does:
+    the comparison fails while writing its outputs, exits 2 naming the cause, and the previous one stays whole."""
+    import resource
+
+    out = tmp_path / "results"
+    argv = compare(env, out, "--no_baseline")
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    before = hashes(tmp_path, env["root"])
+    limit = 8 * 1024  # the lock and the predictions fit; the plot (tens of KiB) does not
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run(CLI + argv, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_files)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "ulimit -f" in error_paragraph(done.stderr)
+    assert hashes(tmp_path, env["root"]) == before and not list(tmp_path.glob(".staging-*"))
+
+
+def test_a_training_run_that_fails_keeps_the_previous_run_and_its_marker(env, tmp_path, capsys, monkeypatch):
+    """sft (dpo shares the code: runtime.claim_run_dir / save_adapter) with --overwrite over a finished run of
+    other settings fails while training: the previous run's files and COMPLETE.json are as they were; the
+    stopped run is then seen as interrupted (the pipeline resumes it), and --resume finishes it."""
+    from sarcasm_dpo import runtime, sft as sft_stage
+
+    out = tmp_path / "sft"
+    shutil.copytree(env["sft"], out)  # a finished run (the reference's settings)
+    previous = hashes(out)
+    argv = sft(env, out, "--lr", "0.01", "--epochs", "1", "--save_steps", "2", "--overwrite")
+    real = sft_stage.run_trainer
+
+    def disk_full_after_a_checkpoint(trainer, resume_from):
+        trainer.add_callback(_FailAfterSave())
+        return real(trainer, resume_from)
+
+    monkeypatch.setattr(sft_stage, "run_trainer", disk_full_after_a_checkpoint)
+    refused(argv, capsys, ["no space left"], [env["root"]])
+    assert {k: v for k, v in hashes(out).items() if "/checkpoints/" not in k} == previous
+    assert runtime.interrupted_run(out) and runtime.finished_record(out, {}, sft_stage.SUMMARY_FILE) is None
+    monkeypatch.setattr(sft_stage, "run_trainer", real)
+    assert cli.main([a for a in argv if a != "--overwrite"] + ["--resume"]) == 0
+    assert json.loads((out / COMPLETE_MARKER).read_text())["config"]["lr"] == 0.01 and not runtime.interrupted_run(out)
+
+
+class _FailAfterSave:
+    """A TrainerCallback whose first checkpoint is followed by a full disk."""
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def on_save(self, args, state, control, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(args.output_dir) / "checkpoint-next"))
