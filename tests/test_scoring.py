@@ -263,4 +263,4 @@ def test_tokenizing_in_threads_gives_the_same_ids(loaded, monkeypatch):
     assert scoring._tokenizer_threads(tok, len(texts)) == 4
     scorer = Scorer(model, tok)
     assert scorer.encode(texts) == scorer._encode_chunk(texts)
-    assert scoring._tokenizer_threads(tok, 100) == 1  # too few texts to share
+    assert scoring._tokenizer_threads(tok, 40) == 1  # too few texts to share
