@@ -80,8 +80,9 @@ class Scorer:
 
         Tokenizing is most of what a call costs the host beyond the forward passes (the text to check
         its length, then the prompt: ~0.4 ms a GEN text on a shared 2-core CPU), and the GPU waits for
-        it: the batches are sorted by token length, so none can start before every text is tokenized. A fast (Rust) tokenizer lets go of the GIL
-        while it works, so on many texts chunks go to threads, one per core: the same ids, sooner.
+        it: the batches are sorted by token length, so none can start before every text is tokenized.
+        A fast (Rust) tokenizer lets go of the GIL while it works, so on many texts chunks go to
+        threads, one per core: the same ids, sooner.
         """
         texts = list(texts)
         workers = _tokenizer_threads(self.tokenizer, len(texts))
