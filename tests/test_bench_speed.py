@@ -62,3 +62,18 @@ def test_eval_section_runs_every_method_on_the_same_texts(tiny_model_dir, shared
     assert result["gpu"] == "skipped: no CUDA device"
     assert set(result["verdicts"]) == {"scorer_vs_generate", "scorer_vs_bare"}
     assert "scorer vs the same without its shared-prefix cache" in out.with_suffix(".md").read_text()
+
+
+def test_pipeline_sample_and_dpo_pairs_together(tmp_path):
+    """Both caps at once used to give the DPO settings `sample_size` twice (TypeError); now the smaller cap wins."""
+    import speed
+
+    assert speed.dpo_caps(8, 100) == {"sample_size": 8, "val_sample_size": 8}
+    assert speed.dpo_caps(500, 100) == {"sample_size": 100, "val_sample_size": 500}
+    assert speed.dpo_caps(None, 100) == {"sample_size": 100}
+    assert speed.dpo_caps(8, None) == {"sample_size": 8, "val_sample_size": 8}
+    assert speed.dpo_caps(None, None) == {}
+    args = speed.parse_args(["--pipeline_sample", "8", "--pipeline_dpo_pairs", "6", "--pipeline_stages", "compare"])
+    # The settings of every stage are built before anything runs; with nothing run before, it stops there.
+    with pytest.raises(SystemExit, match="leaves out 'split'"):
+        speed.pipeline_wall_time(args, "unused-model", tmp_path / "work")

@@ -181,3 +181,86 @@ def test_device_pick():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA"):
             pick_device("cuda")
+
+
+def _reference_batches(scorer, encoded, skip):
+    """The batches as first written: one small tensor per row, padded on the left (kept to check the fast build)."""
+    order = np.argsort([-len(ids) for ids in encoded], kind="stable")
+    pad_id = scorer.tokenizer.pad_token_id if scorer.tokenizer.pad_token_id is not None else scorer.tokenizer.eos_token_id
+    for start in range(0, len(order), scorer.batch_size):
+        idx = order[start : start + scorer.batch_size]
+        width = max(len(encoded[i]) for i in idx) - skip
+        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids = encoded[i][skip:]
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids):] = 1
+        yield idx, {"input_ids": input_ids, "attention_mask": attention}
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_batching_gives_the_first_versions_probabilities_bit_for_bit(loaded, monkeypatch, prefix_cache):
+    """Built in numpy, moved in one copy, read back in one transfer: the same inputs, forward calls and numbers."""
+    model, tok = loaded
+    texts = [f"text {i} " * (i % 9 + 1) for i in range(150)] + TEXTS + ["", "a" * 400]
+    scorer = Scorer(model, tok, batch_size=16, prefix_cache=prefix_cache)
+    scorer.predict_proba(texts[:4])  # the once-per-process prefix check, outside the count below
+    calls = []
+    original = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(k["input_ids"].shape) or original(*a, **k))
+    new = scorer.predict_proba(texts)
+    new_calls, calls[:] = list(calls), []
+
+    encoded = scorer.encode(texts)
+    skip = scoring.shared_prefix_length(encoded) if prefix_cache else 0
+    with torch.inference_mode():
+        prefix = scorer.encode_prefix(encoded[0][:skip]) if skip else None
+        old = np.zeros(len(texts))
+        for (idx, ref), (idx_new, fast) in zip(_reference_batches(scorer, encoded, skip), scorer.batches(encoded, skip)):
+            assert (idx == idx_new).all() and all(torch.equal(ref[k], fast[k]) for k in ref)
+            logits = model(**scorer.forward_kwargs(ref, prefix)).logits[:, -1, :]
+            old[idx] = torch.softmax(logits[:, [scorer.no_id, scorer.yes_id]].float(), -1)[:, 1].numpy()
+    np.testing.assert_array_equal(new, old)
+    assert new_calls == calls and len(calls) == -(-len(texts) // 16) + (1 if skip else 0)
+
+
+def test_nothing_in_the_batch_loop_waits_for_the_device(loaded):
+    """No transfer back, no Python read of a result, no index built from host data (a blocking copy on a GPU)
+    in the scorer's own code: one transfer of all results at the end of the call, one copy of all inputs."""
+    from torch.overrides import TorchFunctionMode
+
+    model, tok = loaded
+    scorer = Scorer(model, tok, batch_size=4)
+    scorer.predict_proba(TEXTS)  # the prefix check (once per process) is not the loop
+    waits = ("cpu", "item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "synchronize")
+    seen: dict[str, int] = {}
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            import sys
+
+            caller = sys._getframe(1).f_code.co_filename
+            name = getattr(func, "__name__", str(func))
+            if caller == scoring.__file__:
+                host_index = name == "__getitem__" and any(isinstance(i, (list, np.ndarray))
+                                                           for i in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+                if name in waits or name in ("to", "pin_memory") or host_index:
+                    key = "index from host data" if host_index else name
+                    seen[key] = seen.get(key, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    texts = [f"text {i} " * (i % 5 + 1) for i in range(40)]  # 10 batches
+    with Count():
+        scorer.predict_proba(texts)
+    assert seen == {"to": 1, "cpu": 1, "numpy": 1}, seen
+
+
+def test_tokenizing_in_threads_gives_the_same_ids(loaded, monkeypatch):
+    model, tok = loaded
+    monkeypatch.setattr(scoring.os, "sched_getaffinity", lambda _: set(range(4)), raising=False)
+    texts = [f"text {i} " * (i % 9 + 1) for i in range(300)] + ["a" * 2000]  # the last one is truncated
+    assert scoring._tokenizer_threads(tok, len(texts)) == 4
+    scorer = Scorer(model, tok)
+    assert scorer.encode(texts) == scorer._encode_chunk(texts)
+    assert scoring._tokenizer_threads(tok, 40) == 1  # too few texts to share

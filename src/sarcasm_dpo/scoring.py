@@ -11,7 +11,9 @@ padding goes on the left so the last position is the answer position for every r
 computes the LM head for that one position only (`logits_to_keep=1`), and the tokens every prompt
 starts with (the chat template's system turn and the question, ~40% of a GEN prompt) are run once
 per call and their keys/values shared by every batch (`prefix_cache`), so each text costs only its
-own tokens.
+own tokens. On a GPU the host stays out of the way: prompts are tokenized in threads, every batch
+is built and copied before the first one runs (`on_device`), and nothing in the batch loop waits for
+the device, so the host queues the batches back to back and reads all results in one transfer.
 
     python -m sarcasm_dpo.cli predict --model HuggingFaceTB/SmolLM2-135M-Instruct --input texts.txt
 """
@@ -19,7 +21,10 @@ own tokens.
 from __future__ import annotations
 
 import inspect
+import itertools
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Iterable, Sequence
 
@@ -71,6 +76,24 @@ class Scorer:
         self.no_id, self.yes_id = label_token_ids(tokenizer)  # fails early if a label word is not one token
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's prompt as token ids, in input order.
+
+        Tokenizing is most of what a call costs the host beyond the forward passes (the text to check
+        its length, then the prompt: ~0.4 ms a GEN text on a shared 2-core CPU), and the GPU waits for
+        it: the batches are sorted by token length, so none can start before every text is tokenized.
+        A fast (Rust) tokenizer lets go of the GIL while it works, so on many texts chunks go to
+        threads, one per core: the same ids, sooner.
+        """
+        texts = list(texts)
+        workers = _tokenizer_threads(self.tokenizer, len(texts))
+        if workers < 2:
+            return self._encode_chunk(texts)
+        size = -(-len(texts) // workers)
+        with ThreadPoolExecutor(workers) as pool:
+            parts = pool.map(self._encode_chunk, [texts[i : i + size] for i in range(0, len(texts), size)])
+            return [ids for part in parts for ids in part]
+
+    def _encode_chunk(self, texts: Sequence[str]) -> list[list[int]]:
         prompts = build_prompts(self.tokenizer, texts, self.max_text_tokens)
         return self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
@@ -84,14 +107,39 @@ class Scorer:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         for start in range(0, len(order), size):
             idx = order[start : start + size]
-            width = max(len(encoded[i]) for i in idx) - skip
-            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids = encoded[i][skip:]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention[row, width - len(ids) :] = 1
-            yield idx, {"input_ids": input_ids, "attention_mask": attention}
+            rows = [encoded[i][skip:] for i in idx]
+            lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+            width = int(lengths.max())
+            # Each row's real tokens sit at its right end; a boolean mask fills them row by row in one
+            # numpy call instead of one small tensor per row.
+            real = np.arange(width) >= (width - lengths)[:, None]
+            input_ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+            input_ids[real] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+            yield idx, {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(real.astype(np.int64))}
+
+    def on_device(self, batches: Iterable[tuple[np.ndarray, dict]]) -> list[tuple[np.ndarray, dict]]:
+        """Every batch's inputs on the model's device, moved in one copy before the first forward pass.
+
+        The batches are built on the host while the GPU runs the shared prefix, then packed into one
+        buffer (pinned on CUDA, copied without waiting) whose slices are the batches: the loop over
+        batches then does no host work but launching the model, and no copy per batch.
+        """
+        import torch
+
+        batches = list(batches)
+        if not batches:
+            return batches
+        device = self._device()
+        flat = torch.cat([tensor.reshape(-1) for _, inputs in batches for tensor in inputs.values()])
+        flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+        placed, at = [], 0
+        for idx, inputs in batches:
+            views = {}
+            for key, tensor in inputs.items():
+                views[key] = flat[at : at + tensor.numel()].view(tensor.shape)
+                at += tensor.numel()
+            placed.append((idx, views))
+        return placed
 
     def _device(self):
         return next(self.model.parameters()).device
@@ -119,15 +167,19 @@ class Scorer:
     def next_token_logits(self, inputs: dict, prefix: "PrefixCache | None" = None):
         """(batch, vocab) logits of the next token at the answer position, on the model's device."""
         device = self._device()
-        if device.type == "cuda":  # pinned + non_blocking: the copy queues behind the previous batch instead of waiting
-            inputs = {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
-        else:
-            inputs = {k: v.to(device) for k, v in inputs.items()}
+        cuda = device.type == "cuda"  # pinned + non_blocking: the copy queues behind the previous batch instead of waiting
+        inputs = {k: v if v.device == device else v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)
+                  for k, v in inputs.items()}  # inputs from `on_device` are there already
         return self.model(**self.forward_kwargs(inputs, prefix)).logits[:, -1, :]
 
     def label_logits(self, inputs: dict, prefix: "PrefixCache | None" = None):
         """(batch, 2) logits of [No, Yes] at the answer position."""
-        return self.next_token_logits(inputs, prefix)[:, [self.no_id, self.yes_id]].float()
+        import torch
+
+        logits = self.next_token_logits(inputs, prefix)
+        # Two column slices, not `logits[:, [no, yes]]`: a Python list as an index is copied to the GPU
+        # with a blocking copy, which makes the host wait for the batch's forward pass to finish.
+        return torch.stack((logits[:, self.no_id], logits[:, self.yes_id]), dim=-1).float()
 
     def sarcastic_proba(self, inputs: dict, prefix: "PrefixCache | None" = None):
         """P(sarcastic) per row, as a tensor on the model's device: softmax over the two label logits."""
@@ -218,15 +270,15 @@ class Scorer:
         try:
             with torch.inference_mode():
                 batches, prefix = self.plan(texts)
+                batches = self.on_device(batches)
                 if self.progress:
                     from tqdm.auto import tqdm
 
-                    batches = tqdm(batches, total=-(-len(texts) // self.batch_size), desc="scoring", unit="batch")
-                # Results stay on the device until the end, so on a GPU the host builds the next batch
-                # while the last one runs instead of waiting for it.
+                    batches = tqdm(batches, desc="scoring", unit="batch")
+                # Nothing in this loop waits for the GPU (no copy, no transfer back, no Python test of a
+                # result), so the host queues batch after batch; the results come back in one transfer.
                 pending = [(idx, self.sarcastic_proba(inputs, prefix)) for idx, inputs in batches]
-                for idx, p in pending:
-                    probs[idx] = p.cpu().numpy()
+                probs[np.concatenate([idx for idx, _ in pending])] = torch.cat([p for _, p in pending]).cpu().numpy()
         finally:
             if was_training:
                 self.model.train()
@@ -250,6 +302,19 @@ class PrefixCache:
 
         data = [(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:])) for k, v in self.layers]
         return DynamicCache(ddp_cache_data=data, config=self.config)
+
+
+def _tokenizer_threads(tokenizer, texts: int, per_thread: int = 32) -> int:
+    """How many threads to tokenize `texts` with: one per usable core, at least `per_thread` texts each.
+
+    One thread where that could be unsafe or useless: a slow (Python) tokenizer holds the GIL, and
+    a backend with truncation or padding set would be reset by the first call while others read it.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8, texts // per_thread))
 
 
 def _cache_entries(cache):
