@@ -407,12 +407,13 @@ def test_split_with_other_data_is_another_run(gen_frame, tmp_path, capsys):
     assert cli.main(split_argv(out, data_dir=first)) == 0  # the same data again: redone, allowed
 
 
-def test_pipeline_refuses_a_folder_no_run_of_ours_wrote(tmp_path, capsys, shared_data, monkeypatch):
+def test_pipeline_refuses_a_folder_no_run_of_ours_wrote(tmp_path, capsys, shared_data, monkeypatch, tiny_model_dir):
     monkeypatch.chdir(tmp_path)  # the stages' default folders (models/, results/) land here, not in the checkout
     splits = tmp_path / "mine_not_yours"
     splits.mkdir()
     _write(splits / "thesis.tex", "years of work\n")
-    config = _write(tmp_path / "p.yaml", f"no_wandb: true\nsplit:\n  output_dir: {splits}\n")
+    # A model that is there, so the pipeline's model check (done before anything is written) passes.
+    config = _write(tmp_path / "p.yaml", f"no_wandb: true\nmodel: {tiny_model_dir}\nsplit:\n  output_dir: {splits}\n")
     refused(["pipeline", "--config", str(config), "--data_dir", str(shared_data)], capsys,
             ["thesis.tex", "--overwrite"], [tmp_path])
 
