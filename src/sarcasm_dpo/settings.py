@@ -168,6 +168,10 @@ class DPOSettings(Common):
     save_steps: int = opt(0, "Also checkpoint every this many steps (0 = at each evaluation only).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     auto_find_batch_size: bool = opt(False, "On an out-of-memory error, halve the batch size and double grad_accum, then retry.")
+    precompute_ref: bool = opt(True, "Compute the frozen reference's log-probs of every pair once before training "
+                                     "instead of at every step (same loss; false = on the fly).")
+    one_pass: bool = opt(True, "Label pairs (answers 'Yes'/'No' alone): run each pair's prompt once for both answers "
+                               "instead of two full sequences (same loss; false = TRL's two sequences).")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
     overwrite: bool = opt(False, "Replace an output_dir that holds another run's results.")
 
