@@ -1,8 +1,9 @@
-"""The DPO fast paths give today's loss and gradients: reference log-probs computed once (fast_dpo.py).
+"""The training fast paths give today's loss and gradients: reference log-probs computed once and
+one prompt pass per label pair (fast_dpo.py), shared-prefix SFT and DPO (prefix_training.py).
 
-Each test builds two trainers on two copies of the same SFT start, the on-the-fly path and a fast
-path, moves both policies away from the reference by the same seeded step (at step 0 policy and
-reference agree, and the reference's values would cancel out of the loss), and compares one
+Each test builds two trainers on two copies of the same start, TRL's plain path and a fast path,
+moves both policies by the same seeded step (at step 0 DPO's policy and reference agree, and the
+reference's values would cancel out of the loss; a fresh LoRA's B is zero), and compares one
 step's loss, TRL's metrics and every LoRA gradient on the same batch, in float32.
 """
 
@@ -15,6 +16,7 @@ import pytest
 from test_dpo import dpo_settings, make_sft_adapter, write_toy_splits
 
 TOL = dict(atol=1e-5, rtol=1e-5)
+PLAIN = dict(precompute_ref=False, one_pass=False, shared_prefix=False)  # TRL's own computation
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +85,8 @@ def test_precomputed_reference_gives_the_same_step(toy, tmp_path, pair_style):
 
     from sarcasm_dpo.fast_dpo import REF_COLUMNS, InMemoryReference
 
-    slow = build(toy, tmp_path / "slow", pair_style=pair_style, precompute_ref=False)
-    fast = build(toy, tmp_path / "fast", pair_style=pair_style, precompute_ref=True)
+    slow = build(toy, tmp_path / "slow", pair_style=pair_style, **PLAIN)
+    fast = build(toy, tmp_path / "fast", pair_style=pair_style, **{**PLAIN, "precompute_ref": True})
     assert not isinstance(slow, InMemoryReference) and isinstance(fast, InMemoryReference)
     assert fast.precompute_ref_logps and set(REF_COLUMNS) <= set(fast.train_dataset.column_names)
     assert "ref" in fast.model.peft_config  # the diagnostics' KL still reads the reference adapter
@@ -105,7 +107,7 @@ def test_precomputed_reference_gives_the_same_step(toy, tmp_path, pair_style):
 
 def test_reference_values_come_from_the_frozen_adapter(toy, tmp_path):
     """A resumed run computes them again, with the policy at its checkpoint: they must not depend on the policy."""
-    fast = build(toy, tmp_path / "a", precompute_ref=True)
+    fast = build(toy, tmp_path / "a", **{**PLAIN, "precompute_ref": True})
     stored = {c: fast.train_dataset[c] for c in ("ref_chosen_logps", "ref_rejected_logps")}
     move_policy(fast.model)  # what training (or loading a checkpoint) does to the policy; "ref" stays the SFT copy
     again = fast._precompute_ref_logps(fast.train_dataset, "train", fast.args.per_device_train_batch_size)
@@ -116,12 +118,13 @@ def test_reference_values_come_from_the_frozen_adapter(toy, tmp_path):
 # -- one pass per label pair ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("precompute_ref", [False, True])
-def test_one_pass_label_pairs_give_trls_step(toy, tmp_path, precompute_ref):
+@pytest.mark.parametrize("precompute_ref,shared_prefix", [(False, False), (True, False), (True, True)])
+def test_one_pass_label_pairs_give_trls_step(toy, tmp_path, precompute_ref, shared_prefix):
     from sarcasm_dpo.fast_dpo import OnePassPairs
 
-    trl = build(toy, tmp_path / "trl", pair_style="label", one_pass=False, precompute_ref=False)
-    fast = build(toy, tmp_path / "fast", pair_style="label", one_pass=True, precompute_ref=precompute_ref)
+    trl = build(toy, tmp_path / "trl", pair_style="label", **PLAIN)
+    fast = build(toy, tmp_path / "fast", pair_style="label", one_pass=True, precompute_ref=precompute_ref,
+                 shared_prefix=shared_prefix)
     assert not isinstance(trl, OnePassPairs) and isinstance(fast, OnePassPairs)
     batch = next(iter(fast.get_train_dataloader()))
     # TRL appended EOS to each label word, and its loss counts it: the one-pass path must score it too.
@@ -138,7 +141,7 @@ def test_prompt_once_forward_gives_the_fused_heads_outputs(toy, tmp_path, pair_s
 
     from sarcasm_dpo.fast_dpo import prompt_once_forward
 
-    trainer = build(toy, tmp_path / "t", pair_style=pair_style, one_pass=False, precompute_ref=False)
+    trainer = build(toy, tmp_path / "t", pair_style=pair_style, **PLAIN)
     move_policy(trainer.model)
     batch = next(iter(trainer.get_train_dataloader()))
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
@@ -169,3 +172,81 @@ def test_label_pairs_train_end_to_end_on_the_fast_path(toy, tmp_path, capsys):
     assert summary["global_steps"] == 2 and (out / "COMPLETE.json").is_file()
     assert steps[1]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # step 1: policy == reference
     assert steps[-1]["dpo/kl"] > 0 and all("train/loss" in r for r in steps[1:])
+
+
+# -- shared-prefix training ---------------------------------------------------------------------------------
+
+
+def test_shared_prefix_dpo_gives_trls_step(toy, tmp_path):
+    """Reasoning pairs, full rows (with the reference precomputed): the prompts' shared prefix runs once."""
+    from sarcasm_dpo.prefix_training import SharedPrefixTraining
+
+    trl = build(toy, tmp_path / "trl", **PLAIN)
+    fast = build(toy, tmp_path / "fast", **{**PLAIN, "shared_prefix": True, "precompute_ref": True})
+    assert isinstance(fast, SharedPrefixTraining)
+    batch = next(iter(fast.get_train_dataloader()))
+    move_policy(trl.model)
+    move_policy(fast.model)
+    assert_same_step(step(trl, batch), step(fast, batch))
+    assert fast._prefix_verdict is True  # the scorer's check passed: the prefix path did run
+
+
+def sft_pair(model_dir, folder, tokenizer, model_class=None, config=None):
+    """Two SFT trainers (full rows, shared prefix) on the same start, and a batch of toy examples."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sarcasm_dpo import sft
+    from sarcasm_dpo.config import build as build_settings
+    from sarcasm_dpo.settings import SFTSettings
+    from test_dpo import toy_frame
+
+    frame = toy_frame(8, 0)
+    trainers = []
+    for shared_prefix in (False, True):
+        s = build_settings(SFTSettings, dict(model=str(model_dir), output_dir=str(folder / "out"), batch_size=4,
+                                             lora_dropout=0.0, shared_prefix=shared_prefix, no_wandb=True))
+        if config is None:
+            model = AutoModelForCausalLM.from_pretrained(model_dir)
+        else:
+            torch.manual_seed(0)
+            model = model_class(config)
+        train_ds = sft.build_dataset(tokenizer, frame, s.max_text_tokens, s.max_length)
+        trainer = sft.build_trainer(s, model, tokenizer, train_ds, folder / f"ckpt{shared_prefix}")
+        move_policy(trainer.model)  # a fresh LoRA's B is zero: A would get no gradient
+        trainers.append(trainer)
+    return trainers, next(iter(trainers[0].get_train_dataloader()))
+
+
+def test_shared_prefix_sft_gives_the_plain_step(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from sarcasm_dpo.prefix_training import SharedPrefixTraining
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (plain, fast), batch = sft_pair(tiny_model_dir, tmp_path, tokenizer)
+    assert not isinstance(plain, SharedPrefixTraining) and isinstance(fast, SharedPrefixTraining)
+    assert_same_step(step(plain, batch), step(fast, batch))
+    assert fast._prefix_verdict is True
+
+
+SMOLLM2 = __import__("pathlib").Path.home() / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.skipif(not SMOLLM2.is_file(), reason="SmolLM2 gguf not fetched (../shared/bin/fetch-smollm2)")
+def test_shared_prefix_with_smollm2s_chat_template(tmp_path):
+    """SmolLM2's real template (a system turn before ours: a long shared prefix), on a tiny random Llama."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sarcasm_dpo.scoring import shared_prefix_length
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    (plain, fast), batch = sft_pair(SMOLLM2.parent, tmp_path, tokenizer, LlamaForCausalLM, config)
+    prompts = [row[: n] for row, n in zip(batch["input_ids"].tolist(),
+                                           (batch["labels"] != -100).int().argmax(-1).tolist())]
+    assert shared_prefix_length(prompts) >= 30  # the system turn and the question
+    assert_same_step(step(plain, batch), step(fast, batch))
+    assert fast._prefix_verdict is True

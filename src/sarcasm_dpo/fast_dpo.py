@@ -34,6 +34,8 @@ path covers (the label and the EOS after it); nothing is dropped or added.
 
 from __future__ import annotations
 
+from .prefix_training import FastForward, SharedPrefixTraining, trainer_class
+
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
@@ -69,57 +71,28 @@ class InMemoryReference:
         return dataset.add_column(REF_COLUMNS[0], chosen).add_column(REF_COLUMNS[1], rejected)
 
 
-class OnePassPairs:
+class OnePassPairs(FastForward):
     """DPOTrainer mixin: each pair's prompt runs once; its two answers run on top of its keys/values.
 
     Exact for any pairs (the answers attend to the same prompt keys/values the full rows would
     compute); build_trainer turns it on for label pairs, where it saves the most.
     """
 
-    def _one_pass_ok(self) -> bool:
-        # Gradient checkpointing drops a KV cache inside checkpointed layers; MoE aux losses need every token's
-        # router logits from one call. Both keep TRL's full-sequence call.
-        return not self.args.gradient_checkpointing and not getattr(self, "aux_loss_enabled", False)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self._one_pass_ok():
-            model = PromptOnceModel(model)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
-
-    def compute_ref_log_probs(self, model, inputs):
-        # TRL calls `model` under the "ref" adapter here (once per pair, before training, with the reference precomputed).
-        return super().compute_ref_log_probs(PromptOnceModel(model) if self._one_pass_ok() else model, inputs)
+    def _fast_forward_options(self) -> dict:
+        return {**super()._fast_forward_options(), "prompt_once": True}
 
 
-class PromptOnceModel:
-    """Stands in for the model in TRL's `model(..., labels=..., fused_lm_head=True)` call of a preference batch.
-
-    Every other call, and every attribute, goes to the model itself.
-    """
-
-    def __init__(self, model):
-        self.model = model
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def __call__(self, *args, fused_lm_head: bool = False, labels=None, **kwargs):
-        if args or not fused_lm_head or labels is None or set(kwargs) - {"input_ids", "attention_mask", "use_cache"}:
-            return self.model(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
-        return prompt_once_forward(self.model, kwargs["input_ids"], kwargs["attention_mask"], labels)
-
-
-def prompt_once_forward(model, input_ids, attention_mask, labels):
+def prompt_once_forward(model, input_ids, attention_mask, labels, prefix_of=None):
     """TRL's fused-head output for a [chosen rows; rejected rows] batch, each prompt run once.
 
     `labels` is `input_ids` with -100 outside the answers (TRL's layout: right-padded rows, answer
     right after the prompt). Falls back to the full rows when the batch is not laid out that way.
+    `prefix_of` (prefix_training.SharedPrefixTraining): the prompts' shared prefix runs once too.
     """
     import torch
     from trl.trainer.utils import FusedCausalLMOutput
 
-    from .prefix_training import cache_from, run_rows
+    from .prefix_training import cache_from, continuing, prompt_ids, run_rows
     from .scoring import cache_argument
 
     rows, width = input_ids.shape
@@ -139,7 +112,14 @@ def prompt_once_forward(model, input_ids, attention_mask, labels):
     head_len = prompt_len[:pairs] - 1
     head_width = int(head_len.max())
     head_mask = (steps[:head_width][None] < head_len[:, None]).long()
-    layers = run_rows(model, input_ids[:pairs, :head_width], head_mask)
+    heads = input_ids[:pairs, :head_width]
+    prefix = prefix_of(prompt_ids(heads, labels[:pairs], drop_last=1)) if prefix_of else None
+    if prefix is None:
+        layers = run_rows(model, heads, head_mask)
+    else:  # the heads' shared prefix once more: [prefix | each head's own tokens]
+        k = prefix.length
+        mask, positions = continuing(head_mask[:, k:], k)
+        layers = run_rows(model, heads[:, k:], mask, positions, start=prefix.cache_for(pairs))
     layers = [(torch.cat([k, k]), torch.cat([v, v])) for k, v in layers]  # chosen rows, then rejected rows
 
     # 2. Every row's [last prompt token, answer tokens but the last], scored against its answer tokens.
@@ -173,19 +153,18 @@ def is_label_pairs(pairs) -> bool:
     return bool(set(pairs["chosen"]) | set(pairs["rejected"]) <= set(LABEL_WORDS))
 
 
-def describe_step(one_pass: bool, precompute_ref: bool) -> str:
+def describe_step(one_pass: bool, precompute_ref: bool, shared_prefix: bool = False) -> str:
     """The line that says which DPO path runs."""
     policy = ("one pass over each prompt for both label answers" if one_pass
               else "TRL's two full sequences per pair (chosen, rejected)")
     reference = ("computed once before training" if precompute_ref
                  else "two more full sequences per pair at every step")
-    return f"DPO step: policy log-probs from {policy}; reference log-probs {reference}."
+    prefix = "; the prompts' shared prefix runs once per micro-batch" if shared_prefix else ""
+    return f"DPO step: policy log-probs from {policy}; reference log-probs {reference}{prefix}."
 
 
-_CLASSES: dict[tuple, type] = {}
-
-
-def dpo_trainer_class(base: type | None = None, *, precompute_ref: bool = True, one_pass: bool = False) -> type:
+def dpo_trainer_class(base: type | None = None, *, precompute_ref: bool = True, one_pass: bool = False,
+                      shared_prefix: bool = False) -> type:
     """`base` (TRL's DPOTrainer by default) with the fast paths asked for; the same class for the same request.
 
     The mixins use cooperative super(), so another mixin (or runtime.seeded_length_grouping) can be
@@ -195,11 +174,5 @@ def dpo_trainer_class(base: type | None = None, *, precompute_ref: bool = True, 
         from trl import DPOTrainer
 
         base = DPOTrainer
-    mixins = tuple(m for m, on in ((OnePassPairs, one_pass), (InMemoryReference, precompute_ref)) if on)
-    if not mixins:
-        return base
-    key = (base, mixins)
-    if key not in _CLASSES:
-        name = "".join(m.__name__ for m in mixins) + base.__name__
-        _CLASSES[key] = type(name, (*mixins, base), {})
-    return _CLASSES[key]
+    chosen = ((OnePassPairs, one_pass), (SharedPrefixTraining, shared_prefix), (InMemoryReference, precompute_ref))
+    return trainer_class(base, *(m for m, on in chosen if on))
