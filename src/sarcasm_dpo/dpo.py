@@ -396,6 +396,7 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
     """
     from datasets import Dataset
     from transformers import ProgressCallback
+
     from .callbacks import DPODiagnosticsCallback, DPOValidationCallback, LossProgressCallback, SaveStateCallback
     from .runtime import (BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback, seeded_length_grouping,
                           strip_special_prefix)
