@@ -143,9 +143,11 @@ def test_reference_is_the_sft_model_at_step_zero(untrained, toy):
     model.eval()  # TRL files metrics under "eval" in eval mode
     loss = trainer.compute_loss(model, batch)
     metrics = trainer._metrics["eval"]
+    # 0 up to float rounding: the reference's log-probs were computed once before training (fast_dpo.py), in
+    # batches padded differently from this one.
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-        assert metrics[key][-1] == pytest.approx(0.0, abs=1e-6), key
-    assert float(loss.detach()) == pytest.approx(math.log(2), abs=1e-6)
+        assert metrics[key][-1] == pytest.approx(0.0, abs=1e-5), key
+    assert float(loss.detach()) == pytest.approx(math.log(2), abs=1e-5)
     start = untrained.diagnostics.measure(model)
     assert start["dpo/kl"] == pytest.approx(0.0, abs=1e-6)
     assert start["dpo/flip_rate"] == 0.0 and start["dpo/drift"] == 0.0 and start["dpo/drift_delta_w"] == 0.0
@@ -224,9 +226,9 @@ def test_training_raises_margins_and_kl(trained):
     assert steps[0]["step"] == 0 and steps[0]["dpo/kl"] == 0.0
     first = steps[1]  # step 1's batch is scored before any update: policy == reference
     assert first["step"] == 1
-    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
-    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
-    assert first["dpo/reward_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)  # up to rounding: reference precomputed
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-5)
+    assert first["dpo/reward_ratio"] == pytest.approx(1.0, abs=1e-5)
     last = steps[-1]
     assert last["dpo/kl"] > 1e-4 and last["dpo/drift"] > 0
     margins = [r["rewards/margins"] for r in steps[1:]]

@@ -3,7 +3,8 @@
 The policy is the SFT adapter itself, trained further. The reference is the frozen SFT model: TRL
 copies the loaded adapter into a second, frozen adapter named "ref" on the same base weights, so
 there is no second copy of the model in memory, and at step 0 policy and reference are identical
-(rewards and KL exactly 0). Only the trained adapter is saved, so
+(KL exactly 0, rewards 0 up to float rounding: the reference's log-probs of every pair are computed
+once before training, in other batches, see fast_dpo.py). Only the trained adapter is saved, so
 
     PeftModel.from_pretrained(base, "models/dpo_enhanced")
 
@@ -42,6 +43,7 @@ from pathlib import Path
 
 from .atomic import atomic_path, clear_complete, finish_output_dir, prepare_output_dir, read_json, write_json
 from .errors import UserError
+from .fast_dpo import describe_step, dpo_trainer_class, is_label_pairs
 from .fused_head import project_labelled_positions_only
 
 # The loss types TRL 1.16's DPOTrainer implements (DPOConfig.loss_type).
@@ -389,7 +391,8 @@ def dpo_args(s, model, ckpt_dir: Path):
         activation_checkpointing=s.gradient_checkpointing,  # TRL defaults to on; here only when asked
         beta=s.beta,
         loss_type=[s.loss_type],
-        precompute_ref_log_probs=False,  # the "ref" adapter computes them on the fly, on the same weights
+        # The "ref" adapter's log-probs of every pair, once before training (fast_dpo.py), or on the fly each step.
+        precompute_ref_log_probs=s.precompute_ref,
         **save,
     )
 
@@ -401,7 +404,6 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
     """
     from datasets import Dataset
     from transformers import ProgressCallback
-    from trl import DPOTrainer
 
     from .callbacks import DPODiagnosticsCallback, DPOValidationCallback, LossProgressCallback, SaveStateCallback
     from .lean_trainer import lean
@@ -419,7 +421,11 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
                                        patience=s.patience, eval_at_start=True, log=log, printer=printer)
     project_labelled_positions_only()  # CPU/MPS: the LM head on the completion rows only (fused_head.py)
     try:
-        trainer = seeded_length_grouping(lean(DPOTrainer))(model=model, ref_model=None, args=dpo_args(s, model, ckpt_dir), train_dataset=dataset,
+        one_pass = s.one_pass and is_label_pairs(data.pairs)
+        printer(describe_step(one_pass, s.precompute_ref, s.shared_prefix))
+        trainer_class = dpo_trainer_class(precompute_ref=s.precompute_ref, one_pass=one_pass,  # TRL's + fast paths
+                                          shared_prefix=s.shared_prefix)
+        trainer = seeded_length_grouping(lean(trainer_class))(model=model, ref_model=None, args=dpo_args(s, model, ckpt_dir), train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[validation])
     except ValueError as exc:  # TRL's checks on the settings (e.g. a loss type that needs other options)
         raise UserError(f"TRL's DPOTrainer refused these settings: {exc}") from None

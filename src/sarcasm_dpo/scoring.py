@@ -42,6 +42,12 @@ def _base_model(model):
     return getattr(model, "get_base_model", lambda: model)()
 
 
+def cache_argument(model) -> str:
+    """The name the model's forward takes a KV cache under."""
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name still works, with a warning).
+    return "cache" if "cache" in inspect.signature(_base_model(model).forward).parameters else "past_key_values"
+
+
 def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
     """How many leading tokens every prompt shares, leaving each prompt at least one token of its own.
 
@@ -189,8 +195,7 @@ class Scorer:
 
     @cached_property
     def cache_argument(self) -> str:
-        # transformers 5.x renamed `past_key_values` to `cache` (the old name still works, with a warning).
-        return "cache" if "cache" in inspect.signature(_base_model(self.model).forward).parameters else "past_key_values"
+        return cache_argument(self.model)
 
     def encode_prefix(self, prefix_ids: list[int]) -> "PrefixCache":
         """Run the shared prefix once (batch of one) and keep its keys/values."""

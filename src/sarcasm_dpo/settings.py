@@ -114,6 +114,8 @@ class SFTSettings(Common):
     lora_dropout: float = opt(0.05, "Dropout on the LoRA path.")
     lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters (comma-separated).")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory: recompute activations in the backward pass.")
+    shared_prefix: bool = opt(True, "Run the tokens every prompt starts with once per micro-batch (with gradients) "
+                                    "instead of once per example (same loss; false = full rows).")
     auto_find_batch_size: bool = opt(False, "On an out-of-memory error, halve the batch size and double grad_accum, then retry.")
     compile: bool = opt(False, "torch.compile the model; sequences are padded to multiples of 64 tokens so it compiles a "
                                "few shapes rather than one per batch (opt-in: measure it on your GPU first).")
@@ -198,6 +200,12 @@ class DPOSettings(Common):
     auto_find_batch_size: bool = opt(False, "On an out-of-memory error, halve the batch size and double grad_accum, then retry.")
     compile: bool = opt(False, "torch.compile the model; sequences are padded to multiples of 64 tokens so it compiles a "
                                "few shapes rather than one per batch (opt-in: measure it on your GPU first).")
+    precompute_ref: bool = opt(True, "Compute the frozen reference's log-probs of every pair once before training "
+                                     "instead of at every step (same loss; false = on the fly).")
+    shared_prefix: bool = opt(True, "Run the tokens every prompt starts with once per micro-batch (with gradients) "
+                                    "instead of once per sequence (same loss; false = full rows).")
+    one_pass: bool = opt(True, "Label pairs (answers 'Yes'/'No' alone): run each pair's prompt once for both answers "
+                               "instead of two full sequences (same loss; false = TRL's two sequences).")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
     overwrite: bool = opt(False, "Replace an output_dir that holds another run's results.")
 

@@ -58,6 +58,8 @@ from .errors import UserError
 from .fused_head import project_labelled_positions_only
 from .lean_trainer import lean
 from .models import load_base_model, load_tokenizer, pick_device
+from .prefix_training import SharedPrefixTraining
+from .prefix_training import trainer_class as prefix_trainer_class
 from .prompts import build_prompt, label_token_ids, label_word
 from .runtime import (CHECKPOINTS, BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback, barrier,
                       check_training_settings, claim_run_dir, finish_run_dir, finished_record, fit_within_memory,
@@ -320,7 +322,9 @@ def build_trainer(s, model, tokenizer, train_ds, ckpt_dir: Path, callbacks=()):
     # On CPU/MPS, TRL would run the LM head over every prompt position only to mask it out (fused_head.py).
     project_labelled_positions_only()
     # Batches grouped by length, shuffled by (seed, epoch): a resumed run sees the same order.
-    trainer = seeded_length_grouping(lean(SFTTrainer))(
+    # The tokens every prompt starts with run once per micro-batch, with gradients (prefix_training.py).
+    trainer_class = prefix_trainer_class(SFTTrainer, *([SharedPrefixTraining] if s.shared_prefix else []))
+    trainer = seeded_length_grouping(lean(trainer_class))(
         model=model, args=training_args(s, model, ckpt_dir), train_dataset=train_ds, processing_class=tokenizer,
         peft_config=lora_config(s), callbacks=list(callbacks))
     if trainer.pop_callback(ProgressCallback) is not None:
