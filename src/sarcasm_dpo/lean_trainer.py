@@ -88,7 +88,16 @@ class LeanStepMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         if model.training:
             # Shadow the method for this call only: a validation pass (model.eval()) in between is seen above.
-            model.__dict__["train"] = lambda mode=True: model
+            # The shadow still switches when the mode really changes, so code inside the step that puts the model
+            # in eval mode and back (the shared-prefix check) gets its training mode, and its dropout, back.
+            real_train = type(model).train
+
+            def train(mode: bool = True):
+                if model.training != mode:
+                    real_train(model, mode)
+                return model
+
+            model.__dict__["train"] = train
         else:
             self.model_train_calls += 1
         try:
