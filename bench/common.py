@@ -177,7 +177,9 @@ def make_step_meter(stop_after: int | None = None, record_rows: bool = False):
             self.step_total: list[int] = []
             self.step_forwards: list[int] = []
             self.step_rows: list[int] = []
+            self.step_micro: list[int] = []
             self.rows: list[list[int]] = []
+            self._micro = 0
             self._real = self._total = self._forwards = self._rows = 0
             self._handle = None
             self.start_rss_mib = None
@@ -213,6 +215,9 @@ def make_step_meter(stop_after: int | None = None, record_rows: bool = False):
                 torch.cuda.reset_peak_memory_stats()
             self.start_time = time.perf_counter()
 
+        def on_substep_end(self, args, state, control, **kwargs):
+            self._micro += 1  # a micro-batch that did not end its optimizer step
+
         def on_step_end(self, args, state, control, **kwargs):
             import torch
 
@@ -224,7 +229,8 @@ def make_step_meter(stop_after: int | None = None, record_rows: bool = False):
             self.step_total.append(self._total)
             self.step_forwards.append(self._forwards)
             self.step_rows.append(self._rows)
-            self._real = self._total = self._forwards = self._rows = 0
+            self.step_micro.append(self._micro + 1)
+            self._real = self._total = self._forwards = self._rows = self._micro = 0
             if stop_after and len(self.step_times) >= stop_after:
                 control.should_training_stop = True
             return control
@@ -241,7 +247,10 @@ def make_step_meter(stop_after: int | None = None, record_rows: bool = False):
         def report(self) -> dict:
             self.step_real = [int(x) for x in self.step_real]
             steps = len(self.step_times)
+            # Micro-batches are counted from the Trainer's own gradient-accumulation substeps: forward passes
+            # per micro-batch vary (a shared prefix adds one, an on-the-fly DPO reference another).
             out = {"optimizer_steps": steps, "forward_passes": sum(self.step_forwards),
+                   "micro_batches": sum(self.step_micro),
                    "real_tokens": sum(self.step_real), "padded_tokens": sum(self.step_total),
                    "train_start_rss_mib": self.start_rss_mib, "train_peak_rss_mib": self.train_peak_rss_mib,
                    "train_peak_is_training_phase_only": self.peak_reset, "gpu_peak_allocated_gib": self.gpu_peak_gib}

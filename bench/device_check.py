@@ -244,22 +244,25 @@ def build_model(args, work: Path) -> tuple[str, dict]:
 # -- parts -----------------------------------------------------------------------------------------------
 
 
-def training_figures(meter: dict, flops: dict, peak: float | None, dpo: bool) -> dict:
+def training_figures(meter: dict, flops: dict, peak: float | None, ref_per_step: bool = False) -> dict:
     """Step times and model FLOP/s of a training run (bench/speed.py's LoRA formula).
 
-    Micro-batches per optimizer step are counted, not taken from the settings (a batch size found
-    at run time changes grad_accum). SFT: every counted forward pass trains (4 x params per token +
-    attention). DPO: each micro-batch runs the policy forward (and backward) and the frozen "ref"
-    adapter forward on the same rows (TRL with precompute_ref_log_probs off), so half the counted
-    tokens are a forward pass alone (2 x params + attention).
+    Micro-batches per optimizer step are counted (the Trainer's substeps), not taken from the
+    settings (a batch size found at run time changes grad_accum). Every counted token of a training
+    forward pass trains (4 x params per token + attention), except in DPO with the reference computed
+    on the fly (`ref_per_step`: precompute_ref off), where each micro-batch also runs the frozen "ref"
+    adapter forward on the same rows, so half the counted tokens are a forward pass alone (2 x params
+    + attention). With the reference precomputed (the default), its one pass before training is not
+    in the timed steps. With shared-prefix training the prefix's tokens are counted once per
+    micro-batch, as computed.
     """
     import statistics
 
     if not meter.get("padded_tokens_per_s"):
         return {"error": "fewer than 2 optimizer steps: nothing timed", "meter": meter}
     seq = meter["mean_padded_length"]
-    micro = meter["forward_passes"] / meter["optimizer_steps"] / (2 if dpo else 1)
-    train_share = 0.5 if dpo else 1.0
+    micro = meter["micro_batches"] / meter["optimizer_steps"]
+    train_share = 0.5 if ref_per_step else 1.0
     per_token = (train_share * speed.lora_flops_per_token(flops, seq)
                  + (1 - train_share) * speed.lora_flops_per_token(flops, seq, backward=False))
     tflops = per_token * meter["padded_tokens_per_s"] / 1e12
@@ -298,7 +301,7 @@ def sft_part(args, model_ref, splits, work, overrides, flops, peak) -> tuple[dic
         got = speed.worker_sft_ours({"sft": dataclasses.asdict(s), "steps": args.sft_steps, "record_rows": False})
         out["runs"][name] = {"batch_size": s.batch_size, "grad_accum": s.grad_accum,
                              "stage_wall_s": round(time.perf_counter() - t0, 2), "stage_timings": got["stage_timings"],
-                             **training_figures(got["meter"], flops, peak, dpo=False)}
+                             **training_figures(got["meter"], flops, peak)}
     by_accum = {r["grad_accum"]: r for r in out["runs"].values()}
     if 1 in by_accum and 2 in by_accum and "seconds_per_step" in by_accum[1] and "seconds_per_step" in by_accum[2]:
         out["grad_accum_2_vs_1"] = {
@@ -324,7 +327,7 @@ def dpo_part(args, sft_dir, splits, work, overrides, flops, peak) -> dict:
     got = speed.worker_dpo({"dpo": dataclasses.asdict(s), "steps": args.dpo_steps})
     return {"batch_size_pairs": s.batch_size, "grad_accum": s.grad_accum, "steps": args.dpo_steps,
             "stage_wall_s": round(time.perf_counter() - t0, 2), "stage_timings": got["stage_timings"],
-            **training_figures(got["meter"], flops, peak, dpo=True)}
+            **training_figures(got["meter"], flops, peak, ref_per_step=not s.precompute_ref)}
 
 
 def score_part(args, model_ref, splits, overrides, flops, peak) -> dict:

@@ -59,8 +59,9 @@ def test_every_part_runs_on_a_tiny_model(qwen_tokenizer_dir, shared_data, tmp_pa
         assert run["mfu"] is None  # no GPU peak on a CPU
     assert _positive(result["sft"]["grad_accum_2_vs_1"]["ratio_step_time"])
     assert result["dpo"]["batch_size_pairs"] == 1
-    assert result["dpo"]["training_share_of_counted_tokens"] == 0.5  # policy + frozen "ref" forward per micro-batch
-    # micro-batches are counted: config grad_accum 2, the comparison run 1, DPO 2 (4 forward passes a step)
+    # the reference is precomputed (the default), so every counted token trains
+    assert result["dpo"]["training_share_of_counted_tokens"] == 1.0
+    # micro-batches are counted (the Trainer's substeps): config grad_accum 2, the comparison run 1, DPO 2
     assert sorted(r["micro_batches_per_step"] for r in runs.values()) == [1, 2]
     assert result["dpo"]["micro_batches_per_step"] == 2
 
