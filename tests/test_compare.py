@@ -282,6 +282,9 @@ def test_script_with_skip_base_and_sample_size(setup):
     # The readable table and verdict lines reach the terminal.
     assert "Accuracy [95% CI]" in proc.stdout and "DPO" in proc.stdout and "DPO vs SFT:" in proc.stdout
     assert "Base " not in proc.stdout
+    # One progress bar per model, each labelled with the model it scores (not three bare "scoring:" bars).
+    assert "scoring sft:" in proc.stderr and "scoring dpo:" in proc.stderr
+    assert "scoring base:" not in proc.stderr and "scoring:" not in proc.stderr
 
 
 def test_without_dpo_and_baseline_and_reusing_the_results_folder(setup):

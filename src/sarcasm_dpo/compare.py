@@ -267,11 +267,13 @@ def score_language_models(s: CompareSettings, base_ref: str, adapters: dict[str,
         t0 = time.perf_counter()
         # With adapters attached, disable_adapter() gives the untouched base weights.
         with model.disable_adapter() if adapters else contextlib.nullcontext():
+            scorer.progress = "scoring base"
             probs["base"] = scorer.predict_proba(texts)
         timings["score_base_s"] = round(time.perf_counter() - t0, 3)
     for key in adapters:
         t0 = time.perf_counter()
         model.set_adapter(key)
+        scorer.progress = f"scoring {key}"  # one bar per model, each saying which
         probs[key] = scorer.predict_proba(texts)
         timings[f"score_{key}_s"] = round(time.perf_counter() - t0, 3)
     return probs
