@@ -308,6 +308,26 @@ def test_without_dpo_and_baseline_and_reusing_the_results_folder(setup):
     assert list(pd.read_csv(out / "predictions.csv").columns) == ["id", "text", "label", "p_base", "p_sft"]
 
 
+def test_dpo_that_kept_the_sft_adapter_is_named_in_plot_and_table(setup, capsys, monkeypatch, tmp_path):
+    """A DPO run that never beat its SFT start saves the SFT adapter: compare says why the bars are equal."""
+    from sarcasm_dpo import plots
+
+    titles = []
+    real_plot = plots.plot_comparison
+    monkeypatch.setattr(plots, "plot_comparison", lambda *a, **kw: titles.append(kw["title"]) or real_plot(*a, **kw))
+    kept = make_adapter(setup["model"], tmp_path / "dpo_kept", seed=1, summary={"improved_over_sft": False})
+    (kept / "training_summary.json").rename(kept / "dpo_training_summary.json")
+    results = run(settings(setup, tmp_path / "out", dpo_model=str(kept), skip_base=True, no_baseline=True,
+                           sample_size=10))
+    out = capsys.readouterr().out
+    assert results["dpo_kept_sft"] is True
+    assert "DPO = SFT: early stopping kept the SFT adapter" in out
+    assert "DPO = SFT: early stopping kept the SFT adapter" in titles[-1]
+    # A DPO run that did improve (the shared full run's adapter has no such record) gets no such note.
+    assert run(settings(setup, tmp_path / "out2", skip_base=True, no_baseline=True, sample_size=10))["dpo_kept_sft"] is False
+    assert "early stopping kept" not in capsys.readouterr().out and "early stopping kept" not in titles[-1]
+
+
 def cli_error(setup, capsys, out: Path, *extra: str) -> str:
     argv = ["compare", "--no_wandb", "--test_csv", str(setup["test"]), "--train_csv", str(setup["train"]),
             "--sft_model", str(setup["sft"]), "--dpo_model", str(setup["dpo"]), "--output_dir", str(out), *extra]
