@@ -282,6 +282,9 @@ def test_script_with_skip_base_and_sample_size(setup):
     # The readable table and verdict lines reach the terminal.
     assert "Accuracy [95% CI]" in proc.stdout and "DPO" in proc.stdout and "DPO vs SFT:" in proc.stdout
     assert "Base " not in proc.stdout
+    # One progress bar per model, each labelled with the model it scores (not three bare "scoring:" bars).
+    assert "scoring sft:" in proc.stderr and "scoring dpo:" in proc.stderr
+    assert "scoring base:" not in proc.stderr and "scoring:" not in proc.stderr
 
 
 def test_without_dpo_and_baseline_and_reusing_the_results_folder(setup):
@@ -303,6 +306,26 @@ def test_without_dpo_and_baseline_and_reusing_the_results_folder(setup):
     assert second["test_set"]["n"] == 12
     assert not (out / "predictions_extra.csv").exists()
     assert list(pd.read_csv(out / "predictions.csv").columns) == ["id", "text", "label", "p_base", "p_sft"]
+
+
+def test_dpo_that_kept_the_sft_adapter_is_named_in_plot_and_table(setup, capsys, monkeypatch, tmp_path):
+    """A DPO run that never beat its SFT start saves the SFT adapter: compare says why the bars are equal."""
+    from sarcasm_dpo import plots
+
+    titles = []
+    real_plot = plots.plot_comparison
+    monkeypatch.setattr(plots, "plot_comparison", lambda *a, **kw: titles.append(kw["title"]) or real_plot(*a, **kw))
+    kept = make_adapter(setup["model"], tmp_path / "dpo_kept", seed=1, summary={"improved_over_sft": False})
+    (kept / "training_summary.json").rename(kept / "dpo_training_summary.json")
+    results = run(settings(setup, tmp_path / "out", dpo_model=str(kept), skip_base=True, no_baseline=True,
+                           sample_size=10))
+    out = capsys.readouterr().out
+    assert results["dpo_kept_sft"] is True
+    assert "DPO = SFT: early stopping kept the SFT adapter" in out
+    assert "DPO = SFT: early stopping kept the SFT adapter" in titles[-1]
+    # A DPO run that did improve (the shared full run's adapter has no such record) gets no such note.
+    assert run(settings(setup, tmp_path / "out2", skip_base=True, no_baseline=True, sample_size=10))["dpo_kept_sft"] is False
+    assert "early stopping kept" not in capsys.readouterr().out and "early stopping kept" not in titles[-1]
 
 
 def cli_error(setup, capsys, out: Path, *extra: str) -> str:

@@ -254,7 +254,13 @@ def test_summary_and_health_verdicts(trained, toy):
     kl = summary["health"]["kl"]
     assert kl["verdict"] in ("too_low", "healthy", "too_high") and kl["range"] == [0.5, 2.0]
     assert (kl["advice"] is None) == (kl["verdict"] == "healthy")
-    assert summary["health"]["reward_ratio"]["threshold"] == 1.2
+    ratio = summary["health"]["reward_ratio"]
+    assert ratio["threshold"] == 1.2
+    # The printed ratio is the last evaluation window's mean; the curves' last point is kept beside it.
+    window = trained.epochs["evaluations"][-1]["train"]
+    assert ratio["logged_steps"] == window["logged_steps"] and ratio["value"] == window["dpo/reward_ratio"]
+    last = [r for r in trained.batch["steps"] if "train/loss" in r][-1]
+    assert ratio["last_logged"] == {"step": last["step"], "value": last["dpo/reward_ratio"]}
     assert set(summary["timings"]) >= {"load_s", "train_s", "eval_s", "save_s", "total_s"}
     assert summary["best_val"]["gen_val"]["f1"] == summary["best_f1"]
     assert "isarcasm_val" in summary["best_val"]

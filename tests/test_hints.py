@@ -22,3 +22,16 @@ def test_mining_next_hint_names_the_sft_adapter_it_mined():
                "filter_strategy": "mistakes_only", "output_file": "runs/x/pairs.json", "sft_model": "runs/x/sft"}
     text = mining.describe(summary, 4)
     assert text.endswith("Next: sarcasm-dpo dpo --sft_model runs/x/sft --preference_data runs/x/pairs.json")
+
+
+def test_dpo_reward_ratio_line_says_what_window_it_covers():
+    """The printed ratio (a mean since the last evaluation) names its window and the curves' last point."""
+    ratio = {"value": 1.06, "verdict": "weak", "logged_steps": 4, "last_logged": {"step": 40, "value": 1.117}}
+    health = {"kl": {"value": 0.01, "verdict": "small"}, "reward_ratio": ratio}
+    summary = {"timings": {"total_s": 61}, "best_val": {}, "sft_start_val": {}, "health": health, "global_steps": 40,
+               "stopped_early": False, "improved_over_sft": False, "sft_model": "runs/x/sft"}
+    text = dpo.describe_result(summary, Path("runs/x/dpo"))
+    assert ("reward ratio 1.06 (weak; mean of the 4 logged steps since the last evaluation; "
+            "the curves' last point, step 40, is 1.12)") in text
+    ratio.update(logged_steps=None, value=1.117)  # no evaluation window: the figure is the last point itself
+    assert "reward ratio 1.12 (weak; at step 40, the curves' last point)" in dpo.describe_result(summary, Path("x"))

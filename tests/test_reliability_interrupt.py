@@ -50,7 +50,7 @@ class _RecordingTracker(Tracker):
 # runs after the step and must be in the checkpoint, or the resumed run never validates epoch 1.
 @pytest.mark.parametrize("step", [5, 6])
 def test_signal_writes_a_checkpoint_and_resume_matches_the_uninterrupted_run(
-        step, tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch):
+        step, tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch, capfd):
     ref, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
     out = tmp_path / "sft"
     s = sft_settings(tiny_model_dir, train, val, out)
@@ -61,6 +61,11 @@ def test_signal_writes_a_checkpoint_and_resume_matches_the_uninterrupted_run(
     with pytest.raises(StopRequested) as stop:
         sft.run(s, extra_callbacks=[_SignalAtStep(step)])
     assert stop.value.signum == signal.SIGINT and stop.value.step == step
+    # Acknowledged at once with the step being finished, then each wait is named as it starts.
+    err = capfd.readouterr().err
+    assert f"SIGINT received: stopping after the current step: finishing step {step}, then writing a checkpoint" in err
+    assert ("Step 6 ends epoch 1: validating it first" in err) == (step == 6)
+    assert f"Writing checkpoint-{step}, then stopping." in err
     checkpoint = out / "checkpoints" / f"checkpoint-{step}"
     assert stop.value.checkpoint == checkpoint
     for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
@@ -77,6 +82,24 @@ def test_signal_writes_a_checkpoint_and_resume_matches_the_uninterrupted_run(
     assert summary["resumed_from"] == str(checkpoint) and summary["global_steps"] == 12
     assert max_adapter_difference(ref, out) <= ATOL
     assert_close(metrics_json(out), metrics_json(ref))
+
+
+def test_a_second_signal_is_acknowledged_never_dropped_silently(capfd):
+    import time
+
+    from sarcasm_dpo.runtime import stop_on_signal
+
+    with stop_on_signal() as flag:
+        flag.step = 3
+        os.kill(os.getpid(), signal.SIGINT)
+        assert "SIGINT received: stopping after the current step: finishing step 3" in capfd.readouterr().err
+        os.kill(os.getpid(), signal.SIGINT)  # within 1 s: taken as the same request (a launcher forwarding it)
+        assert "SIGINT received again within 1 s: taken as the same stop request" in capfd.readouterr().err
+        time.sleep(1.1)
+        with pytest.raises(StopRequested):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode; this is never reached in full
+        assert "SIGINT received again: stopping now, without a new checkpoint" in capfd.readouterr().err
 
 
 def test_training_losses_of_a_resumed_run_cover_every_step(tiny_model_dir, tmp_path, monkeypatch):

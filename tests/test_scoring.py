@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -168,6 +170,35 @@ def test_model_sources(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     assert resolve_source(str(tmp_path / "m.gguf")) == (str(tmp_path), {"gguf_file": "m.gguf"})
     assert resolve_source("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", {})
+
+
+SMOLLM2_GGUF = Path.home() / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="the SmolLM2 .gguf is not on this machine")
+def test_a_gguf_file_is_parsed_once_and_loads_the_same_weights(monkeypatch):
+    """The tokenizer's and the model's loads share one parse of the .gguf (it was three, ~5 s each)."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from sarcasm_dpo import models
+
+    parses = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            parses.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    models._GGUF_READER.clear()
+    model, tokenizer = load_model(str(SMOLLM2_GGUF), device=torch.device("cpu"))
+    assert len(parses) == 1
+    assert gguf.GGUFReader is CountingReader  # put back after the load
+    plain = AutoModelForCausalLM.from_pretrained(SMOLLM2_GGUF.parent, gguf_file=SMOLLM2_GGUF.name, dtype=torch.float32)
+    assert len(parses) == 3  # transformers alone parses it for the config and the weights
+    mine, theirs = model.state_dict(), plain.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def test_unreachable_hub_id_names_offline_route():

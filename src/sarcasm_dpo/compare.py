@@ -111,6 +111,9 @@ def run(settings: CompareSettings) -> dict:
             "model_paths": {"base": base_ref, **{k: str(v) for k, v in adapters.items()},
                             **({BASELINE: f"trained on {s.train_csv}"} if not s.no_baseline else {})},
             "timings": timings,
+            # DPO's rows equal SFT's by construction then; the plot and the table say so rather than let
+            # identical bars read as "DPO changed nothing".
+            "dpo_kept_sft": "dpo" in adapters and dpo_kept_sft(adapters["dpo"]),
         }
         for name, (path, full, frame) in extras.items():
             info = describe_test_set(path, full, frame, s.sample_size)
@@ -129,7 +132,8 @@ def run(settings: CompareSettings) -> dict:
             for name, frame in predictions.items():
                 write_csv(stage / files[name], frame)
             plot_comparison(results["models"], stage / PLOT_FILE, names=NAMES,
-                            title=f"{Path(s.test_csv).name}: {len(test)} items")
+                            title=f"{Path(s.test_csv).name}: {len(test)} items"
+                            + (f"\n{KEPT_SFT_NOTE}" if results["dpo_kept_sft"] else ""))
             timings["total_s"] = round(time.perf_counter() - started, 3)
             results["outputs"] = {"results": str(final / RESULTS_FILE), "plot": str(final / PLOT_FILE),
                                   "predictions": {k: str(final / v) for k, v in files.items()}}
@@ -182,6 +186,19 @@ def warn_if_dpo_from_other_sft(dpo_dir: Path, sft_dir: Path) -> None:
             print(f"Warning: the DPO adapter in {dpo_dir} was trained from {trained_from}, not from {sft_dir}; "
                   "the DPO-vs-SFT numbers compare two unrelated runs.")
         return
+
+
+KEPT_SFT_NOTE = "DPO = SFT: early stopping kept the SFT adapter (DPO never beat it on validation)"
+
+
+def dpo_kept_sft(dpo_dir: Path) -> bool:
+    """Whether the DPO run saved its SFT start unchanged (its summary: improved_over_sft is false)."""
+    from .dpo import SUMMARY_FILE
+
+    try:
+        return json.loads((dpo_dir / SUMMARY_FILE).read_text()).get("improved_over_sft") is False
+    except (OSError, ValueError, AttributeError):  # no summary (an adapter from elsewhere): nothing to say
+        return False
 
 
 def resolve_base_model(s: CompareSettings, adapters: dict[str, Path]) -> str:
@@ -267,11 +284,13 @@ def score_language_models(s: CompareSettings, base_ref: str, adapters: dict[str,
         t0 = time.perf_counter()
         # With adapters attached, disable_adapter() gives the untouched base weights.
         with model.disable_adapter() if adapters else contextlib.nullcontext():
+            scorer.progress = "scoring base"
             probs["base"] = scorer.predict_proba(texts)
         timings["score_base_s"] = round(time.perf_counter() - t0, 3)
     for key in adapters:
         t0 = time.perf_counter()
         model.set_adapter(key)
+        scorer.progress = f"scoring {key}"  # one bar per model, each saying which
         probs[key] = scorer.predict_proba(texts)
         timings[f"score_{key}_s"] = round(time.perf_counter() - t0, 3)
     return probs
@@ -359,6 +378,8 @@ def format_report(results: dict) -> str:
     info = results["test_set"]
     parts = [f"\n{info['path']} ({info['n']} items; threshold 0.5)", format_table(results["models"]),
              *format_verdicts(results)]
+    if results.get("dpo_kept_sft"):
+        parts.append(f"  {KEPT_SFT_NOTE}.")
     for name, block in results["extra_tests"].items():
         parts += [f"\nExtra test set {name}: {block['test_set']['path']} ({block['test_set']['n']} items)",
                   format_table(block["models"]), *format_verdicts(block)]

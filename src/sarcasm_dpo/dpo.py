@@ -559,7 +559,13 @@ def build_summary(s, base_ref, sft_dir, data, trainer, validation, diagnostics, 
         "diagnostics": {"end_of_training": last, "saved_model": saved, "definitions": DEFINITIONS},
         "health": {"measured_at_step": last.get("step"),
                    "kl": kl_verdict(last.get("dpo/kl")),
-                   "reward_ratio": {**ratio_verdict(ratio), "over": "logging steps since the last evaluation"}},
+                   # The verdict reads a window's mean; the curves plot each logged step: both are kept, so
+                   # the printed figure can say which it is and what the plot's last point shows.
+                   "reward_ratio": {**ratio_verdict(ratio),
+                                    "over": ("logging steps since the last evaluation" if "dpo/reward_ratio" in window
+                                             else "the last logged step"),
+                                    "logged_steps": window.get("logged_steps") if "dpo/reward_ratio" in window else None,
+                                    "last_logged": {"step": last.get("step"), "value": last.get("dpo/reward_ratio")}}},
         **run_record(trainer, device, resume_from, used, timings),
         "outputs": {"adapter": "adapter_model.safetensors", "epoch_metrics": EPOCH_FILE, "batch_metrics": BATCH_FILE,
                     "curves": CURVES_FILE},
@@ -699,6 +705,17 @@ def _processes() -> str:
     return f"x{world_size()} processes" if world_size() > 1 else ""
 
 
+def _ratio_window(ratio: dict) -> str:
+    """What the printed reward ratio covers, and the curves' last point beside it (they are not the same figure)."""
+    n, last = ratio.get("logged_steps"), ratio.get("last_logged") or {}
+    if last.get("value") is None:
+        return ""
+    if not n:  # the figure is the last logged step's own, the curves' last point
+        return f"; at step {last['step']}, the curves' last point"
+    return (f"; mean of the {n} logged steps since the last evaluation; "
+            f"the curves' last point, step {last['step']}, is {_fmt(last['value'], '.3g')}")
+
+
 def describe_result(summary: dict, out: Path) -> str:
     minutes, seconds = divmod(int(summary["timings"]["total_s"]), 60)
     best = (summary.get("best_val") or {}).get(PRIMARY) or {}
@@ -713,7 +730,8 @@ def describe_result(summary: dict, out: Path) -> str:
         lines.append(f"DPO never beat the SFT start on {PRIMARY} F1 ({_fmt(start.get('f1'))}); the saved adapter "
                      f"in {out}/ is the SFT adapter unchanged.")
     lines.append(f"End of training: KL to SFT {_fmt(health['kl']['value'], '.4g')} ({health['kl']['verdict']}), "
-                 f"reward ratio {_fmt(health['reward_ratio']['value'], '.2f')} ({health['reward_ratio']['verdict']}).")
+                 f"reward ratio {_fmt(health['reward_ratio']['value'], '.2f')} ({health['reward_ratio']['verdict']}"
+                 f"{_ratio_window(health['reward_ratio'])}).")
     for part in (health["kl"], health["reward_ratio"]):
         if part.get("advice"):
             lines.append("Advice: " + part["advice"])

@@ -129,7 +129,7 @@ def run(s) -> dict:
         load_s = time.perf_counter() - started
         score_start = time.perf_counter()
         probs = Scorer(model, tokenizer, batch_size=s.batch_size, max_text_tokens=s.max_text_tokens,
-                       progress=True).predict_proba(frame["text"].tolist())
+                       progress="scoring sft (mining)").predict_proba(frame["text"].tolist())
         score_s = time.perf_counter() - score_start
 
         labels = frame["label"].to_numpy()

@@ -9,6 +9,7 @@ CUDA (bf16 where the card supports it) > MPS > CPU (fp32), unless `--device` say
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -90,8 +91,55 @@ def hub_unreachable(timeout_s: float = 5.0) -> str | None:
     return None
 
 
+_GGUF_READER: dict = {}  # the last .gguf file parsed: {(path, size, mtime): gguf.GGUFReader}
+
+
+@contextlib.contextmanager
+def _parse_gguf_once(path: Path):
+    """While inside: a .gguf file's metadata is parsed once, and gguf's tensor-name table built once.
+
+    transformers parses the whole file anew for the config, the tokenizer and the weights (~5 s each
+    for SmolLM2's 49k-token vocabulary on a CPU) and rebuilds the name table for each of the model's
+    ~400 modules (~6 s): most of `predict`'s time on one text. The reader is read-only (a memmap
+    opened "r") and the table a pure function of (architecture, blocks), so sharing them gives the
+    same weights and tokenizer. The last file's reader is kept, so the tokenizer's load and the
+    model's share it.
+    """
+    import gguf
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    real_reader, real_names = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def reader(file, mode="r"):
+        if mode != "r" or Path(file).resolve() != Path(key[0]):
+            return real_reader(file, mode)
+        if key not in _GGUF_READER:
+            _GGUF_READER.clear()
+            _GGUF_READER[key] = real_reader(file, mode)
+        return _GGUF_READER[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_names)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_names
+
+
 def _from_pretrained(cls, ref: str, tokenizer_only: bool = False, **kwargs):
     source, extra = resolve_source(ref, tokenizer_only=tokenizer_only)
+    if extra.get("gguf_file"):
+        try:
+            import gguf  # noqa: F401 - without it, the load below explains what to install
+        except ImportError:
+            pass
+        else:
+            with _parse_gguf_once(Path(source) / extra["gguf_file"]):
+                return _load(cls, ref, source, extra, **kwargs)
+    return _load(cls, ref, source, extra, **kwargs)
+
+
+def _load(cls, ref: str, source: str, extra: dict, **kwargs):
     if not Path(source).exists():  # a hub id
         from huggingface_hub import constants
         from transformers.utils.hub import is_offline_mode

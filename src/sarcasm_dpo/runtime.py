@@ -102,6 +102,7 @@ class StopFlag:
 
     def __init__(self):
         self.signum: int | None = None
+        self.step: int | None = None  # the optimizer step running now (GracefulStopCallback), for the messages
 
     def __bool__(self) -> bool:
         return self.signum is not None
@@ -119,18 +120,22 @@ def stop_on_signal():
     first = [0.0]
 
     def handler(signum, frame):
+        name = signal.Signals(signum).name
         if flag.signum is not None and time.monotonic() - first[0] < 1.0:
-            return  # the same stop request twice: a terminal's Ctrl-C and a launcher forwarding it
+            # The same stop request twice (a terminal's Ctrl-C and a launcher forwarding it), or a user's
+            # quick second Ctrl-C: either way it is acknowledged, not dropped without a word.
+            _note(f"{name} received again within 1 s: taken as the same stop request. Send it again to stop "
+                  "at once.\n")
+            return
         if flag.signum is None:
             flag.signum = signum
             first[0] = time.monotonic()
-            if is_main_process():
-                # os.write, not print: the handler may interrupt a print, and buffered streams are not reentrant.
-                note = (f"\n{signal.Signals(signum).name} received: finishing the current step and writing a "
-                        "checkpoint, then stopping. Send it again to stop at once.\n")
-                with contextlib.suppress(OSError):
-                    os.write(2, note.encode())
+            step = f"finishing step {flag.step}" if flag.step is not None else "finishing the current step"
+            _note(f"\n{name} received: stopping after the current step: {step}, then writing a checkpoint. "
+                  "Send it again to stop at once, without one.\n")
             return
+        _note(f"{name} received again: stopping now, without a new checkpoint; --resume starts from the newest "
+              "complete one.\n")
         raise StopRequested(signum)  # no new checkpoint: the newest complete one is where --resume starts
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -141,6 +146,16 @@ def stop_on_signal():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _note(text: str) -> None:
+    """One line on stderr from the main process, safe inside a signal handler.
+
+    os.write, not print: the handler may interrupt a print, and buffered streams are not reentrant.
+    """
+    if is_main_process():
+        with contextlib.suppress(OSError):
+            os.write(2, text.encode())
 
 
 class GracefulStopCallback(TrainerCallback):
@@ -157,10 +172,16 @@ class GracefulStopCallback(TrainerCallback):
         self.flag = flag
         self.stopping = False
 
-    def _check(self, args, control) -> None:
+    def _check(self, args, control, state=None) -> None:
         if not self.stopping and any_process(bool(self.flag), getattr(args, "device", None)):
             self.stopping = True
             control.should_save = True
+            if state is not None:  # the wait is over: say what the last seconds are spent on
+                _note(f"Writing checkpoint-{state.global_step}, then stopping.\n")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.flag.step = state.global_step + 1
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         # An epoch's last step is followed by that epoch's validation (on_epoch_end). A checkpoint
@@ -168,11 +189,14 @@ class GracefulStopCallback(TrainerCallback):
         # validate it: its best-epoch choice would differ from an uninterrupted run's. So wait for
         # the epoch end there. state.epoch is the same in every process, so they all agree.
         if state.epoch is None or not float(state.epoch).is_integer():
-            self._check(args, control)
+            self._check(args, control, state)
+        elif self.flag and not self.stopping:
+            _note(f"Step {state.global_step} ends epoch {round(state.epoch)}: validating it first, then writing "
+                  "the checkpoint.\n")
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self._check(args, control)
+        self._check(args, control, state)
         return control
 
     def on_save(self, args, state, control, **kwargs):

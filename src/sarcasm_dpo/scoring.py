@@ -69,8 +69,10 @@ def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
 
 
 class Scorer:
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_text_tokens: int = 256, progress: bool = False,
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_text_tokens: int = 256, progress: bool | str = False,
                  prefix_cache: bool = True):
+        """`progress`: show a progress bar per `predict_proba` call; a string is the bar's label (e.g.
+        "scoring sft"), so that several bars in one run say which model each one scores."""
         if batch_size < 1 or max_text_tokens < 1:
             raise ValueError(f"batch_size and max_text_tokens must be positive, got {batch_size} and {max_text_tokens}")
         self.model = model
@@ -279,7 +281,8 @@ class Scorer:
                 if self.progress:
                     from tqdm.auto import tqdm
 
-                    batches = tqdm(batches, desc="scoring", unit="batch")
+                    label = self.progress if isinstance(self.progress, str) else "scoring"
+                    batches = tqdm(batches, desc=label, unit="batch")
                 # Nothing in this loop waits for the GPU (no copy, no transfer back, no Python test of a
                 # result), so the host queues batch after batch; the results come back in one transfer.
                 pending = [(idx, self.sarcastic_proba(inputs, prefix)) for idx, inputs in batches]
