@@ -114,8 +114,10 @@ class SFTSettings(Common):
     lora_dropout: float = opt(0.05, "Dropout on the LoRA path.")
     lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters (comma-separated).")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory: recompute activations in the backward pass.")
-    shared_prefix: bool = opt(True, "Run the tokens every prompt starts with once per micro-batch (with gradients) "
-                                    "instead of once per example (same loss; false = full rows).")
+    shared_prefix: bool = opt(False, "Run the tokens every prompt starts with once per micro-batch (with gradients) "
+                                     "instead of once per example: 2x on a CPU, slower on a GPU. Opt-in: with LoRA "
+                                     "dropout the rows share the prefix's dropout mask, and what that does to "
+                                     "quality is not measured yet.")
     auto_find_batch_size: bool = opt(False, "On an out-of-memory error, halve the batch size and double grad_accum, then retry.")
     compile: bool = opt(False, "torch.compile the model; sequences are padded to multiples of 64 tokens so it compiles a "
                                "few shapes rather than one per batch (opt-in: measure it on your GPU first).")
