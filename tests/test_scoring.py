@@ -176,8 +176,9 @@ SMOLLM2_GGUF = Path.home() / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.
 
 
 @pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="the SmolLM2 .gguf is not on this machine")
-def test_a_gguf_file_is_parsed_once_and_loads_the_same_weights(monkeypatch):
-    """The tokenizer's and the model's loads share one parse of the .gguf (it was three, ~5 s each)."""
+def test_a_gguf_file_is_parsed_once_and_loads_the_same_weights(monkeypatch, capfd):
+    """The tokenizer's and the model's loads share one parse of the .gguf (it was three, ~5 s each), and
+    transformers' de-quantization bar stays off (noise at each load)."""
     import gguf
     from transformers import AutoModelForCausalLM
 
@@ -195,6 +196,7 @@ def test_a_gguf_file_is_parsed_once_and_loads_the_same_weights(monkeypatch):
     model, tokenizer = load_model(str(SMOLLM2_GGUF), device=torch.device("cpu"))
     assert len(parses) == 1
     assert gguf.GGUFReader is CountingReader  # put back after the load
+    assert "de-quantizing" not in capfd.readouterr().err
     plain = AutoModelForCausalLM.from_pretrained(SMOLLM2_GGUF.parent, gguf_file=SMOLLM2_GGUF.name, dtype=torch.float32)
     assert len(parses) == 3  # transformers alone parses it for the config and the weights
     mine, theirs = model.state_dict(), plain.state_dict()

@@ -169,13 +169,24 @@ def quiet_known_noise() -> None:
     - transformers' deprecation of `is_gradient_checkpointing`, raised by its own Trainer/PEFT code, not ours;
     - peft's "Could not find a config file" when the base model is a .gguf file (no config.json to compare
       embedding sizes against; our adapters never touch the embeddings);
-    - the datasets library's per-step preparation bars ("Tokenizing train dataset", "Adding EOS ...").
+    - the datasets library's per-step preparation bars ("Tokenizing train dataset", "Adding EOS ...");
+    - transformers' "Loading weights" bar, drawn at each of a pipeline's model loads (its download bars stay).
     """
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"Could not find a config file in", category=UserWarning)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    if hasattr(hf_logging, "set_tqdm_hook"):  # transformers >= 5.x; older ones keep their bar
+        hf_logging.set_tqdm_hook(_without_loading_bar)
+
+
+def _without_loading_bar(factory, args, kwargs):
+    if kwargs.get("desc") == "Loading weights":
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

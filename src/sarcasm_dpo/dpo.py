@@ -190,7 +190,8 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
     import transformers
 
     from .callbacks import TrainingDiverged
-    from .runtime import claim_run_dir, fit_within_memory, is_main_process, latest_checkpoint, quiet, run_trainer
+    from .runtime import (claim_run_dir, fit_within_memory, is_main_process, latest_checkpoint, quiet, run_trainer,
+                          say)
 
     main = is_main_process()
     holder = {"model": model, "claimed": False}
@@ -203,7 +204,7 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
             holder["model"] = load_policy(base_ref, sft_dir, device)
         sized = dataclasses.replace(s, batch_size=batch_size, grad_accum=grad_accum, eval_batch_size=eval_batch_size)
         trainer, validation, diagnostics = build_trainer(sized, holder["model"], tokenizer, data, out / CHECKPOINTS,
-                                                         tracker.log, stop_flag=flag, printer=print if main else quiet)
+                                                         tracker.log, stop_flag=flag, printer=say if main else quiet)
         if resume_from:
             load_state(resume_from, validation, diagnostics)
         if not holder["claimed"]:

@@ -119,11 +119,18 @@ def _parse_gguf_once(path: Path):
             _GGUF_READER[key] = real_reader(file, mode)
         return _GGUF_READER[key]
 
+    # transformers' de-quantization bar ("Converting and de-quantizing GGUF tensors...") is its own tqdm, not
+    # behind its progress-bar switch: a second of noise per load, so it is turned off at its source here.
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    real_tqdm = gguf_utils.tqdm
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_names)
+    gguf_utils.tqdm = functools.partial(real_tqdm, disable=True)
     try:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_names
+        gguf_utils.tqdm = real_tqdm
 
 
 def _from_pretrained(cls, ref: str, tokenizer_only: bool = False, **kwargs):

@@ -516,6 +516,14 @@ def quiet(*_args, **_kwargs) -> None:
     """The printer of processes other than the main one: one copy of each message is enough."""
 
 
+def say(message: str) -> None:
+    """The main process's printer while a training bar may be on screen: tqdm clears the bar, prints the
+    line on a line of its own (stdout, as print) and redraws the bar, instead of gluing both together."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message)
+
+
 # -- data order that survives a resume ------------------------------------------------------------------
 
 
@@ -696,7 +704,7 @@ def fit_within_memory(attempt: Callable, s, stage: str, device=None) -> tuple:
 
         batch_size, grad_accum, auto = s.batch_size, s.grad_accum, s.auto_find_batch_size
         if batch_size == "auto":
-            batch_size, grad_accum, auto = auto_batch(s, stage, device, printer=print if is_main_process() else quiet)
+            batch_size, grad_accum, auto = auto_batch(s, stage, device, printer=say if is_main_process() else quiet)
         return train_within_memory(sized, batch_size=batch_size, grad_accum=grad_accum,
                                    eval_batch_size=s.eval_batch_size, auto=auto, stage=stage)
 

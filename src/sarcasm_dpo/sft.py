@@ -63,7 +63,7 @@ from .prefix_training import trainer_class as prefix_trainer_class
 from .prompts import build_prompt, label_token_ids, label_word
 from .runtime import (CHECKPOINTS, BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback, barrier,
                       check_training_settings, claim_run_dir, finish_run_dir, finished_record, fit_within_memory,
-                      is_main_process, load_checkpoint_state, plan_run_dir, quiet, run_record,
+                      is_main_process, load_checkpoint_state, plan_run_dir, quiet, run_record, say,
                       run_trainer, save_adapter, save_checkpoint_state, seeded_length_grouping, strip_special_prefix,
                       trainer_arguments, world_size)
 from .tracking import Tracker
@@ -178,7 +178,7 @@ def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resum
             transformers.set_seed(s.seed)
         validation = ValidationCallback(tokenizer, {VAL_SPLIT: val_df}, batch_size=eval_batch_size,
                                         max_text_tokens=s.max_text_tokens, log=tracker.log,
-                                        printer=print if main else quiet)
+                                        printer=say if main else quiet)
         if resume_from:
             load_validation_state(validation, resume_from)
         # Beside each checkpoint: validation history + best adapter (step checkpoints also at epoch ends).
