@@ -6,7 +6,7 @@
 set -euo pipefail
 py=${1:-python3}
 if "$py" -c "import torch" 2>/dev/null; then
-  echo "torch $("$py" -c 'import torch; print(torch.__version__)') already installed"; exit 0
+  echo "torch $("$py" -W 'ignore:Failed to initialize NumPy' -c 'import torch; print(torch.__version__)') already installed"; exit 0
 fi
 pip=("$py" -m pip install -q)
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -27,4 +27,5 @@ else
   fi
   rm -rf "$probe"
 fi
-"$py" -c "import torch; print('installed torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
+# numpy comes with the package install after this; torch would warn here that it cannot find it yet.
+"$py" -W "ignore:Failed to initialize NumPy" -c "import torch; print('installed torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
