@@ -42,3 +42,19 @@ def test_the_loading_weights_bar_is_off(tiny_model_dir, capfd):
         assert "Loading weights" in capfd.readouterr().err  # the check can fail: without the hook the bar is there
     finally:
         hf_logging.set_tqdm_hook(previous)
+
+
+def test_warnings_print_clear_of_the_bars(monkeypatch):
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    written = []
+    monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, message, *a, **k: written.append(message)))
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # put back after the test
+    cli.quiet_known_noise()
+    assert warnings.showwarning is cli._show_warning_clear_of_bars
+    with warnings.catch_warnings():  # without record=True it keeps the installed showwarning
+        warnings.simplefilter("always")
+        warnings.warn("lr looks odd", UserWarning)
+    assert len(written) == 1 and "UserWarning: lr looks odd" in written[0]

@@ -181,6 +181,16 @@ def quiet_known_noise() -> None:
 
     if hasattr(hf_logging, "set_tqdm_hook"):  # transformers >= 5.x; older ones keep their bar
         hf_logging.set_tqdm_hook(_without_loading_bar)
+    warnings.showwarning = _show_warning_clear_of_bars
+
+
+def _show_warning_clear_of_bars(message, category, filename, lineno, file=None, line=None):
+    """A warning that comes during training gets a line of its own, not the end of the progress bar's."""
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    tqdm.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"), file=file or sys.stderr)
 
 
 def _without_loading_bar(factory, args, kwargs):
