@@ -52,7 +52,7 @@ def test_warnings_print_clear_of_the_bars(monkeypatch):
     written = []
     monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, message, *a, **k: written.append(message)))
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # put back after the test
-    cli.quiet_known_noise()
+    cli.route_warnings_clear_of_bars()  # what entry_point does before main()
     assert warnings.showwarning is cli._show_warning_clear_of_bars
     with warnings.catch_warnings():  # without record=True it keeps the installed showwarning
         warnings.simplefilter("always")

@@ -181,6 +181,12 @@ def quiet_known_noise() -> None:
 
     if hasattr(hf_logging, "set_tqdm_hook"):  # transformers >= 5.x; older ones keep their bar
         hf_logging.set_tqdm_hook(_without_loading_bar)
+
+
+def route_warnings_clear_of_bars() -> None:
+    """In the command's own process only (not under a caller's warning capture, e.g. in-process tests)."""
+    import warnings
+
     warnings.showwarning = _show_warning_clear_of_bars
 
 
@@ -256,6 +262,7 @@ def _silence_stdout() -> None:
 
 
 def entry_point() -> None:
+    route_warnings_clear_of_bars()
     code = main()
     try:  # the last lines may still sit in the buffer when the reader of a pipe has gone
         sys.stdout.flush()
