@@ -247,3 +247,17 @@ def test_unusual_lr_and_beta_warn(tiny_model_dir, tmp_path):
         warnings.simplefilter("error")
         dpo.check_settings(build(DPOSettings, {}))  # the defaults are usual
         check_training_settings(sft_settings(tiny_model_dir, "t.csv", "v.csv", tmp_path, lr=2e-4))
+
+
+def test_sft_epoch_end_log_keeps_its_steps_metrics(tiny_model_dir, tmp_path, monkeypatch):
+    """The stage forces a log at each epoch's end (TrackerLogCallback), after the Trainer's in-loop log was
+    skipped: that log still carries TRL's metrics of its own step."""
+    from sarcasm_dpo.callbacks import TrackerLogCallback
+
+    lean = _sft_trainer(tiny_model_dir, tmp_path / "lean", False, monkeypatch, logging_steps=3, epochs=2)
+    lean.add_callback(TrackerLogCallback(lambda *_a: None))
+    lean.train()
+    logged = {e["step"]: e for e in lean.state.log_history if "loss" in e}
+    assert {4, 8} <= set(logged), sorted(logged)  # the epoch ends (4 steps per epoch)
+    for step in (4, 8):
+        assert "entropy" in logged[step] and "mean_token_accuracy" in logged[step], logged[step]

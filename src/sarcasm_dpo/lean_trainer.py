@@ -202,19 +202,18 @@ class LeanStepMixin:
         if not self.model.training or self._step_logs(self.state.global_step + 1):
             self._fold_tokens()
             if self.model.training and (not self.metric_steps or self.metric_steps[-1] != self.state.global_step + 1):
+                # The first micro-batch of a step that logs: whatever an earlier step computed and no log took
+                # (TRL's log empties the dict) is dropped now, so a logged value is the mean over its own step.
+                # Dropped here, not when the in-loop log is skipped: a log the stage forces after it (at an
+                # epoch's end) still finds its step's metrics.
+                if hasattr(self, "_metrics"):
+                    for key in list(self._metrics["train"]):
+                        if key != "num_tokens":
+                            del self._metrics["train"][key]
                 self.metric_steps.append(self.state.global_step + 1)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with self._metrics_muted(inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, *args, **kwargs):
-        if not self.control.should_log and hasattr(self, "_metrics"):
-            # Metrics computed for a step the schedule said would log but that did not: drop them, so a
-            # logged value is always the mean over its own step's micro-batches.
-            for key in list(self._metrics["train"]):
-                if key != "num_tokens":
-                    del self._metrics["train"][key]
-        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
 
     @contextlib.contextmanager
     def _metrics_muted(self, inputs):
