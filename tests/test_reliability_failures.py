@@ -424,9 +424,11 @@ def test_leftovers_of_killed_runs_are_removed_by_the_next_run(env, tmp_path, cap
     (out / ".tmp-save-abc").mkdir()
     (out / ".tmp-save-abc" / "adapter_model.safetensors").write_bytes(b"half")
     _write(out / ".tmp-COMPLETE.json.xyz", "{")
-    (tmp_path / ".staging-results-old").mkdir()
+    (tmp_path / ".staging-results-ab12cd_4").mkdir()  # mkdtemp's name for a killed run's staging folder
+    (tmp_path / ".staging-results-long-ab12cd_4").mkdir()  # another output's ("results-long"): not ours
     assert cli.main(compare(env, out, "--no_baseline")) == 0
-    assert not list(out.glob(".tmp-*")) and not list(tmp_path.glob(".staging-*"))
+    assert not list(out.glob(".tmp-*"))
+    assert [p.name for p in tmp_path.glob(".staging-*")] == [".staging-results-long-ab12cd_4"]
     assert not (tmp_path / ".results.lock").exists()  # released, and removed, at the end
     # The same for a training stage's folder: tidy() keeps the run's files and drops the killed saves.
     folder = tmp_path / "sft"
@@ -443,6 +445,49 @@ def test_leftovers_of_killed_runs_are_removed_by_the_next_run(env, tmp_path, cap
     _write(foreign / ".tmp-my-notes", "mine\n")
     rundir.tidy(foreign)
     assert (foreign / ".tmp-my-notes").read_text() == "mine\n"
+
+
+def test_replacing_a_folder_keeps_the_outputs_nested_in_it(env, tmp_path, capsys):
+    """compare into `results` while another output lives inside it (results/smollm2, as the configs have it):
+    the swap replaces compare's own files and never deletes the nested run's; while that run is writing
+    (its lock held), the swap is refused with exit 2 and nothing moves."""
+    out = tmp_path / "results"
+    assert cli.main(compare(env, out, "--no_baseline")) == 0
+    nested = out / "smollm2"
+    nested.mkdir()
+    _write(nested / "model_comparison_results.json", "{}\n")
+    assert cli.main(compare(env, out, "--no_baseline")) == 0  # same settings: redone, swapped in
+    assert (nested / "model_comparison_results.json").read_text() == "{}\n"
+    assert cli.main(compare(env, out, "--no_baseline", "--overwrite")) == 0
+    assert (nested / "model_comparison_results.json").read_text() == "{}\n"
+    capsys.readouterr()
+    holder = rundir.acquire(nested, "sarcasm-dpo compare --output_dir results/smollm2 (running)")
+    try:
+        before = hashes(tmp_path)
+        assert cli.main(compare(env, out, "--no_baseline")) == 2
+        err = capsys.readouterr().err
+        assert "smollm2" in err and "running process" in err and "Traceback" not in err
+        assert hashes(tmp_path) == before
+    finally:
+        rundir.release(holder)
+
+
+def test_a_half_done_swap_of_a_dotted_folder_name_is_finished(tmp_path):
+    """An output folder whose name has a dot (results/qwen2.5-0.5b) is still a folder to tidy(), not a file."""
+    out = tmp_path / "qwen2.5-0.5b"
+    stage = tmp_path / ".staging-qwen2.5-0.5b-ab12cd34"
+    stage.mkdir()
+    _write(stage / "result.txt", "new\n")
+    _write(stage / COMPLETE_MARKER, "{}\n")
+    rundir.tidy(out)
+    assert (out / "result.txt").read_text() == "new\n" and not stage.exists()
+
+
+def test_a_file_outputs_tidy_leaves_other_files_leftovers(tmp_path):
+    _write(tmp_path / ".tmp-pairs.json.k2", "half")
+    _write(tmp_path / ".tmp-pairs_v2.json.k3", "another run's, still being written")
+    rundir.tidy(tmp_path / "pairs.json", is_file=True)
+    assert [p.name for p in tmp_path.iterdir()] == [".tmp-pairs_v2.json.k3"]
 
 
 def test_a_stale_lock_is_taken_over_with_one_line(env, tmp_path, capsys):

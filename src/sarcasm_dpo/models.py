@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import os
+import threading
 from pathlib import Path
 
 from .errors import UserError
@@ -91,7 +92,8 @@ def hub_unreachable(timeout_s: float = 5.0) -> str | None:
     return None
 
 
-_GGUF_READER: dict = {}  # the last .gguf file parsed: {(path, size, mtime): gguf.GGUFReader}
+_GGUF_PATCH = threading.RLock()
+_GGUF_READER: dict = {}  # the last .gguf file parsed: {(path, size, mtime, inode, ctime): gguf.GGUFReader}
 
 
 @contextlib.contextmanager
@@ -106,31 +108,31 @@ def _parse_gguf_once(path: Path):
     model's share it.
     """
     import gguf
-
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    real_reader, real_names = gguf.GGUFReader, gguf.get_tensor_name_map
-
-    def reader(file, mode="r"):
-        if mode != "r" or Path(file).resolve() != Path(key[0]):
-            return real_reader(file, mode)
-        if key not in _GGUF_READER:
-            _GGUF_READER.clear()
-            _GGUF_READER[key] = real_reader(file, mode)
-        return _GGUF_READER[key]
-
     # transformers' de-quantization bar ("Converting and de-quantizing GGUF tensors...") is its own tqdm, not
     # behind its progress-bar switch: a second of noise per load, so it is turned off at its source here.
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    real_tqdm = gguf_utils.tqdm
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_names)
-    gguf_utils.tqdm = functools.partial(real_tqdm, disable=True)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_names
-        gguf_utils.tqdm = real_tqdm
+    stat = path.stat()
+    # inode and ctime too: a file replaced in place with its size and mtime kept (cp -p) is another file
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
+    with _GGUF_PATCH:  # module attributes are patched: one load at a time, so none saves another's patch as real
+        real_reader, real_names, real_tqdm = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm
+
+        def reader(file, mode="r"):
+            if mode != "r" or Path(file).resolve() != Path(key[0]):
+                return real_reader(file, mode)
+            if key not in _GGUF_READER:
+                _GGUF_READER.clear()
+                _GGUF_READER[key] = real_reader(file, mode)
+            return _GGUF_READER[key]
+
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_names)
+        gguf_utils.tqdm = functools.partial(real_tqdm, disable=True)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_names
+            gguf_utils.tqdm = real_tqdm
 
 
 def _from_pretrained(cls, ref: str, tokenizer_only: bool = False, **kwargs):

@@ -37,8 +37,15 @@ OLD = ".old-"  # .old-NAME-XXXX: the previous outputs during the swap (two renam
 _held: dict[str, int] = {}  # lock file -> descriptor, for the locks this process holds
 
 
+def real_output(out: str | os.PathLike) -> Path:
+    """Where an output really is, as `staged` swaps it: a link and its target are one output (one lock). A
+    link to nothing stays itself (the stage refuses it; resolving it would create folders for its target)."""
+    path = os.path.abspath(os.path.expanduser(str(out)))
+    return Path(os.path.realpath(path) if os.path.exists(path) else path)
+
+
 def lock_path(out: str | os.PathLike) -> Path:
-    out = Path(os.path.abspath(os.path.expanduser(str(out))))
+    out = real_output(out)
     return out.parent / f".{out.name}.lock"
 
 
@@ -142,10 +149,14 @@ def lock_outputs(outputs: Iterable[str | os.PathLike], command: str) -> Iterator
 # -- staging and swap ---------------------------------------------------------------------------------
 
 
+class FileOutput(str):
+    """An output that is one file (mine's pairs file), not a folder: `tidy` treats the two differently."""
+
+
 def outputs_of(section: str, settings) -> list[str]:
     """What a stage's run writes and so locks: its output folder, or for `mine` its pairs file."""
     if section == "mine":
-        return [settings.output_file]
+        return [FileOutput(settings.output_file)]
     out = getattr(settings, "output_dir", None)
     return [out] if out else []
 
@@ -154,31 +165,42 @@ def outputs_of(section: str, settings) -> list[str]:
 def claim_outputs(outputs: Iterable[str | os.PathLike], command: str, main_process: bool = True) -> Iterator[None]:
     """The CLI's one gate before a stage runs: lock every output, then clean up after killed runs of it.
     Only the main process of a distributed run locks; the others write nothing."""
-    outputs = [str(o) for o in outputs if o] if main_process else []
+    outputs = [o for o in outputs if o] if main_process else []
     with lock_outputs(outputs, command):
         for out in outputs:
-            tidy(out)
+            tidy(out, is_file=isinstance(out, FileOutput))
         yield
 
 
-def tidy(out: str | os.PathLike) -> None:
+def _leftovers(parent: Path, pattern: str) -> list[Path]:
+    """Entries of `parent` whose whole name matches `pattern` (never another output's: names are exact)."""
+    import re
+
+    rule = re.compile(pattern)
+    return sorted(p for p in parent.iterdir() if rule.fullmatch(p.name))
+
+
+def tidy(out: str | os.PathLike, is_file: bool = False) -> None:
     """Clean up after killed runs of `out` (call it with the lock held, before checking the folder).
 
     A swap cut between its two renames is finished when the staged outputs are complete, undone
     otherwise; then leftover staging folders, old copies and `.tmp-*` files are removed."""
+    import re
+
     from .atomic import COMPLETE_MARKER
 
-    out = Path(out)
+    out = real_output(out)
     parent = out.parent
     if not parent.is_dir():
         return
-    if out.suffix and not out.is_dir():  # a file output (mined pairs): only atomic-write leftovers beside it
-        for leftover in parent.glob(f".tmp-{out.stem}*"):
+    name = re.escape(out.name)
+    if is_file:  # a file output (mined pairs): only its own atomic-write leftovers beside it
+        for leftover in _leftovers(parent, rf"\.tmp-{name}\..+"):
             if leftover.is_file():
                 leftover.unlink(missing_ok=True)
         return
-    staged_dirs = sorted(parent.glob(f"{STAGING}{out.name}-*"))
-    old_dirs = sorted(parent.glob(f"{OLD}{out.name}-*"))
+    staged_dirs = _leftovers(parent, rf"{re.escape(STAGING)}{name}-[A-Za-z0-9_]{{8}}")  # mkdtemp's suffix
+    old_dirs = _leftovers(parent, rf"{re.escape(OLD)}{name}-\d+-\d+")  # swap_in's pid and time
     if not out.exists() and not out.is_symlink():
         done = [d for d in staged_dirs if (d / COMPLETE_MARKER).is_file()]
         if done:
@@ -220,6 +242,7 @@ def swap_in(stage: Path, out: Path) -> None:
 
     A kill between the two renames leaves no `out`; `tidy()` then finishes the swap (the staged
     copy is complete: its marker is written before the swap) on the next run."""
+    _carry_over(out, stage)
     old = None
     if out.exists() or out.is_symlink():
         old = out.parent / f"{OLD}{out.name}-{os.getpid()}-{time.time_ns()}"
@@ -230,6 +253,43 @@ def swap_in(stage: Path, out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+
+
+def _carry_over(out: Path, stage: Path) -> None:
+    """Move into `stage` what `out` holds beside this stage's own files: other outputs nested in it (folders,
+    e.g. results/smollm2 inside results) and hidden entries (their locks, staging folders), so that the swap
+    replaces this stage's files and never deletes another run's. Refused, before anything moves, while one of
+    those nested outputs is locked by a running process. Top-level files this run did not write (an older
+    run's extra files, or what --overwrite was given for) are replaced with the folder."""
+    if not out.is_dir() or out.is_symlink():
+        return
+    carried = [entry for entry in out.iterdir()
+               if not (stage / entry.name).exists() and not entry.name.startswith(".tmp-")
+               and (entry.is_dir() or entry.name.startswith("."))]
+    for entry in carried:
+        if entry.name.endswith(".lock") and entry.is_file() and _locked(entry):
+            raise UserError(f"{out} holds another output that a running process is writing ({entry.name}); "
+                            f"replacing {out} now would pull it from under that run. This run's results were not "
+                            f"written: run it again when that one has finished, or choose another output folder.")
+    for entry in carried:
+        os.rename(entry, stage / entry.name)
+
+
+def _locked(path: Path) -> bool:
+    """Does a live process hold this lock file's flock?"""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the flock we may have taken
+    return False
 
 
 def input_identity(inputs: dict[str, str | os.PathLike | None]) -> dict[str, str]:
