@@ -78,7 +78,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 def _offline_hint() -> str:
     layout = " and ".join(f"DIR/{d.relpath}" for d in DATASETS.values())
     return (f"To run without network, pass --data_dir DIR with a folder laid out like {layout} "
-            f"(with make: add DATA_DIR=DIR to the target, `make run-cpu DATA_DIR=DIR` or `make smoke DATA_DIR=DIR`), or list such folders in ${DATA_DIRS_ENV}.")
+            "(with make: add DATA_DIR=DIR to the target, `make run-cpu DATA_DIR=DIR` or `make smoke DATA_DIR=DIR`), "
+            f"or list such folders in ${DATA_DIRS_ENV}.")
 
 
 def extra_data_dirs() -> list[Path]:
