@@ -8,6 +8,7 @@ leaves at most a `.tmp-*` file that nothing reads.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -203,3 +204,12 @@ def finish_output_dir(folder: str | os.PathLike, config: dict, extra: dict | Non
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     info.update(extra or {})
     return mark_complete(folder, info)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks (here, below data and rundir, so neither imports the other)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

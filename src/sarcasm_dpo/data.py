@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from .atomic import file_sha256  # noqa: F401 - data.file_sha256 is read by compare and tests
 from .errors import UserError
 
 COLUMNS = ["text", "label", "source", "id"]
@@ -246,14 +247,6 @@ def check_no_leakage(splits: dict[str, pd.DataFrame]) -> None:
 
 def overlap_count(a: pd.DataFrame, b: pd.DataFrame) -> int:
     return len(set(a["text"].map(normalise)) & set(b["text"].map(normalise)))
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def frame_checksum(frame: pd.DataFrame) -> str:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .atomic import _umask
+from .atomic import _umask, file_sha256
 from .errors import UserError, describe_failure
 
 STAGING = ".staging-"  # .staging-NAME-XXXX beside the output: a run's outputs before the swap
@@ -296,8 +296,6 @@ def input_identity(inputs: dict[str, str | os.PathLike | None]) -> dict[str, str
     """{name: sha256} of a run's input files, and of adapter folders (their weights and config), so a
     finished output made from other data or another adapter is never taken for this run's."""
     import hashlib
-
-    from .data import file_sha256
 
     out = {}
     for name, path in inputs.items():
