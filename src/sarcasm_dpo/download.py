@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .atomic import file_sha256 as sha256_file  # one sha256 helper for the whole package
 from .errors import UserError
 
 
@@ -65,14 +66,6 @@ RETRY_PAUSE_S = 1.0  # grows linearly per attempt; tests set it to 0
 def default_cache_dir() -> Path:
     env = os.environ.get("SARCASM_DPO_DATA")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sarcasm-dpo" / "data"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _offline_hint() -> str:
