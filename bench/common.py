@@ -98,7 +98,7 @@ def fetch_smollm2() -> Path:
 def make_splits(data_dir: str | Path, out: Path) -> Path:
     """`sarcasm-dpo split` into `out` (reused when it is already complete for the same settings)."""
     from sarcasm_dpo.atomic import is_complete_for
-    from sarcasm_dpo.data import run as split_run
+    from sarcasm_dpo.stages.split import run as split_run
     from sarcasm_dpo.settings import SplitSettings
 
     settings = SplitSettings(data_dir=str(data_dir), output_dir=str(out), no_wandb=True, overwrite=True)

@@ -108,7 +108,7 @@ def score(model_ref: str, adapter: Path, texts: list[str], device) -> list[float
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    from sarcasm_dpo import dpo, sft
+    from sarcasm_dpo.stages import dpo, sft
     from sarcasm_dpo.data import load_split
     from sarcasm_dpo.models import pick_device
     from sarcasm_dpo.settings import DPOSettings, SFTSettings

@@ -60,7 +60,7 @@ def sft_start(base):
     from peft import get_peft_model
 
     from sarcasm_dpo.settings import SFTSettings
-    from sarcasm_dpo.sft import lora_config
+    from sarcasm_dpo.stages.sft import lora_config
 
     model = get_peft_model(copy.deepcopy(base), lora_config(SFTSettings()))
     gen = torch.Generator().manual_seed(0)
@@ -145,12 +145,12 @@ def summarise(times: dict, units: list[float], unit: str, today: str, extra_s: d
 def dpo_comparison(model_ref: str, pair_style: str, paths: dict, *, steps: int, pairs: int = 16, batch_size: int = 4,
                    data_dir: Path = DEFAULT_DATA, loaded=None) -> dict:
     """Time DPO training steps per path (name -> settings overrides; the first is the baseline)."""
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
     from sarcasm_dpo.config import build
     from sarcasm_dpo.data import load_isarcasm, stratified_sample
-    from sarcasm_dpo.fast_dpo import InMemoryReference
+    from sarcasm_dpo.training.fast_dpo import InMemoryReference
     from sarcasm_dpo.pairs import build_pairs
-    from sarcasm_dpo.runtime import quiet
+    from sarcasm_dpo.training.runtime import quiet
     from sarcasm_dpo.settings import DPOSettings
 
     base, tokenizer = loaded or load(model_ref)
@@ -188,7 +188,7 @@ def dpo_comparison(model_ref: str, pair_style: str, paths: dict, *, steps: int, 
 def sft_comparison(model_ref: str, *, steps: int, batch_size: int = 8, data_dir: Path = DEFAULT_DATA,
                    loaded=None) -> dict:
     """Time SFT training steps with full rows and with the shared prefix; real tokens per second."""
-    from sarcasm_dpo import sft
+    from sarcasm_dpo.stages import sft
     from sarcasm_dpo.config import build
     from sarcasm_dpo.data import balanced_sample, load_gen
     from sarcasm_dpo.settings import SFTSettings

@@ -107,7 +107,7 @@ def run_stages(stages: dict, force: bool) -> tuple[dict, dict]:
     """Run sft -> dpo -> compare through their run(settings); reuse a stage already complete for its settings."""
     import json
 
-    from sarcasm_dpo import compare, dpo, sft
+    from sarcasm_dpo.stages import compare, dpo, sft
     from sarcasm_dpo.atomic import is_complete_for
 
     modules = {"sft": sft, "dpo": dpo, "compare": compare}

@@ -447,7 +447,7 @@ def worker_main(name: str, spec_path: str) -> None:
 
 
 def worker_sft_ours(spec: dict) -> dict:
-    from sarcasm_dpo import sft
+    from sarcasm_dpo.stages import sft
     from sarcasm_dpo.settings import SFTSettings
 
     # the rows let the usual setup train the same examples; reading them waits for the GPU each pass
@@ -465,7 +465,7 @@ def worker_sft_usual(spec: dict) -> dict:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    from sarcasm_dpo import sft
+    from sarcasm_dpo.stages import sft
     from sarcasm_dpo.models import load_base_model, load_tokenizer, pick_device
     from sarcasm_dpo.settings import SFTSettings
 
@@ -509,7 +509,7 @@ def worker_sft_usual(spec: dict) -> dict:
 
 
 def worker_dpo(spec: dict) -> dict:
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
     from sarcasm_dpo.settings import DPOSettings
 
     meter = common.make_step_meter(stop_after=spec.get("steps"))
@@ -610,7 +610,8 @@ def head_section(args, model_ref: str, splits: Path, max_text_tokens: int, devic
     from trl.trainer import utils as trl_utils
     from trl.trainer.utils import add_fused_lm_head
 
-    from sarcasm_dpo import fused_head, sft
+    from sarcasm_dpo.training import fused_head
+    from sarcasm_dpo.stages import sft
     from sarcasm_dpo.data import load_split, stratified_sample
     from sarcasm_dpo.models import load_base_model, load_tokenizer, pick_device
     from sarcasm_dpo.prompts import build_prompt, label_token_ids
@@ -754,7 +755,8 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
     with the same settings and work folder, for device limits shorter than the whole pipeline.
     The total is the sum of the stage times.
     """
-    from sarcasm_dpo import compare, data, dpo, sft
+    from sarcasm_dpo.stages import compare, dpo, sft
+    from sarcasm_dpo import data
     from sarcasm_dpo.atomic import read_complete, write_json
     from sarcasm_dpo.settings import CompareSettings, DPOSettings, SFTSettings, SplitSettings
 

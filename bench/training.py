@@ -142,8 +142,9 @@ def build_sft(args, variant: str, model_ref: str, frame, work: Path, overrides: 
     import torch
     import transformers
 
-    from sarcasm_dpo import runtime, sft
-    from sarcasm_dpo.callbacks import TrackerLogCallback
+    from sarcasm_dpo.training import runtime
+    from sarcasm_dpo.stages import sft
+    from sarcasm_dpo.training.callbacks import TrackerLogCallback
     from sarcasm_dpo.models import load_base_model, load_tokenizer
 
     s = sft_settings(args, model_ref, work, overrides)
@@ -172,8 +173,8 @@ def build_dpo(args, variant: str, sft_dir: Path, frame, work: Path, overrides: d
     import torch
     import transformers
 
-    from sarcasm_dpo import dpo
-    from sarcasm_dpo import lean_trainer as lean_module
+    from sarcasm_dpo.stages import dpo
+    from sarcasm_dpo.training import lean_step as lean_module
     from sarcasm_dpo.models import adapter_base_model, load_tokenizer
     from sarcasm_dpo.pairs import build_pairs
 

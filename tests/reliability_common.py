@@ -18,7 +18,7 @@ from pathlib import Path
 
 from test_sft import toy_frame  # the learnable toy rule of the SFT tests
 
-from sarcasm_dpo import sft
+from sarcasm_dpo.stages import sft
 from sarcasm_dpo.config import build
 from sarcasm_dpo.settings import SFTSettings
 
@@ -187,7 +187,7 @@ def dpo_settings(sft_dir, train_csv, val_csv, output_dir, **overrides):
 def dpo_reference_run(tiny_model_dir: Path, tmp_path_factory) -> tuple[Path, tuple]:
     """(output folder, (sft dir, train csv, val csv)) of the uninterrupted DPO run; trained once per session."""
     if "dpo" not in _cache:
-        from sarcasm_dpo import dpo
+        from sarcasm_dpo.stages import dpo
 
         sft_dir, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
         out = tmp_path_factory.mktemp("dpo-reference") / "dpo"

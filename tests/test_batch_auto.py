@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sarcasm_dpo import runtime
+from sarcasm_dpo.training import runtime
 from sarcasm_dpo.config import build
 from sarcasm_dpo.errors import UserError
 from sarcasm_dpo.settings import DPOSettings, SFTSettings

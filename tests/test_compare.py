@@ -18,7 +18,7 @@ import pytest
 from sklearn.metrics import f1_score
 
 from sarcasm_dpo import baseline, cli, metrics, models, tracking
-from sarcasm_dpo.compare import run
+from sarcasm_dpo.stages.compare import run
 from sarcasm_dpo.config import build
 from sarcasm_dpo.settings import CompareSettings
 

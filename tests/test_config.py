@@ -11,7 +11,7 @@ from conftest import ROOT
 from sarcasm_dpo.cli import build_parser
 from sarcasm_dpo.config import check_known_keys, from_namespace, load_yaml
 from sarcasm_dpo.errors import UserError
-from sarcasm_dpo.pipeline import stage_settings
+from sarcasm_dpo.stages.pipeline import stage_settings
 from sarcasm_dpo.settings import STAGES, DPOSettings, PipelineSettings, SFTSettings
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -84,7 +84,7 @@ def toy(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def trained(toy):
     """One full DPO run shared by the tests below: 32 pairs, batch 4, 2 epochs, a log every step."""
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
 
     out = toy.root / "dpo_enhanced"
     settings = dpo_settings(toy, out, val_sample_size=16)
@@ -112,7 +112,7 @@ def untrained(toy, tmp_path_factory):
     """DPOTrainer built on the SFT adapter, before any step."""
     import torch
 
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
     from sarcasm_dpo.models import attach_adapter, load_base_model, load_tokenizer
 
     folder = tmp_path_factory.mktemp("untrained")
@@ -195,7 +195,7 @@ def test_kl_and_flips_match_a_direct_computation(untrained):
 def test_checkpointing_only_when_asked(untrained, toy, tmp_path):
     import warnings
 
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
 
     assert not untrained.trainer.args.activation_checkpointing  # TRL's default is on; ours is off
     with warnings.catch_warnings():
@@ -327,7 +327,7 @@ def test_epoch_metrics_pair_f1_with_diagnostics(trained):
 
 
 def test_early_stopping_fires_on_a_plateau(toy):
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
 
     # The first step is lr warm-up (lr 0), so F1 cannot move: a plateau by construction.
     out = toy.root / "plateau"
@@ -341,7 +341,7 @@ def test_early_stopping_fires_on_a_plateau(toy):
 
 
 def test_beta_sweep_writes_every_output(toy):
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
     from sarcasm_dpo.models import adapter_base_model
 
     out = toy.root / "sweep"
@@ -402,7 +402,7 @@ def test_bad_sft_folder_exits_2_with_a_clear_message(tmp_path):
 
 
 def test_unknown_loss_type_is_a_user_error(toy, tmp_path):
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
     from sarcasm_dpo.errors import UserError
 
     with pytest.raises(UserError, match="loss_type"):
@@ -456,7 +456,8 @@ def test_preference_file_errors_are_clear(tmp_path):
 def test_resume_continues_from_the_last_checkpoint(toy, monkeypatch):
     """Kill a run after step 5 (checkpoints every 2 steps), then --resume: it continues from step 4 and
     ends like an uninterrupted run, with the diagnostics history of the killed part kept."""
-    from sarcasm_dpo import callbacks, dpo
+    from sarcasm_dpo.training import callbacks
+    from sarcasm_dpo.stages import dpo
 
     out = toy.root / "resumed"
     original = callbacks.DPODiagnosticsCallback.on_log

@@ -29,9 +29,9 @@ def toy(tmp_path_factory, tiny_model_dir):
 def build(toy, folder, **overrides):
     import torch
 
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
     from sarcasm_dpo.models import attach_adapter, load_base_model, load_tokenizer
-    from sarcasm_dpo.runtime import quiet
+    from sarcasm_dpo.training.runtime import quiet
 
     s = dpo_settings(toy, folder / "out", sample_size=12, **overrides)
     tokenizer = load_tokenizer(str(toy.model_dir))
@@ -83,7 +83,7 @@ def assert_same_step(reference, other) -> None:
 def test_precomputed_reference_gives_the_same_step(toy, tmp_path, pair_style):
     import torch
 
-    from sarcasm_dpo.fast_dpo import REF_COLUMNS, InMemoryReference
+    from sarcasm_dpo.training.fast_dpo import REF_COLUMNS, InMemoryReference
 
     slow = build(toy, tmp_path / "slow", pair_style=pair_style, **PLAIN)
     fast = build(toy, tmp_path / "fast", pair_style=pair_style, **{**PLAIN, "precompute_ref": True})
@@ -120,7 +120,7 @@ def test_reference_values_come_from_the_frozen_adapter(toy, tmp_path):
 
 @pytest.mark.parametrize("precompute_ref,shared_prefix", [(False, False), (True, False), (True, True)])
 def test_one_pass_label_pairs_give_trls_step(toy, tmp_path, precompute_ref, shared_prefix):
-    from sarcasm_dpo.fast_dpo import OnePassPairs
+    from sarcasm_dpo.training.fast_dpo import OnePassPairs
 
     trl = build(toy, tmp_path / "trl", pair_style="label", **PLAIN)
     fast = build(toy, tmp_path / "fast", pair_style="label", one_pass=True, precompute_ref=precompute_ref,
@@ -139,7 +139,7 @@ def test_prompt_once_forward_gives_the_fused_heads_outputs(toy, tmp_path, pair_s
     """Per token (log-prob, entropy, mean logit, top-1 hit) at exactly TRL's answer positions, ragged answers too."""
     import torch
 
-    from sarcasm_dpo.fast_dpo import prompt_once_forward
+    from sarcasm_dpo.training.fast_dpo import prompt_once_forward
 
     trainer = build(toy, tmp_path / "t", pair_style=pair_style, **PLAIN)
     move_policy(trainer.model)
@@ -160,7 +160,7 @@ def test_prompt_once_forward_gives_the_fused_heads_outputs(toy, tmp_path, pair_s
 def test_label_pairs_train_end_to_end_on_the_fast_path(toy, tmp_path, capsys):
     import json
 
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
 
     out = tmp_path / "run"
     summary = dpo.run(dpo_settings(toy, out, pair_style="label", epochs=1, sample_size=8, probe_size=8,
@@ -179,7 +179,7 @@ def test_label_pairs_train_end_to_end_on_the_fast_path(toy, tmp_path, capsys):
 
 def test_shared_prefix_dpo_gives_trls_step(toy, tmp_path):
     """Reasoning pairs, full rows (with the reference precomputed): the prompts' shared prefix runs once."""
-    from sarcasm_dpo.prefix_training import SharedPrefixTraining
+    from sarcasm_dpo.training.shared_prefix import SharedPrefixTraining
 
     trl = build(toy, tmp_path / "trl", **PLAIN)
     fast = build(toy, tmp_path / "fast", **{**PLAIN, "shared_prefix": True, "precompute_ref": True})
@@ -196,7 +196,7 @@ def sft_pair(model_dir, folder, tokenizer, model_class=None, config=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sarcasm_dpo import sft
+    from sarcasm_dpo.stages import sft
     from sarcasm_dpo.config import build as build_settings
     from sarcasm_dpo.settings import SFTSettings
     from test_dpo import toy_frame
@@ -221,7 +221,7 @@ def sft_pair(model_dir, folder, tokenizer, model_class=None, config=None):
 def test_shared_prefix_sft_gives_the_plain_step(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from sarcasm_dpo.prefix_training import SharedPrefixTraining
+    from sarcasm_dpo.training.shared_prefix import SharedPrefixTraining
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     (plain, fast), batch = sft_pair(tiny_model_dir, tmp_path, tokenizer)

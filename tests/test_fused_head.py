@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sarcasm_dpo import fused_head
+from sarcasm_dpo.training import fused_head
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_the_triton_kernel_choice_is_untouched(restore_switch):
 def test_the_sft_stage_trains_with_the_patch_in_place(tiny_model_dir, restore_switch, tmp_path):
     from reliability_common import sft_settings, toy_csvs
 
-    from sarcasm_dpo import sft
+    from sarcasm_dpo.stages import sft
 
     train, val = toy_csvs(tmp_path / "data", n_train=8, n_val=4)
     sft.run(sft_settings(tiny_model_dir, train, val, tmp_path / "sft", epochs=1))

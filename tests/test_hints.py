@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sarcasm_dpo import dpo, mining
+from sarcasm_dpo.stages import dpo, mine as mining
 
 
 def test_dpo_next_hint_names_the_sft_adapter_it_trained_from():

@@ -15,8 +15,8 @@ from test_dpo import dpo_settings, make_sft_adapter, write_toy_splits
 from test_sft import settings as sft_settings
 from test_sft import toy_frame
 
-from sarcasm_dpo import dpo, sft
-from sarcasm_dpo.callbacks import TrainingDiverged
+from sarcasm_dpo.stages import dpo, sft
+from sarcasm_dpo.training.callbacks import TrainingDiverged
 
 TOL = 1e-5
 METRICS = ("loss", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm", "rewards/chosen", "rewards/rejected",
@@ -130,7 +130,7 @@ def _dpo_trainer(tiny_model_dir, tmp_path, plain: bool, monkeypatch, **overrides
                      **{"epochs": 1, "batch_size": 2, "grad_accum": 2, "sample_size": 16, "val_sample_size": 8,
                         "probe_size": 4, **overrides})
     if plain:
-        import sarcasm_dpo.lean_trainer as lean_module
+        import sarcasm_dpo.training.lean_step as lean_module
 
         monkeypatch.setattr(lean_module, "lean", lambda cls: cls)
     base = adapter_base_model(sft_dir)
@@ -234,7 +234,7 @@ def test_the_step_check_names_a_nan_loss_before_the_update(tiny_model_dir, tmp_p
 
 def test_unusual_lr_and_beta_warn(tiny_model_dir, tmp_path):
     from sarcasm_dpo.config import build
-    from sarcasm_dpo.runtime import check_training_settings
+    from sarcasm_dpo.training.runtime import check_training_settings
     from sarcasm_dpo.settings import DPOSettings
 
     with pytest.warns(UserWarning, match=r"--lr 1e\+09 is outside its usual range"):
@@ -252,7 +252,7 @@ def test_unusual_lr_and_beta_warn(tiny_model_dir, tmp_path):
 def test_sft_epoch_end_log_keeps_its_steps_metrics(tiny_model_dir, tmp_path, monkeypatch):
     """The stage forces a log at each epoch's end (TrackerLogCallback), after the Trainer's in-loop log was
     skipped: that log still carries TRL's metrics of its own step."""
-    from sarcasm_dpo.callbacks import TrackerLogCallback
+    from sarcasm_dpo.training.callbacks import TrackerLogCallback
 
     lean = _sft_trainer(tiny_model_dir, tmp_path / "lean", False, monkeypatch, logging_steps=3, epochs=2)
     lean.add_callback(TrackerLogCallback(lambda *_a: None))

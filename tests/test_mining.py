@@ -37,7 +37,7 @@ def sft_probs(toy):
 
 
 def mine(toy, name: str, **overrides) -> tuple[list[dict], dict]:
-    from sarcasm_dpo import mining
+    from sarcasm_dpo.stages import mine as mining
     from sarcasm_dpo.config import build
     from sarcasm_dpo.settings import MineSettings
 
@@ -86,7 +86,7 @@ def test_all_and_confident_mistakes(toy, sft_probs):
 
 
 def test_mine_door_then_dpo_trains_on_the_mined_pairs(toy):
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
 
     out_file = toy.root / "door" / "mined.json"
     result = subprocess.run(
@@ -106,7 +106,7 @@ def test_mine_door_then_dpo_trains_on_the_mined_pairs(toy):
 
 
 def test_mined_pairs_from_a_validation_split_are_refused(toy, tmp_path):
-    from sarcasm_dpo import dpo, mining
+    from sarcasm_dpo.stages import dpo, mine as mining
     from sarcasm_dpo.config import build
     from sarcasm_dpo.errors import UserError
     from sarcasm_dpo.settings import MineSettings
@@ -119,7 +119,7 @@ def test_mined_pairs_from_a_validation_split_are_refused(toy, tmp_path):
 
 
 def test_prompts_built_another_way_are_refused(toy, tmp_path):
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
     from sarcasm_dpo.errors import UserError
 
     pairs = [{"prompt": "Is this sarcastic? " + t, "chosen": "Yes", "rejected": "No", "text": t, "label": 1}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from sarcasm_dpo import cli, runtime, sft
+from sarcasm_dpo import cli
+from sarcasm_dpo.training import runtime
+from sarcasm_dpo.stages import sft
 from test_sft import settings, toy_frame
 
 

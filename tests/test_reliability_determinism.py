@@ -12,7 +12,7 @@ import json
 
 from reliability_common import adapter_tensors, max_adapter_difference, metrics_json, reference_run, sft_settings
 
-from sarcasm_dpo import sft
+from sarcasm_dpo.stages import sft
 
 
 def test_same_seed_gives_the_same_adapter_and_metrics(tiny_model_dir, tmp_path_factory, tmp_path):

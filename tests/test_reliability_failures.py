@@ -256,12 +256,12 @@ def test_predict_into_a_closed_pipe_ends_quietly(env, tmp_path):
 
 def test_an_unknown_exception_keeps_its_traceback(monkeypatch, capsys, tmp_path):
     """Real bugs stay visible: not every failure becomes a tidy one-liner."""
-    from sarcasm_dpo import data
+    from sarcasm_dpo.stages import split
 
     def bug(*_a, **_k):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(data, "make_splits", bug)
+    monkeypatch.setattr(split, "make_splits", bug)
     assert cli.main(split_argv(tmp_path / "out")) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "ZeroDivisionError" in err and "please report it" in err
@@ -674,7 +674,8 @@ def test_a_training_run_that_fails_keeps_the_previous_run_and_its_marker(env, tm
     """sft (dpo shares the code: runtime.claim_run_dir / save_adapter) with --overwrite over a finished run of
     other settings fails while training: the previous run's files and COMPLETE.json are as they were; the
     stopped run is then seen as interrupted (the pipeline resumes it), and --resume finishes it."""
-    from sarcasm_dpo import runtime, sft as sft_stage
+    from sarcasm_dpo.training import runtime
+    from sarcasm_dpo.stages import sft as sft_stage
 
     out = tmp_path / "sft"
     shutil.copytree(env["sft"], out)  # a finished run (the reference's settings)

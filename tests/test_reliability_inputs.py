@@ -17,7 +17,8 @@ import pytest
 from reliability_common import error_paragraph, reference_run, snapshot, toy_csvs
 from tiny_model import build_tiny_model
 
-from sarcasm_dpo import cli, mining
+from sarcasm_dpo import cli
+from sarcasm_dpo.stages import mine as mining
 from sarcasm_dpo.atomic import finish_output_dir
 from sarcasm_dpo.config import from_namespace
 from sarcasm_dpo.errors import UserError

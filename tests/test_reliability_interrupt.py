@@ -20,9 +20,10 @@ from reliability_common import (ATOL, assert_close, cli_running_past_a_checkpoin
                                 toy_csvs)
 from transformers import TrainerCallback
 
-from sarcasm_dpo import cli, sft
+from sarcasm_dpo import cli
+from sarcasm_dpo.stages import sft
 from sarcasm_dpo.config import build
-from sarcasm_dpo.runtime import StopRequested
+from sarcasm_dpo.training.runtime import StopRequested
 from sarcasm_dpo.settings import SFTSettings
 from sarcasm_dpo.tracking import Tracker
 
@@ -87,7 +88,7 @@ def test_signal_writes_a_checkpoint_and_resume_matches_the_uninterrupted_run(
 def test_a_second_signal_is_acknowledged_never_dropped_silently(capfd):
     import time
 
-    from sarcasm_dpo.runtime import stop_on_signal
+    from sarcasm_dpo.training.runtime import stop_on_signal
 
     with stop_on_signal() as flag:
         flag.step = 3
@@ -177,7 +178,7 @@ def test_signalled_subprocess_checkpoints_and_the_printed_command_resumes(
 def test_dpo_signal_writes_a_checkpoint_and_resume_matches(tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch):
     from reliability_common import dpo_records, dpo_reference_run, dpo_settings
 
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
     from sarcasm_dpo.settings import DPOSettings
 
     ref, (sft_dir, train, val) = dpo_reference_run(tiny_model_dir, tmp_path_factory)

@@ -16,7 +16,7 @@ from reliability_common import (ATOL, adapter_tensors, assert_close, complete_ch
                                 reference_run, sft_settings)
 from transformers import TrainerCallback
 
-from sarcasm_dpo import sft
+from sarcasm_dpo.stages import sft
 from sarcasm_dpo.config import build
 from sarcasm_dpo.errors import UserError
 from sarcasm_dpo.settings import SFTSettings

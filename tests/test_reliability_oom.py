@@ -11,9 +11,10 @@ import torch
 from reliability_common import error_paragraph, max_adapter_difference, sft_settings, toy_csvs
 from transformers import TrainerCallback
 
-from sarcasm_dpo import cli, sft
+from sarcasm_dpo import cli
+from sarcasm_dpo.stages import sft
 from sarcasm_dpo.errors import UserError
-from sarcasm_dpo.runtime import OutOfMemory, is_out_of_memory, train_within_memory
+from sarcasm_dpo.training.runtime import OutOfMemory, is_out_of_memory, train_within_memory
 
 CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.75 GiB"
 MPS_OOM = "MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.40 GB, max allowed: 18.13 GB)."
@@ -125,7 +126,7 @@ def test_batch_one_still_too_big_is_explained():
 def test_dpo_auto_batch_keeps_the_effective_batch(tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch):
     from reliability_common import dpo_reference_run, dpo_settings
 
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
 
     _, (sft_dir, train, val) = dpo_reference_run(tiny_model_dir, tmp_path_factory)
     guard = _FitsUpTo(1)

@@ -19,7 +19,8 @@ from reliability_common import (ATOL, assert_close, cli_running_past_a_checkpoin
 from test_pipeline import small_data_dir  # noqa: F401 - the fixture, for the pipeline test
 from transformers import TrainerCallback
 
-from sarcasm_dpo import runtime, sft
+from sarcasm_dpo.training import runtime
+from sarcasm_dpo.stages import sft
 from sarcasm_dpo.config import build
 from sarcasm_dpo.settings import SFTSettings
 
@@ -82,7 +83,7 @@ def test_dpo_resume_matches_the_uninterrupted_run(tiny_model_dir, tmp_path_facto
     """The same for DPO: killed (an exception between steps) after its step-6 checkpoint, resumed."""
     from reliability_common import dpo_records, dpo_reference_run, dpo_settings
 
-    from sarcasm_dpo import dpo
+    from sarcasm_dpo.stages import dpo
     from sarcasm_dpo.settings import DPOSettings
 
     ref, (sft_dir, train, val) = dpo_reference_run(tiny_model_dir, tmp_path_factory)

@@ -15,7 +15,7 @@ import pytest
 from reliability_common import ATOL, assert_close, max_adapter_difference, metrics_json, reference_run, sft_settings
 from test_tracking import FakeRun
 
-from sarcasm_dpo import sft
+from sarcasm_dpo.stages import sft
 from sarcasm_dpo.tracking import TrackingWarning
 
 OUTPUTS = ("adapter_model.safetensors", "adapter_config.json", "sft_metrics.json", "sft_training_curves.png",

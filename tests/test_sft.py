@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from transformers import TrainerCallback
 
-from sarcasm_dpo import sft
+from sarcasm_dpo.stages import sft
 from sarcasm_dpo.cli import main
 from sarcasm_dpo.config import build
 from sarcasm_dpo.errors import UserError
@@ -307,7 +307,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_model_dir, toy_csvs, t
 def test_tracker_log_callback_forwards_train_keys():
     from transformers import TrainerControl, TrainerState
 
-    from sarcasm_dpo.callbacks import TrackerLogCallback
+    from sarcasm_dpo.training.callbacks import TrackerLogCallback
 
     logged = []
     callback = TrackerLogCallback(lambda values, step: logged.append((step, values)))

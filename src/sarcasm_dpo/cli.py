@@ -32,13 +32,13 @@ from .settings import STAGES
 
 # subcommand -> (module that runs it, settings section, one-line description)
 COMMANDS = {
-    "split": ("sarcasm_dpo.data", "split", "Split GEN into train/val/test and iSarcasmEval into train/val."),
-    "sft": ("sarcasm_dpo.sft", "sft", "Phase 1: LoRA supervised fine-tuning on the GEN train split."),
-    "mine": ("sarcasm_dpo.mining", "mine", "Mine preference pairs from the SFT model's mistakes on iSarcasmEval."),
-    "dpo": ("sarcasm_dpo.dpo", "dpo", "Phase 2: DPO on iSarcasmEval from the SFT adapter, SFT as frozen reference."),
-    "compare": ("sarcasm_dpo.compare", "compare", "Evaluate Base vs SFT vs DPO on the held-out GEN test split."),
-    "pipeline": ("sarcasm_dpo.pipeline", "pipeline", "Run download/split -> sft -> dpo -> compare with one config."),
-    "export": ("sarcasm_dpo.export", "export", "Merge an adapter into its base model: a folder plain transformers "
+    "split": ("sarcasm_dpo.stages.split", "split", "Split GEN into train/val/test and iSarcasmEval into train/val."),
+    "sft": ("sarcasm_dpo.stages.sft", "sft", "Phase 1: LoRA supervised fine-tuning on the GEN train split."),
+    "mine": ("sarcasm_dpo.stages.mine", "mine", "Mine preference pairs from the SFT model's mistakes on iSarcasmEval."),
+    "dpo": ("sarcasm_dpo.stages.dpo", "dpo", "Phase 2: DPO on iSarcasmEval from the SFT adapter, SFT as frozen reference."),
+    "compare": ("sarcasm_dpo.stages.compare", "compare", "Evaluate Base vs SFT vs DPO on the held-out GEN test split."),
+    "pipeline": ("sarcasm_dpo.stages.pipeline", "pipeline", "Run download/split -> sft -> dpo -> compare with one config."),
+    "export": ("sarcasm_dpo.stages.export", "export", "Merge an adapter into its base model: a folder plain transformers "
                                                "loads, with threshold and model card; optionally push it to the Hub."),
 }
 
@@ -90,7 +90,7 @@ def run_command(args: argparse.Namespace) -> object:
 
         return download(cache_dir=args.cache_dir, base_url=args.base_url or DEFAULT_BASE_URL)
     if args.command == "predict":
-        from .predict import run as predict_run
+        from .stages.predict import run as predict_run
 
         return predict_run(args)
     module_name, section, _ = COMMANDS[args.command]
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_noise()
     args.argv = argv
     if args.command in DISTRIBUTED and os.environ.get("ACCELERATE_USE_CPU"):
-        from .runtime import cpu_workers_requested, run_workers
+        from .training.runtime import cpu_workers_requested, run_workers
 
         workers = cpu_workers_requested()
         if workers > 1:  # `accelerate launch --cpu --num_processes N` started only us; start the N ranks

@@ -49,24 +49,24 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from . import callbacks as shared_callbacks
-from . import runtime
-from .atomic import read_json, write_json
-from .callbacks import LossProgressCallback, SaveStateCallback, TrackerLogCallback, ValidationCallback
-from .data import balanced_sample, class_counts, frame_checksum, load_split, overlap_count, stratified_sample
-from .errors import UserError
-from .fused_head import project_labelled_positions_only
-from .lean_trainer import lean
-from .models import load_base_model, load_tokenizer, pick_device
-from .prefix_training import SharedPrefixTraining
-from .prefix_training import trainer_class as prefix_trainer_class
-from .prompts import build_prompt, label_token_ids, label_word
-from .runtime import (CHECKPOINTS, BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback, barrier,
+from ..training import callbacks as shared_callbacks
+from ..training import runtime
+from ..atomic import read_json, write_json
+from ..training.callbacks import LossProgressCallback, SaveStateCallback, TrackerLogCallback, ValidationCallback
+from ..data import balanced_sample, class_counts, frame_checksum, load_split, overlap_count, stratified_sample
+from ..errors import UserError
+from ..training.fused_head import project_labelled_positions_only
+from ..training.lean_step import lean
+from ..models import load_base_model, load_tokenizer, pick_device
+from ..training.shared_prefix import SharedPrefixTraining
+from ..training.shared_prefix import trainer_class as prefix_trainer_class
+from ..prompts import build_prompt, label_token_ids, label_word
+from ..training.runtime import (CHECKPOINTS, BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback, barrier,
                       check_training_settings, claim_run_dir, finish_run_dir, finished_record, fit_within_memory,
                       is_main_process, load_checkpoint_state, plan_run_dir, quiet, run_record, say,
                       run_trainer, save_adapter, save_checkpoint_state, seeded_length_grouping, strip_special_prefix,
                       trainer_arguments, world_size)
-from .tracking import Tracker
+from ..tracking import Tracker
 
 ARTIFACT_NAME = "sft-adapter"  # the DPO run declares this artifact (the output folder) as its input
 ARTIFACT_TYPE = "model"
@@ -134,7 +134,7 @@ def run(settings, extra_callbacks=()) -> dict:
         if main:
             save_adapter(trainer.model, tokenizer, out, save_embedding_layers=False)  # LoRA only; embeddings are frozen
             write_json(out / METRICS_FILE, metrics)
-            from .plots import plot_sft_curves
+            from ..plots import plot_sft_curves
 
             plot_sft_curves(metrics["steps"], [{"epoch": e["epoch"], **e[VAL_SPLIT]} for e in metrics["epochs"]],
                             out / CURVES_FILE, best_epoch=validation.best_epoch, split_name=VAL_SPLIT)

@@ -1,6 +1,6 @@
 """Shared-prefix training: the tokens every row of a micro-batch starts with run once, with gradients.
 
-    python -c "from sarcasm_dpo.prefix_training import trainer_class; from trl import SFTTrainer; print(trainer_class(SFTTrainer))"
+    python -c "from sarcasm_dpo.training.shared_prefix import trainer_class; from trl import SFTTrainer; print(trainer_class(SFTTrainer))"
 
 Every prompt starts with the same tokens (the chat template's system turn and our question, 45
 of a GEN prompt's ~105 with SmolLM2). The scorer (scoring.py) runs them once per call without
@@ -31,7 +31,7 @@ has the same distribution, so the expected gradient is the same; only the noise 
 
 from __future__ import annotations
 
-from .scoring import PrefixCache, Scorer, _base_model, _cache_entries, cache_argument, shared_prefix_length
+from ..scoring import PrefixCache, Scorer, _base_model, _cache_entries, cache_argument, shared_prefix_length
 
 MODEL_KEYS = {"input_ids", "attention_mask", "use_cache"}  # what TRL's SFT and DPO batches hand the model
 
@@ -125,7 +125,7 @@ class FastModel:
         if attention_mask is None:
             return self.model(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
         if self.prompt_once:
-            from .fast_dpo import prompt_once_forward
+            from ..training.fast_dpo import prompt_once_forward
 
             return prompt_once_forward(self.model, input_ids, attention_mask, labels, prefix_of=self.prefix_of)
         prefix = self.prefix_of(prompt_ids(input_ids, labels)) if self.prefix_of else None

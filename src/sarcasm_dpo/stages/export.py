@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 EXPORT_INFO = "sarcasm_dpo.json"
 CARD = "README.md"
@@ -42,7 +42,7 @@ def _read_json(path: Path) -> dict | None:
 
 def hub_base_id(base: str) -> str | None:
     """The Hub id of the base model: the id itself, or the model a known offline fallback file stands for."""
-    from .model_route import FALLBACKS
+    from ..model_route import FALLBACKS
 
     for hub_id, fallback in FALLBACKS.items():
         if Path(base).name == fallback.filename:
@@ -180,7 +180,7 @@ def usage_snippet(question: str, no_id: int, yes_id: int, threshold: float, fold
 
 
 def _test_block(results: dict, key: str, results_path: str) -> dict:
-    from .compare import NAMES
+    from ..stages.compare import NAMES
 
     info = results["test_set"]
     rows = {NAMES.get(k, k): m for k, m in results["models"].items()}
@@ -203,7 +203,7 @@ def push(folder: Path, repo: str, private: bool) -> str:
     """Upload `folder` to the Hub repo; a clear error (exit 2) when the hub is out of reach, the folder intact."""
     from transformers.utils.hub import is_offline_mode
 
-    from .models import hub_unreachable
+    from ..models import hub_unreachable
 
     again = f"sarcasm-dpo export ... --output_dir {folder} --push_to_hub {repo}"
     reason = "HF_HUB_OFFLINE is set" if is_offline_mode() else hub_unreachable()
@@ -229,10 +229,10 @@ def run(s) -> dict:
     """Merge, save, describe; then push if asked. Re-running with the same settings only pushes."""
     import torch
 
-    from .atomic import check_output_dir, finish_output_dir, is_complete_for, prepare_output_dir, write_json, write_text
-    from .models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_model
-    from .prompts import LABEL_WORDS, QUESTION, label_token_ids
-    from .runtime import save_adapter
+    from ..atomic import check_output_dir, finish_output_dir, is_complete_for, prepare_output_dir, write_json, write_text
+    from ..models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_model
+    from ..prompts import LABEL_WORDS, QUESTION, label_token_ids
+    from ..training.runtime import save_adapter
 
     adapter = check_adapter_dir(s.adapter)
     config = {k: v for k, v in dataclasses.asdict(s).items() if k not in PUBLISH_KEYS}

@@ -21,10 +21,10 @@ import json
 import sys
 from pathlib import Path
 
-from .atomic import is_complete_for, read_complete
-from .config import apply_overrides, build, check_known_keys, load_yaml, values_for_stage
-from .model_route import check_available, route_model
-from .settings import STAGES, CompareSettings, DPOSettings, MineSettings, SFTSettings, SplitSettings
+from ..atomic import is_complete_for, read_complete
+from ..config import apply_overrides, build, check_known_keys, load_yaml, values_for_stage
+from ..model_route import check_available, route_model
+from ..settings import STAGES, CompareSettings, DPOSettings, MineSettings, SFTSettings, SplitSettings
 
 
 def stage_settings(data: dict, pipe, group: str | None, source: str = "config") -> dict:
@@ -71,13 +71,13 @@ def same_inputs(name: str, settings, out: Path) -> bool:
     """The finished stage in `out` read the same data and adapters as this run would (by checksum). A stage
     redone after an earlier pipeline run stopped part-way may have left later stages' records from older
     inputs; settings alone would not tell."""
-    from . import compare, data, mining
-    from .atomic import input_differences
+    from . import compare, mine as mining, split
+    from ..atomic import input_differences
 
     if name == "split":
-        from .download import ensure_data_dir
+        from ..download import ensure_data_dir
 
-        inputs = data.inputs_of(ensure_data_dir(settings.data_dir))
+        inputs = split.inputs_of(ensure_data_dir(settings.data_dir))
     elif name == "compare":
         inputs = compare.inputs_of(settings)
     elif name == "mine":
@@ -94,7 +94,7 @@ def _output_of(name: str, settings) -> str:
 
 
 def run(pipe, config_path: str | None = None) -> dict:
-    from .tracking import make_group_name
+    from ..tracking import make_group_name
 
     data = apply_overrides(load_yaml(config_path) if config_path else {}, pipe.set,
                            {name: STAGES[name] for name in ("split", "sft", "mine", "dpo", "compare")})
@@ -108,7 +108,7 @@ def run(pipe, config_path: str | None = None) -> dict:
     sft = stages["sft"]
     if pipe.force or not is_complete_for(sft.output_dir, dataclasses.asdict(sft)):
         check_available(sft.model)  # before the split is written or a W&B run opened
-    from .rundir import claim_outputs, outputs_of
+    from ..rundir import claim_outputs, outputs_of
 
     # Every stage's output is locked for the whole pipeline: a second run into the same folders exits 2.
     outputs = [o for name in order for o in outputs_of(name, stages[name])]
@@ -125,7 +125,7 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
             settings = dataclasses.replace(settings, dpo_model=_dpo_result_dir(stages["dpo"]))
         out = Path(_output_of(name, settings))
         config = dataclasses.asdict(settings)
-        from .runtime import interrupted_run
+        from ..training.runtime import interrupted_run
 
         interrupted = interrupted_run(out)
         # Once a stage has run, everything after it runs too: its inputs just changed.
@@ -144,7 +144,7 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
         elif hasattr(settings, "overwrite"):
             settings = dataclasses.replace(settings, overwrite=pipe.overwrite or ours)
         print(f"[pipeline] {name}: {'resuming' if interrupted else 'running'} -> {out}")
-        module = __import__(f"sarcasm_dpo.{ {'split': 'data', 'mine': 'mining'}.get(name, name) }", fromlist=["run"])
+        module = __import__(f"sarcasm_dpo.stages.{name}", fromlist=["run"])
         result = module.run(settings)
         ran.append(name)
     print(f"[pipeline] done: ran {', '.join(ran) or 'nothing'}; skipped {', '.join(skipped) or 'nothing'}.")
@@ -155,7 +155,7 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
 
 def headline(results: dict) -> str:
     """What the run found, last on screen: the test table, the verdicts, and where the evidence is."""
-    from .compare import format_table, format_verdicts
+    from ..stages.compare import format_table, format_verdicts
 
     info, out = results["test_set"], results.get("outputs", {})
     predictions = (out.get("predictions") or {}).get("main", "")

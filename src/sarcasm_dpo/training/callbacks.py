@@ -15,8 +15,8 @@ from typing import Callable
 import pandas as pd
 from transformers import TrainerCallback
 
-from .metrics import classification_metrics
-from .scoring import Scorer
+from ..metrics import classification_metrics
+from ..scoring import Scorer
 
 
 def adapter_state(model) -> dict:
@@ -109,7 +109,7 @@ class ValidationCallback(TrainerCallback):
         return record
 
     def _maybe_stop(self, control, args=None) -> None:
-        from .runtime import any_process
+        from ..training.runtime import any_process
 
         # Under several processes each one evaluates; they must stop at the same step or the one that
         # goes on waits forever for the others, so one process wanting to stop stops them all.

@@ -12,18 +12,18 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def read_texts(path: str | None) -> list[str]:
-    from .inputs import check_input_file, decode_text
+    from ..inputs import check_input_file, decode_text
 
     if path is None:
         lines = decode_text(sys.stdin.buffer.read(), "Standard input").splitlines()
         return [line for line in lines if line.strip()]
     p = check_input_file(path, "Input file", allow_empty=True)
     if p.suffix.lower() in (".csv", ".jsonl", ".ndjson", ".json"):
-        from .data import read_frame
+        from ..data import read_frame
 
         frame = read_frame(p)
         if "text" not in frame.columns:
@@ -48,9 +48,9 @@ def recorded_threshold(model: str | None) -> float:
 
 
 def run(args) -> list[dict]:
-    from .models import adapter_base_model, load_model, pick_device
-    from .scoring import Scorer
-    from .settings import check_device, check_positive
+    from ..models import adapter_base_model, load_model, pick_device
+    from ..scoring import Scorer
+    from ..settings import check_device, check_positive
 
     if not args.model and not args.adapter:
         raise UserError("Give --model (a hub id, folder or .gguf) and/or --adapter (an sft/dpo output folder).")
@@ -60,11 +60,11 @@ def run(args) -> list[dict]:
     threshold = args.threshold if args.threshold is not None else recorded_threshold(args.model)
     if not 0 <= threshold <= 1:
         raise UserError(f"--threshold is a probability and must be in [0, 1], got {threshold}.")
-    from .model_route import route_model
+    from ..model_route import route_model
 
     model_ref = route_model(args.model) or adapter_base_model(args.adapter)
     if args.adapter:
-        from .atomic import read_complete
+        from ..atomic import read_complete
 
         if read_complete(args.adapter) is None:  # stdout carries the JSON lines; the warning goes beside them
             print(f"Warning: {args.adapter} has no COMPLETE.json: the run that wrote this adapter may not have "

@@ -1,7 +1,7 @@
 """Faster DPO steps with the same results: the reference's log-probabilities computed once, before
 training, and one pass over each prompt for label pairs.
 
-    python -c "from sarcasm_dpo.fast_dpo import dpo_trainer_class; print(dpo_trainer_class(precompute_ref=True))"
+    python -c "from sarcasm_dpo.training.fast_dpo import dpo_trainer_class; print(dpo_trainer_class(precompute_ref=True))"
 
 The reference is frozen (the SFT adapter, kept as TRL's second PEFT adapter "ref" on the same
 weights), so its log-probabilities of every pair never change. TRL's own switch,
@@ -34,7 +34,7 @@ path covers (the label and the EOS after it); nothing is dropped or added.
 
 from __future__ import annotations
 
-from .prefix_training import FastForward, SharedPrefixTraining, trainer_class
+from ..training.shared_prefix import FastForward, SharedPrefixTraining, trainer_class
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -92,8 +92,8 @@ def prompt_once_forward(model, input_ids, attention_mask, labels, prefix_of=None
     import torch
     from trl.trainer.utils import FusedCausalLMOutput
 
-    from .prefix_training import cache_from, continuing, prompt_ids, run_rows
-    from .scoring import cache_argument
+    from ..training.shared_prefix import cache_from, continuing, prompt_ids, run_rows
+    from ..scoring import cache_argument
 
     rows, width = input_ids.shape
     pairs = rows // 2
@@ -148,7 +148,7 @@ def prompt_once_forward(model, input_ids, attention_mask, labels, prefix_of=None
 
 def is_label_pairs(pairs) -> bool:
     """True when every answer is a label word alone ("Yes" / "No"): the pairs `--pair_style label` builds."""
-    from .prompts import LABEL_WORDS
+    from ..prompts import LABEL_WORDS
 
     return bool(set(pairs["chosen"]) | set(pairs["rejected"]) <= set(LABEL_WORDS))
 

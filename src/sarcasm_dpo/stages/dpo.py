@@ -41,10 +41,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_path, clear_complete, finish_output_dir, prepare_output_dir, read_json, write_json
-from .errors import UserError
-from .fast_dpo import describe_step, dpo_trainer_class, is_label_pairs
-from .fused_head import project_labelled_positions_only
+from ..atomic import atomic_path, clear_complete, finish_output_dir, prepare_output_dir, read_json, write_json
+from ..errors import UserError
+from ..training.fast_dpo import describe_step, dpo_trainer_class, is_label_pairs
+from ..training.fused_head import project_labelled_positions_only
 
 # The loss types TRL 1.16's DPOTrainer implements (DPOConfig.loss_type).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -94,8 +94,8 @@ def train(s, run_name: str | None = None) -> dict:
 
     Under `accelerate launch` / `torchrun` every process trains; only the main one writes files and logs.
     """
-    from .models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_tokenizer, pick_device
-    from .runtime import barrier, finish_run_dir, is_main_process, plan_run_dir, save_adapter
+    from ..models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_tokenizer, pick_device
+    from ..training.runtime import barrier, finish_run_dir, is_main_process, plan_run_dir, save_adapter
 
     started = time.perf_counter()
     config = dataclasses.asdict(s)
@@ -104,7 +104,7 @@ def train(s, run_name: str | None = None) -> dict:
     sft_dir = check_adapter_dir(s.sft_model)  # before the heavy imports: a wrong folder fails at once
     base_ref = adapter_base_model(sft_dir)
 
-    from .tracking import Tracker
+    from ..tracking import Tracker
 
     # Setup. Every check on the input runs before the output folder is touched, so a run refused for
     # any reason leaves a previous result in --output_dir byte for byte as it was.
@@ -145,7 +145,7 @@ def train(s, run_name: str | None = None) -> dict:
             save_adapter(trainer.model, tokenizer, out, selected_adapters=["default"])  # never TRL's "ref" copy
             write_json(out / EPOCH_FILE, epochs)
             write_json(out / BATCH_FILE, batch_metrics(s, diagnostics))
-            from .plots import plot_dpo_curves
+            from ..plots import plot_dpo_curves
 
             plot_dpo_curves(diagnostics.records, validation.history, out / CURVES_FILE,
                             best_step=validation.best_step, primary=PRIMARY)
@@ -174,7 +174,7 @@ def train(s, run_name: str | None = None) -> dict:
 
 def load_policy(base_ref: str, sft_dir: Path, device):
     """The base model with the SFT adapter on it, trainable (TRL adds the frozen "ref" copy)."""
-    from .models import attach_adapter, load_base_model
+    from ..models import attach_adapter, load_base_model
 
     return attach_adapter(load_base_model(base_ref, device), sft_dir, trainable=True)
 
@@ -189,8 +189,8 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
     """
     import transformers
 
-    from .callbacks import TrainingDiverged
-    from .runtime import (claim_run_dir, fit_within_memory, is_main_process, latest_checkpoint, quiet, run_trainer,
+    from ..training.callbacks import TrainingDiverged
+    from ..training.runtime import (claim_run_dir, fit_within_memory, is_main_process, latest_checkpoint, quiet, run_trainer,
                           say)
 
     main = is_main_process()
@@ -232,7 +232,7 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
 
 def check_settings(s) -> None:
     """What DPOSettings.validate leaves to the stage."""
-    from .runtime import check_training_settings
+    from ..training.runtime import check_training_settings
 
     if s.loss_type not in LOSS_TYPES:
         raise UserError(f"--loss_type {s.loss_type!r} is not one of TRL's DPO losses: {', '.join(LOSS_TYPES)}.")
@@ -242,7 +242,7 @@ def check_settings(s) -> None:
             raise UserError(f"--{name} must be 0 or a positive count, got {getattr(s, name)}.")
     if s.beta_sweep and not s.betas:
         raise UserError("--beta_sweep needs at least one value in --betas.")
-    from .runtime import USUAL_BETA, warn_if_unusual
+    from ..training.runtime import USUAL_BETA, warn_if_unusual
 
     for beta in (s.betas if s.beta_sweep else [s.beta]):
         warn_if_unusual("beta", beta, USUAL_BETA, "DPO uses 0.01 to 0.5; a much larger beta barely moves the model from "
@@ -274,8 +274,8 @@ class DPOData:
 
 def load_data(s, tokenizer) -> DPOData:
     """Preference pairs (built or read), validation splits and the fixed probe set."""
-    from .data import load_split, overlap_count, stratified_sample
-    from .pairs import build_pairs, check_prompts_match, load_pairs_file
+    from ..data import load_split, overlap_count, stratified_sample
+    from ..pairs import build_pairs, check_prompts_match, load_pairs_file
 
     gen_val = load_split(s.val_csv, "GEN validation split")
     full_val = {PRIMARY: gen_val}
@@ -322,7 +322,7 @@ def load_data(s, tokenizer) -> DPOData:
 def sample_rows(frame, s):
     """--sample_size rows (all when empty, 0 or more than there are): class-balanced with --balance,
     else stratified; seeded either way."""
-    from .data import balanced_sample, stratified_sample
+    from ..data import balanced_sample, stratified_sample
 
     has_labels = "label" in frame.columns and frame["label"].notna().all()
     if not has_labels:
@@ -336,7 +336,7 @@ def sample_rows(frame, s):
 
 def check_pairs(pairs, tokenizer) -> None:
     """The chosen answer starts with the scorer's label token (checked once per label seen)."""
-    from .pairs import check_pair_tokens
+    from ..pairs import check_pair_tokens
 
     seen = set()
     for row in pairs.itertuples(index=False):
@@ -354,7 +354,7 @@ def _isnan(value) -> bool:
 
 def check_trl_tokens(dataset, pairs, tokenizer, max_length: int) -> None:
     """Every tokenized training example must start from exactly the scorer's prompt tokens and fit whole."""
-    from .prompts import label_token_ids
+    from ..prompts import label_token_ids
 
     if len(dataset) != len(pairs):
         raise UserError(f"TRL dropped {len(pairs) - len(dataset)} pair(s) whose prompt alone fills --max_length "
@@ -379,7 +379,7 @@ def check_trl_tokens(dataset, pairs, tokenizer, max_length: int) -> None:
 def dpo_args(s, model, ckpt_dir: Path):
     from trl import DPOConfig
 
-    from .runtime import trainer_arguments
+    from ..training.runtime import trainer_arguments
 
     if s.save_steps:
         save = {"save_strategy": "steps", "save_steps": s.save_steps}
@@ -406,9 +406,9 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
     from datasets import Dataset
     from transformers import ProgressCallback
 
-    from .callbacks import DPODiagnosticsCallback, DPOValidationCallback, LossProgressCallback, SaveStateCallback
-    from .lean_trainer import lean
-    from .runtime import (BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback, seeded_length_grouping,
+    from ..training.callbacks import DPODiagnosticsCallback, DPOValidationCallback, LossProgressCallback, SaveStateCallback
+    from ..training.lean_step import lean
+    from ..training.runtime import (BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback, seeded_length_grouping,
                           strip_special_prefix)
 
     prompts = strip_special_prefix(tokenizer, list(data.pairs["prompt"]))
@@ -454,14 +454,14 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
 
 def save_state(folder: Path, validation, diagnostics) -> None:
     """Validation history, best adapter and diagnostics beside a Trainer checkpoint; the state file last."""
-    from .runtime import save_checkpoint_state
+    from ..training.runtime import save_checkpoint_state
 
     save_checkpoint_state(folder, STATE_FILE, {"validation": validation.state_dict(),
                                                "diagnostics": diagnostics.state_dict()}, validation.best_state)
 
 
 def load_state(folder: Path, validation, diagnostics) -> None:
-    from .runtime import load_checkpoint_state
+    from ..training.runtime import load_checkpoint_state
 
     state, best = load_checkpoint_state(folder, STATE_FILE)
     validation.load_state_dict(state["validation"])
@@ -472,7 +472,7 @@ def load_state(folder: Path, validation, diagnostics) -> None:
 
 def sft_fingerprint(sft_dir: Path) -> str | None:
     """The SFT adapter's weights checksum: a finished DPO run is only reused while its SFT start is unchanged."""
-    from .data import file_sha256
+    from ..data import file_sha256
 
     weights = Path(sft_dir) / "adapter_model.safetensors"
     return file_sha256(weights) if weights.is_file() else None
@@ -480,7 +480,7 @@ def sft_fingerprint(sft_dir: Path) -> str | None:
 
 def _finished_with(out: Path, config: dict, sft_dir: Path) -> bool:
     """True when `out` holds a finished run of these settings, from the same SFT adapter weights."""
-    from .runtime import finished_record
+    from ..training.runtime import finished_record
 
     record = finished_record(out, config, SUMMARY_FILE)
     return record is not None and record.get("sft_adapter_sha256") == sft_fingerprint(sft_dir)
@@ -491,7 +491,7 @@ def _finished_with(out: Path, config: dict, sft_dir: Path) -> bool:
 
 def _window_means(records: list[dict], after: int, upto: int, beta: float) -> dict | None:
     """Mean training metrics of the logging steps in (after, upto]; the ratio from the mean margin."""
-    from .callbacks import reward_ratio
+    from ..training.callbacks import reward_ratio
 
     rows = [r for r in records if after < r["step"] <= upto and "train/loss" in r]
     if not rows:
@@ -526,9 +526,9 @@ def batch_metrics(s, diagnostics) -> dict:
 
 def build_summary(s, base_ref, sft_dir, data, trainer, validation, diagnostics, epochs, saved, device, timings,
                   resume_from, used: dict | None = None) -> dict:
-    from .callbacks import kl_verdict, ratio_verdict
-    from .data import class_counts, frame_checksum
-    from .runtime import run_record
+    from ..training.callbacks import kl_verdict, ratio_verdict
+    from ..data import class_counts, frame_checksum
+    from ..training.runtime import run_record
 
     history = validation.history
     best = next((h for h in history if h["step"] == validation.best_step), None)
@@ -582,10 +582,10 @@ def beta_dir(out: Path, beta: float) -> Path:
 
 def run_sweep(s) -> dict:
     """One model per beta into OUTPUT_DIR_beta_X; the best by GEN validation F1 is named (and copied)."""
-    from .atomic import check_output_dir
-    from .models import check_adapter_dir
-    from .runtime import barrier, is_main_process
-    from .tracking import Tracker, make_group_name
+    from ..atomic import check_output_dir
+    from ..models import check_adapter_dir
+    from ..training.runtime import barrier, is_main_process
+    from ..tracking import Tracker, make_group_name
 
     started = time.perf_counter()
     config = dataclasses.asdict(s)
@@ -623,7 +623,7 @@ def run_sweep(s) -> dict:
         return results
     prepare_output_dir(out, config, overwrite=s.overwrite, resume=s.resume)
     write_json(out / SWEEP_FILE, results)
-    from .plots import plot_beta_sweep
+    from ..plots import plot_beta_sweep
 
     plot_beta_sweep(rows, out / SWEEP_PLOT, best_beta=best["beta"])
     copy_run(Path(best["output_dir"]), out, {"best_beta": best["beta"], "source": best["output_dir"]})
@@ -701,7 +701,7 @@ def describe_start(s, data: DPOData, base_ref: str, device, resume_from) -> str:
 
 
 def _processes() -> str:
-    from .runtime import world_size
+    from ..training.runtime import world_size
 
     return f"x{world_size()} processes" if world_size() > 1 else ""
 

@@ -39,7 +39,7 @@ import math
 
 from transformers import TrainerCallback
 
-from .runtime import world_size
+from ..training.runtime import world_size
 
 LOSS_FACTOR = 10.0  # a step loss this many times max(first step's loss, 1) is an explosion, not noise
 WEIGHT_FACTOR = 10.0  # trainable weights whose norm grew this many times since the start have exploded
@@ -179,7 +179,7 @@ class LeanStepMixin:
                                        f"{WEIGHT_FACTOR:g}x its {self._lean_start_norm:.4g} at the start", applied=True)
 
     def _diverged(self, step: int, what: str, applied: bool = False):
-        from .callbacks import TrainingDiverged
+        from ..training.callbacks import TrainingDiverged
 
         raise TrainingDiverged(f"the {what} at optimizer step {step}", step=step, what=what, applied=applied)
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import (finish_output_dir, input_differences, prepare_output_dir, read_complete, settings_differences,
+from ..atomic import (finish_output_dir, input_differences, prepare_output_dir, read_complete, settings_differences,
                      write_json)
-from .errors import UserError
+from ..errors import UserError
 
 STRATEGIES = ("all", "mistakes_only", "confident_mistakes")
 
@@ -46,7 +46,7 @@ def marker_dir(output_file: str | Path) -> Path:
 
 def inputs_of(s) -> dict[str, str]:
     """The checksums of what mining reads (the split and the SFT adapter), recorded beside its marker."""
-    from .rundir import input_identity
+    from ..rundir import input_identity
 
     return input_identity({"input_csv": s.input_csv, "sft_model": s.sft_model})
 
@@ -98,8 +98,8 @@ def select(labels: np.ndarray, probs: np.ndarray, strategy: str, confidence: flo
 
 def run(s) -> dict:
     """Score the split with the SFT model, keep the chosen items, write the pairs and the summary."""
-    from .data import class_counts, load_split, stratified_sample
-    from .models import adapter_base_model, check_adapter_dir, check_adapter_fits
+    from ..data import class_counts, load_split, stratified_sample
+    from ..models import adapter_base_model, check_adapter_dir, check_adapter_fits
 
     started = time.perf_counter()
     config = dataclasses.asdict(s)
@@ -115,11 +115,11 @@ def run(s) -> dict:
         frame = stratified_sample(frame, s.sample_size, s.seed)
     check_adapter_fits(sft_dir, base_ref)
 
-    from .metrics import classification_metrics
-    from .models import load_model, pick_device
-    from .pairs import build_pairs, check_pair_tokens, write_pairs_file
-    from .scoring import Scorer
-    from .tracking import Tracker
+    from ..metrics import classification_metrics
+    from ..models import load_model, pick_device
+    from ..pairs import build_pairs, check_pair_tokens, write_pairs_file
+    from ..scoring import Scorer
+    from ..tracking import Tracker
 
     with Tracker(enabled=not s.no_wandb, project=s.wandb_project, job_type="mine", config={**config, "model": base_ref},
                  group=s.wandb_group) as tracker:

@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import baseline, data, metrics, models
-from . import rundir
-from .atomic import check_output_dir, finish_output_dir, read_complete, write_csv, write_json
-from .errors import UserError
-from .settings import CompareSettings
+from .. import baseline, data, metrics, models
+from .. import rundir
+from ..atomic import check_output_dir, finish_output_dir, read_complete, write_csv, write_json
+from ..errors import UserError
+from ..settings import CompareSettings
 
 RESULTS_FILE = "model_comparison_results.json"
 PLOT_FILE = "model_comparison_plot.png"
@@ -79,7 +79,7 @@ def run(settings: CompareSettings) -> dict:
     print(f"Test set: {s.test_csv}: {len(test)} of {len(test_full)} items ({counts['sarcastic']} sarcastic, "
           f"{counts['not_sarcastic']} not)")
 
-    from .tracking import Tracker
+    from ..tracking import Tracker
 
     with Tracker(enabled=not s.no_wandb, project=s.wandb_project, job_type="compare", config=config,
                  group=s.wandb_group) as tracker:
@@ -124,7 +124,7 @@ def run(settings: CompareSettings) -> dict:
         files = {"main": PREDICTIONS_FILE, **{name: f"predictions_{name}.csv" for name in extras}}
         for name in extras:
             predictions[name] = predictions_frame(sets[name], by_set[name])
-        from .plots import plot_comparison
+        from ..plots import plot_comparison
 
         # Every file is written into a staging folder beside --output_dir and swapped in at the end: a
         # comparison that fails half-way (out of memory, a full disk) leaves the previous one whole.
@@ -193,7 +193,7 @@ KEPT_SFT_NOTE = "DPO = SFT: early stopping kept the SFT adapter (DPO never beat 
 
 def dpo_kept_sft(dpo_dir: Path) -> bool:
     """Whether the DPO run saved its SFT start unchanged (its summary: improved_over_sft is false)."""
-    from .dpo import SUMMARY_FILE
+    from ..stages.dpo import SUMMARY_FILE
 
     try:
         return json.loads((dpo_dir / SUMMARY_FILE).read_text()).get("improved_over_sft") is False
@@ -266,7 +266,7 @@ def check_results_dir(folder: Path, config: dict, overwrite: bool, inputs: dict)
 def score_language_models(s: CompareSettings, base_ref: str, adapters: dict[str, Path], texts: list[str],
                           timings: dict) -> dict[str, np.ndarray]:
     """P(sarcastic) per model, from one base model with the adapters switched in and out."""
-    from .scoring import Scorer
+    from ..scoring import Scorer
 
     t0 = time.perf_counter()
     device = models.pick_device(s.device)

@@ -1,6 +1,6 @@
 """Make TRL's fused LM head project only the labelled positions on CPU and MPS too.
 
-    python -c "import sarcasm_dpo.fused_head as f; print(f.project_labelled_positions_only())"
+    python -c "import sarcasm_dpo.training.fused_head as f; print(f.project_labelled_positions_only())"
 
 TRL (1.x) trains SFT and DPO through a fused LM head: the backbone's hidden states go through the
 output projection in tiles, and only log-probabilities (plus entropy and top-1 hits) come back,

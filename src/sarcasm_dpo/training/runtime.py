@@ -44,7 +44,7 @@ from typing import Callable
 
 from transformers import TrainerCallback
 
-from .errors import UserError
+from ..errors import UserError
 
 # -- processes ----------------------------------------------------------------------------------------
 
@@ -284,7 +284,7 @@ def latest_checkpoint(ckpt_dir: Path, state_file: str) -> Path | None:
 
 def finished_record(out: Path, config: dict, summary_file: str) -> dict | None:
     """The completion record of `out` when it holds the finished run of these settings, else None."""
-    from .atomic import read_complete, stable_config
+    from ..atomic import read_complete, stable_config
 
     record = read_complete(out)
     if record and stable_config(record.get("config") or {}) == stable_config(config) \
@@ -301,7 +301,7 @@ def plan_run_dir(out: Path, config: dict, s, *, finished: bool, state_file: str)
     error, unless --overwrite says to start over. Nothing is changed here (see claim_run_dir).
     `finished`: the folder holds the finished run of these settings (each stage knows what that takes).
     """
-    from .atomic import check_output_dir, read_json, settings_differences
+    from ..atomic import check_output_dir, read_json, settings_differences
 
     ckpt_dir = out / CHECKPOINTS
     # Checkpoints beside a finished run of these settings are leftovers of a run killed after its marker.
@@ -328,7 +328,7 @@ def claim_run_dir(out: Path, config: dict, s, resume_from: Path | None) -> None:
     disk, a diverging loss) leaves them whole; `interrupted_run()` tells the pipeline a newer run was
     stopped there. Call it on every process once the trainer exists (it sets up the process group);
     only the main process writes, and all wait until it has."""
-    from .atomic import check_output_dir, write_json
+    from ..atomic import check_output_dir, write_json
 
     barrier()
     if is_main_process():
@@ -348,7 +348,7 @@ def claim_run_dir(out: Path, config: dict, s, resume_from: Path | None) -> None:
 def interrupted_run(out: Path) -> bool:
     """A run was stopped in `out` before it finished: its checkpoints' record is there and no completion
     marker, or only one older than that record (the previous run's, which this one had not yet replaced)."""
-    from .atomic import COMPLETE_MARKER
+    from ..atomic import COMPLETE_MARKER
 
     started = out / CHECKPOINTS / RUN_CONFIG
     marker = out / COMPLETE_MARKER
@@ -359,7 +359,7 @@ def interrupted_run(out: Path) -> bool:
 
 def finish_run_dir(out: Path, config: dict, extra: dict) -> None:
     """Main process, after every output is written: the completion marker, then the checkpoints go."""
-    from .atomic import finish_output_dir
+    from ..atomic import finish_output_dir
 
     finish_output_dir(out, config, extra)
     # Only now: a run killed before the marker can still --resume from its checkpoints.
@@ -371,7 +371,7 @@ def save_checkpoint_state(folder: Path, state_file: str, state: dict, best_state
     is written last and so marks the checkpoint complete."""
     from safetensors.torch import save_file
 
-    from .atomic import atomic_path, write_json
+    from ..atomic import atomic_path, write_json
 
     if best_state is not None:
         with atomic_path(folder / BEST_FILE) as tmp:
@@ -383,7 +383,7 @@ def load_checkpoint_state(folder: Path, state_file: str) -> tuple[dict, dict | N
     """(state, best adapter so far or None) as `save_checkpoint_state` left them."""
     from safetensors.torch import load_file
 
-    from .atomic import read_json
+    from ..atomic import read_json
 
     best = folder / BEST_FILE
     return read_json(folder / state_file), (load_file(str(best)) if best.is_file() else None)
@@ -396,7 +396,7 @@ def save_adapter(model, tokenizer, out: Path, **save_kwargs) -> None:
     with missing weights; COMPLETE.json (written after everything) is the final word anyway.
     `save_kwargs` go to the model's save_pretrained (which adapter, which layers).
     """
-    from .atomic import _umask, clear_complete
+    from ..atomic import _umask, clear_complete
 
     # The first of this run's outputs to land in the folder: from here on the previous run's marker would lie.
     clear_complete(out)
@@ -504,7 +504,7 @@ def run_trainer(trainer, resume_from: Path | None):
 
 def close_progress_bars(trainer) -> None:
     """So that the message after a failed or stopped run starts on a line of its own."""
-    from .callbacks import LossProgressCallback
+    from ..training.callbacks import LossProgressCallback
 
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, LossProgressCallback) and callback.bar is not None:
