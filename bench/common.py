@@ -1,8 +1,9 @@
 """What the benchmark scripts share: the machine record, the model and splits, memory and step meters.
 
-Not a benchmark itself; `bench/quality.py` and `bench/speed.py` import it (they put this folder on
-sys.path, so both run as plain scripts from the repository root:
-`python bench/speed.py`, `python bench/quality.py --budget small`).
+Not a benchmark itself; every script in bench/ imports it (each puts this folder on sys.path, so
+they run as plain scripts from the repository root: `python bench/speed.py`,
+`python bench/quality.py --budget small`). Stages run through the pipeline's own runner
+(`sarcasm_dpo.stages.pipeline.run_stage`), never a copy of it here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ SHARED = REPO.parent / "shared"
 RESULTS = REPO / "bench" / "results"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DATA = SHARED / "data"
+CPU_CONFIG = REPO / "configs" / "smollm2-135m-cpu.yaml"
+GPU_CONFIG = REPO / "configs" / "qwen2.5-0.5b.yaml"
 # Scratch outputs (splits, adapters) live outside the repository so they are never committed.
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "sarcasm-dpo-bench"
 
@@ -98,12 +101,12 @@ def fetch_smollm2() -> Path:
 def make_splits(data_dir: str | Path, out: Path) -> Path:
     """`sarcasm-dpo split` into `out` (reused when it is already complete for the same settings)."""
     from sarcasm_dpo.atomic import is_complete_for
-    from sarcasm_dpo.stages.split import run as split_run
     from sarcasm_dpo.settings import SplitSettings
+    from sarcasm_dpo.stages.pipeline import run_stage
 
     settings = SplitSettings(data_dir=str(data_dir), output_dir=str(out), no_wandb=True, overwrite=True)
     if not is_complete_for(out, dataclasses.asdict(settings)):
-        split_run(settings)
+        run_stage("split", settings)
     return out
 
 
@@ -290,3 +293,65 @@ def stage_settings(config_path: str | Path | None, cls: type, section: str, **ov
     values = values_for_stage(load_yaml(config_path), cls, section, str(config_path)) if config_path else {}
     values.update(overrides)
     return build(cls, values)
+
+
+# -- model and clock ----------------------------------------------------------------------------------
+
+QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True, hidden_act="silu")
+
+
+def random_qwen_model(folder: Path, tokenizer_ref: str, seed: int, vocab_size: int | None = None,
+                      **shape) -> Path:
+    """Qwen2.5-0.5B's architecture with random weights, saved with the given tokenizer (no download).
+
+    The vocabulary is the tokenizer's (SmolLM2's: 49,152) rather than Qwen's 151,936, since only
+    the tokens a tokenizer can produce can be fed; everything else is Qwen2.5-0.5B's config.
+    `vocab_size` sets the embedding rows instead (at least the tokenizer's: Qwen2.5 pads its
+    151,665 tokens to 151,936); `shape` overrides config fields (a tiny model for CPU tests).
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sarcasm_dpo.models import load_tokenizer
+
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    tokenizer = load_tokenizer(tokenizer_ref)
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise SystemExit(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    config = Qwen2Config(vocab_size=vocab_size or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **{**QWEN25_05B, **shape})
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+class Clock:
+    """Wall time and this process's CPU time (all threads) of a block; CUDA work is waited for."""
+
+    def __init__(self, device):
+        self.device = device
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self):
+        _sync(self.device)
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()

@@ -11,9 +11,9 @@ to be had, and the JSON says which), it measures, each part through the project'
             settings, and the same micro-batch at grad_accum 1 and 2;
   dpo       DPO step time and MFU of `sarcasm-dpo dpo`, from that SFT adapter;
   score     the scorer (`predict_proba`) against its bare forward passes on the same batches
-            (`bench/speed.py`'s evaluation section);
+            (`bench/speed_eval.py`, the speed benchmark's evaluation section);
   pipeline  split -> sft -> dpo -> compare with the config's settings, DPO early stopping off,
-            each stage's wall time (`bench/speed.py`'s pipeline timing, one stage per call).
+            each stage's wall time (`bench/speed_gpu.py`'s pipeline timing, one stage per call).
 
 After every part (and pipeline stage) `OUT/device_check.json` is rewritten and `OUT/device_check.log`
 holds everything printed, so a time limit loses nothing already measured. `--time_budget S` skips
@@ -38,6 +38,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import speed  # noqa: E402
+import speed_eval  # noqa: E402
+import speed_gpu  # noqa: E402
+import speed_memory  # noqa: E402
+import speed_sft  # noqa: E402
 
 PARTS = ("sft", "dpo", "score", "pipeline")
 PIPELINE_STAGES = ("split", "sft", "dpo", "compare")
@@ -115,10 +119,15 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
         out.setdefault(stage, {})[name.strip()] = value.strip()
     for stage, values in out.items():
         try:  # types and each stage's own checks, the way a config file is read
-            common.stage_settings(speed.GPU_CONFIG, STAGES[stage], stage, **values)
+            common.stage_settings(common.GPU_CONFIG, STAGES[stage], stage, **values)
         except UserError as exc:
             raise SystemExit(f"--set {stage}: {exc}") from None
     return out
+
+
+def stage_settings(overrides: dict, cls: type, section: str, **values):
+    """A stage's settings from configs/qwen2.5-0.5b.yaml, then `values`, then the --set ones (a later key wins)."""
+    return common.stage_settings(common.GPU_CONFIG, cls, section, **{**values, **overrides.get(section, {})})
 
 
 def parse_expect(items: list[str]) -> dict[str, float]:
@@ -232,10 +241,10 @@ def build_model(args, work: Path) -> tuple[str, dict]:
     shape = TINY_SHAPE if args.tiny else {}
     name = ("qwen-tiny" if args.tiny else "qwen2.5-0.5b") + ("-random-qwentok" if qwen else "-random-othertok")
     t0 = time.perf_counter()
-    folder = speed.random_qwen_model(work / name, tok_ref, args.seed, vocab_size=vocab, **shape)
+    folder = common.random_qwen_model(work / name, tok_ref, args.seed, vocab_size=vocab, **shape)
     model_info = {"path": str(folder), "shape": "tiny (CPU check)" if args.tiny else "Qwen2.5-0.5B-Instruct",
-                  "config": {**speed.QWEN25_05B, **shape}, "build_s": round(time.perf_counter() - t0, 1),
-                  "flop_counts": speed.model_flops(str(folder))}
+                  "config": {**common.QWEN25_05B, **shape}, "build_s": round(time.perf_counter() - t0, 1),
+                  "flop_counts": speed_gpu.model_flops(str(folder))}
     config = json.loads((folder / "config.json").read_text())
     model_info["vocab_size"] = config["vocab_size"]
     return str(folder), {"tokenizer": info, "model": model_info}
@@ -245,7 +254,7 @@ def build_model(args, work: Path) -> tuple[str, dict]:
 
 
 def training_figures(meter: dict, flops: dict, peak: float | None, ref_per_step: bool = False) -> dict:
-    """Step times and model FLOP/s of a training run (bench/speed.py's LoRA formula).
+    """Step times and model FLOP/s of a training run (bench/speed_gpu.py's LoRA formula).
 
     Micro-batches per optimizer step are counted (the Trainer's substeps), not taken from the
     settings (a batch size found at run time changes grad_accum). Every counted token of a training
@@ -263,8 +272,8 @@ def training_figures(meter: dict, flops: dict, peak: float | None, ref_per_step:
     seq = meter["mean_padded_length"]
     micro = meter["micro_batches"] / meter["optimizer_steps"]
     train_share = 0.5 if ref_per_step else 1.0
-    per_token = (train_share * speed.lora_flops_per_token(flops, seq)
-                 + (1 - train_share) * speed.lora_flops_per_token(flops, seq, backward=False))
+    per_token = (train_share * speed_gpu.lora_flops_per_token(flops, seq)
+                 + (1 - train_share) * speed_gpu.lora_flops_per_token(flops, seq, backward=False))
     tflops = per_token * meter["padded_tokens_per_s"] / 1e12
     return {"seconds_per_step": meter["seconds_per_step"],
             "median_step_s": round(statistics.median(meter["seconds_each_step"]), 4),
@@ -282,8 +291,8 @@ def sft_part(args, model_ref, splits, work, overrides, flops, peak) -> tuple[dic
     from sarcasm_dpo.settings import SFTSettings
 
     def settings(name, **extra):
-        return speed._stage_settings(
-            {"sft": {**overrides.get("sft", {}), **extra}}, speed.GPU_CONFIG, SFTSettings, "sft", model=model_ref,
+        return stage_settings(
+            {"sft": {**overrides.get("sft", {}), **extra}}, SFTSettings, "sft", model=model_ref,
             train_csv=str(splits / "gen_train.csv"), val_csv=str(splits / "gen_val.csv"),
             output_dir=str(work / name), epochs=1, sample_size=4096 if not args.tiny else 64,
             val_sample_size=args.val_texts, device=args.device, seed=args.seed, no_wandb=True, overwrite=True)
@@ -298,7 +307,7 @@ def sft_part(args, model_ref, splits, work, overrides, flops, peak) -> tuple[dic
         print(f"[device_check] sft {name}: batch_size {s.batch_size} x grad_accum {s.grad_accum}, "
               f"{args.sft_steps} steps", flush=True)
         t0 = time.perf_counter()
-        got = speed.worker_sft_ours({"sft": dataclasses.asdict(s), "steps": args.sft_steps, "record_rows": False})
+        got = speed_sft.worker_sft_ours({"sft": dataclasses.asdict(s), "steps": args.sft_steps, "record_rows": False})
         out["runs"][name] = {"batch_size": s.batch_size, "grad_accum": s.grad_accum,
                              "stage_wall_s": round(time.perf_counter() - t0, 2), "stage_timings": got["stage_timings"],
                              **training_figures(got["meter"], flops, peak)}
@@ -315,8 +324,8 @@ def sft_part(args, model_ref, splits, work, overrides, flops, peak) -> tuple[dic
 def dpo_part(args, sft_dir, splits, work, overrides, flops, peak) -> dict:
     from sarcasm_dpo.settings import DPOSettings
 
-    s = speed._stage_settings(
-        overrides, speed.GPU_CONFIG, DPOSettings, "dpo", sft_model=sft_dir, output_dir=str(work / "dpo"),
+    s = stage_settings(
+        overrides, DPOSettings, "dpo", sft_model=sft_dir, output_dir=str(work / "dpo"),
         train_csv=str(splits / "isarcasm_train.csv"), val_csv=str(splits / "gen_val.csv"),
         isarcasm_val_csv=str(splits / "isarcasm_val.csv"), epochs=1, sample_size=512 if not args.tiny else 24,
         val_sample_size=args.val_texts, probe_size=min(8, args.val_texts), eval_steps=0, patience=10_000,
@@ -324,22 +333,22 @@ def dpo_part(args, sft_dir, splits, work, overrides, flops, peak) -> dict:
     print(f"[device_check] dpo: batch_size {s.batch_size} x grad_accum {s.grad_accum}, {args.dpo_steps} steps",
           flush=True)
     t0 = time.perf_counter()
-    got = speed.worker_dpo({"dpo": dataclasses.asdict(s), "steps": args.dpo_steps})
+    got = speed_memory.worker_dpo({"dpo": dataclasses.asdict(s), "steps": args.dpo_steps})
     return {"batch_size_pairs": s.batch_size, "grad_accum": s.grad_accum, "steps": args.dpo_steps,
             "stage_wall_s": round(time.perf_counter() - t0, 2), "stage_timings": got["stage_timings"],
             **training_figures(got["meter"], flops, peak, ref_per_step=not s.precompute_ref)}
 
 
 def score_part(args, model_ref, splits, overrides, flops, peak) -> dict:
-    """bench/speed.py's evaluation section: scorer vs bare forward (and the others) on the same batches."""
+    """bench/speed_eval.py's evaluation section: scorer vs bare forward (and the others) on the same batches."""
     from sarcasm_dpo.settings import CompareSettings
 
-    c = common.stage_settings(speed.GPU_CONFIG, CompareSettings, "compare", **overrides.get("compare", {}))
+    c = common.stage_settings(common.GPU_CONFIG, CompareSettings, "compare", **overrides.get("compare", {}))
     batch = c.batch_size if isinstance(c.batch_size, int) else 16
     sargs = speed.parse_args(["--eval_texts", str(args.score_texts), "--eval_batch_size", str(batch),
                               "--eval_repeats", str(args.score_repeats), "--generate_texts", str(args.generate_texts),
                               "--seed", str(args.seed)] + (["--device", args.device] if args.device else []))
-    e = speed.eval_section(sargs, model_ref, splits, c.max_text_tokens)
+    e = speed_eval.eval_section(sargs, model_ref, splits, c.max_text_tokens)
     sc, ba = e["scorer"], e["bare_forward"]
     work = 2 * flops["block_params"] * ba["padded_tokens"] + 2 * flops["head_params"] * e["texts"]
     tflops = work / sc["best_seconds"] / 1e12
@@ -359,8 +368,8 @@ def pipeline_stages(args) -> list[str]:
 
 
 def pipeline_part(args, model_ref, work, overrides, report: Report) -> dict:
-    """The pipeline one stage per call of speed.pipeline_wall_time, so a stage that will not fit is skipped."""
-    out: dict = {"settings_source": str(speed.GPU_CONFIG), "set": overrides, "stages": {}}
+    """The pipeline one stage per call of speed_gpu.pipeline_wall_time, so a stage that will not fit is skipped."""
+    out: dict = {"settings_source": str(common.GPU_CONFIG), "set": overrides, "stages": {}}
     for stage in pipeline_stages(args):
         why = report.fits(f"pipeline.{stage}")
         if why:
@@ -371,7 +380,7 @@ def pipeline_part(args, model_ref, work, overrides, report: Report) -> dict:
         sargs = speed.parse_args(["--data_dir", args.data_dir, "--pipeline_stages", stage, "--seed", str(args.seed)]
                                  + (["--pipeline_sample", str(args.pipeline_sample)] if args.pipeline_sample else []))
         sargs.stage_overrides = overrides
-        timing = speed.pipeline_wall_time(sargs, model_ref, work)
+        timing = speed_gpu.pipeline_wall_time(sargs, model_ref, work)
         for name in timing["stages_timed_in_earlier_calls"]:
             out["stages"].setdefault(name, timing["stage_seconds"][name])
         out["stages"][stage] = timing["stage_seconds"][stage]
@@ -430,7 +439,7 @@ def run(args, report: Report) -> None:
                 time_budget_s=args.time_budget, expect=report.expect, done=[],
                 settings={k: v for k, v in vars(args).items() if k not in ("sets", "expect")})
     if on_gpu:
-        peak, source = speed.gpu_peak_tflops(args)
+        peak, source = speed_gpu.gpu_peak_tflops(args)
     else:
         peak, source = None, "no GPU: model TFLOP/s reported, MFU not"
     report.save(peak_bf16_tflops=peak, peak_source=source)

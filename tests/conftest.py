@@ -77,9 +77,9 @@ def qwen_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen_real_dir(qwen_tokenizer_dir, tmp_path_factory) -> Path:
     """A 2-layer random Qwen2 (hidden 64) with Qwen2.5's real tokenizer and vocabulary size (151,936)."""
+    import common
     import device_check
     import qwen_tokenizer
-    import speed
 
-    return speed.random_qwen_model(tmp_path_factory.mktemp("tiny-qwen-real") / "model", str(qwen_tokenizer_dir), 0,
+    return common.random_qwen_model(tmp_path_factory.mktemp("tiny-qwen-real") / "model", str(qwen_tokenizer_dir), 0,
                                    vocab_size=qwen_tokenizer.QWEN25_VOCAB_SIZE, **device_check.TINY_SHAPE)

@@ -1,4 +1,5 @@
-"""bench/speed.py's pipeline timing can be split over two calls (device limits shorter than the pipeline)."""
+"""bench/speed.py and its sections: the pipeline timing (speed_gpu.py) can be split over two calls (device limits
+shorter than the pipeline); the evaluation section (speed_eval.py) runs through the driver."""
 
 from __future__ import annotations
 
@@ -15,17 +16,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 @pytest.mark.slow
 def test_pipeline_timing_split_over_two_calls(tiny_model_dir, shared_data, tmp_path):
     import speed
+    import speed_gpu
 
     def args(stages):
         return speed.parse_args(["--data_dir", str(shared_data), "--pipeline_sample", "8", "--pipeline_stages", stages])
 
     work = tmp_path / "work"
-    first = speed.pipeline_wall_time(args("split,sft"), str(tiny_model_dir), work)
+    first = speed_gpu.pipeline_wall_time(args("split,sft"), str(tiny_model_dir), work)
     assert set(first["stage_seconds"]) == {"split", "sft"} and "total_s" not in first  # no compare yet
     with pytest.raises(SystemExit, match="leaves out 'dpo'"):
-        speed.pipeline_wall_time(args("compare"), str(tiny_model_dir), work)
+        speed_gpu.pipeline_wall_time(args("compare"), str(tiny_model_dir), work)
 
-    second = speed.pipeline_wall_time(args("dpo,compare"), str(tiny_model_dir), work)
+    second = speed_gpu.pipeline_wall_time(args("dpo,compare"), str(tiny_model_dir), work)
     assert second["stages_timed_in_earlier_calls"] == ["split", "sft"]
     assert second["stage_seconds"]["sft"] == first["stage_seconds"]["sft"] > 0
     assert second["total_s"] == pytest.approx(sum(second["stage_seconds"].values()), abs=0.02)
@@ -36,9 +38,9 @@ def test_pipeline_timing_split_over_two_calls(tiny_model_dir, shared_data, tmp_p
     # Other settings for a stage left out: its earlier time does not count.
     changed = speed.parse_args(["--data_dir", str(shared_data), "--pipeline_sample", "6", "--pipeline_stages", "compare"])
     with pytest.raises(SystemExit, match="leaves out .sft., .* no complete sft output timed with these settings"):
-        speed.pipeline_wall_time(changed, str(tiny_model_dir), work)
+        speed_gpu.pipeline_wall_time(changed, str(tiny_model_dir), work)
     with pytest.raises(SystemExit, match="unknown \\['eval'\\]"):
-        speed.pipeline_wall_time(args("eval"), str(tiny_model_dir), work)
+        speed_gpu.pipeline_wall_time(args("eval"), str(tiny_model_dir), work)
 
 
 def test_eval_section_runs_every_method_on_the_same_texts(tiny_model_dir, shared_data, tmp_path):
@@ -67,13 +69,14 @@ def test_eval_section_runs_every_method_on_the_same_texts(tiny_model_dir, shared
 def test_pipeline_sample_and_dpo_pairs_together(tmp_path):
     """Both caps at once used to give the DPO settings `sample_size` twice (TypeError); now the smaller cap wins."""
     import speed
+    import speed_gpu
 
-    assert speed.dpo_caps(8, 100) == {"sample_size": 8, "val_sample_size": 8}
-    assert speed.dpo_caps(500, 100) == {"sample_size": 100, "val_sample_size": 500}
-    assert speed.dpo_caps(None, 100) == {"sample_size": 100}
-    assert speed.dpo_caps(8, None) == {"sample_size": 8, "val_sample_size": 8}
-    assert speed.dpo_caps(None, None) == {}
+    assert speed_gpu.dpo_caps(8, 100) == {"sample_size": 8, "val_sample_size": 8}
+    assert speed_gpu.dpo_caps(500, 100) == {"sample_size": 100, "val_sample_size": 500}
+    assert speed_gpu.dpo_caps(None, 100) == {"sample_size": 100}
+    assert speed_gpu.dpo_caps(8, None) == {"sample_size": 8, "val_sample_size": 8}
+    assert speed_gpu.dpo_caps(None, None) == {}
     args = speed.parse_args(["--pipeline_sample", "8", "--pipeline_dpo_pairs", "6", "--pipeline_stages", "compare"])
     # The settings of every stage are built before anything runs; with nothing run before, it stops there.
     with pytest.raises(SystemExit, match="leaves out 'split'"):
-        speed.pipeline_wall_time(args, "unused-model", tmp_path / "work")
+        speed_gpu.pipeline_wall_time(args, "unused-model", tmp_path / "work")

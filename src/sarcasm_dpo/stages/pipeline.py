@@ -144,13 +144,24 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
         elif hasattr(settings, "overwrite"):
             settings = dataclasses.replace(settings, overwrite=pipe.overwrite or ours)
         print(f"[pipeline] {name}: {'resuming' if interrupted else 'running'} -> {out}")
-        module = __import__(f"sarcasm_dpo.stages.{name}", fromlist=["run"])
-        result = module.run(settings)
+        result = run_stage(name, settings)
         ran.append(name)
     print(f"[pipeline] done: ran {', '.join(ran) or 'nothing'}; skipped {', '.join(skipped) or 'nothing'}.")
     if result:
         print(headline(result))
     return {"ran": ran, "skipped": skipped, "compare": result}
+
+
+def run_stage(name: str, settings, **hooks):
+    """Run one stage by its name: the one way a stage is started, by the pipeline and the bench drivers alike.
+
+    No skipping, resuming or timing here; the caller decides those. `hooks` go to the stage's
+    run() as they are (e.g. sft's `extra_callbacks`, how bench/speed_sft.py meters training).
+
+        python -c "from sarcasm_dpo.stages.pipeline import run_stage; help(run_stage)"
+    """
+    module = __import__(f"sarcasm_dpo.stages.{name}", fromlist=["run"])
+    return module.run(settings, **hooks)
 
 
 def headline(results: dict) -> str:
