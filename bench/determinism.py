@@ -108,10 +108,10 @@ def score(model_ref: str, adapter: Path, texts: list[str], device) -> list[float
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    from sarcasm_dpo.stages import dpo, sft
     from sarcasm_dpo.data import load_split
     from sarcasm_dpo.models import pick_device
     from sarcasm_dpo.settings import DPOSettings, SFTSettings
+    from sarcasm_dpo.stages.pipeline import run_stage
 
     model_ref = args.model or str(common.fetch_smollm2())
     work = Path(args.work_dir)
@@ -132,9 +132,9 @@ def main(argv=None) -> int:
             train_csv=str(splits / "isarcasm_train.csv"), val_csv=str(splits / "gen_val.csv"),
             isarcasm_val_csv=str(splits / "isarcasm_val.csv"), sample_size=args.dpo_pairs, epochs=1)
         t0 = time.perf_counter()
-        sft.run(sft_s)
+        run_stage("sft", sft_s)
         t1 = time.perf_counter()
-        dpo.run(dpo_s)
+        run_stage("dpo", dpo_s)
         result["runs"].append({"output": str(out), "sft_s": round(t1 - t0, 1), "dpo_s": round(time.perf_counter() - t1, 1)})
         print(f"[determinism] run {i}: sft {t1 - t0:.0f} s, dpo {time.perf_counter() - t1:.0f} s", flush=True)
 

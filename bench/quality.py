@@ -104,13 +104,13 @@ def stage_settings(args, model: str, splits: Path, out: Path) -> dict:
 
 
 def run_stages(stages: dict, force: bool) -> tuple[dict, dict]:
-    """Run sft -> dpo -> compare through their run(settings); reuse a stage already complete for its settings."""
+    """Run sft -> dpo -> compare through the pipeline's runner; reuse a stage already complete for its settings."""
     import json
 
-    from sarcasm_dpo.stages import compare, dpo, sft
     from sarcasm_dpo.atomic import is_complete_for
+    from sarcasm_dpo.stages import compare
+    from sarcasm_dpo.stages.pipeline import run_stage
 
-    modules = {"sft": sft, "dpo": dpo, "compare": compare}
     records = {"sft": "training_summary.json", "dpo": "dpo_training_summary.json", "compare": compare.RESULTS_FILE}
     seconds, outputs = {}, {}
     redo = force
@@ -125,7 +125,7 @@ def run_stages(stages: dict, force: bool) -> tuple[dict, dict]:
             redo = True  # a stage that reruns invalidates every stage after it
             print(f"[quality] {name} -> {folder}", flush=True)
             t0 = time.perf_counter()
-            modules[name].run(settings)
+            run_stage(name, settings)
             seconds[name] = round(time.perf_counter() - t0, 1)
         outputs[name] = json.loads((folder / records[name]).read_text())
     return outputs, seconds
