@@ -98,6 +98,23 @@ def fetch_smollm2() -> Path:
         raise SystemExit(f"{err} Pass --model PATH to a .gguf file or model folder.") from None
 
 
+def write_results(path: Path, result: dict, table: str, took: str) -> None:
+    """A benchmark's result JSON, its markdown table beside it (.md), and the table printed last."""
+    from sarcasm_dpo.atomic import write_json, write_text
+
+    write_json(path, result)
+    write_text(path.with_suffix(".md"), table + "\n")
+    print("\n" + table + f"\n\nWritten: {path} and {path.with_suffix('.md')} ({took})")
+
+
+def run_section(name: str) -> int:
+    """A speed section's file run as a script: `python bench/speed_eval.py ARGS` is
+    `python bench/speed.py --sections eval ARGS` (the same flags, setup and result file)."""
+    import speed
+
+    return speed.main(["--sections", name, *sys.argv[1:]])
+
+
 def make_splits(data_dir: str | Path, out: Path) -> Path:
     """`sarcasm-dpo split` into `out` (reused when it is already complete for the same settings)."""
     from sarcasm_dpo.atomic import is_complete_for

@@ -257,12 +257,7 @@ def main(argv=None) -> int:
     tag = "smollm2-135m" if "smollm2-135m" in Path(model).name.lower() else Path(model).stem.lower()
     path = Path(args.output) if args.output else common.RESULTS / (
         f"quality_{tag}.json" if args.budget == "full" else f"quality_{tag}_{args.budget}.json")
-    from sarcasm_dpo.atomic import write_json, write_text
-
-    write_json(path, result)
-    table = markdown(result)
-    write_text(path.with_suffix(".md"), table + "\n")
-    print("\n" + table + f"\n\nWritten: {path} and {path.with_suffix('.md')} ({result['total_s'] / 60:.1f} min)")
+    common.write_results(path, result, markdown(result), f"{result['total_s'] / 60:.1f} min")
     return 0
 
 

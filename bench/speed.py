@@ -218,17 +218,11 @@ def main(argv=None) -> int:
     for name, run in SECTIONS.items():
         if name in sections:
             run(ctx)
-
-    from sarcasm_dpo.atomic import write_json, write_text
-
-    result, path = ctx.result, ctx.path
+    result = ctx.result
     result["verdicts"] = verdicts(result)
     result["total_s"] = round(time.perf_counter() - ctx.started, 1)
     result["completed_sections"] = result.get("completed_sections", []) + ["all"]
-    write_json(path, result)
-    table = markdown(result)
-    write_text(path.with_suffix(".md"), table + "\n")
-    print("\n" + table + f"\n\nWritten: {path} and {path.with_suffix('.md')} ({result['total_s']:.0f} s)")
+    common.write_results(ctx.path, result, markdown(result), f"{result['total_s']:.0f} s")
     return 0
 
 

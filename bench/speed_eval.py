@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Clock  # noqa: E402  (also puts src/ on sys.path)
+import common  # noqa: E402
+from common import Clock  # noqa: E402
 
 
 def run(ctx) -> None:
@@ -274,6 +275,4 @@ def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> di
 
 
 if __name__ == "__main__":
-    import speed
-
-    sys.exit(speed.main(["--sections", "eval", *sys.argv[1:]]))
+    sys.exit(common.run_section("eval"))

@@ -224,8 +224,5 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
     return timing
 
 
-
 if __name__ == "__main__":
-    import speed
-
-    sys.exit(speed.main(["--sections", "gpu", *sys.argv[1:]]))
+    sys.exit(common.run_section("gpu"))

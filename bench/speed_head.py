@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Clock  # noqa: E402  (also puts src/ on sys.path)
+import common  # noqa: E402
+from common import Clock  # noqa: E402
 
 
 def run(ctx) -> None:
@@ -105,6 +106,4 @@ def head_section(args, model_ref: str, splits: Path, max_text_tokens: int, devic
 
 
 if __name__ == "__main__":
-    import speed
-
-    sys.exit(speed.main(["--sections", "head", *sys.argv[1:]]))
+    sys.exit(common.run_section("head"))

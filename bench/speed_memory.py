@@ -90,6 +90,4 @@ def memory_section(ours: dict, dpo_result: dict, usual: dict | None) -> dict:
 
 
 if __name__ == "__main__":
-    import speed
-
-    sys.exit(speed.main(["--sections", "memory", *sys.argv[1:]]))
+    sys.exit(common.run_section("memory"))

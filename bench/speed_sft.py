@@ -134,9 +134,5 @@ def sft_section(ours: dict, usual: dict, args) -> dict:
     }
 
 
-
-
 if __name__ == "__main__":
-    import speed
-
-    sys.exit(speed.main(["--sections", "sft", *sys.argv[1:]]))
+    sys.exit(common.run_section("sft"))
