@@ -80,3 +80,25 @@ def test_pipeline_sample_and_dpo_pairs_together(tmp_path):
     # The settings of every stage are built before anything runs; with nothing run before, it stops there.
     with pytest.raises(SystemExit, match="leaves out 'split'"):
         speed_gpu.pipeline_wall_time(args, "unused-model", tmp_path / "work")
+
+
+def test_pipeline_timing_builds_its_stages_as_the_pipeline_does(tmp_path):
+    """The GPU pipeline timing takes its settings from the pipeline's own stage_settings: each stage reads the
+    outputs of the one before, in the pipeline's order, with the bench's caps and --set values on top."""
+    import speed
+    import speed_gpu
+
+    args = speed.parse_args(["--data_dir", "DATA", "--pipeline_sample", "8", "--pipeline_dpo_pairs", "6", "--seed", "7"])
+    args.stage_overrides = {"dpo": {"batch_size": "1"}, "compare": {"batch_size": "4"}}
+    out = tmp_path / "pipeline"
+    stages = speed_gpu.pipeline_settings(args, "MODEL", out)
+    assert list(stages) == ["split", "sft", "dpo", "compare"]  # no mining, as the pipeline without --mine
+    split, sft, dpo, compare = stages.values()
+    assert split.data_dir == "DATA" and split.output_dir == str(out / "splits")
+    assert sft.train_csv == f"{split.output_dir}/gen_train.csv" and sft.model == compare.model == "MODEL"
+    assert dpo.sft_model == compare.sft_model == sft.output_dir and compare.dpo_model == dpo.output_dir
+    assert compare.test_csv == f"{split.output_dir}/gen_test.csv" and compare.output_dir == str(out / "results")
+    assert (sft.sample_size, dpo.sample_size, dpo.val_sample_size, compare.sample_size) == (8, 6, 8, 8)
+    assert (dpo.batch_size, compare.batch_size, dpo.patience) == (1, 4, 10_000)
+    assert sft.seed == dpo.seed == compare.seed == 7 and all(s.no_wandb for s in stages.values())
+    assert sft.epochs == 2 and dpo.epochs == 3  # the rest is configs/qwen2.5-0.5b.yaml's
