@@ -456,24 +456,24 @@ def test_preference_file_errors_are_clear(tmp_path):
 def test_resume_continues_from_the_last_checkpoint(toy, monkeypatch):
     """Kill a run after step 5 (checkpoints every 2 steps), then --resume: it continues from step 4 and
     ends like an uninterrupted run, with the diagnostics history of the killed part kept."""
-    from sarcasm_dpo.training import callbacks
     from sarcasm_dpo.stages import dpo
+    from sarcasm_dpo.training import diagnostics
 
     out = toy.root / "resumed"
-    original = callbacks.DPODiagnosticsCallback.on_log
+    original = diagnostics.DPODiagnosticsCallback.on_log
 
     def dying_on_log(self, args, state, control, logs=None, model=None, **kwargs):
         original(self, args, state, control, logs=logs, model=model, **kwargs)
         if state.global_step == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(callbacks.DPODiagnosticsCallback, "on_log", dying_on_log)
+    monkeypatch.setattr(diagnostics.DPODiagnosticsCallback, "on_log", dying_on_log)
     settings = dpo_settings(toy, out, epochs=1, save_steps=2, val_sample_size=8, probe_size=8)
     with pytest.raises(KeyboardInterrupt):
         dpo.run(settings)
     assert (out / "checkpoints" / "checkpoint-4" / dpo.STATE_FILE).is_file()
     assert not (out / "COMPLETE.json").exists()
-    monkeypatch.setattr(callbacks.DPODiagnosticsCallback, "on_log", original)
+    monkeypatch.setattr(diagnostics.DPODiagnosticsCallback, "on_log", original)
     import dataclasses
 
     summary = dpo.run(dataclasses.replace(settings, resume=True))
