@@ -130,11 +130,22 @@ def test_the_validation_callback_marks_its_out_of_memory_errors(monkeypatch):
     with pytest.raises(ValidationOutOfMemory, match="CUDA out of memory") as info:
         validation.evaluate(None, 0, 0.0)
     assert is_out_of_memory(info.value) and isinstance(info.value.__cause__, torch.OutOfMemoryError)
-    with pytest.raises(torch.OutOfMemoryError) as plain:  # not inside a scoring pass: a training error
-        raise torch.OutOfMemoryError(CUDA_OOM)
-    assert not isinstance(plain.value, ValidationOutOfMemory)
     with pytest.raises(ValueError), validation_scoring():
         raise ValueError("not memory")
+
+
+def test_where_the_code_lives_does_not_decide():
+    """An out-of-memory error outside a scoring pass is training's, even from a file named scoring.py (the old
+    rule read the traceback's file names)."""
+    def attempt(batch, accum, eval_batch):
+        namespace = {"torch": torch, "MESSAGE": CUDA_OOM}
+        exec(compile("def forward():\n    raise torch.OutOfMemoryError(MESSAGE)\n", "/x/sarcasm_dpo/scoring.py",
+                     "exec"), namespace)
+        namespace["forward"]()
+
+    with pytest.raises(OutOfMemory, match="while training") as info:
+        train_within_memory(attempt, batch_size=8, grad_accum=1, eval_batch_size=16, auto=False, stage="sft")
+    assert "--eval_batch_size (lower)" not in str(info.value)
 
 
 def test_batch_one_still_too_big_is_explained():
