@@ -150,7 +150,7 @@ def dpo_comparison(model_ref: str, pair_style: str, paths: dict, *, steps: int, 
     from sarcasm_dpo.data import load_isarcasm, stratified_sample
     from sarcasm_dpo.training.fast_dpo import InMemoryReference
     from sarcasm_dpo.pairs import build_pairs
-    from sarcasm_dpo.training.runtime import quiet
+    from sarcasm_dpo.training.distributed import quiet
     from sarcasm_dpo.settings import DPOSettings
 
     base, tokenizer = loaded or load(model_ref)

@@ -142,9 +142,10 @@ def build_sft(args, variant: str, model_ref: str, frame, work: Path, overrides: 
     import torch
     import transformers
 
-    from sarcasm_dpo.training import runtime
     from sarcasm_dpo.stages import sft
-    from sarcasm_dpo.training.callbacks import TrackerLogCallback
+    from sarcasm_dpo.training.callbacks import (BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback,
+                                                NonFiniteLossCallback, TrackerLogCallback)
+    from sarcasm_dpo.training.resilience import StopFlag
     from sarcasm_dpo.models import load_base_model, load_tokenizer
 
     s = sft_settings(args, model_ref, work, overrides)
@@ -153,9 +154,8 @@ def build_sft(args, variant: str, model_ref: str, frame, work: Path, overrides: 
     model = load_base_model(s.model, torch.device("cpu"))
     ds = sft.build_dataset(tokenizer, frame, s.max_text_tokens, s.max_length)
     clock = StepClock()
-    callbacks = [runtime.BarrierOnSaveCallback(), TrackerLogCallback(lambda *a: None),
-                 sft.NonFiniteLossCallback(work / "ckpt"), runtime.GracefulStopCallback(runtime.StopFlag()),
-                 runtime.LogBeforeSaveCallback(), clock]
+    callbacks = [BarrierOnSaveCallback(), TrackerLogCallback(lambda *a: None), NonFiniteLossCallback(),
+                 GracefulStopCallback(StopFlag()), LogBeforeSaveCallback(), clock]
     original = sft.lean
     sft.lean = original if variant == "lean" else _identity
     try:

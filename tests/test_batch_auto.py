@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sarcasm_dpo.training import runtime
+from sarcasm_dpo.training import resilience
 from sarcasm_dpo.config import build
 from sarcasm_dpo.errors import UserError
 from sarcasm_dpo.settings import DPOSettings, SFTSettings
@@ -21,8 +21,8 @@ def _fit(s, device, limit: int):
             raise torch.OutOfMemoryError(f"CUDA out of memory (fake limit of {limit} examples)")
         return batch_size, grad_accum
 
-    batch, accum, auto = runtime.auto_batch(s, "sft", device, printer=lambda *_: None)
-    used = runtime.train_within_memory(attempt, batch_size=batch, grad_accum=accum, eval_batch_size=16, auto=auto,
+    batch, accum, auto = resilience.auto_batch(s, "sft", device, printer=lambda *_: None)
+    used = resilience.train_within_memory(attempt, batch_size=batch, grad_accum=accum, eval_batch_size=16, auto=auto,
                                        stage="sft", printer=lambda *_: None)
     return used, tried
 
@@ -42,12 +42,12 @@ def test_auto_picks_the_largest_batch_that_fits_and_keeps_the_effective_batch():
 
 def test_auto_keeps_the_recipe_batch_on_cpu():
     s = build(SFTSettings, {"batch_size": "auto", "grad_accum": 2})
-    assert runtime.auto_batch(s, "sft", torch.device("cpu"), printer=lambda *_: None) == (8, 2, False)
+    assert resilience.auto_batch(s, "sft", torch.device("cpu"), printer=lambda *_: None) == (8, 2, False)
 
 
 def test_smaller_batch_divides_the_effective_batch():
-    assert runtime.smaller_batch(8, 2) == (4, 4)  # the old halving where it was exact
-    assert runtime.smaller_batch(3, 4) == (1, 12)  # halving would have given 1 x 8
+    assert resilience.smaller_batch(8, 2) == (4, 4)  # the old halving where it was exact
+    assert resilience.smaller_batch(3, 4) == (1, 12)  # halving would have given 1 x 8
 
 
 def test_batch_size_setting_reads_numbers_and_auto():
@@ -66,6 +66,6 @@ def test_the_run_record_says_auto_was_asked(monkeypatch):
         seen.append((batch_size, grad_accum))
         return "trained"
 
-    result, used = runtime.fit_within_memory(attempt, s, "sft", torch.device("cpu"))
+    result, used = resilience.fit_within_memory(attempt, s, "sft", torch.device("cpu"))
     assert result == "trained" and seen == [(8, 2)]
     assert used["batch_size"] == 8 and used["grad_accum"] == 2 and used["batch_size_setting"] == "auto"

@@ -340,6 +340,28 @@ def test_early_stopping_fires_on_a_plateau(toy):
     assert (out / "COMPLETE.json").is_file() and not (out / "checkpoints").exists()
 
 
+def test_divergence_stops_with_the_step_the_fix_and_the_metrics_so_far(toy):
+    """DPO's divergence is the same TrainingDiverged as SFT's (resilience.py): a UserError naming the step,
+    the update, the checkpoint kept and the settings to change, with the batch metrics up to it on disk."""
+    import re
+
+    from sarcasm_dpo.errors import UserError
+    from sarcasm_dpo.stages import dpo
+    from sarcasm_dpo.training.resilience import TrainingDiverged
+
+    out = toy.root / "diverged"
+    with pytest.warns(UserWarning, match="--lr"), pytest.raises(TrainingDiverged) as info:
+        dpo.run(dpo_settings(toy, out, lr=1e9, warmup_ratio=0.0, epochs=1, sample_size=16, probe_size=8,
+                             val_sample_size=8))
+    message = str(info.value)
+    assert isinstance(info.value, UserError) and message.startswith("DPO training diverged: the ")
+    assert re.search(r"at optimizer step \d+; ", message) and info.value.step >= 1
+    assert "No checkpoint was written before the fault" in message and "--lr (now 1e+09)" in message
+    batches = json.loads((out / dpo.BATCH_FILE).read_text())
+    assert str(out / dpo.BATCH_FILE) in message and batches
+    assert not (out / "COMPLETE.json").exists()
+
+
 def test_beta_sweep_writes_every_output(toy):
     from sarcasm_dpo.stages import dpo
     from sarcasm_dpo.models import adapter_base_model
@@ -456,24 +478,24 @@ def test_preference_file_errors_are_clear(tmp_path):
 def test_resume_continues_from_the_last_checkpoint(toy, monkeypatch):
     """Kill a run after step 5 (checkpoints every 2 steps), then --resume: it continues from step 4 and
     ends like an uninterrupted run, with the diagnostics history of the killed part kept."""
-    from sarcasm_dpo.training import callbacks
     from sarcasm_dpo.stages import dpo
+    from sarcasm_dpo.training import diagnostics
 
     out = toy.root / "resumed"
-    original = callbacks.DPODiagnosticsCallback.on_log
+    original = diagnostics.DPODiagnosticsCallback.on_log
 
     def dying_on_log(self, args, state, control, logs=None, model=None, **kwargs):
         original(self, args, state, control, logs=logs, model=model, **kwargs)
         if state.global_step == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(callbacks.DPODiagnosticsCallback, "on_log", dying_on_log)
+    monkeypatch.setattr(diagnostics.DPODiagnosticsCallback, "on_log", dying_on_log)
     settings = dpo_settings(toy, out, epochs=1, save_steps=2, val_sample_size=8, probe_size=8)
     with pytest.raises(KeyboardInterrupt):
         dpo.run(settings)
     assert (out / "checkpoints" / "checkpoint-4" / dpo.STATE_FILE).is_file()
     assert not (out / "COMPLETE.json").exists()
-    monkeypatch.setattr(callbacks.DPODiagnosticsCallback, "on_log", original)
+    monkeypatch.setattr(diagnostics.DPODiagnosticsCallback, "on_log", original)
     import dataclasses
 
     summary = dpo.run(dataclasses.replace(settings, resume=True))

@@ -31,7 +31,7 @@ def build(toy, folder, **overrides):
 
     from sarcasm_dpo.stages import dpo
     from sarcasm_dpo.models import attach_adapter, load_base_model, load_tokenizer
-    from sarcasm_dpo.training.runtime import quiet
+    from sarcasm_dpo.training.distributed import quiet
 
     s = dpo_settings(toy, folder / "out", sample_size=12, **overrides)
     tokenizer = load_tokenizer(str(toy.model_dir))
@@ -139,7 +139,7 @@ def test_prompt_once_forward_gives_the_fused_heads_outputs(toy, tmp_path, pair_s
     """Per token (log-prob, entropy, mean logit, top-1 hit) at exactly TRL's answer positions, ragged answers too."""
     import torch
 
-    from sarcasm_dpo.training.fast_dpo import prompt_once_forward
+    from sarcasm_dpo.training.shared_prefix import prompt_once_forward
 
     trainer = build(toy, tmp_path / "t", pair_style=pair_style, **PLAIN)
     move_policy(trainer.model)

@@ -16,7 +16,7 @@ from test_sft import settings as sft_settings
 from test_sft import toy_frame
 
 from sarcasm_dpo.stages import dpo, sft
-from sarcasm_dpo.training.callbacks import TrainingDiverged
+from sarcasm_dpo.training.resilience import TrainingDiverged
 
 TOL = 1e-5
 METRICS = ("loss", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm", "rewards/chosen", "rewards/rejected",
@@ -207,7 +207,7 @@ def test_exploding_weights_stop_with_the_step(tiny_model_dir, tmp_path):
     toy_frame(8, 2).to_csv(val, index=False)
     s = build(SFTSettings, {**vars(sft_settings(tiny_model_dir, train, val, tmp_path / "out")), "lr": 1e9,
                             "warmup_ratio": 0.0, "epochs": 1, "batch_size": 4})
-    with pytest.raises(sft.TrainingDiverged) as info:
+    with pytest.raises(TrainingDiverged) as info:
         sft.run(s)
     message = str(info.value)
     assert "exploded" in message and "at optimizer step 1" in message and "--lr" in message
@@ -234,8 +234,7 @@ def test_the_step_check_names_a_nan_loss_before_the_update(tiny_model_dir, tmp_p
 
 def test_unusual_lr_and_beta_warn(tiny_model_dir, tmp_path):
     from sarcasm_dpo.config import build
-    from sarcasm_dpo.training.runtime import check_training_settings
-    from sarcasm_dpo.settings import DPOSettings
+    from sarcasm_dpo.settings import DPOSettings, check_training_settings
 
     with pytest.warns(UserWarning, match=r"--lr 1e\+09 is outside its usual range"):
         check_training_settings(sft_settings(tiny_model_dir, "t.csv", "v.csv", tmp_path, lr=1e9))

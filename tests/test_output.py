@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sarcasm_dpo import cli
-from sarcasm_dpo.training import runtime
+from sarcasm_dpo.training import distributed
 from sarcasm_dpo.stages import sft
 from test_sft import settings, toy_frame
 
@@ -15,7 +15,7 @@ def test_say_prints_through_tqdm(monkeypatch):
 
     written = []
     monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, message, *a, **k: written.append(message)))
-    runtime.say("[eval] step 3")
+    distributed.say("[eval] step 3")
     assert written == ["[eval] step 3"]
 
 

@@ -671,10 +671,10 @@ def test_file_size_limit_mid_run_keeps_the_previous_comparison(env, tmp_path, ca
 
 
 def test_a_training_run_that_fails_keeps_the_previous_run_and_its_marker(env, tmp_path, capsys, monkeypatch):
-    """sft (dpo shares the code: runtime.claim_run_dir / save_adapter) with --overwrite over a finished run of
+    """sft (dpo shares the code: checkpoints.claim_run_dir / save_adapter) with --overwrite over a finished run of
     other settings fails while training: the previous run's files and COMPLETE.json are as they were; the
     stopped run is then seen as interrupted (the pipeline resumes it), and --resume finishes it."""
-    from sarcasm_dpo.training import runtime
+    from sarcasm_dpo.training import checkpoints
     from sarcasm_dpo.stages import sft as sft_stage
 
     out = tmp_path / "sft"
@@ -690,10 +690,10 @@ def test_a_training_run_that_fails_keeps_the_previous_run_and_its_marker(env, tm
     monkeypatch.setattr(sft_stage, "run_trainer", disk_full_after_a_checkpoint)
     refused(argv, capsys, ["no space left"], [env["root"]])
     assert {k: v for k, v in hashes(out).items() if "/checkpoints/" not in k} == previous
-    assert runtime.interrupted_run(out) and runtime.finished_record(out, {}, sft_stage.SUMMARY_FILE) is None
+    assert checkpoints.interrupted_run(out) and checkpoints.finished_record(out, {}, sft_stage.SUMMARY_FILE) is None
     monkeypatch.setattr(sft_stage, "run_trainer", real)
     assert cli.main([a for a in argv if a != "--overwrite"] + ["--resume"]) == 0
-    assert json.loads((out / COMPLETE_MARKER).read_text())["config"]["lr"] == 0.01 and not runtime.interrupted_run(out)
+    assert json.loads((out / COMPLETE_MARKER).read_text())["config"]["lr"] == 0.01 and not checkpoints.interrupted_run(out)
 
 
 class _FailAfterSave:

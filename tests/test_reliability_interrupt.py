@@ -23,7 +23,8 @@ from transformers import TrainerCallback
 from sarcasm_dpo import cli
 from sarcasm_dpo.stages import sft
 from sarcasm_dpo.config import build
-from sarcasm_dpo.training.runtime import StopRequested
+from sarcasm_dpo.training.checkpoints import latest_checkpoint
+from sarcasm_dpo.training.resilience import StopRequested
 from sarcasm_dpo.settings import SFTSettings
 from sarcasm_dpo.tracking import Tracker
 
@@ -72,7 +73,7 @@ def test_signal_writes_a_checkpoint_and_resume_matches_the_uninterrupted_run(
     for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
                  sft.STATE_FILE):
         assert (checkpoint / name).is_file(), name
-    assert sft.latest_checkpoint(out / "checkpoints") == checkpoint
+    assert latest_checkpoint(out / "checkpoints", sft.STATE_FILE) == checkpoint
     validated = [record["step"] for record in json.loads((checkpoint / sft.STATE_FILE).read_text())["history"]]
     assert validated == ([6] if step == 6 else [])
     assert not (out / "COMPLETE.json").exists()
@@ -88,7 +89,7 @@ def test_signal_writes_a_checkpoint_and_resume_matches_the_uninterrupted_run(
 def test_a_second_signal_is_acknowledged_never_dropped_silently(capfd):
     import time
 
-    from sarcasm_dpo.training.runtime import stop_on_signal
+    from sarcasm_dpo.training.resilience import stop_on_signal
 
     with stop_on_signal() as flag:
         flag.step = 3

@@ -2,7 +2,7 @@
 data-parallel over gloo on this machine and writes the same outputs as a single process, once.
 
 accelerate's CPU launcher starts one process and leaves the others to mpirun; the CLI notices and
-starts the two ranks itself (runtime.run_workers), as torchrun would. Evidence that both ranks
+starts the two ranks itself (training.distributed.run_workers), as torchrun would. Evidence that both ranks
 trained on their own shard: half the optimizer steps of the single-process run at the same
 per-process batch, and `processes: 2` in the summary. Written once: the completion message is
 printed once and every file is whole (tests/atomic_probe.check_folder). A Ctrl-C reaching the whole

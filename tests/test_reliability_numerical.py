@@ -20,6 +20,7 @@ from sarcasm_dpo.stages import sft
 from sarcasm_dpo.config import build
 from sarcasm_dpo.errors import UserError
 from sarcasm_dpo.settings import SFTSettings
+from sarcasm_dpo.training.resilience import TrainingDiverged
 
 
 class _PoisonAfter(TrainerCallback):
@@ -39,7 +40,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     ref, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
     out = tmp_path / "sft"
     s = sft_settings(tiny_model_dir, train, val, out)
-    with pytest.raises(sft.TrainingDiverged) as info:
+    with pytest.raises(TrainingDiverged) as info:
         sft.run(s, extra_callbacks=[_PoisonAfter(4, value)])
     message = str(info.value)
     assert isinstance(info.value, UserError)  # the CLI prints it as one paragraph and exits 2

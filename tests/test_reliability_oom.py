@@ -14,7 +14,8 @@ from transformers import TrainerCallback
 from sarcasm_dpo import cli
 from sarcasm_dpo.stages import sft
 from sarcasm_dpo.errors import UserError
-from sarcasm_dpo.training.runtime import OutOfMemory, is_out_of_memory, train_within_memory
+from sarcasm_dpo.training.resilience import (OutOfMemory, ValidationOutOfMemory, is_out_of_memory, train_within_memory,
+                                             validation_scoring)
 
 CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.75 GiB"
 MPS_OOM = "MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.40 GB, max allowed: 18.13 GB)."
@@ -87,11 +88,9 @@ def test_without_auto_batch_the_error_names_the_flags(tiny_model_dir, tmp_path, 
 
 
 def _raise_in_scoring():
-    """A function whose frame is in a file called scoring.py, as the scorer's forward pass is."""
-    namespace = {"torch": torch, "MESSAGE": CUDA_OOM}
-    exec(compile("def forward():\n    raise torch.OutOfMemoryError(MESSAGE)\n", "/x/sarcasm_dpo/scoring.py", "exec"),
-         namespace)
-    namespace["forward"]()
+    """An out-of-memory error inside a validation scoring pass, as the validation callback runs it."""
+    with validation_scoring():
+        raise torch.OutOfMemoryError(CUDA_OOM)
 
 
 def test_out_of_memory_while_scoring_shrinks_the_eval_batch_instead():
@@ -109,6 +108,44 @@ def test_out_of_memory_while_scoring_shrinks_the_eval_batch_instead():
     with pytest.raises(OutOfMemory, match="--eval_batch_size") as info:
         train_within_memory(attempt, batch_size=8, grad_accum=1, eval_batch_size=16, auto=False, stage="dpo")
     assert isinstance(info.value, UserError) and "scoring the validation set (16 texts per pass)" in str(info.value)
+
+
+def test_the_validation_callback_marks_its_out_of_memory_errors(monkeypatch):
+    """ValidationCallback.evaluate scores inside validation_scoring(), wherever the scorer's code lives; an
+    out-of-memory error elsewhere (training) stays what it was, and other errors pass through untouched."""
+    import pandas as pd
+
+    from sarcasm_dpo.training import callbacks
+
+    class OutOfMemoryScorer:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def predict_proba(self, texts):
+            raise torch.OutOfMemoryError(CUDA_OOM)
+
+    monkeypatch.setattr(callbacks, "Scorer", OutOfMemoryScorer)
+    validation = callbacks.ValidationCallback(None, {"gen_val": pd.DataFrame({"text": ["a"], "label": [1]})},
+                                              printer=lambda m: None)
+    with pytest.raises(ValidationOutOfMemory, match="CUDA out of memory") as info:
+        validation.evaluate(None, 0, 0.0)
+    assert is_out_of_memory(info.value) and isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    with pytest.raises(ValueError), validation_scoring():
+        raise ValueError("not memory")
+
+
+def test_where_the_code_lives_does_not_decide():
+    """An out-of-memory error outside a scoring pass is training's, even from a file named scoring.py (the old
+    rule read the traceback's file names)."""
+    def attempt(batch, accum, eval_batch):
+        namespace = {"torch": torch, "MESSAGE": CUDA_OOM}
+        exec(compile("def forward():\n    raise torch.OutOfMemoryError(MESSAGE)\n", "/x/sarcasm_dpo/scoring.py",
+                     "exec"), namespace)
+        namespace["forward"]()
+
+    with pytest.raises(OutOfMemory, match="while training") as info:
+        train_within_memory(attempt, batch_size=8, grad_accum=1, eval_batch_size=16, auto=False, stage="sft")
+    assert "--eval_batch_size (lower)" not in str(info.value)
 
 
 def test_batch_one_still_too_big_is_explained():

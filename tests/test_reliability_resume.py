@@ -19,7 +19,7 @@ from reliability_common import (ATOL, assert_close, cli_running_past_a_checkpoin
 from test_pipeline import small_data_dir  # noqa: F401 - the fixture, for the pipeline test
 from transformers import TrainerCallback
 
-from sarcasm_dpo.training import runtime
+from sarcasm_dpo.training import checkpoints
 from sarcasm_dpo.stages import sft
 from sarcasm_dpo.config import build
 from sarcasm_dpo.settings import SFTSettings
@@ -49,7 +49,7 @@ def test_resume_from_a_periodic_checkpoint_matches_the_uninterrupted_run(tiny_mo
         assert (checkpoint / name).is_file(), name
     state = json.loads((checkpoint / sft.STATE_FILE).read_text())  # validation + early-stopping state
     assert [h["step"] for h in state["history"]] == [6] and state["best_step"] == 6 and state["bad_evals"] == 0
-    assert (checkpoint / runtime.BEST_FILE).is_file()
+    assert (checkpoint / checkpoints.BEST_FILE).is_file()
 
     summary = sft.run(build(SFTSettings, {**vars(s), "resume": True}))
     assert summary["resumed_from"] == str(checkpoint) and summary["global_steps"] == 12

@@ -24,6 +24,8 @@ from sarcasm_dpo.cli import main
 from sarcasm_dpo.config import build
 from sarcasm_dpo.errors import UserError
 from sarcasm_dpo.settings import SFTSettings
+from sarcasm_dpo.training.checkpoints import latest_checkpoint
+from sarcasm_dpo.training.resilience import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN = ("the meeting was useful and we agreed on the plan gun control debate evidence argument religion "
@@ -262,7 +264,7 @@ class _PoisonWeights(TrainerCallback):
 
 
 def test_nan_loss_stops_with_the_step_number(tiny_model_dir, toy_csvs, tmp_path):
-    with pytest.raises(sft.TrainingDiverged, match="step 2"):
+    with pytest.raises(TrainingDiverged, match="step 2"):
         sft.run(settings(tiny_model_dir, *toy_csvs, tmp_path / "o", epochs=1), extra_callbacks=[_PoisonWeights()])
     assert not (tmp_path / "o" / "COMPLETE.json").exists()
 
@@ -282,13 +284,13 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_model_dir, toy_csvs, t
     with pytest.raises(KeyboardInterrupt):
         sft.run(s, extra_callbacks=[_Interrupt(at_step=5)])
     assert not (out / "COMPLETE.json").exists()
-    checkpoint = sft.latest_checkpoint(out / "checkpoints")
+    checkpoint = latest_checkpoint(out / "checkpoints", sft.STATE_FILE)
     assert checkpoint is not None and checkpoint.name == "checkpoint-4"
     state = json.loads((checkpoint / sft.STATE_FILE).read_text())
     half_written = out / "checkpoints" / "checkpoint-5"  # killed before our state file: not resumable
     half_written.mkdir()
     (half_written / "trainer_state.json").write_text("{}")
-    assert sft.latest_checkpoint(out / "checkpoints") == checkpoint
+    assert latest_checkpoint(out / "checkpoints", sft.STATE_FILE) == checkpoint
     assert [h["epoch"] for h in state["history"]] == [1.0]  # epoch 1 was evaluated before the interrupt
 
     with pytest.raises(UserError, match="--resume"):  # not silently restarted over the checkpoints

@@ -12,7 +12,7 @@ a truncated .safetensors file, text that is not UTF-8). A closed pipe (`predict 
 ends quietly with 141, as Unix tools do; anything else is a bug and keeps its traceback. Ctrl-C or
 SIGTERM during sft/dpo training writes a checkpoint, prints the command that resumes, and exits
 128 + the signal number (130, 143). Runs under `accelerate launch ... -m sarcasm_dpo.cli sft ...`
-as well, `--cpu --num_processes N` included (see runtime.py).
+as well, `--cpu --num_processes N` included (see training/distributed.py).
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_noise()
     args.argv = argv
     if args.command in DISTRIBUTED and os.environ.get("ACCELERATE_USE_CPU"):
-        from .training.runtime import cpu_workers_requested, run_workers
+        from .training.distributed import cpu_workers_requested, run_workers
 
         workers = cpu_workers_requested()
         if workers > 1:  # `accelerate launch --cpu --num_processes N` started only us; start the N ranks

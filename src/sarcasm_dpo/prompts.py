@@ -104,3 +104,20 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
     if ids[0] == ids[1]:
         raise UserError("'Yes' and 'No' map to the same token for this tokenizer; they cannot be told apart.")
     return ids[0], ids[1]
+
+
+def strip_special_prefix(tokenizer, prompts: list[str]) -> list[str] | None:
+    """The prompts as TRL must get them for its tokens to equal the scorer's; None if no such form exists.
+
+    TRL tokenizes plain-text prompts with the tokenizer's special tokens on; the rendered chat
+    template already holds them, so a tokenizer that adds a BOS would get it twice: it is cut
+    from the text. None: the tokenizer adds special tokens other than a leading BOS (the stage
+    decides whether that is an error).
+    """
+    plain = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    if tokenizer(prompts[0])["input_ids"] == plain:
+        return list(prompts)
+    bos = tokenizer.bos_token
+    if bos and prompts[0].startswith(bos) and tokenizer(prompts[0][len(bos):])["input_ids"] == plain:
+        return [p[len(bos):] if p.startswith(bos) else p for p in prompts]
+    return None

@@ -287,3 +287,33 @@ STAGES: dict[str, type] = {
     "pipeline": PipelineSettings,
     "export": ExportSettings,
 }
+
+
+# -- checks SFT and DPO share (beyond each settings class's validate) ----------------------------------
+
+
+def check_training_settings(s) -> None:
+    """The checks SFT and DPO share, beyond what their settings' validate() does."""
+    if not 0 <= s.warmup_ratio < 1:
+        raise UserError(f"--warmup_ratio must be in [0, 1), got {s.warmup_ratio}.")
+    if s.logging_steps < 1:
+        raise UserError(f"--logging_steps must be at least 1, got {s.logging_steps}.")
+    # WORLD_SIZE as training.distributed.world_size reads it: settings sit below training/ and import none of it.
+    if s.auto_find_batch_size and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UserError("--auto_find_batch_size works in single-process runs only: the processes of a distributed "
+                        "run cannot retry in step. Set --batch_size and --grad_accum instead.")
+    warn_if_unusual("lr", s.lr, USUAL_LR, "LoRA fine-tuning uses 1e-5 to 1e-3; far above, the adapter blows up "
+                    "(the run stops when its weight norm or loss explodes), far below, it does not move")
+
+
+USUAL_LR = (1e-6, 1e-2)  # LoRA learning rates seen in practice, with a margin on both sides
+USUAL_BETA = (0.005, 2.0)  # DPO betas seen in practice (0.01 to 0.5), with a margin
+
+
+def warn_if_unusual(name: str, value: float, usual: tuple[float, float], why: str) -> None:
+    """A warning, not an error: values outside the usual range are legal, but most often a typo."""
+    import warnings
+
+    low, high = usual
+    if not low <= value <= high:
+        warnings.warn(f"--{name} {value:g} is outside its usual range [{low:g}, {high:g}]: {why}.", stacklevel=3)

@@ -15,7 +15,7 @@ mined by `sarcasm-dpo mine` (--preference_data).
     sarcasm-dpo dpo --sft_model models/sft --output_dir models/dpo_enhanced --beta 0.1 --epochs 3 --no_wandb
     python scripts/dpo_train_v2.py --beta_sweep --betas 0.01,0.1,0.5 --no_wandb
 
-Diagnostics (callbacks.py has the exact definitions): at every logging step TRL's rewards/* and a
+Diagnostics (training/diagnostics.py has the exact definitions): at every logging step TRL's rewards/* and a
 reward ratio exp(margin/beta); at every evaluation, every --diagnostics_steps (default about four
 times per epoch) and the last step, the exact KL of the answer-position distribution to the
 reference over a fixed probe set of validation prompts, the drift of the adapter from SFT and the
@@ -34,7 +34,6 @@ split) and beta_sweep.png into OUTPUT_DIR, and copies the best run's adapter the
 from __future__ import annotations
 
 import dataclasses
-import gc
 import math
 import shutil
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 
 from ..atomic import atomic_path, clear_complete, finish_output_dir, prepare_output_dir, read_json, write_json
 from ..errors import UserError
+from ..training.checkpoints import CHECKPOINTS
 from ..training.fast_dpo import describe_step, dpo_trainer_class, is_label_pairs
 from ..training.fused_head import project_labelled_positions_only
 
@@ -51,7 +51,6 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 PRIMARY = "gen_val"  # its F1 picks the saved checkpoint and the best beta
 SECONDARY = "isarcasm_val"  # reported beside it
-CHECKPOINTS = "checkpoints"  # as runtime.CHECKPOINTS; dpo.py imports runtime only when it trains
 STATE_FILE = "dpo_state.json"  # in each checkpoint, written last: the checkpoint is complete
 EPOCH_FILE = "dpo_epoch_metrics.json"
 BATCH_FILE = "dpo_batch_metrics.json"
@@ -95,7 +94,8 @@ def train(s, run_name: str | None = None) -> dict:
     Under `accelerate launch` / `torchrun` every process trains; only the main one writes files and logs.
     """
     from ..models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_tokenizer, pick_device
-    from ..training.runtime import barrier, finish_run_dir, is_main_process, plan_run_dir, save_adapter
+    from ..training.checkpoints import finish_run_dir, plan_run_dir, save_adapter
+    from ..training.distributed import barrier, is_main_process
 
     started = time.perf_counter()
     config = dataclasses.asdict(s)
@@ -183,15 +183,16 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
     """Build the trainer and train; returns (trainer, validation, diagnostics, batch used).
 
     Out of memory: with --auto_find_batch_size each retry halves the batch, doubles gradient
-    accumulation and starts over from the SFT adapter and the same seed (runtime.train_within_memory).
+    accumulation and starts over from the SFT adapter and the same seed (resilience.train_within_memory).
     Ctrl-C / SIGTERM: the current step finishes, a checkpoint is written, StopRequested ends the run.
     A NaN/inf loss stops it with the step and the last good checkpoint named.
     """
     import transformers
 
-    from ..training.callbacks import TrainingDiverged
-    from ..training.runtime import (claim_run_dir, fit_within_memory, is_main_process, latest_checkpoint, quiet, run_trainer,
-                          say)
+    from ..training.checkpoints import claim_run_dir, latest_checkpoint
+    from ..training.distributed import is_main_process, quiet, say
+    from ..training.recipe import run_trainer
+    from ..training.resilience import TrainingDiverged, fit_within_memory, free_memory
 
     main = is_main_process()
     holder = {"model": model, "claimed": False}
@@ -199,7 +200,7 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
     def attempt(batch_size: int, grad_accum: int, eval_batch_size: int, flag):
         if holder["claimed"]:  # a retry: a fresh copy of the SFT starting point, the same seed
             holder["model"] = None
-            _free_memory()
+            free_memory()
             transformers.set_seed(s.seed)
             holder["model"] = load_policy(base_ref, sft_dir, device)
         sized = dataclasses.replace(s, batch_size=batch_size, grad_accum=grad_accum, eval_batch_size=eval_batch_size)
@@ -218,12 +219,9 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
             if main:
                 clear_complete(out)  # the metrics below are this run's: the previous run's marker would lie
                 write_json(out / BATCH_FILE, batch_metrics(s, diagnostics))
-            last = latest_checkpoint(out / CHECKPOINTS, STATE_FILE)
-            kept = f"The last good checkpoint, {last}, is kept" if last else "No checkpoint was written before it"
-            update = "that update was never saved or scored" if exc.applied else "the bad update was not applied"
-            raise UserError(f"DPO training diverged: {exc}; {update}. {kept}. Lower --lr "
-                            f"(now {s.lr:g}) or raise --warmup_ratio, then start over with --overwrite; the metrics "
-                            f"up to that step are in {out / BATCH_FILE}.") from None
+            raise exc.explained("DPO training", latest_checkpoint(out / CHECKPOINTS, STATE_FILE),
+                                f"Lower --lr (now {s.lr:g}) or raise --warmup_ratio, then start over with --overwrite; "
+                                f"the metrics up to that step are in {out / BATCH_FILE}.") from None
         return trainer, validation, diagnostics
 
     (trainer, validation, diagnostics), used = fit_within_memory(attempt, s, "dpo", device)
@@ -232,7 +230,7 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
 
 def check_settings(s) -> None:
     """What DPOSettings.validate leaves to the stage."""
-    from ..training.runtime import check_training_settings
+    from ..settings import check_training_settings
 
     if s.loss_type not in LOSS_TYPES:
         raise UserError(f"--loss_type {s.loss_type!r} is not one of TRL's DPO losses: {', '.join(LOSS_TYPES)}.")
@@ -242,7 +240,7 @@ def check_settings(s) -> None:
             raise UserError(f"--{name} must be 0 or a positive count, got {getattr(s, name)}.")
     if s.beta_sweep and not s.betas:
         raise UserError("--beta_sweep needs at least one value in --betas.")
-    from ..training.runtime import USUAL_BETA, warn_if_unusual
+    from ..settings import USUAL_BETA, warn_if_unusual
 
     for beta in (s.betas if s.beta_sweep else [s.beta]):
         warn_if_unusual("beta", beta, USUAL_BETA, "DPO uses 0.01 to 0.5; a much larger beta barely moves the model from "
@@ -379,7 +377,7 @@ def check_trl_tokens(dataset, pairs, tokenizer, max_length: int) -> None:
 def dpo_args(s, model, ckpt_dir: Path):
     from trl import DPOConfig
 
-    from ..training.runtime import trainer_arguments
+    from ..training.recipe import trainer_arguments
 
     if s.save_steps:
         save = {"save_strategy": "steps", "save_steps": s.save_steps}
@@ -401,15 +399,15 @@ def dpo_args(s, model, ckpt_dir: Path):
 def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, stop_flag=None, printer=print):
     """DPOTrainer on the SFT PeftModel (TRL adds the frozen "ref" copy), with our callbacks.
 
-    With `stop_flag` (runtime.stop_on_signal) a Ctrl-C / SIGTERM ends training with a checkpoint.
+    With `stop_flag` (resilience.stop_on_signal) a Ctrl-C / SIGTERM ends training with a checkpoint.
     """
     from datasets import Dataset
-    from transformers import ProgressCallback
 
-    from ..training.callbacks import DPODiagnosticsCallback, DPOValidationCallback, LossProgressCallback, SaveStateCallback
+    from ..prompts import strip_special_prefix
+    from ..training.callbacks import install_callbacks, stage_callbacks
+    from ..training.diagnostics import DPODiagnosticsCallback, DPOValidationCallback
     from ..training.lean_step import lean
-    from ..training.runtime import (BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback, seeded_length_grouping,
-                          strip_special_prefix)
+    from ..training.recipe import seeded_length_grouping
 
     prompts = strip_special_prefix(tokenizer, list(data.pairs["prompt"]))
     if prompts is None:
@@ -437,15 +435,10 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
                                          batch_size=s.eval_batch_size, max_text_tokens=s.max_text_tokens, log=log,
                                          diagnostics_steps=s.diagnostics_steps, printer=printer)
     validation.diagnostics = diagnostics
-    trainer.add_callback(diagnostics)
-    trainer.add_callback(BarrierOnSaveCallback())  # every process wrote its part before the state file marks it done
-    trainer.add_callback(SaveStateCallback(lambda folder: save_state(folder, validation, diagnostics),
-                                           save_each_epoch=bool(s.save_steps or s.eval_steps)))
-    if stop_flag is not None:  # after the state saver: the checkpoint is complete when it stops the run
-        trainer.add_callback(GracefulStopCallback(stop_flag))
-    trainer.add_callback(LogBeforeSaveCallback())  # last: it sees every save request, the stop's included
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(LossProgressCallback("dpo"))
+    # The trainer holds `validation` already; the rest follow it, in stage_callbacks' order.
+    install_callbacks(trainer, stage_callbacks(validation, lambda folder: save_state(folder, validation, diagnostics),
+                                               save_each_epoch=bool(s.save_steps or s.eval_steps),
+                                               stop_flag=stop_flag, diagnostics=diagnostics), "dpo")
     return trainer, validation, diagnostics
 
 
@@ -454,14 +447,14 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
 
 def save_state(folder: Path, validation, diagnostics) -> None:
     """Validation history, best adapter and diagnostics beside a Trainer checkpoint; the state file last."""
-    from ..training.runtime import save_checkpoint_state
+    from ..training.checkpoints import save_checkpoint_state
 
     save_checkpoint_state(folder, STATE_FILE, {"validation": validation.state_dict(),
                                                "diagnostics": diagnostics.state_dict()}, validation.best_state)
 
 
 def load_state(folder: Path, validation, diagnostics) -> None:
-    from ..training.runtime import load_checkpoint_state
+    from ..training.checkpoints import load_checkpoint_state
 
     state, best = load_checkpoint_state(folder, STATE_FILE)
     validation.load_state_dict(state["validation"])
@@ -480,7 +473,7 @@ def sft_fingerprint(sft_dir: Path) -> str | None:
 
 def _finished_with(out: Path, config: dict, sft_dir: Path) -> bool:
     """True when `out` holds a finished run of these settings, from the same SFT adapter weights."""
-    from ..training.runtime import finished_record
+    from ..training.checkpoints import finished_record
 
     record = finished_record(out, config, SUMMARY_FILE)
     return record is not None and record.get("sft_adapter_sha256") == sft_fingerprint(sft_dir)
@@ -491,7 +484,7 @@ def _finished_with(out: Path, config: dict, sft_dir: Path) -> bool:
 
 def _window_means(records: list[dict], after: int, upto: int, beta: float) -> dict | None:
     """Mean training metrics of the logging steps in (after, upto]; the ratio from the mean margin."""
-    from ..training.callbacks import reward_ratio
+    from ..training.diagnostics import reward_ratio
 
     rows = [r for r in records if after < r["step"] <= upto and "train/loss" in r]
     if not rows:
@@ -526,9 +519,9 @@ def batch_metrics(s, diagnostics) -> dict:
 
 def build_summary(s, base_ref, sft_dir, data, trainer, validation, diagnostics, epochs, saved, device, timings,
                   resume_from, used: dict | None = None) -> dict:
-    from ..training.callbacks import kl_verdict, ratio_verdict
+    from ..training.diagnostics import kl_verdict, ratio_verdict
     from ..data import class_counts, frame_checksum
-    from ..training.runtime import run_record
+    from ..training.recipe import run_record
 
     history = validation.history
     best = next((h for h in history if h["step"] == validation.best_step), None)
@@ -584,7 +577,8 @@ def run_sweep(s) -> dict:
     """One model per beta into OUTPUT_DIR_beta_X; the best by GEN validation F1 is named (and copied)."""
     from ..atomic import check_output_dir
     from ..models import check_adapter_dir
-    from ..training.runtime import barrier, is_main_process
+    from ..training.distributed import barrier, is_main_process
+    from ..training.resilience import free_memory
     from ..tracking import Tracker, make_group_name
 
     started = time.perf_counter()
@@ -610,7 +604,7 @@ def run_sweep(s) -> dict:
                 print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} -> {sub.output_dir}")
             summary = train(sub, run_name=f"dpo-beta-{beta:g}")
         rows.append(sweep_row(beta, sub.output_dir, summary))
-        _free_memory()
+        free_memory()
     # Best by GEN validation F1; ties go to the run that stayed closest to SFT (smaller KL).
     best = max(rows, key=lambda r: (r["val_f1"] if r["val_f1"] is not None else -1.0,
                                     -(r["final_kl"] if r["final_kl"] is not None else math.inf)))
@@ -669,17 +663,6 @@ def copy_run(src: Path, dst: Path, note: dict) -> None:
             shutil.copyfile(src / name, tmp)
 
 
-def _free_memory() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
-
-
 # -- messages --------------------------------------------------------------------------------------------
 
 
@@ -701,7 +684,7 @@ def describe_start(s, data: DPOData, base_ref: str, device, resume_from) -> str:
 
 
 def _processes() -> str:
-    from ..training.runtime import world_size
+    from ..training.distributed import world_size
 
     return f"x{world_size()} processes" if world_size() > 1 else ""
 

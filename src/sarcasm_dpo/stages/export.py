@@ -232,7 +232,7 @@ def run(s) -> dict:
     from ..atomic import check_output_dir, finish_output_dir, is_complete_for, prepare_output_dir, write_json, write_text
     from ..models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_model
     from ..prompts import LABEL_WORDS, QUESTION, label_token_ids
-    from ..training.runtime import save_adapter
+    from ..training.checkpoints import save_adapter
 
     adapter = check_adapter_dir(s.adapter)
     config = {k: v for k, v in dataclasses.asdict(s).items() if k not in PUBLISH_KEYS}

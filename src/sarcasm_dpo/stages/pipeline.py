@@ -125,7 +125,7 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
             settings = dataclasses.replace(settings, dpo_model=_dpo_result_dir(stages["dpo"]))
         out = Path(_output_of(name, settings))
         config = dataclasses.asdict(settings)
-        from ..training.runtime import interrupted_run
+        from ..training.checkpoints import interrupted_run
 
         interrupted = interrupted_run(out)
         # Once a stage has run, everything after it runs too: its inputs just changed.

@@ -24,7 +24,7 @@ the newest complete checkpoint and ends exactly where an uninterrupted run with 
 ends (on CPU bit for bit; tests/test_reliability_resume.py). After a successful run the
 checkpoints are deleted: the saved adapter is the result, and nothing is left to resume.
 
-When things go wrong (runtime.py holds the shared parts; tests/test_reliability_*.py, one per point):
+When things go wrong (training/resilience.py holds the shared parts; tests/test_reliability_*.py, one per point):
 - Ctrl-C / SIGTERM: the current step finishes, a checkpoint is written, the W&B run is closed as
   interrupted, and the CLI prints the command that resumes (exit 130 / 143). A second signal stops at once.
 - Out of memory: --auto_find_batch_size halves --batch_size and doubles --grad_accum (same effective
@@ -47,12 +47,8 @@ import time
 import warnings
 from pathlib import Path
 
-from transformers import TrainerCallback
-
-from ..training import callbacks as shared_callbacks
-from ..training import runtime
 from ..atomic import read_json, write_json
-from ..training.callbacks import LossProgressCallback, SaveStateCallback, TrackerLogCallback, ValidationCallback
+from ..training.callbacks import ValidationCallback, install_callbacks, stage_callbacks
 from ..data import balanced_sample, class_counts, frame_checksum, load_split, overlap_count, stratified_sample
 from ..errors import UserError
 from ..training.fused_head import project_labelled_positions_only
@@ -61,11 +57,13 @@ from ..models import load_base_model, load_tokenizer, pick_device
 from ..training.shared_prefix import SharedPrefixTraining
 from ..training.shared_prefix import trainer_class as prefix_trainer_class
 from ..prompts import build_prompt, label_token_ids, label_word
-from ..training.runtime import (CHECKPOINTS, BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback, barrier,
-                      check_training_settings, claim_run_dir, finish_run_dir, finished_record, fit_within_memory,
-                      is_main_process, load_checkpoint_state, plan_run_dir, quiet, run_record, say,
-                      run_trainer, save_adapter, save_checkpoint_state, seeded_length_grouping, strip_special_prefix,
-                      trainer_arguments, world_size)
+from ..prompts import strip_special_prefix
+from ..settings import check_training_settings
+from ..training.checkpoints import (CHECKPOINTS, claim_run_dir, finish_run_dir, finished_record, latest_checkpoint,
+                                    load_checkpoint_state, plan_run_dir, save_adapter, save_checkpoint_state)
+from ..training.distributed import barrier, is_main_process, quiet, say, world_size
+from ..training.recipe import run_record, run_trainer, seeded_length_grouping, trainer_arguments
+from ..training.resilience import TrainingDiverged, fit_within_memory
 from ..tracking import Tracker
 
 ARTIFACT_NAME = "sft-adapter"  # the DPO run declares this artifact (the output folder) as its input
@@ -75,11 +73,6 @@ STATE_FILE = "validation_state.json"  # in each checkpoint, written last: the ch
 METRICS_FILE = "sft_metrics.json"
 CURVES_FILE = "sft_training_curves.png"
 SUMMARY_FILE = "training_summary.json"
-
-
-class TrainingDiverged(shared_callbacks.TrainingDiverged, UserError):
-    """The loss became NaN or infinite. A UserError (the fix is a setting: a lower --lr), so the CLI
-    prints it as one paragraph; also the shared TrainingDiverged, so one `except` catches both stages'."""
 
 
 def run(settings, extra_callbacks=()) -> dict:
@@ -163,7 +156,7 @@ def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resum
     """Build the trainer and train; returns (trainer, validation callback, train output, batch used).
 
     Out of memory: with --auto_find_batch_size each retry halves the batch, doubles gradient
-    accumulation and starts over from the same seed and weights (runtime.train_within_memory).
+    accumulation and starts over from the same seed and weights (resilience.train_within_memory).
     Ctrl-C / SIGTERM: the current step finishes, a checkpoint is written, StopRequested ends it.
     """
     import transformers
@@ -182,11 +175,9 @@ def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resum
         if resume_from:
             load_validation_state(validation, resume_from)
         # Beside each checkpoint: validation history + best adapter (step checkpoints also at epoch ends).
-        state_saver = SaveStateCallback(lambda folder: save_validation_state(validation, folder),
-                                        save_each_epoch=bool(s.save_steps))
-        callbacks = [validation, BarrierOnSaveCallback(), state_saver, TrackerLogCallback(tracker.log),
-                     NonFiniteLossCallback(out / CHECKPOINTS), GracefulStopCallback(flag), *extra_callbacks,
-                     LogBeforeSaveCallback()]
+        callbacks = stage_callbacks(validation, lambda folder: save_validation_state(validation, folder),
+                                    save_each_epoch=bool(s.save_steps), stop_flag=flag, tracker_log=tracker.log,
+                                    extra=extra_callbacks)
         sized = dataclasses.replace(s, batch_size=batch_size, grad_accum=grad_accum)
         trainer = build_trainer(sized, current, tokenizer, train_ds, out / CHECKPOINTS, callbacks)
         holder["model"] = trainer.model
@@ -198,10 +189,9 @@ def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resum
                                  resume_from))
         try:
             return trainer, validation, run_trainer(trainer, resume_from)
-        except shared_callbacks.TrainingDiverged as exc:  # the lean trainer's per-step check
-            if isinstance(exc, TrainingDiverged):
-                raise
-            NonFiniteLossCallback.stop(exc.step, exc.what, out / CHECKPOINTS, applied=exc.applied)
+        except TrainingDiverged as exc:  # the lean trainer's per-step check, or a NaN/inf logged loss
+            raise exc.explained("Training", latest_checkpoint(out / CHECKPOINTS, STATE_FILE),
+                                "Lower --lr (or raise --warmup_ratio) and start over with --overwrite.") from None
 
     (trainer, validation, result), used = fit_within_memory(attempt, s, "sft", model.device)
     return trainer, validation, result, used
@@ -236,11 +226,6 @@ def load_data(s):
         warnings.warn(f"{shared} text(s) appear in both {s.train_csv} and {s.val_csv}; validation F1 will be "
                       "optimistic. Re-create the splits with `sarcasm-dpo split`.", stacklevel=2)
     return train, val
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint of an SFT run in `ckpt_dir`."""
-    return runtime.latest_checkpoint(ckpt_dir, STATE_FILE)
 
 
 def check_lora_targets(model, targets: list[str]) -> None:
@@ -316,7 +301,6 @@ def training_args(s, model, ckpt_dir: Path):
 
 def build_trainer(s, model, tokenizer, train_ds, ckpt_dir: Path, callbacks=()):
     """SFTTrainer with LoRA on the base model; the progress bar shows loss and ETA."""
-    from transformers import ProgressCallback
     from trl import SFTTrainer
 
     # On CPU/MPS, TRL would run the LM head over every prompt position only to mask it out (fused_head.py).
@@ -327,8 +311,7 @@ def build_trainer(s, model, tokenizer, train_ds, ckpt_dir: Path, callbacks=()):
     trainer = seeded_length_grouping(lean(trainer_class))(
         model=model, args=training_args(s, model, ckpt_dir), train_dataset=train_ds, processing_class=tokenizer,
         peft_config=lora_config(s), callbacks=list(callbacks))
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(LossProgressCallback("sft"))
+    install_callbacks(trainer, list(callbacks), "sft")
     return trainer
 
 
@@ -338,7 +321,7 @@ def parameter_counts(model) -> dict:
     return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1)}
 
 
-# -- checkpoint state and the divergence guard -------------------------------------------------------
+# -- checkpoint state -------------------------------------------------------
 
 
 def save_validation_state(validation: ValidationCallback, folder: Path) -> None:
@@ -351,33 +334,6 @@ def load_validation_state(validation: ValidationCallback, folder: Path) -> None:
     validation.load_state_dict(state)
     if best is not None:
         validation.best_state = best
-
-
-class NonFiniteLossCallback(TrainerCallback):
-    """Stop when a logged loss is NaN/inf, naming the step and the last good checkpoint.
-
-    The gradients, the step's loss and the LoRA weights are checked at every step, before the
-    optimizer applies the update, by the lean trainer (lean_trainer.py); `stop` turns its finding
-    into this stage's message, so the bad update is never applied and the last checkpoint stays usable.
-    """
-
-    def __init__(self, ckpt_dir: Path | None = None):
-        self.ckpt_dir = ckpt_dir
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            self.stop(state.global_step, "loss became NaN or infinite", self.ckpt_dir)
-
-    @staticmethod
-    def stop(step: int, what: str, ckpt_dir: Path | None, applied: bool = False) -> None:
-        last = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
-        kept = (f"The last good checkpoint, {last}, is kept (written before the fault)" if last else
-                "No checkpoint was written before the fault")
-        update = ("that update was never saved or scored" if applied else "the bad update was not applied")
-        raise TrainingDiverged(
-            f"Training diverged: the {what} at optimizer step {step}; {update}. {kept}. Lower --lr (or raise "
-            f"--warmup_ratio) and start over with --overwrite.")
 
 
 # -- save --------------------------------------------------------------------------------------------

@@ -1,15 +1,24 @@
-"""TrainerCallbacks: the diagnostics that the trainers do not compute themselves, in one module.
+"""Every TrainerCallback the training stages use, and the one function that puts them in order.
 
 - ValidationCallback: scores validation splits with the shared Scorer (one forward pass per
   batch), keeps the best adapter by F1 and stops early after `patience` evaluations without a
   better F1. Used by SFT and DPO alike, so "validation F1" means the same thing in both.
-- DPO-only diagnostics (KL to the reference, reward ratio, drift) live below it.
+- TrackerLogCallback / LossProgressCallback: the Trainer's logs to W&B and to a tqdm bar.
+- SaveStateCallback, BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback: what
+  makes a checkpoint complete, and a Ctrl-C end in one (resilience.stop_on_signal).
+- NonFiniteLossCallback: a NaN/inf logged loss stops the run (resilience.TrainingDiverged).
+- `stage_callbacks()` fixes their order for every stage; `install_callbacks()` hands them to a trainer.
+  The DPO diagnostics (KL, reward ratio, drift) are in diagnostics.py.
+
+    python -c "from sarcasm_dpo.training.callbacks import stage_callbacks; help(stage_callbacks)"
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import time
+from pathlib import Path
 from typing import Callable
 
 import pandas as pd
@@ -17,7 +26,8 @@ from transformers import TrainerCallback
 
 from ..metrics import classification_metrics
 from ..scoring import Scorer
-
+from .distributed import any_process, barrier, note
+from .resilience import StopFlag, StopRequested, check_logged_loss, validation_scoring
 
 def adapter_state(model) -> dict:
     """A detached CPU copy of the trainable adapter weights (a few MB for LoRA)."""
@@ -80,9 +90,10 @@ class ValidationCallback(TrainerCallback):
         start = time.perf_counter()
         scorer = Scorer(model, self.tokenizer, batch_size=self.batch_size, max_text_tokens=self.max_text_tokens)
         record: dict = {"step": int(step), "epoch": round(float(epoch or 0.0), 4)}
-        for name, frame in self.val_sets.items():
-            probs = scorer.predict_proba(frame["text"].tolist())
-            record[name] = classification_metrics(frame["label"].to_numpy(), probs)
+        with validation_scoring():  # out of memory here: --eval_batch_size is what to shrink
+            for name, frame in self.val_sets.items():
+                probs = scorer.predict_proba(frame["text"].tolist())
+                record[name] = classification_metrics(frame["label"].to_numpy(), probs)
         self.eval_seconds += time.perf_counter() - start
         f1 = record[self.primary]["f1"]
         improved = f1 > self.best_f1
@@ -109,8 +120,6 @@ class ValidationCallback(TrainerCallback):
         return record
 
     def _maybe_stop(self, control, args=None) -> None:
-        from ..training.runtime import any_process
-
         # Under several processes each one evaluates; they must stop at the same step or the one that
         # goes on waits forever for the others, so one process wanting to stop stops them all.
         if any_process(bool(self.patience and self.bad_evals >= self.patience), getattr(args, "device", None)):
@@ -214,271 +223,6 @@ class LossProgressCallback(TrainerCallback):
             self.bar = None
 
 
-# --- DPO diagnostics (dpo.py) ---------------------------------------------------------------------
-#
-# Definitions (all computed from the models, never estimated from text):
-# - dpo/kl: exact KL(policy || reference) of the next-token distribution at the answer position
-#   (the last prompt position, where the scorer reads Yes/No), over the full vocabulary, averaged
-#   over a fixed probe set of validation prompts. In nats. The reference is the frozen SFT adapter.
-# - dpo/logratio_chosen, dpo/logratio_rejected: mean sequence log-ratio log pi(y|x) - log pi_ref(y|x)
-#   over the logged batches (TRL's rewards/* divided by beta).
-# - dpo/reward_ratio: exp(rewards/margins / beta), i.e. the geometric mean over the logged pairs of
-#   [pi(chosen)/pi_ref(chosen)] / [pi(rejected)/pi_ref(rejected)]: how many times more the policy
-#   prefers the chosen answer over the rejected one than the reference did. 1 at the start; it stays
-#   well defined when the rewards are negative, unlike rewards/chosen / rewards/rejected.
-# - dpo/drift: ||theta - theta_sft|| / ||theta_sft|| over the LoRA parameters (A and B matrices);
-#   dpo/drift_delta_w: the same on the weight update the adapter applies, sum over modules of
-#   ||B A - B0 A0||_F^2, relative to sum ||B0 A0||_F^2 (the LoRA scaling cancels).
-# - dpo/flip_rate: share of probe prompts whose decision (P(sarcastic) >= 0.5) differs between the
-#   policy and the reference.
-
-KL_HEALTHY = (0.5, 2.0)  # nats; the original guide's "sweet spot" for the KL to the reference
-RATIO_HEALTHY = 1.2  # the original guide: a reward ratio above this means preferences are learned
-
-# Why the advice names no direction for beta: it scales the loss's gradient (early on, a larger beta
-# moves the model faster: the original guide's "raise beta when KL is low") and it is the weight of
-# the pull back to the reference (at convergence, a larger beta stays closer). Which wins depends on
-# the run, so the advice points at the measurement.
-_BETA_BOTH_WAYS = ("Beta acts both ways (a larger one takes bigger early steps but pulls harder back to the "
-                   "reference), so compare values with --beta_sweep rather than guessing its direction.")
-ADVICE = {
-    "kl_too_high": ("KL to the SFT reference is {value:.4g}, above {high:g}: DPO is moving far from what SFT "
-                    "taught. Lower --lr or train for fewer epochs. " + _BETA_BOTH_WAYS),
-    "kl_too_low": ("KL to the SFT reference is {value:.4g}, below {low:g}: DPO has barely changed the SFT model. "
-                   "Train longer or with a higher --lr. " + _BETA_BOTH_WAYS),
-    "ratio_weak": ("Reward ratio is {value:.3f}, not above {threshold:g}: the policy prefers the chosen answers "
-                   "little more than the reference did. Train longer, use better pairs (`sarcasm-dpo mine`), or compare "
-                   "betas with --beta_sweep."),
-}
-
-
-class TrainingDiverged(Exception):
-    """The loss, the gradients or the trainable weights became NaN, infinite or exploded; the run stops
-    before the bad update (lean_trainer.py checks each step). `step` and `what` say where and what."""
-
-    def __init__(self, message: str, *, step: int | None = None, what: str | None = None, applied: bool = False):
-        super().__init__(message)
-        self.step, self.what, self.applied = step, what, applied
-
-
-def reward_ratio(margin: float | None, beta: float) -> float | None:
-    """exp(margin / beta): the odds ratio of chosen over rejected, relative to the reference."""
-    if margin is None or not math.isfinite(margin):
-        return None
-    return math.exp(min(margin / beta, 700.0))  # 700: stay finite in float64
-
-
-def kl_verdict(kl: float | None, healthy: tuple[float, float] = KL_HEALTHY) -> dict:
-    """{"value", "range", "verdict" (healthy/too_low/too_high/unknown), "advice"}."""
-    low, high = healthy
-    if kl is None or not math.isfinite(kl):
-        return {"value": kl, "range": list(healthy), "verdict": "unknown", "advice": None}
-    verdict = "too_high" if kl > high else "too_low" if kl < low else "healthy"
-    advice = ADVICE.get(f"kl_{verdict}", "").format(value=kl, low=low, high=high) or None
-    return {"value": kl, "range": list(healthy), "verdict": verdict, "advice": advice}
-
-
-def ratio_verdict(ratio: float | None, threshold: float = RATIO_HEALTHY) -> dict:
-    """{"value", "threshold", "verdict" (healthy/weak/unknown), "advice"}."""
-    if ratio is None or not math.isfinite(ratio):
-        return {"value": ratio, "threshold": threshold, "verdict": "unknown", "advice": None}
-    healthy = ratio > threshold
-    return {"value": ratio, "threshold": threshold, "verdict": "healthy" if healthy else "weak",
-            "advice": None if healthy else ADVICE["ratio_weak"].format(value=ratio, threshold=threshold)}
-
-
-def lora_weights(model, adapter: str = "default", copy: bool = True) -> dict:
-    """One adapter's LoRA parameters in float, keyed by name without the adapter name, on the model's
-    device (a snapshot when `copy`, else views of the live weights): never copied to the host per log."""
-    marker = f".{adapter}."
-    return {name.replace(marker, "."): (p.detach().float().clone() if copy else p.detach().float())
-            for name, p in model.named_parameters() if "lora_" in name and marker in name}
-
-
-def weight_drift(now: dict, start: dict) -> dict:
-    """Relative change of the LoRA parameters and of the weight update B@A (see the definitions above).
-    Summed on the device; one read back to the host."""
-    import torch
-
-    sums = []
-    for key, w0 in start.items():
-        sums += [((now[key] - w0) ** 2).sum(), (w0 ** 2).sum()]
-    for key, a0 in start.items():
-        b_key = key.replace("lora_A.weight", "lora_B.weight")
-        if not key.endswith("lora_A.weight") or b_key not in start:
-            continue
-        d0 = start[b_key] @ a0
-        sums += [((now[b_key] @ now[key] - d0) ** 2).sum(), (d0 ** 2).sum()]
-    values = torch.stack(sums).double().cpu().view(-1, 2) if sums else torch.zeros(0, 2, dtype=torch.float64)
-    num, den = values[:len(start)].sum(0).tolist()
-    dnum, dden = values[len(start):].sum(0).tolist()
-    return {"dpo/drift": math.sqrt(num / den) if den > 0 else None,
-            "dpo/drift_delta_w": math.sqrt(dnum / dden) if dden > 0 else None}
-
-
-class DPODiagnosticsCallback(TrainerCallback):
-    """KL to the reference, reward ratio, drift and prediction flips.
-
-    TRL's training metrics (and the reward ratio from them) are recorded at every logging step;
-    KL, drift and flips, which cost a pass over the probe set, at every evaluation (through
-    DPOValidationCallback), at step 0, on the logging steps that are multiples of
-    `diagnostics_steps` (0: about four times per epoch) and at the last logged step.
-
-    Built after DPOTrainer, on the PeftModel that carries the trained adapter ("default") and
-    TRL's frozen copy of the SFT adapter ("ref"). The starting LoRA weights are copied here, before
-    any checkpoint is loaded, so drift is always measured from SFT. `records` holds one flat dict
-    per logging step (plus step 0), with the same keys that go to W&B. A NaN/inf logged loss raises
-    TrainingDiverged (the lean trainer checks gradients, loss and weights at every step, before the update).
-    """
-
-    def __init__(self, model, tokenizer, probe_texts, *, beta: float, policy_adapter: str = "default",
-                 reference_adapter: str = "ref", batch_size: int = 16, max_text_tokens: int = 256,
-                 diagnostics_steps: int = 0, log: Callable[[dict, int], None] | None = None,
-                 printer: Callable[[str], None] = print):
-        self.scorer = Scorer(model, tokenizer, batch_size=batch_size, max_text_tokens=max_text_tokens)
-        self.encoded = self.scorer.encode(list(probe_texts))
-        self.beta = beta
-        self.policy_adapter = policy_adapter
-        self.reference_adapter = reference_adapter
-        self.start = lora_weights(model, policy_adapter)  # on the device, copied once
-        self.diagnostics_steps = diagnostics_steps
-        self._every = max(1, diagnostics_steps)  # set at train begin when diagnostics_steps is 0
-        self.log = log
-        self.printer = printer
-        self.records: list[dict] = []
-        self.seconds = 0.0
-        self._ref_logprobs = None  # the reference is frozen: its probe distribution is computed once
-        self._cache: tuple[int, dict] | None = None
-
-    # -- state for resume: the records so far travel with each checkpoint ---------------------
-    def state_dict(self) -> dict:
-        return {"records": self.records}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.records = list(state.get("records", []))
-
-    # -- measurements -------------------------------------------------------------------------
-    def _answer_logprobs(self, model):
-        """(n, vocab) log-softmax of the next token at the answer position, in probe order."""
-        import torch
-
-        # The scorer's own model call (shared-prefix cache included), with the whole vocabulary kept.
-        # The prefix is run again each time: the adapter in use changes its keys/values.
-        self.scorer.model = model
-        rows = [None] * len(self.encoded)
-        batches, prefix = self.scorer.plan_encoded(self.encoded)
-        for idx, inputs in batches:
-            logits = self.scorer.next_token_logits(inputs, prefix)
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-            for row, i in enumerate(idx):
-                rows[i] = logprobs[row]
-        return torch.stack(rows)
-
-    def measure(self, model, step: int | None = None) -> dict:
-        """KL, flips and drift of the model as it is now (cached per step: weights change only between steps)."""
-        import torch
-        from trl.trainer.utils import use_adapter
-
-        if step is not None and self._cache and self._cache[0] == step:
-            return dict(self._cache[1])
-        start = time.perf_counter()
-        model = getattr(model, "module", model)  # DDP wrapper
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                policy = self._answer_logprobs(model)
-                if self._ref_logprobs is None:
-                    with use_adapter(model, self.reference_adapter):
-                        self._ref_logprobs = self._answer_logprobs(model)
-        finally:
-            if was_training:
-                model.train()
-        ref = self._ref_logprobs
-        kl = (policy.exp() * (policy - ref)).sum(-1).clamp(min=0.0)  # tiny negatives are float error
-        no_id, yes_id = self.scorer.no_id, self.scorer.yes_id
-        says_yes_policy = policy[:, yes_id] >= policy[:, no_id]  # P(sarcastic) >= 0.5, as the scorer decides
-        says_yes_ref = ref[:, yes_id] >= ref[:, no_id]
-        out = {"dpo/kl": float(kl.mean()), "dpo/kl_max": float(kl.max()),
-               "dpo/flip_rate": float((says_yes_policy != says_yes_ref).float().mean()),
-               "dpo/probe_p_sarcastic": float(torch.sigmoid(policy[:, yes_id] - policy[:, no_id]).mean()),
-               **weight_drift(lora_weights(model, self.policy_adapter, copy=False), self.start)}
-        self.seconds += time.perf_counter() - start
-        if step is not None:
-            self._cache = (step, dict(out))
-        return out
-
-    def diagnostic_step(self, state) -> bool:
-        """KL, drift and flips at this logged step? Every `diagnostics_steps`, the last step, or when an
-        evaluation at this step measured them already (cached)."""
-        step = state.global_step
-        cached = self._cache is not None and self._cache[0] == step
-        return cached or step % self._every == 0 or step >= state.max_steps
-
-    # -- events -------------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        if not self.diagnostics_steps:  # about four times per epoch
-            batches = len(train_dataloader) if train_dataloader is not None else 0
-            per_epoch = max(1, math.ceil(batches / max(1, args.gradient_accumulation_steps)))
-            self._every = max(1, round(per_epoch / 4))
-        if state.global_step == 0 and not self.records:
-            record = {"step": 0, "epoch": 0.0, **self.measure(model, 0)}
-            self.records.append(record)
-            if self.log:
-                self.log({k: v for k, v in record.items() if k not in ("step", "epoch") and v is not None}, 0)
-
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        logs = logs or {}
-        if "loss" not in logs:  # the end-of-training totals, or an evaluation log
-            return
-        if not math.isfinite(logs["loss"]):
-            raise TrainingDiverged(f"the logged loss became {logs['loss']} at optimizer step {state.global_step}")
-        record = {"step": int(state.global_step), "epoch": round(float(state.epoch or 0.0), 4)}
-        for key in ("loss", "learning_rate", "grad_norm", "entropy"):
-            if key in logs:
-                record[f"train/{key}"] = logs[key]
-        for key, value in logs.items():  # TRL's own metrics keep their names (rewards/margins, ...)
-            if key.startswith(("rewards/", "logps/", "logits/")):
-                record[key] = value
-        if "rewards/margins" in logs:
-            record["dpo/reward_ratio"] = reward_ratio(logs["rewards/margins"], self.beta)
-        for side in ("chosen", "rejected"):
-            if f"rewards/{side}" in logs:
-                record[f"dpo/logratio_{side}"] = logs[f"rewards/{side}"] / self.beta
-        if self.diagnostic_step(state):
-            record.update(self.measure(model, state.global_step))
-        self.records.append(record)
-        if self.log:
-            self.log({k: v for k, v in record.items() if k not in ("step", "epoch") and v is not None},
-                     record["step"])
-        self.printer(describe_dpo_record(record))
-
-
-def describe_dpo_record(r: dict) -> str:
-    def f(key, fmt=".3f"):
-        value = r.get(key)
-        return "n/a" if value is None else format(value, fmt)
-
-    return (f"[dpo] step {r['step']}: loss {f('train/loss', '.4f')}  margin {f('rewards/margins')}  "
-            f"acc {f('rewards/accuracies', '.2f')}  ratio {f('dpo/reward_ratio', '.2f')}  KL {f('dpo/kl', '.4f')}  "
-            f"drift {f('dpo/drift')}  flips {f('dpo/flip_rate', '.2f')}")
-
-
-class DPOValidationCallback(ValidationCallback):
-    """ValidationCallback whose every evaluation record also carries the DPO diagnostics at that step,
-    so the epoch metrics show F1 beside KL, drift and flips of the very same weights."""
-
-    def __init__(self, *args, diagnostics: DPODiagnosticsCallback | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.diagnostics = diagnostics
-
-    def evaluate(self, model, step: int, epoch: float) -> dict:
-        record = super().evaluate(model, step, epoch)
-        if self.diagnostics is not None:
-            record["diagnostics"] = self.diagnostics.measure(model, step)
-        return record
-
-
 class SaveStateCallback(TrainerCallback):
     """Call `save(folder)` after each Trainer checkpoint, so a stage can store its own state beside it
     (validation history, best adapter, diagnostics); written last, it marks the checkpoint complete."""
@@ -494,6 +238,139 @@ class SaveStateCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            from pathlib import Path
-
             self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+# --- checkpoints and a clean stop -----------------------------------------------------------------
+
+
+class GracefulStopCallback(TrainerCallback):
+    """Turn a pending stop request into a checkpoint and a clean stop, at a step boundary.
+
+    At each step end (and epoch end, which follows the validation pass) the processes agree on
+    whether any of them was signalled; if so the Trainer saves a checkpoint right away (its usual
+    `_save_checkpoint`: weights, optimizer, scheduler, RNG states, trainer state). Put this callback
+    after the stage's state saver, so that by the time `on_save` reaches it the checkpoint is
+    complete; it then raises StopRequested, which ends `trainer.train()` without another evaluation.
+    """
+
+    def __init__(self, flag: StopFlag):
+        self.flag = flag
+        self.stopping = False
+
+    def _check(self, args, control, state=None) -> None:
+        if not self.stopping and any_process(bool(self.flag), getattr(args, "device", None)):
+            self.stopping = True
+            control.should_save = True
+            if state is not None:  # the wait is over: say what the last seconds are spent on
+                note(f"Writing checkpoint-{state.global_step}, then stopping.\n")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.flag.step = state.global_step + 1
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # An epoch's last step is followed by that epoch's validation (on_epoch_end). A checkpoint
+        # taken here would miss it, and the resumed run, starting after the epoch, would never
+        # validate it: its best-epoch choice would differ from an uninterrupted run's. So wait for
+        # the epoch end there. state.epoch is the same in every process, so they all agree.
+        if state.epoch is None or not float(state.epoch).is_integer():
+            self._check(args, control, state)
+        elif self.flag and not self.stopping:
+            note(f"Step {state.global_step} ends epoch {round(state.epoch)}: validating it first, then writing "
+                  "the checkpoint.\n")
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._check(args, control, state)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.stopping:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            raise StopRequested(self.flag.signum or signal.SIGTERM, checkpoint, state.global_step)
+
+
+class LogBeforeSaveCallback(TrainerCallback):
+    """Close the Trainer's logging window at every checkpoint; put it last.
+
+    The Trainer averages the loss (and TRL its reward metrics) over the steps since the last log,
+    and a resumed run starts a fresh window. A checkpoint taken mid-window would lose the steps
+    before it from every average, and the first log after a resume would be read as covering
+    steps it never saw. Logging at each checkpoint keeps each logged window exact, so per-epoch
+    and whole-run training losses of a resumed run equal the uninterrupted run's.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+        return control
+
+    on_epoch_end = on_step_end
+
+
+class BarrierOnSaveCallback(TrainerCallback):
+    """Every process has written its part of a checkpoint (each writes its own RNG state) before the
+    main process marks it complete; put it before the state saver."""
+
+    def on_save(self, args, state, control, **kwargs):
+        barrier()
+
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Stop when a logged loss is NaN or infinite (resilience.TrainingDiverged, naming the step).
+
+    The lean trainer (lean_step.py) checks the gradients, the step's loss and the weights at every
+    step, before the update, so this rarely fires first; it keeps the rule whole for a loss that
+    turns non-finite only in the Trainer's averaging. The stage turns the exception into its message.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        check_logged_loss(logs, state.global_step)
+
+
+# --- the order ------------------------------------------------------------------------------------
+
+
+def stage_callbacks(validation: ValidationCallback, save_state: Callable[[Path], None], *, save_each_epoch: bool,
+                    stop_flag: StopFlag | None = None, diagnostics: TrainerCallback | None = None,
+                    tracker_log: Callable[[dict, int], None] | None = None, extra=()) -> list:
+    """A training stage's callbacks, in the one order that works (the Trainer calls them in list order):
+
+    1. `validation`: at an epoch end it scores before anything below saves or stops there, so a
+       checkpoint (and a Ctrl-C stop) carries that epoch's validation.
+    2. `diagnostics` (DPO's, diagnostics.py): they check the logged loss themselves, before they record
+       it; without them NonFiniteLossCallback (6) does.
+    3. BarrierOnSaveCallback: every process has written its part of a checkpoint before
+    4. the state saver (SaveStateCallback calling `save_state(folder)`) writes the stage's state, last,
+       which marks the checkpoint complete; with `save_each_epoch`, it also asks for one at each epoch end.
+    5. TrackerLogCallback(`tracker_log`) when given: the Trainer's logs to W&B.
+    6. NonFiniteLossCallback, when there are no `diagnostics`.
+    7. GracefulStopCallback(`stop_flag`) when given: after the state saver, so the checkpoint is
+       complete when it raises StopRequested.
+    8. `extra` (the tests interrupt or poison runs with these).
+    9. LogBeforeSaveCallback: last, so it sees every save request, the stop's included.
+    """
+    return [validation,
+            *([diagnostics] if diagnostics is not None else []),
+            BarrierOnSaveCallback(),
+            SaveStateCallback(save_state, save_each_epoch=save_each_epoch),
+            *([TrackerLogCallback(tracker_log)] if tracker_log is not None else []),
+            *([NonFiniteLossCallback()] if diagnostics is None else []),
+            *([GracefulStopCallback(stop_flag)] if stop_flag is not None else []),
+            *extra,
+            LogBeforeSaveCallback()]
+
+
+def install_callbacks(trainer, callbacks: list, bar: str) -> None:
+    """Add to `trainer` those of `callbacks` it does not hold yet, in order, and swap the Trainer's progress
+    bar (one line per log) for LossProgressCallback's (`bar` names it: "sft", "dpo")."""
+    from transformers import ProgressCallback
+
+    held = trainer.callback_handler.callbacks
+    for callback in callbacks:
+        if not any(c is callback for c in held):
+            trainer.add_callback(callback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(LossProgressCallback(bar))

@@ -3,7 +3,7 @@
     PYTHONPATH=src python bench/training.py --steps 12      # stage step vs a bare PyTorch loop
 
 `lean(trainer_class)` returns a subclass of an SFTTrainer / DPOTrainer (or any subclass of them,
-e.g. one that `runtime.seeded_length_grouping` made) that composes through cooperative `super()`:
+e.g. one that `recipe.seeded_length_grouping` made) that composes through cooperative `super()`:
 
 - `model.train()` only when the model is not in training mode already (the Trainer calls it on
   every micro-batch, a walk over ~1,300 modules; the first step after each validation pass,
@@ -17,7 +17,7 @@ e.g. one that `runtime.seeded_length_grouping` made) that composes through coope
   loss above LOSS_FACTOR x max(first step's loss, 1) (single-process runs: each process has its
   own loss) or a trainable-weight norm above
   WEIGHT_FACTOR x its value at the start of this training run raises
-  `callbacks.TrainingDiverged` naming the step; the optimizer never applies that update. (The
+  `resilience.TrainingDiverged` naming the step; the optimizer never applies that update. (The
   weight norm is the one the previous update produced; before any checkpoint, evaluation or log
   the newest update is checked as well, so exploded weights are never saved or scored.)
 - TRL's extra metrics (entropy, token accuracy, DPO's rewards/logps/logits, num_tokens) are
@@ -39,7 +39,8 @@ import math
 
 from transformers import TrainerCallback
 
-from ..training.runtime import world_size
+from .distributed import world_size
+from .resilience import TrainingDiverged
 
 LOSS_FACTOR = 10.0  # a step loss this many times max(first step's loss, 1) is an explosion, not noise
 WEIGHT_FACTOR = 10.0  # trainable weights whose norm grew this many times since the start have exploded
@@ -179,9 +180,7 @@ class LeanStepMixin:
                                        f"{WEIGHT_FACTOR:g}x its {self._lean_start_norm:.4g} at the start", applied=True)
 
     def _diverged(self, step: int, what: str, applied: bool = False):
-        from ..training.callbacks import TrainingDiverged
-
-        raise TrainingDiverged(f"the {what} at optimizer step {step}", step=step, what=what, applied=applied)
+        raise TrainingDiverged(what, step, applied=applied)
 
     # -- TRL's extra metrics only on steps that log ---------------------------------------------------
     def _step_logs(self, step: int) -> bool:

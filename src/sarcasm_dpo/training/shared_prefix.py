@@ -22,7 +22,8 @@ fused_lm_head=True)`); `FastForward` hands TRL's `compute_loss` a stand-in model
 call this way and gives the outputs back in TRL's own layout (zeros on the prefix, where the
 labels are -100 anyway), so TRL's losses, metrics and logging are untouched. The fused head
 (and fused_head.py's CPU patch that projects only the labelled positions) runs as before, on the
-rows' own tokens. fast_dpo.py's one-pass DPO path uses the same stand-in.
+rows' own tokens. fast_dpo.py's one-pass DPO path uses the same stand-in, with `prompt_once_forward`
+(here, beside the shared-prefix forward it builds on).
 
 LoRA dropout: with --lora_dropout > 0 (SFT; TRL's DPO turns dropout off), the prefix's dropout
 mask is drawn once per micro-batch and shared by its rows instead of once per row. Each row's loss
@@ -102,11 +103,72 @@ def prefix_forward(model, input_ids, attention_mask, labels, prefix: PrefixCache
     return FusedCausalLMOutput(loss=out.loss, aux_loss=out.aux_loss, **fields)
 
 
+def prompt_once_forward(model, input_ids, attention_mask, labels, prefix_of=None):
+    """TRL's fused-head output for a [chosen rows; rejected rows] batch, each prompt run once.
+
+    `labels` is `input_ids` with -100 outside the answers (TRL's layout: right-padded rows, answer
+    right after the prompt). Falls back to the full rows when the batch is not laid out that way.
+    `prefix_of` (SharedPrefixTraining): the prompts' shared prefix runs once too.
+    """
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    rows, width = input_ids.shape
+    pairs = rows // 2
+    answer = labels != -100
+    prompt_len = answer.int().argmax(-1)  # the first answer position = the prompt's length
+    answer_len = answer.sum(-1)
+    steps = torch.arange(width, device=input_ids.device)
+    in_prompt = steps[None] < prompt_len[:pairs, None]
+    layout_ok = (rows == 2 * pairs and bool(answer.any(-1).all()) and int(prompt_len.min()) >= 2
+                 and bool((prompt_len[:pairs] == prompt_len[pairs:]).all())
+                 and bool(((input_ids[:pairs] == input_ids[pairs:]) | ~in_prompt).all()))
+    if not layout_ok:  # not two rows per pair on one prompt: TRL's full-row call
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
+
+    # 1. Each pair's prompt but its last token, once: B right-padded rows through the backbone, with gradients.
+    head_len = prompt_len[:pairs] - 1
+    head_width = int(head_len.max())
+    head_mask = (steps[:head_width][None] < head_len[:, None]).long()
+    heads = input_ids[:pairs, :head_width]
+    prefix = prefix_of(prompt_ids(heads, labels[:pairs], drop_last=1)) if prefix_of else None
+    if prefix is None:
+        layers = run_rows(model, heads, head_mask)
+    else:  # the heads' shared prefix once more: [prefix | each head's own tokens]
+        k = prefix.length
+        mask, positions = continuing(head_mask[:, k:], k)
+        layers = run_rows(model, heads[:, k:], mask, positions, start=prefix.cache_for(pairs))
+    layers = [(torch.cat([k, k]), torch.cat([v, v])) for k, v in layers]  # chosen rows, then rejected rows
+
+    # 2. Every row's [last prompt token, answer tokens but the last], scored against its answer tokens.
+    tail_width = int(answer_len.max())
+    valid = steps[:tail_width][None] < answer_len[:, None]
+    at = (prompt_len - 1)[:, None] + steps[:tail_width][None]  # positions in the full row
+    tail_ids = input_ids.gather(1, at.clamp(max=width - 1)).masked_fill(~valid, 0)
+    tail_labels = input_ids.gather(1, (at + 1).clamp(max=width - 1)).masked_fill(~valid, -100)
+    mask = torch.cat([head_mask.repeat(2, 1), valid.long()], 1)
+    out = model(input_ids=tail_ids, attention_mask=mask, position_ids=at, shift_labels=tail_labels,
+                fused_lm_head=True, use_cache=False, **{cache_argument(model): cache_from(layers, model)})
+
+    # 3. Back into TRL's layout: (rows, width - 1), next-token position t scored against token t + 1.
+    target = answer[:, 1:]
+
+    def place(values):
+        if values is None:
+            return None
+        return values.new_zeros(target.shape).masked_scatter(target, values[valid])
+
+    log_probs = place(out.log_probs)
+    return FusedCausalLMOutput(loss=-log_probs.sum() / target.sum().clamp(min=1), log_probs=log_probs,
+                               entropy=place(out.entropy), log_sum_sq_probs=place(out.log_sum_sq_probs),
+                               mean_logits=place(out.mean_logits), is_top1=place(out.is_top1), label_mask=target)
+
+
 class FastModel:
     """Stands in for the model in TRL's `model(..., labels=..., fused_lm_head=True)` call.
 
     `prompt_once`: a DPO batch of [chosen rows; rejected rows], each pair's prompt run once
-    (fast_dpo.prompt_once_forward). `prefix_of`: ids -> PrefixCache or None, the shared-prefix
+    (prompt_once_forward, used by fast_dpo.OnePassPairs). `prefix_of`: ids -> PrefixCache or None, the shared-prefix
     path. Every other call, and every attribute, goes to the model itself.
     """
 
@@ -125,8 +187,6 @@ class FastModel:
         if attention_mask is None:
             return self.model(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
         if self.prompt_once:
-            from ..training.fast_dpo import prompt_once_forward
-
             return prompt_once_forward(self.model, input_ids, attention_mask, labels, prefix_of=self.prefix_of)
         prefix = self.prefix_of(prompt_ids(input_ids, labels)) if self.prefix_of else None
         if prefix is None:

@@ -1,0 +1,178 @@
+"""A training stage's output folder and its checkpoints: the folder's life, --resume, the saved adapter.
+
+- `plan_run_dir()` / `claim_run_dir()` / `finish_run_dir()`: the output folder is checked read-only
+  first, taken over only when every check passed, marked complete last; `finished_record()` and
+  `interrupted_run()` tell a finished run from a stopped one.
+- `latest_checkpoint()` and `save/load_checkpoint_state()`: the Trainer's checkpoints in
+  OUTPUT_DIR/checkpoints/, with the stage's own state beside each (written last, so its presence
+  marks the checkpoint complete); --resume continues from the newest complete one.
+- `save_adapter()`: the trained adapter and tokenizer, moved into place file by file.
+
+    sarcasm-dpo sft --output_dir models/sft --resume --no_wandb   # continue an interrupted run
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import UserError
+from .distributed import barrier, is_main_process
+
+CHECKPOINTS = "checkpoints"  # in the output folder
+RUN_CONFIG = "run_config.json"  # in checkpoints/: whose checkpoints these are
+BEST_FILE = "validation_best_adapter.safetensors"  # in each checkpoint: the best adapter so far
+# Settings that may change between an interrupted run and its --resume without changing the math.
+RESUME_NEUTRAL = ("device", "eval_batch_size", "logging_steps", "save_steps", "auto_find_batch_size",
+                  "gradient_checkpointing", "diagnostics_steps")
+
+
+def latest_checkpoint(ckpt_dir: Path, state_file: str) -> Path | None:
+    """The newest checkpoint whose save finished (the stage's `state_file` is written after the Trainer's)."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = []
+    for folder in ckpt_dir.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+        if match and (folder / "trainer_state.json").is_file() and (folder / state_file).is_file():
+            found.append((int(match.group(1)), folder))
+    return max(found)[1] if found else None
+
+
+def finished_record(out: Path, config: dict, summary_file: str) -> dict | None:
+    """The completion record of `out` when it holds the finished run of these settings, else None."""
+    from ..atomic import read_complete, stable_config
+
+    record = read_complete(out)
+    if record and stable_config(record.get("config") or {}) == stable_config(config) \
+            and (out / summary_file).is_file() and not interrupted_run(out):  # a newer run stopped: not this record's
+        return record
+    return None
+
+
+def plan_run_dir(out: Path, config: dict, s, *, finished: bool, state_file: str) -> Path | None:
+    """Read-only: may this run use the output folder, and which checkpoint does it continue from?
+
+    A folder with another run's results is refused unless --overwrite (check_output_dir). Old
+    checkpoints are never silently reused nor silently thrown away: without --resume they are an
+    error, unless --overwrite says to start over. Nothing is changed here (see claim_run_dir).
+    `finished`: the folder holds the finished run of these settings (each stage knows what that takes).
+    """
+    from ..atomic import check_output_dir, read_json, settings_differences
+
+    ckpt_dir = out / CHECKPOINTS
+    # Checkpoints beside a finished run of these settings are leftovers of a run killed after its marker.
+    latest = None if finished else latest_checkpoint(ckpt_dir, state_file)
+    resume_from = latest if s.resume else None
+    if latest is not None and not s.resume and not s.overwrite:  # say so first: --resume is the likely wish
+        raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
+                        "or --overwrite to start over.")
+    check_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+    if resume_from is not None:
+        had = read_json(ckpt_dir / RUN_CONFIG) if (ckpt_dir / RUN_CONFIG).is_file() else {}
+        diff = settings_differences({"config": had}, config, ignore_keys=RESUME_NEUTRAL)
+        if diff:
+            raise UserError(f"The checkpoints in {ckpt_dir} were made with other settings (differ in: "
+                            f"{', '.join(diff)}). Resume with the same settings, or pass --overwrite "
+                            "without --resume to start over.")
+    return resume_from
+
+
+def claim_run_dir(out: Path, config: dict, s, resume_from: Path | None) -> None:
+    """Take the folder over once every check passed: stale checkpoints gone, the settings recorded beside
+    the checkpoints. The previous run's files and COMPLETE.json stay until this run's outputs start to
+    land (save_adapter clears the marker), so a run that fails while training (out of memory, a full
+    disk, a diverging loss) leaves them whole; `interrupted_run()` tells the pipeline a newer run was
+    stopped there. Call it on every process once the trainer exists (it sets up the process group);
+    only the main process writes, and all wait until it has."""
+    from ..atomic import check_output_dir, write_json
+
+    barrier()
+    if is_main_process():
+        ckpt_dir = out / CHECKPOINTS
+        if s.resume and resume_from is None:
+            print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
+        check_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            print(f"Resuming from {resume_from}.")
+        elif ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)  # --overwrite, or leftovers with no complete checkpoint to resume from
+        write_json(ckpt_dir / RUN_CONFIG, config)
+    barrier()
+
+
+def interrupted_run(out: Path) -> bool:
+    """A run was stopped in `out` before it finished: its checkpoints' record is there and no completion
+    marker, or only one older than that record (the previous run's, which this one had not yet replaced)."""
+    from ..atomic import COMPLETE_MARKER
+
+    started = out / CHECKPOINTS / RUN_CONFIG
+    marker = out / COMPLETE_MARKER
+    if not started.is_file():
+        return False
+    return not marker.is_file() or marker.stat().st_mtime < started.stat().st_mtime
+
+
+def finish_run_dir(out: Path, config: dict, extra: dict) -> None:
+    """Main process, after every output is written: the completion marker, then the checkpoints go."""
+    from ..atomic import finish_output_dir
+
+    finish_output_dir(out, config, extra)
+    # Only now: a run killed before the marker can still --resume from its checkpoints.
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+
+
+def save_checkpoint_state(folder: Path, state_file: str, state: dict, best_state: dict | None) -> None:
+    """The stage's state beside a Trainer checkpoint: the best adapter so far, then `state_file`, which
+    is written last and so marks the checkpoint complete."""
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_path, write_json
+
+    if best_state is not None:
+        with atomic_path(folder / BEST_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in best_state.items()}, str(tmp))
+    write_json(folder / state_file, state)
+
+
+def load_checkpoint_state(folder: Path, state_file: str) -> tuple[dict, dict | None]:
+    """(state, best adapter so far or None) as `save_checkpoint_state` left them."""
+    from safetensors.torch import load_file
+
+    from ..atomic import read_json
+
+    best = folder / BEST_FILE
+    return read_json(folder / state_file), (load_file(str(best)) if best.is_file() else None)
+
+
+def save_adapter(model, tokenizer, out: Path, **save_kwargs) -> None:
+    """Write adapter and tokenizer to a scratch folder, then move each file into place.
+
+    adapter_config.json moves last, so a folder killed mid-save never holds a loadable adapter
+    with missing weights; COMPLETE.json (written after everything) is the final word anyway.
+    `save_kwargs` go to the model's save_pretrained (which adapter, which layers).
+    """
+    from ..atomic import _umask, clear_complete
+
+    # The first of this run's outputs to land in the folder: from here on the previous run's marker would lie.
+    clear_complete(out)
+    scratch = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=out))
+    try:
+        model.save_pretrained(str(scratch), **save_kwargs)
+        tokenizer.save_pretrained(str(scratch))
+        (scratch / "README.md").unlink(missing_ok=True)  # PEFT's empty model card template
+        folders = [p.name for p in scratch.iterdir() if p.is_dir()]
+        if folders:  # PEFT saves every adapter but the first into a subfolder: more than one was saved
+            raise RuntimeError(f"Saving the adapter wrote subfolders {folders}.")
+        files = sorted(scratch.iterdir(), key=lambda p: p.name == "adapter_config.json")
+        mode = 0o666 & ~_umask()  # safetensors writes owner-only files; outputs get the usual permissions
+        for path in files:
+            os.chmod(path, mode)
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
