@@ -107,27 +107,25 @@ def run_stages(stages: dict, force: bool) -> tuple[dict, dict]:
     """Run sft -> dpo -> compare through their run(settings); reuse a stage already complete for its settings."""
     import json
 
-    from sarcasm_dpo.stages import compare, dpo, sft
     from sarcasm_dpo.atomic import is_complete_for
+    from sarcasm_dpo.stages import STAGES
 
-    modules = {"sft": sft, "dpo": dpo, "compare": compare}
-    records = {"sft": "training_summary.json", "dpo": "dpo_training_summary.json", "compare": compare.RESULTS_FILE}
     seconds, outputs = {}, {}
     redo = force
     for name, settings in stages.items():
         folder = Path(settings.output_dir)
         if not redo and is_complete_for(folder, dataclasses.asdict(settings)):
             print(f"[quality] {name}: {folder} is complete for these settings; reused (--force to redo).")
-            record = json.loads((folder / records[name]).read_text())
+            record = json.loads((folder / STAGES[name].record).read_text())
             took = (record.get("timings") or {}).get("total_s")
             seconds[name] = {"reused": True, "seconds_when_run": took}
         else:
             redo = True  # a stage that reruns invalidates every stage after it
             print(f"[quality] {name} -> {folder}", flush=True)
             t0 = time.perf_counter()
-            modules[name].run(settings)
+            STAGES[name].run(settings)
             seconds[name] = round(time.perf_counter() - t0, 1)
-        outputs[name] = json.loads((folder / records[name]).read_text())
+        outputs[name] = json.loads((folder / STAGES[name].record).read_text())
     return outputs, seconds
 
 

@@ -755,10 +755,10 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
     with the same settings and work folder, for device limits shorter than the whole pipeline.
     The total is the sum of the stage times.
     """
-    from sarcasm_dpo.stages import compare, dpo, sft
     from sarcasm_dpo import data
     from sarcasm_dpo.atomic import read_complete, write_json
     from sarcasm_dpo.settings import CompareSettings, DPOSettings, SFTSettings, SplitSettings
+    from sarcasm_dpo.stages import STAGES
 
     out = work / "pipeline"
     cap = args.pipeline_sample
@@ -785,7 +785,6 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
                                    train_csv=str(out / "splits/gen_train.csv"), sft_model=str(out / "sft"),
                                    dpo_model=str(out / "dpo"), output_dir=str(out / "results"), sample_size=cap),
     }
-    modules = {"split": data, "sft": sft, "dpo": dpo, "compare": compare}
     folders = {"split": out / "splits", "sft": out / "sft", "dpo": out / "dpo", "compare": out / "results"}
     wanted = [x.strip() for x in (args.pipeline_stages or ",".join(stages)).split(",") if x.strip()]
     if set(wanted) - set(stages):
@@ -808,23 +807,23 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
             earlier.append(name)
             continue
         t0 = time.perf_counter()
-        modules[name].run(settings)
+        STAGES[name].run(settings)
         seconds[name] = round(time.perf_counter() - t0, 2)
         record[name] = {"seconds": seconds[name], "settings": as_dict}
         write_json(record_path, record)
         if on_stage:
             on_stage(dict(seconds))
-    if not (folders["compare"] / compare.RESULTS_FILE).is_file():
+    if not (folders["compare"] / STAGES["compare"].record).is_file():
         return {"stage_seconds": seconds, "stages_timed_in_earlier_calls": earlier,
                 "note": "compare has not run yet: no whole-pipeline figure"}
-    result = json.loads((out / "results" / compare.RESULTS_FILE).read_text())
+    result = json.loads((out / "results" / STAGES["compare"].record).read_text())
     timing = {"stage_seconds": seconds, "stages_timed_in_earlier_calls": earlier,
               "total_s": round(sum(seconds.values()), 2),
               "wall_s_this_call": round(time.perf_counter() - start, 2),
               "settings": {k: dataclasses.asdict(v) for k, v in stages.items()},
               "test_items": result["test_set"]["n"], "evaluations": list(result["models"]),
               "note": "random weights: the accuracy figures are meaningless; this measures time only."}
-    summary = json.loads((out / "dpo" / "dpo_training_summary.json").read_text())
+    summary = json.loads((out / "dpo" / STAGES["dpo"].record).read_text())
     timing["dpo_summary"] = {k: summary.get(k) for k in ("data", "global_steps", "best_step", "stopped_early")}
     if args.pipeline_dpo_pairs and not cap:
         # What the original 4,000-pair setting would take: the DPO stage's time scaled by the pair count.

@@ -18,7 +18,6 @@ as well, `--cpu --num_processes N` included (see runtime.py).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shlex
 import signal
@@ -28,20 +27,7 @@ import threading
 from . import __version__
 from .config import add_arguments, from_namespace
 from .errors import UserError, describe_failure
-from .settings import STAGES
-
-# subcommand -> (module that runs it, settings section, one-line description)
-COMMANDS = {
-    "split": ("sarcasm_dpo.stages.split", "split", "Split GEN into train/val/test and iSarcasmEval into train/val."),
-    "sft": ("sarcasm_dpo.stages.sft", "sft", "Phase 1: LoRA supervised fine-tuning on the GEN train split."),
-    "mine": ("sarcasm_dpo.stages.mine", "mine", "Mine preference pairs from the SFT model's mistakes on iSarcasmEval."),
-    "dpo": ("sarcasm_dpo.stages.dpo", "dpo", "Phase 2: DPO on iSarcasmEval from the SFT adapter, SFT as frozen reference."),
-    "compare": ("sarcasm_dpo.stages.compare", "compare", "Evaluate Base vs SFT vs DPO on the held-out GEN test split."),
-    "pipeline": ("sarcasm_dpo.stages.pipeline", "pipeline", "Run download/split -> sft -> dpo -> compare with one config."),
-    "export": ("sarcasm_dpo.stages.export", "export", "Merge an adapter into its base model: a folder plain transformers "
-                                               "loads, with threshold and model card; optionally push it to the Hub."),
-}
-
+from .stages import STAGES, settings_classes
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -64,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Mirror to fetch from instead of the GitHub repositories (default: "
                                "https://raw.githubusercontent.com).")
 
-    for name, (_, section, text) in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text)
-        add_arguments(p, STAGES[section])
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=stage.help, description=stage.help)
+        add_arguments(p, stage.settings)
 
     text = ("Classify texts with a model (a hub id, a folder such as an `export`, or a .gguf) and an optional "
             "LoRA adapter; prints one JSON line per text: {\"text\", \"p_sarcastic\", \"label\"}.")
@@ -93,21 +79,20 @@ def run_command(args: argparse.Namespace) -> object:
         from .stages.predict import run as predict_run
 
         return predict_run(args)
-    module_name, section, _ = COMMANDS[args.command]
-    settings = from_namespace(STAGES[section], args, section)
+    stage = STAGES[args.command]
+    settings = from_namespace(settings_classes(), args, stage.name)
     if getattr(settings, "model", None):  # a hub id with an offline fallback becomes what is actually loaded
         from dataclasses import replace
 
         from .model_route import route_model
 
         settings = replace(settings, model=route_model(settings.model))
-    module = importlib.import_module(module_name)
-    if section == "pipeline":  # it locks every stage's output itself, once it knows them
-        return module.run(settings, config_path=getattr(args, "config", None))
-    from .rundir import claim_outputs, outputs_of
+    if stage.driver:  # it locks every stage's output itself, once it knows them
+        return stage.run(settings, config_path=getattr(args, "config", None))
+    from .rundir import claim_outputs
 
-    with claim_outputs(outputs_of(section, settings), command_line(args), main_process=_main_process()):
-        return module.run(settings)
+    with claim_outputs(stage.outputs(settings), command_line(args), main_process=_main_process()):
+        return stage.run(settings)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -115,9 +100,16 @@ def command_line(args: argparse.Namespace) -> str:
     return "sarcasm-dpo " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
 
 
-# Stages whose checkpoints `--resume` continues from, and the ones that train data-parallel.
-RESUMABLE = ("sft", "dpo")
-DISTRIBUTED = ("sft", "dpo")
+def _trains(args: argparse.Namespace) -> bool:
+    """A stage whose checkpoints `--resume` continues from, and that trains data-parallel."""
+    stage = STAGES.get(args.command)
+    return stage is not None and stage.trains
+
+
+def _drives(args: argparse.Namespace) -> bool:
+    """The pipeline: re-running it skips finished stages and resumes an interrupted one."""
+    stage = STAGES.get(args.command)
+    return stage is not None and stage.driver
 
 
 class Terminated(KeyboardInterrupt):
@@ -137,10 +129,10 @@ def _main_process() -> bool:
 def resume_command(args: argparse.Namespace, argv: list[str]) -> str:
     """The command line that continues an interrupted run: the make command when make started it."""
     rerun = os.environ.get("SARCASM_DPO_RERUN")  # set by the Makefile's run targets
-    if rerun and args.command == "pipeline":
+    if rerun and _drives(args):
         return rerun
     words = list(argv)
-    if args.command in RESUMABLE and "--resume" not in words:
+    if _trains(args) and "--resume" not in words:
         words.append("--resume")
     return "sarcasm-dpo " + shlex.join(words)
 
@@ -151,13 +143,13 @@ def interrupt_message(args: argparse.Namespace, argv: list[str], exc: KeyboardIn
     launcher = " (under accelerate launch or torchrun: the same launch line, with --resume added)" \
         if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
     checkpoint = getattr(exc, "checkpoint", None)
-    if args.command in RESUMABLE and checkpoint is not None:
+    if _trains(args) and checkpoint is not None:
         return (f"Stopped by {name} at step {exc.step}: checkpoint {checkpoint} holds the weights, optimizer, "
                 f"scheduler, random-number states and validation history. Continue with: {again}{launcher}")
-    if args.command in RESUMABLE:
+    if _trains(args):
         return (f"Interrupted by {name} before a new checkpoint was written. Finished files are intact; continue "
                 f"from the newest complete checkpoint (or from the start if there is none) with: {again}{launcher}")
-    if args.command == "pipeline":
+    if _drives(args):
         return (f"Interrupted by {name}. Re-run the same command; finished stages are skipped and an interrupted "
                 f"training stage resumes from its newest checkpoint: {again}")
     return f"Interrupted by {name}. Files already written are whole (each is written atomically); re-run: {again}"
@@ -211,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_known_noise()
     args.argv = argv
-    if args.command in DISTRIBUTED and os.environ.get("ACCELERATE_USE_CPU"):
+    if _trains(args) and os.environ.get("ACCELERATE_USE_CPU"):
         from .training.runtime import cpu_workers_requested, run_workers
 
         workers = cpu_workers_requested()

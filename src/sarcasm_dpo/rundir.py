@@ -153,14 +153,6 @@ class FileOutput(str):
     """An output that is one file (mine's pairs file), not a folder: `tidy` treats the two differently."""
 
 
-def outputs_of(section: str, settings) -> list[str]:
-    """What a stage's run writes and so locks: its output folder, or for `mine` its pairs file."""
-    if section == "mine":
-        return [FileOutput(settings.output_file)]
-    out = getattr(settings, "output_dir", None)
-    return [out] if out else []
-
-
 @contextlib.contextmanager
 def claim_outputs(outputs: Iterable[str | os.PathLike], command: str, main_process: bool = True) -> Iterator[None]:
     """The CLI's one gate before a stage runs: lock every output, then clean up after killed runs of it.

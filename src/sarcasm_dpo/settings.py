@@ -277,13 +277,3 @@ class ExportSettings:
     private: bool = opt(False, "Create the Hub repo as private.")
     overwrite: bool = opt(False, "Replace an output_dir that holds another export.")
 
-
-STAGES: dict[str, type] = {
-    "split": SplitSettings,
-    "sft": SFTSettings,
-    "mine": MineSettings,
-    "dpo": DPOSettings,
-    "compare": CompareSettings,
-    "pipeline": PipelineSettings,
-    "export": ExportSettings,
-}
