@@ -77,6 +77,9 @@ def run(pipe, config_path: str | None = None) -> dict:
         return run_stages(pipe, stages, order)
 
 
+REPORTED = "compare"  # the stage whose results the pipeline's last lines show (`headline`)
+
+
 def run_stages(pipe, stages: dict, order: list[str]) -> dict:
     ran, skipped = [], []
     result = None
@@ -94,7 +97,7 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
                 and same_inputs(name, settings, out):
             print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to redo).")
             skipped.append(name)
-            if name == order[-1] and stage.record:  # the comparison the headline reports
+            if name == REPORTED:
                 result = json.loads((out / stage.record).read_text())
             continue
         # Replacing a finished run of this stage is the pipeline's job (its settings changed); files no run of
@@ -105,7 +108,9 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
         elif hasattr(settings, "overwrite"):
             settings = dataclasses.replace(settings, overwrite=pipe.overwrite or ours)
         print(f"[pipeline] {name}: {'resuming' if interrupted else 'running'} -> {out}")
-        result = stage.run(settings)
+        outcome = stage.run(settings)
+        if name == REPORTED:
+            result = outcome
         ran.append(name)
     print(f"[pipeline] done: ran {', '.join(ran) or 'nothing'}; skipped {', '.join(skipped) or 'nothing'}.")
     if result:
