@@ -284,6 +284,33 @@ def _locked(path: Path) -> bool:
     return False
 
 
+# A training stage keeps the settings it ran with (under "config") and its results in its run record:
+# `training_summary.json`, or `<stage>_training_summary.json` for a stage after the first (dpo). A
+# naming rule rather than a list of stages, so this layer (and models.py, which asks it) knows none.
+RUN_RECORD = "training_summary.json"
+
+
+def recorded_settings(folder: str | os.PathLike) -> dict:
+    """The settings the run that wrote `folder` recorded in its run record ({} when there are none)."""
+    found = run_record(folder)
+    config = found[1].get("config") if found else None
+    return config if isinstance(config, dict) else {}
+
+
+def run_record(folder: str | os.PathLike) -> tuple[Path, dict] | None:
+    """(path, contents) of the run record in `folder` (a JSON object), or None if it has none."""
+    folder = Path(folder)
+    exact = folder / RUN_RECORD
+    for path in [exact, *sorted(p for p in folder.glob(f"*_{RUN_RECORD}") if p != exact)]:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            return path, record
+    return None
+
+
 def input_identity(inputs: dict[str, str | os.PathLike | None]) -> dict[str, str]:
     """{name: sha256} of a run's input files, and of adapter folders (their weights and config), so a
     finished output made from other data or another adapter is never taken for this run's."""
