@@ -26,7 +26,7 @@ import threading
 
 from . import __version__
 from .config import add_arguments, from_namespace
-from .errors import UserError, describe_failure
+from .errors import UserError, describe_failure, note_paths
 from .stages import STAGES, settings_classes
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +81,7 @@ def run_command(args: argparse.Namespace) -> object:
         return predict_run(args)
     stage = STAGES[args.command]
     settings = from_namespace(settings_classes(), args, stage.name)
+    note_paths(settings)  # an OSError about one of them is the user's to fix (errors.describe_failure)
     if getattr(settings, "model", None):  # a hub id with an offline fallback becomes what is actually loaded
         from dataclasses import replace
 
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{args.command}] accelerate launch --cpu --num_processes {workers}: starting {workers} "
                   "data-parallel processes (gloo).", file=sys.stderr)
             return run_workers(workers, argv)
+    note_paths(args, reset=True)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 128 + signal.SIGPIPE
     except Exception as exc:  # noqa: BLE001 - the one boundary: the user's machine or files, or a bug
-        message = describe_failure(exc)
+        message = describe_failure(exc, user_paths=note_paths())
         if message is None:  # a bug: keep the traceback visible, and say where it belongs
             import traceback
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .atomic import _umask, file_sha256
-from .errors import UserError, describe_failure
+from .errors import SPACE_ERRORS, UserError, describe_failure
 
 STAGING = ".staging-"  # .staging-NAME-XXXX beside the output: a run's outputs before the swap
 OLD = ".old-"  # .old-NAME-XXXX: the previous outputs during the swap (two renames)
@@ -222,11 +222,28 @@ def staged(out: str | os.PathLike) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING}{out.name}-", dir=out.parent))
     os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes it owner-only; outputs get the usual permissions
     try:
-        yield stage
+        try:
+            yield stage
+        except OSError as exc:
+            if exc.errno in SPACE_ERRORS and getattr(exc, "bytes_staged", None) is None:
+                exc.bytes_staged = _size_of(stage)  # the disk filled: the CLI's message says how much was written
+            raise
         swap_in(stage, out)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def _size_of(folder: Path) -> int:
+    """Bytes of the files below `folder` (what a stage had written before it stopped)."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def swap_in(stage: Path, out: Path) -> None:

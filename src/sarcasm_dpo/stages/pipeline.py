@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..atomic import input_differences, is_complete_for, read_complete
 from ..config import apply_overrides, build, check_known_keys, load_yaml, values_for_stage
+from ..errors import note_paths
 from ..model_route import check_available, route_model
 from . import STAGES, pipeline_stages, settings_classes
 
@@ -62,6 +63,7 @@ def run(pipe, config_path: str | None = None) -> dict:
     check_known_keys(data, settings_classes(), str(config_path or "defaults"))
     group = None if pipe.no_wandb else make_group_name()
     stages = stage_settings(data, pipe, group, str(config_path or "defaults"))
+    note_paths(*stages.values())  # every stage's paths are the user's (errors.describe_failure)
     for name, settings in stages.items():  # recorded as what is loaded: the hub id or its offline fallback
         if getattr(settings, "model", None):
             stages[name] = dataclasses.replace(settings, model=route_model(settings.model))
