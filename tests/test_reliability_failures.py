@@ -129,7 +129,7 @@ def test_read_only_file_system_and_full_disk(env, tmp_path, capsys):
         capsys.readouterr()
         stats = os.statvfs(small)  # fill the disk, leaving a few pages: the lock fits, the outputs do not
         (small / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - 3 * 4096))
-        message = refused(compare(env, out, "--no_baseline"), capsys, ["no space left", "free there now"],
+        message = refused(compare(env, out, "--no_baseline"), capsys, ["no space left", "free there now", "needed"],
                           [out, env["root"]])
         assert (out / COMPLETE_MARKER).is_file() and not list(small.glob(".staging-*")), message
 
@@ -791,7 +791,7 @@ def test_a_full_disk_names_the_space_the_write_needed(tmp_path, monkeypatch):
     message = describe_failure(info.value, user_paths=[str(out)])
     assert "big.json" in message and "free there now" in message, message
     assert "the file being written needed 4.0 KiB" in message  # 4 x 1,000 characters and the JSON around them
-    assert "outputs written before it take 2.9 KiB" in message  # small.txt, 3,000 bytes
+    assert "on top of the 2.9 KiB of outputs this run had staged" in message  # small.txt, 3,000 bytes
     assert not out.exists()  # nothing swapped in
     bare = describe_failure(OSError(errno.ENOSPC, "No space left on device", str(out / "x.bin")))
     assert "free there now" in bare and "how much space the write needed is not known" in bare

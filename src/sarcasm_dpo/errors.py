@@ -117,12 +117,15 @@ def _space_needed(exc: OSError) -> str:
     """What the write that filled the disk needed, as far as it is known: atomic.write_text notes the size of
     its file (bytes_needed), rundir.staged the outputs staged before it (bytes_staged, a lower bound)."""
     needed, staged = getattr(exc, "bytes_needed", None), getattr(exc, "bytes_staged", None)
-    parts = []
+    if needed is not None and staged is not None:
+        return (f"; the file being written needed {_size(needed)}, on top of the {_size(staged)} of outputs this "
+                "run had staged before it")
     if needed is not None:
-        parts.append(f"the file being written needed {_size(needed)}")
+        return f"; the file being written needed {_size(needed)}"
     if staged is not None:
-        parts.append(f"this run's outputs written before it take {_size(staged)} and the rest needed more")
-    return "; " + ", and ".join(parts) if parts else "; how much space the write needed is not known"
+        return (f"; this run had staged {_size(staged)} of outputs before it, and how much the rest needed is not "
+                "known")
+    return "; how much space the write needed is not known"
 
 
 def _free_space(path) -> str:
