@@ -8,8 +8,10 @@
 
 Bad input or settings end with one paragraph on stderr and exit code 2 (no traceback), and so do
 files and folders the machine refuses (a full disk, a read-only or unreadable path, a name too long,
-a truncated .safetensors file, text that is not UTF-8). A closed pipe (`predict ... | head -1`)
-ends quietly with 141, as Unix tools do; anything else is a bug and keeps its traceback. Ctrl-C or
+a truncated .safetensors file, text that is not UTF-8); a missing or misplaced path only when the
+settings name it (or it lies in or beside one): about any other path it is a bug (errors.py says
+why). A closed pipe (`predict ... | head -1`) ends quietly with 141, as Unix tools do; anything
+else is a bug and keeps its traceback. Ctrl-C or
 SIGTERM during sft/dpo training writes a checkpoint, prints the command that resumes, and exits
 128 + the signal number (130, 143). Runs under `accelerate launch ... -m sarcasm_dpo.cli sft ...`
 as well, `--cpu --num_processes N` included (see runtime.py).
