@@ -214,7 +214,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{args.command}] accelerate launch --cpu --num_processes {workers}: starting {workers} "
                   "data-parallel processes (gloo).", file=sys.stderr)
             return run_workers(workers, argv)
-    note_paths(args, reset=True)
+    from types import SimpleNamespace
+
+    from .download import default_cache_dir, extra_data_dirs
+
+    # The paths an OSError may be the user's about: the flags, the datasets' cache and $SARCASM_DPO_DATA_DIRS
+    # (run_command and the pipeline add every setting once they are built).
+    note_paths(args, SimpleNamespace(data_dir=[str(default_cache_dir()), *map(str, extra_data_dirs())]), reset=True)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:

@@ -74,10 +74,10 @@ def paths_named(*sources) -> list[str]:
         for text in value if isinstance(value, (list, tuple)) else [value]:
             if not isinstance(text, (str, os.PathLike)) or not str(text).strip():
                 continue
-            name, sep, path = str(text).partition("=")
-            text = path if sep and os.sep not in name else str(text)
-            path = os.path.abspath(os.path.expanduser(text))
-            out += [path, os.path.realpath(path)]
+            name, sep, item = str(text).partition("=")
+            for one in [str(text), *([item] if sep and os.sep not in name else [])]:
+                path = os.path.abspath(os.path.expanduser(one))
+                out += [path, os.path.realpath(path)]
     return list(dict.fromkeys(out))
 
 
