@@ -93,3 +93,16 @@ def test_the_pipeline_chains_sets_and_runs_or_skips_the_new_stage(dummy, tmp_pat
     assert pipeline.run_stages(pipe, stages, ["dummy"])["ran"] == ["dummy"]
     assert pipeline.run_stages(pipe, stages, ["dummy"])["skipped"] == ["dummy"]  # complete for these settings
     assert len(dummy.calls) == 1
+
+
+def test_every_entry_names_a_module_that_runs_it_and_the_record_it_writes():
+    """The registry's lines agree with the modules they name: run() (and inputs_of() where the entry says so),
+    and the record file is the one the stage writes (the stage modules' own constants)."""
+    for name, stage in STAGES.items():
+        module = stage.load()
+        assert callable(module.run), name
+        assert callable(getattr(module, "inputs_of", None)) == stage.inputs, name
+        if stage.record:
+            assert stage.record in (getattr(module, "SUMMARY_FILE", None), getattr(module, "RESULTS_FILE", None)), name
+    assert STAGES["sft"].record == rundir.RUN_RECORD  # the naming rule models.py finds run records by
+    assert STAGES["dpo"].record.endswith("_" + rundir.RUN_RECORD)
