@@ -306,8 +306,10 @@ def fmt_ratio(value: float | None) -> str:
 def stage_settings(config_path: str | Path | None, cls: type, section: str, **overrides):
     """A stage's settings as the pipeline would build them from a YAML config, then `overrides`."""
     from sarcasm_dpo.config import build, load_yaml, values_for_stage
+    from sarcasm_dpo.stages import settings_classes
 
-    values = values_for_stage(load_yaml(config_path), cls, section, str(config_path)) if config_path else {}
+    classes = {**settings_classes(), section: cls}
+    values = values_for_stage(load_yaml(config_path), classes, section, str(config_path)) if config_path else {}
     values.update(overrides)
     return build(cls, values)
 

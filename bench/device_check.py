@@ -108,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
     """`--set sft.batch_size=16` -> {"sft": {"batch_size": "16"}}, each checked by building the stage's settings."""
     from sarcasm_dpo.errors import UserError
-    from sarcasm_dpo.settings import STAGES
+    from sarcasm_dpo.stages import STAGES
 
     out: dict[str, dict[str, str]] = {}
     for item in items:
@@ -119,7 +119,7 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
         out.setdefault(stage, {})[name.strip()] = value.strip()
     for stage, values in out.items():
         try:  # types and each stage's own checks, the way a config file is read
-            common.stage_settings(common.GPU_CONFIG, STAGES[stage], stage, **values)
+            common.stage_settings(common.GPU_CONFIG, STAGES[stage].settings, stage, **values)
         except UserError as exc:
             raise SystemExit(f"--set {stage}: {exc}") from None
     return out

@@ -108,17 +108,16 @@ def run_stages(stages: dict, force: bool) -> tuple[dict, dict]:
     import json
 
     from sarcasm_dpo.atomic import is_complete_for
-    from sarcasm_dpo.stages import compare
+    from sarcasm_dpo.stages import STAGES
     from sarcasm_dpo.stages.pipeline import run_stage
 
-    records = {"sft": "training_summary.json", "dpo": "dpo_training_summary.json", "compare": compare.RESULTS_FILE}
     seconds, outputs = {}, {}
     redo = force
     for name, settings in stages.items():
         folder = Path(settings.output_dir)
         if not redo and is_complete_for(folder, dataclasses.asdict(settings)):
             print(f"[quality] {name}: {folder} is complete for these settings; reused (--force to redo).")
-            record = json.loads((folder / records[name]).read_text())
+            record = json.loads((folder / STAGES[name].record).read_text())
             took = (record.get("timings") or {}).get("total_s")
             seconds[name] = {"reused": True, "seconds_when_run": took}
         else:
@@ -127,7 +126,7 @@ def run_stages(stages: dict, force: bool) -> tuple[dict, dict]:
             t0 = time.perf_counter()
             run_stage(name, settings)
             seconds[name] = round(time.perf_counter() - t0, 1)
-        outputs[name] = json.loads((folder / records[name]).read_text())
+        outputs[name] = json.loads((folder / STAGES[name].record).read_text())
     return outputs, seconds
 
 

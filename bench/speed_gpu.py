@@ -162,7 +162,7 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
     from sarcasm_dpo import data
     from sarcasm_dpo.atomic import read_complete, write_json
     from sarcasm_dpo.settings import DPOSettings
-    from sarcasm_dpo.stages import compare
+    from sarcasm_dpo.stages import STAGES
     from sarcasm_dpo.stages.pipeline import run_stage
 
     out = work / "pipeline"
@@ -196,17 +196,17 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
         write_json(record_path, record)
         if on_stage:
             on_stage(dict(seconds))
-    if not (folders["compare"] / compare.RESULTS_FILE).is_file():
+    if not (folders["compare"] / STAGES["compare"].record).is_file():
         return {"stage_seconds": seconds, "stages_timed_in_earlier_calls": earlier,
                 "note": "compare has not run yet: no whole-pipeline figure"}
-    result = json.loads((folders["compare"] / compare.RESULTS_FILE).read_text())
+    result = json.loads((folders["compare"] / STAGES["compare"].record).read_text())
     timing = {"stage_seconds": seconds, "stages_timed_in_earlier_calls": earlier,
               "total_s": round(sum(seconds.values()), 2),
               "wall_s_this_call": round(time.perf_counter() - start, 2),
               "settings": {k: dataclasses.asdict(v) for k, v in stages.items()},
               "test_items": result["test_set"]["n"], "evaluations": list(result["models"]),
               "note": "random weights: the accuracy figures are meaningless; this measures time only."}
-    summary = json.loads((folders["dpo"] / "dpo_training_summary.json").read_text())
+    summary = json.loads((folders["dpo"] / STAGES["dpo"].record).read_text())
     timing["dpo_summary"] = {k: summary.get(k) for k in ("data", "global_steps", "best_step", "stopped_early")}
     if args.pipeline_dpo_pairs and not cap:
         # What the original 4,000-pair setting would take: the DPO stage's time scaled by the pair count.

@@ -209,11 +209,10 @@ def cli_config(argv: list[str]) -> dict:
 
     from sarcasm_dpo import cli
     from sarcasm_dpo.config import from_namespace
-    from sarcasm_dpo.settings import STAGES
+    from sarcasm_dpo.stages import settings_classes
 
     args = cli.build_parser().parse_args(argv)
-    section = cli.COMMANDS[args.command][1]
-    return dataclasses.asdict(from_namespace(STAGES[section], args, section))
+    return dataclasses.asdict(from_namespace(settings_classes(), args, args.command))
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

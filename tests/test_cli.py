@@ -9,7 +9,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-from sarcasm_dpo.cli import COMMANDS, main
+from sarcasm_dpo.cli import main
+from sarcasm_dpo.stages import STAGES
 
 CLI = [sys.executable, "-m", "sarcasm_dpo.cli"]
 
@@ -18,7 +19,7 @@ def run_cli(args, **kw):
     return subprocess.run(CLI + args, capture_output=True, text=True, timeout=300, cwd=kw.pop("cwd", ROOT), **kw)
 
 
-@pytest.mark.parametrize("command", [*COMMANDS, "predict"])
+@pytest.mark.parametrize("command", [*STAGES, "predict"])
 def test_help_explains_every_flag(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -12,7 +12,11 @@ from sarcasm_dpo.cli import build_parser
 from sarcasm_dpo.config import check_known_keys, from_namespace, load_yaml
 from sarcasm_dpo.errors import UserError
 from sarcasm_dpo.stages.pipeline import stage_settings
-from sarcasm_dpo.settings import STAGES, DPOSettings, PipelineSettings, SFTSettings
+from sarcasm_dpo.settings import DPOSettings, PipelineSettings, SFTSettings
+from sarcasm_dpo.stages import pipeline_stages, settings_classes
+
+STAGES = settings_classes()  # {section: settings class}, every section a config file may hold
+PIPELINE = settings_classes(pipeline_stages())  # the sections `--set` may name
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -41,7 +45,7 @@ def test_every_config_file_loads_and_validates(path):
     assert stages["sft"].train_csv.startswith(stages["split"].output_dir)
     for name in ("sft", "dpo", "mine", "compare"):
         args = parse([name, "--config", str(path)])
-        settings = from_namespace(STAGES[name], args, name)
+        settings = from_namespace(STAGES, args, name)
         assert settings.max_text_tokens == data.get("max_text_tokens", 256)
 
 
@@ -57,9 +61,9 @@ def test_original_qwen_settings():
 def test_flags_override_yaml_and_defaults(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: some/model\nsft:\n  epochs: 5\n  lr: 0.001\n")
-    s = from_namespace(SFTSettings, parse(["sft", "--config", str(cfg), "--epochs", "1", "--lora_targets", "q_proj,v_proj"]), "sft")
+    s = from_namespace(STAGES, parse(["sft", "--config", str(cfg), "--epochs", "1", "--lora_targets", "q_proj,v_proj"]), "sft")
     assert (s.model, s.epochs, s.lr, s.lora_targets, s.batch_size) == ("some/model", 1.0, 0.001, ["q_proj", "v_proj"], 8)
-    d = from_namespace(DPOSettings, parse(["dpo", "--betas", "0.05,0.2", "--beta_sweep", "--no_wandb"]), "dpo")
+    d = from_namespace(STAGES, parse(["dpo", "--betas", "0.05,0.2", "--beta_sweep", "--no_wandb"]), "dpo")
     assert d.betas == [0.05, 0.2] and d.beta_sweep and d.no_wandb
 
 
@@ -87,14 +91,14 @@ def test_defaults_match_the_original_scripts():
 def test_bad_settings(argv, match):
     section = argv[0]
     with pytest.raises(UserError, match=match):
-        from_namespace(STAGES[section], parse(argv), section)
+        from_namespace(STAGES, parse(argv), section)
 
 
 def test_unknown_keys_in_config_are_errors(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("sft:\n  epochs: 1\n  learning_rate: 0.1\n")
     with pytest.raises(UserError, match="unknown setting.*learning_rate"):
-        from_namespace(SFTSettings, parse(["sft", "--config", str(cfg)]), "sft")
+        from_namespace(STAGES, parse(["sft", "--config", str(cfg)]), "sft")
     cfg.write_text("modle: x\n")
     with pytest.raises(UserError, match="unknown setting.*modle"):
         check_known_keys(load_yaml(cfg), STAGES)
@@ -105,7 +109,7 @@ def test_unknown_keys_in_config_are_errors(tmp_path):
                        ("dpo:\n  betaa: 0.2\n", "betaa")]:
         cfg.write_text(text)
         with pytest.raises(UserError, match=f"unknown setting.*{typo}"):
-            from_namespace(SFTSettings, parse(["sft", "--config", str(cfg)]), "sft")
+            from_namespace(STAGES, parse(["sft", "--config", str(cfg)]), "sft")
 
 
 def test_every_field_has_help():
@@ -121,9 +125,9 @@ def test_set_overrides_one_stage_like_the_config_file():
     args = parse(["pipeline", "--config", "configs/smoke.yaml", "--set", "sft.sample_size=16",
                   "--set", "dpo.beta=0.5", "--set", "seed=7",
                   "--set", "sft.lora_targets=[q_proj, v_proj]"])
-    pipe = from_namespace(PipelineSettings, args, "pipeline")
+    pipe = from_namespace(STAGES, args, "pipeline")
     assert pipe.set == ["sft.sample_size=16", "dpo.beta=0.5", "seed=7", "sft.lora_targets=[q_proj, v_proj]"]
-    stages = stage_settings(apply_overrides(data, pipe.set, STAGES), pipe, None)
+    stages = stage_settings(apply_overrides(data, pipe.set, PIPELINE), pipe, None)
     assert (stages["sft"].sample_size, stages["dpo"].beta, stages["sft"].seed, stages["compare"].seed) == (16, 0.5, 7, 7)
     assert stages["sft"].lora_targets == ["q_proj", "v_proj"]
     assert stages["dpo"].sample_size == data["dpo"]["sample_size"]  # the rest as the file says
@@ -141,7 +145,7 @@ def test_set_refuses_unknown_keys(item, match):
     from sarcasm_dpo.config import apply_overrides
 
     with pytest.raises(UserError, match=match):
-        apply_overrides({}, [item], STAGES)
+        apply_overrides({}, [item], PIPELINE)
 
 
 def test_set_values_are_typed_and_checked_like_config_values():
@@ -150,4 +154,4 @@ def test_set_values_are_typed_and_checked_like_config_values():
     for item, match in [("sft.sample_size=many", "Setting 'sample_size' expects int"),
                         ("dpo.beta=0", "beta must be > 0")]:
         with pytest.raises(UserError, match=match):
-            stage_settings(apply_overrides({}, [item], STAGES), PipelineSettings(no_wandb=True), None)
+            stage_settings(apply_overrides({}, [item], PIPELINE), PipelineSettings(no_wandb=True), None)

@@ -129,7 +129,7 @@ def test_read_only_file_system_and_full_disk(env, tmp_path, capsys):
         capsys.readouterr()
         stats = os.statvfs(small)  # fill the disk, leaving a few pages: the lock fits, the outputs do not
         (small / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - 3 * 4096))
-        message = refused(compare(env, out, "--no_baseline"), capsys, ["no space left", "free there now"],
+        message = refused(compare(env, out, "--no_baseline"), capsys, ["no space left", "free there now", "needed"],
                           [out, env["root"]])
         assert (out / COMPLETE_MARKER).is_file() and not list(small.glob(".staging-*")), message
 
@@ -704,3 +704,94 @@ class _FailAfterSave:
 
     def on_save(self, args, state, control, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(args.output_dir) / "checkpoint-next"))
+
+
+# -- class: whose OSError is it? The user's (exit 2, one paragraph) or ours (the traceback) --------------
+
+ELSEWHERE = "/nonexistent-sarcasm-dpo-internal/state.json"  # a path no setting names: our own code's
+OWNERSHIP = [  # (id, errno, path: relative to the settings' folder or absolute, the user's to fix?)
+    ("enoent-inside-output", errno.ENOENT, "out/sub/file.json", True),
+    ("eexist-staging-beside-output", errno.EEXIST, ".staging-out-abcd1234", True),
+    ("enotdir-lock-beside-output", errno.ENOTDIR, ".out.lock", True),
+    ("eisdir-input-file", errno.EISDIR, "train.csv", True),
+    ("eperm-inside-adapter", errno.EPERM, "adapter/adapter_config.json", True),
+    ("enoent-elsewhere", errno.ENOENT, ELSEWHERE, False),
+    ("eexist-elsewhere", errno.EEXIST, ELSEWHERE, False),
+    ("eisdir-elsewhere", errno.EISDIR, ELSEWHERE, False),
+    ("enotdir-elsewhere", errno.ENOTDIR, ELSEWHERE, False),
+    ("eperm-elsewhere", errno.EPERM, ELSEWHERE, False),
+    ("enoent-no-path", errno.ENOENT, None, False),
+    ("enospc-elsewhere", errno.ENOSPC, ELSEWHERE, True),  # the machine's, whatever the path
+    ("eacces-elsewhere", errno.EACCES, ELSEWHERE, True),
+    ("erofs-elsewhere", errno.EROFS, ELSEWHERE, True),
+]
+
+
+@pytest.mark.parametrize("code,where,users", [c[1:] for c in OWNERSHIP], ids=[c[0] for c in OWNERSHIP])
+def test_a_path_error_is_the_users_only_about_a_path_the_settings_name(code, where, users, tmp_path):
+    """ENOENT, EEXIST, EISDIR, ENOTDIR, EPERM about a path the settings name (or inside or beside one: staging
+    folders, locks) are the user's; about any other path, our bug. Full disks and permissions: always the user's."""
+    from sarcasm_dpo.errors import describe_failure, paths_named
+    from sarcasm_dpo.settings import CompareSettings
+
+    settings = CompareSettings(output_dir=str(tmp_path / "out"), train_csv=str(tmp_path / "train.csv"),
+                               sft_model=str(tmp_path / "adapter"))
+    path = None if where is None else where if where.startswith("/") else str(tmp_path / where)
+    message = describe_failure(OSError(code, os.strerror(code), path), user_paths=paths_named(settings))
+    if users:
+        assert message and "\n" not in message and (path is None or path in message), message
+    else:
+        assert message is None
+    # Without settings to tell by (a caller outside the CLI), every path is the user's, as before.
+    assert describe_failure(OSError(code, os.strerror(code), path)) is not None
+
+
+@pytest.mark.parametrize("where,code", [("output", 2), ("internal", 1)])
+def test_the_cli_tells_a_missing_output_file_from_our_own_missing_file(where, code, monkeypatch, tmp_path, capsys):
+    """The same FileNotFoundError: about the output folder it is one paragraph and exit 2; about a file no
+    setting names it is a bug, with its traceback and the line asking to report it."""
+    from sarcasm_dpo.stages import split
+
+    out = tmp_path / "out"
+    path = str(out / "gen_train.csv") if where == "output" else ELSEWHERE
+
+    def missing(*_a, **_k):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+
+    monkeypatch.setattr(split, "make_splits", missing)
+    if code == 2:
+        refused(split_argv(out), capsys, [path, "does not exist"], [tmp_path])
+        return
+    assert cli.main(split_argv(out)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and ELSEWHERE in err and "please report it" in err
+
+
+def test_a_full_disk_names_the_space_the_write_needed(tmp_path, monkeypatch):
+    """ENOSPC: the path, the free space, and what the write needed: the file's size when it is known (atomic
+    writes), the outputs staged before it (a staged folder), or the words that it is not known."""
+    import pathlib
+
+    from sarcasm_dpo.atomic import write_json, write_text
+    from sarcasm_dpo.errors import describe_failure
+
+    out = tmp_path / "results"
+    real = pathlib.Path.write_text
+
+    def full(self, text, *a, **k):
+        if self.name.startswith(".tmp-big.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    with pytest.raises(OSError) as info:
+        with rundir.staged(out) as stage:
+            write_text(stage / "small.txt", "x" * 3000)
+            write_json(stage / "big.json", {"rows": ["y" * 1000] * 4})
+    message = describe_failure(info.value, user_paths=[str(out)])
+    assert "big.json" in message and "free there now" in message, message
+    assert "the file being written needed 4.0 KiB" in message  # 4 x 1,000 characters and the JSON around them
+    assert "on top of the 2.9 KiB of outputs this run had staged" in message  # small.txt, 3,000 bytes
+    assert not out.exists()  # nothing swapped in
+    bare = describe_failure(OSError(errno.ENOSPC, "No space left on device", str(out / "x.bin")))
+    assert "free there now" in bare and "how much space the write needed is not known" in bare

@@ -22,7 +22,7 @@ from sarcasm_dpo.stages import mine as mining
 from sarcasm_dpo.atomic import finish_output_dir
 from sarcasm_dpo.config import from_namespace
 from sarcasm_dpo.errors import UserError
-from sarcasm_dpo.settings import STAGES
+from sarcasm_dpo.stages import settings_classes
 
 # Files each stage writes; the "previous run" in the output folder is made of these.
 PREVIOUS = {"sft": ("adapter_model.safetensors", "training_summary.json", "sft_metrics.json"),
@@ -86,9 +86,8 @@ def adapter_of_a_changed_base(root: Path) -> tuple[Path, Path]:
 def previous_run(out: Path, argv: list[str]) -> dict[str, bytes]:
     """Fill `out` with a finished run made with the settings `argv` asks for; return its bytes."""
     args = cli.build_parser().parse_args(argv)
-    section = cli.COMMANDS[args.command][1]
     try:
-        config = dataclasses.asdict(from_namespace(STAGES[section], args, section))
+        config = dataclasses.asdict(from_namespace(settings_classes(), args, args.command))
     except UserError:  # settings that do not even validate: any earlier run will do
         config = {"output_dir": str(out)}
     out.mkdir(parents=True)

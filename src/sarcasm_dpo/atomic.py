@@ -44,13 +44,22 @@ def _umask() -> int:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    from .errors import SPACE_ERRORS
+
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        if exc.errno in SPACE_ERRORS:  # the CLI's message says how much space was needed
+            exc.bytes_needed = len(text.encode("utf-8"))
+        raise
     return Path(path)
 
 
-def _default(obj: Any) -> Any:
-    # numpy scalars/arrays and Paths show up in metrics and configs; JSON has no type for them.
+def json_default(obj: Any) -> Any:
+    """The package's one JSON encoder for values JSON has no type for (`json.dumps(..., default=json_default)`).
+
+    numpy scalars/arrays and Paths show up in metrics and configs: numbers, lists and text."""
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if hasattr(obj, "item"):
@@ -60,8 +69,23 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _as_text(obj: Any) -> Any:
+    try:
+        return json_default(obj)
+    except TypeError:
+        return str(obj)
+
+
+def plain_json(obj: Any, lenient: bool = False) -> Any:
+    """`obj` as it reads back from a JSON file: plain dicts, lists, numbers and text (a round trip).
+
+    lenient: a value not even `json_default` knows becomes its str() instead of an error (W&B configs,
+    where one odd value must not cost the whole run)."""
+    return json.loads(json.dumps(obj, default=_as_text if lenient else json_default, allow_nan=True))
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, default=_default, allow_nan=True) + "\n")
+    return write_text(path, json.dumps(obj, indent=2, default=json_default, allow_nan=True) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -122,7 +146,7 @@ def config_fingerprint(config: dict) -> str:
     """A short stable hash of a settings dict, used to tell whether outputs match a config."""
     import hashlib
 
-    text = json.dumps(stable_config(config), sort_keys=True, default=_default)
+    text = json.dumps(stable_config(config), sort_keys=True, default=json_default)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -136,7 +160,7 @@ def settings_differences(record: dict, config: dict, ignore_keys: tuple[str, ...
     """Names of the settings in which `config` differs from the one a completion `record` holds
     (settings that only change logging or start-up, VOLATILE_KEYS, never count)."""
     wanted = {k: v for k, v in stable_config(config).items() if k not in ignore_keys}
-    wanted = json.loads(json.dumps(wanted, default=_default))  # as it reads back from COMPLETE.json
+    wanted = plain_json(wanted)  # as it reads back from COMPLETE.json
     had = {k: v for k, v in stable_config(record.get("config") or {}).items() if k not in ignore_keys}
     return sorted(k for k in set(had) | set(wanted) if had.get(k) != wanted.get(k))
 

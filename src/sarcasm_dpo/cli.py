@@ -8,8 +8,10 @@
 
 Bad input or settings end with one paragraph on stderr and exit code 2 (no traceback), and so do
 files and folders the machine refuses (a full disk, a read-only or unreadable path, a name too long,
-a truncated .safetensors file, text that is not UTF-8). A closed pipe (`predict ... | head -1`)
-ends quietly with 141, as Unix tools do; anything else is a bug and keeps its traceback. Ctrl-C or
+a truncated .safetensors file, text that is not UTF-8); a missing or misplaced path only when the
+settings name it (or it lies in or beside one): about any other path it is a bug (errors.py says
+why). A closed pipe (`predict ... | head -1`) ends quietly with 141, as Unix tools do; anything
+else is a bug and keeps its traceback. Ctrl-C or
 SIGTERM during sft/dpo training writes a checkpoint, prints the command that resumes, and exits
 128 + the signal number (130, 143). Runs under `accelerate launch ... -m sarcasm_dpo.cli sft ...`
 as well, `--cpu --num_processes N` included (see training/distributed.py).
@@ -18,7 +20,6 @@ as well, `--cpu --num_processes N` included (see training/distributed.py).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shlex
 import signal
@@ -27,21 +28,8 @@ import threading
 
 from . import __version__
 from .config import add_arguments, from_namespace
-from .errors import UserError, describe_failure
-from .settings import STAGES
-
-# subcommand -> (module that runs it, settings section, one-line description)
-COMMANDS = {
-    "split": ("sarcasm_dpo.stages.split", "split", "Split GEN into train/val/test and iSarcasmEval into train/val."),
-    "sft": ("sarcasm_dpo.stages.sft", "sft", "Phase 1: LoRA supervised fine-tuning on the GEN train split."),
-    "mine": ("sarcasm_dpo.stages.mine", "mine", "Mine preference pairs from the SFT model's mistakes on iSarcasmEval."),
-    "dpo": ("sarcasm_dpo.stages.dpo", "dpo", "Phase 2: DPO on iSarcasmEval from the SFT adapter, SFT as frozen reference."),
-    "compare": ("sarcasm_dpo.stages.compare", "compare", "Evaluate Base vs SFT vs DPO on the held-out GEN test split."),
-    "pipeline": ("sarcasm_dpo.stages.pipeline", "pipeline", "Run download/split -> sft -> dpo -> compare with one config."),
-    "export": ("sarcasm_dpo.stages.export", "export", "Merge an adapter into its base model: a folder plain transformers "
-                                               "loads, with threshold and model card; optionally push it to the Hub."),
-}
-
+from .errors import UserError, describe_failure, note_paths
+from .stages import STAGES, settings_classes
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -64,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Mirror to fetch from instead of the GitHub repositories (default: "
                                "https://raw.githubusercontent.com).")
 
-    for name, (_, section, text) in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text)
-        add_arguments(p, STAGES[section])
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=stage.help, description=stage.help)
+        add_arguments(p, stage.settings)
 
     text = ("Classify texts with a model (a hub id, a folder such as an `export`, or a .gguf) and an optional "
             "LoRA adapter; prints one JSON line per text: {\"text\", \"p_sarcastic\", \"label\"}.")
@@ -93,21 +81,21 @@ def run_command(args: argparse.Namespace) -> object:
         from .stages.predict import run as predict_run
 
         return predict_run(args)
-    module_name, section, _ = COMMANDS[args.command]
-    settings = from_namespace(STAGES[section], args, section)
+    stage = STAGES[args.command]
+    settings = from_namespace(settings_classes(), args, stage.name)
+    note_paths(settings)  # an OSError about one of them is the user's to fix (errors.describe_failure)
     if getattr(settings, "model", None):  # a hub id with an offline fallback becomes what is actually loaded
         from dataclasses import replace
 
         from .model_route import route_model
 
         settings = replace(settings, model=route_model(settings.model))
-    module = importlib.import_module(module_name)
-    if section == "pipeline":  # it locks every stage's output itself, once it knows them
-        return module.run(settings, config_path=getattr(args, "config", None))
-    from .rundir import claim_outputs, outputs_of
+    if stage.driver:  # it locks every stage's output itself, once it knows them
+        return stage.run(settings, config_path=getattr(args, "config", None))
+    from .rundir import claim_outputs
 
-    with claim_outputs(outputs_of(section, settings), command_line(args), main_process=_main_process()):
-        return module.run(settings)
+    with claim_outputs(stage.outputs(settings), command_line(args), main_process=_main_process()):
+        return stage.run(settings)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -115,9 +103,16 @@ def command_line(args: argparse.Namespace) -> str:
     return "sarcasm-dpo " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
 
 
-# Stages whose checkpoints `--resume` continues from, and the ones that train data-parallel.
-RESUMABLE = ("sft", "dpo")
-DISTRIBUTED = ("sft", "dpo")
+def _trains(args: argparse.Namespace) -> bool:
+    """A stage whose checkpoints `--resume` continues from, and that trains data-parallel."""
+    stage = STAGES.get(args.command)
+    return stage is not None and stage.trains
+
+
+def _drives(args: argparse.Namespace) -> bool:
+    """The pipeline: re-running it skips finished stages and resumes an interrupted one."""
+    stage = STAGES.get(args.command)
+    return stage is not None and stage.driver
 
 
 class Terminated(KeyboardInterrupt):
@@ -137,10 +132,10 @@ def _main_process() -> bool:
 def resume_command(args: argparse.Namespace, argv: list[str]) -> str:
     """The command line that continues an interrupted run: the make command when make started it."""
     rerun = os.environ.get("SARCASM_DPO_RERUN")  # set by the Makefile's run targets
-    if rerun and args.command == "pipeline":
+    if rerun and _drives(args):
         return rerun
     words = list(argv)
-    if args.command in RESUMABLE and "--resume" not in words:
+    if _trains(args) and "--resume" not in words:
         words.append("--resume")
     return "sarcasm-dpo " + shlex.join(words)
 
@@ -151,13 +146,13 @@ def interrupt_message(args: argparse.Namespace, argv: list[str], exc: KeyboardIn
     launcher = " (under accelerate launch or torchrun: the same launch line, with --resume added)" \
         if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
     checkpoint = getattr(exc, "checkpoint", None)
-    if args.command in RESUMABLE and checkpoint is not None:
+    if _trains(args) and checkpoint is not None:
         return (f"Stopped by {name} at step {exc.step}: checkpoint {checkpoint} holds the weights, optimizer, "
                 f"scheduler, random-number states and validation history. Continue with: {again}{launcher}")
-    if args.command in RESUMABLE:
+    if _trains(args):
         return (f"Interrupted by {name} before a new checkpoint was written. Finished files are intact; continue "
                 f"from the newest complete checkpoint (or from the start if there is none) with: {again}{launcher}")
-    if args.command == "pipeline":
+    if _drives(args):
         return (f"Interrupted by {name}. Re-run the same command; finished stages are skipped and an interrupted "
                 f"training stage resumes from its newest checkpoint: {again}")
     return f"Interrupted by {name}. Files already written are whole (each is written atomically); re-run: {again}"
@@ -211,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_known_noise()
     args.argv = argv
-    if args.command in DISTRIBUTED and os.environ.get("ACCELERATE_USE_CPU"):
+    if _trains(args) and os.environ.get("ACCELERATE_USE_CPU"):
         from .training.distributed import cpu_workers_requested, run_workers
 
         workers = cpu_workers_requested()
@@ -219,6 +214,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{args.command}] accelerate launch --cpu --num_processes {workers}: starting {workers} "
                   "data-parallel processes (gloo).", file=sys.stderr)
             return run_workers(workers, argv)
+    from types import SimpleNamespace
+
+    from .download import default_cache_dir, extra_data_dirs
+
+    # The paths an OSError may be the user's about: the flags, the datasets' cache and $SARCASM_DPO_DATA_DIRS
+    # (run_command and the pipeline add every setting once they are built).
+    note_paths(args, SimpleNamespace(data_dir=[str(default_cache_dir()), *map(str, extra_data_dirs())]), reset=True)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 128 + signal.SIGPIPE
     except Exception as exc:  # noqa: BLE001 - the one boundary: the user's machine or files, or a bug
-        message = describe_failure(exc)
+        message = describe_failure(exc, user_paths=note_paths())
         if message is None:  # a bug: keep the traceback visible, and say where it belongs
             import traceback
 

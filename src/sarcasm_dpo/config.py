@@ -8,6 +8,10 @@ place. A YAML file may hold keys shared by all stages at the top level (`model`,
 a stage takes the shared keys it knows plus its own section. Unknown keys are an error, so a typo
 in a config never silently falls back to a default.
 
+This module is the generic dataclass <-> argparse/YAML machinery: it knows no stage. Whoever reads
+a config passes the sections it may hold as `classes` ({section: settings class}; the CLI and the
+pipeline take them from the stage registry, `sarcasm_dpo.stages.settings_classes()`).
+
     sarcasm-dpo sft --config configs/smollm2-135m-cpu.yaml --epochs 1
 """
 
@@ -24,8 +28,6 @@ from typing import Any, Sequence, TypeVar
 import yaml
 
 from .errors import UserError
-
-STAGE_SECTIONS = ("split", "sft", "mine", "dpo", "compare", "pipeline", "export")
 
 C = TypeVar("C")
 
@@ -148,12 +150,13 @@ def _yaml_problem(exc: Exception) -> str:
     return f"{problem}{where}" + (f" ({context})" if context else "") + "."
 
 
-def values_for_stage(data: dict, cls: type, section: str, source: str = "config") -> dict:
-    """The settings a stage takes from a YAML mapping: shared top-level keys plus its own section."""
-    names = {f.name for f in dataclasses.fields(cls)}
+def values_for_stage(data: dict, classes: dict[str, type], section: str, source: str = "config") -> dict:
+    """The settings stage `section` (one of `classes`) takes from a YAML mapping: the shared top-level keys
+    it knows plus its own section. A top-level key that names a section is that section, never a setting."""
+    names = {f.name for f in dataclasses.fields(classes[section])}
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if key in STAGE_SECTIONS:
+        if key in classes:
             continue
         if key in names:
             out[key] = value
@@ -171,15 +174,16 @@ def values_for_stage(data: dict, cls: type, section: str, source: str = "config"
 def check_known_keys(data: dict, classes: dict[str, type], source: str = "config") -> None:
     """Every top-level key must be a stage section or a setting of at least one stage."""
     all_names = {f.name for cls in classes.values() for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in data if k not in STAGE_SECTIONS and k not in all_names)
+    unknown = sorted(k for k in data if k not in classes and k not in all_names)
     if unknown:
         raise UserError(f"{source}: unknown setting(s): {', '.join(unknown)}.")
-    for section, cls in classes.items():
-        values_for_stage(data, cls, section, source)
+    for section in classes:
+        values_for_stage(data, classes, section, source)
 
 
 def apply_overrides(data: dict, overrides: Sequence[str], classes: dict[str, type]) -> dict:
     """A copy of a YAML mapping with `SECTION.KEY=VALUE` (or shared `KEY=VALUE`) items set, as the file would.
+    `classes`: the sections that may be set ({section: settings class}).
 
     The value is read as YAML (`64`, `1e-4`, `true`, `[q_proj, v_proj]`), then typed and checked
     like any config value when the stage's settings are built. Unknown sections and keys are errors.
@@ -189,7 +193,7 @@ def apply_overrides(data: dict, overrides: Sequence[str], classes: dict[str, typ
     import copy
 
     out = copy.deepcopy(data)
-    sections = {name: cls for name, cls in classes.items() if name != "pipeline"}
+    sections = classes
     for item in overrides:
         key, sep, raw = item.partition("=")
         section, _, name = key.strip().rpartition(".")
@@ -235,19 +239,19 @@ def build(cls: type[C], values: dict) -> C:
     return obj
 
 
-def from_namespace(cls: type[C], ns: argparse.Namespace, section: str) -> C:
-    """Settings from parsed flags: dataclass defaults, then the --config file, then the flags."""
+def from_namespace(classes: dict[str, type], ns: argparse.Namespace, section: str) -> Any:
+    """Settings of stage `section` (one of `classes`, every section a config file may hold) from parsed
+    flags: dataclass defaults, then the --config file, then the flags."""
+    cls = classes[section]
     given = {k: v for k, v in vars(ns).items() if k not in ("config", "command", "func", "data_command")}
     values: dict[str, Any] = {}
     config_path = getattr(ns, "config", None)
     if config_path:
-        from .settings import STAGES  # here, not at the top: settings imports this module
-
         data = load_yaml(config_path)
         # The whole file is checked, not just what this stage reads: a misspelled top-level key or
         # section would otherwise be ignored in favour of a default without a word.
-        check_known_keys(data, STAGES, str(config_path))
-        values.update(values_for_stage(data, cls, section, str(config_path)))
+        check_known_keys(data, classes, str(config_path))
+        values.update(values_for_stage(data, classes, section, str(config_path)))
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in given.items() if k in names})
     return build(cls, values)

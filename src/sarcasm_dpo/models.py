@@ -208,18 +208,14 @@ def drop_gguf_tag(model):
 
 def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
     """The base model an adapter folder was trained on: our run record first, then PEFT's config."""
+    from .rundir import recorded_settings, run_record
+
     adapter_dir = Path(adapter_dir)
     check_adapter_dir(adapter_dir)
-    for name in ("training_summary.json", "dpo_training_summary.json"):
-        summary = adapter_dir / name
-        if summary.is_file():
-            try:
-                model = json.loads(summary.read_text())["config"]["model"]
-            except (KeyError, ValueError, TypeError):
-                continue
-            if model:
-                _check_recorded_path(model, summary)
-                return model
+    model = recorded_settings(adapter_dir).get("model")
+    if model:
+        _check_recorded_path(model, run_record(adapter_dir)[0])
+        return model
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = cfg.get("base_model_name_or_path")
     if not base:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .atomic import _umask, file_sha256
-from .errors import UserError, describe_failure
+from .errors import SPACE_ERRORS, UserError, describe_failure
 
 STAGING = ".staging-"  # .staging-NAME-XXXX beside the output: a run's outputs before the swap
 OLD = ".old-"  # .old-NAME-XXXX: the previous outputs during the swap (two renames)
@@ -153,14 +153,6 @@ class FileOutput(str):
     """An output that is one file (mine's pairs file), not a folder: `tidy` treats the two differently."""
 
 
-def outputs_of(section: str, settings) -> list[str]:
-    """What a stage's run writes and so locks: its output folder, or for `mine` its pairs file."""
-    if section == "mine":
-        return [FileOutput(settings.output_file)]
-    out = getattr(settings, "output_dir", None)
-    return [out] if out else []
-
-
 @contextlib.contextmanager
 def claim_outputs(outputs: Iterable[str | os.PathLike], command: str, main_process: bool = True) -> Iterator[None]:
     """The CLI's one gate before a stage runs: lock every output, then clean up after killed runs of it.
@@ -230,11 +222,28 @@ def staged(out: str | os.PathLike) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING}{out.name}-", dir=out.parent))
     os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes it owner-only; outputs get the usual permissions
     try:
-        yield stage
+        try:
+            yield stage
+        except OSError as exc:
+            if exc.errno in SPACE_ERRORS and getattr(exc, "bytes_staged", None) is None:
+                exc.bytes_staged = _size_of(stage)  # the disk filled: the CLI's message says how much was written
+            raise
         swap_in(stage, out)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def _size_of(folder: Path) -> int:
+    """Bytes of the files below `folder` (what a stage had written before it stopped)."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def swap_in(stage: Path, out: Path) -> None:
@@ -290,6 +299,33 @@ def _locked(path: Path) -> bool:
     finally:
         os.close(fd)  # closing drops the flock we may have taken
     return False
+
+
+# A training stage keeps the settings it ran with (under "config") and its results in its run record:
+# `training_summary.json`, or `<stage>_training_summary.json` for a stage after the first (dpo). A
+# naming rule rather than a list of stages, so this layer (and models.py, which asks it) knows none.
+RUN_RECORD = "training_summary.json"
+
+
+def recorded_settings(folder: str | os.PathLike) -> dict:
+    """The settings the run that wrote `folder` recorded in its run record ({} when there are none)."""
+    found = run_record(folder)
+    config = found[1].get("config") if found else None
+    return config if isinstance(config, dict) else {}
+
+
+def run_record(folder: str | os.PathLike) -> tuple[Path, dict] | None:
+    """(path, contents) of the run record in `folder` (a JSON object), or None if it has none."""
+    folder = Path(folder)
+    exact = folder / RUN_RECORD
+    for path in [exact, *sorted(p for p in folder.glob(f"*_{RUN_RECORD}") if p != exact)]:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            return path, record
+    return None
 
 
 def input_identity(inputs: dict[str, str | os.PathLike | None]) -> dict[str, str]:

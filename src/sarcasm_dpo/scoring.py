@@ -329,7 +329,3 @@ def _cache_entries(cache):
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]
     return list(cache)  # legacy tuple-of-tuples
-
-
-def predict_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    return (np.asarray(probs) >= threshold).astype(int)

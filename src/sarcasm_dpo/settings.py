@@ -278,17 +278,6 @@ class ExportSettings:
     overwrite: bool = opt(False, "Replace an output_dir that holds another export.")
 
 
-STAGES: dict[str, type] = {
-    "split": SplitSettings,
-    "sft": SFTSettings,
-    "mine": MineSettings,
-    "dpo": DPOSettings,
-    "compare": CompareSettings,
-    "pipeline": PipelineSettings,
-    "export": ExportSettings,
-}
-
-
 # -- checks SFT and DPO share (beyond each settings class's validate) ----------------------------------
 
 

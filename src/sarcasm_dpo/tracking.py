@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import logging
 import netrc
 import os
@@ -111,14 +110,9 @@ def _artifact_name(name: str) -> str:
 def _jsonable(obj: Any) -> Any:
     # Configs carry Paths, numpy scalars, dataclass-ish objects; wandb rejects some of them at
     # init, which would cost us the whole run. A JSON round trip makes every value plain.
-    def default(o: Any) -> Any:
-        if hasattr(o, "tolist"):
-            return o.tolist()
-        if hasattr(o, "item"):
-            return o.item()
-        return str(o)
+    from .atomic import plain_json
 
-    return json.loads(json.dumps(obj, default=default, allow_nan=True))
+    return plain_json(obj, lenient=True)
 
 
 # --------------------------------------------------------------------------------------------

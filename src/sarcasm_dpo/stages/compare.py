@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 import time
@@ -177,15 +176,10 @@ def resolve_adapters(s: CompareSettings) -> dict[str, Path]:
 
 def warn_if_dpo_from_other_sft(dpo_dir: Path, sft_dir: Path) -> None:
     """DPO starts from an SFT adapter; comparing it against a different SFT run would mislead."""
-    for name in ("training_summary.json", "dpo_training_summary.json"):
-        try:
-            trained_from = json.loads((dpo_dir / name).read_text())["config"]["sft_model"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if trained_from and Path(trained_from).resolve() != sft_dir.resolve():
-            print(f"Warning: the DPO adapter in {dpo_dir} was trained from {trained_from}, not from {sft_dir}; "
-                  "the DPO-vs-SFT numbers compare two unrelated runs.")
-        return
+    trained_from = rundir.recorded_settings(dpo_dir).get("sft_model")
+    if trained_from and Path(trained_from).resolve() != sft_dir.resolve():
+        print(f"Warning: the DPO adapter in {dpo_dir} was trained from {trained_from}, not from {sft_dir}; "
+              "the DPO-vs-SFT numbers compare two unrelated runs.")
 
 
 KEPT_SFT_NOTE = "DPO = SFT: early stopping kept the SFT adapter (DPO never beat it on validation)"
@@ -193,12 +187,8 @@ KEPT_SFT_NOTE = "DPO = SFT: early stopping kept the SFT adapter (DPO never beat 
 
 def dpo_kept_sft(dpo_dir: Path) -> bool:
     """Whether the DPO run saved its SFT start unchanged (its summary: improved_over_sft is false)."""
-    from ..stages.dpo import SUMMARY_FILE
-
-    try:
-        return json.loads((dpo_dir / SUMMARY_FILE).read_text()).get("improved_over_sft") is False
-    except (OSError, ValueError, AttributeError):  # no summary (an adapter from elsewhere): nothing to say
-        return False
+    found = rundir.run_record(dpo_dir)  # none (an adapter from elsewhere): nothing to say
+    return found is not None and found[1].get("improved_over_sft") is False
 
 
 def resolve_base_model(s: CompareSettings, adapters: dict[str, Path]) -> str:

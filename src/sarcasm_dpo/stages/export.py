@@ -54,11 +54,14 @@ def hub_base_id(base: str) -> str | None:
 
 def training_record(adapter: Path) -> tuple[str, dict]:
     """(stage, record) of the run that wrote the adapter: DPO's or SFT's summary."""
-    for stage, name in (("dpo", "dpo_training_summary.json"), ("sft", "training_summary.json")):
-        record = _read_json(adapter / name)
-        if record is not None:
-            return stage, record
-    return "unknown", {}
+    from ..rundir import run_record
+    from . import STAGES
+
+    found = run_record(adapter)
+    if found is None:
+        return "unknown", {}
+    path, record = found
+    return next((name for name, stage in STAGES.items() if stage.record == path.name), "unknown"), record
 
 
 def comparison_for(adapter: Path, results_path: str | None) -> tuple[dict | None, str | None]:

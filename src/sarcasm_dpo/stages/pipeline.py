@@ -21,109 +21,75 @@ import json
 import sys
 from pathlib import Path
 
-from ..atomic import is_complete_for, read_complete
+from ..atomic import input_differences, is_complete_for, read_complete
 from ..config import apply_overrides, build, check_known_keys, load_yaml, values_for_stage
+from ..errors import note_paths
 from ..model_route import check_available, route_model
-from ..settings import STAGES, CompareSettings, DPOSettings, MineSettings, SFTSettings, SplitSettings
+from . import STAGES, pipeline_stages, settings_classes
 
 
 def stage_settings(data: dict, pipe, group: str | None, source: str = "config") -> dict:
-    """Each stage's settings from one YAML mapping, with the paths chained from stage to stage."""
+    """Each pipeline stage's settings from one YAML mapping, with the paths chained from stage to stage
+    (each registry entry's `chain`: dpo's sft_model is sft's output_dir, ...)."""
     shared = {"wandb_project": pipe.wandb_project, "no_wandb": pipe.no_wandb, "wandb_group": group}
-
-    def make(cls, section, chained: dict):
-        values = values_for_stage(data, cls, section, source)
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key, value in {**chained, **shared}.items():
+    classes = settings_classes()
+    built: dict = {}
+    for name, stage in pipeline_stages().items():
+        values = values_for_stage(data, classes, name, source)
+        names = {f.name for f in dataclasses.fields(stage.settings)}
+        for key, value in {**stage.chain(built, pipe), **shared}.items():
             # A path the user set explicitly in the stage's section wins over the chained default.
-            if key in names and key not in (data.get(section) or {}):
+            if key in names and key not in (data.get(name) or {}):
                 values[key] = value
-        return build(cls, values)
-
-    split = make(SplitSettings, "split", {"data_dir": pipe.data_dir})
-    d = split.output_dir
-    sft = make(SFTSettings, "sft", {"train_csv": f"{d}/gen_train.csv", "val_csv": f"{d}/gen_val.csv"})
-    mine = make(MineSettings, "mine", {"sft_model": sft.output_dir, "input_csv": f"{d}/isarcasm_train.csv",
-                                       "output_file": f"{Path(sft.output_dir).parent}/mined_pairs.json"})
-    dpo_chain = {"sft_model": sft.output_dir, "train_csv": f"{d}/isarcasm_train.csv", "val_csv": f"{d}/gen_val.csv",
-                 "isarcasm_val_csv": f"{d}/isarcasm_val.csv"}
-    if pipe.mine:
-        dpo_chain["preference_data"] = mine.output_file
-    dpo = make(DPOSettings, "dpo", dpo_chain)
-    compare = make(CompareSettings, "compare", {"test_csv": f"{d}/gen_test.csv", "train_csv": f"{d}/gen_train.csv",
-                                                "sft_model": sft.output_dir, "dpo_model": dpo.output_dir})
-    return {"split": split, "sft": sft, "mine": mine, "dpo": dpo, "compare": compare}
-
-
-def _dpo_result_dir(dpo: DPOSettings) -> str:
-    """Where the DPO model to compare lives: the output folder, or the sweep's best-beta folder."""
-    if not dpo.beta_sweep:
-        return dpo.output_dir
-    results = Path(dpo.output_dir) / "beta_sweep_results.json"
-    if results.is_file():
-        best = json.loads(results.read_text()).get("best_output_dir")
-        if best:
-            return best
-    return dpo.output_dir
+        built[name] = build(stage.settings, values)
+    return built
 
 
 def same_inputs(name: str, settings, out: Path) -> bool:
     """The finished stage in `out` read the same data and adapters as this run would (by checksum). A stage
     redone after an earlier pipeline run stopped part-way may have left later stages' records from older
-    inputs; settings alone would not tell."""
-    from . import compare, mine as mining, split
-    from ..atomic import input_differences
-
-    if name == "split":
-        from ..download import ensure_data_dir
-
-        inputs = split.inputs_of(ensure_data_dir(settings.data_dir))
-    elif name == "compare":
-        inputs = compare.inputs_of(settings)
-    elif name == "mine":
-        inputs = mining.inputs_of(settings)
-    else:
-        return True  # sft and dpo: their records hold settings only (their inputs come from the stages before)
-    return not input_differences(read_complete(out) or {}, inputs)
-
-
-def _output_of(name: str, settings) -> str:
-    if name == "mine":
-        return str(Path(settings.output_file).parent / (Path(settings.output_file).stem + "_run"))
-    return settings.output_dir
+    inputs; settings alone would not tell. Stages whose records hold settings only (sft, dpo: their inputs
+    come from the stages before) always match."""
+    inputs = STAGES[name].inputs_of(settings)
+    return inputs is None or not input_differences(read_complete(out) or {}, inputs)
 
 
 def run(pipe, config_path: str | None = None) -> dict:
     from ..tracking import make_group_name
 
     data = apply_overrides(load_yaml(config_path) if config_path else {}, pipe.set,
-                           {name: STAGES[name] for name in ("split", "sft", "mine", "dpo", "compare")})
-    check_known_keys(data, STAGES, str(config_path or "defaults"))  # pipe itself came from the same file + flags
+                           settings_classes(pipeline_stages()))
+    # pipe itself came from the same file + flags
+    check_known_keys(data, settings_classes(), str(config_path or "defaults"))
     group = None if pipe.no_wandb else make_group_name()
     stages = stage_settings(data, pipe, group, str(config_path or "defaults"))
+    note_paths(*stages.values())  # every stage's paths are the user's (errors.describe_failure)
     for name, settings in stages.items():  # recorded as what is loaded: the hub id or its offline fallback
         if getattr(settings, "model", None):
             stages[name] = dataclasses.replace(settings, model=route_model(settings.model))
-    order = ["split", "sft", *(["mine"] if pipe.mine else []), "dpo", "compare"]
+    order = [name for name, stage in pipeline_stages().items() if stage.when(pipe)]
     sft = stages["sft"]
     if pipe.force or not is_complete_for(sft.output_dir, dataclasses.asdict(sft)):
         check_available(sft.model)  # before the split is written or a W&B run opened
-    from ..rundir import claim_outputs, outputs_of
+    from ..rundir import claim_outputs
 
     # Every stage's output is locked for the whole pipeline: a second run into the same folders exits 2.
-    outputs = [o for name in order for o in outputs_of(name, stages[name])]
+    outputs = [o for name in order for o in STAGES[name].outputs(stages[name])]
     with claim_outputs(outputs, "sarcasm-dpo " + " ".join(sys.argv[1:])):
         return run_stages(pipe, stages, order)
+
+
+REPORTED = "compare"  # the stage whose results the pipeline's last lines show (`headline`)
 
 
 def run_stages(pipe, stages: dict, order: list[str]) -> dict:
     ran, skipped = [], []
     result = None
     for name in order:
-        settings = stages[name]
-        if name == "compare":
-            settings = dataclasses.replace(settings, dpo_model=_dpo_result_dir(stages["dpo"]))
-        out = Path(_output_of(name, settings))
+        stage, settings = STAGES[name], stages[name]
+        if stage.late_chain:
+            settings = dataclasses.replace(settings, **stage.late_chain(stages))
+        out = Path(stage.marker_dir(settings))
         config = dataclasses.asdict(settings)
         from ..training.checkpoints import interrupted_run
 
@@ -133,8 +99,8 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
                 and same_inputs(name, settings, out):
             print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to redo).")
             skipped.append(name)
-            if name == "compare":
-                result = json.loads((out / "model_comparison_results.json").read_text())
+            if name == REPORTED:
+                result = json.loads((out / stage.record).read_text())
             continue
         # Replacing a finished run of this stage is the pipeline's job (its settings changed); files no run of
         # ours wrote are another matter: the stage refuses them, as it does on its own, unless --overwrite.
@@ -144,7 +110,9 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
         elif hasattr(settings, "overwrite"):
             settings = dataclasses.replace(settings, overwrite=pipe.overwrite or ours)
         print(f"[pipeline] {name}: {'resuming' if interrupted else 'running'} -> {out}")
-        result = run_stage(name, settings)
+        outcome = run_stage(name, settings)
+        if name == REPORTED:
+            result = outcome
         ran.append(name)
     print(f"[pipeline] done: ran {', '.join(ran) or 'nothing'}; skipped {', '.join(skipped) or 'nothing'}.")
     if result:
@@ -160,8 +128,7 @@ def run_stage(name: str, settings, **hooks):
 
         python -c "from sarcasm_dpo.stages.pipeline import run_stage; help(run_stage)"
     """
-    module = __import__(f"sarcasm_dpo.stages.{name}", fromlist=["run"])
-    return module.run(settings, **hooks)
+    return STAGES[name].run(settings, **hooks)
 
 
 def headline(results: dict) -> str:

@@ -16,9 +16,14 @@ from ..rundir import input_identity, staged
 from ..tracking import Tracker
 
 
-def inputs_of(data_dir: Path) -> dict[str, str]:
+def dataset_identity(data_dir: Path) -> dict[str, str]:
     """The checksums of the two datasets a split is made from (recorded in its COMPLETE.json)."""
     return input_identity({"gen": data_dir / GEN_RELPATH, "isarcasmeval": data_dir / ISARCASM_RELPATH})
+
+
+def inputs_of(settings) -> dict[str, str]:
+    """What a split of these settings reads: the datasets in --data_dir (or the verified copy found)."""
+    return dataset_identity(ensure_data_dir(settings.data_dir))
 
 
 def run(settings) -> dict:
@@ -27,7 +32,7 @@ def run(settings) -> dict:
     out = Path(settings.output_dir)
     data_dir = ensure_data_dir(settings.data_dir)
     # The data's identity is part of what a finished split was made from: other data is another run.
-    inputs = inputs_of(data_dir)
+    inputs = dataset_identity(data_dir)
     check_output_dir(out, config, overwrite=settings.overwrite, inputs=inputs)
     with Tracker(enabled=not settings.no_wandb, project=settings.wandb_project, job_type="split",
                  group=settings.wandb_group, config=config) as tracker:
