@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from sarcasm_dpo.cli import COMMANDS, main
+from sarcasm_dpo.cli import COMMANDS, build_parser, main
 
 CLI = [sys.executable, "-m", "sarcasm_dpo.cli"]
 
@@ -18,13 +19,24 @@ def run_cli(args, **kw):
     return subprocess.run(CLI + args, capture_output=True, text=True, timeout=300, cwd=kw.pop("cwd", ROOT), **kw)
 
 
+def options_of(command: str) -> list[argparse.Action]:
+    """The flags `sarcasm-dpo COMMAND` accepts, as its parser holds them (not as its help prints them)."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [a for a in commands.choices[command]._actions if a.option_strings and a.dest != "help"]
+
+
 @pytest.mark.parametrize("command", [*COMMANDS, "predict"])
 def test_help_explains_every_flag(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--" in out
+    options = options_of(command)
+    assert options
+    for action in options:  # every flag is listed, with a help text of its own
+        assert isinstance(action.help, str) and action.help.strip() and action.help != argparse.SUPPRESS, action
+        assert all(flag in out for flag in action.option_strings), action.option_strings
     if command == "sft":
         for flag in ("--epochs", "--wandb_project", "--no_wandb", "--lr", "--batch_size", "--grad_accum",
                      "--max_length", "--sample_size", "--output_dir", "--seed", "--config", "--lora_r"):
@@ -94,8 +106,8 @@ def test_pipeline_interrupted_under_make_names_the_make_command(monkeypatch, cap
 
 
 def test_help_of_data_download_and_predict_explain_and_show_defaults(capsys):
-    for argv in (["data", "download", "--help"], ["predict", "--help"]):
+    for argv, says in ((["data", "download", "--help"], "sha256"), (["predict", "--help"], "JSON line")):
         with pytest.raises(SystemExit):
             main(argv)
         out = capsys.readouterr().out
-        assert "default:" in out and ("sha256" in out or "JSON line" in out)
+        assert "default:" in out and says in out
