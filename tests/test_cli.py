@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 import sys
@@ -47,34 +48,38 @@ def test_help_explains_every_flag(command, capsys):
 
 
 def test_original_script_names_exist_and_help():
+    """The one interpreter start per script door (the other script tests run them in-process: run_script)."""
     for name in ("split_gen_dataset", "finetune_qwen", "dpo_train_v2", "compare_all_models", "mine_hard_negatives"):
         done = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), "--help"],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
 
 
-def test_bad_input_exit_code_2_without_traceback(tmp_path):
+def test_bad_input_exit_code_2_without_traceback(tmp_path, capsys):
+    # The one start of `python -m sarcasm_dpo.cli` in the default suite: the exit code a shell sees.
     done = run_cli(["predict", "--model", str(tmp_path / "nope.gguf"), "--input", str(tmp_path / "x.txt")])
     assert done.returncode == 2
     assert done.stderr.startswith("error:") and "Traceback" not in done.stderr
-    done = run_cli(["dpo", "--beta", "0", "--no_wandb"])
-    assert done.returncode == 2 and "beta must be > 0" in done.stderr
+    assert main(["dpo", "--beta", "0", "--no_wandb"]) == 2
+    assert "beta must be > 0" in capsys.readouterr().err
 
 
-def test_predict_json_lines(tiny_model_dir, tmp_path):
+def test_predict_json_lines(tiny_model_dir, tmp_path, capsys, monkeypatch):
     texts = tmp_path / "texts.txt"
     texts.write_text("oh great, rain again\n\nwe agreed on the plan\n")
-    done = run_cli(["predict", "--model", str(tiny_model_dir), "--input", str(texts)])
-    assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    code = main(["predict", "--model", str(tiny_model_dir), "--input", str(texts)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
     assert [r["text"] for r in rows] == ["oh great, rain again", "we agreed on the plan"]
     assert all(0 < r["p_sarcastic"] < 1 and r["label"] == int(r["p_sarcastic"] >= 0.5) for r in rows)
-    piped = run_cli(["predict", "--model", str(tiny_model_dir)], input="oh great, rain again\n")
-    assert json.loads(piped.stdout)["p_sarcastic"] == rows[0]["p_sarcastic"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"oh great, rain again\n")))
+    assert main(["predict", "--model", str(tiny_model_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["p_sarcastic"] == rows[0]["p_sarcastic"]
     csv = tmp_path / "t.csv"
     csv.write_text("body\nhello\n")
-    bad = run_cli(["predict", "--model", str(tiny_model_dir), "--input", str(csv)])
-    assert bad.returncode == 2 and "no `text` column" in bad.stderr
+    assert main(["predict", "--model", str(tiny_model_dir), "--input", str(csv)]) == 2
+    assert "no `text` column" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,message", [
