@@ -43,6 +43,26 @@ GEN_CSV = SHARED_DATA / "sarcasm_v2" / "GEN-sarc-notsarc.csv"
 ISARCASM_CSV = SHARED_DATA / "isarcasmeval" / "train.En.csv"
 
 
+def run_script(name: str, *args: str) -> int:
+    """`python scripts/NAME.py ARGS` run in this process, its `__main__` block included: the exit code.
+
+    One interpreter start per script door is enough (test_cli's `--help` of each); the runs that train or
+    compare come here, where torch is already imported. sys.argv and sys.path are put back afterwards.
+    """
+    import runpy
+
+    path = ROOT / "scripts" / name
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [str(path), *args]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exc:
+        return 0 if exc.code is None else exc.code
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    raise AssertionError(f"{name} ended without sys.exit: its `__main__` block did not run")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A folder with a 2-layer random Qwen2 model and a byte-level BPE tokenizer with Qwen's chat format."""

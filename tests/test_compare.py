@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_script
 from sklearn.metrics import f1_score
 
 from sarcasm_dpo import baseline, cli, metrics, models, tracking
@@ -22,7 +21,6 @@ from sarcasm_dpo.stages.compare import run
 from sarcasm_dpo.config import build
 from sarcasm_dpo.settings import CompareSettings
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL_KEYS = ["base", "sft", "dpo", "tfidf_logreg"]
 
 SARC = "oh great just what i needed love it wonderful thanks for nothing totally".split()
@@ -258,15 +256,15 @@ def test_tracker_gets_metrics_tables_plot_and_inputs(full_run, setup):
     assert tracker.summary["verdicts"]["dpo_vs_sft"] == results["significance"]["dpo_vs_sft"]["verdict"]
 
 
-def test_script_with_skip_base_and_sample_size(setup):
+def test_script_with_skip_base_and_sample_size(setup, capsys):
     out = setup["root"] / "results_small"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "compare_all_models.py"), "--no_wandb", "--skip_base",
-         "--sample_size", "20", "--test_csv", str(setup["test"]), "--train_csv", str(setup["train"]),
-         "--sft_model", str(setup["sft"]), "--dpo_model", str(setup["dpo"]), "--output_dir", str(out),
-         "--batch_size", "8", "--n_bootstrap", "200", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = run_script(
+        "compare_all_models.py", "--no_wandb", "--skip_base",
+        "--sample_size", "20", "--test_csv", str(setup["test"]), "--train_csv", str(setup["train"]),
+        "--sft_model", str(setup["sft"]), "--dpo_model", str(setup["dpo"]), "--output_dir", str(out),
+        "--batch_size", "8", "--n_bootstrap", "200", "--device", "cpu")
+    proc = capsys.readouterr()
+    assert code == 0, proc.err[-3000:]
     saved = json.loads((out / "model_comparison_results.json").read_text())
     assert set(saved["models"]) == {"sft", "dpo", "tfidf_logreg"}
     assert not any("base" in pair.split("_vs_") for pair in saved["improvements_pp"])
@@ -280,11 +278,11 @@ def test_script_with_skip_base_and_sample_size(setup):
         labels, pred = recomputed(preds, key)
         assert saved["models"][key]["accuracy"] == pytest.approx((labels == pred).mean(), abs=1e-12)
     # The readable table and verdict lines reach the terminal.
-    assert "Accuracy [95% CI]" in proc.stdout and "DPO" in proc.stdout and "DPO vs SFT:" in proc.stdout
-    assert "Base " not in proc.stdout
+    assert "Accuracy [95% CI]" in proc.out and "DPO" in proc.out and "DPO vs SFT:" in proc.out
+    assert "Base " not in proc.out
     # One progress bar per model, each labelled with the model it scores (not three bare "scoring:" bars).
-    assert "scoring sft:" in proc.stderr and "scoring dpo:" in proc.stderr
-    assert "scoring base:" not in proc.stderr and "scoring:" not in proc.stderr
+    assert "scoring sft:" in proc.err and "scoring dpo:" in proc.err
+    assert "scoring base:" not in proc.err and "scoring:" not in proc.err
 
 
 def test_without_dpo_and_baseline_and_reusing_the_results_folder(setup):

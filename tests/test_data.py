@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
-from conftest import GEN_CSV, ISARCASM_CSV, ROOT
+from conftest import GEN_CSV, ISARCASM_CSV, run_script
 
 from sarcasm_dpo.data import (
     balanced_sample, check_no_leakage, load_gen, load_isarcasm, load_table, make_splits, normalise, stratified_sample,
@@ -39,7 +37,8 @@ def test_isarcasmeval_quirks_are_reported_not_silent(shared_data):
     assert "1 row(s) with an empty text" in text
     assert "conflicting labels" in text and "duplicated" in text
     assert frame.text.map(normalise).is_unique
-    assert frame.text.str.contains("\r\n").any() or frame.text.str.contains("\n").any()  # CRLF inside quoted fields
+    # Line breaks inside quoted fields stay inside their text (the file has LF line ends only, no CRLF).
+    assert frame.text.str.contains("\n").sum() == 232 and not frame.text.str.contains("\r").any()
 
 
 def test_isarcasmeval_conflicts_are_an_error_by_default(shared_data):
@@ -130,20 +129,21 @@ def test_samples_are_seeded_and_shaped():
     assert len(balanced_sample(frame, 60, 3)) == 60 and balanced_sample(frame, 60, 3).label.sum() == 20  # all positives
 
 
-def test_split_command_and_script(shared_data, tmp_path):
+def test_split_command_and_script(shared_data, tmp_path, capsys):
     out = tmp_path / "splits"
-    cmd = [sys.executable, str(ROOT / "scripts" / "split_gen_dataset.py"), "--data_dir", str(shared_data),
-           "--output_dir", str(out), "--no_wandb"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "gen_test" in done.stdout and "1304" in done.stdout
+    cmd = ["split_gen_dataset.py", "--data_dir", str(shared_data), "--output_dir", str(out), "--no_wandb"]
+    code = run_script(*cmd)
+    done = capsys.readouterr()
+    assert code == 0, done.err
+    assert "gen_test" in done.out and "1304" in done.out
     info = json.loads((out / "split_info.json").read_text())
     assert info["splits"]["gen_test"]["total"] == 1304
     assert (out / "COMPLETE.json").is_file()
     first = (out / "gen_train.csv").read_bytes()
     # Same settings again: allowed and byte-identical. Other settings: refused, nothing overwritten.
-    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    assert run_script(*cmd) == 0
     assert (out / "gen_train.csv").read_bytes() == first
-    refused = subprocess.run(cmd + ["--seed", "3"], capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
+    code = run_script(*cmd, "--seed", "3")
+    refused = capsys.readouterr()
+    assert code == 2 and "--overwrite" in refused.err and "Traceback" not in refused.err
     assert (out / "gen_train.csv").read_bytes() == first

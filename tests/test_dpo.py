@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SARCASTIC = "oh great i just love waiting thanks for nothing what a surprise {i}"
@@ -131,7 +130,8 @@ def test_reference_is_the_sft_model_at_step_zero(untrained, toy):
 
     model, trainer = untrained.model, untrained.trainer
     assert set(model.peft_config) == {"default", "ref"}  # the reference is an adapter, not a model copy
-    assert not any(p.requires_grad for n, p in model.named_parameters() if ".ref." in n)
+    reference = [p for n, p in model.named_parameters() if ".ref." in n]
+    assert reference and not any(p.requires_grad for p in reference)  # frozen (and found: not vacuously true)
     batch = next(iter(trainer.get_train_dataloader()))
 
     sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy.model_dir), str(toy.sft)).eval()
@@ -394,33 +394,36 @@ def test_beta_sweep_writes_every_output(toy):
     assert (best_dir / "dpo_training_summary.json").stat().st_mtime_ns == stamp
 
 
-def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**__import__("os").environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"})
+def _script(capsys, *args) -> tuple[int, str, str]:
+    """scripts/dpo_train_v2.py ARGS in this process: (exit code, stdout, stderr)."""
+    code = run_script("dpo_train_v2.py", *args)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_readme_command_runs_with_no_wandb(toy):
+def test_readme_command_runs_with_no_wandb(toy, capsys):
     out = toy.root / "cli_out"
-    result = _cli("scripts/dpo_train_v2.py", "--no_wandb", "--beta", "0.1", "--epochs", "1",
-                  "--sft_model", str(toy.sft), "--output_dir", str(out), "--train_csv", str(toy.paths.train),
-                  "--val_csv", str(toy.paths.gen_val), "--isarcasm_val_csv", str(toy.paths.is_val),
-                  "--sample_size", "8", "--batch_size", "8", "--probe_size", "8", "--val_sample_size", "8")
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, stdout, stderr = _script(
+        capsys, "--no_wandb", "--beta", "0.1", "--epochs", "1",
+        "--sft_model", str(toy.sft), "--output_dir", str(out), "--train_csv", str(toy.paths.train),
+        "--val_csv", str(toy.paths.gen_val), "--isarcasm_val_csv", str(toy.paths.is_val),
+        "--sample_size", "8", "--batch_size", "8", "--probe_size", "8", "--val_sample_size", "8")
+    assert code == 0, stderr[-3000:]
     assert (out / "COMPLETE.json").is_file() and (out / "adapter_model.safetensors").is_file()
-    assert "--sample_size 8" not in result.stdout  # 8 <= 32 pairs: no cap note
+    assert "--sample_size 8" not in stdout  # 8 <= 32 pairs: no cap note
     assert json.loads((out / "dpo_training_summary.json").read_text())["config"]["beta"] == 0.1
 
 
-def test_bad_sft_folder_exits_2_with_a_clear_message(tmp_path):
+def test_bad_sft_folder_exits_2_with_a_clear_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the second run writes to the default --output_dir, as it did from the checkout
     empty = tmp_path / "not_an_adapter"
     empty.mkdir()
     (empty / "notes.txt").write_text("hello")
-    result = _cli("scripts/dpo_train_v2.py", "--no_wandb", "--sft_model", str(empty),
-                  "--output_dir", str(tmp_path / "out"), timeout=120)
-    assert result.returncode == 2
-    assert "holds no LoRA adapter" in result.stderr and "Traceback" not in result.stderr
-    result = _cli("scripts/dpo_train_v2.py", "--no_wandb", "--sft_model", str(tmp_path / "missing"), timeout=120)
-    assert result.returncode == 2 and "Adapter folder not found" in result.stderr
+    code, _, stderr = _script(capsys, "--no_wandb", "--sft_model", str(empty), "--output_dir", str(tmp_path / "out"))
+    assert code == 2
+    assert "holds no LoRA adapter" in stderr and "Traceback" not in stderr
+    code, _, stderr = _script(capsys, "--no_wandb", "--sft_model", str(tmp_path / "missing"))
+    assert code == 2 and "Adapter folder not found" in stderr
 
 
 def test_unknown_loss_type_is_a_user_error(toy, tmp_path):

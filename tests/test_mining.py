@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import run_script
 
 from test_dpo import dpo_settings, make_sft_adapter, write_toy_splits
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +82,13 @@ def test_all_and_confident_mistakes(toy, sft_probs):
     assert summary["counts"]["confident_mistakes"]["total"] == len(expected)
 
 
-def test_mine_door_then_dpo_trains_on_the_mined_pairs(toy):
+def test_mine_door_then_dpo_trains_on_the_mined_pairs(toy, capsys):
     from sarcasm_dpo.stages import dpo
 
     out_file = toy.root / "door" / "mined.json"
-    result = subprocess.run(
-        [sys.executable, "scripts/mine_hard_negatives.py", "--no_wandb", "--sft_model", str(toy.sft),
-         "--input_csv", str(toy.paths.train), "--output_file", str(out_file), "--filter_strategy", "all"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**__import__("os").environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    code = run_script("mine_hard_negatives.py", "--no_wandb", "--sft_model", str(toy.sft),
+                      "--input_csv", str(toy.paths.train), "--output_file", str(out_file), "--filter_strategy", "all")
+    assert code == 0, capsys.readouterr().err[-3000:]
     assert (toy.root / "door" / "mined_summary.json").is_file()
     mined = json.loads(out_file.read_text())
 

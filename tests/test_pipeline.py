@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import GEN_CSV, ISARCASM_CSV, ROOT
+from conftest import GEN_CSV, ISARCASM_CSV, ROOT, run_script
 
+from sarcasm_dpo.cli import main
 from sarcasm_dpo.metrics import classification_metrics
+
+
+class Done(NamedTuple):
+    """What a finished command left: its exit code and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +74,20 @@ compare:
     return path
 
 
-def pipeline(config, data_dir, *extra):
-    cmd = [sys.executable, "-m", "sarcasm_dpo.cli", "pipeline", "--config", str(config), "--data_dir", str(data_dir),
-           "--no_wandb", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+def pipeline(capsys, config, data_dir, *extra) -> Done:
+    """`sarcasm-dpo pipeline ...` in this process (test_cli starts the CLI's process once for the suite)."""
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    code = main(["pipeline", "--config", str(config), "--data_dir", str(data_dir), "--no_wandb", *extra])
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
+    out, err = capsys.readouterr()
+    return Done(code, out, err)
 
 
-def test_pipeline_end_to_end_then_skips(tiny_model_dir, small_data_dir, tmp_path):
+def test_pipeline_end_to_end_then_skips(tiny_model_dir, small_data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
     work = tmp_path / "work"
     config = write_config(tmp_path / "p.yaml", tiny_model_dir, work)
-    done = pipeline(config, small_data_dir)
+    done = pipeline(capsys, config, small_data_dir)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for path in ["splits/gen_train.csv", "splits/gen_val.csv", "splits/gen_test.csv", "splits/isarcasm_train.csv",
                  "splits/isarcasm_val.csv", "sft/adapter_model.safetensors", "sft/sft_metrics.json",
@@ -93,7 +108,9 @@ def test_pipeline_end_to_end_then_skips(tiny_model_dir, small_data_dir, tmp_path
         assert results["models"][name]["f1"] == pytest.approx(recomputed["f1"])
     assert not np.allclose(preds["p_sft"], preds["p_base"])  # SFT trained something
     assert "verdict" in results["significance"]["dpo_vs_sft"]
-    assert "dpo" in done.stdout.lower() and "accuracy" in done.stdout.lower() or "acc" in done.stdout.lower()
+    # DPO's accuracy is on screen: its row in compare's table, then in the pipeline's closing table.
+    dpo_rows = [line.split() for line in done.stdout.splitlines() if line.startswith(f"{'DPO':<10} ")]
+    assert [row[1] for row in dpo_rows] == [f"{results['models']['dpo']['accuracy']:.3f}"] * 2, dpo_rows
     # It ends with what it found and where: the table, the verdicts, the plot, predictions and results.
     tail = done.stdout.rstrip().splitlines()[-3:]
     assert tail == [f"Plot: {work}/results/model_comparison_plot.png", f"Predictions: {work}/results/predictions.csv",
@@ -101,32 +118,32 @@ def test_pipeline_end_to_end_then_skips(tiny_model_dir, small_data_dir, tmp_path
     assert done.stdout.count("DPO vs SFT: accuracy") == 2  # compare's report, then the pipeline's closing summary
 
     # Re-run: every stage is complete for the same settings and is skipped.
-    again = pipeline(config, small_data_dir)
+    again = pipeline(capsys, config, small_data_dir)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("skipping") == 5 - 1 or "ran nothing" in again.stdout
-    assert "ran nothing" in again.stdout
+    assert again.stdout.count("complete for these settings; skipping") == 4  # split, sft, dpo, compare (no mine)
+    assert "ran nothing; skipped split, sft, dpo, compare." in again.stdout
 
     # Change one DPO setting: only DPO and compare run again.
     text = config.read_text().replace("  sample_size: 24", "  sample_size: 16")
     config.write_text(text)
-    changed = pipeline(config, small_data_dir)
+    changed = pipeline(capsys, config, small_data_dir)
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert "ran dpo, compare" in changed.stdout
 
     # A per-stage override on the command line counts like the same change in the file.
-    overridden = pipeline(config, small_data_dir, "--set", "compare.n_bootstrap=100")
+    overridden = pipeline(capsys, config, small_data_dir, "--set", "compare.n_bootstrap=100")
     assert overridden.returncode == 0, overridden.stderr[-2000:]
     assert "ran compare;" in overridden.stdout
     results = json.loads((work / "results" / "model_comparison_results.json").read_text())
     assert results["config"]["n_bootstrap"] == 100
-    bad = pipeline(config, small_data_dir, "--set", "compare.n_bootstrapp=100")
+    bad = pipeline(capsys, config, small_data_dir, "--set", "compare.n_bootstrapp=100")
     assert bad.returncode == 2 and "section 'compare' has no setting 'n_bootstrapp'" in bad.stderr
 
 
-def test_original_scripts_chain(tiny_model_dir, small_data_dir, tmp_path):
-    """The original README's command sequence, with --no_wandb, through the script names."""
+def test_original_scripts_chain(tiny_model_dir, small_data_dir, tmp_path, capsys, monkeypatch):
+    """The original README's command sequence, with --no_wandb, through the script names (run in-process)."""
     s = tmp_path
-    py = [sys.executable]
+    monkeypatch.chdir(s)
     steps = [
         ["split_gen_dataset.py", "--data_dir", str(small_data_dir), "--output_dir", f"{s}/splits"],
         ["finetune_qwen.py", "--no_wandb", "--epochs", "1", "--model", str(tiny_model_dir), "--train_csv",
@@ -141,17 +158,15 @@ def test_original_scripts_chain(tiny_model_dir, small_data_dir, tmp_path):
          "--skip_base", "--output_dir", f"{s}/results", "--max_text_tokens", "48"],
     ]
     for step in steps:
-        done = subprocess.run(py + [str(ROOT / "scripts" / step[0]), *step[1:]], capture_output=True, text=True,
-                              timeout=600, cwd=s)
-        assert done.returncode == 0, f"{step[0]}: {done.stdout[-2000:]} {done.stderr[-2000:]}"
+        code = run_script(*step)
+        out, err = capsys.readouterr()
+        assert code == 0, f"{step[0]}: {out[-2000:]} {err[-2000:]}"
     results = json.loads((s / "results" / "model_comparison_results.json").read_text())
     assert results["test_set"]["n"] == 20 and "base" not in results["models"]
     assert set(results["models"]) >= {"sft", "dpo"}
 
 
 def test_pipeline_refuses_an_unreachable_model_before_writing_anything(small_data_dir, tmp_path, capsys):
-    from sarcasm_dpo.cli import main
-
     config = write_config(tmp_path / "p.yaml", "someone/not-a-cached-model", tmp_path / "work")
     assert main(["pipeline", "--config", str(config), "--data_dir", str(small_data_dir), "--no_wandb"]) == 2
     err = capsys.readouterr().err

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_script
 from transformers import TrainerCallback
 
 from sarcasm_dpo.stages import sft
@@ -27,7 +26,6 @@ from sarcasm_dpo.settings import SFTSettings
 from sarcasm_dpo.training.checkpoints import latest_checkpoint
 from sarcasm_dpo.training.resilience import TrainingDiverged
 
-ROOT = Path(__file__).resolve().parents[1]
 PLAIN = ("the meeting was useful and we agreed on the plan gun control debate evidence argument religion "
          "science evolution people government law because").split()
 SARCASTIC = "oh great another monday i just love waiting in line for hours what a surprise thanks for nothing".split()
@@ -327,16 +325,15 @@ def test_tracker_log_callback_forwards_train_keys():
 # -- the script door ---------------------------------------------------------------------------------
 
 
-def test_finetune_script_runs_one_epoch(tiny_model_dir, toy_csvs, tmp_path):
+def test_finetune_script_runs_one_epoch(tiny_model_dir, toy_csvs, tmp_path, capsys):
     out = tmp_path / "script-sft"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "finetune_qwen.py"), "--no_wandb", "--epochs", "1",
-         "--model", str(tiny_model_dir), "--train_csv", str(toy_csvs[0]), "--val_csv", str(toy_csvs[1]),
-         "--output_dir", str(out), "--sample_size", "16", "--batch_size", "8", "--lora_targets", "q_proj,v_proj"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "SFT finished" in proc.stdout
+    code = run_script(
+        "finetune_qwen.py", "--no_wandb", "--epochs", "1",
+        "--model", str(tiny_model_dir), "--train_csv", str(toy_csvs[0]), "--val_csv", str(toy_csvs[1]),
+        "--output_dir", str(out), "--sample_size", "16", "--batch_size", "8", "--lora_targets", "q_proj,v_proj")
+    proc = capsys.readouterr()
+    assert code == 0, proc.err[-3000:]
+    assert "SFT finished" in proc.out
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["config"]["epochs"] == 1 and summary["data"]["train"]["total"] == 16
     assert (out / "adapter_model.safetensors").is_file() and (out / "COMPLETE.json").is_file()
