@@ -121,3 +121,41 @@ def test_a_damaged_record_is_a_clear_error(tmp_path, content):
     (tmp_path / THRESHOLD_FILE).write_text(content)
     with pytest.raises(UserError, match=r"threshold\.json"):
         read_threshold(tmp_path)
+
+
+# -- predict reads the record -----------------------------------------------------------------------------------
+
+
+def test_predict_prefers_the_adapters_record_then_the_export_record_then_one_half(tmp_path):
+    from sarcasm_dpo.stages.predict import recorded_threshold
+
+    adapter, export = tmp_path / "adapter", tmp_path / "export"
+    adapter.mkdir(), export.mkdir()
+    assert recorded_threshold(str(export), str(adapter)) == 0.5
+    (export / "sarcasm_dpo.json").write_text('{"threshold": 0.4}')
+    assert recorded_threshold(str(export), str(adapter)) == 0.4
+    write_threshold(adapter, threshold_record_from_validation([0, 0, 1, 1], [0.6, 0.7, 0.8, 0.9]))
+    assert recorded_threshold(str(export), str(adapter)) == pytest.approx(0.75)
+    assert recorded_threshold(None, str(adapter)) == pytest.approx(0.75)
+
+
+def test_predict_labels_follow_the_adapters_threshold_and_the_flag_overrides_it(tiny_model_dir, tmp_path, capsys):
+    from test_compare import make_adapter
+
+    from sarcasm_dpo.cli import main
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "sft", seed=1)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("oh great, rain again\nwe agreed on the plan\nlove waiting in line for hours\n")
+    args = ["predict", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--input", str(texts)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    probs = sorted(r["p_sarcastic"] for r in rows)
+    cut = (probs[0] + probs[1]) / 2  # a recorded threshold that puts exactly one text below it
+    (adapter / THRESHOLD_FILE).write_text(json.dumps({"threshold": cut}))
+    assert main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["label"] for r in rows) == [0, 1, 1]
+    assert all(r["label"] == int(r["p_sarcastic"] >= cut) for r in rows)
+    assert main(args + ["--threshold", "1"]) == 0
+    assert [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()] == [0, 0, 0]
