@@ -10,7 +10,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from sarcasm_dpo.errors import UserError
 from sarcasm_dpo.thresholds import (THRESHOLD_FILE, choose_threshold, contextual_threshold, read_threshold,
-                                    threshold_record_from_validation, write_threshold)
+                                    threshold_interval, threshold_record_from_validation, write_threshold)
 
 
 def brute_force(labels, probs, criterion):
@@ -79,6 +79,30 @@ def test_bad_inputs_are_refused():
         choose_threshold([0, 1], [0.2, 0.6], "f1")
 
 
+def test_the_threshold_interval_is_narrow_when_validation_pins_the_cut_and_wide_when_it_does_not():
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 200)
+    separated = np.where(labels == 1, rng.uniform(0.60, 0.62, 400), rng.uniform(0.58, 0.60, 400))
+    low, high = threshold_interval(labels, separated)
+    assert 0.59 <= low <= high <= 0.61  # every resample cuts in the narrow gap
+    noise = rng.uniform(0, 1, 400)  # scores that know nothing: the best cut wanders
+    low, high = threshold_interval(labels, noise)
+    assert high - low > 0.3
+    assert threshold_interval([1, 1, 1], [0.1, 0.2, 0.3]) is None
+
+
+def test_the_record_keeps_one_half_when_validation_cannot_tell_the_best_cut_from_it():
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1], 150)
+    probs = np.clip(rng.normal(0.45 + 0.1 * labels, 0.2), 0, 1)  # weak, centred scores: a flat criterion
+    record = threshold_record_from_validation(labels, probs)
+    low, high = record["threshold_ci"]
+    assert low <= 0.5 <= high and record["best_cut"] != 0.5
+    assert record["threshold"] == 0.5 and "does not pin the threshold down" in record["reason"]
+    assert record["val_metrics_at_threshold"] == record["val_metrics_at_0.5"]
+    assert threshold_record_from_validation(labels, probs, keep_default_if_unsure=False)["threshold"] == record["best_cut"]
+
+
 def test_contextual_calibration_is_the_mean_content_free_probability():
     seen = []
 
@@ -106,6 +130,8 @@ def test_record_round_trips_and_reports_both_thresholds(tmp_path):
     record = threshold_record_from_validation(labels, probs, contextual=contextual)
     assert record["threshold"] == pytest.approx(0.75) and record["split"] == "gen_val" and record["n"] == 6
     assert record["criterion"] == "balanced_accuracy" and record["class_counts"] == {"sarcastic": 3, "not_sarcastic": 3}
+    assert record["threshold_ci"] == threshold_interval(labels, probs) and record["threshold_ci"][0] > 0.5
+    assert record["best_cut"] == record["threshold"] and record["reason"] is None  # validation is sure: it moves
     assert record["val_metrics_at_threshold"]["accuracy"] == 1.0
     assert record["val_metrics_at_0.5"]["accuracy"] == 0.5 and record["val_metrics_at_0.5"]["balanced_accuracy"] == 0.5
     assert record["contextual_calibration"]["threshold"] == 0.65

@@ -3,7 +3,8 @@
 A model that ranks texts well but leans towards one answer loses accuracy at P(sarcastic) = 0.5
 for nothing. `choose_threshold` picks the threshold on VALIDATION scores (never on test), and
 `threshold_record_from_validation` turns that choice into the small `threshold.json` record a
-trained model's folder carries; `predict` and `compare` read it with `read_threshold`.
+trained model's folder carries (keeping 0.5 when validation cannot tell the best cut from it);
+`predict` and `compare` read it with `read_threshold`.
 
 The criterion is balanced accuracy, (recall of sarcastic + recall of not sarcastic) / 2, by
 default: the test set (GEN) is 50/50 and the comparison leads with accuracy, and on a 50/50 set
@@ -95,6 +96,28 @@ def choose_threshold(labels, probs, criterion: str = DEFAULT_CRITERION) -> dict:
     return {"threshold": float(cuts[pick]), "criterion": criterion, "value": float(values[pick]), "reason": None}
 
 
+def threshold_interval(labels, probs, criterion: str = DEFAULT_CRITERION, n_resamples: int = 200,
+                       seed: int = 42) -> list[float] | None:
+    """95% percentile interval of the threshold `choose_threshold` picks on bootstrap resamples of validation.
+
+    How well validation pins the threshold down: a wide interval says the criterion is flat and
+    the chosen cut is partly noise. None when no resample gives a real choice.
+    """
+    y = _binary("labels", labels)
+    p = np.asarray(probs, dtype=float)
+    rng = np.random.default_rng(seed)
+    picks = []
+    for _ in range(n_resamples):
+        idx = rng.integers(0, len(y), len(y))
+        choice = choose_threshold(y[idx], p[idx], criterion)
+        if choice["reason"] is None:
+            picks.append(choice["threshold"])
+    if not picks:
+        return None
+    low, high = np.percentile(picks, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
 def metrics_at(labels, probs, threshold: float) -> dict:
     """classification_metrics plus balanced accuracy (the mean of the two classes' recalls)."""
     m = classification_metrics(labels, probs, threshold)
@@ -120,21 +143,34 @@ def contextual_threshold(scorer: Callable[[list[str]], Sequence[float]],
 
 
 def threshold_record_from_validation(labels, probs, *, criterion: str = DEFAULT_CRITERION, split: str = "gen_val",
-                                     contextual: dict | None = None) -> dict:
+                                     contextual: dict | None = None, keep_default_if_unsure: bool = True) -> dict:
     """The `threshold.json` record of a trained model, from its (best checkpoint's) validation scores.
 
-    {"threshold", "criterion", "split", "n", "class_counts", "reason", "criterion_value",
-     "val_metrics_at_threshold", "val_metrics_at_0.5"}; with `contextual` (from
-    `contextual_threshold`) also "contextual_calibration": that threshold and the validation
+    {"threshold", "criterion", "split", "n", "class_counts", "best_cut", "criterion_value", "threshold_ci"
+     (threshold_interval), "reason", "val_metrics_at_threshold", "val_metrics_at_0.5"}; with `contextual`
+    (from `contextual_threshold`) also "contextual_calibration": that threshold and the validation
     metrics at it, so the label-free and the validation threshold are measured side by side.
+
+    "threshold" is "best_cut" (choose_threshold) unless `keep_default_if_unsure` and the bootstrap
+    interval of the best cut holds 0.5: then validation cannot tell the best cut from 0.5, and
+    moving would fit its noise, so 0.5 stays ("reason" says so). On 522 GEN validation texts a
+    well-centred scorer's best cut wanders over [0.37, 0.61] (TF-IDF, bench/detector_check.py);
+    a model that leans to one answer (DPO's F1 0.276 at 0.5) has an interval far from 0.5 and moves.
     """
     choice = choose_threshold(labels, probs, criterion)
     y = _binary("labels", labels)
+    interval = threshold_interval(y, probs, criterion) if choice["reason"] is None else None
+    threshold, reason = choice["threshold"], choice["reason"]
+    if keep_default_if_unsure and interval is not None and interval[0] <= DEFAULT <= interval[1]:
+        threshold = DEFAULT
+        reason = (f"validation does not pin the threshold down: the 95% bootstrap interval of the best cut "
+                  f"[{interval[0]:.3f}, {interval[1]:.3f}] holds 0.5, so 0.5 is kept")
     record = {
-        "threshold": choice["threshold"], "criterion": criterion, "split": split, "n": int(len(y)),
+        "threshold": threshold, "criterion": criterion, "split": split, "n": int(len(y)),
         "class_counts": {"sarcastic": int(y.sum()), "not_sarcastic": int(len(y) - y.sum())},
-        "reason": choice["reason"], "criterion_value": choice["value"],
-        "val_metrics_at_threshold": metrics_at(y, probs, choice["threshold"]),
+        "best_cut": choice["threshold"], "criterion_value": choice["value"], "threshold_ci": interval,
+        "reason": reason,
+        "val_metrics_at_threshold": metrics_at(y, probs, threshold),
         "val_metrics_at_0.5": metrics_at(y, probs, DEFAULT),
     }
     if contextual is not None:
