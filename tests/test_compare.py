@@ -326,6 +326,39 @@ def test_dpo_that_kept_the_sft_adapter_is_named_in_plot_and_table(setup, capsys,
     assert "early stopping kept" not in capsys.readouterr().out and "early stopping kept" not in titles[-1]
 
 
+def test_models_are_also_reported_at_their_own_validation_thresholds(setup, capsys, tmp_path, full_run):
+    """An adapter with a threshold.json is scored again at that threshold, beside the 0.5 block; others stay at 0.5."""
+    import shutil
+
+    from sarcasm_dpo.thresholds import THRESHOLD_FILE
+
+    assert "at_validation_threshold" not in full_run["results"]  # no model records one: the results are as before
+    preds = pd.read_csv(full_run["out"] / "predictions.csv")
+    sft = shutil.copytree(setup["sft"], tmp_path / "sft")
+    own = float(np.median(preds["p_sft"]))  # as if chosen on validation: it splits the SFT calls differently from 0.5
+    (sft / THRESHOLD_FILE).write_text(json.dumps({"threshold": own, "criterion": "balanced_accuracy", "split": "gen_val"}))
+    results = run(settings(setup, tmp_path / "out", sft_model=str(sft), extra_test=[f"extra={setup['extra']}"]))
+    block = results["at_validation_threshold"]
+    assert block["thresholds"] == {"sft": {"threshold": own, "criterion": "balanced_accuracy", "split": "gen_val",
+                                           "source": str(sft / THRESHOLD_FILE)}}
+    assert results["models"]["sft"]["threshold"] == 0.5  # the 0.5 block is unchanged
+    labels = preds["label"].to_numpy(int)
+    cuts = {"base": 0.5, "sft": own, "dpo": 0.5, "tfidf_logreg": 0.5}
+    for key in MODEL_KEYS:
+        m = block["models"][key]
+        pred = (preds[f"p_{key}"].to_numpy(float) >= cuts[key]).astype(int)
+        assert m["threshold"] == cuts[key] and m["accuracy"] == pytest.approx((pred == labels).mean(), abs=1e-12)
+        assert m["roc_auc"] == results["models"][key]["roc_auc"]  # ranking does not depend on the threshold
+    at_own = (preds["p_sft"].to_numpy(float) >= own).astype(int)
+    assert (at_own != (preds["p_sft"].to_numpy(float) >= 0.5)).any()  # the test below can tell the thresholds apart
+    base = (preds["p_base"].to_numpy(float) >= 0.5).astype(int)
+    assert block["significance"]["sft_vs_base"]["a_right_b_wrong"] == int(((at_own == labels) & (base != labels)).sum())
+    assert "at_validation_threshold" in results["extra_tests"]["extra"]
+    assert results["extra_tests"]["extra"]["at_validation_threshold"]["models"]["sft"]["threshold"] == own
+    out = capsys.readouterr().out
+    assert f"each model at its own validation threshold (Base 0.5 (none recorded), SFT {own:.3g} (gen_val)" in out
+
+
 def cli_error(setup, capsys, out: Path, *extra: str) -> str:
     argv = ["compare", "--no_wandb", "--test_csv", str(setup["test"]), "--train_csv", str(setup["train"]),
             "--sft_model", str(setup["sft"]), "--dpo_model", str(setup["dpo"]), "--output_dir", str(out), *extra]

@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch_size", type=int, default=16, help="Texts per forward pass.")
     predict.add_argument("--max_text_tokens", type=int, default=256, help="Texts are cut to this many tokens inside the prompt.")
     predict.add_argument("--threshold", type=float, default=None,
-                         help="P(sarcastic) at or above which the label is 1 (empty: the threshold an exported model "
-                              "records in sarcasm_dpo.json, else 0.5).")
+                         help="P(sarcastic) at or above which the label is 1 (empty: the threshold the adapter's "
+                              "threshold.json records, chosen on validation, else the one an exported model records "
+                              "in sarcasm_dpo.json, else 0.5).")
     predict.add_argument("--device", default=None, help="cuda, mps or cpu (auto-detected when empty).")
     return parser
 

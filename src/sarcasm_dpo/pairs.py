@@ -13,6 +13,24 @@ Which sentence a pair gets is drawn with a seeded RNG, so the same data and seed
 pairs. The label word is always the first token of the completion (checked by
 `check_pair_tokens`), which is the token the scorer's P(sarcastic) is read from.
 
+Where the pairs come from (`build_preference_pairs`, one spec string such as ``rephrase+label``):
+
+* ``label``: every training text, "Yes" vs "No" (the label words alone). Balanced by default.
+* ``reasoning``: every training text, reasoning style (above): today's default, natural ratio.
+* ``mined``: the pairs file `sarcasm-dpo mine` wrote (the SFT model's mistakes and low-margin
+  items), loaded as it is. Natural ratio by default.
+* ``rephrase``: iSarcasmEval's minimal pairs. A sarcastic tweet with its author's sincere
+  rephrase (rephrases.py) gives two pairs: the tweet as prompt prefers "Yes", the rephrase as a
+  prompt of its own prefers "No". Same content, opposite intent. One of each per tweet, so
+  balanced by construction.
+* ``A+B``: A's pairs, then B's pairs that A does not already hold (same prompt and answers).
+  Balanced by default; balancing cuts the side with more pairs back to the other's size,
+  dropping the later sources' pairs first (seeded), so the first-named source is kept whole
+  where it can be.
+
+"Balanced" means as many pairs prefer "Yes" as prefer "No": a pair set that mostly prefers "No"
+mostly teaches the model to say "No" more often (every DPO pair starts at loss log 2).
+
     python -c "from sarcasm_dpo.pairs import completions; print(completions(1, 'reasoning', 0))"
 """
 
@@ -28,6 +46,8 @@ from .errors import UserError
 from .prompts import build_prompt, label_token_ids, label_word
 
 PAIR_STYLES = ("reasoning", "label")
+PAIR_SOURCES = ("label", "reasoning", "mined", "rephrase")
+NATURAL_BY_DEFAULT = {("reasoning",), ("mined",)}  # today's behaviour of these two, kept
 
 # Matched sentence pairs: entry i of SARCASTIC_REASONS and entry i of LITERAL_REASONS have the
 # same form and nearly the same length (a test holds them within 4 characters and 1 word), so DPO cannot
@@ -178,3 +198,95 @@ def check_prompts_match(pairs: pd.DataFrame, tokenizer, max_text_tokens: int, so
             f"(first: pair {differ[0]}). They were made with another tokenizer, chat template or --max_text_tokens; "
             "mine them again with the same SFT model and --max_text_tokens."
         )
+
+
+def parse_pairs_spec(spec: str) -> tuple[str, ...]:
+    """'rephrase+label' -> ('rephrase', 'label'): sources joined by '+', each named once, order kept."""
+    parts = tuple(part.strip().lower() for part in str(spec or "").split("+"))
+    unknown = [p for p in parts if p and p not in PAIR_SOURCES]
+    why = ("it names no source" if parts == ("",) else "it has an empty source name" if not all(parts)
+           else f"unknown source(s) {', '.join(repr(p) for p in unknown)}" if unknown
+           else "a source is named twice" if len(set(parts)) != len(parts) else None)
+    if why:
+        raise UserError(f"--pairs {spec!r}: {why}. Name one or more of {', '.join(PAIR_SOURCES)}, joined by '+' "
+                        "(e.g. rephrase+label).")
+    return parts
+
+
+def rephrase_pairs(frame: pd.DataFrame, tokenizer, seed: int = 42, max_text_tokens: int = 256) -> pd.DataFrame:
+    """Two label pairs per sarcastic row with a rephrase: the tweet prefers "Yes", then its rephrase prefers "No"."""
+    if "rephrase" not in frame.columns:
+        raise UserError("The rephrase pairs need the training split's rephrases; attach them first "
+                        "(rephrases.attach_rephrases with the raw iSarcasmEval file).")
+    has = frame["rephrase"].map(lambda r: isinstance(r, str) and bool(r.strip()))
+    rows = frame[(frame["label"].astype(int) == 1) & has]
+    ids = rows["id"].astype(str) if "id" in rows.columns else pd.Series(range(len(rows)), index=rows.index).astype(str)
+    sincere = pd.DataFrame({"text": rows["rephrase"].to_numpy(), "label": 0, "id": (ids + ":rephrase").to_numpy()})
+    tweets = build_pairs(rows[["text", "label"]].assign(id=ids.to_numpy()), tokenizer, "label", seed, max_text_tokens)
+    rephrased = build_pairs(sincere, tokenizer, "label", seed, max_text_tokens)
+    # Interleaved: each tweet's pair sits beside its rephrase's, so a reader sees the minimal pair.
+    return pd.concat([tweets, rephrased]).sort_index(kind="stable").reset_index(drop=True)
+
+
+def prefers_yes(pairs: pd.DataFrame) -> pd.Series:
+    """True where a pair's chosen answer is the sarcastic label word (whatever its style or file)."""
+    return pairs["chosen"].str.split(".").str[0].str.strip() == label_word(1)
+
+
+def balance_pairs(pairs: pd.DataFrame, seed: int, priority: str | None = None) -> pd.DataFrame:
+    """Cut the side (prefers "Yes" / prefers "No") with more pairs back to the other's size, order kept.
+
+    Pairs are dropped at random (seeded), those with the highest `priority` column value first.
+    """
+    yes = prefers_yes(pairs).to_numpy()
+    small = min(int(yes.sum()), int((~yes).sum()))
+    if small == 0:
+        raise UserError(f"Cannot balance {len(pairs)} preference pair(s): none prefers "
+                        f"{label_word(0 if yes.all() else 1)!r}. Keep the natural ratio, or add a source that does.")
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(pairs), dtype=bool)
+    for side in (yes, ~yes):
+        index = np.flatnonzero(side)
+        index = index[rng.permutation(len(index))]
+        if priority is not None:
+            index = index[np.argsort(pairs[priority].to_numpy()[index], kind="stable")]
+        keep[index[:small]] = True
+    return pairs[keep].reset_index(drop=True)
+
+
+def build_preference_pairs(spec: str, frame: pd.DataFrame | None, tokenizer, *, seed: int = 42,
+                           max_text_tokens: int = 256, balance: bool | None = None,
+                           mined_file: str | Path | None = None) -> pd.DataFrame:
+    """The DPO pairs of the sources in `spec` (see the module doc), in build_pairs' format plus `pair_source`.
+
+    `frame`: the training split (text, label, id; and `rephrase` for the rephrase source). `balance`:
+    None = each spec's default (natural for `reasoning` or `mined` alone, balanced otherwise); True or
+    False forces it. A prompt that would be taught both answers (a rephrase equal to a sarcastic tweet)
+    is refused.
+    """
+    sources = parse_pairs_spec(spec)
+    parts = []
+    for rank, source in enumerate(sources):
+        if source == "mined":
+            if not mined_file:
+                raise UserError("The mined pairs source needs the pairs file `sarcasm-dpo mine` wrote (--preference_data).")
+            built = load_pairs_file(mined_file)
+            check_prompts_match(built, tokenizer, max_text_tokens, str(mined_file))
+        elif frame is None:
+            raise UserError(f"The {source} pairs source needs the training split.")
+        elif source == "rephrase":
+            built = rephrase_pairs(frame, tokenizer, seed, max_text_tokens)
+        else:
+            built = build_pairs(frame, tokenizer, source, seed, max_text_tokens)
+        parts.append(built.assign(pair_source=source, _rank=rank))
+    pairs = pd.concat(parts, ignore_index=True)
+    pairs = pairs[~pairs.duplicated(subset=list(PAIR_KEYS), keep="first")]
+    yes = prefers_yes(pairs)
+    both = pairs["prompt"].map(yes.groupby(pairs["prompt"]).nunique()) > 1
+    if both.any():
+        shown = pairs.loc[both, "text"].iloc[0] if "text" in pairs.columns else pairs.loc[both, "prompt"].iloc[0]
+        raise UserError(f"--pairs {spec}: {int(pairs.loc[both, 'prompt'].nunique())} prompt(s) would be taught both "
+                        f"answers (first: {str(shown)[:60]!r}); the sources disagree on their label.")
+    if balance if balance is not None else sources not in NATURAL_BY_DEFAULT:
+        pairs = balance_pairs(pairs, seed, priority="_rank")
+    return pairs.drop(columns="_rank").reset_index(drop=True)

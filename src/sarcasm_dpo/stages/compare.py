@@ -5,7 +5,10 @@ The base model is loaded once; the SFT and DPO adapters sit on it side by side (
 off, so memory holds one model, not three. Every model is scored by the shared `Scorer` (one
 forward pass per batch, P(sarcastic) from the Yes/No logits), and every number in the report is
 computed from those probabilities at threshold 0.5, which `predictions.csv` holds per item so
-anyone can recompute them.
+anyone can recompute them. When an adapter folder records a threshold chosen on GEN validation
+(threshold.json, see thresholds.py), the report adds the block `at_validation_threshold`: every
+model again, each at its own recorded threshold (0.5 for a model that records none), with its
+intervals, improvements and McNemar tests. No threshold is ever chosen on the test split.
 
 Beside the three language models sits a TF-IDF + logistic regression model trained on the GEN
 train split (`--no_baseline` skips it): if the fine-tuned model does not beat it, the report says
@@ -64,6 +67,7 @@ def run(settings: CompareSettings) -> dict:
 
     # --- setup: every check on the user's input happens here, before a model is loaded ---
     adapters = resolve_adapters(s)
+    recorded = recorded_thresholds(adapters)
     base_ref = resolve_base_model(s, adapters)
     for folder in adapters.values():
         # Reads shapes only; refusing here keeps a previous comparison in --output_dir as it was.
@@ -118,6 +122,11 @@ def run(settings: CompareSettings) -> dict:
             info = describe_test_set(path, full, frame, s.sample_size)
             info["overlap_with_train"] = 0 if train is None else data.overlap_count(frame, train)
             results["extra_tests"][name] = {"test_set": info, **evaluate(frame, by_set[name], s)}
+        if recorded:  # only then: a comparison of models that record none stays as it was
+            own = {key: r["threshold"] for key, r in recorded.items()}
+            results[OWN] = {"thresholds": recorded, **evaluate(test, by_set["main"], s, own)}
+            for name, (_, _, frame) in extras.items():
+                results["extra_tests"][name][OWN] = evaluate(frame, by_set[name], s, own)
 
         predictions = {"main": predictions_frame(test, by_set["main"])}
         files = {"main": PREDICTIONS_FILE, **{name: f"predictions_{name}.csv" for name in extras}}
@@ -180,6 +189,23 @@ def warn_if_dpo_from_other_sft(dpo_dir: Path, sft_dir: Path) -> None:
     if trained_from and Path(trained_from).resolve() != sft_dir.resolve():
         print(f"Warning: the DPO adapter in {dpo_dir} was trained from {trained_from}, not from {sft_dir}; "
               "the DPO-vs-SFT numbers compare two unrelated runs.")
+
+
+OWN = "at_validation_threshold"  # the results block that decides each model at its own recorded threshold
+
+
+def recorded_thresholds(adapters: dict[str, Path]) -> dict[str, dict]:
+    """{key: {"threshold", "criterion", "split", "source"}} for every adapter whose folder records a threshold
+    chosen on validation (threshold.json); never a threshold from the test split, which compare only scores."""
+    from ..thresholds import THRESHOLD_FILE, read_threshold
+
+    out = {}
+    for key, folder in adapters.items():
+        record = read_threshold(folder)
+        if record is not None:
+            out[key] = {"threshold": float(record["threshold"]), "criterion": record.get("criterion"),
+                        "split": record.get("split"), "source": str(Path(folder) / THRESHOLD_FILE)}
+    return out
 
 
 KEPT_SFT_NOTE = "DPO = SFT: early stopping kept the SFT adapter (DPO never beat it on validation)"
@@ -302,10 +328,13 @@ def split_probs(probs: dict[str, np.ndarray], sets: dict[str, pd.DataFrame]) -> 
 MCNEMAR = "exact McNemar test (two-sided binomial on the items where the two models disagree)"
 
 
-def evaluate(frame: pd.DataFrame, probs: dict[str, np.ndarray], s: CompareSettings) -> dict:
-    """Metrics with intervals per model, improvements in points, and McNemar tests for each pair."""
+def evaluate(frame: pd.DataFrame, probs: dict[str, np.ndarray], s: CompareSettings,
+             thresholds: dict[str, float] | None = None) -> dict:
+    """Metrics with intervals per model, improvements in points, and McNemar tests for each pair, each model
+    decided at its threshold in `thresholds` (0.5 for a model not in it, and for all when it is None)."""
     labels = frame["label"].to_numpy(dtype=int)
-    scored = {key: metrics.with_intervals(labels, p, n_resamples=s.n_bootstrap, seed=s.seed)
+    cut = {key: (thresholds or {}).get(key, 0.5) for key in probs}
+    scored = {key: metrics.with_intervals(labels, p, threshold=cut[key], n_resamples=s.n_bootstrap, seed=s.seed)
               for key, p in probs.items()}
     improvements, significance = {}, {}
     for new, old in PAIRS:
@@ -313,7 +342,7 @@ def evaluate(frame: pd.DataFrame, probs: dict[str, np.ndarray], s: CompareSettin
             continue
         pair = f"{new}_vs_{old}"
         improvements[pair] = metrics.improvement_pp(scored[new], scored[old], keys=IMPROVEMENT_KEYS)
-        test = metrics.mcnemar_exact(labels, (probs[new] >= 0.5).astype(int), (probs[old] >= 0.5).astype(int))
+        test = metrics.mcnemar_exact(labels, (probs[new] >= cut[new]).astype(int), (probs[old] >= cut[old]).astype(int))
         test["verdict"] = metrics.significance_verdict(NAMES[new], NAMES[old], scored[new]["accuracy"],
                                                        scored[old]["accuracy"], test["p_value"], ALPHA)
         test["alpha"] = ALPHA
@@ -370,11 +399,25 @@ def format_report(results: dict) -> str:
              *format_verdicts(results)]
     if results.get("dpo_kept_sft"):
         parts.append(f"  {KEPT_SFT_NOTE}.")
+    own = results.get(OWN)
+    if own:
+        parts += [f"\nThe same items, each model at its own validation threshold ({own_thresholds(own)})",
+                  format_table(own["models"]), *format_verdicts(own)]
     for name, block in results["extra_tests"].items():
         parts += [f"\nExtra test set {name}: {block['test_set']['path']} ({block['test_set']['n']} items)",
                   format_table(block["models"]), *format_verdicts(block)]
+        if block.get(OWN):
+            parts += ["  at each model's own validation threshold:", format_table(block[OWN]["models"]),
+                      *format_verdicts(block[OWN])]
     parts.append(f"\nResults: {results['outputs']['results']}")
     return "\n".join(parts)
+
+
+def own_thresholds(own: dict) -> str:
+    """"SFT 0.613 (gen_val), Base 0.5 (none recorded)": which threshold decided each model."""
+    recorded = own["thresholds"]
+    return ", ".join(f"{NAMES.get(k, k)} {recorded[k]['threshold']:.3g} ({recorded[k]['split']})" if k in recorded
+                     else f"{NAMES.get(k, k)} 0.5 (none recorded)" for k in own["models"])
 
 
 def comparison_table(scored: dict) -> pd.DataFrame:
@@ -413,6 +456,8 @@ def log_to_tracker(tracker, results: dict, predictions: pd.DataFrame, plot_path:
     logged["compare"]["mcnemar_p"] = {pair: t["p_value"] for pair, t in results["significance"].items()}
     for name, block in results["extra_tests"].items():
         logged[f"extra_{name}"] = {key: _scalars(m) for key, m in block["models"].items()}
+    if results.get(OWN):
+        logged[f"compare_{OWN}"] = {key: _scalars(m) for key, m in results[OWN]["models"].items()}
     tracker.log(logged)
     tracker.log_table("compare/table", comparison_table(results["models"]))
     tracker.log_table("compare/confusion_matrices", confusion_table(results["models"]))

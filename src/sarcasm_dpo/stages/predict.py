@@ -36,8 +36,14 @@ def read_texts(path: str | None) -> list[str]:
     return [line for line in decode_text(p.read_bytes(), f"Input file {p}").splitlines() if line.strip()]
 
 
-def recorded_threshold(model: str | None) -> float:
-    """The decision threshold an exported model folder records (`sarcasm-dpo export`), else 0.5."""
+def recorded_threshold(model: str | None, adapter: str | None = None) -> float:
+    """The decision threshold the model records, else 0.5: an adapter folder's threshold.json (chosen on
+    validation by its training stage), else an exported model folder's sarcasm_dpo.json (`sarcasm-dpo export`)."""
+    from ..thresholds import read_threshold
+
+    record = read_threshold(adapter)
+    if record is not None:
+        return float(record["threshold"])
     info = Path(model or "") / "sarcasm_dpo.json"
     if model and info.is_file():
         try:
@@ -57,7 +63,7 @@ def run(args) -> list[dict]:
     for name in ("batch_size", "max_text_tokens"):
         check_positive(name, getattr(args, name), allow_none=False)
     check_device(args.device)
-    threshold = args.threshold if args.threshold is not None else recorded_threshold(args.model)
+    threshold = args.threshold if args.threshold is not None else recorded_threshold(args.model, args.adapter)
     if not 0 <= threshold <= 1:
         raise UserError(f"--threshold is a probability and must be in [0, 1], got {threshold}.")
     from ..model_route import route_model

@@ -1,0 +1,211 @@
+"""Decision thresholds chosen on validation, and label-free contextual calibration.
+
+A model that ranks texts well but leans towards one answer loses accuracy at P(sarcastic) = 0.5
+for nothing. `choose_threshold` picks the threshold on VALIDATION scores (never on test), and
+`threshold_record_from_validation` turns that choice into the small `threshold.json` record a
+trained model's folder carries (keeping 0.5 when validation cannot tell the best cut from it);
+`predict` and `compare` read it with `read_threshold`.
+
+The criterion is balanced accuracy, (recall of sarcastic + recall of not sarcastic) / 2, by
+default: the test set (GEN) is 50/50 and the comparison leads with accuracy, and on a 50/50 set
+accuracy IS balanced accuracy; unlike accuracy or F1 on the validation texts, it does not move
+with the validation split's class ratio, so the same threshold also serves iSarcasmEval (25%
+sarcastic) without learning to answer the majority class. It is the Youden-J point of the ROC
+curve. `macro_f1` and `accuracy` can be asked for instead.
+
+`contextual_threshold` is the label-free alternative (Zhao et al. 2021, "Calibrate before use"):
+score content-free inputs ("", "N/A", "[MASK]") through the same scorer; their mean P(sarcastic)
+p_cf is the model's bias towards "Yes". Contextual calibration divides each class probability by
+the content-free one and renormalises, so a text is called sarcastic iff p/p_cf >= (1-p)/(1-p_cf),
+i.e. iff p >= p_cf: with two labels the calibration is exactly the threshold p_cf.
+
+    python -c "from sarcasm_dpo.thresholds import choose_threshold as c; print(c([0,0,1,1],[.1,.6,.7,.9]))"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import UserError
+from .metrics import _binary, _same_length, classification_metrics
+
+THRESHOLD_FILE = "threshold.json"
+CRITERIA = ("balanced_accuracy", "macro_f1", "accuracy")
+DEFAULT_CRITERION = "balanced_accuracy"
+DEFAULT = 0.5
+CONTENT_FREE = ("", "N/A", "[MASK]")  # Zhao et al. 2021's content-free inputs
+
+
+def _criterion_values(tp, fp, pos: int, neg: int, criterion: str) -> np.ndarray:
+    """The criterion at every cut, from the cumulative true/false positive counts (vectorised)."""
+    fn, tn = pos - tp, neg - fp
+    if criterion == "balanced_accuracy":
+        return (tp / pos + tn / neg) / 2
+    if criterion == "accuracy":
+        return (tp + tn) / (pos + neg)
+    if criterion == "macro_f1":
+        def f1(t, f_pos, f_neg):
+            denom = 2 * t + f_pos + f_neg
+            return np.divide(2 * t, denom, out=np.zeros(len(denom)), where=denom > 0)
+        return (f1(tp, fp, fn) + f1(tn, fn, fp)) / 2
+    raise UserError(f"Unknown threshold criterion {criterion!r}; choose one of {', '.join(CRITERIA)}.")
+
+
+def choose_threshold(labels, probs, criterion: str = DEFAULT_CRITERION) -> dict:
+    """{"threshold", "criterion", "value", "reason"}: the cut of the validation scores that maximises `criterion`.
+
+    Candidates are the midpoints between adjacent distinct scores (an item is sarcastic iff
+    p >= threshold), so the threshold sits in the gap rather than on a validation item's score and
+    nudges no unseen text that scores just below it. Each candidate leaves at least one item on
+    each side. Several cuts reaching the best value (a tie) resolve to the one nearest 0.5, then
+    the lower: the threshold moves away from the default only as far as validation asks.
+    Degenerate inputs (one class present, or every score equal) give 0.5 and say why in "reason"
+    (None otherwise).
+    """
+    y = _binary("labels", labels)
+    p = np.asarray(probs, dtype=float)
+    _same_length(labels=y, probs=p)
+    if not np.isfinite(p).all():
+        raise ValueError("probs must be finite")
+    if criterion not in CRITERIA:
+        raise UserError(f"Unknown threshold criterion {criterion!r}; choose one of {', '.join(CRITERIA)}.")
+    pos, neg = int(y.sum()), int(len(y) - y.sum())
+    if pos == 0 or neg == 0:
+        return {"threshold": DEFAULT, "criterion": criterion, "value": None,
+                "reason": f"validation holds only {'not ' if pos == 0 else ''}sarcastic texts: no threshold "
+                          "can be chosen, the default 0.5 is kept"}
+    order = np.argsort(-p, kind="stable")
+    p_sorted, y_sorted = p[order], y[order]
+    # A cut after position i (in descending order) marks items 0..i sarcastic; only cuts between
+    # distinct scores are real choices.
+    distinct = np.flatnonzero(p_sorted[:-1] > p_sorted[1:])
+    if distinct.size == 0:
+        return {"threshold": DEFAULT, "criterion": criterion, "value": None,
+                "reason": "every validation score is the same: the scores cannot separate the classes, "
+                          "the default 0.5 is kept"}
+    tp = np.cumsum(y_sorted)[distinct]
+    fp = (distinct + 1) - tp
+    values = _criterion_values(tp, fp, pos, neg, criterion)
+    cuts = (p_sorted[distinct] + p_sorted[distinct + 1]) / 2
+    best = values.max()
+    tied = np.flatnonzero(np.isclose(values, best, rtol=0, atol=1e-12))
+    pick = tied[np.lexsort((cuts[tied], np.abs(cuts[tied] - DEFAULT)))[0]]
+    return {"threshold": float(cuts[pick]), "criterion": criterion, "value": float(values[pick]), "reason": None}
+
+
+def threshold_interval(labels, probs, criterion: str = DEFAULT_CRITERION, n_resamples: int = 200,
+                       seed: int = 42) -> list[float] | None:
+    """95% percentile interval of the threshold `choose_threshold` picks on bootstrap resamples of validation.
+
+    How well validation pins the threshold down: a wide interval says the criterion is flat and
+    the chosen cut is partly noise. None when no resample gives a real choice.
+    """
+    y = _binary("labels", labels)
+    p = np.asarray(probs, dtype=float)
+    rng = np.random.default_rng(seed)
+    picks = []
+    for _ in range(n_resamples):
+        idx = rng.integers(0, len(y), len(y))
+        choice = choose_threshold(y[idx], p[idx], criterion)
+        if choice["reason"] is None:
+            picks.append(choice["threshold"])
+    if not picks:
+        return None
+    low, high = np.percentile(picks, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def metrics_at(labels, probs, threshold: float) -> dict:
+    """classification_metrics plus balanced accuracy (the mean of the two classes' recalls)."""
+    m = classification_metrics(labels, probs, threshold)
+    m["balanced_accuracy"] = (m["per_class"]["sarcastic"]["recall"] + m["per_class"]["not_sarcastic"]["recall"]) / 2
+    return m
+
+
+def contextual_threshold(scorer: Callable[[list[str]], Sequence[float]],
+                         content_free: Sequence[str] = CONTENT_FREE) -> dict:
+    """{"threshold", "inputs", "p_content_free"}: the label-free threshold p_cf (see the module doc).
+
+    `scorer` maps texts to P(sarcastic), through the same prompt as every other text (for a model:
+    `Scorer(model, tokenizer).predict_proba`).
+    """
+    inputs = [str(t) for t in content_free]
+    if not inputs:
+        raise ValueError("contextual calibration needs at least one content-free input")
+    probs = np.asarray(scorer(inputs), dtype=float)
+    if probs.shape != (len(inputs),) or not np.isfinite(probs).all() or ((probs < 0) | (probs > 1)).any():
+        raise ValueError(f"the scorer must return one probability in [0, 1] per input, got {probs!r}")
+    return {"threshold": float(probs.mean()), "inputs": inputs,
+            "p_content_free": [float(x) for x in probs]}
+
+
+def threshold_record_from_validation(labels, probs, *, criterion: str = DEFAULT_CRITERION, split: str = "gen_val",
+                                     contextual: dict | None = None, keep_default_if_unsure: bool = True) -> dict:
+    """The `threshold.json` record of a trained model, from its (best checkpoint's) validation scores.
+
+    {"threshold", "criterion", "split", "n", "class_counts", "best_cut", "criterion_value", "threshold_ci"
+     (threshold_interval), "reason", "val_metrics_at_threshold", "val_metrics_at_0.5"}; with `contextual`
+    (from `contextual_threshold`) also "contextual_calibration": that threshold and the validation
+    metrics at it, so the label-free and the validation threshold are measured side by side.
+
+    "threshold" is "best_cut" (choose_threshold) unless `keep_default_if_unsure` and the bootstrap
+    interval of the best cut holds 0.5: then validation cannot tell the best cut from 0.5, and
+    moving would fit its noise, so 0.5 stays ("reason" says so). On 522 GEN validation texts a
+    well-centred scorer's best cut wanders over [0.37, 0.61] (TF-IDF, bench/detector_check.py);
+    a model that leans to one answer (DPO's F1 0.276 at 0.5) has an interval far from 0.5 and moves.
+    """
+    choice = choose_threshold(labels, probs, criterion)
+    y = _binary("labels", labels)
+    interval = threshold_interval(y, probs, criterion) if choice["reason"] is None else None
+    threshold, reason = choice["threshold"], choice["reason"]
+    if keep_default_if_unsure and interval is not None and interval[0] <= DEFAULT <= interval[1]:
+        threshold = DEFAULT
+        reason = (f"validation does not pin the threshold down: the 95% bootstrap interval of the best cut "
+                  f"[{interval[0]:.3f}, {interval[1]:.3f}] holds 0.5, so 0.5 is kept")
+    record = {
+        "threshold": threshold, "criterion": criterion, "split": split, "n": int(len(y)),
+        "class_counts": {"sarcastic": int(y.sum()), "not_sarcastic": int(len(y) - y.sum())},
+        "best_cut": choice["threshold"], "criterion_value": choice["value"], "threshold_ci": interval,
+        "reason": reason,
+        "val_metrics_at_threshold": metrics_at(y, probs, threshold),
+        "val_metrics_at_0.5": metrics_at(y, probs, DEFAULT),
+    }
+    if contextual is not None:
+        record["contextual_calibration"] = {**contextual,
+                                            "val_metrics_at_threshold": metrics_at(y, probs, contextual["threshold"])}
+    return record
+
+
+def write_threshold(folder: str | Path, record: dict) -> Path:
+    """Write `record` as FOLDER/threshold.json, atomically."""
+    from .atomic import write_json
+
+    _checked(record, Path(folder) / THRESHOLD_FILE)
+    return write_json(Path(folder) / THRESHOLD_FILE, record)
+
+
+def read_threshold(folder: str | Path | None) -> dict | None:
+    """The threshold record in a model folder, None when there is none; a damaged one is a UserError."""
+    if not folder:
+        return None
+    path = Path(folder) / THRESHOLD_FILE
+    if not path.is_file():
+        return None
+    import json
+
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} cannot be read as JSON ({exc}); delete it to use 0.5, or pass --threshold.") from None
+    return _checked(record, path)
+
+
+def _checked(record, path: Path) -> dict:
+    value = record.get("threshold") if isinstance(record, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise UserError(f"{path} holds no decision threshold in [0, 1] (found {value!r}); delete it to use 0.5, "
+                        "or pass --threshold.")
+    return record

@@ -1,0 +1,164 @@
+"""Preference sources (pairs.build_preference_pairs) and iSarcasmEval's rephrases (rephrases.py).
+
+Each source is checked for exactly what it builds: how many pairs, of which balance, which answer
+is chosen, and that every prompt is THE prompt (prompts.build_prompt) for the pair's text.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from sarcasm_dpo import data
+from sarcasm_dpo.errors import UserError
+from sarcasm_dpo.pairs import (PAIR_SOURCES, build_pairs, build_preference_pairs, parse_pairs_spec, prefers_yes,
+                               write_pairs_file)
+from sarcasm_dpo.prompts import build_prompt
+from sarcasm_dpo.rephrases import MIN_WORDS, attach_rephrases, check_rephrase_sides, load_rephrases
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def toy(n_sarcastic: int = 3, n_plain: int = 7) -> pd.DataFrame:
+    """Sarcastic rows first, each with a rephrase except the last; then plain rows (no rephrase)."""
+    rows = [{"text": f"oh great, another meeting number {i}", "label": 1, "id": f"s{i}",
+             "rephrase": f"I dislike meeting number {i} a lot" if i < n_sarcastic - 1 else None}
+            for i in range(n_sarcastic)]
+    rows += [{"text": f"the meeting number {i} is at three", "label": 0, "id": f"p{i}", "rephrase": None}
+             for i in range(n_plain)]
+    return pd.DataFrame(rows)
+
+
+def assert_the_prompt(pairs: pd.DataFrame, tokenizer) -> None:
+    assert list(pairs["prompt"]) == [build_prompt(tokenizer, t) for t in pairs["text"]]
+    assert (pairs["chosen"].str.split(".").str[0] == pairs["label"].map({1: "Yes", 0: "No"})).all()
+
+
+def test_spec_parsing():
+    assert parse_pairs_spec("rephrase+label") == ("rephrase", "label")
+    assert parse_pairs_spec(" Label ") == ("label",)
+    assert set(PAIR_SOURCES) == {"label", "reasoning", "mined", "rephrase"}
+    for bad, why in (("labels", "unknown source(s) 'labels'"), ("label+label", "a source is named twice"), ("", "it names no source"),
+                     ("label+", "it has an empty source name")):
+        with pytest.raises(UserError, match=re.escape(f"--pairs {bad!r}: {why}")):
+            parse_pairs_spec(bad)
+
+
+def test_label_source_is_balanced_by_default_and_natural_on_request(tokenizer):
+    frame = toy()
+    natural = build_preference_pairs("label", frame, tokenizer, balance=False)
+    assert natural.drop(columns="pair_source").equals(build_pairs(frame, tokenizer, "label"))
+    assert (natural["pair_source"] == "label").all()
+    pairs = build_preference_pairs("label", frame, tokenizer, seed=3)
+    assert len(pairs) == 6 and prefers_yes(pairs).sum() == 3  # all 3 sarcastic rows, 3 of the 7 plain ones
+    assert set(pairs["id"]) >= {"s0", "s1", "s2"} and set(pairs["chosen"]) == {"Yes", "No"}
+    assert set(pairs["rejected"]) == {"Yes", "No"} and (pairs["chosen"] != pairs["rejected"]).all()
+    assert_the_prompt(pairs, tokenizer)
+    assert pairs.equals(build_preference_pairs("label", frame, tokenizer, seed=3))  # seeded
+    assert not pairs["id"].equals(build_preference_pairs("label", frame, tokenizer, seed=4)["id"])
+
+
+def test_reasoning_source_is_todays_pairs_unchanged(tokenizer):
+    frame = toy()
+    pairs = build_preference_pairs("reasoning", frame, tokenizer, seed=7)
+    assert pairs.drop(columns="pair_source").equals(build_pairs(frame, tokenizer, "reasoning", 7))
+    assert len(pairs) == 10 and prefers_yes(pairs).sum() == 3  # the natural ratio, as today
+    assert len(build_preference_pairs("reasoning", frame, tokenizer, balance=True)) == 6
+
+
+def test_mined_source_loads_the_mining_file(tokenizer, tmp_path):
+    mined = build_pairs(toy().iloc[[0, 4, 5]].assign(p_sarcastic=[0.2, 0.9, 0.6]), tokenizer, "reasoning")
+    path = write_pairs_file(tmp_path / "mined.json", mined)
+    pairs = build_preference_pairs("mined", None, tokenizer, mined_file=path)
+    assert list(pairs["prompt"]) == list(mined["prompt"]) and list(pairs["chosen"]) == list(mined["chosen"])
+    assert list(pairs["p_sarcastic"]) == [0.2, 0.9, 0.6] and len(pairs) == 3  # natural ratio alone
+    assert len(build_preference_pairs("mined", None, tokenizer, mined_file=path, balance=True)) == 2
+    with pytest.raises(UserError, match="needs the pairs file"):
+        build_preference_pairs("mined", None, tokenizer)
+    with pytest.raises(UserError, match="carry a prompt different"):
+        build_preference_pairs("mined", None, tokenizer, mined_file=path, max_text_tokens=2)
+
+
+def test_rephrase_source_is_one_yes_and_one_no_per_rephrased_tweet(tokenizer):
+    frame = toy()
+    pairs = build_preference_pairs("rephrase", frame, tokenizer)
+    # s0 and s1 have rephrases (s2 has none; plain rows never do): tweet -> Yes, then its rephrase -> No.
+    assert list(pairs["id"]) == ["s0", "s0:rephrase", "s1", "s1:rephrase"]
+    assert list(pairs["text"]) == [frame.text[0], frame.rephrase[0], frame.text[1], frame.rephrase[1]]
+    assert list(pairs["chosen"]) == ["Yes", "No", "Yes", "No"] and list(pairs["rejected"]) == ["No", "Yes", "No", "Yes"]
+    assert list(pairs["label"]) == [1, 0, 1, 0]
+    assert_the_prompt(pairs, tokenizer)
+    with pytest.raises(UserError, match="attach them first"):
+        build_preference_pairs("rephrase", frame.drop(columns="rephrase"), tokenizer)
+
+
+def test_mixtures_keep_the_first_source_whole_and_refuse_contradictions(tokenizer):
+    frame = toy()
+    # rephrase+label: the tweets' Yes pairs are in both; one copy stays, named after rephrase (first).
+    natural = build_preference_pairs("rephrase+label", frame, tokenizer, balance=False)
+    assert len(natural) == 4 + 10 - 2 and not natural.duplicated(subset=["prompt", "chosen", "rejected"]).any()
+    assert list(natural["pair_source"]).count("rephrase") == 4
+    mixed = build_preference_pairs("rephrase+label", frame, tokenizer)  # balanced by default: 3 Yes, 3 No
+    assert prefers_yes(mixed).sum() == 3 and len(mixed) == 6
+    # The No side is cut back label pairs first: both rephrases stay.
+    assert {"s0:rephrase", "s1:rephrase"} <= set(mixed["id"]) and set(mixed["pair_source"]) == {"rephrase", "label"}
+    assert_the_prompt(mixed, tokenizer)
+    reversed_ = build_preference_pairs("label+rephrase", frame, tokenizer)
+    assert (reversed_["pair_source"] == "label").all() and len(reversed_) == 6
+    # A rephrase that is another row's sarcastic tweet would teach one prompt both answers.
+    bad = frame.copy()
+    bad.loc[0, "rephrase"] = bad.loc[1, "text"]
+    with pytest.raises(UserError, match="1 prompt\\(s\\) would be taught both answers"):
+        build_preference_pairs("rephrase", bad, tokenizer)
+
+
+def test_rephrases_join_on_id_and_check_the_text(tmp_path):
+    raw = pd.DataFrame({"Unnamed: 0": ["0", "1", "2", "3"], "tweet": ["love mondays", "sure, great idea", "what a nice day", "ok"],
+                        "sarcastic": ["1", "1", "1", "0"],
+                        "rephrase": ["I hate mondays so much", "No.", "What a  NICE day", None]})
+    path = tmp_path / "train.En.csv"
+    raw.to_csv(path, index=False)
+    table = load_rephrases(path)
+    assert list(table["id"]) == ["0"]  # "No." is under MIN_WORDS words; 2's is its tweet; 3 has none
+    assert MIN_WORDS == 3
+    split = pd.DataFrame({"text": ["love mondays", "ok"], "label": [1, 0], "source": "isarcasmeval", "id": ["0", "3"]})
+    attached = attach_rephrases(split, table)
+    assert attached["rephrase"].iloc[0] == "I hate mondays so much" and pd.isna(attached["rephrase"].iloc[1])
+    with pytest.raises(UserError, match="disagree on 1 row"):
+        attach_rephrases(split.assign(text=["something else", "ok"]), table)
+    (tmp_path / "generic.csv").write_text("text,label\na,1\n")
+    with pytest.raises(UserError, match="not the raw iSarcasmEval file"):
+        load_rephrases(tmp_path / "generic.csv")
+
+
+def test_a_rephrase_on_the_other_side_of_the_split_fails_loudly():
+    train = pd.DataFrame({"text": ["love mondays"], "rephrase": ["I hate mondays so much"]})
+    val = pd.DataFrame({"text": ["i hate MONDAYS  so much"], "rephrase": [None]})
+    with pytest.raises(UserError, match="Leakage: 1 text.*rephrase must fall on the same side"):
+        check_rephrase_sides({"isarcasm_train": train, "isarcasm_val": val})
+    check_rephrase_sides({"isarcasm_train": train, "isarcasm_val": val.assign(text=["another tweet"])})
+
+
+def test_real_split_keeps_every_tweet_with_its_rephrase(shared_data, tokenizer):
+    """The real data, split as `sarcasm-dpo split` splits it: rephrases attach, stay on their side, and pair up."""
+    gen = data.load_gen(shared_data / data.GEN_RELPATH, log=lambda _m: None)
+    isarcasm = data.load_isarcasm(shared_data / data.ISARCASM_RELPATH, drop_conflicts=True, log=lambda _m: None)
+    splits = data.make_splits(gen, isarcasm)
+    table = load_rephrases(shared_data / data.ISARCASM_RELPATH)
+    for name in ("isarcasm_train", "isarcasm_val"):
+        splits[name] = attach_rephrases(splits[name], table, name)
+    check_rephrase_sides(splits)
+    train = splits["isarcasm_train"]
+    sarcastic = train[train["label"] == 1]
+    with_rephrase = sarcastic["rephrase"].notna().sum()
+    assert with_rephrase >= 0.95 * len(sarcastic)  # most sarcastic tweets carry one
+    assert train.loc[train["label"] == 0, "rephrase"].isna().all()  # sincere tweets never do
+    pairs = build_preference_pairs("rephrase", train, tokenizer)
+    assert len(pairs) == 2 * with_rephrase and prefers_yes(pairs).sum() == with_rephrase
