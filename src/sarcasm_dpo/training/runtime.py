@@ -476,23 +476,6 @@ def trainer_arguments(s, model, ckpt_dir: Path) -> dict:
 COMPILE_PAD = 64  # tokens; sequence lengths are rounded up to a multiple of this under --compile
 
 
-def strip_special_prefix(tokenizer, prompts: list[str]) -> list[str] | None:
-    """The prompts as TRL must get them for its tokens to equal the scorer's; None if no such form exists.
-
-    TRL tokenizes plain-text prompts with the tokenizer's special tokens on; the rendered chat
-    template already holds them, so a tokenizer that adds a BOS would get it twice: it is cut
-    from the text. None: the tokenizer adds special tokens other than a leading BOS (the stage
-    decides whether that is an error).
-    """
-    plain = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
-    if tokenizer(prompts[0])["input_ids"] == plain:
-        return list(prompts)
-    bos = tokenizer.bos_token
-    if bos and prompts[0].startswith(bos) and tokenizer(prompts[0][len(bos):])["input_ids"] == plain:
-        return [p[len(bos):] if p.startswith(bos) else p for p in prompts]
-    return None
-
-
 def run_trainer(trainer, resume_from: Path | None):
     """trainer.train(), from `resume_from` if given; whatever ends it early closes the progress bar first."""
     try:
