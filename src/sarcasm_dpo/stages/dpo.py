@@ -83,6 +83,9 @@ def run(settings) -> dict:
     return train(settings)
 
 
+# -- one run -------------------------------------------------------------------------------------------
+
+
 @dataclass
 class Trained:
     """What `fit` hands to the save phase."""
@@ -93,21 +96,19 @@ class Trained:
     batch: dict  # the batch settings the run ended with (--auto_find_batch_size may shrink them)
 
 
-# -- one run -------------------------------------------------------------------------------------------
-
-
 def train(s, run_name: str | None = None) -> dict:
     """Train DPO from the SFT adapter, keep the best adapter by GEN validation F1, save it and its record.
 
     Under `accelerate launch` / `torchrun` every process trains; only the main one writes files and logs.
     """
     from ..models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_tokenizer, pick_device
-    from ..tracking import Tracker
     from ..training.runtime import barrier, finish_run_dir, is_main_process, plan_run_dir
 
     ctx = RunContext(s, Path(s.output_dir), main=is_main_process())
     sft_dir = check_adapter_dir(s.sft_model)  # before the heavy imports: a wrong folder fails at once
     ctx.model = adapter_base_model(sft_dir)
+
+    from ..tracking import Tracker
 
     # Setup. Every check on the input runs before the output folder is touched, so a run refused for
     # any reason leaves a previous result in --output_dir byte for byte as it was.
