@@ -155,3 +155,22 @@ def test_set_values_are_typed_and_checked_like_config_values():
                         ("dpo.beta=0", "beta must be > 0")]:
         with pytest.raises(UserError, match=match):
             stage_settings(apply_overrides({}, [item], PIPELINE), PipelineSettings(no_wandb=True), None)
+
+
+def test_every_settings_rule_holds_at_build_and_when_a_stage_is_called_from_python(tmp_path):
+    """The rules live in the settings' validate(): config.build (the CLI and YAML path) refuses bad
+    values, and so do the stages when handed unvalidated settings, before touching --output_dir."""
+    from sarcasm_dpo.config import build
+    from sarcasm_dpo.stages import dpo, sft
+
+    with pytest.raises(UserError, match=r"--save_steps must be 0 \(each epoch\) or a positive count, got -1"):
+        build(SFTSettings, {"save_steps": -1})
+    with pytest.raises(UserError, match="--lora_targets is empty"):
+        sft.run(SFTSettings(output_dir=str(tmp_path / "sft"), lora_targets=[]))
+    with pytest.raises(UserError, match="--loss_type 'nope' is not one of TRL's DPO losses"):
+        build(DPOSettings, {"loss_type": "nope"})
+    with pytest.raises(UserError, match="--eval_steps must be 0 or a positive count, got -2"):
+        dpo.run(DPOSettings(output_dir=str(tmp_path / "dpo"), eval_steps=-2))
+    with pytest.raises(UserError, match="--warmup_ratio must be in"):
+        dpo.run(DPOSettings(output_dir=str(tmp_path / "dpo"), warmup_ratio=1.5))
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "dpo").exists()

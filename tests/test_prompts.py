@@ -82,3 +82,54 @@ def test_a_template_that_alters_the_text_is_rendered_per_prompt(tok, monkeypatch
     expected = [build_prompt(tok, t, max_text_tokens=20) for t in BATCH]
     assert expected[2].count("padded<|im_end|>") == 1  # the template really trims (the trailing spaces)
     assert build_prompts(tok, BATCH, max_text_tokens=20) == expected
+
+
+# -- a prompt over the training budget: one rule in every stage ---------------------------------------------
+
+
+def test_build_prompts_cuts_the_text_to_the_room_and_leaves_fitting_prompts_alone(tok):
+    from sarcasm_dpo.prompts import build_prompts
+
+    long_text = "evidence argument " * 200
+    fits, cut = build_prompts(tok, ["Oh great, rain again.", long_text], max_text_tokens=256, room=60)
+    assert fits == build_prompt(tok, "Oh great, rain again.", 256)  # the scorer's prompt, unchanged
+    assert len(tok(cut, add_special_tokens=False)["input_ids"]) <= 60
+    assert cut.endswith("<|im_start|>assistant\n") and "Text: evidence argument" in cut  # the text shrank, not the frame
+    assert build_prompts(tok, [long_text], max_text_tokens=256) == [build_prompt(tok, long_text, 256)]  # no room: no cut
+    with pytest.raises(UserError, match="--max_length leaves no room for the text"):
+        build_prompts(tok, [long_text], max_text_tokens=256, room=10)
+
+
+def test_sft_and_dpo_handle_the_same_over_budget_text_the_same_way(tok):
+    """SFT's example and DPO's pair for one text that does not fit --max_length get the same prompt:
+    the text cut so that prompt + answer fit (label pairs answer with the same tokens as SFT)."""
+    import pandas as pd
+
+    from sarcasm_dpo.pairs import build_pairs, fit_pairs
+    from sarcasm_dpo.stages import sft
+    from sarcasm_dpo.training.trl_tokens import trl_prompts
+
+    frame = pd.DataFrame({"text": [" ".join(["evidence argument"] * 200), "Oh great, rain again."], "label": [1, 0]})
+    sft_prompts = list(sft.build_dataset(tok, frame, max_text_tokens=256, max_length=80)["prompt"])
+    pairs = fit_pairs(build_pairs(frame, tok, "label", 42, 256), tok, 256, max_length=80)
+    assert sft_prompts == trl_prompts(tok, list(pairs["prompt"]))
+    assert pairs["prompt"].iloc[1] == build_prompt(tok, "Oh great, rain again.", 256)  # a text that fits: untouched
+    assert pairs["prompt"].iloc[0] != build_prompt(tok, frame["text"].iloc[0], 256)  # the long one was cut ...
+    for prompt, answer in zip(pairs["prompt"], pairs["chosen"]):  # ... so that prompt + answer + EOS fit
+        assert len(tok(prompt + answer + tok.eos_token, add_special_tokens=False)["input_ids"]) <= 80
+    with pytest.raises(UserError, match="--max_length leaves no room") as sft_error:
+        sft.build_dataset(tok, frame, max_text_tokens=256, max_length=20)
+    with pytest.raises(UserError, match="--max_length leaves no room") as dpo_error:
+        fit_pairs(build_pairs(frame, tok, "label", 42, 256), tok, 256, max_length=20)
+    assert str(sft_error.value) == str(dpo_error.value)
+
+
+def test_a_pair_over_budget_without_its_text_is_refused(tok):
+    import pandas as pd
+
+    from sarcasm_dpo.pairs import build_pairs, fit_pairs
+
+    frame = pd.DataFrame({"text": [" ".join(["evidence argument"] * 200)], "label": [1]})
+    pairs = build_pairs(frame, tok, "label", 42, 256).drop(columns=["text"])
+    with pytest.raises(UserError, match="carries no text to cut"):
+        fit_pairs(pairs, tok, 256, max_length=80)

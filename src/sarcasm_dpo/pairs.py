@@ -1,6 +1,6 @@
 """Preference pairs for DPO: built from labelled texts, or read from a mined pairs file.
 
-Every pair uses THE prompt (`prompts.build_prompt`), so DPO trains exactly the answer position the
+Every pair uses THE prompt (`prompts.build_prompts`), so DPO trains exactly the answer position the
 scorer reads at evaluation time. Two styles:
 
 * ``reasoning`` (default): chosen = the correct label word plus one short sentence of reasoning,
@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .prompts import build_prompt, label_token_ids, label_word
+from .prompts import answer_length, build_prompts, label_token_ids, label_word
 
 PAIR_STYLES = ("reasoning", "label")
 PAIR_SOURCES = ("label", "reasoning", "mined", "rephrase")
@@ -102,11 +102,12 @@ def build_pairs(frame: pd.DataFrame, tokenizer, style: str = "reasoning", seed: 
     rng = np.random.default_rng(seed)
     n_templates = len(SARCASTIC_REASONS)
     picks = rng.integers(0, n_templates, size=len(frame))
+    prompts = build_prompts(tokenizer, frame["text"], max_text_tokens)
     rows = []
-    for (_, row), index in zip(frame.iterrows(), picks):
+    for (_, row), index, prompt in zip(frame.iterrows(), picks, prompts):
         label = int(row["label"])
         chosen, rejected = completions(label, style, int(index))
-        record = {"prompt": build_prompt(tokenizer, row["text"], max_text_tokens), "chosen": chosen,
+        record = {"prompt": prompt, "chosen": chosen,
                   "rejected": rejected, "text": str(row["text"]), "label": label,
                   "id": str(row["id"]) if "id" in row else None}
         if "p_sarcastic" in row:
@@ -190,7 +191,7 @@ def check_prompts_match(pairs: pd.DataFrame, tokenizer, max_text_tokens: int, so
     """Pairs read from a file must carry THE prompt as this run builds it (same template and text cut)."""
     if "text" not in pairs.columns or pairs["text"].isna().all():
         return
-    rebuilt = [build_prompt(tokenizer, t, max_text_tokens) for t in pairs["text"]]
+    rebuilt = build_prompts(tokenizer, pairs["text"], max_text_tokens)
     differ = [i for i, (a, b) in enumerate(zip(pairs["prompt"], rebuilt)) if a != b]
     if differ:
         raise UserError(
@@ -290,3 +291,29 @@ def build_preference_pairs(spec: str, frame: pd.DataFrame | None, tokenizer, *, 
     if balance if balance is not None else sources not in NATURAL_BY_DEFAULT:
         pairs = balance_pairs(pairs, seed, priority="_rank")
     return pairs.drop(columns="_rank").reset_index(drop=True)
+
+
+def fit_pairs(pairs: pd.DataFrame, tokenizer, max_text_tokens: int, max_length: int) -> pd.DataFrame:
+    """The pairs with every prompt fitted so prompt + its longer answer (with EOS) fit --max_length.
+
+    The rule of `prompts.build_prompts` (`room`), the same SFT applies to its examples: a prompt over
+    budget has its text cut further. Pairs that fit keep their prompt unchanged; a pair over budget
+    without its text (a hand-made pairs file) cannot be cut, so it is refused.
+    """
+    rooms = [max_length - max(answer_length(tokenizer, c), answer_length(tokenizer, r))
+             for c, r in zip(pairs["chosen"], pairs["rejected"])]
+    lengths = [len(i) for i in tokenizer(list(pairs["prompt"]), add_special_tokens=False)["input_ids"]]
+    over = [i for i, (n, room) in enumerate(zip(lengths, rooms)) if n > room]
+    if not over:
+        return pairs
+    has_text = "text" in pairs.columns
+    blind = [i for i in over if not has_text or not isinstance(pairs["text"].iloc[i], str)]
+    if blind:
+        raise UserError(f"Pair {blind[0]} needs {lengths[blind[0]] + max_length - rooms[blind[0]]} tokens but "
+                        f"--max_length is {max_length}, and it carries no text to cut: its answer would be cut. Raise "
+                        "--max_length, or use pairs that carry their text.")
+    fitted = build_prompts(tokenizer, [pairs["text"].iloc[i] for i in over], max_text_tokens,
+                           room=[rooms[i] for i in over])
+    pairs = pairs.copy()
+    pairs.loc[pairs.index[over], "prompt"] = fitted
+    return pairs

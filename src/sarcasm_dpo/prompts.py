@@ -1,4 +1,4 @@
-"""The one prompt: every stage (SFT, DPO, mining, evaluation, predict) builds it here.
+"""The one prompt: every stage (SFT, DPO, mining, evaluation, predict) builds it here (`build_prompts`).
 
 The question goes in a user turn rendered with the tokenizer's own chat template, with the
 generation prompt appended, so the model's very next token is the answer. The answer is a single
@@ -42,25 +42,67 @@ def truncate_text(tokenizer, text: str, max_text_tokens: int) -> str:
 
 
 def build_prompt(tokenizer, text: str, max_text_tokens: int = 256) -> str:
-    """The rendered prompt string; tokenize it with add_special_tokens=False (the template has them)."""
+    """The rendered prompt string for one text; tokenize it with add_special_tokens=False (the template has them).
+
+    This is the definition `build_prompts` reproduces in bulk (and checks it does, see `prompt_frame`);
+    stages build their prompts with `build_prompts`, which also fits them to a training length.
+    """
     messages = [{"role": "user", "content": QUESTION.format(text=truncate_text(tokenizer, str(text), max_text_tokens))}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def build_prompts(tokenizer, texts, max_text_tokens: int = 256) -> list[str]:
-    """`build_prompt` for many texts, the same strings, with one template render and one tokenizer call.
+def build_prompts(tokenizer, texts, max_text_tokens: int = 256, room=None) -> list[str]:
+    """THE prompts of every stage (SFT, DPO pairs, mining, the scorer): `build_prompt` for many texts.
 
-    Rendering the chat template (Jinja) and tokenizing each text on its own cost ~0.1 ms a text:
-    nothing next to a CPU forward pass, but on a GPU that is most of what a batch costs.
+    One template render and one tokenizer call for all texts: rendering the chat template (Jinja) and
+    tokenizing each text on its own cost ~0.1 ms a text, nothing next to a CPU forward pass, but on a
+    GPU that is most of what a batch costs.
+
+    `room` (training only: an int, or one per text) is how many tokens a prompt may take once its
+    answer's are set aside (--max_length minus the answer with EOS). The rule, the same in SFT and
+    DPO: a prompt over it has its TEXT cut further until it fits, never the question, the template or
+    the answer; a trainer would otherwise cut the sequence from the end, i.e. the answer it trains on.
+    Texts that fit (all of them, at the defaults) get exactly the scorer's prompt. When even a
+    one-token text leaves no room, it is a UserError naming how far to raise --max_length.
     """
     texts = [str(t) for t in texts]
     frame = prompt_frame(tokenizer)
     if frame is None:  # a template that alters the text it is given: render each prompt
-        return [build_prompt(tokenizer, t, max_text_tokens) for t in texts]
-    before, after = frame
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    cut = [t if len(i) <= max_text_tokens else truncate_text(tokenizer, t, max_text_tokens) for t, i in zip(texts, ids)]
-    return [before + t + after for t in cut]
+        prompts = [build_prompt(tokenizer, t, max_text_tokens) for t in texts]
+    else:
+        before, after = frame
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        cut = [t if len(i) <= max_text_tokens else truncate_text(tokenizer, t, max_text_tokens)
+               for t, i in zip(texts, ids)]
+        prompts = [before + t + after for t in cut]
+    if room is None or not prompts:
+        return prompts
+    rooms = [room] * len(prompts) if isinstance(room, int) else list(room)
+    lengths = [len(i) for i in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    return [p if n <= r else _fit_prompt(tokenizer, t, max_text_tokens, r)
+            for p, n, r, t in zip(prompts, lengths, rooms, texts)]
+
+
+def _fit_prompt(tokenizer, text: str, max_text_tokens: int, room: int) -> str:
+    """The prompt for `text` with the text cut until prompt tokens <= `room` (see `build_prompts`)."""
+    budget = max_text_tokens
+    for _ in range(10):
+        prompt = build_prompt(tokenizer, text, budget)
+        excess = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - room
+        if excess <= 0:
+            return prompt
+        budget -= max(excess, 1)
+        if budget < 1:
+            break
+    need = len(tokenizer(build_prompt(tokenizer, "", 1), add_special_tokens=False)["input_ids"])
+    raise UserError(f"--max_length leaves no room for the text: the prompt around it needs {need} tokens, and "
+                    f"{max(room, 0)} are left for the prompt once the answer's are taken. Raise --max_length "
+                    f"(default 512) by at least {need + 1 - room}.")
+
+
+def answer_length(tokenizer, answer: str) -> int:
+    """Tokens a trainer appends for `answer`: the answer and EOS (TRL's SFT and DPO trainers both add it)."""
+    return len(tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
 
 
 _FRAME_MARKER = "\u2063sarcasm-dpo-text\u2063"  # invisible separators: never in a real text by accident
@@ -104,20 +146,3 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
     if ids[0] == ids[1]:
         raise UserError("'Yes' and 'No' map to the same token for this tokenizer; they cannot be told apart.")
     return ids[0], ids[1]
-
-
-def strip_special_prefix(tokenizer, prompts: list[str]) -> list[str] | None:
-    """The prompts as TRL must get them for its tokens to equal the scorer's; None if no such form exists.
-
-    TRL tokenizes plain-text prompts with the tokenizer's special tokens on; the rendered chat
-    template already holds them, so a tokenizer that adds a BOS would get it twice: it is cut
-    from the text. None: the tokenizer adds special tokens other than a leading BOS (the stage
-    decides whether that is an error).
-    """
-    plain = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
-    if tokenizer(prompts[0])["input_ids"] == plain:
-        return list(prompts)
-    bos = tokenizer.bos_token
-    if bos and prompts[0].startswith(bos) and tokenizer(prompts[0][len(bos):])["input_ids"] == plain:
-        return [p[len(bos):] if p.startswith(bos) else p for p in prompts]
-    return None

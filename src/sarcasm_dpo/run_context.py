@@ -23,6 +23,7 @@ class RunContext:
     settings: Any  # the stage's settings dataclass (settings.py), as validated
     out: Path  # the output folder (or, for a stage that writes one file, the folder it lives in)
     main: bool = True  # the process that writes files and talks to W&B (False on other ranks)
+    model: str | None = None  # the base model the stage trains or reads (hub id, folder or .gguf), once known
     tracker: Any = None  # tracking.Tracker once opened; None before and for stages that log nothing
     device: Any = None  # torch.device once picked
     resume_from: Path | None = None  # the checkpoint this run continues from, if any

@@ -52,6 +52,17 @@ def _check_sample_size(value: int | None) -> None:
         raise UserError(f"--sample_size must be 0 (all) or a positive count, got {value}.")
 
 
+def check_threshold(value: float) -> None:
+    """A decision threshold is a probability (predict's --threshold, or the one an export records)."""
+    if not 0 <= value <= 1:
+        raise UserError(f"--threshold is a probability and must be in [0, 1], got {value}.")
+
+
+# The loss types TRL 1.16's DPOTrainer implements (DPOConfig.loss_type).
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
 @dataclass
 class Common:
     """Settings every stage shares."""
@@ -140,6 +151,13 @@ class SFTSettings(Common):
             check_positive(name, getattr(self, name), allow_none=False)
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        check_training_settings(self)
+        if self.save_steps < 0:
+            raise UserError(f"--save_steps must be 0 (each epoch) or a positive count, got {self.save_steps}.")
+        if self.lora_alpha <= 0:
+            raise UserError(f"--lora_alpha must be positive, got {self.lora_alpha}.")
+        if not self.lora_targets:
+            raise UserError("--lora_targets is empty; name the modules that get LoRA adapters, e.g. q_proj,v_proj.")
 
 
 @dataclass
@@ -222,6 +240,17 @@ class DPOSettings(Common):
         check_batch_size(self.batch_size)
         for name in ("epochs", "lr", "grad_accum", "patience", "probe_size", "eval_batch_size", "max_length"):
             check_positive(name, getattr(self, name), allow_none=False)
+        if self.loss_type not in LOSS_TYPES:
+            raise UserError(f"--loss_type {self.loss_type!r} is not one of TRL's DPO losses: {', '.join(LOSS_TYPES)}.")
+        check_training_settings(self)
+        for name in ("save_steps", "eval_steps", "diagnostics_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be 0 or a positive count, got {getattr(self, name)}.")
+        if self.beta_sweep and not self.betas:
+            raise UserError("--beta_sweep needs at least one value in --betas.")
+        for beta in (self.betas if self.beta_sweep else [self.beta]):
+            warn_if_unusual("beta", beta, USUAL_BETA, "DPO uses 0.01 to 0.5; a much larger beta barely moves the model "
+                            "from SFT, a much smaller one lets it drift without restraint")
 
 
 @dataclass
@@ -249,6 +278,17 @@ class CompareSettings(Common):
         for item in self.extra_test:
             if "=" not in item:
                 raise UserError(f"--extra_test expects NAME=PATH, got {item!r}.")
+
+
+def check_predict_args(args) -> None:
+    """`sarcasm-dpo predict`'s flags (an argparse namespace: predict has no settings section)."""
+    if not args.model and not args.adapter:
+        raise UserError("Give --model (a hub id, folder or .gguf) and/or --adapter (an sft/dpo output folder).")
+    for name in ("batch_size", "max_text_tokens"):
+        check_positive(name, getattr(args, name), allow_none=False)
+    check_device(args.device)
+    if args.threshold is not None:
+        check_threshold(args.threshold)
 
 
 @dataclass

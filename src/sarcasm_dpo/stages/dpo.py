@@ -26,29 +26,25 @@ evaluations without improvement.
 
 Outputs in --output_dir, each written atomically, COMPLETE.json last: the adapter,
 dpo_epoch_metrics.json, dpo_batch_metrics.json, dpo_training_curves.png, dpo_training_summary.json.
---beta_sweep trains one model per --betas value into OUTPUT_DIR_beta_X, writes
-beta_sweep_results.json (best_beta and best_output_dir, chosen by validation F1, never the test
-split) and beta_sweep.png into OUTPUT_DIR, and copies the best run's adapter there too.
+--beta_sweep trains one model per --betas value (sweep.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..atomic import atomic_path, clear_complete, finish_output_dir, prepare_output_dir, read_json, write_json
+from ..atomic import clear_complete, read_json, write_json
 from ..errors import UserError
 from ..training.checkpoints import CHECKPOINTS
+from ..run_context import RunContext
 from ..training.fast_dpo import describe_step, dpo_trainer_class, is_label_pairs
 from ..training.fused_head import project_labelled_positions_only
 
-# The loss types TRL 1.16's DPOTrainer implements (DPOConfig.loss_type).
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 PRIMARY = "gen_val"  # its F1 picks the saved checkpoint and the best beta
 SECONDARY = "isarcasm_val"  # reported beside it
 STATE_FILE = "dpo_state.json"  # in each checkpoint, written last: the checkpoint is complete
@@ -56,8 +52,6 @@ EPOCH_FILE = "dpo_epoch_metrics.json"
 BATCH_FILE = "dpo_batch_metrics.json"
 CURVES_FILE = "dpo_training_curves.png"
 SUMMARY_FILE = "dpo_training_summary.json"
-SWEEP_FILE = "beta_sweep_results.json"
-SWEEP_PLOT = "beta_sweep.png"
 SFT_ARTIFACT = "sft-adapter"  # the SFT stage logs its folder under this name; we declare it as input
 DPO_ARTIFACT = "dpo-adapter"
 
@@ -79,13 +73,26 @@ DEFINITIONS = {
 
 def run(settings) -> dict:
     """One DPO run, or a beta sweep with --beta_sweep; returns the summary."""
-    check_settings(settings)
+    settings.validate()  # the CLI validated already; a caller from Python may not have
     if settings.beta_sweep:
+        # sweep.py drives train() once per beta; imported here, so that sweep -> dpo is the only module-level edge.
+        from .sweep import run_sweep
+
         return run_sweep(settings)
     return train(settings)
 
 
 # -- one run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trained:
+    """What `fit` hands to the save phase."""
+
+    trainer: Any  # the DPOTrainer that ran
+    validation: Any  # DPOValidationCallback: F1 history, best step and its adapter
+    diagnostics: Any  # DPODiagnosticsCallback: KL, drift, flips and TRL's rewards per logged step
+    batch: dict  # the batch settings the run ended with (--auto_find_batch_size may shrink them)
 
 
 def train(s, run_name: str | None = None) -> dict:
@@ -94,81 +101,67 @@ def train(s, run_name: str | None = None) -> dict:
     Under `accelerate launch` / `torchrun` every process trains; only the main one writes files and logs.
     """
     from ..models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_tokenizer, pick_device
-    from ..training.checkpoints import finish_run_dir, plan_run_dir, save_adapter
+    from ..training.checkpoints import finish_run_dir, plan_run_dir
     from ..training.distributed import barrier, is_main_process
 
-    started = time.perf_counter()
-    config = dataclasses.asdict(s)
-    out = Path(s.output_dir)
-    main = is_main_process()
+    ctx = RunContext(s, Path(s.output_dir), main=is_main_process())
     sft_dir = check_adapter_dir(s.sft_model)  # before the heavy imports: a wrong folder fails at once
-    base_ref = adapter_base_model(sft_dir)
+    ctx.model = adapter_base_model(sft_dir)
 
     from ..tracking import Tracker
 
     # Setup. Every check on the input runs before the output folder is touched, so a run refused for
     # any reason leaves a previous result in --output_dir byte for byte as it was.
-    finished = _finished_with(out, config, sft_dir)
+    finished = finished_with(ctx.out, ctx.config, sft_dir)
     if s.resume and finished:
-        if main:
-            print(f"{out} already holds the finished run of these settings; nothing to resume.")
-        return read_json(out / SUMMARY_FILE)
-    tokenizer = load_tokenizer(base_ref)
+        if ctx.main:
+            print(f"{ctx.out} already holds the finished run of these settings; nothing to resume.")
+        return read_json(ctx.out / SUMMARY_FILE)
+    tokenizer = load_tokenizer(ctx.model)
     check_text_budget(sft_dir, s.max_text_tokens)
     data = load_data(s, tokenizer)
-    check_adapter_fits(sft_dir, base_ref)
-    resume_from = plan_run_dir(out, config, s, finished=finished, state_file=STATE_FILE)
+    check_adapter_fits(sft_dir, ctx.model)
+    ctx.resume_from = plan_run_dir(ctx.out, ctx.config, s, finished=finished, state_file=STATE_FILE)
 
     import transformers
 
     transformers.set_seed(s.seed)
-    device = pick_device(s.device)
-    model = load_policy(base_ref, sft_dir, device)
-    load_s = time.perf_counter() - started
+    ctx.device = pick_device(s.device)
+    model = load_policy(ctx.model, sft_dir, ctx.device)
+    ctx.timings["load_s"] = time.perf_counter() - ctx.started
 
-    with Tracker(enabled=not s.no_wandb and main, project=s.wandb_project, job_type="dpo",
-                 config={**config, "model": base_ref}, group=s.wandb_group, name=run_name) as tracker:
-        tracker.use_artifact(sft_dir, type="model", name=SFT_ARTIFACT)
+    with Tracker(enabled=not s.no_wandb and ctx.main, project=s.wandb_project, job_type="dpo",
+                 config={**ctx.config, "model": ctx.model}, group=s.wandb_group, name=run_name) as ctx.tracker:
+        ctx.tracker.use_artifact(sft_dir, type="model", name=SFT_ARTIFACT)
 
         # Train (out of memory: smaller batches or a clear message; Ctrl-C / SIGTERM: a checkpoint first).
-        train_start = time.perf_counter()
-        trainer, validation, diagnostics, used = fit(s, config, out, model, tokenizer, data, tracker, resume_from,
-                                                     base_ref, sft_dir, device)
-        train_s = time.perf_counter() - train_start
+        with ctx.timed("train_s"):
+            trained = fit(ctx, model, tokenizer, data)
+        # Here, to keep the summary's key order; updated after the save phase, which measures once more.
+        ctx.timings["eval_s"] = trained.validation.eval_seconds
+        ctx.timings["diagnostics_s"] = trained.diagnostics.seconds
 
         # Save: the best adapter by GEN validation F1, then the record of how it was made, the marker last.
-        save_start = time.perf_counter()
-        validation.restore_best(trainer.model)
-        saved_diagnostics = diagnostics.measure(trainer.model)
-        epochs = epoch_metrics(s, validation, diagnostics)
-        if main:
-            save_adapter(trainer.model, tokenizer, out, selected_adapters=["default"])  # never TRL's "ref" copy
-            write_json(out / EPOCH_FILE, epochs)
-            write_json(out / BATCH_FILE, batch_metrics(s, diagnostics))
-            from ..plots import plot_dpo_curves
-
-            plot_dpo_curves(diagnostics.records, validation.history, out / CURVES_FILE,
-                            best_step=validation.best_step, primary=PRIMARY)
-        timings = {"load_s": load_s, "train_s": train_s, "eval_s": validation.eval_seconds,
-                   "diagnostics_s": diagnostics.seconds, "save_s": time.perf_counter() - save_start}
-        timings["total_s"] = time.perf_counter() - started
-        summary = build_summary(s, base_ref, sft_dir, data, trainer, validation, diagnostics, epochs,
-                                saved_diagnostics, device, timings, resume_from, used)
-        if main:
-            write_json(out / SUMMARY_FILE, summary)
-            finish_run_dir(out, config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
-                                         "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir)})
+        with ctx.timed("save_s"):
+            epochs, saved_diagnostics = save_outputs(ctx, trained, tokenizer)
+        ctx.timings.update(eval_s=trained.validation.eval_seconds, diagnostics_s=trained.diagnostics.seconds)
+        ctx.total()
+        summary = build_summary(ctx, data, trained, epochs, saved_diagnostics)
+        if ctx.main:
+            write_json(ctx.out / SUMMARY_FILE, summary)
+            finish_run_dir(ctx.out, ctx.config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
+                                                 "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir)})
         barrier()  # the other processes end when the outputs are in place
 
-        tracker.log_image("dpo/training_curves", out / CURVES_FILE)
-        tracker.log_summary({"best_step": summary["best_step"], "best_f1": summary["best_f1"],
-                             "improved_over_sft": summary["improved_over_sft"], "health": summary["health"],
-                             "final": summary["diagnostics"]["end_of_training"], "timings": summary["timings"]})
-        tracker.log_artifact(out, name=DPO_ARTIFACT, type="model",
-                             metadata={"base_model": base_ref, "beta": s.beta, "best_step": summary["best_step"],
-                                       "best_val_f1": summary["best_f1"]})
-    if main:
-        print(describe_result(summary, out))
+        ctx.tracker.log_image("dpo/training_curves", ctx.out / CURVES_FILE)
+        ctx.tracker.log_summary({"best_step": summary["best_step"], "best_f1": summary["best_f1"],
+                                 "improved_over_sft": summary["improved_over_sft"], "health": summary["health"],
+                                 "final": summary["diagnostics"]["end_of_training"], "timings": summary["timings"]})
+        ctx.tracker.log_artifact(ctx.out, name=DPO_ARTIFACT, type="model",
+                                 metadata={"base_model": ctx.model, "beta": s.beta, "best_step": summary["best_step"],
+                                           "best_val_f1": summary["best_f1"]})
+    if ctx.main:
+        print(describe_result(summary, ctx.out))
     return summary
 
 
@@ -179,8 +172,8 @@ def load_policy(base_ref: str, sft_dir: Path, device):
     return attach_adapter(load_base_model(base_ref, device), sft_dir, trainable=True)
 
 
-def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base_ref, sft_dir, device):
-    """Build the trainer and train; returns (trainer, validation, diagnostics, batch used).
+def fit(ctx: RunContext, model, tokenizer, data: DPOData) -> Trained:
+    """Build the trainer and train; returns what the save phase needs.
 
     Out of memory: with --auto_find_batch_size each retry halves the batch, doubles gradient
     accumulation and starts over from the SFT adapter and the same seed (resilience.train_within_memory).
@@ -190,29 +183,32 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
     import transformers
 
     from ..training.checkpoints import claim_run_dir, latest_checkpoint
-    from ..training.distributed import is_main_process, quiet, say
+    from ..training.distributed import quiet, say
     from ..training.recipe import run_trainer
     from ..training.resilience import TrainingDiverged, fit_within_memory, free_memory
 
-    main = is_main_process()
-    holder = {"model": model, "claimed": False}
+    s, out, resume_from, main = ctx.settings, ctx.out, ctx.resume_from, ctx.main
+    current = model  # the model the next attempt trains; a retry loads a fresh copy of the SFT start
+    claimed = False  # the output folder is taken over once, by the first attempt whose trainer exists
 
     def attempt(batch_size: int, grad_accum: int, eval_batch_size: int, flag):
-        if holder["claimed"]:  # a retry: a fresh copy of the SFT starting point, the same seed
-            holder["model"] = None
+        nonlocal current, claimed
+        if claimed:  # a retry: a fresh copy of the SFT starting point, the same seed
+            current = None
             free_memory()
             transformers.set_seed(s.seed)
-            holder["model"] = load_policy(base_ref, sft_dir, device)
+            current = load_policy(ctx.model, Path(s.sft_model), ctx.device)
         sized = dataclasses.replace(s, batch_size=batch_size, grad_accum=grad_accum, eval_batch_size=eval_batch_size)
-        trainer, validation, diagnostics = build_trainer(sized, holder["model"], tokenizer, data, out / CHECKPOINTS,
-                                                         tracker.log, stop_flag=flag, printer=say if main else quiet)
+        trainer, validation, diagnostics = build_trainer(sized, current, tokenizer, data, out / CHECKPOINTS,
+                                                         ctx.tracker.log, stop_flag=flag,
+                                                         printer=say if main else quiet)
         if resume_from:
             load_state(resume_from, validation, diagnostics)
-        if not holder["claimed"]:
-            claim_run_dir(out, config, s, resume_from)
-            holder["claimed"] = True
+        if not claimed:
+            claim_run_dir(out, ctx.config, s, resume_from)
+            claimed = True
         if main:
-            print(describe_start(sized, data, base_ref, device, resume_from))
+            print(describe_start(sized, data, ctx.model, ctx.device, resume_from))
         try:
             run_trainer(trainer, resume_from)
         except TrainingDiverged as exc:
@@ -224,27 +220,28 @@ def fit(s, config, out: Path, model, tokenizer, data, tracker, resume_from, base
                                 f"the metrics up to that step are in {out / BATCH_FILE}.") from None
         return trainer, validation, diagnostics
 
-    (trainer, validation, diagnostics), used = fit_within_memory(attempt, s, "dpo", device)
-    return trainer, validation, diagnostics, used
+    (trainer, validation, diagnostics), used = fit_within_memory(attempt, s, "dpo", ctx.device)
+    return Trained(trainer, validation, diagnostics, used)
 
 
-def check_settings(s) -> None:
-    """What DPOSettings.validate leaves to the stage."""
-    from ..settings import check_training_settings
+def save_outputs(ctx: RunContext, trained: Trained, tokenizer) -> tuple[dict, dict]:
+    """The best adapter, its metrics and curves into the output folder; returns (epoch metrics, the saved
+    adapter's diagnostics)."""
+    from ..training.checkpoints import save_adapter
 
-    if s.loss_type not in LOSS_TYPES:
-        raise UserError(f"--loss_type {s.loss_type!r} is not one of TRL's DPO losses: {', '.join(LOSS_TYPES)}.")
-    check_training_settings(s)
-    for name in ("save_steps", "eval_steps", "diagnostics_steps"):
-        if getattr(s, name) < 0:
-            raise UserError(f"--{name} must be 0 or a positive count, got {getattr(s, name)}.")
-    if s.beta_sweep and not s.betas:
-        raise UserError("--beta_sweep needs at least one value in --betas.")
-    from ..settings import USUAL_BETA, warn_if_unusual
+    s, trainer, validation, diagnostics = ctx.settings, trained.trainer, trained.validation, trained.diagnostics
+    validation.restore_best(trainer.model)
+    saved_diagnostics = diagnostics.measure(trainer.model)
+    epochs = epoch_metrics(s, validation, diagnostics)
+    if ctx.main:
+        save_adapter(trainer.model, tokenizer, ctx.out, selected_adapters=["default"])  # never TRL's "ref" copy
+        write_json(ctx.out / EPOCH_FILE, epochs)
+        write_json(ctx.out / BATCH_FILE, batch_metrics(s, diagnostics))
+        from ..plots import plot_dpo_curves
 
-    for beta in (s.betas if s.beta_sweep else [s.beta]):
-        warn_if_unusual("beta", beta, USUAL_BETA, "DPO uses 0.01 to 0.5; a much larger beta barely moves the model from "
-                        "SFT, a much smaller one lets it drift without restraint")
+        plot_dpo_curves(diagnostics.records, validation.history, ctx.out / CURVES_FILE,
+                        best_step=validation.best_step, primary=PRIMARY)
+    return epochs, saved_diagnostics
 
 
 def check_text_budget(sft_dir: Path, max_text_tokens: int) -> None:
@@ -273,7 +270,7 @@ class DPOData:
 def load_data(s, tokenizer) -> DPOData:
     """Preference pairs (built or read), validation splits and the fixed probe set."""
     from ..data import load_split, overlap_count, stratified_sample
-    from ..pairs import build_pairs, check_prompts_match, load_pairs_file
+    from ..pairs import build_pairs, check_prompts_match, fit_pairs, load_pairs_file
 
     gen_val = load_split(s.val_csv, "GEN validation split")
     full_val = {PRIMARY: gen_val}
@@ -294,6 +291,8 @@ def load_data(s, tokenizer) -> DPOData:
             raise UserError(f"{s.train_csv} holds only one class; preference pairs need examples of both.")
         source, available = s.train_csv, len(train)
         pairs = build_pairs(sample_rows(train, s), tokenizer, s.pair_style, s.seed, s.max_text_tokens)
+    # Over --max_length: the text is cut further, never the answer (the rule of prompts.build_prompts, as in SFT).
+    pairs = fit_pairs(pairs, tokenizer, s.max_text_tokens, s.max_length)
     requested = s.sample_size or None
     capped = bool(requested and requested > available)
     if capped:
@@ -350,27 +349,6 @@ def _isnan(value) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def check_trl_tokens(dataset, pairs, tokenizer, max_length: int) -> None:
-    """Every tokenized training example must start from exactly the scorer's prompt tokens and fit whole."""
-    from ..prompts import label_token_ids
-
-    if len(dataset) != len(pairs):
-        raise UserError(f"TRL dropped {len(pairs) - len(dataset)} pair(s) whose prompt alone fills --max_length "
-                        f"{max_length}; raise --max_length or lower --max_text_tokens.")
-    label_ids = set(label_token_ids(tokenizer))
-    expected = tokenizer(list(pairs["prompt"]), add_special_tokens=False)["input_ids"]
-    for i, (row, want) in enumerate(zip(dataset, expected)):
-        if row["prompt_ids"] != want:
-            raise UserError(f"Pair {i}: TRL's prompt tokens differ from the scorer's (the tokenizer merges tokens "
-                            "across the prompt/answer boundary); use --pair_style label or another model.")
-        if row["chosen_ids"][0] not in label_ids or row["rejected_ids"][0] not in label_ids:
-            raise UserError(f"Pair {i}: the answer does not start with a label token for this tokenizer.")
-        longest = len(want) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
-        if longest > max_length:
-            raise UserError(f"Pair {i} needs {longest} tokens but --max_length is {max_length}: its answer would be "
-                            "cut. Raise --max_length or lower --max_text_tokens.")
-
-
 # -- trainer ---------------------------------------------------------------------------------------------
 
 
@@ -403,16 +381,13 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
     """
     from datasets import Dataset
 
-    from ..prompts import strip_special_prefix
     from ..training.callbacks import install_callbacks, stage_callbacks
     from ..training.diagnostics import DPODiagnosticsCallback, DPOValidationCallback
     from ..training.lean_step import lean
     from ..training.recipe import seeded_length_grouping
+    from ..training.trl_tokens import check_trl_tokens, trl_prompts
 
-    prompts = strip_special_prefix(tokenizer, list(data.pairs["prompt"]))
-    if prompts is None:
-        raise UserError("This tokenizer adds special tokens that its chat template does not contain, so DPO would "
-                        "train on different prompt tokens from the ones evaluation reads. Use another model.")
+    prompts = trl_prompts(tokenizer, data.pairs["prompt"])
     dataset = Dataset.from_dict({"prompt": prompts, "chosen": list(data.pairs["chosen"]),
                                  "rejected": list(data.pairs["rejected"])})
     validation = DPOValidationCallback(tokenizer, data.val_sets, batch_size=s.eval_batch_size,
@@ -430,7 +405,8 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
         raise UserError(f"TRL's DPOTrainer refused these settings: {exc}") from None
     if "ref" not in model.peft_config:
         raise RuntimeError("DPOTrainer did not add the frozen 'ref' adapter; the reference would not be the SFT model.")
-    check_trl_tokens(trainer.train_dataset, data.pairs, tokenizer, s.max_length)
+    check_trl_tokens(trainer.train_dataset, prompts, tokenizer, s.max_length, what="Pair",
+                     fix="use --pair_style label or another model")
     diagnostics = DPODiagnosticsCallback(model, tokenizer, data.probe_texts, beta=s.beta,
                                          batch_size=s.eval_batch_size, max_text_tokens=s.max_text_tokens, log=log,
                                          diagnostics_steps=s.diagnostics_steps, printer=printer)
@@ -471,7 +447,7 @@ def sft_fingerprint(sft_dir: Path) -> str | None:
     return file_sha256(weights) if weights.is_file() else None
 
 
-def _finished_with(out: Path, config: dict, sft_dir: Path) -> bool:
+def finished_with(out: Path, config: dict, sft_dir: Path) -> bool:
     """True when `out` holds a finished run of these settings, from the same SFT adapter weights."""
     from ..training.checkpoints import finished_record
 
@@ -517,24 +493,24 @@ def batch_metrics(s, diagnostics) -> dict:
             "definitions": DEFINITIONS, "steps": diagnostics.records}
 
 
-def build_summary(s, base_ref, sft_dir, data, trainer, validation, diagnostics, epochs, saved, device, timings,
-                  resume_from, used: dict | None = None) -> dict:
-    from ..training.diagnostics import kl_verdict, ratio_verdict
+def build_summary(ctx: RunContext, data: DPOData, trained: Trained, epochs: dict, saved: dict) -> dict:
     from ..data import class_counts, frame_checksum
+    from ..training.diagnostics import kl_verdict, ratio_verdict
     from ..training.recipe import run_record
 
+    s, trainer, validation, diagnostics = ctx.settings, trained.trainer, trained.validation, trained.diagnostics
     history = validation.history
     best = next((h for h in history if h["step"] == validation.best_step), None)
     start = next((h for h in history if h["step"] == 0), None)
-    trained = [r for r in diagnostics.records if "train/loss" in r]
-    last = trained[-1] if trained else (diagnostics.records[-1] if diagnostics.records else {})
+    logged = [r for r in diagnostics.records if "train/loss" in r]
+    last = logged[-1] if logged else (diagnostics.records[-1] if diagnostics.records else {})
     last_eval = epochs["evaluations"][-1] if epochs["evaluations"] else {}
     window = last_eval.get("train") or {}
     ratio = window.get("dpo/reward_ratio", last.get("dpo/reward_ratio"))
     return {
-        "config": {**dataclasses.asdict(s), "model": base_ref},  # models.adapter_base_model reads config.model
-        "base_model": base_ref,
-        "sft_model": str(sft_dir),
+        "config": {**ctx.config, "model": ctx.model},  # models.adapter_base_model reads config.model
+        "base_model": ctx.model,
+        "sft_model": str(Path(s.sft_model)),
         "reference": "frozen copy of the SFT adapter (TRL's 'ref' adapter on the same base weights)",
         "best_step": validation.best_step,
         "best_epoch": validation.best_epoch,
@@ -560,113 +536,13 @@ def build_summary(s, base_ref, sft_dir, data, trainer, validation, diagnostics, 
                                              else "the last logged step"),
                                     "logged_steps": window.get("logged_steps") if "dpo/reward_ratio" in window else None,
                                     "last_logged": {"step": last.get("step"), "value": last.get("dpo/reward_ratio")}}},
-        **run_record(trainer, device, resume_from, used, timings),
+        **run_record(trainer, ctx.device, ctx.resume_from, trained.batch, ctx.timings),
         "outputs": {"adapter": "adapter_model.safetensors", "epoch_metrics": EPOCH_FILE, "batch_metrics": BATCH_FILE,
                     "curves": CURVES_FILE},
     }
 
 
-# -- beta sweep ------------------------------------------------------------------------------------------
-
-
-def beta_dir(out: Path, beta: float) -> Path:
-    return out.parent / f"{out.name}_beta_{beta:g}"
-
-
-def run_sweep(s) -> dict:
-    """One model per beta into OUTPUT_DIR_beta_X; the best by GEN validation F1 is named (and copied)."""
-    from ..atomic import check_output_dir
-    from ..models import check_adapter_dir
-    from ..training.distributed import barrier, is_main_process
-    from ..training.resilience import free_memory
-    from ..tracking import Tracker, make_group_name
-
-    started = time.perf_counter()
-    config = dataclasses.asdict(s)
-    out = Path(s.output_dir)
-    main = is_main_process()
-    check_adapter_dir(s.sft_model)
-    check_output_dir(out, config, overwrite=s.overwrite, resume=s.resume)  # claimed once the betas are trained
-    group = s.wandb_group or (None if s.no_wandb else make_group_name("dpo-beta-sweep"))
-    betas = list(dict.fromkeys(s.betas))
-    rows = []
-    for i, beta in enumerate(betas, 1):
-        sub = dataclasses.replace(s, beta=beta, beta_sweep=False, output_dir=str(beta_dir(out, beta)),
-                                  wandb_group=group)
-        if _finished_with(Path(sub.output_dir), dataclasses.asdict(sub), Path(s.sft_model)):
-            # An interrupted sweep picks up where it stopped: finished betas are not trained again.
-            if main:
-                print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} already finished in {sub.output_dir}; "
-                      "reusing it.")
-            summary = read_json(Path(sub.output_dir) / SUMMARY_FILE)
-        else:
-            if main:
-                print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} -> {sub.output_dir}")
-            summary = train(sub, run_name=f"dpo-beta-{beta:g}")
-        rows.append(sweep_row(beta, sub.output_dir, summary))
-        free_memory()
-    # Best by GEN validation F1; ties go to the run that stayed closest to SFT (smaller KL).
-    best = max(rows, key=lambda r: (r["val_f1"] if r["val_f1"] is not None else -1.0,
-                                    -(r["final_kl"] if r["final_kl"] is not None else math.inf)))
-    results = {"config": config, "selection": f"highest {PRIMARY} F1 of the saved checkpoint (never the test split); "
-                                              "ties go to the smaller final KL",
-               "best_beta": best["beta"], "best_output_dir": best["output_dir"], "best_val_f1": best["val_f1"],
-               "copied_to": str(out), "runs": rows, "seconds": round(time.perf_counter() - started, 2)}
-    if not main:
-        barrier()  # the main process writes the sweep's files
-        return results
-    prepare_output_dir(out, config, overwrite=s.overwrite, resume=s.resume)
-    write_json(out / SWEEP_FILE, results)
-    from ..plots import plot_beta_sweep
-
-    plot_beta_sweep(rows, out / SWEEP_PLOT, best_beta=best["beta"])
-    copy_run(Path(best["output_dir"]), out, {"best_beta": best["beta"], "source": best["output_dir"]})
-    with Tracker(enabled=not s.no_wandb, project=s.wandb_project, job_type="dpo-sweep", config=config, group=group,
-                 name="dpo-beta-sweep") as tracker:
-        import pandas as pd
-
-        tracker.log_table("beta_sweep/results", pd.DataFrame(rows))
-        tracker.log_image("beta_sweep/plot", out / SWEEP_PLOT)
-        tracker.log_summary({"best_beta": best["beta"], "best_val_f1": best["val_f1"],
-                             "best_output_dir": best["output_dir"]})
-    finish_output_dir(out, config, {"best_beta": best["beta"], "best_output_dir": best["output_dir"]})
-    print(f"[beta sweep] best beta by {PRIMARY} F1: {best['beta']:g} (F1 {best['val_f1']:.3f}, final KL "
-          f"{_fmt(best['final_kl'])}); model in {best['output_dir']} (adapter also copied to {out}). "
-          f"Results: {out / SWEEP_FILE}")
-    barrier()
-    return results
-
-
-def sweep_row(beta: float, output_dir: str, summary: dict) -> dict:
-    best_val = summary.get("best_val") or {}
-    end = summary["diagnostics"]["end_of_training"]
-    return {"beta": beta, "output_dir": output_dir, "val_f1": summary.get("best_f1"),
-            "isarcasm_val_f1": (best_val.get(SECONDARY) or {}).get("f1"),
-            "val_accuracy": (best_val.get(PRIMARY) or {}).get("accuracy"),
-            "best_step": summary.get("best_step"), "improved_over_sft": summary.get("improved_over_sft"),
-            "final_kl": end.get("dpo/kl"), "final_reward_ratio": summary["health"]["reward_ratio"]["value"],
-            "final_drift": end.get("dpo/drift"), "saved_kl": summary["diagnostics"]["saved_model"].get("dpo/kl"),
-            "kl_verdict": summary["health"]["kl"]["verdict"],
-            "ratio_verdict": summary["health"]["reward_ratio"]["verdict"],
-            "stopped_early": summary.get("stopped_early"), "train_s": summary["timings"].get("train_s")}
-
-
-def copy_run(src: Path, dst: Path, note: dict) -> None:
-    """Copy the best run's adapter and records into the sweep folder (adapter_config.json last)."""
-    names = [p.name for p in src.iterdir() if p.is_file() and p.name not in ("COMPLETE.json", SUMMARY_FILE)]
-    names.sort(key=lambda n: n == "adapter_config.json")
-    summary = read_json(src / SUMMARY_FILE)
-    summary["selected_by_beta_sweep"] = note
-    write_json(dst / SUMMARY_FILE, summary)
-    for name in names:
-        with atomic_path(dst / name) as tmp:
-            shutil.copyfile(src / name, tmp)
-
-
-# -- messages --------------------------------------------------------------------------------------------
-
-
-def _fmt(value, spec: str = ".3f") -> str:
+def fmt(value, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
@@ -697,7 +573,7 @@ def _ratio_window(ratio: dict) -> str:
     if not n:  # the figure is the last logged step's own, the curves' last point
         return f"; at step {last['step']}, the curves' last point"
     return (f"; mean of the {n} logged steps since the last evaluation; "
-            f"the curves' last point, step {last['step']}, is {_fmt(last['value'], '.3g')}")
+            f"the curves' last point, step {last['step']}, is {fmt(last['value'], '.3g')}")
 
 
 def describe_result(summary: dict, out: Path) -> str:
@@ -708,13 +584,13 @@ def describe_result(summary: dict, out: Path) -> str:
     lines = [f"DPO finished in {minutes}m{seconds:02d}s ({summary['global_steps']} steps"
              + (", stopped early" if summary["stopped_early"] else "") + ")."]
     if summary["improved_over_sft"]:
-        lines.append(f"Best {PRIMARY} F1 {_fmt(best.get('f1'))} at step {summary['best_step']} "
-                     f"(SFT start: {_fmt(start.get('f1'))}); that adapter is saved in {out}/.")
+        lines.append(f"Best {PRIMARY} F1 {fmt(best.get('f1'))} at step {summary['best_step']} "
+                     f"(SFT start: {fmt(start.get('f1'))}); that adapter is saved in {out}/.")
     else:
-        lines.append(f"DPO never beat the SFT start on {PRIMARY} F1 ({_fmt(start.get('f1'))}); the saved adapter "
+        lines.append(f"DPO never beat the SFT start on {PRIMARY} F1 ({fmt(start.get('f1'))}); the saved adapter "
                      f"in {out}/ is the SFT adapter unchanged.")
-    lines.append(f"End of training: KL to SFT {_fmt(health['kl']['value'], '.4g')} ({health['kl']['verdict']}), "
-                 f"reward ratio {_fmt(health['reward_ratio']['value'], '.2f')} ({health['reward_ratio']['verdict']}"
+    lines.append(f"End of training: KL to SFT {fmt(health['kl']['value'], '.4g')} ({health['kl']['verdict']}), "
+                 f"reward ratio {fmt(health['reward_ratio']['value'], '.2f')} ({health['reward_ratio']['verdict']}"
                  f"{_ratio_window(health['reward_ratio'])}).")
     for part in (health["kl"], health["reward_ratio"]):
         if part.get("advice"):

@@ -56,16 +56,11 @@ def recorded_threshold(model: str | None, adapter: str | None = None) -> float:
 def run(args) -> list[dict]:
     from ..models import adapter_base_model, load_model, pick_device
     from ..scoring import Scorer
-    from ..settings import check_device, check_positive
+    from ..settings import check_predict_args, check_threshold
 
-    if not args.model and not args.adapter:
-        raise UserError("Give --model (a hub id, folder or .gguf) and/or --adapter (an sft/dpo output folder).")
-    for name in ("batch_size", "max_text_tokens"):
-        check_positive(name, getattr(args, name), allow_none=False)
-    check_device(args.device)
+    check_predict_args(args)  # every rule on the flags lives in settings.py
     threshold = args.threshold if args.threshold is not None else recorded_threshold(args.model, args.adapter)
-    if not 0 <= threshold <= 1:
-        raise UserError(f"--threshold is a probability and must be in [0, 1], got {threshold}.")
+    check_threshold(threshold)  # the one an export records must be a probability too
     from ..model_route import route_model
 
     model_ref = route_model(args.model) or adapter_base_model(args.adapter)

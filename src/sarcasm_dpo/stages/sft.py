@@ -1,6 +1,6 @@
 """Phase 1: LoRA supervised fine-tuning on the GEN training split, with TRL's SFTTrainer.
 
-Every training example is the one prompt (`prompts.build_prompt`: the question in a user turn,
+Every training example is the one prompt (`prompts.build_prompts`: the question in a user turn,
 rendered with the model's chat template, ending with the generation prompt) and, as completion,
 the label word ("Yes" = sarcastic, "No") followed by EOS. The loss covers the completion only.
 After each epoch the shared scorer measures accuracy, precision, recall and F1 on the GEN
@@ -45,7 +45,9 @@ import dataclasses
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..atomic import read_json, write_json
 from ..training.callbacks import ValidationCallback, install_callbacks, stage_callbacks
@@ -56,14 +58,14 @@ from ..training.lean_step import lean
 from ..models import load_base_model, load_tokenizer, pick_device
 from ..training.shared_prefix import SharedPrefixTraining
 from ..training.shared_prefix import trainer_class as prefix_trainer_class
-from ..prompts import build_prompt, label_token_ids, label_word
-from ..prompts import strip_special_prefix
-from ..settings import check_training_settings
+from ..prompts import answer_length, build_prompts, label_token_ids, label_word
+from ..run_context import RunContext
 from ..training.checkpoints import (CHECKPOINTS, claim_run_dir, finish_run_dir, finished_record, latest_checkpoint,
                                     load_checkpoint_state, plan_run_dir, save_adapter, save_checkpoint_state)
 from ..training.distributed import barrier, is_main_process, quiet, say, world_size
 from ..training.recipe import run_record, run_trainer, seeded_length_grouping, trainer_arguments
 from ..training.resilience import TrainingDiverged, fit_within_memory
+from ..training.trl_tokens import check_trl_tokens, trl_prompts
 from ..tracking import Tracker
 
 ARTIFACT_NAME = "sft-adapter"  # the DPO run declares this artifact (the output folder) as its input
@@ -75,85 +77,87 @@ CURVES_FILE = "sft_training_curves.png"
 SUMMARY_FILE = "training_summary.json"
 
 
+@dataclass
+class SFTData:
+    """What SFT learns from and is validated on."""
+
+    train: Any  # DataFrame(text, label, ...): the training split, sampled as asked
+    val: Any  # DataFrame(text, label, ...): the validation split (VAL_SPLIT), sampled as asked
+
+
+@dataclass
+class Trained:
+    """What `fit` hands to the save phase."""
+
+    trainer: Any  # the SFTTrainer that ran
+    validation: ValidationCallback  # validation history, best epoch and its adapter
+    result: Any  # the Trainer's TrainOutput
+    batch: dict  # the batch settings the run ended with (--auto_find_batch_size may shrink them)
+
+
 def run(settings, extra_callbacks=()) -> dict:
     """Train, pick the best epoch by validation F1, save it; returns the training summary.
 
     `extra_callbacks` are more TrainerCallbacks for the trainer (the tests interrupt runs with one).
     Under `accelerate launch` / `torchrun` every process trains; only the main one writes.
     """
+    settings.validate()  # the CLI validated already; a caller from Python may not have
     s = settings
-    started = time.perf_counter()
-    config = dataclasses.asdict(s)
-    out = Path(s.output_dir)
-    main = is_main_process()
-    check_settings(s)
+    ctx = RunContext(s, Path(s.output_dir), main=is_main_process(), model=s.model)
 
     # Setup. Every check on the input runs before the output folder is touched, so a run refused
     # for any reason leaves a previous result in --output_dir byte for byte as it was.
-    train_df, val_df = load_data(s)  # a wrong path fails in a second, before any model is loaded
-    finished = finished_record(out, config, SUMMARY_FILE) is not None
+    data = SFTData(*load_data(s))  # a wrong path fails in a second, before any model is loaded
+    finished = finished_record(ctx.out, ctx.config, SUMMARY_FILE) is not None
     if s.resume and finished:
-        if main:
-            print(f"{out} already holds the finished run of these settings; nothing to resume.")
-        return read_json(out / SUMMARY_FILE)
-    resume_from = plan_run_dir(out, config, s, finished=finished, state_file=STATE_FILE)
+        if ctx.main:
+            print(f"{ctx.out} already holds the finished run of these settings; nothing to resume.")
+        return read_json(ctx.out / SUMMARY_FILE)
+    ctx.resume_from = plan_run_dir(ctx.out, ctx.config, s, finished=finished, state_file=STATE_FILE)
 
     import transformers
 
     transformers.set_seed(s.seed)  # LoRA init, dropout and data order all follow from the seed
-    device = pick_device(s.device)
+    ctx.device = pick_device(s.device)
     tokenizer = load_tokenizer(s.model)
     label_token_ids(tokenizer)  # both label words must be single tokens: fail now, not at the first evaluation
-    model = load_base_model(s.model, device)
+    model = load_base_model(s.model, ctx.device)
     check_lora_targets(model, s.lora_targets)
-    train_ds = build_dataset(tokenizer, train_df, s.max_text_tokens, s.max_length)
-    load_s = time.perf_counter() - started
+    train_ds = build_dataset(tokenizer, data.train, s.max_text_tokens, s.max_length)
+    ctx.timings["load_s"] = time.perf_counter() - ctx.started
 
-    with Tracker(enabled=not s.no_wandb and main, project=s.wandb_project, job_type="sft", config=config,
-                 group=s.wandb_group) as tracker:
+    with Tracker(enabled=not s.no_wandb and ctx.main, project=s.wandb_project, job_type="sft", config=ctx.config,
+                 group=s.wandb_group) as ctx.tracker:
         # Train (on an out-of-memory error: smaller batches or a clear message; on Ctrl-C: a checkpoint).
-        train_start = time.perf_counter()
-        trainer, validation, result, used = fit(s, config, out, model, tokenizer, train_ds, val_df, tracker,
-                                                resume_from, extra_callbacks, train_df)
-        train_s = time.perf_counter() - train_start
+        with ctx.timed("train_s"):
+            trained = fit(ctx, model, tokenizer, train_ds, data, extra_callbacks)
+        ctx.timings["eval_s"] = trained.validation.eval_seconds  # here, to keep the summary's key order
 
         # Save: the best epoch's adapter, then the record of how it was made, the marker last.
-        save_start = time.perf_counter()
-        if not validation.history:  # e.g. resumed from a checkpoint taken after the last step
-            validation.evaluate(trainer.model, trainer.state.global_step, trainer.state.epoch or 0.0)
-        validation.restore_best(trainer.model)
-        metrics = training_metrics(trainer.state.log_history, validation, len(val_df), result.training_loss)
-        params = parameter_counts(trainer.model)
-        if main:
-            save_adapter(trainer.model, tokenizer, out, save_embedding_layers=False)  # LoRA only; embeddings are frozen
-            write_json(out / METRICS_FILE, metrics)
-            from ..plots import plot_sft_curves
-
-            plot_sft_curves(metrics["steps"], [{"epoch": e["epoch"], **e[VAL_SPLIT]} for e in metrics["epochs"]],
-                            out / CURVES_FILE, best_epoch=validation.best_epoch, split_name=VAL_SPLIT)
-        timings = {"load_s": load_s, "train_s": train_s, "eval_s": validation.eval_seconds,
-                   "save_s": time.perf_counter() - save_start}
-        timings["total_s"] = time.perf_counter() - started
-        summary = build_summary(s, config, train_df, val_df, validation, trainer, params, device, timings,
-                                resume_from, used)
-        if main:
-            write_json(out / SUMMARY_FILE, summary)
-            finish_run_dir(out, config, {"best_epoch": summary["best_epoch"], "best_f1": summary["best_val"]["f1"]})
+        with ctx.timed("save_s"):
+            params = save_outputs(ctx, trained, tokenizer, data)
+        ctx.timings["eval_s"] = trained.validation.eval_seconds  # the save phase may have evaluated once more
+        ctx.total()
+        summary = build_summary(ctx, data, trained, params)
+        if ctx.main:
+            write_json(ctx.out / SUMMARY_FILE, summary)
+            finish_run_dir(ctx.out, ctx.config, {"best_epoch": summary["best_epoch"],
+                                                 "best_f1": summary["best_val"]["f1"]})
         barrier()  # the other processes end when the outputs are in place
 
-        tracker.log_image("sft/training_curves", out / CURVES_FILE)
-        tracker.log_summary({k: summary[k] for k in ("best_epoch", "best_step", "best_val", "trainable_params",
-                                                     "trainable_share", "timings")})
-        tracker.log_artifact(out, name=ARTIFACT_NAME, type=ARTIFACT_TYPE,
-                             metadata={"base_model": s.model, "best_epoch": summary["best_epoch"],
-                                       "best_val_f1": summary["best_val"]["f1"]})
-    if main:
-        print(describe_result(summary, out))
+        ctx.tracker.log_image("sft/training_curves", ctx.out / CURVES_FILE)
+        ctx.tracker.log_summary({k: summary[k] for k in ("best_epoch", "best_step", "best_val", "trainable_params",
+                                                         "trainable_share", "timings")})
+        ctx.tracker.log_artifact(ctx.out, name=ARTIFACT_NAME, type=ARTIFACT_TYPE,
+                                 metadata={"base_model": s.model, "best_epoch": summary["best_epoch"],
+                                           "best_val_f1": summary["best_val"]["f1"]})
+    if ctx.main:
+        print(describe_result(summary, ctx.out))
     return summary
 
 
-def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resume_from, extra_callbacks, train_df):
-    """Build the trainer and train; returns (trainer, validation callback, train output, batch used).
+def fit(ctx: RunContext, model, tokenizer, train_ds, data: SFTData, extra_callbacks=()) -> Trained:
+    """Build the trainer and train; returns what the save phase needs.
 
     Out of memory: with --auto_find_batch_size each retry halves the batch, doubles gradient
     accumulation and starts over from the same seed and weights (resilience.train_within_memory).
@@ -161,15 +165,16 @@ def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resum
     """
     import transformers
 
-    main = is_main_process()
-    holder = {"model": model, "claimed": False}
+    s, out, tracker, resume_from, main = ctx.settings, ctx.out, ctx.tracker, ctx.resume_from, ctx.main
+    current = model  # the model the next attempt trains; a retry unloads the previous attempt's LoRA layers
+    claimed = False  # the output folder is taken over once, by the first attempt whose trainer exists
 
     def attempt(batch_size: int, grad_accum: int, eval_batch_size: int, flag):
-        current = holder["model"]
-        if holder["claimed"]:  # a retry: take the LoRA layers off and start from the same seed again
+        nonlocal current, claimed
+        if claimed:  # a retry: take the LoRA layers off and start from the same seed again
             current = current.unload()
             transformers.set_seed(s.seed)
-        validation = ValidationCallback(tokenizer, {VAL_SPLIT: val_df}, batch_size=eval_batch_size,
+        validation = ValidationCallback(tokenizer, {VAL_SPLIT: data.val}, batch_size=eval_batch_size,
                                         max_text_tokens=s.max_text_tokens, log=tracker.log,
                                         printer=say if main else quiet)
         if resume_from:
@@ -179,14 +184,14 @@ def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resum
                                     save_each_epoch=bool(s.save_steps), stop_flag=flag, tracker_log=tracker.log,
                                     extra=extra_callbacks)
         sized = dataclasses.replace(s, batch_size=batch_size, grad_accum=grad_accum)
+        base = current
         trainer = build_trainer(sized, current, tokenizer, train_ds, out / CHECKPOINTS, callbacks)
-        holder["model"] = trainer.model
-        if not holder["claimed"]:
-            claim_run_dir(out, config, s, resume_from)
-            holder["claimed"] = True
+        current = trainer.model
+        if not claimed:
+            claim_run_dir(out, ctx.config, s, resume_from)
+            claimed = True
         if main:
-            print(describe_start(sized, train_df, val_df, current.device, parameter_counts(trainer.model),
-                                 resume_from))
+            print(describe_start(sized, data, base.device, parameter_counts(trainer.model), resume_from))
         try:
             return trainer, validation, run_trainer(trainer, resume_from)
         except TrainingDiverged as exc:  # the lean trainer's per-step check, or a NaN/inf logged loss
@@ -194,21 +199,28 @@ def fit(s, config, out: Path, model, tokenizer, train_ds, val_df, tracker, resum
                                 "Lower --lr (or raise --warmup_ratio) and start over with --overwrite.") from None
 
     (trainer, validation, result), used = fit_within_memory(attempt, s, "sft", model.device)
-    return trainer, validation, result, used
+    return Trained(trainer, validation, result, used)
+
+
+def save_outputs(ctx: RunContext, trained: Trained, tokenizer, data: SFTData) -> dict:
+    """The best epoch's adapter, its metrics and curves into the output folder; returns the parameter counts."""
+    trainer, validation = trained.trainer, trained.validation
+    if not validation.history:  # e.g. resumed from a checkpoint taken after the last step
+        validation.evaluate(trainer.model, trainer.state.global_step, trainer.state.epoch or 0.0)
+    validation.restore_best(trainer.model)
+    metrics = training_metrics(trainer.state.log_history, validation, len(data.val), trained.result.training_loss)
+    params = parameter_counts(trainer.model)
+    if ctx.main:
+        save_adapter(trainer.model, tokenizer, ctx.out, save_embedding_layers=False)  # LoRA only; embeddings frozen
+        write_json(ctx.out / METRICS_FILE, metrics)
+        from ..plots import plot_sft_curves
+
+        plot_sft_curves(metrics["steps"], [{"epoch": e["epoch"], **e[VAL_SPLIT]} for e in metrics["epochs"]],
+                        ctx.out / CURVES_FILE, best_epoch=validation.best_epoch, split_name=VAL_SPLIT)
+    return params
 
 
 # -- setup -------------------------------------------------------------------------------------------
-
-
-def check_settings(s) -> None:
-    """What SFTSettings.validate leaves to the stage."""
-    check_training_settings(s)
-    if s.save_steps < 0:
-        raise UserError(f"--save_steps must be 0 (each epoch) or a positive count, got {s.save_steps}.")
-    if s.lora_alpha <= 0:
-        raise UserError(f"--lora_alpha must be positive, got {s.lora_alpha}.")
-    if not s.lora_targets:
-        raise UserError("--lora_targets is empty; name the modules that get LoRA adapters, e.g. q_proj,v_proj.")
 
 
 def load_data(s):
@@ -239,26 +251,6 @@ def check_lora_targets(model, targets: list[str]) -> None:
                         f"Its linear layers are: {', '.join(sorted(names))}.")
 
 
-def fit_prompt(tokenizer, text: str, max_text_tokens: int, room: int) -> str:
-    """The prompt for `text`, with the text cut further if prompt + answer would pass --max_length.
-
-    TRL would otherwise cut the sequence from the end, i.e. cut off the answer we train on.
-    """
-    budget = max_text_tokens
-    for _ in range(10):
-        prompt = build_prompt(tokenizer, text, budget)
-        excess = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - room
-        if excess <= 0:
-            return prompt
-        budget -= max(excess, 1)
-        if budget < 1:
-            break
-    need = len(tokenizer(build_prompt(tokenizer, "", 1), add_special_tokens=False)["input_ids"])
-    raise UserError(f"--max_length leaves no room for the text: the prompt around it needs {need} tokens, and "
-                    f"{max(room, 0)} are left for the prompt once the answer's are taken. Raise --max_length "
-                    f"(default 512) by at least {need + 1 - room}.")
-
-
 def build_dataset(tokenizer, frame, max_text_tokens: int, max_length: int):
     """Prompt-completion pairs in TRL's non-conversational format (the prompt is already rendered).
 
@@ -266,14 +258,11 @@ def build_dataset(tokenizer, frame, max_text_tokens: int, max_length: int):
     """
     from datasets import Dataset
 
-    answer = max(len(tokenizer(label_word(y) + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
-                 for y in (0, 1))
-    prompts = [fit_prompt(tokenizer, text, max_text_tokens, max_length - answer) for text in frame["text"]]
-    stripped = strip_special_prefix(tokenizer, prompts)
-    if stripped is None:
-        warnings.warn("This tokenizer adds special tokens that the chat template does not contain; training inputs "
-                      "differ slightly from the scorer's.", stacklevel=2)
-    return Dataset.from_dict({"prompt": stripped or prompts, "completion": [label_word(y) for y in frame["label"]]})
+    answer = max(answer_length(tokenizer, label_word(y)) for y in (0, 1))
+    # Over --max_length: the text is cut further, never the answer (the rule of prompts.build_prompts, as in DPO).
+    prompts = build_prompts(tokenizer, frame["text"], max_text_tokens, room=max_length - answer)
+    return Dataset.from_dict({"prompt": trl_prompts(tokenizer, prompts),
+                              "completion": [label_word(y) for y in frame["label"]]})
 
 
 def lora_config(s):
@@ -312,6 +301,7 @@ def build_trainer(s, model, tokenizer, train_ds, ckpt_dir: Path, callbacks=()):
         model=model, args=training_args(s, model, ckpt_dir), train_dataset=train_ds, processing_class=tokenizer,
         peft_config=lora_config(s), callbacks=list(callbacks))
     install_callbacks(trainer, list(callbacks), "sft")
+    check_trl_tokens(trainer.train_dataset, list(train_ds["prompt"]), tokenizer, s.max_length)
     return trainer
 
 
@@ -373,11 +363,12 @@ def training_metrics(log_history: list[dict], validation: ValidationCallback, va
                      "f1": best[VAL_SPLIT]["f1"] if best else None}}
 
 
-def build_summary(s, config, train_df, val_df, validation, trainer, params, device, timings, resume_from,
-                  used: dict | None = None) -> dict:
+def build_summary(ctx: RunContext, data: SFTData, trained: Trained, params: dict) -> dict:
+    s, trainer, validation = ctx.settings, trained.trainer, trained.validation
+    train_df, val_df = data.train, data.val
     best = next((h for h in validation.history if h["step"] == validation.best_step), None)
     return {
-        "config": config,  # other stages read the base model from config.model
+        "config": ctx.config,  # other stages read the base model from config.model
         "base_model": s.model,
         "best_epoch": validation.best_epoch,
         "best_step": validation.best_step,
@@ -389,7 +380,7 @@ def build_summary(s, config, train_df, val_df, validation, trainer, params, devi
             "train_csv": s.train_csv, "train": class_counts(train_df), "train_checksum": frame_checksum(train_df),
             "val_csv": s.val_csv, "val": class_counts(val_df), "val_checksum": frame_checksum(val_df),
         },
-        **run_record(trainer, device, resume_from, used, timings),
+        **run_record(trainer, ctx.device, ctx.resume_from, trained.batch, ctx.timings),
         "outputs": {"adapter": "adapter_model.safetensors", "metrics": METRICS_FILE, "curves": CURVES_FILE},
     }
 
@@ -397,10 +388,10 @@ def build_summary(s, config, train_df, val_df, validation, trainer, params, devi
 # -- messages ----------------------------------------------------------------------------------------
 
 
-def describe_start(s, train_df, val_df, device, params, resume_from) -> str:
-    counts = class_counts(train_df)
+def describe_start(s, data: SFTData, device, params, resume_from) -> str:
+    counts = class_counts(data.train)
     return (f"SFT on {counts['total']} examples ({counts['sarcastic']} sarcastic, {counts['not_sarcastic']} not), "
-            f"validating on {len(val_df)}; model {s.model} on {device}; LoRA r={s.lora_r} alpha={s.lora_alpha} on "
+            f"validating on {len(data.val)}; model {s.model} on {device}; LoRA r={s.lora_r} alpha={s.lora_alpha} on "
             f"{','.join(s.lora_targets)}: {params['trainable_params']:,} trainable parameters "
             f"({100 * params['trainable_share']:.2f}%); {s.epochs:g} epoch(s), lr {s.lr:g}, batch "
             f"{s.batch_size}x{s.grad_accum}" + (f"x{world_size()} processes" if world_size() > 1 else "")

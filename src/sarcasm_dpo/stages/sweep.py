@@ -1,0 +1,122 @@
+"""`sarcasm-dpo dpo --beta_sweep`: one DPO run per --betas value, the best named by GEN validation F1.
+
+Each beta trains into OUTPUT_DIR_beta_X exactly as a single `sarcasm-dpo dpo --beta X` would
+(dpo.train); a beta whose folder already holds the finished run of these settings is reused, so an
+interrupted sweep picks up where it stopped. The best run is chosen on the validation split only
+(never the test split); ties go to the run that stayed closest to SFT (the smaller final KL).
+Into OUTPUT_DIR go beta_sweep_results.json (every run's row, best_beta, best_output_dir),
+beta_sweep.png and a copy of the best run's adapter and records, COMPLETE.json last.
+
+    sarcasm-dpo dpo --beta_sweep --betas 0.01,0.1,0.5 --no_wandb
+    python scripts/dpo_train_v2.py --beta_sweep --betas 0.01,0.1,0.5 --no_wandb
+
+dpo.run dispatches here; this module drives dpo.train (the one-run stage) once per beta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from pathlib import Path
+
+from ..atomic import atomic_path, finish_output_dir, prepare_output_dir, read_json, write_json
+from . import dpo
+
+SWEEP_FILE = "beta_sweep_results.json"
+SWEEP_PLOT = "beta_sweep.png"
+
+
+def beta_dir(out: Path, beta: float) -> Path:
+    return out.parent / f"{out.name}_beta_{beta:g}"
+
+
+def run_sweep(s) -> dict:
+    """One model per beta into OUTPUT_DIR_beta_X; the best by GEN validation F1 is named (and copied)."""
+    from ..atomic import check_output_dir
+    from ..models import check_adapter_dir
+    from ..tracking import Tracker, make_group_name
+    from ..training.distributed import barrier, is_main_process
+    from ..training.resilience import free_memory
+
+    started = time.perf_counter()
+    config = dataclasses.asdict(s)
+    out = Path(s.output_dir)
+    main = is_main_process()
+    check_adapter_dir(s.sft_model)
+    check_output_dir(out, config, overwrite=s.overwrite, resume=s.resume)  # claimed once the betas are trained
+    group = s.wandb_group or (None if s.no_wandb else make_group_name("dpo-beta-sweep"))
+    betas = list(dict.fromkeys(s.betas))
+    rows = []
+    for i, beta in enumerate(betas, 1):
+        sub = dataclasses.replace(s, beta=beta, beta_sweep=False, output_dir=str(beta_dir(out, beta)),
+                                  wandb_group=group)
+        if dpo.finished_with(Path(sub.output_dir), dataclasses.asdict(sub), Path(s.sft_model)):
+            # An interrupted sweep picks up where it stopped: finished betas are not trained again.
+            if main:
+                print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} already finished in {sub.output_dir}; "
+                      "reusing it.")
+            summary = read_json(Path(sub.output_dir) / dpo.SUMMARY_FILE)
+        else:
+            if main:
+                print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} -> {sub.output_dir}")
+            summary = dpo.train(sub, run_name=f"dpo-beta-{beta:g}")
+        rows.append(sweep_row(beta, sub.output_dir, summary))
+        free_memory()
+    # Best by GEN validation F1; ties go to the run that stayed closest to SFT (smaller KL).
+    best = max(rows, key=lambda r: (r["val_f1"] if r["val_f1"] is not None else -1.0,
+                                    -(r["final_kl"] if r["final_kl"] is not None else math.inf)))
+    results = {"config": config, "selection": f"highest {dpo.PRIMARY} F1 of the saved checkpoint (never the test "
+                                              "split); ties go to the smaller final KL",
+               "best_beta": best["beta"], "best_output_dir": best["output_dir"], "best_val_f1": best["val_f1"],
+               "copied_to": str(out), "runs": rows, "seconds": round(time.perf_counter() - started, 2)}
+    if not main:
+        barrier()  # the main process writes the sweep's files
+        return results
+    prepare_output_dir(out, config, overwrite=s.overwrite, resume=s.resume)
+    write_json(out / SWEEP_FILE, results)
+    from ..plots import plot_beta_sweep
+
+    plot_beta_sweep(rows, out / SWEEP_PLOT, best_beta=best["beta"])
+    copy_run(Path(best["output_dir"]), out, {"best_beta": best["beta"], "source": best["output_dir"]})
+    with Tracker(enabled=not s.no_wandb, project=s.wandb_project, job_type="dpo-sweep", config=config, group=group,
+                 name="dpo-beta-sweep") as tracker:
+        import pandas as pd
+
+        tracker.log_table("beta_sweep/results", pd.DataFrame(rows))
+        tracker.log_image("beta_sweep/plot", out / SWEEP_PLOT)
+        tracker.log_summary({"best_beta": best["beta"], "best_val_f1": best["val_f1"],
+                             "best_output_dir": best["output_dir"]})
+    finish_output_dir(out, config, {"best_beta": best["beta"], "best_output_dir": best["output_dir"]})
+    print(f"[beta sweep] best beta by {dpo.PRIMARY} F1: {best['beta']:g} (F1 {best['val_f1']:.3f}, final KL "
+          f"{dpo.fmt(best['final_kl'])}); model in {best['output_dir']} (adapter also copied to {out}). "
+          f"Results: {out / SWEEP_FILE}")
+    barrier()
+    return results
+
+
+def sweep_row(beta: float, output_dir: str, summary: dict) -> dict:
+    best_val = summary.get("best_val") or {}
+    end = summary["diagnostics"]["end_of_training"]
+    return {"beta": beta, "output_dir": output_dir, "val_f1": summary.get("best_f1"),
+            "isarcasm_val_f1": (best_val.get(dpo.SECONDARY) or {}).get("f1"),
+            "val_accuracy": (best_val.get(dpo.PRIMARY) or {}).get("accuracy"),
+            "best_step": summary.get("best_step"), "improved_over_sft": summary.get("improved_over_sft"),
+            "final_kl": end.get("dpo/kl"), "final_reward_ratio": summary["health"]["reward_ratio"]["value"],
+            "final_drift": end.get("dpo/drift"), "saved_kl": summary["diagnostics"]["saved_model"].get("dpo/kl"),
+            "kl_verdict": summary["health"]["kl"]["verdict"],
+            "ratio_verdict": summary["health"]["reward_ratio"]["verdict"],
+            "stopped_early": summary.get("stopped_early"), "train_s": summary["timings"].get("train_s")}
+
+
+def copy_run(src: Path, dst: Path, note: dict) -> None:
+    """Copy the best run's adapter and records into the sweep folder (adapter_config.json last)."""
+    names = [p.name for p in src.iterdir() if p.is_file() and p.name not in ("COMPLETE.json", dpo.SUMMARY_FILE)]
+    names.sort(key=lambda n: n == "adapter_config.json")
+    summary = read_json(src / dpo.SUMMARY_FILE)
+    summary["selected_by_beta_sweep"] = note
+    write_json(dst / dpo.SUMMARY_FILE, summary)
+    for name in names:
+        with atomic_path(dst / name) as tmp:
+            shutil.copyfile(src / name, tmp)
