@@ -40,6 +40,7 @@ from typing import Any
 
 from ..atomic import clear_complete, read_json, write_json
 from ..errors import UserError
+from ..thresholds import THRESHOLD_FILE, write_threshold
 from ..training.checkpoints import CHECKPOINTS
 from ..run_context import RunContext
 from ..training.fast_dpo import describe_step, dpo_trainer_class, is_label_pairs
@@ -75,10 +76,13 @@ def run(settings) -> dict:
     """One DPO run, or a beta sweep with --beta_sweep; returns the summary."""
     settings.validate()  # the CLI validated already; a caller from Python may not have
     if settings.beta_sweep:
-        # sweep.py drives train() once per beta; imported here, so that sweep -> dpo is the only module-level edge.
+        import sys
+
         from .sweep import run_sweep
 
-        return run_sweep(settings)
+        # The sweep drives this module's train() once per beta; it is handed this module rather than
+        # importing it, so dpo -> sweep is the only import between the two (no cycle).
+        return run_sweep(settings, sys.modules[__name__])
     return train(settings)
 
 
@@ -101,7 +105,7 @@ def train(s, run_name: str | None = None) -> dict:
     Under `accelerate launch` / `torchrun` every process trains; only the main one writes files and logs.
     """
     from ..models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_tokenizer, pick_device
-    from ..training.checkpoints import finish_run_dir, plan_run_dir
+    from ..training.checkpoints import final_outputs, finish_run_dir, plan_run_dir
     from ..training.distributed import barrier, is_main_process
 
     ctx = RunContext(s, Path(s.output_dir), main=is_main_process())
@@ -141,16 +145,18 @@ def train(s, run_name: str | None = None) -> dict:
         ctx.timings["eval_s"] = trained.validation.eval_seconds
         ctx.timings["diagnostics_s"] = trained.diagnostics.seconds
 
-        # Save: the best adapter by GEN validation F1, then the record of how it was made, the marker last.
-        with ctx.timed("save_s"):
-            epochs, saved_diagnostics = save_outputs(ctx, trained, tokenizer)
-        ctx.timings.update(eval_s=trained.validation.eval_seconds, diagnostics_s=trained.diagnostics.seconds)
-        ctx.total()
-        summary = build_summary(ctx, data, trained, epochs, saved_diagnostics)
-        if ctx.main:
-            write_json(ctx.out / SUMMARY_FILE, summary)
-            finish_run_dir(ctx.out, ctx.config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
-                                                 "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir)})
+        # Save: the best adapter by GEN validation F1, then the record of how it was made, the marker last; all
+        # into a staging folder that replaces the output folder whole (a kill mid-save leaves no mix of two runs).
+        with final_outputs(ctx.out, ctx.main) as folder:
+            with ctx.timed("save_s"):
+                epochs, saved_diagnostics = save_outputs(ctx, trained, tokenizer, folder)
+            ctx.timings.update(eval_s=trained.validation.eval_seconds, diagnostics_s=trained.diagnostics.seconds)
+            ctx.total()
+            summary = build_summary(ctx, data, trained, epochs, saved_diagnostics)
+            if ctx.main:
+                write_json(folder / SUMMARY_FILE, summary)
+                finish_run_dir(folder, ctx.config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
+                                                    "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir)})
         barrier()  # the other processes end when the outputs are in place
 
         ctx.tracker.log_image("dpo/training_curves", ctx.out / CURVES_FILE)
@@ -224,22 +230,24 @@ def fit(ctx: RunContext, model, tokenizer, data: DPOData) -> Trained:
     return Trained(trainer, validation, diagnostics, used)
 
 
-def save_outputs(ctx: RunContext, trained: Trained, tokenizer) -> tuple[dict, dict]:
-    """The best adapter, its metrics and curves into the output folder; returns (epoch metrics, the saved
-    adapter's diagnostics)."""
+def save_outputs(ctx: RunContext, trained: Trained, tokenizer, folder: Path) -> tuple[dict, dict]:
+    """The best adapter, its decision threshold (chosen on GEN validation), metrics and curves into `folder`
+    (the staging folder of the output); returns (epoch metrics, the saved adapter's diagnostics)."""
     from ..training.checkpoints import save_adapter
 
     s, trainer, validation, diagnostics = ctx.settings, trained.trainer, trained.validation, trained.diagnostics
     validation.restore_best(trainer.model)
     saved_diagnostics = diagnostics.measure(trainer.model)
     epochs = epoch_metrics(s, validation, diagnostics)
+    threshold = validation.threshold_record(trainer.model)
     if ctx.main:
-        save_adapter(trainer.model, tokenizer, ctx.out, selected_adapters=["default"])  # never TRL's "ref" copy
-        write_json(ctx.out / EPOCH_FILE, epochs)
-        write_json(ctx.out / BATCH_FILE, batch_metrics(s, diagnostics))
+        save_adapter(trainer.model, tokenizer, folder, selected_adapters=["default"])  # never TRL's "ref" copy
+        write_threshold(folder, threshold)
+        write_json(folder / EPOCH_FILE, epochs)
+        write_json(folder / BATCH_FILE, batch_metrics(s, diagnostics))
         from ..plots import plot_dpo_curves
 
-        plot_dpo_curves(diagnostics.records, validation.history, ctx.out / CURVES_FILE,
+        plot_dpo_curves(diagnostics.records, validation.history, folder / CURVES_FILE,
                         best_step=validation.best_step, primary=PRIMARY)
     return epochs, saved_diagnostics
 
@@ -537,8 +545,8 @@ def build_summary(ctx: RunContext, data: DPOData, trained: Trained, epochs: dict
                                     "logged_steps": window.get("logged_steps") if "dpo/reward_ratio" in window else None,
                                     "last_logged": {"step": last.get("step"), "value": last.get("dpo/reward_ratio")}}},
         **run_record(trainer, ctx.device, ctx.resume_from, trained.batch, ctx.timings),
-        "outputs": {"adapter": "adapter_model.safetensors", "epoch_metrics": EPOCH_FILE, "batch_metrics": BATCH_FILE,
-                    "curves": CURVES_FILE},
+        "outputs": {"adapter": "adapter_model.safetensors", "threshold": THRESHOLD_FILE, "epoch_metrics": EPOCH_FILE,
+                    "batch_metrics": BATCH_FILE, "curves": CURVES_FILE},
     }
 
 

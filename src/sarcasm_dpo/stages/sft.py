@@ -60,7 +60,9 @@ from ..training.shared_prefix import SharedPrefixTraining
 from ..training.shared_prefix import trainer_class as prefix_trainer_class
 from ..prompts import answer_length, build_prompts, label_token_ids, label_word
 from ..run_context import RunContext
-from ..training.checkpoints import (CHECKPOINTS, claim_run_dir, finish_run_dir, finished_record, latest_checkpoint,
+from ..thresholds import THRESHOLD_FILE, write_threshold
+from ..training.checkpoints import (CHECKPOINTS, claim_run_dir, final_outputs, finish_run_dir, finished_record,
+                                    latest_checkpoint,
                                     load_checkpoint_state, plan_run_dir, save_adapter, save_checkpoint_state)
 from ..training.distributed import barrier, is_main_process, quiet, say, world_size
 from ..training.recipe import run_record, run_trainer, seeded_length_grouping, trainer_arguments
@@ -133,16 +135,18 @@ def run(settings, extra_callbacks=()) -> dict:
             trained = fit(ctx, model, tokenizer, train_ds, data, extra_callbacks)
         ctx.timings["eval_s"] = trained.validation.eval_seconds  # here, to keep the summary's key order
 
-        # Save: the best epoch's adapter, then the record of how it was made, the marker last.
-        with ctx.timed("save_s"):
-            params = save_outputs(ctx, trained, tokenizer, data)
-        ctx.timings["eval_s"] = trained.validation.eval_seconds  # the save phase may have evaluated once more
-        ctx.total()
-        summary = build_summary(ctx, data, trained, params)
-        if ctx.main:
-            write_json(ctx.out / SUMMARY_FILE, summary)
-            finish_run_dir(ctx.out, ctx.config, {"best_epoch": summary["best_epoch"],
-                                                 "best_f1": summary["best_val"]["f1"]})
+        # Save: the best epoch's adapter, then the record of how it was made, the marker last; all into a
+        # staging folder that replaces the output folder whole (a kill mid-save leaves no mix of two runs).
+        with final_outputs(ctx.out, ctx.main) as folder:
+            with ctx.timed("save_s"):
+                params = save_outputs(ctx, trained, tokenizer, data, folder)
+            ctx.timings["eval_s"] = trained.validation.eval_seconds  # the save phase may have evaluated once more
+            ctx.total()
+            summary = build_summary(ctx, data, trained, params)
+            if ctx.main:
+                write_json(folder / SUMMARY_FILE, summary)
+                finish_run_dir(folder, ctx.config, {"best_epoch": summary["best_epoch"],
+                                                    "best_f1": summary["best_val"]["f1"]})
         barrier()  # the other processes end when the outputs are in place
 
         ctx.tracker.log_image("sft/training_curves", ctx.out / CURVES_FILE)
@@ -202,21 +206,24 @@ def fit(ctx: RunContext, model, tokenizer, train_ds, data: SFTData, extra_callba
     return Trained(trainer, validation, result, used)
 
 
-def save_outputs(ctx: RunContext, trained: Trained, tokenizer, data: SFTData) -> dict:
-    """The best epoch's adapter, its metrics and curves into the output folder; returns the parameter counts."""
+def save_outputs(ctx: RunContext, trained: Trained, tokenizer, data: SFTData, folder: Path) -> dict:
+    """The best epoch's adapter, its decision threshold (chosen on validation), metrics and curves into
+    `folder` (the staging folder of the output); returns the parameter counts."""
     trainer, validation = trained.trainer, trained.validation
     if not validation.history:  # e.g. resumed from a checkpoint taken after the last step
         validation.evaluate(trainer.model, trainer.state.global_step, trainer.state.epoch or 0.0)
     validation.restore_best(trainer.model)
     metrics = training_metrics(trainer.state.log_history, validation, len(data.val), trained.result.training_loss)
     params = parameter_counts(trainer.model)
+    threshold = validation.threshold_record(trainer.model)
     if ctx.main:
-        save_adapter(trainer.model, tokenizer, ctx.out, save_embedding_layers=False)  # LoRA only; embeddings frozen
-        write_json(ctx.out / METRICS_FILE, metrics)
+        save_adapter(trainer.model, tokenizer, folder, save_embedding_layers=False)  # LoRA only; embeddings frozen
+        write_threshold(folder, threshold)
+        write_json(folder / METRICS_FILE, metrics)
         from ..plots import plot_sft_curves
 
         plot_sft_curves(metrics["steps"], [{"epoch": e["epoch"], **e[VAL_SPLIT]} for e in metrics["epochs"]],
-                        ctx.out / CURVES_FILE, best_epoch=validation.best_epoch, split_name=VAL_SPLIT)
+                        folder / CURVES_FILE, best_epoch=validation.best_epoch, split_name=VAL_SPLIT)
     return params
 
 
@@ -381,7 +388,8 @@ def build_summary(ctx: RunContext, data: SFTData, trained: Trained, params: dict
             "val_csv": s.val_csv, "val": class_counts(val_df), "val_checksum": frame_checksum(val_df),
         },
         **run_record(trainer, ctx.device, ctx.resume_from, trained.batch, ctx.timings),
-        "outputs": {"adapter": "adapter_model.safetensors", "metrics": METRICS_FILE, "curves": CURVES_FILE},
+        "outputs": {"adapter": "adapter_model.safetensors", "metrics": METRICS_FILE, "curves": CURVES_FILE,
+                    "threshold": THRESHOLD_FILE},
     }
 
 

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_path, finish_output_dir, prepare_output_dir, read_json, write_json
-from . import dpo
 
 SWEEP_FILE = "beta_sweep_results.json"
 SWEEP_PLOT = "beta_sweep.png"
@@ -32,8 +31,11 @@ def beta_dir(out: Path, beta: float) -> Path:
     return out.parent / f"{out.name}_beta_{beta:g}"
 
 
-def run_sweep(s) -> dict:
-    """One model per beta into OUTPUT_DIR_beta_X; the best by GEN validation F1 is named (and copied)."""
+def run_sweep(s, dpo) -> dict:
+    """One model per beta into OUTPUT_DIR_beta_X; the best by GEN validation F1 is named (and copied).
+
+    `dpo`: the one-run DPO stage module (stages/dpo.py), handed over by dpo.run, which imports this one.
+    """
     from ..atomic import check_output_dir
     from ..models import check_adapter_dir
     from ..tracking import Tracker, make_group_name
@@ -62,7 +64,7 @@ def run_sweep(s) -> dict:
             if main:
                 print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} -> {sub.output_dir}")
             summary = dpo.train(sub, run_name=f"dpo-beta-{beta:g}")
-        rows.append(sweep_row(beta, sub.output_dir, summary))
+        rows.append(sweep_row(beta, sub.output_dir, summary, dpo))
         free_memory()
     # Best by GEN validation F1; ties go to the run that stayed closest to SFT (smaller KL).
     best = max(rows, key=lambda r: (r["val_f1"] if r["val_f1"] is not None else -1.0,
@@ -79,7 +81,7 @@ def run_sweep(s) -> dict:
     from ..plots import plot_beta_sweep
 
     plot_beta_sweep(rows, out / SWEEP_PLOT, best_beta=best["beta"])
-    copy_run(Path(best["output_dir"]), out, {"best_beta": best["beta"], "source": best["output_dir"]})
+    copy_run(Path(best["output_dir"]), out, {"best_beta": best["beta"], "source": best["output_dir"]}, dpo)
     with Tracker(enabled=not s.no_wandb, project=s.wandb_project, job_type="dpo-sweep", config=config, group=group,
                  name="dpo-beta-sweep") as tracker:
         import pandas as pd
@@ -96,7 +98,7 @@ def run_sweep(s) -> dict:
     return results
 
 
-def sweep_row(beta: float, output_dir: str, summary: dict) -> dict:
+def sweep_row(beta: float, output_dir: str, summary: dict, dpo) -> dict:
     best_val = summary.get("best_val") or {}
     end = summary["diagnostics"]["end_of_training"]
     return {"beta": beta, "output_dir": output_dir, "val_f1": summary.get("best_f1"),
@@ -110,7 +112,7 @@ def sweep_row(beta: float, output_dir: str, summary: dict) -> dict:
             "stopped_early": summary.get("stopped_early"), "train_s": summary["timings"].get("train_s")}
 
 
-def copy_run(src: Path, dst: Path, note: dict) -> None:
+def copy_run(src: Path, dst: Path, note: dict, dpo) -> None:
     """Copy the best run's adapter and records into the sweep folder (adapter_config.json last)."""
     names = [p.name for p in src.iterdir() if p.is_file() and p.name not in ("COMPLETE.json", dpo.SUMMARY_FILE)]
     names.sort(key=lambda n: n == "adapter_config.json")

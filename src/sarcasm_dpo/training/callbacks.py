@@ -70,6 +70,7 @@ class ValidationCallback(TrainerCallback):
         self.best_step: int | None = None
         self.best_epoch: float | None = None
         self.best_state: dict | None = None
+        self.best_probs: list[float] | None = None  # the best evaluation's primary-split scores (its threshold)
         self.bad_evals = 0
         self.stopped_early = False
         self.eval_seconds = 0.0
@@ -77,7 +78,7 @@ class ValidationCallback(TrainerCallback):
     # -- state for resume: the early-stopping counters travel with each checkpoint -------------
     def state_dict(self) -> dict:
         return {"history": self.history, "best_f1": self.best_f1, "best_step": self.best_step,
-                "best_epoch": self.best_epoch, "bad_evals": self.bad_evals}
+                "best_epoch": self.best_epoch, "bad_evals": self.bad_evals, "best_probs": self.best_probs}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state.get("history", []))
@@ -85,21 +86,24 @@ class ValidationCallback(TrainerCallback):
         self.best_step = state.get("best_step")
         self.best_epoch = state.get("best_epoch")
         self.bad_evals = state.get("bad_evals", 0)
+        self.best_probs = state.get("best_probs")  # absent in checkpoints of older versions: rescored at the end
 
     def evaluate(self, model, step: int, epoch: float) -> dict:
         start = time.perf_counter()
         scorer = Scorer(model, self.tokenizer, batch_size=self.batch_size, max_text_tokens=self.max_text_tokens)
         record: dict = {"step": int(step), "epoch": round(float(epoch or 0.0), 4)}
+        scores = {}
         with validation_scoring():  # out of memory here: --eval_batch_size is what to shrink
             for name, frame in self.val_sets.items():
-                probs = scorer.predict_proba(frame["text"].tolist())
-                record[name] = classification_metrics(frame["label"].to_numpy(), probs)
+                scores[name] = scorer.predict_proba(frame["text"].tolist())
+                record[name] = classification_metrics(frame["label"].to_numpy(), scores[name])
         self.eval_seconds += time.perf_counter() - start
         f1 = record[self.primary]["f1"]
         improved = f1 > self.best_f1
         if improved:
             self.best_f1, self.best_step, self.best_epoch = f1, int(step), record["epoch"]
             self.best_state = adapter_state(model)
+            self.best_probs = [float(p) for p in scores[self.primary]]
             self.bad_evals = 0
         elif step > 0:
             self.bad_evals += 1
@@ -150,6 +154,26 @@ class ValidationCallback(TrainerCallback):
         """Put the best-F1 adapter weights back into the model before it is saved."""
         if self.best_state is not None:
             load_adapter_state(model, self.best_state)
+
+    def threshold_record(self, model) -> dict:
+        """The saved model's `threshold.json` record (thresholds.py), from validation only.
+
+        Call it after `restore_best`: the decision threshold is chosen on the best evaluation's
+        primary-split scores (the model being saved), and the label-free contextual threshold is
+        measured on that same model beside it. Scores missing (a checkpoint of an older version):
+        the primary split is scored once more.
+        """
+        from ..thresholds import contextual_threshold, threshold_record_from_validation
+
+        frame = self.val_sets[self.primary]
+        scorer = Scorer(model, self.tokenizer, batch_size=self.batch_size, max_text_tokens=self.max_text_tokens)
+        start = time.perf_counter()
+        with validation_scoring():
+            probs = self.best_probs if self.best_probs is not None else scorer.predict_proba(frame["text"].tolist())
+            contextual = contextual_threshold(scorer.predict_proba)
+        self.eval_seconds += time.perf_counter() - start
+        return threshold_record_from_validation(frame["label"].to_numpy(), probs, split=self.primary,
+                                                contextual=contextual)
 
 
 # --- logging forwarding and the progress bar (used by SFT; usable by any Trainer) ------------------

@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import UserError
@@ -147,6 +149,23 @@ def load_checkpoint_state(folder: Path, state_file: str) -> tuple[dict, dict | N
 
     best = folder / BEST_FILE
     return read_json(folder / state_file), (load_file(str(best)) if best.is_file() else None)
+
+
+@contextlib.contextmanager
+def final_outputs(out: Path, main: bool) -> Iterator[Path]:
+    """The folder a training stage writes its final outputs into: on the main process a staging folder
+    beside `out` that replaces it whole when the block succeeds (rundir.staged), so a kill or a full
+    disk during the save leaves the previous outputs or the new ones, never a mix. The run's
+    checkpoints (carried into the new folder by the swap) go after it, as `finish_run_dir` does.
+    Other processes get `out` and write nothing."""
+    if not main:
+        yield out
+        return
+    from ..rundir import staged
+
+    with staged(out) as stage:
+        yield stage
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
 def save_adapter(model, tokenizer, out: Path, **save_kwargs) -> None:
