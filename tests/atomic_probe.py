@@ -7,8 +7,11 @@ OUT (the moment after which the folder changes) the folder is checked as a kill 
 would leave it: every file under its final name must be whole (JSON parses, PNG ends with IEND,
 safetensors loads, CSV parses), and COMPLETE.json may exist only when every output is there and
 whole. Opening a final-named file in OUT for writing is itself a violation (the writes must go to
-temporary names). Checkpoint folders are skipped: their completeness marker is checked by the
-resume tests. The report (checks made, violations) is written to REPORT.json at exit.
+temporary names). A stage that writes into a staging folder beside OUT (`.staging-OUT-*`, swapped in
+whole by rundir.staged) is checked the same way: renames into the staging folder are listed with
+the ones into OUT, and at the swap (a rename onto OUT itself) the staged folder must be whole and
+complete. Checkpoint folders are skipped: their completeness marker is checked by the resume tests.
+The report (checks made, violations) is written to REPORT.json at exit.
 """
 
 from __future__ import annotations
@@ -74,12 +77,18 @@ def main() -> int:
     report = {"checks": 0, "violations": [], "renames_into_out": [], "exit_code": None}
     busy = [False]
 
-    def inside_out(path) -> Path | None:
+    def resolved(path) -> Path | None:
         try:
-            p = Path(os.fsdecode(path)).resolve()
+            return Path(os.fsdecode(path)).resolve()
         except (TypeError, ValueError):
             return None
-        if p == out or out not in p.parents:
+
+    def staging(folder: Path) -> bool:  # rundir.staged's folder for OUT
+        return folder.parent == out.parent and folder.name.startswith(f".staging-{out.name}-")
+
+    def inside_out(path) -> Path | None:
+        p = resolved(path)
+        if p is None or p == out or out not in p.parents:
             return None
         rel = p.relative_to(out)
         return None if rel.parts[0] == "checkpoints" else p
@@ -98,6 +107,15 @@ def main() -> int:
                                                               for part in target.relative_to(out).parts):
                     report["violations"].append(f"opened {target.name} for writing under its final name")
             elif event in ("os.rename", "os.replace"):
+                target, source = resolved(args[1]), resolved(args[0])
+                if target == out and source is not None and staging(source):  # the staged folder swapped in
+                    report["checks"] += 1
+                    report["renames_into_out"].append("<swap>")
+                    report["violations"] += [f"swapping in: {p}" for p in check_folder(source, stage)]
+                    if not (source / "COMPLETE.json").is_file():
+                        report["violations"].append("swapping in a staged folder without COMPLETE.json")
+                elif target is not None and staging(target.parent):
+                    report["renames_into_out"].append(target.name)  # into the staged copy of OUT
                 target = inside_out(args[1])
                 if target is not None and target.parent == out:
                     report["checks"] += 1

@@ -506,3 +506,15 @@ def test_resume_continues_from_the_last_checkpoint(toy, monkeypatch):
     steps = [r["step"] for r in json.loads((out / "dpo_batch_metrics.json").read_text())["steps"]]
     assert steps[0] == 0 and steps[-1] == 8 and 3 in steps  # the killed part's records came back with the checkpoint
     assert (out / "COMPLETE.json").is_file() and not (out / "checkpoints").exists()
+
+
+def test_dpo_saves_the_threshold_of_its_saved_adapter(trained):
+    """threshold.json from GEN validation scores of the adapter DPO saved (its best step)."""
+    from sarcasm_dpo.thresholds import read_threshold
+
+    record = read_threshold(trained.out)
+    best = trained.summary["best_val"]["gen_val"]
+    assert record["split"] == "gen_val" and record["n"] == best["n"]
+    assert record["val_metrics_at_0.5"]["f1"] == best["f1"] and record["val_metrics_at_0.5"]["accuracy"] == best["accuracy"]
+    assert trained.summary["outputs"]["threshold"] == "threshold.json"
+    assert not (trained.out / "checkpoints").exists() and not list(trained.out.parent.glob(".staging-*"))

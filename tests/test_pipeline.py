@@ -108,14 +108,19 @@ def test_pipeline_end_to_end_then_skips(tiny_model_dir, small_data_dir, tmp_path
         assert results["models"][name]["f1"] == pytest.approx(recomputed["f1"])
     assert not np.allclose(preds["p_sft"], preds["p_base"])  # SFT trained something
     assert "verdict" in results["significance"]["dpo_vs_sft"]
-    # DPO's accuracy is on screen: its row in compare's table, then in the pipeline's closing table.
+    # DPO's accuracy is on screen: its row in compare's table at 0.5, then at its own validation threshold
+    # (threshold.json, chosen on GEN validation), then in the pipeline's closing table.
     dpo_rows = [line.split() for line in done.stdout.splitlines() if line.startswith(f"{'DPO':<10} ")]
-    assert [row[1] for row in dpo_rows] == [f"{results['models']['dpo']['accuracy']:.3f}"] * 2, dpo_rows
+    at_half = f"{results['models']['dpo']['accuracy']:.3f}"
+    at_own = f"{results['at_validation_threshold']['models']['dpo']['accuracy']:.3f}"
+    assert [row[1] for row in dpo_rows] == [at_half, at_own, at_half], dpo_rows
+    assert set(results["at_validation_threshold"]["thresholds"]) >= {"sft", "dpo"}
     # It ends with what it found and where: the table, the verdicts, the plot, predictions and results.
     tail = done.stdout.rstrip().splitlines()[-3:]
     assert tail == [f"Plot: {work}/results/model_comparison_plot.png", f"Predictions: {work}/results/predictions.csv",
                     f"Results: {work}/results/model_comparison_results.json"]
-    assert done.stdout.count("DPO vs SFT: accuracy") == 2  # compare's report, then the pipeline's closing summary
+    # compare's verdicts at 0.5 and at the validation thresholds, then the pipeline's closing summary
+    assert done.stdout.count("DPO vs SFT: accuracy") == 3
 
     # Re-run: every stage is complete for the same settings and is skipped.
     again = pipeline(capsys, config, small_data_dir)

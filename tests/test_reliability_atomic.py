@@ -76,12 +76,15 @@ def test_sft_write_phase_never_exposes_a_partial_file(tiny_model_dir, tmp_path_f
     report = _probe(argv, tmp_path / "report.json")
     assert report["exit_code"] == 0 and report["complete"]
     assert report["violations"] == []
-    renamed = report["renames_into_out"]
-    # Every output went through a rename (written elsewhere first), COMPLETE.json strictly last.
-    for name in ("adapter_model.safetensors", "adapter_config.json", "sft_metrics.json", "sft_training_curves.png",
-                 "training_summary.json"):
+    # The run's checkpoints are carried into the staged folder just before the swap, and deleted after it.
+    renamed = [name for name in report["renames_into_out"] if name != "checkpoints"]
+    # Every output went through a rename (written elsewhere first) into the staged copy of the folder,
+    # COMPLETE.json strictly last, then the staged folder replaced the old one whole, once.
+    for name in ("adapter_model.safetensors", "adapter_config.json", "threshold.json", "sft_metrics.json",
+                 "sft_training_curves.png", "training_summary.json"):
         assert name in renamed, name
-    assert renamed[-1] == "COMPLETE.json" and renamed.count("COMPLETE.json") == 1
+    assert renamed[-2:] == ["COMPLETE.json", "<swap>"] and renamed.count("COMPLETE.json") == 1
+    assert renamed.count("<swap>") == 1
     assert renamed.index("adapter_config.json") > renamed.index("adapter_model.safetensors")
 
 

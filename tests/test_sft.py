@@ -360,3 +360,33 @@ def test_learns_the_toy_rule(tiny_model_dir, tmp_path):
     summary = sft.run(settings(model_dir, tmp_path / "train.csv", tmp_path / "val.csv", tmp_path / "o",
                                epochs=12, lr=1e-2, seed=42))
     assert summary["best_val"]["roc_auc"] >= 0.85 and summary["best_val"]["f1"] >= 0.7
+
+
+def test_the_saved_threshold_is_chosen_on_validation_scores_of_the_saved_epoch(trained):
+    """threshold.json beside the adapter: from the best epoch's GEN validation scores, never the test split."""
+    from sarcasm_dpo.metrics import classification_metrics
+    from sarcasm_dpo.thresholds import read_threshold, threshold_record_from_validation
+
+    s, out, summary = trained
+    record = read_threshold(out)
+    assert record["split"] == "gen_val" and record["criterion"] == "balanced_accuracy"
+    assert record["n"] == summary["best_val"]["n"] and 0 <= record["threshold"] <= 1
+    # Its metrics at 0.5 are the saved epoch's validation metrics: the scores are the saved model's.
+    at_half = record["val_metrics_at_0.5"]
+    assert at_half["accuracy"] == summary["best_val"]["accuracy"] and at_half["f1"] == summary["best_val"]["f1"]
+    assert "contextual_calibration" in record and 0 <= record["contextual_calibration"]["threshold"] <= 1
+    # Recomputed independently from the saved adapter's validation scores, the record is the same.
+    from sarcasm_dpo.data import load_split, stratified_sample
+    from sarcasm_dpo.models import attach_adapter, load_base_model, load_tokenizer
+    from sarcasm_dpo.scoring import Scorer
+
+    tok = load_tokenizer(s.model)
+    model = attach_adapter(load_base_model(s.model, "cpu"), out)
+    val = load_split(s.val_csv)
+    val = stratified_sample(val, s.val_sample_size, s.seed) if s.val_sample_size else val
+    probs = Scorer(model, tok, max_text_tokens=s.max_text_tokens).predict_proba(val["text"].tolist())
+    assert classification_metrics(val["label"].to_numpy(), probs)["f1"] == pytest.approx(summary["best_val"]["f1"])
+    again = threshold_record_from_validation(val["label"].to_numpy(), probs)
+    assert again["best_cut"] == pytest.approx(record["best_cut"], abs=1e-4)
+    assert summary["outputs"]["threshold"] == "threshold.json"
+    assert not list(out.parent.glob(".staging-*")) and not list(out.parent.glob(".old-*"))
