@@ -22,6 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
+SFT_NOTE = ("tokens/s = real (non-padding) tokens fed to training forward passes per second, over optimizer "
+            "steps 2..N (step 1 is warm-up); both setups train the same examples. Headline ratio: total tokens "
+            "over total time; beside it the ratio of the median per-step rates (robust to bursts of other "
+            "work on a shared machine) and of tokens per CPU-second of the process.")
+
+
 def run(ctx) -> None:
     """The section as bench/speed.py runs it: ctx.result["sft_training"], and both runs in ctx.sft_runs."""
     args = ctx.args
@@ -127,10 +133,7 @@ def sft_section(ours: dict, usual: dict, args) -> dict:
         "cpu_time_ratio_tokens_per_s": round(o["real_tokens_per_cpu_s"] / u["real_tokens_per_cpu_s"], 3)
         if o.get("real_tokens_per_cpu_s") and u.get("real_tokens_per_cpu_s") else None,
         "ratio_tokens_per_s": round(ratio, 3) if ratio else None,
-        "note": "tokens/s = real (non-padding) tokens fed to training forward passes per second, over optimizer "
-                "steps 2..N (step 1 is warm-up); both setups train the same examples. Headline ratio: total tokens "
-                "over total time; beside it the ratio of the median per-step rates (robust to bursts of other "
-                "work on a shared machine) and of tokens per CPU-second of the process.",
+        "note": SFT_NOTE,
     }
 
 

@@ -42,6 +42,7 @@ from ..atomic import clear_complete, read_json, write_json
 from ..errors import UserError
 from ..thresholds import THRESHOLD_FILE, write_threshold
 from ..training.checkpoints import CHECKPOINTS
+from ..training.diagnostics import DEFINITIONS
 from ..run_context import RunContext
 from ..training.fast_dpo import describe_step, dpo_trainer_class, is_label_pairs
 from ..training.fused_head import project_labelled_positions_only
@@ -55,22 +56,6 @@ CURVES_FILE = "dpo_training_curves.png"
 SUMMARY_FILE = "dpo_training_summary.json"
 SFT_ARTIFACT = "sft-adapter"  # the SFT stage logs its folder under this name; we declare it as input
 DPO_ARTIFACT = "dpo-adapter"
-
-DEFINITIONS = {
-    "dpo/kl": "Exact KL(policy || reference) of the next-token distribution at the answer position, over the full "
-              "vocabulary, mean over the probe prompts (nats). Reference = frozen SFT adapter.",
-    "dpo/kl_max": "Largest per-prompt KL on the probe set.",
-    "dpo/logratio_chosen": "Mean log pi(chosen|x) - log pi_ref(chosen|x) over the logged pairs (rewards/chosen / beta).",
-    "dpo/logratio_rejected": "Mean log pi(rejected|x) - log pi_ref(rejected|x) (rewards/rejected / beta).",
-    "dpo/reward_ratio": "exp(rewards/margins / beta): geometric mean over the logged pairs of "
-                        "[pi/pi_ref](chosen) / [pi/pi_ref](rejected); 1 = no preference learned beyond SFT.",
-    "dpo/drift": "||theta - theta_sft|| / ||theta_sft|| over the LoRA parameters.",
-    "dpo/drift_delta_w": "sqrt(sum ||B A - B0 A0||^2 / sum ||B0 A0||^2) over the LoRA modules: drift of the weight update.",
-    "dpo/flip_rate": "Share of probe prompts whose P(sarcastic) >= 0.5 decision differs from the reference's.",
-    "dpo/probe_p_sarcastic": "Mean P(sarcastic) of the policy on the probe prompts.",
-    "rewards/*": "TRL: beta * log-ratio of chosen / rejected, their margin, and the share of pairs with margin > 0.",
-}
-
 
 def run(settings) -> dict:
     """One DPO run, or a beta sweep with --beta_sweep; returns the summary."""

@@ -19,22 +19,26 @@ from ..scoring import Scorer
 from .callbacks import ValidationCallback
 from .resilience import check_logged_loss, validation_scoring
 
-#
-# Definitions (all computed from the models, never estimated from text):
-# - dpo/kl: exact KL(policy || reference) of the next-token distribution at the answer position
-#   (the last prompt position, where the scorer reads Yes/No), over the full vocabulary, averaged
-#   over a fixed probe set of validation prompts. In nats. The reference is the frozen SFT adapter.
-# - dpo/logratio_chosen, dpo/logratio_rejected: mean sequence log-ratio log pi(y|x) - log pi_ref(y|x)
-#   over the logged batches (TRL's rewards/* divided by beta).
-# - dpo/reward_ratio: exp(rewards/margins / beta), i.e. the geometric mean over the logged pairs of
-#   [pi(chosen)/pi_ref(chosen)] / [pi(rejected)/pi_ref(rejected)]: how many times more the policy
-#   prefers the chosen answer over the rejected one than the reference did. 1 at the start; it stays
-#   well defined when the rewards are negative, unlike rewards/chosen / rewards/rejected.
-# - dpo/drift: ||theta - theta_sft|| / ||theta_sft|| over the LoRA parameters (A and B matrices);
-#   dpo/drift_delta_w: the same on the weight update the adapter applies, sum over modules of
-#   ||B A - B0 A0||_F^2, relative to sum ||B0 A0||_F^2 (the LoRA scaling cancels).
-# - dpo/flip_rate: share of probe prompts whose decision (P(sarcastic) >= 0.5) differs between the
-#   policy and the reference.
+# The definitions of every diagnostic, one copy: written into each DPO run's records (the summary and the
+# epoch metrics) as they are here. All are computed from the models, never estimated from text. Why these:
+# KL is read at the answer position because that is where the scorer reads Yes/No; the reward ratio
+# (the geometric mean of how many times more the policy prefers chosen over rejected than the
+# reference did) stays well defined when the rewards are negative, unlike rewards/chosen over
+# rewards/rejected; the LoRA scaling cancels in drift_delta_w.
+DEFINITIONS = {
+    "dpo/kl": "Exact KL(policy || reference) of the next-token distribution at the answer position, over the full "
+              "vocabulary, mean over the probe prompts (nats). Reference = frozen SFT adapter.",
+    "dpo/kl_max": "Largest per-prompt KL on the probe set.",
+    "dpo/logratio_chosen": "Mean log pi(chosen|x) - log pi_ref(chosen|x) over the logged pairs (rewards/chosen / beta).",
+    "dpo/logratio_rejected": "Mean log pi(rejected|x) - log pi_ref(rejected|x) (rewards/rejected / beta).",
+    "dpo/reward_ratio": "exp(rewards/margins / beta): geometric mean over the logged pairs of "
+                        "[pi/pi_ref](chosen) / [pi/pi_ref](rejected); 1 = no preference learned beyond SFT.",
+    "dpo/drift": "||theta - theta_sft|| / ||theta_sft|| over the LoRA parameters.",
+    "dpo/drift_delta_w": "sqrt(sum ||B A - B0 A0||^2 / sum ||B0 A0||^2) over the LoRA modules: drift of the weight update.",
+    "dpo/flip_rate": "Share of probe prompts whose P(sarcastic) >= 0.5 decision differs from the reference's.",
+    "dpo/probe_p_sarcastic": "Mean P(sarcastic) of the policy on the probe prompts.",
+    "rewards/*": "TRL: beta * log-ratio of chosen / rejected, their margin, and the share of pairs with margin > 0.",
+}
 
 KL_HEALTHY = (0.5, 2.0)  # nats; the original guide's "sweet spot" for the KL to the reference
 RATIO_HEALTHY = 1.2  # the original guide: a reward ratio above this means preferences are learned
