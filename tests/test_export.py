@@ -119,3 +119,44 @@ def test_push_without_network_is_exit_2_and_keeps_the_export(adapter_dir, tmp_pa
     # Again: the complete export is reused, not redone, and the push fails the same clear way.
     assert main(args + ["--push_to_hub", "someone/sarcasm"]) == 2
     assert "already holds this export" in capsys.readouterr().out
+
+
+def test_the_threshold_chosen_on_validation_travels_into_the_export(adapter_dir, tmp_path, capsys):
+    """threshold.json beside the adapter wins over the comparison's 0.5; predict on the export then applies it,
+    and the card shows the test rows at each model's own validation threshold beside the 0.5 rows."""
+    import shutil
+
+    from sarcasm_dpo.metrics import with_intervals
+    from sarcasm_dpo.thresholds import threshold_record_from_validation, write_threshold
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, adapter)
+    # Validation scores that separate the classes at 0.7, far from 0.5: the recorded threshold moves there.
+    labels = [1] * 40 + [0] * 40
+    probs = [0.75 + 0.2 * i / 40 for i in range(40)] + [0.45 + 0.2 * i / 40 for i in range(40)]
+    record = threshold_record_from_validation(labels, probs)
+    assert record["threshold"] != 0.5
+    write_threshold(adapter, record)
+    test_labels, test_probs = [1, 0, 1, 0, 1, 0, 1, 1], [0.9, 0.2, 0.6, 0.4, 0.3, 0.1, 0.8, 0.7]
+    at_half = with_intervals(test_labels, test_probs, n_resamples=50, seed=1)
+    at_own = with_intervals(test_labels, test_probs, n_resamples=50, seed=1, threshold=record["threshold"])
+    results = {"test_set": {"n": 8, "n_total": 100}, "models": {"sft": at_half}, "significance": {},
+               "model_paths": {"sft": str(adapter)},
+               "at_validation_threshold": {"thresholds": {"sft": {"threshold": record["threshold"]}},
+                                           "models": {"sft": at_own}}}
+    path = tmp_path / "model_comparison_results.json"
+    path.write_text(json.dumps(results))
+    out = tmp_path / "exported"
+    assert main(["export", "--adapter", str(adapter), "--output_dir", str(out), "--results", str(path)]) == 0
+    info = json.loads((out / "sarcasm_dpo.json").read_text())
+    assert info["threshold"] == record["threshold"]
+    assert info["threshold_source"].startswith("threshold.json, chosen on the gen_val split by balanced_accuracy")
+    card = (out / "README.md").read_text()
+    assert f"P(sarcastic) >= {record['threshold']}" in card and "never on the test split" in card
+    assert f"| SFT (this model) | {record['threshold']:.3f} | {at_own['accuracy']:.3f}" in card
+    capsys.readouterr()
+    texts = tmp_path / "texts.txt"
+    texts.write_text("oh great another monday\n")
+    assert main(["predict", "--model", str(out), "--input", str(texts)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["label"] == int(line["p_sarcastic"] >= record["threshold"])

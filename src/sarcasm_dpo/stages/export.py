@@ -80,8 +80,17 @@ def comparison_for(adapter: Path, results_path: str | None) -> tuple[dict | None
     return None, None
 
 
-def recorded_threshold(stage_record: dict, results: dict | None, key: str | None) -> tuple[float, str]:
-    """The decision threshold the run's own records used, and where it was read."""
+def recorded_threshold(stage_record: dict, results: dict | None, key: str | None,
+                       adapter: Path | None = None) -> tuple[float, str]:
+    """The decision threshold the run's own records hold, and where it was read: the adapter's threshold.json
+    (chosen on validation by its training stage) first, then the comparison results, then the training record."""
+    from ..thresholds import read_threshold
+
+    chosen = read_threshold(adapter)
+    if chosen is not None:
+        return float(chosen["threshold"]), (f"threshold.json, chosen on the {chosen['split']} split by "
+                                            f"{chosen['criterion']}" + (f"; {chosen['reason']}" if chosen.get("reason")
+                                                                        else ""))
     if results is not None and "threshold" in results["models"][key]:
         return float(results["models"][key]["threshold"]), f"comparison results, models.{key}.threshold"
     validation = _validation_block(stage_record)
@@ -151,6 +160,17 @@ def model_card(info: dict, usage: str) -> str:
         lines.append("")
         lines += [f"- {verdict} (exact McNemar test)" for verdict in test["verdicts"].values()]
         lines.append("")
+        own = test.get("at_validation_threshold")
+        if own:
+            lines += ["At each model's own threshold, chosen on validation and recorded beside its adapter "
+                      "(models without one stay at 0.5):", "",
+                      "| model | threshold | accuracy [95% CI] | F1 sarcastic [95% CI] |", "|---|---|---|---|"]
+            for name, m in own["rows"].items():
+                lines.append(f"| {name}{' (this model)' if name == test['key'] else ''} | "
+                             f"{own['thresholds'].get(name, 0.5):.3f} | {m['accuracy']:.3f} "
+                             f"[{m['accuracy_ci'][0]:.3f}, {m['accuracy_ci'][1]:.3f}] | {m['f1']:.3f} "
+                             f"[{m['f1_ci'][0]:.3f}, {m['f1_ci'][1]:.3f}] |")
+            lines.append("")
     else:
         lines += ["No comparison run names this adapter, so there are no test-set figures here (run "
                   "`sarcasm-dpo compare`, then export with `--results`).", ""]
@@ -167,7 +187,9 @@ def model_card(info: dict, usage: str) -> str:
               "- The figures above come from one run, one seed and the sample sizes in `sarcasm_dpo.json`; "
               "a small model at a small budget. A TF-IDF + logistic regression baseline is listed where the "
               "comparison ran it: check it before trusting the model over it.",
-              "- The threshold is the run's own default; it was not tuned for any cost of errors.", ""]
+              ("- The threshold was chosen on the validation split (see above), never on the test split; it was "
+               "not tuned for any cost of errors." if info["threshold_source"].startswith("threshold.json") else
+               "- The threshold is the run's own default; it was not tuned for any cost of errors."), ""]
     return "\n".join(lines)
 
 
@@ -188,8 +210,14 @@ def _test_block(results: dict, key: str, results_path: str) -> dict:
     info = results["test_set"]
     rows = {NAMES.get(k, k): m for k, m in results["models"].items()}
     verdicts = {pair: t["verdict"] for pair, t in results.get("significance", {}).items()}
-    return {"n": info["n"], "n_total": info.get("n_total", info["n"]), "metrics": results["models"][key],
-            "rows": rows, "key": NAMES.get(key, key), "verdicts": verdicts, "source": results_path}
+    block = {"n": info["n"], "n_total": info.get("n_total", info["n"]), "metrics": results["models"][key],
+             "rows": rows, "key": NAMES.get(key, key), "verdicts": verdicts, "source": results_path}
+    own = results.get("at_validation_threshold")
+    if own:  # compare's second block: each model at the threshold its own validation chose
+        block["at_validation_threshold"] = {
+            "rows": {NAMES.get(k, k): m for k, m in own["models"].items()},
+            "thresholds": {NAMES.get(k, k): r["threshold"] for k, r in (own.get("thresholds") or {}).items()}}
+    return block
 
 
 def _validation_block(stage_record: dict) -> dict | None:
@@ -246,7 +274,7 @@ def run(s) -> dict:
         base = s.base_model or adapter_base_model(adapter)
         stage, stage_record = training_record(adapter)
         results, key = comparison_for(adapter, s.results)
-        threshold, threshold_source = recorded_threshold(stage_record, results, key)
+        threshold, threshold_source = recorded_threshold(stage_record, results, key, adapter)
         check_adapter_fits(adapter, base)
         check_output_dir(out, config, overwrite=s.overwrite)
         print(f"[export] merging {adapter} into {base} -> {out} ({s.dtype})")
