@@ -192,6 +192,12 @@ class DPOSettings(Common):
     preference_data: str | None = opt(None, "Train on these preference pairs (JSON from `sarcasm-dpo mine`) instead of building them.")
     pair_style: str = opt("reasoning", "reasoning: label word plus one sentence of reasoning; label: the label word alone.",
                           choices=["reasoning", "label"])
+    pairs: str | None = opt(None, "Preference source, replacing --pair_style: label (Yes vs No), reasoning, mined (the "
+                                  "--preference_data file), rephrase (each sarcastic tweet prefers Yes; its author's "
+                                  "sincere rephrase, as a prompt of its own, prefers No), or a mixture such as "
+                                  "rephrase+label (duplicates dropped, earlier sources kept first). Class-balanced unless "
+                                  "it is reasoning or mined alone. Empty = --pair_style pairs from --train_csv, or the "
+                                  "--preference_data file.")
     sample_size: int | None = opt(4000, "Preference pairs to train on (capped at what the split holds).")
     balance: bool = opt(False, "Sample the pairs class-balanced.")
     beta: float = opt(0.1, "DPO beta: strength of the pull towards the reference (SFT) model.")
@@ -237,6 +243,13 @@ class DPOSettings(Common):
             raise UserError(f"--beta must be > 0, got {self.beta}.")
         if any(b <= 0 for b in self.betas):
             raise UserError(f"--betas must all be > 0, got {self.betas}.")
+        if self.pairs is not None:
+            from .pairs import parse_pairs_spec  # here, not at the top: --help must not import pandas
+
+            sources = parse_pairs_spec(self.pairs)
+            if self.preference_data and "mined" not in sources:
+                raise UserError(f"--preference_data is the `mined` source of --pairs, and --pairs {self.pairs} does not "
+                                "name it: add it (e.g. mined+label) or drop --preference_data.")
         check_batch_size(self.batch_size)
         for name in ("epochs", "lr", "grad_accum", "patience", "probe_size", "eval_batch_size", "max_length"):
             check_positive(name, getattr(self, name), allow_none=False)

@@ -273,7 +273,9 @@ def load_data(s, tokenizer) -> DPOData:
     # Fixed probe set for KL and flips: the first --probe_size rows of a seeded shuffle of GEN val.
     probe = gen_val.sample(frac=1.0, random_state=s.seed).head(s.probe_size)["text"].tolist()
 
-    if s.preference_data:
+    if s.pairs:
+        pairs, source, available = preference_pairs(s, tokenizer, full_val)
+    elif s.preference_data:
         pairs = load_pairs_file(s.preference_data)
         check_prompts_match(pairs, tokenizer, s.max_text_tokens, s.preference_data)
         source, available = s.preference_data, len(pairs)
@@ -299,14 +301,72 @@ def load_data(s, tokenizer) -> DPOData:
                 raise UserError(f"{shared} training pair text(s) also appear in the {name} split; validation F1 would "
                                 "be inflated. Build the pairs from the training split only (sarcasm-dpo split, mine).")
     check_pairs(pairs, tokenizer)
-    info = {"source": "preference_data" if s.preference_data else "built", "file": source,
-            "pair_style": s.pair_style if not s.preference_data else "as in the file",
+    info = {"source": "preference_data" if s.preference_data and not s.pairs else "built", "file": source,
+            "pair_style": s.pair_style if not s.preference_data and not s.pairs else "as in the file",
             "requested": requested, "available": available, "used": len(pairs), "capped": capped,
             "balanced": bool(s.balance)}
     if "label" in pairs.columns and pairs["label"].notna().all():
         info["class_counts"] = {"sarcastic": int((pairs["label"] == 1).sum()),
                                 "not_sarcastic": int((pairs["label"] == 0).sum())}
+    if s.pairs:
+        info.update(pair_style="as its source builds it", pairs_spec=s.pairs,
+                    pair_sources={k: int(v) for k, v in pairs["pair_source"].value_counts().sort_index().items()})
     return DPOData(pairs=pairs.reset_index(drop=True), val_sets=val_sets, probe_texts=probe, info=info)
+
+
+def preference_pairs(s, tokenizer, val_splits: dict) -> tuple:
+    """(pairs, where they came from, how many there were) for --pairs (pairs.build_preference_pairs), cut to
+    --sample_size: at random, seeded, and class-balanced where the spec is balanced."""
+    from ..data import load_split
+    from ..pairs import NATURAL_BY_DEFAULT, build_preference_pairs, parse_pairs_spec, prefers_yes
+
+    sources = parse_pairs_spec(s.pairs)
+    train = None
+    if sources != ("mined",):
+        train = load_split(s.train_csv, "iSarcasmEval training split")
+        if "rephrase" in sources:
+            train = with_rephrases(s, train, val_splits)
+    balanced = bool(s.balance) or sources not in NATURAL_BY_DEFAULT
+    pairs = build_preference_pairs(s.pairs, train, tokenizer, seed=s.seed, max_text_tokens=s.max_text_tokens,
+                                   balance=True if s.balance else None, mined_file=s.preference_data)
+    available = len(pairs)
+    if s.sample_size and s.sample_size < available:
+        pairs = pairs.sample(frac=1.0, random_state=s.seed).reset_index(drop=True)
+        if balanced:  # half each side (a side with fewer gives what it has)
+            yes = prefers_yes(pairs)
+            half = s.sample_size // 2
+            pairs = pairs[(yes & (yes.cumsum() <= half)) | (~yes & ((~yes).cumsum() <= s.sample_size - half))]
+        else:
+            pairs = pairs.head(s.sample_size)
+    return pairs.reset_index(drop=True), f"{s.pairs} from {s.train_csv if train is not None else s.preference_data}", \
+        available
+
+
+def with_rephrases(s, train, val_splits: dict):
+    """The training split with its tweets' rephrases, read from the raw iSarcasmEval file the splits were made
+    from (split_info.json beside --train_csv names it and its sha256), else found as `split` finds data; then
+    checked: no tweet or rephrase of one split is a text of another."""
+    from ..atomic import file_sha256, read_json
+    from ..data import ISARCASM_RELPATH, load_split
+    from ..download import ensure_data_dir
+    from ..rephrases import attach_rephrases, check_rephrase_sides, load_rephrases
+
+    raw = None
+    info_file = Path(s.train_csv).parent / "split_info.json"
+    if info_file.is_file():
+        source = (read_json(info_file).get("sources") or {}).get("isarcasmeval") or {}
+        path = Path(source.get("path") or "")
+        if source.get("path") and path.is_file() and file_sha256(path) == source.get("sha256"):
+            raw = path
+    if raw is None:
+        raw = ensure_data_dir(None, keys=["isarcasmeval"]) / ISARCASM_RELPATH
+    table = load_rephrases(raw)
+    train = attach_rephrases(train, table, "iSarcasmEval training split")
+    splits = {"isarcasm_train": train, **val_splits}
+    if s.isarcasm_val_csv and Path(s.isarcasm_val_csv).is_file():
+        splits[SECONDARY] = attach_rephrases(load_split(s.isarcasm_val_csv), table, "iSarcasmEval validation split")
+    check_rephrase_sides(splits)
+    return train
 
 
 def sample_rows(frame, s):

@@ -1,0 +1,78 @@
+"""`sarcasm-dpo dpo --pairs SPEC`: the preference source reaches the DPO stage and builds what it says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sarcasm_dpo.cli import main
+from sarcasm_dpo.config import build
+from sarcasm_dpo.errors import UserError
+from sarcasm_dpo.settings import DPOSettings, SplitSettings
+
+
+@pytest.fixture(scope="module")
+def real_splits(shared_data, tmp_path_factory):
+    """The real splits (split_info.json names the raw iSarcasmEval file the rephrases come from)."""
+    from sarcasm_dpo.stages import split
+
+    out = tmp_path_factory.mktemp("splits") / "splits"
+    split.run(SplitSettings(data_dir=str(shared_data), output_dir=str(out), no_wandb=True))
+    return out
+
+
+def settings_for(splits, **overrides) -> DPOSettings:
+    values = dict(train_csv=str(splits / "isarcasm_train.csv"), val_csv=str(splits / "gen_val.csv"),
+                  isarcasm_val_csv=str(splits / "isarcasm_val.csv"), no_wandb=True, seed=3, val_sample_size=8,
+                  probe_size=4)
+    values.update(overrides)
+    return build(DPOSettings, values)
+
+
+def test_rephrase_plus_label_builds_minimal_pairs_balanced(real_splits, tiny_model_dir):
+    from sarcasm_dpo.models import load_tokenizer
+    from sarcasm_dpo.pairs import prefers_yes
+    from sarcasm_dpo.stages import dpo
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    data = dpo.load_data(settings_for(real_splits, pairs="rephrase+label", sample_size=200), tokenizer)
+    pairs, info = data.pairs, data.info
+    assert info["pairs_spec"] == "rephrase+label" and len(pairs) == 200 and info["available"] > 1000
+    yes = prefers_yes(pairs)
+    assert int(yes.sum()) == 100  # class-balanced: half the pairs teach "Yes"
+    assert set(info["pair_sources"]) <= {"rephrase", "label"} and sum(info["pair_sources"].values()) == 200
+    # A rephrase pair's prompt holds the author's sincere rewording, and prefers "No".
+    rephrased = pairs[(pairs["pair_source"] == "rephrase") & pairs["id"].astype(str).str.endswith(":rephrase")]
+    assert len(rephrased) > 0 and not prefers_yes(rephrased).any()
+    tweets = pairs[(pairs["pair_source"] == "rephrase") & ~pairs["id"].astype(str).str.endswith(":rephrase")]
+    assert prefers_yes(tweets).all()
+    # Rephrases are texts of the training split only: none appears in a validation split.
+    from sarcasm_dpo.data import load_split, normalise
+
+    val = {normalise(t) for name in ("gen_val", "isarcasm_val") for t in load_split(real_splits / f"{name}.csv")["text"]}
+    assert not any(normalise(t) in val for t in rephrased["text"])
+
+
+def test_a_bad_pairs_spec_is_one_paragraph_and_exit_2(real_splits, tmp_path, capsys):
+    code = main(["dpo", "--pairs", "rephrase+sarcasm", "--train_csv", str(real_splits / "isarcasm_train.csv"),
+                 "--output_dir", str(tmp_path / "dpo"), "--no_wandb"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown source(s) 'sarcasm'" in err and "Traceback" not in err
+    assert not (tmp_path / "dpo").exists()
+    with pytest.raises(UserError, match="does not name it"):
+        build(DPOSettings, {"pairs": "label", "preference_data": "mined.json"})
+
+
+def test_dpo_trains_on_label_pairs_and_records_the_spec(tiny_model_dir, tmp_path):
+    from test_dpo import dpo_settings, make_sft_adapter, write_toy_splits
+    from types import SimpleNamespace
+
+    from sarcasm_dpo.stages import dpo
+
+    toy = SimpleNamespace(paths=write_toy_splits(tmp_path / "splits"), sft=make_sft_adapter(tiny_model_dir, tmp_path / "sft"))
+    out = tmp_path / "dpo"
+    summary = dpo.run(dpo_settings(toy, out, pairs="label", sample_size=8, epochs=1, val_sample_size=8, probe_size=4))
+    saved = json.loads((out / "dpo_training_summary.json").read_text())
+    assert saved["pairs"]["pairs_spec"] == "label" == summary["pairs"]["pairs_spec"]
+    assert saved["pairs"]["pair_sources"] == {"label": 8} and saved["pairs"]["used"] == 8
