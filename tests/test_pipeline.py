@@ -195,4 +195,7 @@ def test_smoke_config_runs_every_stage_then_exports(tiny_model_dir, shared_data,
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert export.returncode == 0, export.stderr[-3000:]
     info = json.loads((tmp_path / "runs/smoke/exported/sarcasm_dpo.json").read_text())
-    assert info["test"]["n"] == 64 and info["threshold"] == 0.5
+    # The decision threshold is the one DPO chose on GEN validation and saved beside its adapter.
+    chosen = json.loads((tmp_path / "runs/smoke/dpo/threshold.json").read_text())
+    assert info["test"]["n"] == 64 and info["threshold"] == chosen["threshold"]
+    assert info["threshold_source"].startswith("threshold.json, chosen on the gen_val split")
