@@ -40,7 +40,7 @@ def test_rephrase_plus_label_builds_minimal_pairs_balanced(real_splits, tiny_mod
     pairs, info = data.pairs, data.info
     assert info["pairs_spec"] == "rephrase+label" and len(pairs) == 200 and info["available"] > 1000
     yes = prefers_yes(pairs)
-    assert int(yes.sum()) == 100  # class-balanced: half the pairs teach "Yes"
+    assert int(yes.sum()) == 100 and info["balanced"] is True  # class-balanced: half the pairs teach "Yes"
     assert set(info["pair_sources"]) <= {"rephrase", "label"} and sum(info["pair_sources"].values()) == 200
     # A rephrase pair's prompt holds the author's sincere rewording, and prefers "No".
     rephrased = pairs[(pairs["pair_source"] == "rephrase") & pairs["id"].astype(str).str.endswith(":rephrase")]
@@ -62,6 +62,25 @@ def test_a_bad_pairs_spec_is_one_paragraph_and_exit_2(real_splits, tmp_path, cap
     assert not (tmp_path / "dpo").exists()
     with pytest.raises(UserError, match="does not name it"):
         build(DPOSettings, {"pairs": "label", "preference_data": "mined.json"})
+    with pytest.raises(UserError, match="give it with --preference_data"):
+        build(DPOSettings, {"pairs": "rephrase+mined"})
+
+
+def test_without_pairs_the_pairs_are_todays(real_splits, tiny_model_dir):
+    """No --pairs: exactly the --pair_style pairs of before, and no pairs_spec in the record."""
+    from sarcasm_dpo.data import load_split
+    from sarcasm_dpo.models import load_tokenizer
+    from sarcasm_dpo.pairs import build_pairs, fit_pairs
+    from sarcasm_dpo.stages import dpo
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    s = settings_for(real_splits, sample_size=120)
+    data = dpo.load_data(s, tokenizer)
+    train = load_split(s.train_csv, "iSarcasmEval training split")
+    today = fit_pairs(build_pairs(dpo.sample_rows(train, s), tokenizer, s.pair_style, s.seed, s.max_text_tokens),
+                      tokenizer, s.max_text_tokens, s.max_length)
+    assert data.pairs.equals(today.reset_index(drop=True))
+    assert "pairs_spec" not in data.info and data.info["balanced"] is False and len(data.pairs) == 120
 
 
 def test_dpo_trains_on_label_pairs_and_records_the_spec(tiny_model_dir, tmp_path):
@@ -76,3 +95,4 @@ def test_dpo_trains_on_label_pairs_and_records_the_spec(tiny_model_dir, tmp_path
     saved = json.loads((out / "dpo_training_summary.json").read_text())
     assert saved["pairs"]["pairs_spec"] == "label" == summary["pairs"]["pairs_spec"]
     assert saved["pairs"]["pair_sources"] == {"label": 8} and saved["pairs"]["used"] == 8
+    assert saved["pairs"]["balanced"] is True  # label is balanced by default, without --balance

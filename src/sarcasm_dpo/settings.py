@@ -250,6 +250,9 @@ class DPOSettings(Common):
             if self.preference_data and "mined" not in sources:
                 raise UserError(f"--preference_data is the `mined` source of --pairs, and --pairs {self.pairs} does not "
                                 "name it: add it (e.g. mined+label) or drop --preference_data.")
+            if "mined" in sources and not self.preference_data:
+                raise UserError(f"--pairs {self.pairs} names the `mined` source, which reads the pairs file "
+                                "`sarcasm-dpo mine` wrote: give it with --preference_data.")
         check_batch_size(self.batch_size)
         for name in ("epochs", "lr", "grad_accum", "patience", "probe_size", "eval_batch_size", "max_length"):
             check_positive(name, getattr(self, name), allow_none=False)

@@ -309,6 +309,10 @@ def load_data(s, tokenizer) -> DPOData:
         info["class_counts"] = {"sarcastic": int((pairs["label"] == 1).sum()),
                                 "not_sarcastic": int((pairs["label"] == 0).sum())}
     if s.pairs:
+        from ..pairs import NATURAL_BY_DEFAULT, parse_pairs_spec
+
+        # What build_preference_pairs did, not the --balance flag: rephrase+label is balanced without it.
+        info["balanced"] = bool(s.balance) or parse_pairs_spec(s.pairs) not in NATURAL_BY_DEFAULT
         info.update(pair_style="as its source builds it", pairs_spec=s.pairs,
                     pair_sources={k: int(v) for k, v in pairs["pair_source"].value_counts().sort_index().items()})
     return DPOData(pairs=pairs.reset_index(drop=True), val_sets=val_sets, probe_texts=probe, info=info)
