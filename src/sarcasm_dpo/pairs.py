@@ -255,6 +255,12 @@ def balance_pairs(pairs: pd.DataFrame, seed: int, priority: str | None = None) -
     return pairs[keep].reset_index(drop=True)
 
 
+def is_balanced(sources: tuple[str, ...], balance: bool | None) -> bool:
+    """Whether the pairs of these sources are class-balanced: `balance` when given, else each spec's default
+    (natural for `reasoning` or `mined` alone, balanced otherwise)."""
+    return balance if balance is not None else sources not in NATURAL_BY_DEFAULT
+
+
 def build_preference_pairs(spec: str, frame: pd.DataFrame | None, tokenizer, *, seed: int = 42,
                            max_text_tokens: int = 256, balance: bool | None = None,
                            mined_file: str | Path | None = None) -> pd.DataFrame:
@@ -288,7 +294,7 @@ def build_preference_pairs(spec: str, frame: pd.DataFrame | None, tokenizer, *, 
         shown = pairs.loc[both, "text"].iloc[0] if "text" in pairs.columns else pairs.loc[both, "prompt"].iloc[0]
         raise UserError(f"--pairs {spec}: {int(pairs.loc[both, 'prompt'].nunique())} prompt(s) would be taught both "
                         f"answers (first: {str(shown)[:60]!r}); the sources disagree on their label.")
-    if balance if balance is not None else sources not in NATURAL_BY_DEFAULT:
+    if is_balanced(sources, balance):
         pairs = balance_pairs(pairs, seed, priority="_rank")
     return pairs.drop(columns="_rank").reset_index(drop=True)
 

@@ -274,7 +274,7 @@ def load_data(s, tokenizer) -> DPOData:
     probe = gen_val.sample(frac=1.0, random_state=s.seed).head(s.probe_size)["text"].tolist()
 
     if s.pairs:
-        pairs, source, available = preference_pairs(s, tokenizer, full_val)
+        pairs, source, available, balanced = preference_pairs(s, tokenizer, full_val)
     elif s.preference_data:
         pairs = load_pairs_file(s.preference_data)
         check_prompts_match(pairs, tokenizer, s.max_text_tokens, s.preference_data)
@@ -309,20 +309,18 @@ def load_data(s, tokenizer) -> DPOData:
         info["class_counts"] = {"sarcastic": int((pairs["label"] == 1).sum()),
                                 "not_sarcastic": int((pairs["label"] == 0).sum())}
     if s.pairs:
-        from ..pairs import NATURAL_BY_DEFAULT, parse_pairs_spec
-
         # What build_preference_pairs did, not the --balance flag: rephrase+label is balanced without it.
-        info["balanced"] = bool(s.balance) or parse_pairs_spec(s.pairs) not in NATURAL_BY_DEFAULT
+        info["balanced"] = balanced
         info.update(pair_style="as its source builds it", pairs_spec=s.pairs,
                     pair_sources={k: int(v) for k, v in pairs["pair_source"].value_counts().sort_index().items()})
     return DPOData(pairs=pairs.reset_index(drop=True), val_sets=val_sets, probe_texts=probe, info=info)
 
 
 def preference_pairs(s, tokenizer, val_splits: dict) -> tuple:
-    """(pairs, where they came from, how many there were) for --pairs (pairs.build_preference_pairs), cut to
-    --sample_size: at random, seeded, and class-balanced where the spec is balanced."""
+    """(pairs, where they came from, how many there were, whether they are class-balanced) for --pairs
+    (pairs.build_preference_pairs), cut to --sample_size: at random, seeded, and class-balanced where the spec is."""
     from ..data import load_split
-    from ..pairs import NATURAL_BY_DEFAULT, build_preference_pairs, parse_pairs_spec, prefers_yes
+    from ..pairs import build_preference_pairs, is_balanced, parse_pairs_spec, prefers_yes
 
     sources = parse_pairs_spec(s.pairs)
     train = None
@@ -330,9 +328,10 @@ def preference_pairs(s, tokenizer, val_splits: dict) -> tuple:
         train = load_split(s.train_csv, "iSarcasmEval training split")
         if "rephrase" in sources:
             train = with_rephrases(s, train, val_splits)
-    balanced = bool(s.balance) or sources not in NATURAL_BY_DEFAULT
+    balance = True if s.balance else None  # no --balance: each spec's own default
+    balanced = is_balanced(sources, balance)
     pairs = build_preference_pairs(s.pairs, train, tokenizer, seed=s.seed, max_text_tokens=s.max_text_tokens,
-                                   balance=True if s.balance else None, mined_file=s.preference_data)
+                                   balance=balance, mined_file=s.preference_data)
     available = len(pairs)
     if s.sample_size and s.sample_size < available:
         pairs = pairs.sample(frac=1.0, random_state=s.seed).reset_index(drop=True)
@@ -342,8 +341,8 @@ def preference_pairs(s, tokenizer, val_splits: dict) -> tuple:
             pairs = pairs[(yes & (yes.cumsum() <= half)) | (~yes & ((~yes).cumsum() <= s.sample_size - half))]
         else:
             pairs = pairs.head(s.sample_size)
-    return pairs.reset_index(drop=True), f"{s.pairs} from {s.train_csv if train is not None else s.preference_data}", \
-        available
+    origin = f"{s.pairs} from {s.train_csv if train is not None else s.preference_data}"
+    return pairs.reset_index(drop=True), origin, available, balanced
 
 
 def with_rephrases(s, train, val_splits: dict):
