@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import clear_complete, read_json, write_json
+from ..atomic import clear_complete, finish_output_dir, read_json, write_json
 from ..errors import UserError
 from ..thresholds import THRESHOLD_FILE, write_threshold
 from ..training.checkpoints import CHECKPOINTS
@@ -90,7 +90,7 @@ def train(s, run_name: str | None = None) -> dict:
     Under `accelerate launch` / `torchrun` every process trains; only the main one writes files and logs.
     """
     from ..models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_tokenizer, pick_device
-    from ..training.checkpoints import final_outputs, finish_run_dir, plan_run_dir
+    from ..training.checkpoints import final_outputs, plan_run_dir
     from ..training.distributed import barrier, is_main_process
 
     ctx = RunContext(s, Path(s.output_dir), main=is_main_process())
@@ -140,8 +140,8 @@ def train(s, run_name: str | None = None) -> dict:
             summary = build_summary(ctx, data, trained, epochs, saved_diagnostics)
             if ctx.main:
                 write_json(folder / SUMMARY_FILE, summary)
-                finish_run_dir(folder, ctx.config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
-                                                    "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir)})
+                finish_output_dir(folder, ctx.config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
+                                                       "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir)})
         barrier()  # the other processes end when the outputs are in place
 
         ctx.tracker.log_image("dpo/training_curves", ctx.out / CURVES_FILE)

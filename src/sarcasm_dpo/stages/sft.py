@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import read_json, write_json
+from ..atomic import finish_output_dir, read_json, write_json
 from ..training.callbacks import ValidationCallback, install_callbacks, stage_callbacks
 from ..data import balanced_sample, class_counts, frame_checksum, load_split, overlap_count, stratified_sample
 from ..errors import UserError
@@ -61,8 +61,7 @@ from ..training.shared_prefix import trainer_class as prefix_trainer_class
 from ..prompts import answer_length, build_prompts, label_token_ids, label_word
 from ..run_context import RunContext
 from ..thresholds import THRESHOLD_FILE, write_threshold
-from ..training.checkpoints import (CHECKPOINTS, claim_run_dir, final_outputs, finish_run_dir, finished_record,
-                                    latest_checkpoint,
+from ..training.checkpoints import (CHECKPOINTS, claim_run_dir, final_outputs, finished_record, latest_checkpoint,
                                     load_checkpoint_state, plan_run_dir, save_adapter, save_checkpoint_state)
 from ..training.distributed import barrier, is_main_process, quiet, say, world_size
 from ..training.recipe import run_record, run_trainer, seeded_length_grouping, trainer_arguments
@@ -145,8 +144,8 @@ def run(settings, extra_callbacks=()) -> dict:
             summary = build_summary(ctx, data, trained, params)
             if ctx.main:
                 write_json(folder / SUMMARY_FILE, summary)
-                finish_run_dir(folder, ctx.config, {"best_epoch": summary["best_epoch"],
-                                                    "best_f1": summary["best_val"]["f1"]})
+                finish_output_dir(folder, ctx.config, {"best_epoch": summary["best_epoch"],
+                                                       "best_f1": summary["best_val"]["f1"]})
         barrier()  # the other processes end when the outputs are in place
 
         ctx.tracker.log_image("sft/training_curves", ctx.out / CURVES_FILE)

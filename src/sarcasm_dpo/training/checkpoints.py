@@ -1,7 +1,8 @@
 """A training stage's output folder and its checkpoints: the folder's life, --resume, the saved adapter.
 
-- `plan_run_dir()` / `claim_run_dir()` / `finish_run_dir()`: the output folder is checked read-only
-  first, taken over only when every check passed, marked complete last; `finished_record()` and
+- `plan_run_dir()` / `claim_run_dir()` / `final_outputs()`: the output folder is checked read-only
+  first, taken over only when every check passed, replaced whole by the staged outputs (their
+  completion marker written last) and then freed of its checkpoints; `finished_record()` and
   `interrupted_run()` tell a finished run from a stopped one.
 - `latest_checkpoint()` and `save/load_checkpoint_state()`: the Trainer's checkpoints in
   OUTPUT_DIR/checkpoints/, with the stage's own state beside each (written last, so its presence
@@ -119,15 +120,6 @@ def interrupted_run(out: Path) -> bool:
     return not marker.is_file() or marker.stat().st_mtime < started.stat().st_mtime
 
 
-def finish_run_dir(out: Path, config: dict, extra: dict) -> None:
-    """Main process, after every output is written: the completion marker, then the checkpoints go."""
-    from ..atomic import finish_output_dir
-
-    finish_output_dir(out, config, extra)
-    # Only now: a run killed before the marker can still --resume from its checkpoints.
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-
-
 def save_checkpoint_state(folder: Path, state_file: str, state: dict, best_state: dict | None) -> None:
     """The stage's state beside a Trainer checkpoint: the best adapter so far, then `state_file`, which
     is written last and so marks the checkpoint complete."""
@@ -156,8 +148,8 @@ def final_outputs(out: Path, main: bool) -> Iterator[Path]:
     """The folder a training stage writes its final outputs into: on the main process a staging folder
     beside `out` that replaces it whole when the block succeeds (rundir.staged), so a kill or a full
     disk during the save leaves the previous outputs or the new ones, never a mix. The run's
-    checkpoints (carried into the new folder by the swap) go after it, as `finish_run_dir` does.
-    Other processes get `out` and write nothing."""
+    checkpoints (carried into the new folder by the swap) go only after it: a run killed before the
+    swap can still --resume from them. Other processes get `out` and write nothing."""
     if not main:
         yield out
         return
