@@ -390,3 +390,22 @@ def test_the_saved_threshold_is_chosen_on_validation_scores_of_the_saved_epoch(t
     assert again["best_cut"] == pytest.approx(record["best_cut"], abs=1e-4)
     assert summary["outputs"]["threshold"] == "threshold.json"
     assert not list(out.parent.glob(".staging-*")) and not list(out.parent.glob(".old-*"))
+
+
+def test_eval_steps_scores_validation_within_an_epoch_and_keeps_the_best(tiny_model_dir, toy_csvs, tmp_path):
+    # 48 examples at batch 8: 6 steps per epoch; --eval_steps 2 scores at steps 2, 4, 6 (epoch end once).
+    out = tmp_path / "sft"
+    summary = sft.run(settings(tiny_model_dir, *toy_csvs, out, epochs=1, eval_steps=2))
+    metrics = json.loads((out / "sft_metrics.json").read_text())
+    evaluated = [(e["step"], e["epoch"]) for e in metrics["epochs"]]
+    assert [step for step, _ in evaluated] == [2, 4, 6], evaluated
+    selected = [e for e in metrics["epochs"] if e["selected"]]
+    assert len(selected) == 1
+    best_f1 = max(e["gen_val"]["f1"] for e in metrics["epochs"])
+    assert selected[0]["gen_val"]["f1"] == best_f1 and summary["best_val"]["f1"] == best_f1
+    assert (out / "COMPLETE.json").is_file() and not (out / "checkpoints").exists()
+
+
+def test_eval_steps_must_not_be_negative():
+    with pytest.raises(UserError, match=r"--eval_steps must be 0 \(each epoch\) or a positive count, got -3"):
+        build(SFTSettings, {"eval_steps": -3})

@@ -133,7 +133,10 @@ class SFTSettings(Common):
     compile: bool = opt(False, "torch.compile the model; sequences are padded to multiples of 64 tokens so it compiles a "
                                "few shapes rather than one per batch (opt-in: measure it on your GPU first).")
     logging_steps: int = opt(10, "Log the training loss every this many optimizer steps.")
-    save_steps: int = opt(0, "Also checkpoint every this many steps (0 = at each epoch only).")
+    eval_steps: int = opt(0, "Also score the validation split every this many optimizer steps (0 = at each epoch "
+                             "end only); the best-F1 evaluation's adapter is the one saved, so one long epoch can "
+                             "show where more data stopped helping.")
+    save_steps: int = opt(0, "Also checkpoint every this many steps (0 = at each evaluation only).")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
     overwrite: bool = opt(False, "Replace an output_dir that holds another run's results.")
 
@@ -152,8 +155,9 @@ class SFTSettings(Common):
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         check_training_settings(self)
-        if self.save_steps < 0:
-            raise UserError(f"--save_steps must be 0 (each epoch) or a positive count, got {self.save_steps}.")
+        for name in ("save_steps", "eval_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be 0 (each epoch) or a positive count, got {getattr(self, name)}.")
         if self.lora_alpha <= 0:
             raise UserError(f"--lora_alpha must be positive, got {self.lora_alpha}.")
         if not self.lora_targets:

@@ -3,8 +3,9 @@
 Every training example is the one prompt (`prompts.build_prompts`: the question in a user turn,
 rendered with the model's chat template, ending with the generation prompt) and, as completion,
 the label word ("Yes" = sarcastic, "No") followed by EOS. The loss covers the completion only.
-After each epoch the shared scorer measures accuracy, precision, recall and F1 on the GEN
-validation split; the adapter of the epoch with the best F1 is the one that is saved.
+After each epoch (and every --eval_steps steps when set) the shared scorer measures accuracy,
+precision, recall and F1 on the GEN validation split; the adapter of the best evaluation by F1 is
+the one that is saved.
 
     sarcasm-dpo sft --epochs 2                                   # Qwen2.5-0.5B-Instruct, data/splits
     python scripts/finetune_qwen.py --no_wandb --epochs 1 --sample_size 200 --output_dir /tmp/sft-smoke
@@ -178,13 +179,13 @@ def fit(ctx: RunContext, model, tokenizer, train_ds, data: SFTData, extra_callba
             current = current.unload()
             transformers.set_seed(s.seed)
         validation = ValidationCallback(tokenizer, {VAL_SPLIT: data.val}, batch_size=eval_batch_size,
-                                        max_text_tokens=s.max_text_tokens, log=tracker.log,
+                                        max_text_tokens=s.max_text_tokens, eval_steps=s.eval_steps, log=tracker.log,
                                         printer=say if main else quiet)
         if resume_from:
             load_validation_state(validation, resume_from)
         # Beside each checkpoint: validation history + best adapter (step checkpoints also at epoch ends).
         callbacks = stage_callbacks(validation, lambda folder: save_validation_state(validation, folder),
-                                    save_each_epoch=bool(s.save_steps), stop_flag=flag, tracker_log=tracker.log,
+                                    save_each_epoch=bool(s.save_steps or s.eval_steps), stop_flag=flag, tracker_log=tracker.log,
                                     extra=extra_callbacks)
         sized = dataclasses.replace(s, batch_size=batch_size, grad_accum=grad_accum)
         base = current
@@ -289,8 +290,9 @@ def training_args(s, model, ckpt_dir: Path):
         packing=False,
         padding_free=False,  # dynamic padding to the longest example of each batch
         train_sampling_strategy="group_by_length",  # similar lengths together: little padding
-        save_strategy="steps" if s.save_steps else "epoch",
-        save_steps=s.save_steps or 500,
+        # A checkpoint at each evaluation keeps the best-adapter state in step with it (as in DPO).
+        save_strategy="steps" if s.save_steps or s.eval_steps else "epoch",
+        save_steps=s.save_steps or s.eval_steps or 500,
     )
 
 
