@@ -185,3 +185,69 @@ def test_predict_labels_follow_the_adapters_threshold_and_the_flag_overrides_it(
     assert all(r["label"] == int(r["p_sarcastic"] >= cut) for r in rows)
     assert main(args + ["--threshold", "1"]) == 0
     assert [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()] == [0, 0, 0]
+
+
+def _leaning_and_all_yes():
+    """Balanced labels; `leaning` ranks every text right but scores all above 0.5, `all_yes` knows nothing."""
+    labels = np.array([0, 1] * 20)
+    leaning = np.where(labels == 1, 0.9, 0.7) + np.linspace(0, 0.01, 40)
+    all_yes = np.full(40, 0.8) + np.linspace(0, 0.001, 40)[::-1] * (labels == 0)
+    return labels, leaning, all_yes
+
+
+@pytest.mark.parametrize("select_by, leaning_wins", [("f1", False), ("balanced_accuracy", True), ("roc_auc", True)])
+def test_selection_score_ranks_a_leaning_ranker_above_answering_yes_except_by_f1(select_by, leaning_wins):
+    from sarcasm_dpo.metrics import classification_metrics
+    from sarcasm_dpo.thresholds import selection_score
+
+    labels, leaning, all_yes = _leaning_and_all_yes()
+    score = {name: selection_score(labels, p, classification_metrics(labels, p), select_by)
+             for name, p in (("leaning", leaning), ("all_yes", all_yes))}
+    # Both answer Yes to everything at 0.5: F1 0.667 each, a tie that leaves the first (SFT) kept.
+    if select_by == "f1":
+        assert score["all_yes"] == pytest.approx(2 / 3) and score["leaning"] == pytest.approx(2 / 3)
+    assert (score["leaning"] > score["all_yes"]) is leaning_wins
+    if select_by == "balanced_accuracy":
+        assert score["leaning"] == pytest.approx(1.0)
+
+
+def test_selection_score_refuses_an_unknown_metric_and_ranks_an_impossible_one_last():
+    from sarcasm_dpo.thresholds import selection_score
+
+    with pytest.raises(UserError, match="Unknown selection metric 'loss'"):
+        selection_score([0, 1], [0.2, 0.8], {"f1": 1.0}, "loss")
+    assert selection_score([1, 1], [0.2, 0.8], {"roc_auc": None}, "roc_auc") == -np.inf
+
+
+def test_validation_callback_keeps_the_best_evaluation_by_select_by(monkeypatch):
+    """Two evaluations: the first answers Yes to everything (F1 0.667), the second ranks perfectly but
+    leans to Yes (F1 0.667 too, balanced accuracy 1.0 at its own cut). By F1 the first stays best and
+    one evaluation without improvement counts towards patience; by balanced accuracy the second wins."""
+    import pandas as pd
+
+    import sarcasm_dpo.training.callbacks as callbacks
+
+    labels, leaning, all_yes = _leaning_and_all_yes()
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(40)], "label": labels})
+    for select_by, best_step in (("f1", 1), ("balanced_accuracy", 2)):
+        outputs = iter([all_yes, leaning])
+
+        class FakeScorer:
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def predict_proba(self, texts):
+                return next(outputs)
+
+        monkeypatch.setattr(callbacks, "Scorer", FakeScorer)
+        monkeypatch.setattr(callbacks, "adapter_state", lambda model: {"step": "copy"})
+        cb = callbacks.ValidationCallback(None, {"gen_val": frame}, select_by=select_by, printer=lambda s: None)
+        cb.evaluate(None, 1, 0.5)
+        cb.evaluate(None, 2, 1.0)
+        assert cb.best_step == best_step, select_by
+        assert [h["is_best"] for h in cb.history] == [True, best_step == 2]
+        assert cb.best_f1 == pytest.approx(2 / 3)
+        assert cb.history[1]["selection_score"] == pytest.approx(1.0 if select_by == "balanced_accuracy" else 2 / 3)
+        assert cb.bad_evals == (1 if select_by == "f1" else 0)
+        state = cb.state_dict()
+        assert state["select_by"] == select_by and state["best_score"] == cb.best_score

@@ -47,6 +47,14 @@ def _absolute_if_local(ref: str) -> str:
     return os.path.abspath(path) if os.path.exists(path) else ref
 
 
+# How training keeps its best evaluation (thresholds.selection_score computes each).
+SELECTION_METRICS = ("f1", "balanced_accuracy", "roc_auc")
+SELECT_BY_HELP = ("What keeps the best evaluation (and drives early stopping): f1 (of the sarcastic class at 0.5, "
+                  "where a model that answers Yes to everything scores 0.667 on balanced validation), "
+                  "balanced_accuracy (at the threshold chosen on those same validation scores, the way the "
+                  "saved model is used) or roc_auc (threshold-free).")
+
+
 def _check_sample_size(value: int | None) -> None:
     if value is not None and value < 0:
         raise UserError(f"--sample_size must be 0 (all) or a positive count, got {value}.")
@@ -133,6 +141,7 @@ class SFTSettings(Common):
     compile: bool = opt(False, "torch.compile the model; sequences are padded to multiples of 64 tokens so it compiles a "
                                "few shapes rather than one per batch (opt-in: measure it on your GPU first).")
     logging_steps: int = opt(10, "Log the training loss every this many optimizer steps.")
+    select_by: str = opt("f1", SELECT_BY_HELP, choices=list(SELECTION_METRICS))
     eval_steps: int = opt(0, "Also score the validation split every this many optimizer steps (0 = at each epoch "
                              "end only); the best-F1 evaluation's adapter is the one saved, so one long epoch can "
                              "show where more data stopped helping.")
@@ -218,6 +227,7 @@ class DPOSettings(Common):
     grad_accum: int = opt(2, "Gradient accumulation steps.")
     max_length: int = opt(512, "Longest prompt+answer in tokens.")
     eval_steps: int = opt(0, "Evaluate F1 every this many steps (0 = once per epoch).")
+    select_by: str = opt("f1", SELECT_BY_HELP, choices=list(SELECTION_METRICS))
     patience: int = opt(2, "Stop after this many evaluations without a better validation F1.")
     val_sample_size: int | None = opt(None, "Evaluate on a stratified sample of this many validation texts (empty = all).")
     probe_size: int = opt(64, "Validation prompts in the fixed probe set for KL and prediction flips.")

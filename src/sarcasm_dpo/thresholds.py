@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import UserError
 from .metrics import _binary, _same_length, classification_metrics
+from .settings import SELECTION_METRICS
 
 THRESHOLD_FILE = "threshold.json"
 CRITERIA = ("balanced_accuracy", "macro_f1", "accuracy")
@@ -94,6 +95,25 @@ def choose_threshold(labels, probs, criterion: str = DEFAULT_CRITERION) -> dict:
     tied = np.flatnonzero(np.isclose(values, best, rtol=0, atol=1e-12))
     pick = tied[np.lexsort((cuts[tied], np.abs(cuts[tied] - DEFAULT)))[0]]
     return {"threshold": float(cuts[pick]), "criterion": criterion, "value": float(values[pick]), "reason": None}
+
+
+def selection_score(labels, probs, metrics: dict, select_by: str) -> float:
+    """How one validation evaluation ranks against the others when training keeps its best checkpoint.
+
+    `metrics` is the evaluation's classification_metrics record (at 0.5). balanced_accuracy is the
+    criterion's value at its own best cut (choose_threshold): every evaluation gets the same chance
+    to move its threshold, so a checkpoint that ranks well but leans to one answer is not thrown away.
+    A value that cannot be computed (one class present) ranks last.
+    """
+    if select_by == "f1":
+        value = metrics.get("f1")
+    elif select_by == "roc_auc":
+        value = metrics.get("roc_auc")
+    elif select_by == "balanced_accuracy":
+        value = choose_threshold(labels, probs, "balanced_accuracy")["value"]
+    else:
+        raise UserError(f"Unknown selection metric {select_by!r}; choose one of {', '.join(SELECTION_METRICS)}.")
+    return -np.inf if value is None else float(value)
 
 
 def threshold_interval(labels, probs, criterion: str = DEFAULT_CRITERION, n_resamples: int = 200,

@@ -20,7 +20,8 @@ reward ratio exp(margin/beta); at every evaluation, every --diagnostics_steps (d
 times per epoch) and the last step, the exact KL of the answer-position distribution to the
 reference over a fixed probe set of validation prompts, the drift of the adapter from SFT and the
 share of probe predictions that flipped. Validation F1 on the GEN validation split (iSarcasmEval validation
-F1 beside it) is measured at step 0 and every epoch (or --eval_steps); the best adapter by GEN F1
+F1 beside it) is measured at step 0 and every epoch (or --eval_steps); the best adapter on GEN
+validation by --select_by (F1 at 0.5, balanced accuracy at its own validation threshold, or ROC-AUC)
 is saved, which may be the SFT start itself if DPO never beat it; training stops after --patience
 evaluations without improvement.
 
@@ -448,7 +449,8 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
                                  "rejected": list(data.pairs["rejected"])})
     validation = DPOValidationCallback(tokenizer, data.val_sets, batch_size=s.eval_batch_size,
                                        max_text_tokens=s.max_text_tokens, eval_steps=s.eval_steps,
-                                       patience=s.patience, eval_at_start=True, log=log, printer=printer)
+                                       patience=s.patience, eval_at_start=True, log=log, printer=printer,
+                                       select_by=s.select_by)
     project_labelled_positions_only()  # CPU/MPS: the LM head on the completion rows only (fused_head.py)
     try:
         one_pass = s.one_pass and is_label_pairs(data.pairs)
@@ -571,6 +573,8 @@ def build_summary(ctx: RunContext, data: DPOData, trained: Trained, epochs: dict
         "best_step": validation.best_step,
         "best_epoch": validation.best_epoch,
         "best_f1": validation.best_f1 if math.isfinite(validation.best_f1) else None,
+        "selected_by": s.select_by,
+        "best_score": validation.best_score if math.isfinite(validation.best_score) else None,
         "best_val": {k: best[k] for k in validation.val_sets} if best else None,
         "sft_start_val": {k: start[k] for k in validation.val_sets} if start else None,
         "improved_over_sft": bool(best and start and validation.best_step != 0),
@@ -639,12 +643,14 @@ def describe_result(summary: dict, out: Path) -> str:
     health = summary["health"]
     lines = [f"DPO finished in {minutes}m{seconds:02d}s ({summary['global_steps']} steps"
              + (", stopped early" if summary["stopped_early"] else "") + ")."]
+    by = summary.get("selected_by", "f1")
+    score = "" if by == "f1" else f", {by} {fmt(summary.get('best_score'))}"
     if summary["improved_over_sft"]:
-        lines.append(f"Best {PRIMARY} F1 {fmt(best.get('f1'))} at step {summary['best_step']} "
-                     f"(SFT start: {fmt(start.get('f1'))}); that adapter is saved in {out}/.")
+        lines.append(f"Best {PRIMARY} evaluation by {by} at step {summary['best_step']}: F1 {fmt(best.get('f1'))}"
+                     f"{score} (SFT start: F1 {fmt(start.get('f1'))}); that adapter is saved in {out}/.")
     else:
-        lines.append(f"DPO never beat the SFT start on {PRIMARY} F1 ({fmt(start.get('f1'))}); the saved adapter "
-                     f"in {out}/ is the SFT adapter unchanged.")
+        lines.append(f"DPO never beat the SFT start on {PRIMARY} {by} (F1 {fmt(start.get('f1'))}{score}); the "
+                     f"saved adapter in {out}/ is the SFT adapter unchanged.")
     lines.append(f"End of training: KL to SFT {fmt(health['kl']['value'], '.4g')} ({health['kl']['verdict']}), "
                  f"reward ratio {fmt(health['reward_ratio']['value'], '.2f')} ({health['reward_ratio']['verdict']}"
                  f"{_ratio_window(health['reward_ratio'])}).")

@@ -179,7 +179,8 @@ def fit(ctx: RunContext, model, tokenizer, train_ds, data: SFTData, extra_callba
             current = current.unload()
             transformers.set_seed(s.seed)
         validation = ValidationCallback(tokenizer, {VAL_SPLIT: data.val}, batch_size=eval_batch_size,
-                                        max_text_tokens=s.max_text_tokens, eval_steps=s.eval_steps, log=tracker.log,
+                                        max_text_tokens=s.max_text_tokens, eval_steps=s.eval_steps, select_by=s.select_by,
+                                        log=tracker.log,
                                         printer=say if main else quiet)
         if resume_from:
             load_validation_state(validation, resume_from)
@@ -381,6 +382,8 @@ def build_summary(ctx: RunContext, data: SFTData, trained: Trained, params: dict
         "best_epoch": validation.best_epoch,
         "best_step": validation.best_step,
         "best_val": best[VAL_SPLIT] if best else None,
+        "selected_by": s.select_by,
+        "best_score": best.get("selection_score") if best else None,
         "epochs_run": round(float(trainer.state.epoch or 0), 4),
         "global_steps": trainer.state.global_step,
         **params,
@@ -410,8 +413,8 @@ def describe_start(s, data: SFTData, device, params, resume_from) -> str:
 def describe_result(summary: dict, out: Path) -> str:
     best = summary["best_val"]
     minutes, seconds = divmod(int(summary["timings"]["total_s"]), 60)
-    return (f"SFT finished in {minutes}m{seconds:02d}s. The best epoch by {VAL_SPLIT} F1 was epoch "
-            f"{summary['best_epoch']:g} of {summary['epochs_run']:g}: F1 {best['f1']:.3f}, accuracy "
+    return (f"SFT finished in {minutes}m{seconds:02d}s. The best evaluation by {VAL_SPLIT} "
+            f"{summary['selected_by']} was at epoch {summary['best_epoch']:g} of {summary['epochs_run']:g}: F1 {best['f1']:.3f}, accuracy "
             f"{best['accuracy']:.3f}, precision {best['precision']:.3f}, recall {best['recall']:.3f} on "
             f"{summary['data']['val']['total']} validation texts. "
             f"Its adapter ({summary['trainable_params']:,} trainable parameters, "

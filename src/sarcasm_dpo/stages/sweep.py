@@ -66,11 +66,12 @@ def run_sweep(s, dpo) -> dict:
             summary = dpo.train(sub, run_name=f"dpo-beta-{beta:g}")
         rows.append(sweep_row(beta, sub.output_dir, summary, dpo))
         free_memory()
-    # Best by GEN validation F1; ties go to the run that stayed closest to SFT (smaller KL).
-    best = max(rows, key=lambda r: (r["val_f1"] if r["val_f1"] is not None else -1.0,
+    # Best by the runs' own selection score on GEN validation (--select_by); ties go to the run that
+    # stayed closest to SFT (smaller KL).
+    best = max(rows, key=lambda r: (r["val_score"] if r["val_score"] is not None else -1.0,
                                     -(r["final_kl"] if r["final_kl"] is not None else math.inf)))
-    results = {"config": config, "selection": f"highest {dpo.PRIMARY} F1 of the saved checkpoint (never the test "
-                                              "split); ties go to the smaller final KL",
+    results = {"config": config, "selection": f"highest {dpo.PRIMARY} {s.select_by} of the saved checkpoint (never "
+                                              "the test split); ties go to the smaller final KL",
                "best_beta": best["beta"], "best_output_dir": best["output_dir"], "best_val_f1": best["val_f1"],
                "copied_to": str(out), "runs": rows, "seconds": round(time.perf_counter() - started, 2)}
     if not main:
@@ -91,7 +92,8 @@ def run_sweep(s, dpo) -> dict:
         tracker.log_summary({"best_beta": best["beta"], "best_val_f1": best["val_f1"],
                              "best_output_dir": best["output_dir"]})
     finish_output_dir(out, config, {"best_beta": best["beta"], "best_output_dir": best["output_dir"]})
-    print(f"[beta sweep] best beta by {dpo.PRIMARY} F1: {best['beta']:g} (F1 {best['val_f1']:.3f}, final KL "
+    print(f"[beta sweep] best beta by {dpo.PRIMARY} {s.select_by}: {best['beta']:g} ({dpo.fmt(best['val_score'])}; "
+          f"F1 {best['val_f1']:.3f}, final KL "
           f"{dpo.fmt(best['final_kl'])}); model in {best['output_dir']} (adapter also copied to {out}). "
           f"Results: {out / SWEEP_FILE}")
     barrier()
@@ -102,6 +104,8 @@ def sweep_row(beta: float, output_dir: str, summary: dict, dpo) -> dict:
     best_val = summary.get("best_val") or {}
     end = summary["diagnostics"]["end_of_training"]
     return {"beta": beta, "output_dir": output_dir, "val_f1": summary.get("best_f1"),
+            # older summaries (before --select_by) selected by F1
+            "val_score": summary.get("best_score", summary.get("best_f1")),
             "isarcasm_val_f1": (best_val.get(dpo.SECONDARY) or {}).get("f1"),
             "val_accuracy": (best_val.get(dpo.PRIMARY) or {}).get("accuracy"),
             "best_step": summary.get("best_step"), "improved_over_sft": summary.get("improved_over_sft"),

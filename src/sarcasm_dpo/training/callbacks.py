@@ -1,8 +1,9 @@
 """Every TrainerCallback the training stages use, and the one function that puts them in order.
 
 - ValidationCallback: scores validation splits with the shared Scorer (one forward pass per
-  batch), keeps the best adapter by F1 and stops early after `patience` evaluations without a
-  better F1. Used by SFT and DPO alike, so "validation F1" means the same thing in both.
+  batch), keeps the best adapter by `select_by` (thresholds.selection_score: F1 at 0.5, balanced
+  accuracy at its own validation threshold, or ROC-AUC) and stops early after `patience`
+  evaluations without a better one. Used by SFT and DPO alike, so "best" means the same in both.
 - TrackerLogCallback / LossProgressCallback: the Trainer's logs to W&B and to a tqdm bar.
 - SaveStateCallback, BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback: what
   makes a checkpoint complete, and a Ctrl-C end in one (resilience.stop_on_signal).
@@ -26,6 +27,7 @@ from transformers import TrainerCallback
 
 from ..metrics import classification_metrics
 from ..scoring import Scorer
+from ..thresholds import selection_score
 from .distributed import any_process, barrier, note
 from .resilience import StopFlag, StopRequested, check_logged_loss, validation_scoring
 
@@ -43,7 +45,7 @@ def load_adapter_state(model, state: dict) -> None:
 
 
 class ValidationCallback(TrainerCallback):
-    """F1 on validation splits at each evaluation point; best-F1 adapter kept; early stopping.
+    """Validation metrics at each evaluation point; the best adapter by `select_by` kept; early stopping.
 
     `val_sets` maps a name to a table (text, label); the first one is the primary split whose F1
     selects the best checkpoint and drives early stopping. Evaluation happens at the end of each
@@ -54,7 +56,7 @@ class ValidationCallback(TrainerCallback):
     def __init__(self, tokenizer, val_sets: dict[str, pd.DataFrame], *, batch_size: int = 16,
                  max_text_tokens: int = 256, eval_steps: int = 0, patience: int | None = None,
                  eval_at_start: bool = False, log: Callable[[dict, int], None] | None = None,
-                 printer: Callable[[str], None] = print):
+                 printer: Callable[[str], None] = print, select_by: str = "f1"):
         self.tokenizer = tokenizer
         self.val_sets = val_sets
         self.primary = next(iter(val_sets))
@@ -65,8 +67,10 @@ class ValidationCallback(TrainerCallback):
         self.eval_at_start = eval_at_start
         self.log = log
         self.printer = printer
+        self.select_by = select_by
         self.history: list[dict] = []
-        self.best_f1 = -math.inf
+        self.best_score = -math.inf  # the best evaluation's selection score (select_by)
+        self.best_f1 = -math.inf  # that evaluation's F1 at 0.5, reported beside it
         self.best_step: int | None = None
         self.best_epoch: float | None = None
         self.best_state: dict | None = None
@@ -77,12 +81,14 @@ class ValidationCallback(TrainerCallback):
 
     # -- state for resume: the early-stopping counters travel with each checkpoint -------------
     def state_dict(self) -> dict:
-        return {"history": self.history, "best_f1": self.best_f1, "best_step": self.best_step,
+        return {"history": self.history, "best_score": self.best_score, "best_f1": self.best_f1,
+                "select_by": self.select_by, "best_step": self.best_step,
                 "best_epoch": self.best_epoch, "bad_evals": self.bad_evals, "best_probs": self.best_probs}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state.get("history", []))
         self.best_f1 = state.get("best_f1", -math.inf)
+        self.best_score = state.get("best_score", self.best_f1)  # older checkpoints selected by F1
         self.best_step = state.get("best_step")
         self.best_epoch = state.get("best_epoch")
         self.bad_evals = state.get("bad_evals", 0)
@@ -98,10 +104,13 @@ class ValidationCallback(TrainerCallback):
                 scores[name] = scorer.predict_proba(frame["text"].tolist())
                 record[name] = classification_metrics(frame["label"].to_numpy(), scores[name])
         self.eval_seconds += time.perf_counter() - start
-        f1 = record[self.primary]["f1"]
-        improved = f1 > self.best_f1
+        frame = self.val_sets[self.primary]
+        score = selection_score(frame["label"].to_numpy(), scores[self.primary], record[self.primary], self.select_by)
+        record["selection_score"] = score if math.isfinite(score) else None
+        improved = score > self.best_score
         if improved:
-            self.best_f1, self.best_step, self.best_epoch = f1, int(step), record["epoch"]
+            self.best_score, self.best_step, self.best_epoch = score, int(step), record["epoch"]
+            self.best_f1 = record[self.primary]["f1"]
             self.best_state = adapter_state(model)
             self.best_probs = [float(p) for p in scores[self.primary]]
             self.bad_evals = 0
@@ -112,7 +121,8 @@ class ValidationCallback(TrainerCallback):
         primary = record[self.primary]
         others = "  ".join(f"{n} F1 {record[n]['f1']:.3f}" for n in self.val_sets if n != self.primary)
         self.printer(f"[eval] step {step} epoch {record['epoch']:.2f}: {self.primary} acc {primary['accuracy']:.3f} "
-                     f"F1 {primary['f1']:.3f}{'  (best)' if improved else ''}  {others}".rstrip())
+                     f"F1 {primary['f1']:.3f}{self._selection_note(score)}{'  (best)' if improved else ''}  "
+                     f"{others}".rstrip())
         if self.log:
             flat = {f"eval/{k}": primary[k] for k in ("accuracy", "precision", "recall", "f1", "macro_f1")}
             for name in self.val_sets:
@@ -120,6 +130,8 @@ class ValidationCallback(TrainerCallback):
                     flat[f"eval/{name}/f1"] = record[name]["f1"]
                     flat[f"eval/{name}/accuracy"] = record[name]["accuracy"]
             flat["eval/epoch"] = record["epoch"]
+            if record["selection_score"] is not None:
+                flat[f"eval/selection/{self.select_by}"] = record["selection_score"]
             self.log(flat, int(step))
         return record
 
@@ -129,8 +141,13 @@ class ValidationCallback(TrainerCallback):
         if any_process(bool(self.patience and self.bad_evals >= self.patience), getattr(args, "device", None)):
             self.stopped_early = True
             control.should_training_stop = True
-            self.printer(f"[early stop] no better {self.primary} F1 in {self.bad_evals} evaluations; "
-                         f"best F1 {self.best_f1:.3f} at step {self.best_step}.")
+            self.printer(f"[early stop] no better {self.primary} {self.select_by} in {self.bad_evals} evaluations; "
+                         f"best {self.best_score:.3f} at step {self.best_step}.")
+
+    def _selection_note(self, score: float) -> str:
+        if self.select_by == "f1":
+            return ""
+        return f"  {self.select_by} {score:.3f}" if math.isfinite(score) else f"  {self.select_by} n/a"
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.eval_at_start and not self.history and state.global_step == 0:
