@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     sel.add_argument("--splits", default="data/splits", help="Folder from `sarcasm-dpo split`.")
     sel.add_argument("--sources", default=",".join(SOURCES), help="Comma-separated --pairs specs.")
     sel.add_argument("--betas", default=",".join(map(str, BETAS)), help="Comma-separated betas.")
+    sel.add_argument("--lrs", default=None, help="Comma-separated learning rates (default: the config's).")
     sel.add_argument("--pairs", type=int, default=256, help="Class-balanced pairs per run (same for every source).")
     sel.add_argument("--val_samples", type=int, default=300,
                      help="Stratified GEN and iSarcasmEval validation texts scored per evaluation.")
@@ -64,12 +65,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 # -- select -----------------------------------------------------------------------------------------------
 
 
-def run_settings(args, source: str, beta: float):
+def run_settings(args, source: str, beta: float, lr: float | None = None):
     from sarcasm_dpo.settings import DPOSettings
 
     splits = Path(args.splits)
-    tag = f"{source.replace('+', '_')}_beta{beta:g}"
+    # The config's lr is implied; another lr is named in the tag (and the folder).
+    tag = f"{source.replace('+', '_')}_beta{beta:g}" + ("" if lr is None else f"_lr{lr:g}")
     extra = {"preference_data": args.preference_data} if "mined" in source else {}
+    if lr is not None:
+        extra["lr"] = lr
     return tag, common.stage_settings(
         args.config, DPOSettings, "dpo", no_wandb=True, sft_model=args.sft_model,
         output_dir=str(Path(args.work_dir) / tag), train_csv=str(splits / "isarcasm_train.csv"),
@@ -108,27 +112,32 @@ def select(args) -> int:
 
     out = Path(args.output)
     result = json.loads(out.read_text()) if out.is_file() else {}
-    result.update({"study": "dpo sources x beta", "command": common.command_line(), "machine": common.machine_info(),
+    result.update({"study": "dpo sources x beta", "machine": common.machine_info(),
                    "sft_model": args.sft_model, "selection": f"{PRIMARY} {SELECT_BY} at the run's own validation "
                    "threshold, end of training, must beat the SFT start on the same texts",
                    "pairs_per_run": args.pairs, "val_samples": args.val_samples})
-    runs = {r["tag"]: r for r in result.get("runs", [])}
-    for source in args.sources.split(","):
-        for beta in (float(b) for b in args.betas.split(",")):
-            tag, settings = run_settings(args, source, beta)
-            folder = Path(settings.output_dir)
-            if is_complete_for(folder, dataclasses.asdict(settings)):
-                print(f"[study] {tag}: complete for these settings, reused", flush=True)
-                seconds = (runs.get(tag) or {}).get("seconds")
-            else:
-                print(f"[study] {tag} -> {folder}", flush=True)
-                t0 = time.perf_counter()
-                run_stage("dpo", settings)
-                seconds = round(time.perf_counter() - t0, 1)
-            runs[tag] = run_row(tag, source, beta, folder, seconds)
-            result["runs"] = list(runs.values())
-            result["chosen"] = choose(result["runs"])
-            write_json(out, result)  # after every run: a stop keeps what is measured
+    # Every invocation adds its runs (and its command) to the same file; a run it repeats is reused.
+    result.setdefault("commands", []).append(common.command_line())
+    config_lr = run_settings(args, "label", 0.1)[1].lr
+    runs = {r["tag"]: {"lr": config_lr, **r} for r in result.get("runs", [])}
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [None]
+    grid = [(source, float(beta), lr) for source in args.sources.split(",") for beta in args.betas.split(",")
+            for lr in lrs]
+    for source, beta, lr in grid:
+        tag, settings = run_settings(args, source, beta, lr)
+        folder = Path(settings.output_dir)
+        if is_complete_for(folder, dataclasses.asdict(settings)):
+            print(f"[study] {tag}: complete for these settings, reused", flush=True)
+            seconds = (runs.get(tag) or {}).get("seconds")
+        else:
+            print(f"[study] {tag} -> {folder}", flush=True)
+            t0 = time.perf_counter()
+            run_stage("dpo", settings)
+            seconds = round(time.perf_counter() - t0, 1)
+        runs[tag] = {**run_row(tag, source, beta, folder, seconds), "lr": settings.lr}
+        result["runs"] = list(runs.values())
+        result["chosen"] = choose(result["runs"])
+        write_json(out, result)  # after every run: a stop keeps what is measured
     common.write_results(out, result, markdown(result), f"{len(runs)} runs")
     plot_grid(result["runs"], out.with_suffix(".png"))
     return 0
@@ -153,12 +162,12 @@ def markdown(result: dict) -> str:
     lines = [f"DPO study from {result['sft_model']}: {result['pairs_per_run']} class-balanced pairs per run, "
              f"one epoch; {result['val_samples']} stratified texts of each validation split. Selection: "
              f"{result['selection']}.", "",
-             "| Source | beta | GEN val bal. acc (own threshold) start -> end | GEN val AUC start -> end | "
+             "| Source | beta | lr | GEN val bal. acc (own threshold) start -> end | GEN val AUC start -> end | "
              "GEN val F1@0.5 end | iSarcasmEval val F1@0.5 start -> end | KL end | kept step | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result.get("runs", []):
         s, e = r["start"], r["end"]
-        lines.append(f"| {r['source']} | {r['beta']:g} | {_f(s['selection_score'])} -> {_f(e['selection_score'])} | "
+        lines.append(f"| {r['source']} | {r['beta']:g} | {_f(r.get('lr'), 'g')} | {_f(s['selection_score'])} -> {_f(e['selection_score'])} | "
                      f"{_f(s[f'{PRIMARY}_roc_auc'])} -> {_f(e[f'{PRIMARY}_roc_auc'])} | {_f(e[f'{PRIMARY}_f1'])} | "
                      f"{_f(s[f'{SECONDARY}_f1'])} -> {_f(e[f'{SECONDARY}_f1'])} | {_f(r['kl_end'], '.3g')} | "
                      f"{r['kept_step']} | {_f(r['train_s'], '.0f')} |")

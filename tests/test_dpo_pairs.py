@@ -42,6 +42,8 @@ def test_rephrase_plus_label_builds_minimal_pairs_balanced(real_splits, tiny_mod
     yes = prefers_yes(pairs)
     assert int(yes.sum()) == 100 and info["balanced"] is True  # class-balanced: half the pairs teach "Yes"
     assert set(info["pair_sources"]) <= {"rephrase", "label"} and sum(info["pair_sources"].values()) == 200
+    line = dpo.describe_start(settings_for(real_splits, pairs="rephrase+label"), data, "base", "cpu", None)
+    assert "(--pairs rephrase+label: " in line and " style)" not in line, line  # says what the spec built
     # A rephrase pair's prompt holds the author's sincere rewording, and prefers "No".
     rephrased = pairs[(pairs["pair_source"] == "rephrase") & pairs["id"].astype(str).str.endswith(":rephrase")]
     assert len(rephrased) > 0 and not prefers_yes(rephrased).any()

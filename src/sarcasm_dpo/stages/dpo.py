@@ -611,7 +611,9 @@ def describe_start(s, data: DPOData, base_ref: str, device, resume_from) -> str:
     counts = info.get("class_counts") or {}
     classes = f" ({counts.get('sarcastic')} sarcastic, {counts.get('not_sarcastic')} not)" if counts else ""
     vals = ", ".join(f"{k} {len(v)}" for k, v in data.val_sets.items())
-    return (f"DPO on {info['used']} preference pairs{classes} from {info['file']} ({info['pair_style']} style); "
+    made = (f"--pairs {info['pairs_spec']}: " + ", ".join(f"{k} {v}" for k, v in info["pair_sources"].items())
+            if info.get("pairs_spec") else f"{info['pair_style']} style")
+    return (f"DPO on {info['used']} preference pairs{classes} from {info['file']} ({made}); "
             f"SFT adapter {s.sft_model} on {base_ref}, {device}; reference = frozen SFT adapter; beta {s.beta:g}, "
             f"loss {s.loss_type}, {s.epochs:g} epoch(s), lr {s.lr:g}, batch {s.batch_size}x{s.grad_accum}"
             f"{_processes()}; "
