@@ -226,7 +226,8 @@ def test_markdown(test: dict) -> str:
         for decided, models in (("0.5", block.get("models") or {}), ("own", own.get("models") or {})):
             for name, m in models.items():
                 cut = 0.5 if decided == "0.5" else cuts.get(name, 0.5)
-                lines.append(f"| {name} | {cut:.3f}{'' if decided == '0.5' else ' (validation)'} | "
+                where = "" if decided == "0.5" else (" (validation)" if name in cuts else " (none recorded)")
+                lines.append(f"| {name} | {cut:.3f}{where} | "
                              f"{_ci(m, 'accuracy')} | {_ci(m, 'f1')} | {_ci(m, 'roc_auc')} |")
         for decided, sig in (("at 0.5", block.get("significance") or {}), ("at own thresholds", own.get("significance") or {})):
             if sig:

@@ -53,6 +53,6 @@ def test_the_test_table_reads_compares_record():
               "extra_tests": {"isarcasm_val": {"models": {"dpo": m}, "significance": {}}}}
     table = dpo_study.test_markdown({"compare_dir": "results/x", "record": record})
     assert "| dpo | 0.420 (validation) | 0.750 [0.700, 0.800]" in table
-    assert "| sft | 0.500 (validation) |" in table  # a model without a record is decided at 0.5
+    assert "| sft | 0.500 (none recorded) |" in table  # a model without a record is decided at 0.5
     assert "McNemar at own thresholds: dpo vs sft p=0.03 (40 discordant)" in table
     assert "**isarcasm_val**" in table
