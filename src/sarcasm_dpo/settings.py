@@ -143,7 +143,7 @@ class SFTSettings(Common):
     logging_steps: int = opt(10, "Log the training loss every this many optimizer steps.")
     select_by: str = opt("f1", SELECT_BY_HELP, choices=list(SELECTION_METRICS))
     eval_steps: int = opt(0, "Also score the validation split every this many optimizer steps (0 = at each epoch "
-                             "end only); the best-F1 evaluation's adapter is the one saved, so one long epoch can "
+                             "end only); the best evaluation's adapter (--select_by) is the one saved, so one long epoch can "
                              "show where more data stopped helping.")
     save_steps: int = opt(0, "Also checkpoint every this many steps (0 = at each evaluation only).")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
@@ -228,7 +228,7 @@ class DPOSettings(Common):
     max_length: int = opt(512, "Longest prompt+answer in tokens.")
     eval_steps: int = opt(0, "Evaluate F1 every this many steps (0 = once per epoch).")
     select_by: str = opt("f1", SELECT_BY_HELP, choices=list(SELECTION_METRICS))
-    patience: int = opt(2, "Stop after this many evaluations without a better validation F1.")
+    patience: int = opt(2, "Stop after this many evaluations without a better validation score (--select_by).")
     val_sample_size: int | None = opt(None, "Evaluate on a stratified sample of this many validation texts (empty = all).")
     probe_size: int = opt(64, "Validation prompts in the fixed probe set for KL and prediction flips.")
     logging_steps: int = opt(5, "Log loss and rewards every this many optimizer steps.")

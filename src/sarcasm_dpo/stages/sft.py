@@ -4,8 +4,8 @@ Every training example is the one prompt (`prompts.build_prompts`: the question 
 rendered with the model's chat template, ending with the generation prompt) and, as completion,
 the label word ("Yes" = sarcastic, "No") followed by EOS. The loss covers the completion only.
 After each epoch (and every --eval_steps steps when set) the shared scorer measures accuracy,
-precision, recall and F1 on the GEN validation split; the adapter of the best evaluation by F1 is
-the one that is saved.
+precision, recall and F1 on the GEN validation split; the adapter of the best evaluation (by F1,
+or as --select_by says) is the one that is saved.
 
     sarcasm-dpo sft --epochs 2                                   # Qwen2.5-0.5B-Instruct, data/splits
     python scripts/finetune_qwen.py --no_wandb --epochs 1 --sample_size 200 --output_dir /tmp/sft-smoke
