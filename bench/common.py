@@ -299,6 +299,14 @@ def make_step_meter(stop_after: int | None = None, record_rows: bool = False):
     return StepMeter()
 
 
+def fmt_ci(m: dict, key: str) -> str:
+    """A metric of a with_intervals record as "value [low, high]" (the value alone without an interval)."""
+    value, ci = m.get(key), m.get(f"{key}_ci")
+    if value is None:
+        return "n/a"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+
+
 def fmt_ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 

@@ -149,7 +149,7 @@ def choose(runs: list[dict]) -> dict:
     if not better:
         return {"tag": None, "why": f"no source and beta raised {PRIMARY} {SELECT_BY} over the SFT start"}
     best = max(better, key=lambda r: (r["end"]["selection_score"], r["end"][f"{PRIMARY}_roc_auc"] or 0))
-    return {"tag": best["tag"], "source": best["source"], "beta": best["beta"],
+    return {"tag": best["tag"], "source": best["source"], "beta": best["beta"], "lr": best.get("lr"),
             "why": f"highest {PRIMARY} {SELECT_BY} ({best['end']['selection_score']:.3f}, SFT start "
                    f"{best['start']['selection_score']:.3f}) of the {len(better)} run(s) that beat the SFT start"}
 
@@ -185,18 +185,21 @@ def plot_grid(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sources = list(dict.fromkeys(r["source"] for r in runs))
-    betas = sorted({r["beta"] for r in runs})
+    # One bar series per (beta, lr): runs of the same source and beta at another lr are other bars.
+    series = sorted({(r["beta"], r.get("lr")) for r in runs}, key=lambda k: (k[0], k[1] or 0))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in ((axes[0], "selection_score", f"{PRIMARY} balanced accuracy (own threshold)"),
                            (axes[1], f"{SECONDARY}_f1", f"{SECONDARY} F1 at 0.5")):
-        width = 0.8 / max(len(betas), 1)
-        for j, beta in enumerate(betas):
-            vals = [next((r["end"][key] or 0 for r in runs if r["source"] == s and r["beta"] == beta), 0) for s in sources]
-            ax.bar([i + j * width for i in range(len(sources))], vals, width, label=f"beta {beta:g}")
+        width = 0.8 / max(len(series), 1)
+        for j, (beta, lr) in enumerate(series):
+            vals = [next((r["end"][key] or 0 for r in runs
+                          if r["source"] == s and r["beta"] == beta and r.get("lr") == lr), 0) for s in sources]
+            ax.bar([i + j * width for i in range(len(sources))], vals, width,
+                   label=f"beta {beta:g}" + ("" if lr is None else f", lr {lr:g}"))
         start = next((r["start"][key] for r in runs if r["start"][key] is not None), None)
         if start is not None:
             ax.axhline(start, color="black", linestyle="--", linewidth=1, label="SFT start")
-        ax.set_xticks([i + width * (len(betas) - 1) / 2 for i in range(len(sources))], sources, rotation=15)
+        ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(sources))], sources, rotation=15)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -228,7 +231,7 @@ def test_markdown(test: dict) -> str:
                 cut = 0.5 if decided == "0.5" else cuts.get(name, 0.5)
                 where = "" if decided == "0.5" else (" (validation)" if name in cuts else " (none recorded)")
                 lines.append(f"| {name} | {cut:.3f}{where} | "
-                             f"{_ci(m, 'accuracy')} | {_ci(m, 'f1')} | {_ci(m, 'roc_auc')} |")
+                             f"{common.fmt_ci(m, 'accuracy')} | {common.fmt_ci(m, 'f1')} | {common.fmt_ci(m, 'roc_auc')} |")
         for decided, sig in (("at 0.5", block.get("significance") or {}), ("at own thresholds", own.get("significance") or {})):
             if sig:
                 lines += ["", f"McNemar {decided}: " + "; ".join(
@@ -236,13 +239,6 @@ def test_markdown(test: dict) -> str:
                     for k, v in sig.items())]
         lines.append("")
     return "\n".join(lines)
-
-
-def _ci(m: dict, key: str) -> str:
-    value, ci = m.get(key), m.get(f"{key}_ci")
-    if value is None:
-        return "n/a"
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
 
 
 def report(args) -> int:

@@ -194,13 +194,6 @@ def evaluate(compare_dir: Path, train_csv: str, args) -> dict:
     return out
 
 
-def _ci(m: dict, key: str) -> str:
-    value, ci = m[key], m.get(f"{key}_ci")
-    if value is None:
-        return "n/a"
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
-
-
 def markdown(result: dict) -> str:
     test, extra = result["evaluation"]["gen_test"], result["evaluation"][EXTRA]
     b = result["budget"]
@@ -216,8 +209,8 @@ def markdown(result: dict) -> str:
         vs_sft = tests.get(f"{key}_vs_sft") or tests.get(f"sft_vs_{key}")
         p_base = "" if key == "base" or not vs_base else f"{vs_base['p_value']:.3g}"
         p_sft = "" if key == "sft" or not vs_sft else f"{vs_sft['p_value']:.3g}"
-        lines.append(f"| {LABELS.get(key, key)} | {_ci(m, 'accuracy')} | {_ci(m, 'f1')} | {_ci(m, 'roc_auc')} | "
-                     f"{p_base} | {p_sft} | {_ci(extra['models'][key], 'f1')} |")
+        lines.append(f"| {LABELS.get(key, key)} | {common.fmt_ci(m, 'accuracy')} | {common.fmt_ci(m, 'f1')} | {common.fmt_ci(m, 'roc_auc')} | "
+                     f"{p_base} | {p_sft} | {common.fmt_ci(extra['models'][key], 'f1')} |")
     lines.append("")
     lines.append("McNemar (exact, GEN test): " + "; ".join(
         f"{pair.replace('_vs_', ' vs ')} p={t['p_value']:.3g} ({t['n_discordant']} discordant)"

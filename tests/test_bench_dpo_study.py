@@ -56,3 +56,20 @@ def test_the_test_table_reads_compares_record():
     assert "| sft | 0.500 (none recorded) |" in table  # a model without a record is decided at 0.5
     assert "McNemar at own thresholds: dpo vs sft p=0.03 (40 discordant)" in table
     assert "**isarcasm_val**" in table
+
+
+def test_runs_at_two_learning_rates_are_told_apart_in_the_choice_and_the_plot(tmp_path, monkeypatch):
+    slow, fast = row("label", 0.5, 0.70, 0.72), row("label", 0.5, 0.70, 0.75)
+    slow["lr"], fast["lr"] = 5e-5, 5e-4
+    fast["tag"] = "label_beta0.5_lr0.0005"
+    chosen = dpo_study.choose([slow, fast])
+    assert chosen["tag"] == "label_beta0.5_lr0.0005" and chosen["lr"] == 5e-4
+    bars = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar",
+                        lambda self, x, h, *a, **k: bars.append((k.get("label"), list(h))) or original(self, x, h, *a, **k))
+    dpo_study.plot_grid([slow, fast], tmp_path / "grid.png")
+    # Two series per panel, one per lr, each with its own run's value (not the first match twice).
+    assert bars[:2] == [("beta 0.5, lr 5e-05", [0.72]), ("beta 0.5, lr 0.0005", [0.75])]
