@@ -8,7 +8,6 @@ they run as plain scripts from the repository root: `python bench/speed.py`,
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import shlex
@@ -122,7 +121,7 @@ def make_splits(data_dir: str | Path, out: Path) -> Path:
     from sarcasm_dpo.stages.pipeline import run_stage
 
     settings = SplitSettings(data_dir=str(data_dir), output_dir=str(out), no_wandb=True, overwrite=True)
-    if not is_complete_for(out, dataclasses.asdict(settings)):
+    if not is_complete_for(out, settings):
         run_stage("split", settings)
     return out
 

@@ -23,7 +23,6 @@ table and plot beside the selection grid: bench/results/dpo_study_<model>.{json,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -126,7 +125,7 @@ def select(args) -> int:
     for source, beta, lr in grid:
         tag, settings = run_settings(args, source, beta, lr)
         folder = Path(settings.output_dir)
-        if is_complete_for(folder, dataclasses.asdict(settings)):
+        if is_complete_for(folder, settings):
             print(f"[study] {tag}: complete for these settings, reused", flush=True)
             seconds = (runs.get(tag) or {}).get("seconds")
         else:

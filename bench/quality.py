@@ -115,7 +115,7 @@ def run_stages(stages: dict, force: bool) -> tuple[dict, dict]:
     redo = force
     for name, settings in stages.items():
         folder = Path(settings.output_dir)
-        if not redo and is_complete_for(folder, dataclasses.asdict(settings)):
+        if not redo and is_complete_for(folder, settings):
             print(f"[quality] {name}: {folder} is complete for these settings; reused (--force to redo).")
             record = json.loads((folder / STAGES[name].record).read_text())
             took = (record.get("timings") or {}).get("total_s")

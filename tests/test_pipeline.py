@@ -128,6 +128,17 @@ def test_pipeline_end_to_end_then_skips(tiny_model_dir, small_data_dir, tmp_path
     assert again.stdout.count("complete for these settings; skipping") == 4  # split, sft, dpo, compare (no mine)
     assert "ran nothing; skipped split, sft, dpo, compare." in again.stdout
 
+    # Records of an older version lack the settings added since. Left at their defaults, those settings
+    # are what the older version did, so its finished stages still count: an upgrade redoes nothing.
+    for stage, key, default in (("splits", "strict", False), ("sft", "select_by", "f1"),
+                                ("dpo", "select_by", "f1"), ("results", "extra_test", [])):
+        marker = work / stage / "COMPLETE.json"
+        record = json.loads(marker.read_text())
+        assert record["config"].pop(key) == default, (stage, key)
+        marker.write_text(json.dumps(record))
+    upgraded = pipeline(capsys, config, small_data_dir)
+    assert "ran nothing; skipped split, sft, dpo, compare." in upgraded.stdout, upgraded.stdout[-2000:]
+
     # Change one DPO setting: only DPO and compare run again.
     text = config.read_text().replace("  sample_size: 24", "  sample_size: 16")
     config.write_text(text)
@@ -169,6 +180,24 @@ def test_original_scripts_chain(tiny_model_dir, small_data_dir, tmp_path, capsys
     results = json.loads((s / "results" / "model_comparison_results.json").read_text())
     assert results["test_set"]["n"] == 20 and "base" not in results["models"]
     assert set(results["models"]) >= {"sft", "dpo"}
+
+
+def test_a_setting_an_older_record_lacks_matches_only_at_its_default(tmp_path):
+    from sarcasm_dpo.atomic import finish_output_dir, is_complete_for, settings_differences
+    from sarcasm_dpo.settings import CompareSettings
+
+    s = CompareSettings(output_dir=str(tmp_path), n_bootstrap=200)
+    finish_output_dir(tmp_path, s)
+    assert is_complete_for(tmp_path, s)
+    record = json.loads((tmp_path / "COMPLETE.json").read_text())
+    del record["config"]["batch_size"], record["config"]["n_bootstrap"]  # as if both were added later
+    assert settings_differences(record, s) == ["n_bootstrap"]  # batch_size is at its default, n_bootstrap is not
+    import dataclasses
+
+    assert settings_differences(record, dataclasses.asdict(s)) == ["batch_size", "n_bootstrap"]  # a dict has no defaults
+    (tmp_path / "COMPLETE.json").write_text(json.dumps(record))
+    assert not is_complete_for(tmp_path, s)
+    assert is_complete_for(tmp_path, CompareSettings(output_dir=str(tmp_path)))
 
 
 def test_pipeline_refuses_an_unreachable_model_before_writing_anything(small_data_dir, tmp_path, capsys):

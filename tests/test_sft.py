@@ -395,10 +395,16 @@ def test_the_saved_threshold_is_chosen_on_validation_scores_of_the_saved_epoch(t
 def test_eval_steps_scores_validation_within_an_epoch_and_keeps_the_best(tiny_model_dir, toy_csvs, tmp_path):
     # 48 examples at batch 8: 6 steps per epoch; --eval_steps 2 scores at steps 2, 4, 6 (epoch end once).
     out = tmp_path / "sft"
-    summary = sft.run(settings(tiny_model_dir, *toy_csvs, out, epochs=1, eval_steps=2))
+    # logging_steps 5 does not divide 2: each evaluation must still close its own loss window.
+    summary = sft.run(settings(tiny_model_dir, *toy_csvs, out, epochs=1, eval_steps=2, logging_steps=5))
     metrics = json.loads((out / "sft_metrics.json").read_text())
     evaluated = [(e["step"], e["epoch"]) for e in metrics["epochs"]]
     assert [step for step, _ in evaluated] == [2, 4, 6], evaluated
+    assert {2, 4, 6} <= {row["step"] for row in metrics["steps"]}
+    # Each evaluation's train_loss is its own two steps' mean, not the epoch's mean copied thrice.
+    losses = [e["train_loss"] for e in metrics["epochs"]]
+    assert len(set(losses)) == 3, losses
+    assert sum(losses) / 3 == pytest.approx(metrics["train_loss_mean"])
     selected = [e for e in metrics["epochs"] if e["selected"]]
     assert len(selected) == 1
     best_f1 = max(e["gen_val"]["f1"] for e in metrics["epochs"])

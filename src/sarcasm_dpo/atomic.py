@@ -142,27 +142,54 @@ def stable_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
 
 
-def config_fingerprint(config: dict) -> str:
-    """A short stable hash of a settings dict, used to tell whether outputs match a config."""
-    import hashlib
+def settings_and_defaults(config: Any) -> tuple[dict, dict]:
+    """A stage's settings (a dataclass, or a plain dict of them) as a dict, with the defaults of its
+    fields (none for a plain dict): what a record written before a setting existed is read as."""
+    import dataclasses
 
-    text = json.dumps(stable_config(config), sort_keys=True, default=json_default)
+    if not (dataclasses.is_dataclass(config) and not isinstance(config, type)):
+        return dict(config), {}
+    defaults = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return dataclasses.asdict(config), plain_json(defaults)
+
+
+def config_fingerprint(config: Any) -> str:
+    """A short stable hash of a settings dict, kept in COMPLETE.json for people and scripts to compare."""
+    text = json.dumps(stable_config(settings_and_defaults(config)[0]), sort_keys=True, default=json_default)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def is_complete_for(folder: str | os.PathLike, config: dict) -> bool:
-    """True when the folder's stage finished and was made with exactly these settings."""
+def is_complete_for(folder: str | os.PathLike, config: Any) -> bool:
+    """True when the folder's stage finished and was made with these settings (settings_differences)."""
     record = read_complete(folder)
-    return bool(record) and record.get("config_fingerprint") == config_fingerprint(config)
+    return bool(record) and not settings_differences(record, config)
 
 
-def settings_differences(record: dict, config: dict, ignore_keys: tuple[str, ...] = ()) -> list[str]:
-    """Names of the settings in which `config` differs from the one a completion `record` holds
-    (settings that only change logging or start-up, VOLATILE_KEYS, never count)."""
+def settings_differences(record: dict, config: Any, ignore_keys: tuple[str, ...] = ()) -> list[str]:
+    """Names of the settings in which `config` differs from the one a completion `record` holds.
+
+    The one rule for "made with these settings", used by every stage, the pipeline and the benches.
+    Settings that only change logging or start-up (VOLATILE_KEYS) never count. When `config` is a
+    settings dataclass, a setting the record lacks (it was added in a later version) counts as the
+    same if this run leaves it at its default: new settings default to what older versions did, so
+    upgrading the package does not make every finished stage look stale.
+    """
+    config, defaults = settings_and_defaults(config)
     wanted = {k: v for k, v in stable_config(config).items() if k not in ignore_keys}
     wanted = plain_json(wanted)  # as it reads back from COMPLETE.json
     had = {k: v for k, v in stable_config(record.get("config") or {}).items() if k not in ignore_keys}
-    return sorted(k for k in set(had) | set(wanted) if had.get(k) != wanted.get(k))
+
+    def differs(key: str) -> bool:
+        if key not in had and key in defaults:
+            return wanted.get(key) != defaults[key]
+        return had.get(key) != wanted.get(key)
+
+    return sorted(k for k in set(had) | set(wanted) if differs(k))
 
 
 def input_differences(record: dict, inputs: dict | None) -> list[str]:
@@ -174,7 +201,7 @@ def input_differences(record: dict, inputs: dict | None) -> list[str]:
     return sorted(f"input {k}" for k in set(had) | set(inputs) if had.get(k) != inputs.get(k))
 
 
-def check_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool = False, resume: bool = False,
+def check_output_dir(folder: str | os.PathLike, config: Any, overwrite: bool = False, resume: bool = False,
                      ignore_keys: tuple[str, ...] = (), inputs: dict | None = None) -> Path:
     """Read-only: may a stage with `config` write into `folder`? Raises UserError if not.
 
@@ -210,7 +237,7 @@ def check_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool = 
     return folder
 
 
-def prepare_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool = False, resume: bool = False,
+def prepare_output_dir(folder: str | os.PathLike, config: Any, overwrite: bool = False, resume: bool = False,
                        ignore_keys: tuple[str, ...] = (), inputs: dict | None = None) -> Path:
     """`check_output_dir`, then claim the folder: create it and clear its completion marker."""
     folder = check_output_dir(folder, config, overwrite=overwrite, resume=resume, ignore_keys=ignore_keys,
@@ -220,10 +247,11 @@ def prepare_output_dir(folder: str | os.PathLike, config: dict, overwrite: bool 
     return folder
 
 
-def finish_output_dir(folder: str | os.PathLike, config: dict, extra: dict | None = None) -> Path:
+def finish_output_dir(folder: str | os.PathLike, config: Any, extra: dict | None = None) -> Path:
     """Write the completion marker last: the folder now holds a whole, matching set of outputs."""
     import time
 
+    config = settings_and_defaults(config)[0]
     info = {"config": config, "config_fingerprint": config_fingerprint(config),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     info.update(extra or {})

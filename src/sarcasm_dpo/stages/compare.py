@@ -77,7 +77,7 @@ def run(settings: CompareSettings) -> dict:
     test = data.stratified_sample(test_full, s.sample_size, s.seed)
     extras = load_extra_tests(s, train)
     inputs = inputs_of(s)
-    final = check_results_dir(Path(s.output_dir), config, s.overwrite, inputs)
+    final = check_results_dir(Path(s.output_dir), s, s.overwrite, inputs)
     counts = data.class_counts(test)
     print(f"Test set: {s.test_csv}: {len(test)} of {len(test_full)} items ({counts['sarcastic']} sarcastic, "
           f"{counts['not_sarcastic']} not)")
@@ -268,7 +268,7 @@ def inputs_of(s: CompareSettings) -> dict[str, str]:
     return rundir.input_identity({"test_csv": s.test_csv, "train_csv": s.train_csv, **extras, **adapters})
 
 
-def check_results_dir(folder: Path, config: dict, overwrite: bool, inputs: dict) -> Path:
+def check_results_dir(folder: Path, config, overwrite: bool, inputs: dict) -> Path:
     """Read-only: the rule every stage follows. An empty folder, or one holding a finished comparison of
     these settings and inputs, may be (re)written; another comparison or files compare did not write
     only with --overwrite."""

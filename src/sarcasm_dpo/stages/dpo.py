@@ -102,7 +102,7 @@ def train(s, run_name: str | None = None) -> dict:
 
     # Setup. Every check on the input runs before the output folder is touched, so a run refused for
     # any reason leaves a previous result in --output_dir byte for byte as it was.
-    finished = finished_with(ctx.out, ctx.config, sft_dir)
+    finished = finished_with(ctx.out, s, sft_dir)
     if s.resume and finished:
         if ctx.main:
             print(f"{ctx.out} already holds the finished run of these settings; nothing to resume.")
@@ -111,7 +111,7 @@ def train(s, run_name: str | None = None) -> dict:
     check_text_budget(sft_dir, s.max_text_tokens)
     data = load_data(s, tokenizer)
     check_adapter_fits(sft_dir, ctx.model)
-    ctx.resume_from = plan_run_dir(ctx.out, ctx.config, s, finished=finished, state_file=STATE_FILE)
+    ctx.resume_from = plan_run_dir(ctx.out, s, s, finished=finished, state_file=STATE_FILE)
 
     import transformers
 
@@ -505,7 +505,7 @@ def sft_fingerprint(sft_dir: Path) -> str | None:
     return file_sha256(weights) if weights.is_file() else None
 
 
-def finished_with(out: Path, config: dict, sft_dir: Path) -> bool:
+def finished_with(out: Path, config, sft_dir: Path) -> bool:
     """True when `out` holds a finished run of these settings, from the same SFT adapter weights."""
     from ..training.checkpoints import finished_record
 

@@ -51,7 +51,7 @@ def inputs_of(s) -> dict[str, str]:
     return input_identity({"input_csv": s.input_csv, "sft_model": s.sft_model})
 
 
-def check_output_file(out_file: Path, config: dict, overwrite: bool, inputs: dict | None = None) -> None:
+def check_output_file(out_file: Path, config, overwrite: bool, inputs: dict | None = None) -> None:
     """Read-only: may this run write `out_file`? Another run's pairs are replaced only with --overwrite.
 
     The completion record in <stem>_run/ tells whose pairs these are: the same settings may be
@@ -109,7 +109,7 @@ def run(s) -> dict:
     base_ref = adapter_base_model(sft_dir)
     out_file = Path(s.output_file)
     inputs = inputs_of(s)
-    check_output_file(out_file, config, s.overwrite, inputs)
+    check_output_file(out_file, s, s.overwrite, inputs)
     frame = load_split(s.input_csv, "iSarcasmEval training split")
     if s.sample_size:
         frame = stratified_sample(frame, s.sample_size, s.seed)

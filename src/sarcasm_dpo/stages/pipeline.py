@@ -69,7 +69,7 @@ def run(pipe, config_path: str | None = None) -> dict:
             stages[name] = dataclasses.replace(settings, model=route_model(settings.model))
     order = [name for name, stage in pipeline_stages().items() if stage.when(pipe)]
     sft = stages["sft"]
-    if pipe.force or not is_complete_for(sft.output_dir, dataclasses.asdict(sft)):
+    if pipe.force or not is_complete_for(sft.output_dir, sft):
         check_available(sft.model)  # before the split is written or a W&B run opened
     from ..rundir import claim_outputs
 
@@ -90,12 +90,11 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
         if stage.late_chain:
             settings = dataclasses.replace(settings, **stage.late_chain(stages))
         out = Path(stage.marker_dir(settings))
-        config = dataclasses.asdict(settings)
         from ..training.checkpoints import interrupted_run
 
         interrupted = interrupted_run(out)
         # Once a stage has run, everything after it runs too: its inputs just changed.
-        if not pipe.force and not ran and not interrupted and is_complete_for(out, config) \
+        if not pipe.force and not ran and not interrupted and is_complete_for(out, settings) \
                 and same_inputs(name, settings, out):
             print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to redo).")
             skipped.append(name)

@@ -43,7 +43,6 @@ When things go wrong (training/resilience.py holds the shared parts; tests/test_
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -110,12 +109,12 @@ def run(settings, extra_callbacks=()) -> dict:
     # Setup. Every check on the input runs before the output folder is touched, so a run refused
     # for any reason leaves a previous result in --output_dir byte for byte as it was.
     data = SFTData(*load_data(s))  # a wrong path fails in a second, before any model is loaded
-    finished = finished_record(ctx.out, ctx.config, SUMMARY_FILE) is not None
+    finished = finished_record(ctx.out, s, SUMMARY_FILE) is not None
     if s.resume and finished:
         if ctx.main:
             print(f"{ctx.out} already holds the finished run of these settings; nothing to resume.")
         return read_json(ctx.out / SUMMARY_FILE)
-    ctx.resume_from = plan_run_dir(ctx.out, ctx.config, s, finished=finished, state_file=STATE_FILE)
+    ctx.resume_from = plan_run_dir(ctx.out, s, s, finished=finished, state_file=STATE_FILE)
 
     import transformers
 
@@ -340,33 +339,37 @@ def load_validation_state(validation: ValidationCallback, folder: Path) -> None:
 
 def training_metrics(log_history: list[dict], validation: ValidationCallback, val_rows: int,
                      train_loss: float) -> dict:
-    """Loss per logged step and, per epoch, the mean training loss beside the validation metrics."""
+    """Loss per logged step and, per evaluation, the mean training loss of the steps since the
+    previous evaluation (an epoch's mean when validation runs once per epoch) beside its metrics."""
     steps = [{"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"],
               "learning_rate": e.get("learning_rate"), "grad_norm": e.get("grad_norm")}
              for e in log_history if "loss" in e]
-    # TrackerLogCallback forces a log at each epoch end, so each logged window lies within one epoch.
-    sums: dict[int, list[float]] = {}
-    previous = 0
-    for record in steps:
-        epoch_index = max(1, math.ceil((record["epoch"] or 0) - 1e-6))
-        weight = record["step"] - previous
-        previous = record["step"]
-        acc = sums.setdefault(epoch_index, [0.0, 0.0])
-        acc[0] += record["loss"] * weight
-        acc[1] += weight
-    epochs = []
+
+    # A logged loss is the mean over the steps since the previous log, so it weighs that many steps.
+    # Evaluations fall on logged steps (TrackerLogCallback forces a log at each epoch end and at
+    # each --eval_steps step), so every logged window lies between two evaluations.
+    def mean_loss(first_step: int, last_step: int) -> float | None:
+        total = weight = 0.0
+        previous = 0
+        for record in steps:
+            span, previous = record["step"] - previous, record["step"]
+            if first_step < record["step"] <= last_step:
+                total += record["loss"] * span
+                weight += span
+        return total / weight if weight else None
+
+    epochs, previous_eval = [], 0
     for h in validation.history:
-        acc = sums.get(max(1, math.ceil(h["epoch"] - 1e-6)))
-        epochs.append({"epoch": h["epoch"], "step": h["step"],
-                       "train_loss": acc[0] / acc[1] if acc and acc[1] else None,
+        epochs.append({"epoch": h["epoch"], "step": h["step"], "train_loss": mean_loss(previous_eval, h["step"]),
                        VAL_SPLIT: h[VAL_SPLIT], "selected": h["step"] == validation.best_step})
+        previous_eval = h["step"]
     best = next((e for e in epochs if e["selected"]), None)
     # The mean over every step, from the logged windows: the Trainer's own figure only counts the
     # steps since a --resume, while the log history (restored from the checkpoint) covers them all.
-    total = sum(acc[0] for acc in sums.values())
-    steps_logged = sum(acc[1] for acc in sums.values())
-    mean = total / steps_logged if steps_logged else train_loss
-    return {"validation_split": VAL_SPLIT, "validation_rows": val_rows, "train_loss_mean": mean,
+    last = steps[-1]["step"] if steps else 0
+    mean = mean_loss(0, last) if steps else None
+    return {"validation_split": VAL_SPLIT, "validation_rows": val_rows,
+            "train_loss_mean": mean if mean is not None else train_loss,
             "epochs": epochs, "steps": steps,
             "best": {"epoch": validation.best_epoch, "step": validation.best_step,
                      "f1": best[VAL_SPLIT]["f1"] if best else None}}

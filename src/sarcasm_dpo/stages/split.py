@@ -33,7 +33,7 @@ def run(settings) -> dict:
     data_dir = ensure_data_dir(settings.data_dir)
     # The data's identity is part of what a finished split was made from: other data is another run.
     inputs = dataset_identity(data_dir)
-    check_output_dir(out, config, overwrite=settings.overwrite, inputs=inputs)
+    check_output_dir(out, settings, overwrite=settings.overwrite, inputs=inputs)
     with Tracker(enabled=not settings.no_wandb, project=settings.wandb_project, job_type="split",
                  group=settings.wandb_group, config=config) as tracker:
         gen = load_gen(data_dir / GEN_RELPATH, strict=settings.strict)

@@ -47,7 +47,7 @@ def run_sweep(s, dpo) -> dict:
     out = Path(s.output_dir)
     main = is_main_process()
     check_adapter_dir(s.sft_model)
-    check_output_dir(out, config, overwrite=s.overwrite, resume=s.resume)  # claimed once the betas are trained
+    check_output_dir(out, s, overwrite=s.overwrite, resume=s.resume)  # claimed once the betas are trained
     group = s.wandb_group or (None if s.no_wandb else make_group_name("dpo-beta-sweep"))
     betas = list(dict.fromkeys(s.betas))
     rows = []

@@ -157,6 +157,9 @@ class ValidationCallback(TrainerCallback):
         if self.eval_steps and state.global_step % self.eval_steps == 0:
             self.evaluate(model, state.global_step, state.epoch)
             self._maybe_stop(control, args)
+            # Close the loss window here, so the training loss reported beside this evaluation
+            # covers exactly the steps since the previous one (whatever --logging_steps is).
+            control.should_log = True
         return control
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):

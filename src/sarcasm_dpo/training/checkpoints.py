@@ -45,18 +45,19 @@ def latest_checkpoint(ckpt_dir: Path, state_file: str) -> Path | None:
     return max(found)[1] if found else None
 
 
-def finished_record(out: Path, config: dict, summary_file: str) -> dict | None:
-    """The completion record of `out` when it holds the finished run of these settings, else None."""
-    from ..atomic import read_complete, stable_config
+def finished_record(out: Path, config, summary_file: str) -> dict | None:
+    """The completion record of `out` when it holds the finished run of these settings (a settings
+    dataclass or dict, compared by atomic.settings_differences), else None."""
+    from ..atomic import read_complete, settings_differences
 
     record = read_complete(out)
-    if record and stable_config(record.get("config") or {}) == stable_config(config) \
+    if record and not settings_differences(record, config) \
             and (out / summary_file).is_file() and not interrupted_run(out):  # a newer run stopped: not this record's
         return record
     return None
 
 
-def plan_run_dir(out: Path, config: dict, s, *, finished: bool, state_file: str) -> Path | None:
+def plan_run_dir(out: Path, config, s, *, finished: bool, state_file: str) -> Path | None:
     """Read-only: may this run use the output folder, and which checkpoint does it continue from?
 
     A folder with another run's results is refused unless --overwrite (check_output_dir). Old
@@ -98,7 +99,7 @@ def claim_run_dir(out: Path, config: dict, s, resume_from: Path | None) -> None:
         ckpt_dir = out / CHECKPOINTS
         if s.resume and resume_from is None:
             print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
-        check_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+        check_output_dir(out, s, overwrite=s.overwrite, resume=resume_from is not None)
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             print(f"Resuming from {resume_from}.")
