@@ -10,7 +10,8 @@ backward) per path in turn, round after round, so a change in machine load hits 
 The first round is a warm-up and is not counted.
 
 - DPO, label pairs ("Yes"/"No"): today (TRL: two policy and two reference sequences per pair) vs
-  the default fast path (reference precomputed, one pass per prompt, shared prefix).
+  the default fast path (reference precomputed, one pass per prompt, shared prefix, the micro-batch
+  packed into one call) and vs the same without packing (three calls: prefix, prompts, answers).
 - DPO, reasoning pairs (the default style): today vs the reference precomputed (full rows) and vs
   the reference precomputed + shared prefix (the default).
 - SFT: full rows vs the shared prefix; real (non-padding) tokens per second.
@@ -245,7 +246,8 @@ def main(argv=None) -> dict:
         loaded = load(ref)
         started = time.perf_counter()
         comparisons = {
-            "dpo_label": lambda: dpo_comparison(ref, "label", {"today": TODAY, "fast": {}}, steps=args.steps,
+            "dpo_label": lambda: dpo_comparison(ref, "label", {"today": TODAY, "fast": {},
+                                                               "fast, three calls": {"pack_pairs": False}}, steps=args.steps,
                                                 pairs=args.pairs, data_dir=args.data_dir, loaded=loaded),
             "dpo_reasoning": lambda: dpo_comparison(ref, "reasoning", fast_reasoning, steps=args.steps,
                                                     pairs=args.pairs, data_dir=args.data_dir, loaded=loaded),

@@ -250,3 +250,111 @@ def test_shared_prefix_with_smollm2s_chat_template(tmp_path):
     assert shared_prefix_length(prompts) >= 30  # the system turn and the question
     assert_same_step(step(plain, batch), step(fast, batch))
     assert fast._prefix_verdict is True
+
+
+# -- one packed call per micro-batch (packed_pairs.py) --------------------------------------------------------
+
+
+def test_pack_lays_out_each_pair_after_the_shared_prefix():
+    from sarcasm_dpo.training.packed_pairs import pack
+
+    # Two prompts sharing [1, 2]; answers [label, EOS]. The last prompt token opens each answer branch.
+    p = pack([[1, 2, 3, 4], [1, 2, 5, 6, 7]], [([30, 99], [40, 99]), ([31, 99], [41, 99])], prefix=2)
+    assert p.ids == [[1, 2, 3, 4, 30, 4, 40, 5, 6, 7, 31, 7, 41]]
+    assert p.positions == [[0, 1, 2, 3, 4, 3, 4, 2, 3, 4, 5, 4, 5]]  # each token where it sits in its full row
+    assert p.targets == [[-100, -100, -100, 30, 99, 40, 99, -100, -100, 31, 99, 41, 99]]
+    assert p.slots == [[(0, 3), (0, 4)], [(0, 9), (0, 10)], [(0, 5), (0, 6)], [(0, 11), (0, 12)]]
+    # A row limit starts a new row (with the prefix again) rather than splitting a pair.
+    split = pack([[1, 2, 3, 4], [1, 2, 5, 6, 7]], [([30, 99], [40, 99]), ([31, 99], [41, 99])], prefix=2, max_tokens=8)
+    assert split.ids == [[1, 2, 3, 4, 30, 4, 40], [1, 2, 5, 6, 7, 31, 7, 41]]
+    assert split.slots[1] == [(1, 4), (1, 5)]
+
+
+def test_the_block_mask_shows_each_token_only_what_its_full_row_shows():
+    import torch
+
+    from sarcasm_dpo.training.packed_pairs import attention_mask_4d, pack
+
+    p = pack([[1, 2, 3, 4], [1, 2, 5, 6, 7]], [([30, 99], [40, 99]), ([31, 99], [41, 99])], prefix=2)
+    mask = attention_mask_4d(p.groups, 14, "bool", torch.float32, "cpu")[0, 0]  # one padding column
+    seen = {i: [j for j in range(14) if mask[i, j]] for i in range(14)}
+    assert seen[4] == [0, 1, 2, 3, 4]  # pair 0's chosen label: prefix, its prompt, its branch
+    assert seen[6] == [0, 1, 2, 5, 6]  # pair 0's rejected label: not the chosen branch
+    assert seen[12] == [0, 1, 7, 8, 11, 12]  # pair 1's rejected label: not pair 0, not its chosen branch
+    assert seen[13] == [13]  # padding sees itself only
+    additive = attention_mask_4d(p.groups, 14, "float", torch.float32, "cpu")[0, 0]
+    assert torch.equal(additive == 0, mask)
+
+
+@pytest.mark.parametrize("pair_style", ["label", "reasoning"])
+@pytest.mark.parametrize("row_tokens", [2048, 40])  # 40: several packed rows, padded
+def test_packed_pairs_forward_gives_the_fused_heads_outputs(toy, tmp_path, monkeypatch, pair_style, row_tokens):
+    import torch
+
+    from sarcasm_dpo.scoring import shared_prefix_length
+    from sarcasm_dpo.training import packed_pairs
+
+    monkeypatch.setattr(packed_pairs, "MAX_ROW_TOKENS", row_tokens)
+    trainer = build(toy, tmp_path / "t", pair_style=pair_style, **PLAIN)
+    move_policy(trainer.model)
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    model = trainer.model.eval()
+    assert packed_pairs.mask_kind(model) is not None
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                     fused_lm_head=True, use_cache=False)
+        for prefix in (None, shared_prefix_length):
+            got = packed_pairs.packed_pairs_forward(model, batch["input_ids"], batch["attention_mask"], labels, prefix)
+            assert got is not None and got.log_probs.shape == want.log_probs.shape
+            assert torch.equal(got.label_mask, want.label_mask)
+            for field in ("log_probs", "entropy", "mean_logits"):
+                torch.testing.assert_close(getattr(got, field), getattr(want, field), **TOL, msg=field)
+            assert torch.equal(got.is_top1, want.is_top1)
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_packed_label_pairs_give_trls_step(toy, tmp_path, monkeypatch, shared_prefix):
+    from sarcasm_dpo.training import packed_pairs
+
+    monkeypatch.setattr(packed_pairs, "_CHECKED", {})
+    calls = []
+    original = packed_pairs.packed_pairs_forward
+
+    def counted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(packed_pairs, "packed_pairs_forward", counted)
+    trl = build(toy, tmp_path / "trl", pair_style="label", **PLAIN)
+    fast = build(toy, tmp_path / "fast", pair_style="label", shared_prefix=shared_prefix)  # the defaults: packed
+    batch = next(iter(fast.get_train_dataloader()))
+    move_policy(trl.model)
+    move_policy(fast.model)
+    assert_same_step(step(trl, batch), step(fast, batch))
+    assert calls and all(calls)  # the check (once), then the step itself: packed, not the three-call fallback
+    assert list(packed_pairs._CHECKED.values()) == [True]
+
+
+def test_packing_falls_back_where_it_does_not_hold(toy, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from sarcasm_dpo.training import packed_pairs
+
+    monkeypatch.setattr(packed_pairs, "_CHECKED", {})
+    original = packed_pairs.packed_pairs_forward
+
+    def wrong(*args, **kwargs):  # as if this architecture ignored the block mask
+        out = original(*args, **kwargs)
+        return dataclasses.replace(out, log_probs=out.log_probs + 1.0)
+
+    monkeypatch.setattr(packed_pairs, "packed_pairs_forward", wrong)
+    trl = build(toy, tmp_path / "trl", pair_style="label", **PLAIN)
+    fast = build(toy, tmp_path / "fast", pair_style="label")
+    batch = next(iter(fast.get_train_dataloader()))
+    move_policy(trl.model)
+    move_policy(fast.model)
+    assert_same_step(step(trl, batch), step(fast, batch))  # the three-call path, still TRL's step
+    assert "gives other log-probs with pairs packed into one call" in capsys.readouterr().out
+    assert list(packed_pairs._CHECKED.values()) == [False]

@@ -246,6 +246,10 @@ class DPOSettings(Common):
                                     "instead of once per sequence (same loss; false = full rows).")
     one_pass: bool = opt(True, "Label pairs (answers 'Yes'/'No' alone): run each pair's prompt once for both answers "
                                "instead of two full sequences (same loss; false = TRL's two sequences).")
+    pack_pairs: bool = opt(True, "With --one_pass: pack each micro-batch's prompts and both answers of every pair into "
+                                 "one model call under a block attention mask, without padding (same loss; false = "
+                                 "three calls: shared prefix, prompts, answers). Checked once per model; eager and "
+                                 "SDPA attention only, other attention keeps the three calls.")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in output_dir.")
     overwrite: bool = opt(False, "Replace an output_dir that holds another run's results.")
 

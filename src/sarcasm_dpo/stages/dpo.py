@@ -454,9 +454,9 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
     project_labelled_positions_only()  # CPU/MPS: the LM head on the completion rows only (fused_head.py)
     try:
         one_pass = s.one_pass and is_label_pairs(data.pairs)
-        printer(describe_step(one_pass, s.precompute_ref, s.shared_prefix))
+        printer(describe_step(one_pass, s.precompute_ref, s.shared_prefix, one_pass and s.pack_pairs))
         trainer_class = dpo_trainer_class(precompute_ref=s.precompute_ref, one_pass=one_pass,  # TRL's + fast paths
-                                          shared_prefix=s.shared_prefix)
+                                          shared_prefix=s.shared_prefix, pack_pairs=s.pack_pairs)
         trainer = seeded_length_grouping(lean(trainer_class))(model=model, ref_model=None, args=dpo_args(s, model, ckpt_dir), train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[validation])
     except ValueError as exc:  # TRL's checks on the settings (e.g. a loss type that needs other options)

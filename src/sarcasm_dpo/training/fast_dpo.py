@@ -30,6 +30,10 @@ entropies, mean logits and top-1 hits at the same positions, EOS included, and T
 `_compute_loss` turns them into its loss, rewards and metrics as always: only the model call
 changes, through a stand-in model handed to TRL. The loss covers exactly the tokens the full-sequence
 path covers (the label and the EOS after it); nothing is dropped or added.
+
+Packed (`PackedPairs`, `--pack_pairs`, with OnePassPairs): those calls (shared prefix, prompts,
+answer rows) become one, the micro-batch laid out as one unpadded row under a block attention
+mask (packed_pairs.py); the same outputs, fewer and larger matrix products.
 """
 
 from __future__ import annotations
@@ -82,6 +86,14 @@ class OnePassPairs(FastForward):
         return {**super()._fast_forward_options(), "prompt_once": True}
 
 
+class PackedPairs(FastForward):
+    """DPOTrainer mixin, with OnePassPairs: the micro-batch's prompts and answers in one packed call
+    (packed_pairs.py), where this model's attention takes a block mask; else OnePassPairs' three calls."""
+
+    def _fast_forward_options(self) -> dict:
+        return {**super()._fast_forward_options(), "packed": True}
+
+
 def is_label_pairs(pairs) -> bool:
     """True when every answer is a label word alone ("Yes" / "No"): the pairs `--pair_style label` builds."""
     from ..prompts import LABEL_WORDS
@@ -89,10 +101,12 @@ def is_label_pairs(pairs) -> bool:
     return bool(set(pairs["chosen"]) | set(pairs["rejected"]) <= set(LABEL_WORDS))
 
 
-def describe_step(one_pass: bool, precompute_ref: bool, shared_prefix: bool = False) -> str:
+def describe_step(one_pass: bool, precompute_ref: bool, shared_prefix: bool = False, packed: bool = False) -> str:
     """The line that says which DPO path runs."""
     policy = ("one pass over each prompt for both label answers" if one_pass
               else "TRL's two full sequences per pair (chosen, rejected)")
+    if packed:
+        policy += ", the micro-batch packed into one call"
     reference = ("computed once before training" if precompute_ref
                  else "two more full sequences per pair at every step")
     prefix = "; the prompts' shared prefix runs once per micro-batch" if shared_prefix else ""
@@ -100,7 +114,7 @@ def describe_step(one_pass: bool, precompute_ref: bool, shared_prefix: bool = Fa
 
 
 def dpo_trainer_class(base: type | None = None, *, precompute_ref: bool = True, one_pass: bool = False,
-                      shared_prefix: bool = False) -> type:
+                      shared_prefix: bool = False, pack_pairs: bool = False) -> type:
     """`base` (TRL's DPOTrainer by default) with the fast paths asked for; the same class for the same request.
 
     The mixins use cooperative super(), so another mixin (or recipe.seeded_length_grouping) can be
@@ -110,5 +124,6 @@ def dpo_trainer_class(base: type | None = None, *, precompute_ref: bool = True, 
         from trl import DPOTrainer
 
         base = DPOTrainer
-    chosen = ((OnePassPairs, one_pass), (SharedPrefixTraining, shared_prefix), (InMemoryReference, precompute_ref))
+    chosen = ((PackedPairs, one_pass and pack_pairs), (OnePassPairs, one_pass), (SharedPrefixTraining, shared_prefix),
+              (InMemoryReference, precompute_ref))
     return trainer_class(base, *(m for m, on in chosen if on))

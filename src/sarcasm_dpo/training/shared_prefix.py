@@ -172,10 +172,11 @@ class FastModel:
     path. Every other call, and every attribute, goes to the model itself.
     """
 
-    def __init__(self, model, *, prompt_once: bool = False, prefix_of=None):
+    def __init__(self, model, *, prompt_once: bool = False, prefix_of=None, packed: bool = False):
         self.model = model
         self.prompt_once = prompt_once
         self.prefix_of = prefix_of
+        self.packed = packed
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -187,6 +188,14 @@ class FastModel:
         if attention_mask is None:
             return self.model(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
         if self.prompt_once:
+            if self.packed:  # one call for the whole micro-batch where this model's attention allows it
+                from .packed_pairs import packed_pairs_forward, packing_works
+
+                if packing_works(self.model, input_ids, attention_mask, labels, prompt_once_forward):
+                    out = packed_pairs_forward(self.model, input_ids, attention_mask, labels,
+                                               shared_prefix_length if self.prefix_of else None)
+                    if out is not None:
+                        return out
             return prompt_once_forward(self.model, input_ids, attention_mask, labels, prefix_of=self.prefix_of)
         prefix = self.prefix_of(prompt_ids(input_ids, labels)) if self.prefix_of else None
         if prefix is None:
