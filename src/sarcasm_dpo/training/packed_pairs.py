@@ -31,7 +31,7 @@ the three-call path.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 MAX_ROW_TOKENS = 2048  # a packed row's attention is dense (length^2): longer micro-batches take several rows
 _MASKS = {"sdpa": "bool", "eager": "float"}  # attention implementations that read a custom 4D mask, and its kind
@@ -105,6 +105,34 @@ def attention_mask_4d(groups: list[list[tuple[int, int]]], width: int, kind: str
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+class PairLayout(NamedTuple):
+    pairs: int
+    prompt_len: Any  # tensor, per row: the prompt's length = the first answer position
+    answer_len: Any  # tensor, per row: how many answer tokens (EOS included)
+    answer: Any  # (rows, width) bool tensor: the answer positions
+
+
+def pair_layout(input_ids, labels) -> PairLayout | None:
+    """TRL's DPO batch as [chosen rows; rejected rows] of right-padded full rows, each pair's two rows on the
+    same prompt and each answer right after it, or None when the batch is not laid out that way."""
+    import torch
+
+    rows, width = input_ids.shape
+    pairs = rows // 2
+    answer = labels != -100
+    prompt_len = answer.int().argmax(-1)  # the first answer position = the prompt's length
+    answer_len = answer.sum(-1)
+    steps = torch.arange(width, device=input_ids.device)
+    in_prompt = steps[None] < prompt_len[:pairs, None]
+    contiguous = (steps[None] >= prompt_len[:, None]) & (steps[None] < (prompt_len + answer_len)[:, None])
+    if not (pairs and rows == 2 * pairs and bool(answer.any(-1).all()) and int(prompt_len.min()) >= 2
+            and bool((prompt_len[:pairs] == prompt_len[pairs:]).all())
+            and bool(((input_ids[:pairs] == input_ids[pairs:]) | ~in_prompt).all())
+            and bool((answer == contiguous).all())):
+        return None
+    return PairLayout(pairs, prompt_len, answer_len, answer)
+
+
 def mask_kind(model) -> str | None:
     from ..scoring import _base_model
 
@@ -122,21 +150,10 @@ def packed_pairs_forward(model, input_ids, attention_mask, labels, prefix_of_len
     from trl.trainer.utils import FusedCausalLMOutput
 
     kind = mask_kind(model)
-    rows, width = input_ids.shape
-    pairs = rows // 2
-    if kind is None or rows != 2 * pairs or not pairs:
+    layout = pair_layout(input_ids, labels) if kind is not None else None
+    if layout is None:
         return None
-    answer = labels != -100
-    prompt_len = answer.int().argmax(-1)
-    answer_len = answer.sum(-1)
-    steps = torch.arange(width, device=input_ids.device)
-    in_prompt = steps[None] < prompt_len[:pairs, None]
-    if not (bool(answer.any(-1).all()) and int(prompt_len.min()) >= 2
-            and bool((prompt_len[:pairs] == prompt_len[pairs:]).all())
-            and bool(((input_ids[:pairs] == input_ids[pairs:]) | ~in_prompt).all())
-            and bool((answer == ((steps[None] >= prompt_len[:, None])
-                                 & (steps[None] < (prompt_len + answer_len)[:, None]))).all())):
-        return None
+    pairs, prompt_len, answer_len, answer = layout
     ids = input_ids.tolist()
     lengths, spans = prompt_len.tolist(), answer_len.tolist()
     heads = [ids[b][: lengths[b]] for b in range(pairs)]

@@ -33,6 +33,8 @@ has the same distribution, so the expected gradient is the same; only the noise 
 from __future__ import annotations
 
 from ..scoring import PrefixCache, Scorer, _base_model, _cache_entries, cache_argument, shared_prefix_length
+from . import packed_pairs
+from .packed_pairs import pair_layout
 
 MODEL_KEYS = {"input_ids", "attention_mask", "use_cache"}  # what TRL's SFT and DPO batches hand the model
 
@@ -113,18 +115,12 @@ def prompt_once_forward(model, input_ids, attention_mask, labels, prefix_of=None
     import torch
     from trl.trainer.utils import FusedCausalLMOutput
 
-    rows, width = input_ids.shape
-    pairs = rows // 2
-    answer = labels != -100
-    prompt_len = answer.int().argmax(-1)  # the first answer position = the prompt's length
-    answer_len = answer.sum(-1)
-    steps = torch.arange(width, device=input_ids.device)
-    in_prompt = steps[None] < prompt_len[:pairs, None]
-    layout_ok = (rows == 2 * pairs and bool(answer.any(-1).all()) and int(prompt_len.min()) >= 2
-                 and bool((prompt_len[:pairs] == prompt_len[pairs:]).all())
-                 and bool(((input_ids[:pairs] == input_ids[pairs:]) | ~in_prompt).all()))
-    if not layout_ok:  # not two rows per pair on one prompt: TRL's full-row call
+    layout = pair_layout(input_ids, labels)
+    if layout is None:  # not two rows per pair on one prompt: TRL's full-row call
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
+    width = input_ids.shape[1]
+    pairs, prompt_len, answer_len, answer = layout
+    steps = torch.arange(width, device=input_ids.device)
 
     # 1. Each pair's prompt but its last token, once: B right-padded rows through the backbone, with gradients.
     head_len = prompt_len[:pairs] - 1
@@ -189,11 +185,9 @@ class FastModel:
             return self.model(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
         if self.prompt_once:
             if self.packed:  # one call for the whole micro-batch where this model's attention allows it
-                from .packed_pairs import packed_pairs_forward, packing_works
-
-                if packing_works(self.model, input_ids, attention_mask, labels, prompt_once_forward):
-                    out = packed_pairs_forward(self.model, input_ids, attention_mask, labels,
-                                               shared_prefix_length if self.prefix_of else None)
+                if packed_pairs.packing_works(self.model, input_ids, attention_mask, labels, prompt_once_forward):
+                    out = packed_pairs.packed_pairs_forward(self.model, input_ids, attention_mask, labels,
+                                                            shared_prefix_length if self.prefix_of else None)
                     if out is not None:
                         return out
             return prompt_once_forward(self.model, input_ids, attention_mask, labels, prefix_of=self.prefix_of)
