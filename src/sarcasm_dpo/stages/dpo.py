@@ -111,7 +111,7 @@ def train(s, run_name: str | None = None) -> dict:
     check_text_budget(sft_dir, s.max_text_tokens)
     data = load_data(s, tokenizer)
     check_adapter_fits(sft_dir, ctx.model)
-    ctx.resume_from = plan_run_dir(ctx.out, s, s, finished=finished, state_file=STATE_FILE)
+    ctx.resume_from = plan_run_dir(ctx.out, s, finished=finished, state_file=STATE_FILE)
 
     import transformers
 
@@ -197,7 +197,7 @@ def fit(ctx: RunContext, model, tokenizer, data: DPOData) -> Trained:
         if resume_from:
             load_state(resume_from, validation, diagnostics)
         if not claimed:
-            claim_run_dir(out, ctx.config, s, resume_from)
+            claim_run_dir(out, s, resume_from)
             claimed = True
         if main:
             print(describe_start(sized, data, ctx.model, ctx.device, resume_from))

@@ -114,7 +114,7 @@ def run(settings, extra_callbacks=()) -> dict:
         if ctx.main:
             print(f"{ctx.out} already holds the finished run of these settings; nothing to resume.")
         return read_json(ctx.out / SUMMARY_FILE)
-    ctx.resume_from = plan_run_dir(ctx.out, s, s, finished=finished, state_file=STATE_FILE)
+    ctx.resume_from = plan_run_dir(ctx.out, s, finished=finished, state_file=STATE_FILE)
 
     import transformers
 
@@ -192,7 +192,7 @@ def fit(ctx: RunContext, model, tokenizer, train_ds, data: SFTData, extra_callba
         trainer = build_trainer(sized, current, tokenizer, train_ds, out / CHECKPOINTS, callbacks)
         current = trainer.model
         if not claimed:
-            claim_run_dir(out, ctx.config, s, resume_from)
+            claim_run_dir(out, s, resume_from)
             claimed = True
         if main:
             print(describe_start(sized, data, base.device, parameter_counts(trainer.model), resume_from))

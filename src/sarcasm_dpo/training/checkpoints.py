@@ -57,7 +57,7 @@ def finished_record(out: Path, config, summary_file: str) -> dict | None:
     return None
 
 
-def plan_run_dir(out: Path, config, s, *, finished: bool, state_file: str) -> Path | None:
+def plan_run_dir(out: Path, s, *, finished: bool, state_file: str) -> Path | None:
     """Read-only: may this run use the output folder, and which checkpoint does it continue from?
 
     A folder with another run's results is refused unless --overwrite (check_output_dir). Old
@@ -74,10 +74,10 @@ def plan_run_dir(out: Path, config, s, *, finished: bool, state_file: str) -> Pa
     if latest is not None and not s.resume and not s.overwrite:  # say so first: --resume is the likely wish
         raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
                         "or --overwrite to start over.")
-    check_output_dir(out, config, overwrite=s.overwrite, resume=resume_from is not None)
+    check_output_dir(out, s, overwrite=s.overwrite, resume=resume_from is not None)
     if resume_from is not None:
         had = read_json(ckpt_dir / RUN_CONFIG) if (ckpt_dir / RUN_CONFIG).is_file() else {}
-        diff = settings_differences({"config": had}, config, ignore_keys=RESUME_NEUTRAL)
+        diff = settings_differences({"config": had}, s, ignore_keys=RESUME_NEUTRAL)
         if diff:
             raise UserError(f"The checkpoints in {ckpt_dir} were made with other settings (differ in: "
                             f"{', '.join(diff)}). Resume with the same settings, or pass --overwrite "
@@ -85,14 +85,14 @@ def plan_run_dir(out: Path, config, s, *, finished: bool, state_file: str) -> Pa
     return resume_from
 
 
-def claim_run_dir(out: Path, config: dict, s, resume_from: Path | None) -> None:
+def claim_run_dir(out: Path, s, resume_from: Path | None) -> None:
     """Take the folder over once every check passed: stale checkpoints gone, the settings recorded beside
     the checkpoints. The previous run's files and COMPLETE.json stay until this run's outputs start to
     land (save_adapter clears the marker), so a run that fails while training (out of memory, a full
     disk, a diverging loss) leaves them whole; `interrupted_run()` tells the pipeline a newer run was
     stopped there. Call it on every process once the trainer exists (it sets up the process group);
     only the main process writes, and all wait until it has."""
-    from ..atomic import check_output_dir, write_json
+    from ..atomic import check_output_dir, settings_and_defaults, write_json
 
     barrier()
     if is_main_process():
@@ -105,7 +105,7 @@ def claim_run_dir(out: Path, config: dict, s, resume_from: Path | None) -> None:
             print(f"Resuming from {resume_from}.")
         elif ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)  # --overwrite, or leftovers with no complete checkpoint to resume from
-        write_json(ckpt_dir / RUN_CONFIG, config)
+        write_json(ckpt_dir / RUN_CONFIG, settings_and_defaults(s)[0])
     barrier()
 
 
