@@ -360,3 +360,20 @@ def test_packing_falls_back_where_it_does_not_hold(toy, tmp_path, monkeypatch, c
     assert_same_step(step(trl, batch), step(fast, batch))  # the three-call path, still TRL's step
     assert "gives other log-probs with pairs packed into one call" in capsys.readouterr().out
     assert list(packed_pairs._CHECKED.values()) == [False]
+
+
+def test_attention_without_block_masks_keeps_three_calls_quietly(toy, tmp_path, monkeypatch, capsys):
+    from sarcasm_dpo.training import packed_pairs
+    from sarcasm_dpo.training.shared_prefix import prompt_once_forward
+
+    monkeypatch.setattr(packed_pairs, "_CHECKED", {})
+    monkeypatch.setattr(packed_pairs, "_MASKS", {})  # as for flash attention: no custom 4D mask
+    trainer = build(toy, tmp_path / "t", pair_style="label", **PLAIN)
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    model = trainer.model
+    assert packed_pairs.packed_pairs_forward(model, batch["input_ids"], batch["attention_mask"], labels) is None
+    capsys.readouterr()
+    assert not packed_pairs.packing_works(model, batch["input_ids"], batch["attention_mask"], labels,
+                                          prompt_once_forward)
+    assert packed_pairs._CHECKED == {} and capsys.readouterr().out == ""  # no verdict cached, nothing said
