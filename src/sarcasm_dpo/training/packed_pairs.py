@@ -197,13 +197,13 @@ def packing_works(model, input_ids, attention_mask, labels, reference) -> bool:
 
     from ..scoring import _base_model
 
-    if mask_kind(model) is None or pair_layout(input_ids, labels) is None:  # nothing to check: not this path's batch
-        return False
     base = _base_model(model)
     dtype = next(model.parameters()).dtype
     key = (type(base).__name__, getattr(getattr(base, "config", None), "_attn_implementation", None), str(dtype),
            input_ids.device.type)
     if key not in _CHECKED:
+        if mask_kind(model) is None or pair_layout(input_ids, labels) is None:  # nothing to check on: no verdict yet
+            return False
         was_training = model.training
         model.eval()
         try:
