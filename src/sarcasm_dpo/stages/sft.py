@@ -366,8 +366,7 @@ def training_metrics(log_history: list[dict], validation: ValidationCallback, va
     best = next((e for e in epochs if e["selected"]), None)
     # The mean over every step, from the logged windows: the Trainer's own figure only counts the
     # steps since a --resume, while the log history (restored from the checkpoint) covers them all.
-    last = steps[-1]["step"] if steps else 0
-    mean = mean_loss(0, last) if steps else None
+    mean = mean_loss(0, steps[-1]["step"]) if steps else None
     return {"validation_split": VAL_SPLIT, "validation_rows": val_rows,
             "train_loss_mean": mean if mean is not None else train_loss,
             "epochs": epochs, "steps": steps,

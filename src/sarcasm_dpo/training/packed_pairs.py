@@ -147,7 +147,6 @@ def packed_pairs_forward(model, input_ids, attention_mask, labels, prefix_of_len
     `prefix_of_length`: prompts (token lists) -> how many leading tokens they share (0: none shared).
     """
     import torch
-    from trl.trainer.utils import FusedCausalLMOutput
 
     kind = mask_kind(model)
     layout = pair_layout(input_ids, labels) if kind is not None else None
@@ -170,19 +169,27 @@ def packed_pairs_forward(model, input_ids, attention_mask, labels, prefix_of_len
     def padded(values, fill):
         return torch.tensor([r + [fill] * (packed_width - len(r)) for r in values], dtype=torch.long, device=device)
 
-    dtype = next(p for p in model.parameters()).dtype
+    dtype = next(model.parameters()).dtype
     mask = attention_mask_4d(packed.groups, packed_width, kind, dtype, device)
     out = model(input_ids=padded(packed.ids, 0), attention_mask=mask, position_ids=padded(packed.positions, 0),
                 shift_labels=padded(packed.targets, -100), fused_lm_head=True, use_cache=False)
 
-    # Back into TRL's layout: (rows, width - 1), next-token position t scored against token t + 1.
-    target = answer[:, 1:]
     flat = torch.tensor([r * packed_width + c for row in packed.slots for r, c in row], dtype=torch.long, device=device)
+    return in_trl_layout(out, answer, lambda values: values.reshape(-1)[flat])
+
+
+def in_trl_layout(out, answer, answer_values):
+    """TRL's fused-head output for full rows from `out`, a fused-head output laid out otherwise:
+    `answer_values(field)` gives a field's values at the answer tokens, rows in order, each row's
+    tokens in order; they go to TRL's layout (rows, width - 1), position t scored against token t + 1."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    target = answer[:, 1:]
 
     def place(values):
         if values is None:
             return None
-        return values.new_zeros(target.shape).masked_scatter(target, values.reshape(-1)[flat])
+        return values.new_zeros(target.shape).masked_scatter(target, answer_values(values))
 
     log_probs = place(out.log_probs)
     return FusedCausalLMOutput(loss=-log_probs.sum() / target.sum().clamp(min=1), log_probs=log_probs,

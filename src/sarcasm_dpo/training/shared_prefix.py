@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from ..scoring import PrefixCache, Scorer, _base_model, _cache_entries, cache_argument, shared_prefix_length
 from . import packed_pairs
-from .packed_pairs import pair_layout
+from .packed_pairs import in_trl_layout, pair_layout
 
 MODEL_KEYS = {"input_ids", "attention_mask", "use_cache"}  # what TRL's SFT and DPO batches hand the model
 
@@ -113,7 +113,6 @@ def prompt_once_forward(model, input_ids, attention_mask, labels, prefix_of=None
     `prefix_of` (SharedPrefixTraining): the prompts' shared prefix runs once too.
     """
     import torch
-    from trl.trainer.utils import FusedCausalLMOutput
 
     layout = pair_layout(input_ids, labels)
     if layout is None:  # not two rows per pair on one prompt: TRL's full-row call
@@ -146,18 +145,8 @@ def prompt_once_forward(model, input_ids, attention_mask, labels, prefix_of=None
     out = model(input_ids=tail_ids, attention_mask=mask, position_ids=at, shift_labels=tail_labels,
                 fused_lm_head=True, use_cache=False, **{cache_argument(model): cache_from(layers, model)})
 
-    # 3. Back into TRL's layout: (rows, width - 1), next-token position t scored against token t + 1.
-    target = answer[:, 1:]
-
-    def place(values):
-        if values is None:
-            return None
-        return values.new_zeros(target.shape).masked_scatter(target, values[valid])
-
-    log_probs = place(out.log_probs)
-    return FusedCausalLMOutput(loss=-log_probs.sum() / target.sum().clamp(min=1), log_probs=log_probs,
-                               entropy=place(out.entropy), log_sum_sq_probs=place(out.log_sum_sq_probs),
-                               mean_logits=place(out.mean_logits), is_top1=place(out.is_top1), label_mask=target)
+    # 3. Back into TRL's layout.
+    return in_trl_layout(out, answer, lambda values: values[valid])
 
 
 class FastModel:
