@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT
 
 from sarcasm_dpo.cli import build_parser, main
+from sarcasm_dpo.errors import UserError
 from sarcasm_dpo.stages import STAGES
 
 CLI = [sys.executable, "-m", "sarcasm_dpo.cli"]
@@ -80,7 +81,22 @@ def test_predict_json_lines(tiny_model_dir, tmp_path, capsys, monkeypatch):
     csv = tmp_path / "t.csv"
     csv.write_text("body\nhello\n")
     assert main(["predict", "--model", str(tiny_model_dir), "--input", str(csv)]) == 2
-    assert "no `text` column" in capsys.readouterr().err
+    assert "no text column" in capsys.readouterr().err
+
+
+def test_predict_reads_the_text_column_of_every_table_format(tmp_path):
+    from sarcasm_dpo.stages.predict import read_texts
+
+    files = {"gen.csv": "class,id,text\nsarc,1,oh great\nnotsarc,2,fine\n",
+             "isarc.csv": ",tweet,sarcastic,rephrase\n0,oh great,1,bad\n1,fine,0,\n",
+             "plain.tsv": "text\nOh, great\nfine\n", "rows.jsonl": '{"text": "oh great"}\n\n{"text": "fine"}\n'}
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+        expected = ["Oh, great", "fine"] if name.endswith(".tsv") else ["oh great", "fine"]
+        assert read_texts(str(tmp_path / name)) == expected, name
+    (tmp_path / "holes.csv").write_text("text,label\n,1\nfine,0\n")
+    with pytest.raises(UserError, match=r"1 row\(s\) with an empty text \(rows 1;"):
+        read_texts(str(tmp_path / "holes.csv"))
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -79,6 +79,27 @@ def test_generic_label_words_and_jsonl(tmp_path):
     assert frame.label.tolist() == [1, 0] and frame.id.tolist() == ["1", "2"]
 
 
+def test_tab_separated_files_read_as_tables(tmp_path):
+    for name in ("t.tsv", "t.tab"):
+        path = write(tmp_path, name, "text\tlabel\nOh, great.\t1\nfine\t0\n")
+        assert load_table(path).text.tolist() == ["Oh, great.", "fine"]
+
+
+def test_jsonl_blank_lines_skipped_and_values_read_as_text(tmp_path):
+    path = write(tmp_path, "v.jsonl", '{"text": "a", "label": 1}\n\n{"text": 7, "label": true}\n{"text": "c", "label": 0.0}\n')
+    frame = load_table(path)
+    assert frame.text.tolist() == ["a", "7", "c"] and frame.label.tolist() == [1, 1, 0]
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"text": "a", "label": 1}\nnot json\n', r"line 2 is not valid JSON"),
+    ('{"text": "a", "label": 1}\n\n["b", 0]\n', r"line 3 is a JSON list, not an object"),
+])
+def test_bad_jsonl_names_the_line(tmp_path, content, match):
+    with pytest.raises(UserError, match=match):
+        load_table(write(tmp_path, "b.jsonl", content))
+
+
 @pytest.mark.parametrize("content,match", [
     (None, "not found"), ("", "empty"), ("text,label\n", "no rows"), ("text,label\n,1\n,0\n", "no text at all"),
 ])

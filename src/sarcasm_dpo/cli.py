@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     predict.add_argument("--model", default=None, help="Base model: hub id, folder or .gguf (empty: the adapter's base).")
     predict.add_argument("--adapter", default=None, help="LoRA adapter folder (from sft or dpo).")
-    predict.add_argument("--input", default=None, help="Text file (one text per line) or CSV/JSONL with a text column; stdin if absent.")
+    predict.add_argument("--input", default=None, help="Text file (one text per line), or CSV/TSV/JSON/JSONL with a text (or tweet) column; stdin if absent.")
     predict.add_argument("--batch_size", type=int, default=16, help="Texts per forward pass.")
     predict.add_argument("--max_text_tokens", type=int, default=256, help="Texts are cut to this many tokens inside the prompt.")
     predict.add_argument("--threshold", type=float, default=None,

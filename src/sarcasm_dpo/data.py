@@ -51,23 +51,54 @@ def _rows(index, limit: int = 10) -> str:
     return ", ".join(rows) + (f" and {more} more" if more > 0 else "")
 
 
+# What a data file's name says about how to read it; any other name is read as a comma-separated CSV.
+TAB_SEPARATED = (".tsv", ".tab")
+JSON_LINES = (".jsonl", ".ndjson")
+TABLE_SUFFIXES = (".csv", ".json", *TAB_SEPARATED, *JSON_LINES)
+
+
 def read_frame(path: str | Path) -> pd.DataFrame:
-    """Read a CSV or JSONL file into a DataFrame, turning every pandas failure into a clear error."""
+    """Read a CSV, TSV, JSON or JSONL file into a DataFrame, turning every parse failure into a clear error."""
     from .inputs import check_input_file
 
     path = check_input_file(path, "Data file")
+    suffix = path.suffix.lower()
     try:
-        if path.suffix.lower() in (".jsonl", ".ndjson"):
-            frame = pd.read_json(path, lines=True, dtype=False)
-        elif path.suffix.lower() == ".json":
+        if suffix in JSON_LINES:
+            frame = _read_json_lines(path)
+        elif suffix == ".json":
             frame = pd.read_json(path, dtype=False)
         else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=True)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=True, sep="\t" if suffix in TAB_SEPARATED else ",")
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise UserError(f"Could not parse {path}: {str(exc).splitlines()[0]}{_separator_hint(path)}") from None
+        hint = "" if suffix in TAB_SEPARATED else _separator_hint(path)
+        raise UserError(f"Could not parse {path}: {str(exc).splitlines()[0]}{hint}") from None
     if frame.empty:
         raise UserError(f"Data file {path} has a header but no rows.")
     return frame
+
+
+def _read_json_lines(path: Path) -> pd.DataFrame:
+    """One JSON object per line (blank lines skipped); a bad line is named by its number, as an editor shows it."""
+    import json
+
+    from .inputs import read_input_text
+
+    records = []
+    for number, line in enumerate(read_input_text(path, "Data file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {number} is not valid JSON ({exc.msg}, column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"line {number} is a JSON {type(record).__name__}, not an object such as "
+                             '{"text": "...", "label": 1}')
+        records.append(record)
+    # Every value as text, as the CSV reader gives it: labels such as 1, "1" and true are then read alike.
+    frame = pd.DataFrame.from_records(records)
+    return frame.astype(object).where(frame.isna(), frame.astype(str)) if len(frame) else frame
 
 
 def _separator_hint(path: Path) -> str:
@@ -120,6 +151,20 @@ def detect_format(frame: pd.DataFrame, path: str | Path | None = None) -> str:
         "iSarcasmEval (tweet, sarcastic, rephrase, ...), or generic (text, label)"
         + (_separator_hint(Path(path)) if path is not None else ".")
     )
+
+
+def text_column(frame: pd.DataFrame, path) -> pd.Series:
+    """The texts of an unlabelled or labelled file in any of the three formats: `text` (GEN, generic)
+    or `tweet` (iSarcasmEval); empty texts are an error that lists their rows."""
+    column = "text" if "text" in frame.columns else "tweet" if "tweet" in frame.columns else None
+    if column is None:
+        raise UserError(f"{path}: no text column. Found columns: {list(frame.columns)}; expected `text` "
+                        "(GEN or generic files) or `tweet` (iSarcasmEval)." + _separator_hint(Path(path)))
+    empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
+    if empty.any():
+        raise UserError(f"{path}: {int(empty.sum())} row(s) with an empty text (rows {_rows(frame.index[empty])}; "
+                        "row 1 = the first row after the header). Remove them or fill them in.")
+    return frame[column].astype(str)
 
 
 def _standard(frame: pd.DataFrame, path, fmt: str) -> pd.DataFrame:
@@ -183,7 +228,7 @@ def clean(frame: pd.DataFrame, path, strict: bool = False, drop_conflicts: bool 
 
 def load_table(path: str | Path, fmt: str = "auto", strict: bool = False, drop_conflicts: bool = False,
                log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Load GEN, iSarcasmEval or a generic text/label CSV/JSONL as the standard table."""
+    """Load GEN, iSarcasmEval or a generic text/label CSV/TSV/JSON/JSONL as the standard table."""
     frame = read_frame(path)
     fmt = detect_format(frame, path) if fmt == "auto" else fmt
     return clean(_standard(frame, path, fmt), path, strict=strict, drop_conflicts=drop_conflicts, log=log)

@@ -1,7 +1,7 @@
 """`sarcasm-dpo predict`: classify texts with a base model and an optional adapter.
 
-Input is a text file (one text per line), a CSV/JSONL with a `text` column, or stdin; output is
-one JSON line per text: {"text", "p_sarcastic", "label"}.
+Input is a text file (one text per line), a CSV/TSV/JSON/JSONL file with a `text` column (or
+iSarcasmEval's `tweet`), or stdin; output is one JSON line per text: {"text", "p_sarcastic", "label"}.
 
     echo "Oh great, another Monday." | sarcasm-dpo predict --adapter models/sft
 """
@@ -22,17 +22,12 @@ def read_texts(path: str | None) -> list[str]:
         lines = decode_text(sys.stdin.buffer.read(), "Standard input").splitlines()
         return [line for line in lines if line.strip()]
     p = check_input_file(path, "Input file", allow_empty=True)
-    if p.suffix.lower() in (".csv", ".jsonl", ".ndjson", ".json"):
-        from ..data import read_frame
+    from ..data import TABLE_SUFFIXES
 
-        frame = read_frame(p)
-        if "text" not in frame.columns:
-            raise UserError(f"{path}: no `text` column. Found columns: {list(frame.columns)}; expected: ['text'].")
-        empty = frame["text"].isna() | (frame["text"].astype(str).str.strip() == "")
-        if empty.any():
-            rows = ", ".join(str(i + 1) for i in frame.index[empty][:10])
-            raise UserError(f"{path}: {int(empty.sum())} row(s) with an empty text (rows {rows}).")
-        return frame["text"].astype(str).tolist()
+    if p.suffix.lower() in TABLE_SUFFIXES:
+        from ..data import read_frame, text_column
+
+        return text_column(read_frame(p), path).tolist()
     return [line for line in decode_text(p.read_bytes(), f"Input file {p}").splitlines() if line.strip()]
 
 
