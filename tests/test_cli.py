@@ -89,7 +89,8 @@ def test_predict_reads_the_text_column_of_every_table_format(tmp_path):
 
     files = {"gen.csv": "class,id,text\nsarc,1,oh great\nnotsarc,2,fine\n",
              "isarc.csv": ",tweet,sarcastic,rephrase\n0,oh great,1,bad\n1,fine,0,\n",
-             "plain.tsv": "text\nOh, great\nfine\n", "rows.jsonl": '{"text": "oh great"}\n\n{"text": "fine"}\n'}
+             "plain.tsv": "text\nOh, great\nfine\n", "rows.jsonl": '{"text": "oh great"}\n\n{"text": "fine"}\n',
+             "headlines.json": '{"headline": "oh great"}\n{"headline": "fine"}\n'}
     for name, content in files.items():
         (tmp_path / name).write_text(content)
         expected = ["Oh, great", "fine"] if name.endswith(".tsv") else ["oh great", "fine"]

@@ -91,6 +91,20 @@ def test_jsonl_blank_lines_skipped_and_values_read_as_text(tmp_path):
     assert frame.text.tolist() == ["a", "7", "c"] and frame.label.tolist() == [1, 1, 0]
 
 
+def test_public_datasets_read_as_distributed(tmp_path):
+    """News Headlines: JSON lines in a .json file; SARC: a CSV whose text is `comment`."""
+    headlines = write(tmp_path, "Sarcasm_Headlines_Dataset.json",
+                      '{"article_link": "u1", "headline": "area man wins", "is_sarcastic": 1}\n'
+                      '{"article_link": "u2", "headline": "rates rise", "is_sarcastic": 0}\n')
+    sarc = write(tmp_path, "train-balanced-sarcasm.csv",
+                 "label,comment,author,subreddit,parent_comment\n0,fine idea,a,b,p\n1,oh sure,a,b,p\n")
+    array = write(tmp_path, "array.json", '[{"text": "x", "label": "yes"}, {"text": "y", "label": "no"}]')
+    for path, texts, labels in ((headlines, ["area man wins", "rates rise"], [1, 0]),
+                                (sarc, ["fine idea", "oh sure"], [0, 1]), (array, ["x", "y"], [1, 0])):
+        frame = load_table(path)
+        assert frame.text.tolist() == texts and frame.label.tolist() == labels, path.name
+
+
 @pytest.mark.parametrize("content,match", [
     ('{"text": "a", "label": 1}\nnot json\n', r"line 2 is not valid JSON"),
     ('{"text": "a", "label": 1}\n\n["b", 0]\n', r"line 3 is a JSON list, not an object"),

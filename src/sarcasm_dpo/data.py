@@ -1,4 +1,5 @@
-"""Datasets: loaders for the three formats users have, validation with clear errors, and the split.
+"""Datasets: loaders for the formats users have (GEN, iSarcasmEval, generic text/label, and other public sets
+as distributed), validation with clear errors, and the split.
 
 Every loader returns the same table: `text`, `label` (1 = sarcastic, 0 = not), `source`, `id`
 (the original id). Problems in a file are reported the way a person fixes them: which columns
@@ -67,7 +68,7 @@ def read_frame(path: str | Path) -> pd.DataFrame:
         if suffix in JSON_LINES:
             frame = _read_json_lines(path)
         elif suffix == ".json":
-            frame = pd.read_json(path, dtype=False)
+            frame = _read_json_lines(path) if _holds_json_lines(path) else pd.read_json(path, dtype=False)
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=True, sep="\t" if suffix in TAB_SEPARATED else ",")
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -76,6 +77,19 @@ def read_frame(path: str | Path) -> pd.DataFrame:
     if frame.empty:
         raise UserError(f"Data file {path} has a header but no rows.")
     return frame
+
+
+def _holds_json_lines(path: Path) -> bool:
+    """A .json file that is one object per line (News Headlines ships so) rather than one JSON document."""
+    import json
+
+    from .inputs import read_input_text
+
+    try:
+        json.loads(read_input_text(path, "Data file"))
+    except json.JSONDecodeError as exc:
+        return exc.msg == "Extra data"  # a whole first document, then more: lines
+    return False
 
 
 def _read_json_lines(path: Path) -> pd.DataFrame:
@@ -137,6 +151,14 @@ def _labels(values: pd.Series, path, mapping: dict[str, int]) -> pd.Series:
     return labels.astype(int)
 
 
+# Other public sarcasm datasets as they are distributed, read like generic files: format -> (text, label)
+# column. News Headlines (Misra & Arora, Sarcasm_Headlines_Dataset.json) and SARC (Khodak et al.,
+# train-balanced-sarcasm.csv), so a model is scored on them without reshaping a file first.
+PUBLIC_FORMATS = {"headlines": ("headline", "is_sarcastic"), "sarc": ("comment", "label")}
+# Where the text of a file without labels is found, in this order (predict).
+TEXT_COLUMNS = ("text", "tweet", *(text for text, _ in PUBLIC_FORMATS.values()))
+
+
 def detect_format(frame: pd.DataFrame, path: str | Path | None = None) -> str:
     cols = set(frame.columns)
     if {"class", "text"} <= cols:
@@ -145,21 +167,25 @@ def detect_format(frame: pd.DataFrame, path: str | Path | None = None) -> str:
         return "isarcasmeval"
     if {"text", "label"} <= cols:
         return "generic"
+    for name, columns in PUBLIC_FORMATS.items():
+        if set(columns) <= cols:
+            return name
     opening = "Unrecognised" if path is None else f"{path}: unrecognised"
     raise UserError(
         f"{opening} columns. Found columns: {list(frame.columns)}; expected one of: GEN (class, id, text), "
-        "iSarcasmEval (tweet, sarcastic, rephrase, ...), or generic (text, label)"
+        "iSarcasmEval (tweet, sarcastic, rephrase, ...), News Headlines (headline, is_sarcastic), SARC "
+        "(comment, label), or generic (text, label)"
         + (_separator_hint(Path(path)) if path is not None else ".")
     )
 
 
 def text_column(frame: pd.DataFrame, path) -> pd.Series:
-    """The texts of an unlabelled or labelled file in any of the three formats: `text` (GEN, generic)
-    or `tweet` (iSarcasmEval); empty texts are an error that lists their rows."""
-    column = "text" if "text" in frame.columns else "tweet" if "tweet" in frame.columns else None
+    """The texts of a file with or without labels, in any format this module reads (TEXT_COLUMNS);
+    empty texts are an error that lists their rows."""
+    column = next((c for c in TEXT_COLUMNS if c in frame.columns), None)
     if column is None:
-        raise UserError(f"{path}: no text column. Found columns: {list(frame.columns)}; expected `text` "
-                        "(GEN or generic files) or `tweet` (iSarcasmEval)." + _separator_hint(Path(path)))
+        raise UserError(f"{path}: no text column. Found columns: {list(frame.columns)}; expected one of "
+                        f"{list(TEXT_COLUMNS)} (`text` for GEN and generic files)." + _separator_hint(Path(path)))
     empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
     if empty.any():
         raise UserError(f"{path}: {int(empty.sum())} row(s) with an empty text (rows {_rows(frame.index[empty])}; "
@@ -168,7 +194,12 @@ def text_column(frame: pd.DataFrame, path) -> pd.Series:
 
 
 def _standard(frame: pd.DataFrame, path, fmt: str) -> pd.DataFrame:
-    """Map any of the three formats to the standard columns, without cleaning yet."""
+    """Map any known format to the standard columns, without cleaning yet."""
+    if fmt in PUBLIC_FORMATS:
+        text, label = PUBLIC_FORMATS[fmt]
+        _require(frame, [text, label], path, fmt)
+        kept = {"text": frame[text], "label": frame[label], **{c: frame[c] for c in ("id", "source") if c in frame}}
+        frame, fmt = pd.DataFrame(kept), "generic"
     if fmt == "gen":
         _require(frame, ["class", "id", "text"], path, "GEN")
         return pd.DataFrame({

@@ -297,7 +297,7 @@ class CompareSettings(Common):
     sample_size: int | None = opt(None, "Evaluate on a stratified, seeded sample of this many test texts (empty = all).")
     skip_base: bool = opt(False, "Do not evaluate the base model.")
     no_baseline: bool = opt(False, "Skip the TF-IDF + logistic regression reference row.")
-    extra_test: list[str] = opt([], "Another test set, NAME=PATH (GEN, iSarcasmEval or text,label CSV/TSV/JSONL); repeatable.")
+    extra_test: list[str] = opt([], "Another test set, NAME=PATH (GEN, iSarcasmEval, News Headlines, SARC or text,label; CSV/TSV/JSON/JSONL); repeatable.")
     output_dir: str = opt("results", "Where the comparison JSON, plot and predictions are written.")
     batch_size: int = opt(16, "Texts per forward pass.")
     n_bootstrap: int = opt(1000, "Bootstrap resamples for the 95% intervals.")
