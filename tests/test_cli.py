@@ -84,6 +84,33 @@ def test_predict_json_lines(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert "no text column" in capsys.readouterr().err
 
 
+def test_predict_streams_rows_in_input_order_a_chunk_at_a_time(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from sarcasm_dpo.stages import predict
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"text {'word ' * (i % 7)}{i}\n" for i in range(11)))
+    argv = ["predict", "--model", str(tiny_model_dir), "--input", str(texts), "--batch_size", "2"]
+    assert main(argv) == 0
+    whole = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+    class Stream(io.StringIO):  # records how many rows were written at each flush
+        flushes: list[int] = []
+
+        def flush(self):
+            self.flushes.append(self.getvalue().count("\n"))
+
+    monkeypatch.setattr(predict, "STREAM_CHUNK", 4)
+    monkeypatch.setattr(sys, "stdout", Stream())
+    assert main(argv) == 0
+    assert Stream.flushes[:3] == [4, 8, 11]  # rows reach stdout after each chunk, not at the end
+    chunked = [json.loads(line) for line in sys.stdout.getvalue().splitlines()]
+    assert [r["text"] for r in chunked] == [r["text"] for r in whole]  # same rows, same order, same scores
+    assert [r["p_sarcastic"] for r in chunked] == pytest.approx([r["p_sarcastic"] for r in whole], abs=1e-5)
+    assert [r["text"] for r in whole] == texts.read_text().splitlines()
+    assert len(whole) == 11 and all(0 < r["p_sarcastic"] < 1 for r in whole)
+
+
 def test_predict_reads_the_text_column_of_every_table_format(tmp_path):
     from sarcasm_dpo.stages.predict import read_texts
 

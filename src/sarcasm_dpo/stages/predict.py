@@ -15,6 +15,10 @@ from pathlib import Path
 from ..errors import UserError
 
 
+# Texts scored between two flushes of stdout: large enough that sorting by length still packs batches well.
+STREAM_CHUNK = 512
+
+
 def read_texts(path: str | None) -> list[str]:
     from ..inputs import check_input_file, decode_text
 
@@ -69,10 +73,16 @@ def run(args) -> list[dict]:
     if not texts:
         raise UserError("No texts to classify (the input is empty).")
     model, tokenizer = load_model(model_ref, adapter=args.adapter, device=pick_device(args.device))
-    probs = Scorer(model, tokenizer, batch_size=args.batch_size, max_text_tokens=args.max_text_tokens).predict_proba(texts)
+    scorer = Scorer(model, tokenizer, batch_size=args.batch_size, max_text_tokens=args.max_text_tokens)
     rows = []
-    for text, p in zip(texts, probs):
-        row = {"text": text, "p_sarcastic": round(float(p), 6), "label": int(p >= threshold)}
-        print(json.dumps(row, ensure_ascii=False))
-        rows.append(row)
+    # Rows go out a chunk at a time, in input order: a long run shows progress to whoever reads the
+    # stream, and a stop (Ctrl-C, a killed job) keeps every row already printed.
+    chunk = max(STREAM_CHUNK, args.batch_size)
+    for start in range(0, len(texts), chunk):
+        part = texts[start:start + chunk]
+        for text, p in zip(part, scorer.predict_proba(part)):
+            row = {"text": text, "p_sarcastic": round(float(p), 6), "label": int(p >= threshold)}
+            print(json.dumps(row, ensure_ascii=False))
+            rows.append(row)
+        sys.stdout.flush()
     return rows
