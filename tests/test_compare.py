@@ -409,3 +409,15 @@ def test_baselines_directly():
 
     with pytest.raises(UserError, match="only label"):
         baseline.tfidf_logreg(train[train.label == 1])
+
+
+def test_an_adapter_trained_at_another_text_length_is_named(tmp_path):
+    from sarcasm_dpo.stages.compare import note_text_lengths
+
+    for name, length in (("sft", 128), ("dpo", 256), ("old", None)):
+        (tmp_path / name).mkdir()
+        config = {"model": "m"} if length is None else {"model": "m", "max_text_tokens": length}
+        (tmp_path / name / "training_summary.json").write_text(json.dumps({"config": config}))
+    lines = []
+    note_text_lengths({n: tmp_path / n for n in ("sft", "dpo", "old")}, 256, printer=lines.append)
+    assert len(lines) == 1 and "sft" in lines[0] and "--max_text_tokens 128" in lines[0]

@@ -26,7 +26,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     model = get_peft_model(base, config)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
-    record = {"config": {"model": str(tiny_model_dir)}, "best_val": {"f1": 0.5, "accuracy": 0.5, "n": 8,
+    record = {"config": {"model": str(tiny_model_dir), "max_text_tokens": 64}, "best_val": {"f1": 0.5, "accuracy": 0.5, "n": 8,
                                                                    "roc_auc": 0.5, "threshold": 0.5}}
     (folder / "training_summary.json").write_text(json.dumps(record))
     return folder
@@ -60,6 +60,11 @@ def test_export_loads_in_plain_transformers_with_the_adapter_probabilities(adapt
 
     info = json.loads((out / "sarcasm_dpo.json").read_text())
     assert info["threshold"] == 0.5 and "training record" in info["threshold_source"]
+    # The text length the adapter was trained with travels with the export, and predict uses it.
+    from sarcasm_dpo.detector import SarcasmDetector, recorded_text_tokens
+
+    assert recorded_text_tokens(None, str(adapter_dir)) == info["max_text_tokens"] == 64
+    assert SarcasmDetector.load(str(out)).max_text_tokens == info["max_text_tokens"]
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "license: other" in card and "Intended use and limits" in card
     assert "Is the following text sarcastic?" in card and "no test-set figures" in card

@@ -153,7 +153,7 @@ def test_a_damaged_record_is_a_clear_error(tmp_path, content):
 
 
 def test_predict_prefers_the_adapters_record_then_the_export_record_then_one_half(tmp_path):
-    from sarcasm_dpo.stages.predict import recorded_threshold
+    from sarcasm_dpo.detector import recorded_threshold
 
     adapter, export = tmp_path / "adapter", tmp_path / "export"
     adapter.mkdir(), export.mkdir()

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--adapter", default=None, help="LoRA adapter folder (from sft or dpo).")
     predict.add_argument("--input", default=None, help="Text file (one text per line), or CSV/TSV/JSON/JSONL with a text (or tweet) column; stdin if absent.")
     predict.add_argument("--batch_size", type=int, default=16, help="Texts per forward pass.")
-    predict.add_argument("--max_text_tokens", type=int, default=256, help="Texts are cut to this many tokens inside the prompt.")
+    predict.add_argument("--max_text_tokens", type=int, default=None,
+                         help="Texts are cut to this many tokens inside the prompt (empty: the length the model "
+                              "was trained and validated with, as its run or export records it, else 256).")
     predict.add_argument("--threshold", type=float, default=None,
                          help="P(sarcastic) at or above which the label is 1 (empty: the threshold the adapter's "
                               "threshold.json records, chosen on validation, else the one an exported model records "

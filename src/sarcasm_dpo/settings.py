@@ -314,15 +314,17 @@ class CompareSettings(Common):
                 raise UserError(f"--extra_test expects NAME=PATH, got {item!r}.")
 
 
-def check_predict_args(args) -> None:
-    """`sarcasm-dpo predict`'s flags (an argparse namespace: predict has no settings section)."""
-    if not args.model and not args.adapter:
+def check_predict_args(model: str | None, adapter: str | None, batch_size: int, max_text_tokens: int | None,
+                       device: str | None, threshold: float | None) -> None:
+    """`sarcasm-dpo predict`'s flags, which are detector.SarcasmDetector.load's arguments (predict has no
+    settings section). None for max_text_tokens and threshold: what the model's run recorded."""
+    if not model and not adapter:
         raise UserError("Give --model (a hub id, folder or .gguf) and/or --adapter (an sft/dpo output folder).")
-    for name in ("batch_size", "max_text_tokens"):
-        check_positive(name, getattr(args, name), allow_none=False)
-    check_device(args.device)
-    if args.threshold is not None:
-        check_threshold(args.threshold)
+    check_positive("batch_size", batch_size, allow_none=False)
+    check_positive("max_text_tokens", max_text_tokens)
+    check_device(device)
+    if threshold is not None:
+        check_threshold(threshold)
 
 
 @dataclass

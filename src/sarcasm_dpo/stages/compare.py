@@ -68,6 +68,7 @@ def run(settings: CompareSettings) -> dict:
     # --- setup: every check on the user's input happens here, before a model is loaded ---
     adapters = resolve_adapters(s)
     recorded = recorded_thresholds(adapters)
+    note_text_lengths(adapters, s.max_text_tokens)
     base_ref = resolve_base_model(s, adapters)
     for folder in adapters.values():
         # Reads shapes only; refusing here keeps a previous comparison in --output_dir as it was.
@@ -192,6 +193,20 @@ def warn_if_dpo_from_other_sft(dpo_dir: Path, sft_dir: Path) -> None:
 
 
 OWN = "at_validation_threshold"  # the results block that decides each model at its own recorded threshold
+
+
+def note_text_lengths(adapters: dict[str, Path], max_text_tokens: int, printer=print) -> None:
+    """One line per adapter trained with another text length than this comparison cuts texts at: every
+    model is scored at one length (a fair comparison), but not the one its threshold was chosen at."""
+    from ..detector import recorded_text_tokens
+
+    for name, folder in adapters.items():
+        trained_at = recorded_text_tokens(None, str(folder))
+        if trained_at is not None and trained_at != max_text_tokens:
+            printer(f"Note: {name} ({folder}) was trained and validated with --max_text_tokens {trained_at}; this "
+                    f"comparison cuts texts at {max_text_tokens}, so longer texts get a prompt its threshold was "
+                    f"not chosen on. Pass --max_text_tokens {trained_at} (or the config it was trained with) to "
+                    "score it as it was validated.")
 
 
 def recorded_thresholds(adapters: dict[str, Path]) -> dict[str, dict]:

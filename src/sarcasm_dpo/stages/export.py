@@ -19,9 +19,9 @@ import json
 import os
 from pathlib import Path
 
+from ..detector import EXPORT_INFO
 from ..errors import UserError
 
-EXPORT_INFO = "sarcasm_dpo.json"
 CARD = "README.md"
 # Settings that say where the folder goes after it is made, not what is in it.
 PUBLISH_KEYS = ("push_to_hub", "private", "overwrite")
@@ -261,6 +261,7 @@ def run(s) -> dict:
     import torch
 
     from ..atomic import check_output_dir, finish_output_dir, is_complete_for, prepare_output_dir, write_json, write_text
+    from ..detector import default_text_tokens, recorded_text_tokens
     from ..models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_model
     from ..prompts import LABEL_WORDS, QUESTION, label_token_ids
     from ..training.checkpoints import save_adapter
@@ -289,6 +290,7 @@ def run(s) -> dict:
                 "license": s.license or KNOWN_LICENSES.get(hub_base_id(base) or "", "other"), "dtype": s.dtype,
                 "question": QUESTION, "label_words": list(LABEL_WORDS), "label_token_ids": [no_id, yes_id],
                 "threshold": threshold, "threshold_source": threshold_source,
+                "max_text_tokens": recorded_text_tokens(None, str(adapter)) or default_text_tokens(),
                 "test": _test_block(results, key, s.results) if results else None,
                 "validation": _validation_block(stage_record), "training_config": stage_record.get("config"),
                 "dpo_kept_sft": stage == "dpo" and stage_record.get("improved_over_sft") is False}

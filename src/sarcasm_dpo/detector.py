@@ -1,0 +1,143 @@
+"""A trained detector from Python: the model, its adapter, and the decisions its run recorded.
+
+    from sarcasm_dpo.detector import SarcasmDetector
+    detector = SarcasmDetector.load(adapter="models/smollm2/dpo_enhanced")   # or model="exported/"
+    detector.predict(["Oh great, another Monday."])
+    # [{'text': 'Oh great, another Monday.', 'p_sarcastic': 0.87..., 'label': 1}]
+
+`sarcasm-dpo predict` is this class behind a command line. Unless told otherwise it uses what the
+run that made the model recorded: the threshold chosen on validation, and the text length the model
+was trained and validated with, so that a text gets the prompt its threshold was chosen on (a model
+trained at 128 tokens and scored at 256 sees long texts it never saw, at a threshold chosen
+without them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import UserError
+
+EXPORT_INFO = "sarcasm_dpo.json"  # what `sarcasm-dpo export` writes beside the merged weights
+
+
+def default_text_tokens() -> int:
+    """The settings' default text length, for a model whose run recorded none."""
+    from .settings import Common
+
+    return next(f.default for f in dataclasses.fields(Common) if f.name == "max_text_tokens")
+
+
+def _export_info(model: str | None) -> dict | None:
+    """An exported model folder's record (`sarcasm-dpo export`), or None for anything else."""
+    info = Path(model or "") / EXPORT_INFO
+    if not model or not info.is_file():
+        return None
+    try:
+        record = json.loads(info.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        raise UserError(f"{info} is not a valid export record (not a JSON object); export the model again, or pass "
+                        "--threshold and --max_text_tokens.")
+    return record
+
+
+def recorded_threshold(model: str | None, adapter: str | None = None) -> float:
+    """The decision threshold the model records, else 0.5: an adapter folder's threshold.json (chosen on
+    validation by its training stage), else an exported model folder's sarcasm_dpo.json (`sarcasm-dpo export`)."""
+    from .settings import check_threshold
+    from .thresholds import read_threshold
+
+    record = read_threshold(adapter)
+    if record is not None:
+        return float(record["threshold"])
+    info = _export_info(model)
+    if info is None:
+        return 0.5
+    try:
+        threshold = float(info["threshold"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{Path(model) / EXPORT_INFO} is not a valid export record (no numeric 'threshold'); "
+                        "pass --threshold.") from None
+    check_threshold(threshold)  # the one an export records must be a probability too
+    return threshold
+
+
+def recorded_text_tokens(model: str | None, adapter: str | None = None) -> int | None:
+    """The text length the model was trained with, as its run recorded it: the adapter's run record, else
+    an export's (`max_text_tokens`, or the training settings it keeps); None when nothing says."""
+    from .rundir import recorded_settings
+
+    candidates = []
+    if adapter:
+        candidates.append((recorded_settings(adapter).get("max_text_tokens"), f"{adapter}'s run record"))
+    info = _export_info(model)
+    if info is not None:
+        training = info.get("training_config") if isinstance(info.get("training_config"), dict) else {}
+        candidates += [(info.get("max_text_tokens"), f"{Path(model) / EXPORT_INFO}"),
+                       (training.get("max_text_tokens"), f"{Path(model) / EXPORT_INFO}")]
+    for value, where in candidates:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{where} records max_text_tokens {value!r}, not a positive whole number; pass "
+                            "--max_text_tokens.")
+        return value
+    return None
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)  # stdout may carry predict's JSON lines: notes go beside them
+
+
+class SarcasmDetector:
+    """P(sarcastic) for texts, and a label at the model's threshold: one forward pass per batch, the prompt
+    built by the tokenizer's chat template and the label tokens' probabilities read (scoring.py)."""
+
+    def __init__(self, model, tokenizer, threshold: float = 0.5, max_text_tokens: int | None = None,
+                 batch_size: int = 16):
+        from .scoring import Scorer
+
+        self.threshold = threshold
+        self.max_text_tokens = max_text_tokens or default_text_tokens()
+        self.scorer = Scorer(model, tokenizer, batch_size=batch_size, max_text_tokens=self.max_text_tokens)
+
+    @classmethod
+    def load(cls, model: str | None = None, adapter: str | None = None, *, threshold: float | None = None,
+             max_text_tokens: int | None = None, batch_size: int = 16, device: str | None = None,
+             warn: Callable[[str], None] = _warn) -> "SarcasmDetector":
+        """`model`: a hub id, folder (an `export`) or .gguf, None for the adapter's base; `adapter`: an sft or
+        dpo output folder. `threshold` and `max_text_tokens`: None for what the run recorded (else 0.5 and
+        the settings' default)."""
+        from .atomic import read_complete
+        from .model_route import route_model
+        from .models import adapter_base_model, load_model, pick_device
+        from .settings import check_predict_args
+
+        check_predict_args(model=model, adapter=adapter, batch_size=batch_size, max_text_tokens=max_text_tokens,
+                           device=device, threshold=threshold)  # every rule on these values lives in settings.py
+        if threshold is None:
+            threshold = recorded_threshold(model, adapter)
+        if max_text_tokens is None:
+            max_text_tokens = recorded_text_tokens(model, adapter)
+        model_ref = route_model(model) or adapter_base_model(adapter)
+        if adapter and read_complete(adapter) is None:
+            warn(f"Warning: {adapter} has no COMPLETE.json: the run that wrote this adapter may not have "
+                 "finished (or was stopped while saving), so it may not be the model you expect.")
+        loaded, tokenizer = load_model(model_ref, adapter=adapter, device=pick_device(device))
+        return cls(loaded, tokenizer, threshold=threshold, max_text_tokens=max_text_tokens, batch_size=batch_size)
+
+    def predict_proba(self, texts: Sequence[str]):
+        """P(sarcastic) for each text, in input order (a numpy array)."""
+        return self.scorer.predict_proba(list(texts))
+
+    def predict(self, texts: Sequence[str]) -> list[dict]:
+        """{"text", "p_sarcastic", "label"} for each text, in input order; label 1 at or above the threshold."""
+        texts = list(texts)
+        return [{"text": text, "p_sarcastic": round(float(p), 6), "label": int(p >= self.threshold)}
+                for text, p in zip(texts, self.predict_proba(texts))]
