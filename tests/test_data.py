@@ -182,3 +182,19 @@ def test_split_command_and_script(shared_data, tmp_path, capsys):
     refused = capsys.readouterr()
     assert code == 2 and "--overwrite" in refused.err and "Traceback" not in refused.err
     assert (out / "gen_train.csv").read_bytes() == first
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"text": "a", "label": 1', r"not valid JSON \(Expecting"),
+    ('[1, 2]', "must hold an array of objects"),
+    ('"text"', "must hold an array of objects"),
+])
+def test_bad_json_documents_say_what_is_wrong(tmp_path, content, match):
+    with pytest.raises(UserError, match=match):
+        load_table(write(tmp_path, "d.json", content))
+
+
+def test_a_json_object_of_columns_reads_as_a_table(tmp_path):
+    path = write(tmp_path, "cols.json", '{"text": {"0": "a", "1": "b"}, "label": {"0": 1, "1": 0}}')
+    frame = load_table(path)
+    assert frame.text.tolist() == ["a", "b"] and frame.label.tolist() == [1, 0]

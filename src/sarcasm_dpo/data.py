@@ -65,10 +65,8 @@ def read_frame(path: str | Path) -> pd.DataFrame:
     path = check_input_file(path, "Data file")
     suffix = path.suffix.lower()
     try:
-        if suffix in JSON_LINES:
-            frame = _read_json_lines(path)
-        elif suffix == ".json":
-            frame = _read_json_lines(path) if _holds_json_lines(path) else pd.read_json(path, dtype=False)
+        if suffix in JSON_LINES or suffix == ".json":
+            frame = _read_json(path, lines=suffix in JSON_LINES)
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=True, sep="\t" if suffix in TAB_SEPARATED else ",")
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -79,27 +77,30 @@ def read_frame(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def _holds_json_lines(path: Path) -> bool:
-    """A .json file that is one object per line (News Headlines ships so) rather than one JSON document."""
+def _read_json(path: Path, lines: bool) -> pd.DataFrame:
+    """A JSON Lines file (one object per line, blank lines skipped; a bad line named by its number, as an
+    editor shows it), or a .json document: an array of objects, or an object of columns. A .json file that
+    holds lines (News Headlines ships so) is read as lines."""
     import json
 
     from .inputs import read_input_text
 
-    try:
-        json.loads(read_input_text(path, "Data file"))
-    except json.JSONDecodeError as exc:
-        return exc.msg == "Extra data"  # a whole first document, then more: lines
-    return False
-
-
-def _read_json_lines(path: Path) -> pd.DataFrame:
-    """One JSON object per line (blank lines skipped); a bad line is named by its number, as an editor shows it."""
-    import json
-
-    from .inputs import read_input_text
-
+    text = read_input_text(path, "Data file")
+    if not lines:
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":  # "Extra data": a whole first document, then more of them: lines
+                raise ValueError(f"not valid JSON ({exc.msg}, line {exc.lineno}, column {exc.colno})") from None
+        else:
+            if isinstance(document, list) and all(isinstance(item, dict) for item in document):
+                return _as_text(pd.DataFrame.from_records(document))
+            if isinstance(document, dict):
+                return _as_text(pd.DataFrame(document))
+            raise ValueError("a .json file must hold an array of objects such as "
+                             '[{"text": "...", "label": 1}], or an object of columns')
     records = []
-    for number, line in enumerate(read_input_text(path, "Data file").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -110,8 +111,12 @@ def _read_json_lines(path: Path) -> pd.DataFrame:
             raise ValueError(f"line {number} is a JSON {type(record).__name__}, not an object such as "
                              '{"text": "...", "label": 1}')
         records.append(record)
-    # Every value as text, as the CSV reader gives it: labels such as 1, "1" and true are then read alike.
-    frame = pd.DataFrame.from_records(records)
+    return _as_text(pd.DataFrame.from_records(records))
+
+
+def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every value as text, as the CSV reader gives it, missing ones kept missing: labels such as 1, "1" and
+    true are then read alike, whatever file they came from."""
     return frame.astype(object).where(frame.isna(), frame.astype(str)) if len(frame) else frame
 
 

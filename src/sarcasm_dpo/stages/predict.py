@@ -39,6 +39,7 @@ def run(args) -> list[dict]:
     from ..detector import SarcasmDetector
     from ..settings import check_predict_args
 
+    # Before the input is read: without --model and --adapter, reading stdin would wait on a terminal first.
     check_predict_args(args.model, args.adapter, args.batch_size, args.max_text_tokens, args.device, args.threshold)
     texts = read_texts(args.input)  # bad input fails here, before minutes of loading a model
     if not texts:
