@@ -1,8 +1,9 @@
 """`sarcasm-dpo predict`: classify texts with a base model and an optional adapter (detector.py's
 SarcasmDetector behind a command line).
 
-Input is a text file (one text per line), a CSV/TSV/JSON/JSONL file with a `text` column (or
-iSarcasmEval's `tweet`), or stdin; output is one JSON line per text: {"text", "p_sarcastic", "label"}.
+Input is a text file (one text per line), a data file with a text column (`text`, iSarcasmEval's
+`tweet`, ...; the README says which), or stdin; output is one JSON line per text: {"text", "p_sarcastic",
+"label"}.
 
     echo "Oh great, another Monday." | sarcasm-dpo predict --adapter models/sft
 """
@@ -20,19 +21,19 @@ STREAM_CHUNK = 512
 
 
 def read_texts(path: str | None) -> list[str]:
+    """The texts to classify: a data file's text column (data.TEXT_COLUMNS), else a file's or stdin's
+    non-empty lines."""
+    from ..data import TABLE_SUFFIXES, read_frame, text_column
     from ..inputs import check_input_file, decode_text
 
     if path is None:
-        lines = decode_text(sys.stdin.buffer.read(), "Standard input").splitlines()
-        return [line for line in lines if line.strip()]
-    p = check_input_file(path, "Input file", allow_empty=True)
-    from ..data import TABLE_SUFFIXES
-
-    if p.suffix.lower() in TABLE_SUFFIXES:
-        from ..data import read_frame, text_column
-
-        return text_column(read_frame(p), path).tolist()
-    return [line for line in decode_text(p.read_bytes(), f"Input file {p}").splitlines() if line.strip()]
+        raw, where = sys.stdin.buffer.read(), "Standard input"
+    else:
+        p = check_input_file(path, "Input file", allow_empty=True)
+        if p.suffix.lower() in TABLE_SUFFIXES:
+            return text_column(read_frame(p), path).tolist()
+        raw, where = p.read_bytes(), f"Input file {p}"
+    return [line for line in decode_text(raw, where).splitlines() if line.strip()]
 
 
 def run(args) -> list[dict]:
