@@ -334,8 +334,13 @@ def dpo_part(args, sft_dir, splits, work, overrides, flops, peak) -> dict:
           flush=True)
     t0 = time.perf_counter()
     got = speed_memory.worker_dpo({"dpo": dataclasses.asdict(s), "steps": args.dpo_steps})
+    from sarcasm_dpo.training.packed_pairs import packing_verdicts
+
     return {"batch_size_pairs": s.batch_size, "grad_accum": s.grad_accum, "steps": args.dpo_steps,
             "stage_wall_s": round(time.perf_counter() - t0, 2), "stage_timings": got["stage_timings"],
+            # Packing applies to label pairs only (the GPU config trains reasoning pairs: --set dpo.pairs=label
+            # to check it on a device). {}: nothing was packed; False: checked there, fell back to three calls.
+            "pairs": s.pairs or s.pair_style, "pack_pairs": s.pack_pairs, "packing_verdicts": packing_verdicts(),
             **training_figures(got["meter"], flops, peak, ref_per_step=not s.precompute_ref)}
 
 
@@ -406,7 +411,7 @@ def summary(data: dict) -> dict:
     dpo = data.get("dpo")
     if isinstance(dpo, dict) and "seconds_per_step" in dpo:
         out["dpo"] = {k: dpo.get(k) for k in ("batch_size_pairs", "grad_accum", "seconds_per_step", "median_step_s",
-                                          "model_tflops", "mfu")}
+                                          "model_tflops", "mfu", "packing_verdicts")}
     score = data.get("score")
     if isinstance(score, dict):
         out["score"] = {k: score.get(k) for k in ("scorer_texts_per_s", "bare_forward_texts_per_s", "scorer_time_over_bare",

@@ -64,6 +64,8 @@ def test_every_part_runs_on_a_tiny_model(qwen_tokenizer_dir, shared_data, tmp_pa
     # micro-batches are counted (the Trainer's substeps): config grad_accum 2, the comparison run 1, DPO 2
     assert sorted(r["micro_batches_per_step"] for r in runs.values()) == [1, 2]
     assert result["dpo"]["micro_batches_per_step"] == 2
+    # The GPU config's reasoning pairs are not packed (label pairs are, checked per device: test_fast_dpo.py)
+    assert result["dpo"]["pairs"] == "reasoning" and result["dpo"]["packing_verdicts"] == {}
 
     score = result["score"]
     assert score["texts"] == 6 and score["batch_size"] == 4

@@ -337,6 +337,8 @@ def test_packed_label_pairs_give_trls_step(toy, tmp_path, monkeypatch, shared_pr
     assert_same_step(step(trl, batch), step(fast, batch))
     assert calls == [True]  # the step itself: packed, not the three-call fallback
     assert list(packed_pairs._CHECKED.values()) == [True]
+    assert list(packed_pairs.packing_verdicts().values()) == [True]  # what a report (device_check) records
+    assert next(iter(packed_pairs.packing_verdicts())).endswith("/cpu")
 
 
 def test_packing_falls_back_where_it_does_not_hold(toy, tmp_path, monkeypatch, capsys):

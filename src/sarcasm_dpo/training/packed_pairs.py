@@ -197,6 +197,12 @@ def in_trl_layout(out, answer, answer_values):
                                mean_logits=place(out.mean_logits), is_top1=place(out.is_top1), label_mask=target)
 
 
+def packing_verdicts() -> dict[str, bool]:
+    """What `packing_works` decided in this process, by "architecture/attention/dtype/device": for reports
+    such as bench/device_check.py, which must say whether a run on a new device really trained packed."""
+    return {"/".join(map(str, key)): ok for key, ok in _CHECKED.items()}
+
+
 def packing_works(model, input_ids, attention_mask, labels, reference) -> bool:
     """Once per architecture/attention/dtype/device in a process: do the packed call and `reference`
     (the three-call path) give this batch the same answer log-probs? Eval mode, no gradients."""
