@@ -198,3 +198,5 @@ def test_a_json_object_of_columns_reads_as_a_table(tmp_path):
     path = write(tmp_path, "cols.json", '{"text": {"0": "a", "1": "b"}, "label": {"0": 1, "1": 0}}')
     frame = load_table(path)
     assert frame.text.tolist() == ["a", "b"] and frame.label.tolist() == [1, 0]
+    one = write(tmp_path, "one.json", '{"text": "a", "label": 1}')  # a single record is a one-row table
+    assert load_table(one).text.tolist() == ["a"]

@@ -95,8 +95,9 @@ def _read_json(path: Path, lines: bool) -> pd.DataFrame:
         else:
             if isinstance(document, list) and all(isinstance(item, dict) for item in document):
                 return _as_text(pd.DataFrame.from_records(document))
-            if isinstance(document, dict):
-                return _as_text(pd.DataFrame(document))
+            if isinstance(document, dict):  # an object of columns, or of one record's values
+                nested = any(isinstance(v, (dict, list)) for v in document.values())
+                return _as_text(pd.DataFrame(document) if nested else pd.DataFrame([document]))
             raise ValueError("a .json file must hold an array of objects such as "
                              '[{"text": "...", "label": 1}], or an object of columns')
     records = []
