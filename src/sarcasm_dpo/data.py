@@ -185,6 +185,11 @@ def detect_format(frame: pd.DataFrame, path: str | Path | None = None) -> str:
     )
 
 
+def is_empty_text(texts: pd.Series) -> pd.Series:
+    """Which rows hold no text: missing, or only whitespace."""
+    return texts.isna() | (texts.astype(str).str.strip() == "")
+
+
 def text_column(frame: pd.DataFrame, path) -> pd.Series:
     """The texts of a file with or without labels, in any format this module reads (TEXT_COLUMNS);
     empty texts are an error that lists their rows."""
@@ -192,7 +197,7 @@ def text_column(frame: pd.DataFrame, path) -> pd.Series:
     if column is None:
         raise UserError(f"{path}: no text column. Found columns: {list(frame.columns)}; expected one of "
                         f"{list(TEXT_COLUMNS)} (`text` for GEN and generic files)." + _separator_hint(Path(path)))
-    empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
+    empty = is_empty_text(frame[column])
     if empty.any():
         raise UserError(f"{path}: {int(empty.sum())} row(s) with an empty text (rows {_rows(frame.index[empty])}; "
                         "row 1 = the first row after the header). Remove them or fill them in.")
@@ -232,7 +237,7 @@ def clean(frame: pd.DataFrame, path, strict: bool = False, drop_conflicts: bool 
     unless `drop_conflicts`, in which case every copy of such a text goes, with the rows named."""
     frame = frame.copy()
     text = frame["text"]
-    empty = text.isna() | (text.astype(str).str.strip() == "")
+    empty = is_empty_text(text)
     if empty.any():
         msg = f"{path}: {int(empty.sum())} row(s) with an empty text (rows {_rows(frame.index[empty])})"
         if strict:
