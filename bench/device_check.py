@@ -47,7 +47,7 @@ PARTS = ("sft", "dpo", "score", "pipeline")
 PIPELINE_STAGES = ("split", "sft", "dpo", "compare")
 # Expected seconds on one H100/H200 (bench/README.md: SFT 174 s, DPO ~430 s for 2,760 pairs x 3,
 # compare ~20 s; the parts: two or three short stage runs each, model loading included).
-EXPECT = {"sft": 90, "dpo": 60, "score": 60, "pipeline.split": 5, "pipeline.sft": 200, "pipeline.dpo": 480,
+EXPECT = {"sft": 90, "dpo": 60, "score": 90, "pipeline.split": 5, "pipeline.sft": 200, "pipeline.dpo": 480,
           "pipeline.compare": 45}
 # A Qwen2 small enough for a CPU test; the vocabulary stays Qwen2.5's.
 TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -82,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--score_texts", type=int, default=None, help="GEN test texts scored (default 512; tiny 12).")
     p.add_argument("--generate_texts", type=int, default=None,
                    help="Of those, texts also run through generate-and-parse (default 16; tiny 2).")
-    p.add_argument("--score_repeats", type=int, default=2, help="Timed rounds of the score part.")
+    p.add_argument("--score_repeats", type=int, default=5,
+                   help="Timed rounds of the score part (two H100 runs with 2 rounds differed by up to 3x per batch).")
     p.add_argument("--val_texts", type=int, default=16, help="Validation texts of the sft/dpo parts (untimed).")
     p.add_argument("--pipeline_stages", default=",".join(PIPELINE_STAGES),
                    help="The pipeline stages this call runs; the earlier ones' times and outputs come from an "
@@ -361,6 +362,10 @@ def score_part(args, model_ref, splits, overrides, flops, peak) -> dict:
             "bare_forward_texts_per_s": ba["texts_per_s"],
             "scorer_time_over_bare": round(1 + e["scorer_overhead_vs_bare"], 4),
             "whole_call_time_over_bare": round(1 + e["whole_calls"]["scorer_overhead_vs_bare_best"], 4),
+            # The scorer the stages use on this device (prefix cache on a CPU only) against its own bare passes.
+            "default_scorer_prefix_cache": e["whole_calls"]["default_scorer"]["prefix_cache"],
+            "default_scorer_time_over_bare": round(1 + e["whole_calls"]["default_scorer"]["overhead_best"], 4),
+            "default_scorer_time_over_bare_median": round(1 + e["whole_calls"]["default_scorer"]["overhead_median"], 4),
             "scorer_model_tflops": round(tflops, 4), "scorer_mfu": round(tflops / peak, 5) if peak else None,
             "evaluation": e}
 
@@ -415,7 +420,8 @@ def summary(data: dict) -> dict:
     score = data.get("score")
     if isinstance(score, dict):
         out["score"] = {k: score.get(k) for k in ("scorer_texts_per_s", "bare_forward_texts_per_s", "scorer_time_over_bare",
-                                              "whole_call_time_over_bare", "scorer_mfu")}
+                                              "whole_call_time_over_bare", "default_scorer_prefix_cache",
+                                              "default_scorer_time_over_bare", "scorer_mfu")}
     pipe = data.get("pipeline")
     if isinstance(pipe, dict):
         out["pipeline_stage_s"] = pipe.get("stages")

@@ -93,7 +93,8 @@ def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> di
     model, tokenizer = load_model(model_ref, device=device)
     load_s = time.perf_counter() - t0
     model.eval()
-    scorer = Scorer(model, tokenizer, batch_size=args.eval_batch_size, max_text_tokens=max_text_tokens)
+    scorer = Scorer(model, tokenizer, batch_size=args.eval_batch_size, max_text_tokens=max_text_tokens, prefix_cache=True)
+    default = Scorer(model, tokenizer, batch_size=args.eval_batch_size, max_text_tokens=max_text_tokens)
     plain = Scorer(model, tokenizer, batch_size=args.eval_batch_size, max_text_tokens=max_text_tokens, prefix_cache=False)
     # Warm-up on other texts: first calls allocate buffers and pick kernels, for every method alike
     # (and the scorer checks, once, that its prefix path agrees with the plain one on this model).
@@ -170,17 +171,28 @@ def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> di
                 new_tokens += n_new
 
     # Whole calls, as the stages make them: predict_proba over every text (tokenize, prefix, batches,
-    # one transfer of the results at the end) against the prefix pass plus every bare batch.
-    whole = {"scorer": [], "bare": []}
-    for _ in range(args.eval_repeats):
-        with Clock(device) as clock:
-            scorer.predict_proba(texts)
-        whole["scorer"].append(clock.wall)
-        with Clock(device) as clock, torch.inference_mode():
-            bare_prefix = scorer.encode_prefix(encoded[0][:skip]) if skip else None
-            for _, inputs in tail:
-                bare_forward(scorer, inputs, bare_prefix)
-        whole["bare"].append(clock.wall)
+    # one transfer of the results at the end) against the prefix pass plus every bare batch, and
+    # against the bare passes over full prompts; interleaved, in an order that rotates by round. The
+    # scorer as the stages build it (`default`: the prefix cache on a CPU only) is timed too where
+    # its choice differs from `scorer`'s, and set against the bare passes it makes.
+    default_prefix = default.uses_prefix_cache() and prefix is not None
+    whole_methods = ("scorer", "bare", "bare_full") + (() if default_prefix else ("scorer_default",))
+    whole = {m: [] for m in whole_methods}
+    for round_no in range(args.eval_repeats):
+        for method in whole_methods[round_no % len(whole_methods):] + whole_methods[:round_no % len(whole_methods)]:
+            with Clock(device) as clock:
+                if method == "scorer":
+                    scorer.predict_proba(texts)
+                elif method == "scorer_default":
+                    default.predict_proba(texts)
+                else:
+                    with torch.inference_mode():
+                        bare_prefix = scorer.encode_prefix(encoded[0][:skip]) if skip and method == "bare" else None
+                        for _, inputs in (tail if method == "bare" else full):
+                            bare_forward(scorer, inputs, bare_prefix)
+            whole[method].append(clock.wall)
+    default_against = "bare" if default_prefix else "bare_full"
+    default_times = whole["scorer" if default_prefix else "scorer_default"]
     # Prompt building alone (CPU work whatever the device): one template render per text, as
     # before, against one render per call (`prompts.build_prompts`). Same strings, checked.
     from sarcasm_dpo.prompts import build_prompt, build_prompts
@@ -261,10 +273,18 @@ def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> di
                        **{f"{m}_s": [round(x, 3) for x in wall[m][b]] for m in methods}}
                       for b, (idx, inputs) in enumerate(tail)],
         "once_per_call_s": {m: [round(x, 3) for x in setup[m]["wall"]] for m in setup},
-        "whole_calls": {"scorer_s": [round(x, 3) for x in whole["scorer"]], "bare_s": [round(x, 3) for x in whole["bare"]],
+        "whole_calls": {**{f"{m}_s": [round(x, 3) for x in whole[m]] for m in whole_methods},
                         "scorer_overhead_vs_bare_best": round(min(whole["scorer"]) / min(whole["bare"]) - 1, 4),
-                        "what": "scorer.predict_proba(all texts) against the prefix pass plus every bare batch, "
-                                "each timed as one block per round, after the interleaved rounds"},
+                        "bare_full_over_bare_best": round(min(whole["bare_full"]) / min(whole["bare"]), 4),
+                        "default_scorer": {
+                            "prefix_cache": default_prefix, "against": default_against,
+                            "overhead_best": round(min(default_times) / min(whole[default_against]) - 1, 4),
+                            "overhead_median": round(statistics.median(default_times)
+                                                     / statistics.median(whole[default_against]) - 1, 4)},
+                        "what": "scorer.predict_proba(all texts) against the prefix pass plus every bare batch "
+                                "(bare) and against the bare passes over full prompts (bare_full), each timed as "
+                                "one block, interleaved in rounds after the per-batch rounds; default_scorer: the "
+                                "scorer as the stages build it on this device, against the bare passes it makes"},
         "prompt_building_ms_per_text": {"one_render_per_text": round(1000 * min(per_text) / len(texts), 4),
                                         "one_render_per_call": round(1000 * min(framed) / len(texts), 4)},
         "note": "Each round times the methods on each batch, one after the other, in an order that rotates by "

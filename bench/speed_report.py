@@ -68,6 +68,13 @@ def markdown(result: dict) -> str:
                          f"{min(w['bare_s']):.2f} | {100 * w['scorer_overhead_vs_bare_best']:+.1f}% time | - | - | "
                          f"prompt building {pb['one_render_per_call']:.3f} ms/text (one template render per text: "
                          f"{pb['one_render_per_text']:.3f}) |")
+            d = w.get("default_scorer")
+            if d and not d["prefix_cache"]:  # off a CPU the stages score full prompts: that scorer, its bare passes
+                lines.append(f"| Whole call, s: the stages' scorer (full prompts) vs bare passes over full prompts | "
+                             f"{min(w['scorer_default_s']):.2f} | {min(w['bare_full_s']):.2f} | "
+                             f"{100 * d['overhead_best']:+.1f}% time | <= +15% | "
+                             f"{'yes' if d['overhead_best'] <= 0.15 else '**no**'} | median of rounds "
+                             f"{100 * d['overhead_median']:+.1f}% |")
     if s and s.get("ratio_tokens_per_s"):
         other = []
         if s.get("median_step_ratio_tokens_per_s"):

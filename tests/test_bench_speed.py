@@ -64,6 +64,25 @@ def test_eval_section_runs_every_method_on_the_same_texts(tiny_model_dir, shared
     assert result["gpu"] == "skipped: no CUDA device"
     assert set(result["verdicts"]) == {"scorer_vs_generate", "scorer_vs_bare"}
     assert "scorer vs the same without its shared-prefix cache" in out.with_suffix(".md").read_text()
+    w = e["whole_calls"]
+    assert w["default_scorer"] == {**w["default_scorer"], "prefix_cache": True, "against": "bare"}  # a CPU's default
+    assert len(w["scorer_s"]) == len(w["bare_s"]) == len(w["bare_full_s"]) == 1 and "scorer_default_s" not in w
+
+
+def test_eval_section_times_the_scorer_the_stages_use_off_a_cpu(tiny_model_dir, shared_data, tmp_path, monkeypatch):
+    """On a GPU the stages' scorer runs full prompts: the section times it against the bare passes it makes."""
+    import speed
+    from sarcasm_dpo.scoring import Scorer
+
+    monkeypatch.setattr(Scorer, "uses_prefix_cache", lambda self: bool(self.prefix_cache))  # as on a GPU
+    out = tmp_path / "speed.json"
+    assert speed.main(["--sections", "eval", "--model", str(tiny_model_dir), "--data_dir", str(shared_data),
+                       "--device", "cpu", "--eval_texts", "8", "--eval_batch_size", "4", "--eval_repeats", "2",
+                       "--generate_texts", "1", "--work_dir", str(tmp_path / "work"), "--output", str(out)]) == 0
+    w = json.loads(out.read_text())["evaluation"]["whole_calls"]
+    assert w["default_scorer"]["prefix_cache"] is False and w["default_scorer"]["against"] == "bare_full"
+    assert len(w["scorer_default_s"]) == 2 and w["default_scorer"]["overhead_best"] > -1
+    assert "the stages' scorer (full prompts)" in out.with_suffix(".md").read_text()
 
 
 def test_pipeline_sample_and_dpo_pairs_together(tmp_path):

@@ -91,6 +91,27 @@ def test_shared_prefix_gives_the_plain_paths_probabilities(loaded, monkeypatch, 
     assert list(scoring._PREFIX_CHECKED.values()) == [True]
 
 
+def test_prefix_cache_by_default_on_a_cpu_only(loaded, monkeypatch):
+    """The cache saves arithmetic, which only a CPU is short of; on a GPU full prompts were faster."""
+    model, tok = loaded
+    monkeypatch.setattr(scoring, "_PREFIX_CHECKED", {})
+    prefixes = []
+    original = Scorer.encode_prefix
+    monkeypatch.setattr(Scorer, "encode_prefix", lambda self, ids: prefixes.append(len(ids)) or original(self, ids))
+    default = Scorer(model, tok)
+    assert default.uses_prefix_cache() and not Scorer(model, tok, prefix_cache=False).uses_prefix_cache()
+    plain = Scorer(model, tok, prefix_cache=False).predict_proba(TEXTS)
+    assert prefixes == []
+    np.testing.assert_allclose(default.predict_proba(TEXTS), plain, atol=1e-5)
+    assert prefixes  # the CPU default ran the shared prefix
+    # Elsewhere (the model's device as the scorer sees it) the default is full prompts, unless asked.
+    monkeypatch.setattr(Scorer, "_device", lambda self: torch.device("cuda"))
+    assert not Scorer(model, tok).uses_prefix_cache()
+    assert Scorer(model, tok, prefix_cache=True).uses_prefix_cache()
+    _, prefix = Scorer(model, tok).plan_encoded(default.encode(TEXTS))
+    assert prefix is None
+
+
 def test_shared_prefix_with_an_adapter(loaded, monkeypatch):
     from peft import LoraConfig, get_peft_model
 

@@ -11,7 +11,11 @@ padding goes on the left so the last position is the answer position for every r
 computes the LM head for that one position only (`logits_to_keep=1`), and the tokens every prompt
 starts with (the chat template's system turn and the question, ~40% of a GEN prompt) are run once
 per call and their keys/values shared by every batch (`prefix_cache`), so each text costs only its
-own tokens. On a GPU the host stays out of the way: prompts are tokenized in threads, every batch
+own tokens. That last one is for CPUs (the default there): on a GPU, at these batch sizes, the step
+is bound by launching kernels, not by arithmetic, and the cache's extra work per layer made the
+forward passes slower (H100, Qwen2.5-0.5B shape, 256 texts at batch 16, bare forward passes: 0.30 s
+over full prompts against 0.37 s with the prefix, and 0.53 against 0.68 s in an earlier check;
+bench/README.md, "GPU"), so off a CPU the default is full prompts. On a GPU the host stays out of the way: prompts are tokenized in threads, every batch
 is built and copied before the first one runs (`on_device`), and nothing in the batch loop waits for
 the device, so the host queues the batches back to back and reads all results in one transfer.
 
@@ -70,9 +74,11 @@ def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
 
 class Scorer:
     def __init__(self, model, tokenizer, batch_size: int = 16, max_text_tokens: int = 256, progress: bool | str = False,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool | None = None):
         """`progress`: show a progress bar per `predict_proba` call; a string is the bar's label (e.g.
-        "scoring sft"), so that several bars in one run say which model each one scores."""
+        "scoring sft"), so that several bars in one run say which model each one scores.
+        `prefix_cache`: run the shared prefix once per call; None = where the model is on a CPU (module
+        docstring: it saves compute, which only a CPU is short of)."""
         if batch_size < 1 or max_text_tokens < 1:
             raise ValueError(f"batch_size and max_text_tokens must be positive, got {batch_size} and {max_text_tokens}")
         self.model = model
@@ -151,6 +157,10 @@ class Scorer:
 
     def _device(self):
         return next(self.model.parameters()).device
+
+    def uses_prefix_cache(self) -> bool:
+        """Whether calls try the shared-prefix cache (it may still be refused for an architecture)."""
+        return self.prefix_cache if self.prefix_cache is not None else self._device().type == "cpu"
 
     def forward_kwargs(self, inputs: dict, prefix: "PrefixCache | None" = None) -> dict:
         """The model call for a batch already on the model's device: one forward pass, LM head on one position.
@@ -258,7 +268,7 @@ class Scorer:
     def plan_encoded(self, encoded: list[list[int]]) -> tuple[Iterable[tuple[np.ndarray, dict]], "PrefixCache | None"]:
         """`plan` for prompts tokenized already (by `encode`). The prefix is run with the weights as they are now."""
         prefix, skip = None, 0
-        if self.prefix_cache and len(encoded) > 1:
+        if len(encoded) > 1 and self.uses_prefix_cache():
             skip = shared_prefix_length(encoded)
             prefix = self.shared_prefix(encoded, skip) if skip else None
             skip = skip if prefix is not None else 0
