@@ -125,6 +125,19 @@ def test_predict_reads_the_text_column_of_every_table_format(tmp_path):
     (tmp_path / "holes.csv").write_text("text,label\n,1\nfine,0\n")
     with pytest.raises(UserError, match=r"1 row\(s\) with an empty text \(rows 1;"):
         read_texts(str(tmp_path / "holes.csv"))
+    (tmp_path / "both.csv").write_text("text,tweet\na,b\n")
+    with pytest.raises(UserError, match=r"more than one column could hold the texts: \['text', 'tweet'\]"):
+        read_texts(str(tmp_path / "both.csv"))
+
+
+def test_predict_text_lines_end_at_line_breaks_only_and_nul_bytes_are_refused(tmp_path):
+    from sarcasm_dpo.stages.predict import read_texts
+
+    (tmp_path / "t.txt").write_text("a\x0cb\r\nline\u2028two\rthird\n\n", encoding="utf-8")
+    assert read_texts(str(tmp_path / "t.txt")) == ["a\x0cb", "line\u2028two", "third"]
+    (tmp_path / "u16.txt").write_bytes("hello\nthere\n".encode("utf-16-le"))  # UTF-16 without its byte-order mark
+    with pytest.raises(UserError, match="holds a NUL byte .* UTF-16"):
+        read_texts(str(tmp_path / "u16.txt"))
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -200,3 +200,68 @@ def test_a_json_object_of_columns_reads_as_a_table(tmp_path):
     assert frame.text.tolist() == ["a", "b"] and frame.label.tolist() == [1, 0]
     one = write(tmp_path, "one.json", '{"text": "a", "label": 1}')  # a single record is a one-row table
     assert load_table(one).text.tolist() == ["a"]
+
+
+# --- what pandas would read silently wrong: each is read right, or refused with the rows named ----------------
+
+def test_rows_longer_than_the_header_are_refused_not_shifted(tmp_path):
+    """pandas turns the extra first field into the row index: every column read one to the left."""
+    for name, text in (("trailing.csv", "text,label\nhello there,1,\nbye now,0,\n"),
+                       ("comma.csv", "text,label\nhello, world,1\nplain,0\n")):
+        with pytest.raises(UserError, match="more fields than its header .* quoted"):
+            load_table(write(tmp_path, name, text))
+
+
+def test_a_column_named_twice_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"names column\(s\) \['text'\] more than once"):
+        load_table(write(tmp_path, "dup.csv", "text,text,label\na,b,1\nc,d,0\n"))
+
+
+def test_na_none_and_nan_are_texts_only_empty_cells_are_missing(tmp_path):
+    frame = load_table(write(tmp_path, "na.csv", "text,label\nN/A,1\nnan,0\nNone,1\nnull,0\n,1\n"), log=lambda m: None)
+    assert frame.text.tolist() == ["N/A", "nan", "None", "null"]
+
+
+def test_blank_and_other_unknown_labels_are_listed_together(tmp_path):
+    with pytest.raises(UserError, match=r"4 row\(s\) have unknown label values \['\(blank\)', '-1', '0.5', '2'\] "
+                                        r"\(rows 2, 3, 4, 5; .*\) in column 'label'"):
+        load_table(write(tmp_path, "labels.csv", "text,label\na,TRUE\nb,2\nc,-1\nd,0.5\ne,\n"))
+
+
+def test_tab_separated_quotes_are_text_unless_the_file_is_quoted_csv_style(tmp_path):
+    plain = write(tmp_path, "plain.tsv", 'text\tlabel\n"Great" she said\t1\n"Oh sure\t1\nmaybe" he said\t0\n')
+    assert load_table(plain).text.tolist() == ['"Great" she said', '"Oh sure', 'maybe" he said']
+    # As pandas writes it: a field holding a quote (or a line break) is quoted, inner quotes doubled.
+    frame = pd.DataFrame({"text": ['"Great" she said', "two\nlines", "plain"], "label": [1, 0, 1]})
+    frame.to_csv(tmp_path / "pandas.tsv", sep="\t", index=False)
+    assert load_table(tmp_path / "pandas.tsv").text.tolist() == ['"Great" she said', "two\nlines", "plain"]
+
+
+def test_json_objects_and_arrays_where_a_text_belongs_are_refused(tmp_path):
+    lines = write(tmp_path, "n.jsonl", '{"text": {"x": 1}, "label": 1}\n\n{"text": "b", "label": 0}\n')
+    with pytest.raises(UserError, match=r"1 record\(s\) hold a JSON object or array in the text column 'text' "
+                                        r"\(records 1; record 1 = the first object"):
+        load_table(lines)
+    # One record whose other field is an array is one row, not a row per array item.
+    one = write(tmp_path, "one.json", '{"text": "hello", "label": 1, "tags": ["a", "b", "c"]}')
+    assert load_table(one).text.tolist() == ["hello"]
+    # An object of columns keyed by names, not numbers: rows are still counted from 1.
+    keyed = write(tmp_path, "keyed.json", '{"text": {"a": "x", "b": "y"}, "label": {"a": 1, "b": "maybe"}}')
+    with pytest.raises(UserError, match=r"unknown label values \['maybe'\] \(records 2;"):
+        load_table(keyed)
+
+
+def test_columns_of_two_formats_are_refused_not_guessed(tmp_path):
+    with pytest.raises(UserError, match="fit more than one format: isarcasmeval .*generic"):
+        load_table(write(tmp_path, "two.csv", "text,label,tweet,sarcastic\na,1,b,0\n"))
+    with pytest.raises(UserError, match="fit more than one format: gen .*generic"):
+        load_table(write(tmp_path, "cls.csv", "text,label,class\na,1,sarc\n"))
+
+
+def test_stratified_sample_of_too_few_rows_for_the_ratio_is_a_plain_draw():
+    frame = pd.DataFrame({"text": list("abcd"), "label": [1, 1, 1, 0]})
+    for n in (1, 2, 3):
+        sample = stratified_sample(frame, n, 0)
+        assert len(sample) == n and set(sample.text) <= set(frame.text)
+    even = pd.DataFrame({"text": list("abcdefgh"), "label": [1, 0] * 4})
+    assert sorted(stratified_sample(even, 4, 0).label) == [0, 0, 1, 1]  # the ratio kept where it can be

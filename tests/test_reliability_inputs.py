@@ -42,7 +42,7 @@ def env(tiny_model_dir, tmp_path_factory):
     for name, content in {"empty.csv": "", "header_only.csv": "text,label\n",
                           "columns.csv": "body,lbl\noh great,1\nfine,0\n",
                           "labels.csv": "text,label\noh great,1\nfine,maybe\nsure,2\n",
-                          "nan_text.csv": "text,label\n,1\nnan,0\n,1\n"}.items():
+                          "nan_text.csv": "text,label\n,1\n  ,0\n,1\n"}.items():
         (bad / name).write_text(content)
     shutil.copyfile(train, bad / "test_overlapping_train.csv")
     (root / "not_an_adapter").mkdir()

@@ -11,7 +11,9 @@ unknown label or an empty text, which texts carry conflicting labels.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import math
 from pathlib import Path
 from typing import Callable
@@ -21,6 +23,7 @@ import pandas as pd
 
 from .atomic import file_sha256  # noqa: F401 - data.file_sha256 is read by compare and tests
 from .errors import UserError
+from .inputs import check_input_file, read_input_text, text_lines
 
 COLUMNS = ["text", "label", "source", "id"]
 GEN_RELPATH = "sarcasm_v2/GEN-sarc-notsarc.csv"
@@ -53,28 +56,82 @@ def _rows(index, limit: int = 10) -> str:
 
 
 # What a data file's name says about how to read it; any other name is read as a comma-separated CSV.
+# A tab-separated file is one record per line with no quoting (IANA's text/tab-separated-values), so a
+# quote in a tweet stays in the text, unless the file is quoted CSV-style throughout (pandas, R and
+# spreadsheets write a field holding a quote as "...""..."), which `_csv_quoted` recognises.
 TAB_SEPARATED = (".tsv", ".tab")
 JSON_LINES = (".jsonl", ".ndjson")
 TABLE_SUFFIXES = (".csv", ".json", *TAB_SEPARATED, *JSON_LINES)
 
 
 def read_frame(path: str | Path) -> pd.DataFrame:
-    """Read a CSV, TSV, JSON or JSONL file into a DataFrame, turning every parse failure into a clear error."""
-    from .inputs import check_input_file
+    """Read a CSV, TSV, JSON or JSONL file into a DataFrame, turning every parse failure into a clear error.
 
+    Only an empty cell is missing: "NA", "None", "null" or "nan" are texts like any other (pandas'
+    default would drop a tweet that says "N/A"). Rows are numbered 0.. in file order."""
     path = check_input_file(path, "Data file")
     suffix = path.suffix.lower()
+    json_file = suffix in JSON_LINES or suffix == ".json"
     try:
-        if suffix in JSON_LINES or suffix == ".json":
+        if json_file:
             frame = _read_json(path, lines=suffix in JSON_LINES)
         else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=True, sep="\t" if suffix in TAB_SEPARATED else ",")
+            text = read_input_text(path, "Data file")  # UTF-8 and no NUL bytes, checked once for every reader
+            tabs = suffix in TAB_SEPARATED
+            options = {"sep": "\t" if tabs else ",", "dtype": str, "keep_default_na": False, "na_values": [""]}
+            if tabs and not _csv_quoted(text):
+                options["quoting"] = csv.QUOTE_NONE  # quotes are part of the text (module note at TAB_SEPARATED)
+            frame = pd.read_csv(io.StringIO(text), **options)
+            _check_header(frame, pd.read_csv(io.StringIO(text), **{**options, "header": None, "nrows": 1}), path)
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        hint = "" if suffix in TAB_SEPARATED else _separator_hint(path)
+        hint = "" if suffix in TAB_SEPARATED or json_file else _separator_hint(path)
         raise UserError(f"Could not parse {path}: {str(exc).splitlines()[0]}{hint}") from None
     if frame.empty:
-        raise UserError(f"Data file {path} has a header but no rows.")
+        raise UserError(f"Data file {path} has no rows." if json_file else f"Data file {path} has a header but no rows.")
+    frame = frame.reset_index(drop=True)
+    frame.attrs["rows_are"] = "records" if json_file else "rows"
     return frame
+
+
+def _check_header(frame: pd.DataFrame, header: pd.DataFrame, path: Path) -> None:
+    """Refuse what pandas would read silently wrong: rows longer than the header (their first fields would
+    become the row index, every column shifted) and a column name given twice (pandas renames the copy)."""
+    if not isinstance(frame.index, pd.RangeIndex):
+        raise UserError(f"{path}: its rows have more fields than its header ({len(frame.columns)} column(s): "
+                        f"{list(frame.columns)}), so every column would be read shifted. A text that contains the "
+                        "separator must be quoted (\"like, this\"); or a trailing separator ends each row. Fix the "
+                        "file and run again.")
+    names = [str(name) for name in header.iloc[0].tolist()] if len(header) else []
+    repeated = sorted({name for name in names if names.count(name) > 1 and name != "nan"})
+    if repeated:
+        raise UserError(f"{path}: the header names column(s) {repeated} more than once; which one holds the data "
+                        "is ambiguous. Rename or remove the copies.")
+
+
+def _csv_quoted(text: str) -> bool:
+    """Whether a tab-separated text uses CSV quoting: some field starts with a quote, and every field that
+    starts with one is a whole quoted field (ends with a quote, inner quotes doubled) or opens a quoted
+    field that goes on over the next lines."""
+    quoted = False
+    open_field = False
+    for line in text_lines(text):
+        fields = line.split("\t")
+        if open_field:  # inside a quoted field that spans lines: it must close before the line's first tab
+            if fields[0].count('"') % 2 == 0:
+                continue
+            open_field, fields = False, fields[1:]
+        for field in fields:
+            if not field.startswith('"'):
+                continue
+            quoted = True
+            inner = field[1:]
+            if inner.endswith('"') and inner[:-1].replace('""', "").count('"') == 0:
+                continue
+            if field is fields[-1] and inner.replace('""', "").count('"') == 0:
+                open_field = True  # a newline inside the quoted field
+                continue
+            return False
+    return quoted and not open_field
 
 
 def _read_json(path: Path, lines: bool) -> pd.DataFrame:
@@ -82,8 +139,6 @@ def _read_json(path: Path, lines: bool) -> pd.DataFrame:
     editor shows it), or a .json document: an array of objects, or an object of columns. A .json file that
     holds lines (News Headlines ships so) is read as lines."""
     import json
-
-    from .inputs import read_input_text
 
     text = read_input_text(path, "Data file")
     if not lines:
@@ -95,13 +150,13 @@ def _read_json(path: Path, lines: bool) -> pd.DataFrame:
         else:
             if isinstance(document, list) and all(isinstance(item, dict) for item in document):
                 return _as_text(pd.DataFrame.from_records(document))
-            if isinstance(document, dict):  # an object of columns, or of one record's values
-                nested = any(isinstance(v, (dict, list)) for v in document.values())
-                return _as_text(pd.DataFrame(document) if nested else pd.DataFrame([document]))
+            if isinstance(document, dict) and document:  # an object of columns, or one record
+                columns = all(isinstance(v, (dict, list)) for v in document.values())
+                return _as_text(pd.DataFrame(document) if columns else pd.DataFrame([document]))
             raise ValueError("a .json file must hold an array of objects such as "
                              '[{"text": "...", "label": 1}], or an object of columns')
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -116,9 +171,33 @@ def _read_json(path: Path, lines: bool) -> pd.DataFrame:
 
 
 def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
-    """Every value as text, as the CSV reader gives it, missing ones kept missing: labels such as 1, "1" and
-    true are then read alike, whatever file they came from."""
-    return frame.astype(object).where(frame.isna(), frame.astype(str)) if len(frame) else frame
+    """Every plain value as text, as the CSV reader gives it, missing ones kept missing: labels such as 1, "1"
+    and true are then read alike, whatever file they came from. Objects and arrays stay as they are (a
+    text or label column holding one is refused where it is read: `_plain_values`)."""
+    if not len(frame):
+        return frame
+    nested = frame.apply(lambda column: column.map(lambda v: isinstance(v, (dict, list))))
+    missing = frame.apply(lambda column: column.map(lambda v: not isinstance(v, (dict, list)) and pd.isna(v)))
+    return frame.astype(object).where(missing | nested, frame.astype(str))
+
+
+def _plain_values(values: pd.Series, path, what: str) -> None:
+    """Refuse a column that holds JSON objects or arrays where a text or a label belongs."""
+    nested = values.map(lambda v: isinstance(v, (dict, list)))
+    if nested.any():
+        raise UserError(f"{path}: {int(nested.sum())} {_rows_are(values)}(s) hold a JSON object or array in the "
+                        f"{what} column {values.name!r} ({_rows_are(values)}s {_rows(values.index[nested])}; "
+                        f"{_first(values)}); it must hold a plain value.")
+
+
+def _rows_are(values) -> str:
+    return "record" if values.attrs.get("rows_are") == "records" else "row"
+
+
+def _first(values) -> str:
+    """How rows are counted in a message: a table's rows after its header, a JSON file's records."""
+    return ("record 1 = the first object in the file" if _rows_are(values) == "record"
+            else "row 1 = the first row after the header")
 
 
 def _separator_hint(path: Path) -> str:
@@ -145,14 +224,16 @@ def _require(frame: pd.DataFrame, expected: list[str], path, kind: str) -> None:
 
 
 def _labels(values: pd.Series, path, mapping: dict[str, int]) -> pd.Series:
+    _plain_values(values, path, "label")
     text = values.astype(str).str.strip().str.lower()
     labels = text.map(mapping)
     bad = labels.isna()
     if bad.any():
-        shown = sorted(set(values[bad].astype(str)))[:5]
+        shown = sorted({"(blank)" if pd.isna(v) or not str(v).strip() else str(v) for v in values[bad]})[:5]
         raise UserError(
-            f"{path}: {int(bad.sum())} row(s) have unknown label values {shown} (rows {_rows(values.index[bad])}; "
-            f"row 1 = the first row after the header). Known labels: {sorted(set(mapping))}."
+            f"{path}: {int(bad.sum())} {_rows_are(values)}(s) have unknown label values {shown} "
+            f"({_rows_are(values)}s {_rows(values.index[bad])}; {_first(values)}) in column {values.name!r}. "
+            f"Known labels: {sorted(set(mapping))}."
         )
     return labels.astype(int)
 
@@ -165,17 +246,20 @@ PUBLIC_FORMATS = {"headlines": ("headline", "is_sarcastic"), "sarc": ("comment",
 TEXT_COLUMNS = ("text", "tweet", *(text for text, _ in PUBLIC_FORMATS.values()))
 
 
+# Each format by the columns that identify it (a file may hold more).
+FORMAT_COLUMNS = {"gen": ("class", "text"), "isarcasmeval": ("tweet", "sarcastic"), "generic": ("text", "label"),
+                  **PUBLIC_FORMATS}
+
+
 def detect_format(frame: pd.DataFrame, path: str | Path | None = None) -> str:
     cols = set(frame.columns)
-    if {"class", "text"} <= cols:
-        return "gen"
-    if {"tweet", "sarcastic"} <= cols:
-        return "isarcasmeval"
-    if {"text", "label"} <= cols:
-        return "generic"
-    for name, columns in PUBLIC_FORMATS.items():
-        if set(columns) <= cols:
-            return name
+    found = [name for name, columns in FORMAT_COLUMNS.items() if set(columns) <= cols]
+    if len(found) == 1:
+        return found[0]
+    if found:  # which column holds the text, which the label, would be a guess
+        described = "; ".join(f"{name} ({', '.join(FORMAT_COLUMNS[name])})" for name in found)
+        raise UserError(f"{path or 'The table'}: its columns fit more than one format: {described}. Found columns: "
+                        f"{list(frame.columns)}. Remove or rename the columns of the format it is not.")
     opening = "Unrecognised" if path is None else f"{path}: unrecognised"
     raise UserError(
         f"{opening} columns. Found columns: {list(frame.columns)}; expected one of: GEN (class, id, text), "
@@ -193,15 +277,21 @@ def is_empty_text(texts: pd.Series) -> pd.Series:
 def text_column(frame: pd.DataFrame, path) -> pd.Series:
     """The texts of a file with or without labels, in any format this module reads (TEXT_COLUMNS);
     empty texts are an error that lists their rows."""
-    column = next((c for c in TEXT_COLUMNS if c in frame.columns), None)
+    found = [c for c in TEXT_COLUMNS if c in frame.columns]
+    if len(found) > 1:
+        raise UserError(f"{path}: more than one column could hold the texts: {found}. Keep one of them (or rename "
+                        "the others), so that what is scored is not a guess.")
+    column = found[0] if found else None
     if column is None:
         raise UserError(f"{path}: no text column. Found columns: {list(frame.columns)}; expected one of "
                         f"{list(TEXT_COLUMNS)} (`text` for GEN and generic files)." + _separator_hint(Path(path)))
-    empty = is_empty_text(frame[column])
+    texts = frame[column]
+    _plain_values(texts, path, "text")
+    empty = is_empty_text(texts)
     if empty.any():
-        raise UserError(f"{path}: {int(empty.sum())} row(s) with an empty text (rows {_rows(frame.index[empty])}; "
-                        "row 1 = the first row after the header). Remove them or fill them in.")
-    return frame[column].astype(str)
+        raise UserError(f"{path}: {int(empty.sum())} {_rows_are(texts)}(s) with an empty text ({_rows_are(texts)}s "
+                        f"{_rows(frame.index[empty])}; {_first(texts)}). Remove them or fill them in.")
+    return texts.astype(str)
 
 
 def _standard(frame: pd.DataFrame, path, fmt: str) -> pd.DataFrame:
@@ -211,6 +301,9 @@ def _standard(frame: pd.DataFrame, path, fmt: str) -> pd.DataFrame:
         _require(frame, [text, label], path, fmt)
         kept = {"text": frame[text], "label": frame[label], **{c: frame[c] for c in ("id", "source") if c in frame}}
         frame, fmt = pd.DataFrame(kept), "generic"
+    text = "tweet" if fmt == "isarcasmeval" else "text"
+    if text in frame.columns:
+        _plain_values(frame[text], path, "text")
     if fmt == "gen":
         _require(frame, ["class", "id", "text"], path, "GEN")
         return pd.DataFrame({
@@ -297,7 +390,9 @@ def stratified_sample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataF
         return frame.reset_index(drop=True)
     from sklearn.model_selection import train_test_split
 
-    if frame["label"].nunique() < 2:
+    counts = frame["label"].value_counts()
+    if len(counts) < 2 or counts.min() < 2 or min(n, len(frame) - n) < len(counts):
+        # Too few rows for scikit-learn to keep the ratio (each class twice, each side one of each): a plain draw.
         return frame.sample(n=n, random_state=seed).reset_index(drop=True)
     sample, _ = train_test_split(frame, train_size=n, stratify=frame["label"], random_state=seed)
     return sample.reset_index(drop=True)

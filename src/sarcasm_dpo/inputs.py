@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -49,14 +50,28 @@ def check_input_file(path: str | os.PathLike, what: str = "Input file", allow_em
 
 
 def decode_text(raw: bytes, where: str) -> str:
-    """UTF-8 text (a byte-order mark is dropped), or an error naming `where` and the first bad byte."""
+    """UTF-8 text (a byte-order mark is dropped), or an error naming `where` and the first bad byte.
+
+    A NUL byte is valid UTF-8 but never part of a text: it marks a binary file, or UTF-16 without its
+    byte-order mark (every other byte of English text is NUL), which would otherwise be scored as text."""
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UserError(f"{where} is not UTF-8 text: byte {raw[exc.start:exc.start + 1]!r} at position {exc.start} "
                         "cannot be decoded (a binary file, or text in another encoding). Re-save it as UTF-8.") from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise UserError(f"{where} is not UTF-8 text: it holds a NUL byte (character {nul}), as a binary file or "
+                        "UTF-16 text does. Re-save it as UTF-8.")
+    return text
 
 
 def read_input_text(path: str | os.PathLike, what: str = "Input file", allow_empty: bool = False) -> str:
     path = check_input_file(path, what, allow_empty=allow_empty)
     return decode_text(path.read_bytes(), f"{what} {path}")
+
+
+def text_lines(text: str) -> list[str]:
+    """A text's lines, ended by \\n, \\r\\n or \\r only: str.splitlines would also cut at a form feed, a
+    vertical tab or U+2028, which can sit inside one text (or one JSON string)."""
+    return re.split(r"\r\n|\r|\n", text)

@@ -24,7 +24,7 @@ def read_texts(path: str | None) -> list[str]:
     """The texts to classify: a data file's text column (data.TEXT_COLUMNS), else a file's or stdin's
     non-empty lines."""
     from ..data import TABLE_SUFFIXES, read_frame, text_column
-    from ..inputs import check_input_file, decode_text
+    from ..inputs import check_input_file, decode_text, text_lines
 
     if path is None:
         raw, where = sys.stdin.buffer.read(), "Standard input"
@@ -33,7 +33,7 @@ def read_texts(path: str | None) -> list[str]:
         if p.suffix.lower() in TABLE_SUFFIXES:
             return text_column(read_frame(p), path).tolist()
         raw, where = p.read_bytes(), f"Input file {p}"
-    return [line for line in decode_text(raw, where).splitlines() if line.strip()]
+    return [line for line in text_lines(decode_text(raw, where)) if line.strip()]
 
 
 def run(args) -> list[dict]:
