@@ -215,3 +215,35 @@ def test_a_pairs_file_mine_did_not_write_is_refused_unless_overwrite(env, tmp_pa
     message = error_paragraph(capsys.readouterr().err)
     assert code == 2 and "did not write" in message and "pairs.json" in message and "--overwrite" in message
     assert snapshot(out) == {"pairs.json": b"[]\n"}
+
+
+def test_an_output_that_would_replace_an_input_is_refused_even_with_overwrite(env, tmp_path, capsys):
+    """The output folder is replaced as a whole when a run ends: an input that is that folder, or a file directly
+    in it, would be gone. Folders inside it are carried over, so an input in one of those is safe."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(env["sft"], adapter)
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for path in (env["train"], env["val"]):
+        shutil.copyfile(path, splits / Path(path).name)
+    before = {"adapter": snapshot(adapter), "splits": snapshot(splits)}
+    cases = [
+        (_replace(compare(env, adapter, "--overwrite"), "--sft_model", str(adapter)), "both an input and an output"),
+        (["export", "--adapter", str(adapter), "--output_dir", str(adapter), "--overwrite", "--results", ""],
+         "both an input and an output"),
+        (_replace(_replace(compare(env, splits, "--overwrite"), "--test_csv", str(splits / Path(env["val"]).name)),
+                  "--train_csv", str(splits / Path(env["train"]).name)), "holds"),
+        (_replace(mine(env, tmp_path, "--overwrite"), "--output_file", str(env["train"])),
+         "both an input and an output"),  # mine's pairs file over the CSV it mines
+    ]
+    for argv, words in cases:
+        code = cli.main(argv)
+        message = error_paragraph(capsys.readouterr().err)
+        assert code == 2 and words in message and "--overwrite or not" in message, (argv[0], message)
+        assert len(message.strip().splitlines()) == 1
+    assert {"adapter": snapshot(adapter), "splits": snapshot(splits)} == before
+    # An input in a folder inside the output is carried over, not replaced: allowed.
+    nested = tmp_path / "results"
+    shutil.copytree(adapter, nested / "sft")
+    assert cli.main(_replace(compare(env, nested, "--overwrite"), "--sft_model", str(nested / "sft"))) == 0
+    assert (nested / "sft" / "adapter_model.safetensors").is_file() and (nested / "model_comparison_results.json").is_file()

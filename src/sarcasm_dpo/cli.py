@@ -95,8 +95,9 @@ def run_command(args: argparse.Namespace) -> object:
         settings = replace(settings, model=route_model(settings.model))
     if stage.driver:  # it locks every stage's output itself, once it knows them
         return stage.run(settings, config_path=getattr(args, "config", None))
-    from .rundir import claim_outputs
+    from .rundir import claim_outputs, input_paths, refuse_outputs_over_inputs
 
+    refuse_outputs_over_inputs(stage.outputs(settings), input_paths(settings))
     with claim_outputs(stage.outputs(settings), command_line(args), main_process=_main_process()):
         return stage.run(settings)
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -26,10 +27,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterable, Iterator
 
 from .atomic import _umask, file_sha256
-from .errors import SPACE_ERRORS, UserError, describe_failure
+from .errors import SPACE_ERRORS, UserError, describe_failure, paths_named
 
 STAGING = ".staging-"  # .staging-NAME-XXXX beside the output: a run's outputs before the swap
 OLD = ".old-"  # .old-NAME-XXXX: the previous outputs during the swap (two renames)
@@ -151,6 +153,36 @@ def lock_outputs(outputs: Iterable[str | os.PathLike], command: str) -> Iterator
 
 class FileOutput(str):
     """An output that is one file (mine's pairs file), not a folder: `tidy` treats the two differently."""
+
+
+def refuse_outputs_over_inputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str]) -> None:
+    """Refuse a run whose output would replace one of its own inputs, --overwrite or not.
+
+    An output folder replaces the files directly in it when the run ends (`swap_in`; the folders
+    inside are carried over), so an input that is the folder itself or a file in it would be gone;
+    a file output replaces the file of its name. `inputs`: the paths the run's input settings name
+    (`input_paths`)."""
+    for out in (o for o in outputs if o):
+        real_out = Path(os.path.realpath(out))
+        for path in sorted({os.path.realpath(p) for p in inputs}):
+            if Path(path) == real_out:
+                raise UserError(f"{out} is both an input and an output of this run: writing its results there would "
+                                "replace what it reads (--overwrite or not). Choose another output path.")
+            if isinstance(out, FileOutput):
+                continue
+            try:
+                first = real_out / Path(path).relative_to(real_out).parts[0]
+            except ValueError:
+                continue  # not inside this output
+            if not first.is_dir() or first.is_symlink():
+                raise UserError(f"The output folder {out} holds {path}, which this run reads: writing its results "
+                                "there would replace it (--overwrite or not). Choose another output folder.")
+
+
+def input_paths(settings) -> list[str]:
+    """The paths a stage's settings name, but for its outputs (settings called output_*)."""
+    named = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if not f.name.startswith("output_")}
+    return paths_named(SimpleNamespace(**named))
 
 
 @contextlib.contextmanager

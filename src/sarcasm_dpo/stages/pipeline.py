@@ -71,8 +71,10 @@ def run(pipe, config_path: str | None = None) -> dict:
     sft = stages["sft"]
     if pipe.force or not is_complete_for(sft.output_dir, sft):
         check_available(sft.model)  # before the split is written or a W&B run opened
-    from ..rundir import claim_outputs
+    from ..rundir import claim_outputs, input_paths, refuse_outputs_over_inputs
 
+    for name in order:  # no stage replaces what it reads (another stage's output included)
+        refuse_outputs_over_inputs(STAGES[name].outputs(stages[name]), input_paths(stages[name]))
     # Every stage's output is locked for the whole pipeline: a second run into the same folders exits 2.
     outputs = [o for name in order for o in STAGES[name].outputs(stages[name])]
     with claim_outputs(outputs, "sarcasm-dpo " + " ".join(sys.argv[1:])):
