@@ -174,3 +174,15 @@ def test_every_settings_rule_holds_at_build_and_when_a_stage_is_called_from_pyth
     with pytest.raises(UserError, match="--warmup_ratio must be in"):
         dpo.run(DPOSettings(output_dir=str(tmp_path / "dpo"), warmup_ratio=1.5))
     assert not (tmp_path / "sft").exists() and not (tmp_path / "dpo").exists()
+
+
+def test_a_config_files_values_meet_the_flags_choices(tmp_path):
+    """argparse checks choices on the command line only; a YAML value must meet them too."""
+    from sarcasm_dpo.cli import main
+
+    for value in ("int8", "16", "float64"):
+        config = tmp_path / f"export_{value}.yaml"
+        config.write_text(f"export:\n  adapter: nowhere\n  output_dir: {tmp_path / 'out'}\n  dtype: {value}\n")
+        with pytest.raises(UserError, match=f"dtype must be one of float32, bfloat16, float16; got '{value}'"):
+            from_namespace(settings_classes(), build_parser().parse_args(["export", "--config", str(config)]), "export")
+        assert main(["export", "--config", str(config)]) == 2

@@ -7,6 +7,7 @@ recorded (threshold, text length) used unless overridden.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from test_compare import make_adapter
@@ -95,3 +96,37 @@ def test_an_export_record_gives_the_length(tmp_path):
 def test_load_refuses_nonsense_before_loading_anything(kwargs, message):
     with pytest.raises(UserError, match=message):
         SarcasmDetector.load(**kwargs)
+
+
+def test_python_callers_get_clear_errors_not_wrong_scores(adapter, tiny_model_dir):
+    """What the command line cannot be given but a Python caller can: one string, non-strings, wrong types."""
+    detector = SarcasmDetector.load(adapter=str(adapter), warn=lambda m: None)
+    for texts, words in (("Oh great", "not one string"), ([None], "item(s) [0] are NoneType"),
+                         (["fine", b"hello"], "item(s) [1] are bytes"), (["fine", "  "], "texts [1] are empty"),
+                         (None, "got NoneType")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            detector.predict(texts)
+        with pytest.raises(UserError, match=re.escape(words)):
+            detector.predict_proba(texts)
+    for kwargs, words in (({"threshold": "0.5"}, "--threshold must be a number"),
+                          ({"threshold": True}, "--threshold must be a number"),
+                          ({"batch_size": "8"}, "--batch_size must be a positive whole number"),
+                          ({"batch_size": 1.5}, "--batch_size must be a positive whole number"),
+                          ({"max_text_tokens": 2.5}, "--max_text_tokens must be a positive whole number")):
+        with pytest.raises(UserError, match=words):
+            SarcasmDetector.load(adapter=str(adapter), warn=lambda m: None, **kwargs)
+    with pytest.raises(UserError, match=r"--threshold is a probability and must be in \[0, 1\], got 5"):
+        SarcasmDetector(detector.scorer.model, detector.scorer.tokenizer, threshold=5)
+
+
+def test_a_damaged_run_record_is_an_error_not_the_default_length(adapter, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(adapter, damaged)
+    (damaged / "training_summary.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserError, match="training_summary.json cannot be read .* trained with"):
+        SarcasmDetector.load(adapter=str(damaged), warn=lambda m: None)
+    (damaged / "training_summary.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="is not a run record"):
+        recorded_text_tokens(None, str(damaged))

@@ -222,3 +222,19 @@ def test_offline_error_names_every_route(tmp_path, monkeypatch):
 def test_unknown_key_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="unknown dataset"):
         dl.download(tmp_path, keys=["nope"], log=lambda _m: None)
+
+
+def test_a_base_url_that_is_not_a_url_and_a_cache_dir_that_is_a_file_are_user_errors(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="'notaurl' is not a URL .* https://"):
+        dl.download(tmp_path, base_url="notaurl", log=lambda _m: None)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="Cannot create the data folder .* Set --cache_dir to a writable folder"):
+        dl.download(tmp_path / "a_file", base_url="http://127.0.0.1:9", log=lambda _m: None)
+    assert _leftovers(tmp_path) == [tmp_path / "a_file"]
+
+
+def test_offline_hint_names_a_verified_copy_already_listed(tmp_path, monkeypatch, shared_data):
+    monkeypatch.setenv(dl.DATA_DIRS_ENV, str(shared_data))
+    assert "already names" in dl._offline_hint() and str(shared_data) in dl._offline_hint()
+    monkeypatch.setenv(dl.DATA_DIRS_ENV, str(tmp_path))
+    assert "already names" not in dl._offline_hint()

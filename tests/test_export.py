@@ -165,3 +165,21 @@ def test_the_threshold_chosen_on_validation_travels_into_the_export(adapter_dir,
     assert main(["predict", "--model", str(out), "--input", str(texts)]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["label"] == int(line["p_sarcastic"] >= record["threshold"])
+
+
+def test_results_that_are_not_a_comparisons_are_refused_before_anything_loads(adapter_dir, tmp_path, capsys):
+    """A --results file that is there but is not compare's output is an error, not a card without test figures."""
+    out = tmp_path / "exported"
+    for name, content, words in (
+            ("list.json", "[1]", "no 'model_paths' object"),
+            ("broken.json", "{", "is not valid JSON"),
+            ("partial.json", json.dumps({"model_paths": {"sft": str(adapter_dir)}}), "lacks its figures")):
+        (tmp_path / name).write_text(content)
+        code = main(["export", "--adapter", str(adapter_dir), "--output_dir", str(out), "--results", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and "Traceback" not in err, (name, err)
+        assert not out.exists()
+    # No file there (compare not run yet): a note, and the export goes on without test figures.
+    assert main(["export", "--adapter", str(adapter_dir), "--output_dir", str(out),
+                 "--results", str(tmp_path / "nosuch.json")]) == 0
+    assert "no comparison results at" in capsys.readouterr().err

@@ -164,7 +164,7 @@ UNREADABLE = [
     ("csv-permission-denied", lambda e, t: _replace(sft(e, t / "out"), "--train_csv", str(_unreadable(t))),
      ["cannot be read", "Permission denied"]),
     ("csv-not-utf8", lambda e, t: _replace(sft(e, t / "out"), "--train_csv", str(_latin1_csv(t))),
-     ["latin1.csv", "utf-8"]),
+     ["latin1.csv", "not UTF-8 text"]),
     ("yaml-binary", lambda e, t: sft(e, t / "out", "--config", str(_binary(t, "config.yaml"))),
      ["config.yaml", "not UTF-8"]),
     ("yaml-invalid", lambda e, t: sft(e, t / "out", "--config", str(_write(t / "bad.yaml", "sft:\n  lr: [1,\n"))),

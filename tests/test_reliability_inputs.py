@@ -47,6 +47,7 @@ def env(tiny_model_dir, tmp_path_factory):
     shutil.copyfile(train, bad / "test_overlapping_train.csv")
     (root / "not_an_adapter").mkdir()
     (root / "not_an_adapter" / "notes.txt").write_text("nothing here\n")
+    shutil.copytree(ref, root / "no_weights", ignore=shutil.ignore_patterns("adapter_model.safetensors"))
     return {"root": root, "model": tiny_model_dir, "train": train, "val": val, "bad": bad, "sft": ref,
             "char_model": char_level_model(tiny_model_dir, root / "char-model"),
             "foreign_adapter": adapter_of_a_changed_base(root)}
@@ -162,6 +163,13 @@ CASES = [
     ("mine-adapter-of-another-base", lambda e, o: _replace(mine(e, o), "--sft_model", str(e["foreign_adapter"][0])),
      ["does not fit the base model", "lora_A expects 32", "retrain the adapter"]),
     ("mine-negative-sample-size", lambda e, o: _replace(mine(e, o), "--sample_size", "-4"), ["--sample_size", "-4"]),
+    ("adapter-without-weights", lambda e, o: _replace(dpo(e, o), "--sft_model", str(e["root"] / "no_weights")),
+     ["no adapter weights", "adapter_model.safetensors"]),
+    ("compare-adapter-without-weights", lambda e, o: _replace(compare(e, o), "--sft_model", str(e["root"] / "no_weights")),
+     ["no adapter weights"]),
+    ("adapter-is-a-file", lambda e, o: _replace(compare(e, o), "--sft_model", str(e["train"])), ["is a file, not an adapter"]),
+    ("model-is-a-file", lambda e, o: _replace(sft(e, o), "--model", str(e["train"])), ["is a file, not a model"]),
+    ("extra-test-without-path", lambda e, o: compare(e, o, "--extra_test", "x="), ["names no file", "NAME=PATH"]),
 ]
 
 

@@ -232,6 +232,11 @@ def build(cls: type[C], values: dict) -> C:
         if key not in names:
             raise UserError(f"Unknown setting '{key}' for {cls.__name__}.")
         kwargs[key] = _coerce(value, hints[key], key)
+    # The flags' choices hold for a config file's values too (argparse checks only the command line).
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        if choices and f.name in kwargs and kwargs[f.name] is not None and kwargs[f.name] not in choices:
+            raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {kwargs[f.name]!r}.")
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate:

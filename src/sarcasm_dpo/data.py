@@ -82,7 +82,8 @@ def read_frame(path: str | Path) -> pd.DataFrame:
             if tabs and not _csv_quoted(text):
                 options["quoting"] = csv.QUOTE_NONE  # quotes are part of the text (module note at TAB_SEPARATED)
             frame = pd.read_csv(io.StringIO(text), **options)
-            _check_header(frame, pd.read_csv(io.StringIO(text), **{**options, "header": None, "nrows": 1}), path)
+            _check_header(frame, pd.read_csv(io.StringIO(text), **{**options, "header": None, "nrows": 1}), path,
+                          "" if tabs else _separator_hint(path))
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         hint = "" if suffix in TAB_SEPARATED or json_file else _separator_hint(path)
         raise UserError(f"Could not parse {path}: {str(exc).splitlines()[0]}{hint}") from None
@@ -93,14 +94,14 @@ def read_frame(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def _check_header(frame: pd.DataFrame, header: pd.DataFrame, path: Path) -> None:
+def _check_header(frame: pd.DataFrame, header: pd.DataFrame, path: Path, hint: str = "") -> None:
     """Refuse what pandas would read silently wrong: rows longer than the header (their first fields would
     become the row index, every column shifted) and a column name given twice (pandas renames the copy)."""
     if not isinstance(frame.index, pd.RangeIndex):
         raise UserError(f"{path}: its rows have more fields than its header ({len(frame.columns)} column(s): "
                         f"{list(frame.columns)}), so every column would be read shifted. A text that contains the "
                         "separator must be quoted (\"like, this\"); or a trailing separator ends each row. Fix the "
-                        "file and run again.")
+                        "file and run again" + (hint or "."))
     names = [str(name) for name in header.iloc[0].tolist()] if len(header) else []
     repeated = sorted({name for name in names if names.count(name) > 1 and name != "nan"})
     if repeated:

@@ -50,7 +50,6 @@ def _export_info(model: str | None) -> dict | None:
 def recorded_threshold(model: str | None, adapter: str | None = None) -> float:
     """The decision threshold the model records, else 0.5: an adapter folder's threshold.json (chosen on
     validation by its training stage), else an exported model folder's sarcasm_dpo.json (`sarcasm-dpo export`)."""
-    from .settings import check_threshold
     from .thresholds import read_threshold
 
     record = read_threshold(adapter)
@@ -59,13 +58,11 @@ def recorded_threshold(model: str | None, adapter: str | None = None) -> float:
     info = _export_info(model)
     if info is None:
         return 0.5
-    try:
-        threshold = float(info["threshold"])
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{Path(model) / EXPORT_INFO} is not a valid export record (no numeric 'threshold'); "
-                        "pass --threshold.") from None
-    check_threshold(threshold)  # the one an export records must be a probability too
-    return threshold
+    threshold = info.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise UserError(f"{Path(model) / EXPORT_INFO} records no decision threshold in [0, 1] (found {threshold!r}); "
+                        "export the model again, or pass --threshold.")
+    return float(threshold)
 
 
 def recorded_text_tokens(model: str | None, adapter: str | None = None) -> int | None:
@@ -74,8 +71,8 @@ def recorded_text_tokens(model: str | None, adapter: str | None = None) -> int |
     from .rundir import recorded_settings
 
     candidates = []
-    if adapter:
-        candidates.append((recorded_settings(adapter).get("max_text_tokens"), f"{adapter}'s run record"))
+    if adapter:  # a damaged run record is an error here: without it the length would silently be the default
+        candidates.append((recorded_settings(adapter, strict=True).get("max_text_tokens"), f"{adapter}'s run record"))
     info = _export_info(model)
     if info is not None:
         training = info.get("training_config") if isinstance(info.get("training_config"), dict) else {}
@@ -102,8 +99,10 @@ class SarcasmDetector:
     def __init__(self, model, tokenizer, threshold: float = 0.5, max_text_tokens: int | None = None,
                  batch_size: int = 16):
         from .scoring import Scorer
+        from .settings import check_scoring_args
 
-        self.threshold = threshold
+        check_scoring_args(batch_size, max_text_tokens, threshold)
+        self.threshold = float(threshold)
         self.max_text_tokens = max_text_tokens or default_text_tokens()
         self.scorer = Scorer(model, tokenizer, batch_size=batch_size, max_text_tokens=self.max_text_tokens)
 
@@ -134,10 +133,31 @@ class SarcasmDetector:
 
     def predict_proba(self, texts: Sequence[str]):
         """P(sarcastic) for each text, in input order (a numpy array)."""
-        return self.scorer.predict_proba(list(texts))
+        return self.scorer.predict_proba(_checked_texts(texts))
 
     def predict(self, texts: Sequence[str]) -> list[dict]:
         """{"text", "p_sarcastic", "label"} for each text, in input order; label 1 at or above the threshold."""
-        texts = list(texts)
+        texts = _checked_texts(texts)
         return [{"text": text, "p_sarcastic": round(float(p), 6), "label": int(p >= self.threshold)}
                 for text, p in zip(texts, self.predict_proba(texts))]
+
+
+def _checked_texts(texts) -> list[str]:
+    """The texts as a list, refusing what would be scored as something else: one string (its characters
+    would be the texts), items that are not strings, and empty texts (as the command line does)."""
+    if isinstance(texts, (str, bytes)):
+        raise UserError("texts must be a list of strings, not one string (its characters would each be scored): "
+                        "pass [text].")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise UserError(f"texts must be a list of strings, got {type(texts).__name__}.") from None
+    wrong = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if wrong:
+        raise UserError(f"texts must be strings; item(s) {wrong[:10]} are {type(texts[wrong[0]]).__name__}"
+                        f"{' and more' if len(wrong) > 10 else ''}.")
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise UserError(f"texts {empty[:10]}{' and more' if len(empty) > 10 else ''} are empty; a detector has "
+                        "nothing to read there. Remove them.")
+    return texts

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +71,12 @@ def default_cache_dir() -> Path:
 
 def _offline_hint() -> str:
     layout = " and ".join(f"DIR/{d.relpath}" for d in DATASETS.values())
+    ready = next((root for root in extra_data_dirs() if verified_copy(root, DATASETS.values())), None)
+    note = "" if ready is None else (f" (${DATA_DIRS_ENV} already names {ready}, which holds both datasets with their "
+                                     "checksums: the stages read them from there without downloading)")
     return (f"To run without network, pass --data_dir DIR with a folder laid out like {layout} "
             "(with make: add DATA_DIR=DIR to the target, `make run-cpu DATA_DIR=DIR` or `make smoke DATA_DIR=DIR`), "
-            f"or list such folders in ${DATA_DIRS_ENV}.")
+            f"or list such folders in ${DATA_DIRS_ENV}{note}.")
 
 
 def extra_data_dirs() -> list[Path]:
@@ -179,6 +183,10 @@ def download(
 ) -> dict[str, Path]:
     """Make sure each dataset file is in `cache_dir` with its checksum; return key -> path."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    scheme = urllib.parse.urlparse(base_url).scheme
+    if scheme not in ("http", "https", "file"):
+        raise UserError(f"--base_url {base_url!r} is not a URL this can download from: it must start with https://, "
+                        "http:// or file:// (a mirror of the datasets' raw files).")
     out: dict[str, Path] = {}
     for d in _select(keys):
         target = root / d.relpath
@@ -191,10 +199,9 @@ def download(
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UserError(
-                f"Cannot create the data folder {target.parent}: {err}. "
-                "Set SARCASM_DPO_DATA to a writable folder."
-            ) from None
+            where = "--cache_dir" if cache_dir is not None else "SARCASM_DPO_DATA (or --cache_dir)"
+            raise UserError(f"Cannot create the data folder {target.parent}: {err.strerror or err}. Set {where} to a "
+                            "writable folder.") from None
         log(f"{d.relpath}: downloading from {base_url}")
         _fetch(d, target, base_url, timeout, retries, log)
         log(f"{d.relpath}: ok (sha256 {d.sha256[:12]}...)")

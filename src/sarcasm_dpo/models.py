@@ -61,6 +61,9 @@ def resolve_source(ref: str, tokenizer_only: bool = False) -> tuple[str, dict]:
             raise UserError(f"Model file not found: {ref}")
         return str(path.parent), {"gguf_file": path.name}
     path = Path(ref)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"Model {ref} is a file, not a model: give a model folder (with config.json), a .gguf file or "
+                        "a Hugging Face hub id.")
     if path.exists():
         if path.is_dir():
             ggufs = sorted(path.glob("*.gguf"))
@@ -241,6 +244,9 @@ def _check_recorded_path(model: str, record: Path) -> None:
 
 def check_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
     adapter_dir = Path(adapter_dir)
+    if adapter_dir.exists() and not adapter_dir.is_dir():
+        raise UserError(f"{adapter_dir} is a file, not an adapter folder: point to the output folder of "
+                        "`sarcasm-dpo sft` or `sarcasm-dpo dpo`.")
     if not adapter_dir.is_dir():
         raise UserError(f"Adapter folder not found: {adapter_dir}. Train it first (sarcasm-dpo sft / dpo) or fix the path.")
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -263,6 +269,10 @@ def check_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
     weights = adapter_dir / "adapter_model.safetensors"
     if weights.exists() or weights.is_symlink():
         check_safetensors(weights)
+    elif not (adapter_dir / "adapter_model.bin").is_file():  # PEFT's older format, which it still loads
+        found = sorted(p.name for p in adapter_dir.iterdir())[:10]
+        raise UserError(f"{adapter_dir} holds an adapter config but no adapter weights (no adapter_model.safetensors; "
+                        f"found: {', '.join(found)}): an interrupted copy? Copy the folder again or retrain the adapter.")
     return adapter_dir
 
 

@@ -339,24 +339,32 @@ def _locked(path: Path) -> bool:
 RUN_RECORD = "training_summary.json"
 
 
-def recorded_settings(folder: str | os.PathLike) -> dict:
+def recorded_settings(folder: str | os.PathLike, strict: bool = False) -> dict:
     """The settings the run that wrote `folder` recorded in its run record ({} when there are none)."""
-    found = run_record(folder)
+    found = run_record(folder, strict=strict)
     config = found[1].get("config") if found else None
     return config if isinstance(config, dict) else {}
 
 
-def run_record(folder: str | os.PathLike) -> tuple[Path, dict] | None:
-    """(path, contents) of the run record in `folder` (a JSON object), or None if it has none."""
+def run_record(folder: str | os.PathLike, strict: bool = False) -> tuple[Path, dict] | None:
+    """(path, contents) of the run record in `folder` (a JSON object), or None if it has none.
+
+    A record that cannot be read is passed over, or, with `strict` (where a setting it holds would
+    otherwise be replaced by a default without a word), an error naming it."""
     folder = Path(folder)
     exact = folder / RUN_RECORD
     for path in [exact, *sorted(p for p in folder.glob(f"*_{RUN_RECORD}") if p != exact)]:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            if strict and path.exists():
+                raise UserError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): it "
+                                "records the settings the model was trained with. Restore it, or train again.") from None
             continue
         if isinstance(record, dict):
             return path, record
+        if strict:
+            raise UserError(f"{path} is not a run record (a JSON object); restore it, or train again.")
     return None
 
 

@@ -318,12 +318,25 @@ def check_predict_args(model: str | None, adapter: str | None, batch_size: int, 
                        device: str | None, threshold: float | None) -> None:
     """`sarcasm-dpo predict`'s flags, which are detector.SarcasmDetector.load's arguments (predict has no
     settings section). None for max_text_tokens and threshold: what the model's run recorded."""
+    for name, value in (("model", model), ("adapter", adapter), ("device", device)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise UserError(f"--{name} must be a path or name (a string), got {value!r}.")
     if not model and not adapter:
         raise UserError("Give --model (a hub id, folder or .gguf) and/or --adapter (an sft/dpo output folder).")
+    check_scoring_args(batch_size, max_text_tokens, threshold)
+    check_device(device)
+
+
+def check_scoring_args(batch_size: int, max_text_tokens: int | None, threshold: float | None) -> None:
+    """A detector's numbers, whoever passes them (predict's flags, or Python calling detector.py directly)."""
+    for name, value in (("batch_size", batch_size), ("max_text_tokens", max_text_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UserError(f"--{name} must be a positive whole number, got {value!r}.")
     check_positive("batch_size", batch_size, allow_none=False)
     check_positive("max_text_tokens", max_text_tokens)
-    check_device(device)
     if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise UserError(f"--threshold must be a number in [0, 1], got {threshold!r}.")
         check_threshold(threshold)
 
 

@@ -219,13 +219,17 @@ def read_threshold(folder: str | Path | None) -> dict | None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} cannot be read as JSON ({exc}); delete it to use 0.5, or pass --threshold.") from None
+        raise UserError(f"{path} cannot be read as JSON ({str(exc).splitlines()[0][:200]}). {_DAMAGED}") from None
     return _checked(record, path)
+
+
+# What to do about a damaged threshold record, whichever command read it.
+_DAMAGED = ("It records the model's decision threshold, chosen on validation by the stage that trained it: run that "
+            "stage again to write it anew (`predict` can also be given --threshold).")
 
 
 def _checked(record, path: Path) -> dict:
     value = record.get("threshold") if isinstance(record, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise UserError(f"{path} holds no decision threshold in [0, 1] (found {value!r}); delete it to use 0.5, "
-                        "or pass --threshold.")
+        raise UserError(f"{path} holds no decision threshold in [0, 1] (found {value!r}). {_DAMAGED}")
     return record

@@ -170,7 +170,7 @@ def resolve_adapters(s: CompareSettings) -> dict[str, Path]:
         if _skipped(value):
             continue
         folder = Path(value).expanduser()
-        if not folder.is_dir():
+        if not folder.exists():
             raise UserError(
                 f"The {NAMES[key]} adapter folder {folder} does not exist. Train it first, fix --{key}_model, "
                 f"or pass --{key}_model none to compare without it.")
@@ -263,6 +263,9 @@ def load_extra_tests(s: CompareSettings, train: pd.DataFrame | None) -> dict[str
     for item in s.extra_test:
         name, _, path = item.partition("=")
         name, path = name.strip(), path.strip()
+        if not path:
+            raise UserError(f"--extra_test {item!r} names no file: write NAME=PATH, e.g. --extra_test "
+                            "headlines=Sarcasm_Headlines_Dataset.json.")
         if not EXTRA_NAME.match(name) or name == "main":
             raise UserError(f"--extra_test name {name!r} must be letters, digits, '.', '_' or '-' (and not 'main').")
         if name in extras:

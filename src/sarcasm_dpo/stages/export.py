@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 from ..detector import EXPORT_INFO
@@ -31,13 +32,6 @@ DATASETS = {
     "gen": "GEN (Sarcasm Corpus V2, Oraby et al. 2016: sarcastic and not-sarcastic forum posts)",
     "isarcasmeval": "iSarcasmEval (SemEval-2022 Task 6: tweets labelled by their authors)",
 }
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def hub_base_id(base: str) -> str | None:
@@ -65,18 +59,38 @@ def training_record(adapter: Path) -> tuple[str, dict]:
 
 
 def comparison_for(adapter: Path, results_path: str | None) -> tuple[dict | None, str | None]:
-    """(comparison results, the model key in them) when the results name this very adapter folder."""
+    """(comparison results, the model key in them) when the results name this very adapter folder.
+
+    No file there: a note, and a card without test figures (compare may not have run). A file that is not
+    a comparison's results: an error, rather than a card that silently leaves them out."""
     if not results_path:
         return None, None
-    results = _read_json(Path(results_path))
-    if not results:
+    path = Path(results_path)
+    if not path.exists():
+        print(f"Note: no comparison results at {path}; the model card will carry no test figures.", file=sys.stderr)
         return None, None
-    for key, path in (results.get("model_paths") or {}).items():
+    from ..inputs import read_input_text
+
+    try:
+        results = json.loads(read_input_text(path, "Comparison results"))
+    except ValueError as exc:
+        raise UserError(f"--results {path} is not valid JSON ({str(exc).splitlines()[0][:200]}); give the "
+                        "model_comparison_results.json that `sarcasm-dpo compare` wrote, or --results '' for none.") from None
+    paths = results.get("model_paths") if isinstance(results, dict) else None
+    if not isinstance(paths, dict):
+        raise UserError(f"--results {path} is not the results of `sarcasm-dpo compare` (no 'model_paths' object); give "
+                        "its model_comparison_results.json, or --results '' for none.")
+    for key, folder in paths.items():
         try:
-            if Path(path).resolve() == adapter.resolve():
-                return results, key
+            if not isinstance(folder, str) or Path(folder).resolve() != adapter.resolve():
+                continue
         except OSError:
             continue
+        missing = [k for k in ("models", "test_set") if not isinstance(results.get(k), dict)]
+        if missing or not isinstance(results["models"].get(key), dict):
+            raise UserError(f"--results {path} names this adapter ({key}) but lacks its figures (missing: "
+                            f"{missing or [f'models.{key}']}); run `sarcasm-dpo compare` again, or pass --results ''.")
+        return results, key
     return None, None
 
 
