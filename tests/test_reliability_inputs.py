@@ -48,6 +48,13 @@ def env(tiny_model_dir, tmp_path_factory):
     (root / "not_an_adapter").mkdir()
     (root / "not_an_adapter" / "notes.txt").write_text("nothing here\n")
     shutil.copytree(ref, root / "no_weights", ignore=shutil.ignore_patterns("adapter_model.safetensors"))
+    import pandas as pd
+
+    val_rows = pd.read_csv(val)
+    val_rows[val_rows.label == 1].to_csv(bad / "val_one_class.csv", index=False)
+    (bad / "fake.gguf").write_bytes(b"garbage, not a GGUF file\n")
+    shutil.copytree(tiny_model_dir, root / "no_tokenizer", ignore=shutil.ignore_patterns("tokenizer*", "vocab*",
+                                                                                         "merges*", "special*"))
     return {"root": root, "model": tiny_model_dir, "train": train, "val": val, "bad": bad, "sft": ref,
             "char_model": char_level_model(tiny_model_dir, root / "char-model"),
             "foreign_adapter": adapter_of_a_changed_base(root)}
@@ -170,6 +177,19 @@ CASES = [
     ("adapter-is-a-file", lambda e, o: _replace(compare(e, o), "--sft_model", str(e["train"])), ["is a file, not an adapter"]),
     ("model-is-a-file", lambda e, o: _replace(sft(e, o), "--model", str(e["train"])), ["is a file, not a model"]),
     ("extra-test-without-path", lambda e, o: compare(e, o, "--extra_test", "x="), ["names no file", "NAME=PATH"]),
+    ("negative-seed", lambda e, o: sft(e, o, "--seed", "-1"), ["--seed must be a whole number from 0 to 4294967295"]),
+    ("seed-too-large", lambda e, o: dpo(e, o, "--seed", "4294967296"), ["--seed", "4294967296"]),
+    ("negative-weight-decay", lambda e, o: sft(e, o, "--weight_decay", "-1"), ["--weight_decay must be 0 or more"]),
+    ("negative-val-sample-size", lambda e, o: sft(e, o, "--val_sample_size", "-1"), ["--val_sample_size must be 0"]),
+    ("val-split-of-one-class", lambda e, o: _replace(sft(e, o), "--val_csv", str(e["bad"] / "val_one_class.csv")),
+     ["holds one class only", "val_one_class.csv"]),
+    ("train-and-val-overlap", lambda e, o: _replace(sft(e, o), "--val_csv", str(e["train"])),
+     ["appear in both", "chosen on texts the model trained on"]),
+    ("sample-of-one-class", lambda e, o: sft(e, o, "--sample_size", "1"), ["--sample_size 1 leaves one class"]),
+    ("gguf-that-is-not-one", lambda e, o: _replace(sft(e, o), "--model", str(e["bad"] / "fake.gguf")),
+     ["Could not load", "fake.gguf", "not a model"]),
+    ("model-without-tokenizer", lambda e, o: _replace(sft(e, o), "--model", str(e["root"] / "no_tokenizer")),
+     ["holds no tokenizer"]),
 ]
 
 
@@ -255,3 +275,57 @@ def test_an_output_that_would_replace_an_input_is_refused_even_with_overwrite(en
     shutil.copytree(adapter, nested / "sft")
     assert cli.main(_replace(compare(env, nested, "--overwrite"), "--sft_model", str(nested / "sft"))) == 0
     assert (nested / "sft" / "adapter_model.safetensors").is_file() and (nested / "model_comparison_results.json").is_file()
+
+
+def test_a_model_that_is_not_a_causal_lm_is_refused(env, tmp_path, capsys):
+    """A BERT classifier would load with a freshly initialised LM head: every score noise."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    bert = tmp_path / "bert"
+    BertForSequenceClassification(BertConfig(vocab_size=len(json.loads((env["model"] / "tokenizer.json").read_text())
+                                                           ["model"]["vocab"]) + 8, hidden_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64)).save_pretrained(bert)
+    for path in env["model"].iterdir():  # the chat model's tokenizer and template, so only the model is wrong
+        if path.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copyfile(path, bert / path.name)
+    code = cli.main(_replace(sft(env, tmp_path / "out"), "--model", str(bert)) + ["--lora_targets", "query,value"])
+    message = error_paragraph(capsys.readouterr().err)
+    assert code == 2 and "BertForSequenceClassification, not a causal language model" in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_never_replaces_the_datasets_it_reads(shared_data, tmp_path, capsys):
+    """--output_dir inside --data_dir, on the folder that holds a dataset: refused, --overwrite or not."""
+    data = tmp_path / "data"
+    shutil.copytree(shared_data, data)
+    before = snapshot(data)
+    for sub in ("sarcasm_v2", "isarcasmeval"):
+        code = cli.main(["split", "--data_dir", str(data), "--output_dir", str(data / sub), "--overwrite", "--no_wandb"])
+        message = error_paragraph(capsys.readouterr().err)
+        assert code == 2 and "which this run reads" in message, message
+    assert snapshot(data) == before
+    # Beside them, as data/splits, is the usual layout: allowed.
+    assert cli.main(["split", "--data_dir", str(data), "--output_dir", str(data / "splits"), "--no_wandb"]) == 0
+
+
+def test_the_same_folder_spelled_another_way_is_the_same_run(env, tmp_path, capsys, monkeypatch):
+    """./out, out and /abs/out name one folder: a finished run there is this run's, not another's."""
+    monkeypatch.chdir(tmp_path)
+    argv = _replace(compare(env, tmp_path / "out"), "--output_dir", "out")
+    assert cli.main(argv) == 0
+    for spelling in ("./out", str(tmp_path / "out"), "out/"):
+        assert cli.main(_replace(argv, "--output_dir", spelling)) == 0
+        assert "already holds" not in capsys.readouterr().err
+
+
+def test_config_values_of_the_wrong_kind_are_refused(env, tmp_path, capsys):
+    for body, words in (("sft:\n  sample_size: true\n", "'sample_size' expects int, got True"),
+                        ("sft:\n  output_dir: {a: 1}\n", "'output_dir' expects str"),
+                        ("sft:\n  output_dir: ''\n", "output_dir is empty")):
+        config = tmp_path / "c.yaml"
+        config.write_text(body)
+        argv = [a for a in sft(env, tmp_path / "o") if a not in ("--output_dir", str(tmp_path / "o"))]
+        code = cli.main(argv + ["--config", str(config)])
+        message = error_paragraph(capsys.readouterr().err)
+        assert code == 2 and words in message, (body, message)

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import is_path_setting
+
 COMPLETE_MARKER = "COMPLETE.json"
 
 
@@ -187,9 +189,18 @@ def settings_differences(record: dict, config: Any, ignore_keys: tuple[str, ...]
     def differs(key: str) -> bool:
         if key not in had and key in defaults:
             return wanted.get(key) != defaults[key]
+        if is_path_setting(key) and _same_path(had.get(key), wanted.get(key)):
+            return False  # ./splits, splits and /here/splits name one folder
         return had.get(key) != wanted.get(key)
 
     return sorted(k for k in set(had) | set(wanted) if differs(k))
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """Two path settings that name the same place from here (the files' contents are compared apart)."""
+    if not (isinstance(a, str) and isinstance(b, str) and a.strip() and b.strip()):
+        return False
+    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
 
 
 def input_differences(record: dict, inputs: dict | None) -> list[str]:

@@ -60,6 +60,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if optional:
             return None
         raise UserError(f"Setting '{name}' cannot be empty.")
+    # A YAML mapping or list where one value belongs, or true/false where a number does, is a mistake in the
+    # file, not something to turn into a folder named "{'a': 1}" or a sample of 1.
+    if isinstance(value, dict) or (isinstance(value, (list, tuple)) and typing.get_origin(inner) is not list) \
+            or (isinstance(value, bool) and inner in (int, float)):
+        raise UserError(f"Setting '{name}' expects {getattr(inner, '__name__', inner)}, got {value!r}.")
     try:
         if typing.get_origin(inner) is list:
             (item_tp,) = typing.get_args(inner)
@@ -234,6 +239,13 @@ def build(cls: type[C], values: dict) -> C:
         kwargs[key] = _coerce(value, hints[key], key)
     # The flags' choices hold for a config file's values too (argparse checks only the command line).
     for f in dataclasses.fields(cls):
+        value = kwargs.get(f.name)
+        # Where a run writes: an empty name would be the current folder, whose files --overwrite replaces.
+        if f.name.startswith("output_") and isinstance(value, str) and not value.strip():
+            raise UserError(f"{f.name} is empty: name the folder or file this run writes.")
+        # Every library that takes the seed (numpy, torch, scikit-learn) wants 0 .. 2**32 - 1.
+        if f.name == "seed" and value is not None and not 0 <= value < 2**32:
+            raise UserError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {value}.")
         choices = f.metadata.get("choices")
         if choices and f.name in kwargs and kwargs[f.name] is not None and kwargs[f.name] not in choices:
             raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {kwargs[f.name]!r}.")

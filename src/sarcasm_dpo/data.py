@@ -413,6 +413,16 @@ def balanced_sample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFra
     return out.iloc[rng.permutation(len(out))].reset_index(drop=True)
 
 
+def check_validation_split(frame: pd.DataFrame, path, sample_size: int | None = None) -> None:
+    """Refuse a validation split (as sampled) without both classes: F1, ROC-AUC and the decision threshold
+    chosen on it would mean nothing, and a model would be selected on them all the same."""
+    if frame["label"].nunique() < 2:
+        sampled = f" (as sampled by --val_sample_size {sample_size})" if sample_size else ""
+        raise UserError(f"The validation split {path} holds one class only{sampled} ({class_counts(frame)}): "
+                        "model selection and the decision threshold need both. Use a split with sarcastic and "
+                        "non-sarcastic texts (`sarcasm-dpo split` makes one), or a larger --val_sample_size.")
+
+
 def check_no_leakage(splits: dict[str, pd.DataFrame]) -> None:
     """Fail loudly if any normalised text sits in more than one split."""
     seen: dict[str, str] = {}
@@ -464,9 +474,11 @@ def check_split_sizes(name: str, frame: pd.DataFrame, share: float, held_out: st
     held = _held_out(n, share)
     kept = n - held
     if held < 2 or kept < 2 or min(counts.values()) < 2:
+        fix = ("more data (each class needs at least two rows)" if min(counts.values()) < 2
+               else "a smaller share" if kept < 2 else "a larger share, or more data")
         raise UserError(f"Splitting {name} ({n} rows: {counts.get(1, 0)} sarcastic, {counts.get(0, 0)} not) with a "
                         f"{held_out} share of {share} gives {held} {held_out} and {kept} training row(s); each part needs "
-                        "at least one row of each class. Use a larger share, or more data.")
+                        f"at least one row of each class. Use {fix}.")
     return kept
 
 

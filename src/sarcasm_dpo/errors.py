@@ -59,6 +59,11 @@ SPACE_ERRORS = (_errno.ENOSPC, _errno.EDQUOT, _errno.EFBIG)
 _PATH_SETTING = re.compile(r".*(dir|file|csv|model|adapter|input|data|results|config|extra_test)")
 
 
+def is_path_setting(name: str) -> bool:
+    """Does a setting of this name hold a path (or paths)? The one rule, by name."""
+    return bool(_PATH_SETTING.fullmatch(name))
+
+
 def paths_named(*sources) -> list[str]:
     """The paths the path settings of a run name (from settings dataclasses or argparse namespaces): as
     absolute paths, and as real paths where links lead elsewhere; NAME=PATH items (--extra_test) by their path."""
@@ -68,7 +73,7 @@ def paths_named(*sources) -> list[str]:
     for source in sources:
         items = ({f.name: getattr(source, f.name) for f in dataclasses.fields(source)}
                  if dataclasses.is_dataclass(source) else vars(source) if source is not None else {})
-        values += [v for name, v in items.items() if _PATH_SETTING.fullmatch(name)]
+        values += [v for name, v in items.items() if is_path_setting(name)]
     out = []
     for value in values:
         for text in value if isinstance(value, (list, tuple)) else [value]:

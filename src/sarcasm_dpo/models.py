@@ -165,11 +165,16 @@ def _load(cls, ref: str, source: str, extra: dict, **kwargs):
                                 f"answer ({reason}) and the model is not in the local cache. {OFFLINE_HINT}") from None
     try:
         return cls.from_pretrained(source, **extra, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a damaged or foreign file (a .gguf without its magic bytes)
         text = str(exc)
         if "gguf" in extra.get("gguf_file", "") and "gguf" in text.lower() and "install" in text.lower():
             raise UserError(f"Loading {ref} needs the `gguf` package: pip install gguf") from None
-        raise UserError(f"Could not load {ref!r}: {text.splitlines()[0] if text else exc!r}. {OFFLINE_HINT}") from None
+        first = text.splitlines()[0][:300] if text else repr(exc)
+        if Path(source).exists():  # a local folder or file: the network has nothing to do with it
+            raise UserError(f"Could not load {ref!r}: {first}. It is not a model (or tokenizer) that transformers "
+                            "can load: check that the folder holds config.json, the weights and the tokenizer files, "
+                            "or that the .gguf file is complete.") from None
+        raise UserError(f"Could not load {ref!r}: {first}. {OFFLINE_HINT}") from None
     except ImportError as exc:
         raise UserError(f"Could not load {ref!r}: {exc}") from None
 
@@ -179,11 +184,20 @@ def load_tokenizer(ref: str):
 
     from .prompts import require_chat_template
 
+    folder = Path(os.path.expanduser(str(ref)))
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES) \
+            and not any(folder.glob("*.gguf")):
+        raise UserError(f"{ref} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the model's tokenizer "
+                        "files into it, or point to the folder that has them.")
     tokenizer = _from_pretrained(AutoTokenizer, ref, tokenizer_only=True)
     require_chat_template(tokenizer, ref)
     if tokenizer.pad_token is None:  # many chat models ship without one; eos is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# A model folder's tokenizer, in one of the forms transformers reads.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_base_model(ref: str, device=None, dtype=None):
@@ -192,7 +206,19 @@ def load_base_model(ref: str, device=None, dtype=None):
     device = pick_device(str(device)) if device is not None else pick_device()
     dtype = dtype or pick_dtype(device)
     model = _from_pretrained(AutoModelForCausalLM, ref, dtype=dtype)
+    check_causal_lm(model.config, ref)
     return drop_gguf_tag(model).to(device)
+
+
+def check_causal_lm(config, ref: str) -> None:
+    """Refuse a model saved as something other than a causal LM (a BERT classifier, an encoder-decoder):
+    transformers would load it with a freshly initialised LM head, and every score would be noise."""
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False) or (
+            architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)):
+        raise UserError(f"{ref} is a {', '.join(architectures) or 'encoder-decoder model'}, not a causal language "
+                        "model: this project reads the next-token probabilities of a chat model (any *ForCausalLM, "
+                        "e.g. Qwen/Qwen2.5-0.5B-Instruct).")
 
 
 def drop_gguf_tag(model):

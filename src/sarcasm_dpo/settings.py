@@ -55,9 +55,9 @@ SELECT_BY_HELP = ("What keeps the best evaluation (and drives early stopping): f
                   "saved model is used) or roc_auc (threshold-free).")
 
 
-def _check_sample_size(value: int | None) -> None:
+def _check_sample_size(value: int | None, name: str = "sample_size") -> None:
     if value is not None and value < 0:
-        raise UserError(f"--sample_size must be 0 (all) or a positive count, got {value}.")
+        raise UserError(f"--{name} must be 0 (all) or a positive count, got {value}.")
 
 
 def check_threshold(value: float) -> None:
@@ -157,7 +157,7 @@ class SFTSettings(Common):
     def validate(self) -> None:
         super().validate()
         _check_sample_size(self.sample_size)
-        _check_sample_size(self.val_sample_size)
+        _check_sample_size(self.val_sample_size, "val_sample_size")
         check_batch_size(self.batch_size)
         for name in ("epochs", "lr", "grad_accum", "max_length", "lora_r", "eval_batch_size"):
             check_positive(name, getattr(self, name), allow_none=False)
@@ -256,7 +256,7 @@ class DPOSettings(Common):
     def validate(self) -> None:
         super().validate()
         _check_sample_size(self.sample_size)
-        _check_sample_size(self.val_sample_size)
+        _check_sample_size(self.val_sample_size, "val_sample_size")
         if self.beta <= 0:
             raise UserError(f"--beta must be > 0, got {self.beta}.")
         if any(b <= 0 for b in self.betas):
@@ -376,6 +376,8 @@ def check_training_settings(s) -> None:
         raise UserError(f"--warmup_ratio must be in [0, 1), got {s.warmup_ratio}.")
     if s.logging_steps < 1:
         raise UserError(f"--logging_steps must be at least 1, got {s.logging_steps}.")
+    if getattr(s, "weight_decay", 0) < 0:  # a negative decay pushes weights away from zero: never meant
+        raise UserError(f"--weight_decay must be 0 or more, got {s.weight_decay}.")
     # WORLD_SIZE as training.distributed.world_size reads it: settings sit below training/ and import none of it.
     if s.auto_find_batch_size and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise UserError("--auto_find_batch_size works in single-process runs only: the processes of a distributed "

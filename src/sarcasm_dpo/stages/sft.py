@@ -44,14 +44,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..atomic import finish_output_dir, read_json, write_json
 from ..training.callbacks import ValidationCallback, install_callbacks, stage_callbacks
-from ..data import balanced_sample, class_counts, frame_checksum, load_split, overlap_count, stratified_sample
+from ..data import (balanced_sample, check_validation_split, class_counts, frame_checksum, load_split, overlap_count,
+                    stratified_sample)
 from ..errors import UserError
 from ..training.fused_head import project_labelled_positions_only
 from ..training.lean_step import lean
@@ -240,10 +240,15 @@ def load_data(s):
         train = balanced_sample(train, s.sample_size, s.seed)  # class-balanced so neither answer dominates
     if s.val_sample_size:
         val = stratified_sample(val, s.val_sample_size, s.seed)
+    check_validation_split(val, s.val_csv, s.val_sample_size)
+    if train["label"].nunique() < 2:  # the sample, where the file had both: --sample_size 1
+        raise UserError(f"--sample_size {s.sample_size} leaves one class to train on ({class_counts(train)}); "
+                        "SFT needs both. Use a sample of at least 2.")
     shared = overlap_count(train, val)
-    if shared:
-        warnings.warn(f"{shared} text(s) appear in both {s.train_csv} and {s.val_csv}; validation F1 will be "
-                      "optimistic. Re-create the splits with `sarcasm-dpo split`.", stacklevel=2)
+    if shared:  # selection on validation only: a checkpoint chosen on texts it trained on is chosen on training data
+        raise UserError(f"{shared} text(s) appear in both {s.train_csv} and {s.val_csv}: the best checkpoint and the "
+                        "decision threshold would be chosen on texts the model trained on. Re-create the splits with "
+                        "`sarcasm-dpo split`, or remove those texts from one of the files.")
     return train, val
 
 

@@ -12,7 +12,7 @@ from ..atomic import check_output_dir, finish_output_dir, write_csv, write_json
 from ..data import (GEN_RELPATH, ISARCASM_RELPATH, SPLIT_FILES, class_counts, frame_checksum, load_gen, load_isarcasm,
                     make_splits)
 from ..download import ensure_data_dir
-from ..rundir import input_identity, staged
+from ..rundir import input_identity, refuse_outputs_over_inputs, staged
 from ..tracking import Tracker
 
 
@@ -31,6 +31,9 @@ def run(settings) -> dict:
     config = dataclasses.asdict(settings)
     out = Path(settings.output_dir)
     data_dir = ensure_data_dir(settings.data_dir)
+    # The files read are known only now (--data_dir, or a copy found elsewhere): none may sit where the
+    # split files go, or the swap at the end would take them away.
+    refuse_outputs_over_inputs([out], [str(data_dir / GEN_RELPATH), str(data_dir / ISARCASM_RELPATH)])
     # The data's identity is part of what a finished split was made from: other data is another run.
     inputs = dataset_identity(data_dir)
     check_output_dir(out, settings, overwrite=settings.overwrite, inputs=inputs)
