@@ -140,6 +140,7 @@ def test_set_overrides_one_stage_like_the_config_file():
     ("sft.learning_rate=0.1", "section 'sft' has no setting 'learning_rate'. Known: .*lr"),
     ("learning_rate=0.1", "no stage has a setting 'learning_rate'"),
     ("pipeline.mine=true", "unknown section 'pipeline'.*--mine"),
+    (".epochs=1", "expects SECTION.KEY=VALUE or KEY=VALUE"),  # a section left out is not a shared key
 ])
 def test_set_refuses_unknown_keys(item, match):
     from sarcasm_dpo.config import apply_overrides

@@ -201,8 +201,8 @@ def apply_overrides(data: dict, overrides: Sequence[str], classes: dict[str, typ
     sections = classes
     for item in overrides:
         key, sep, raw = item.partition("=")
-        section, _, name = key.strip().rpartition(".")
-        if not sep or not name:
+        section, dot, name = key.strip().rpartition(".")
+        if not sep or not name or (dot and not section):
             raise UserError(f"--set expects SECTION.KEY=VALUE or KEY=VALUE (e.g. sft.sample_size=64), got {item!r}.")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
