@@ -98,3 +98,114 @@ def test_dpo_trains_on_label_pairs_and_records_the_spec(tiny_model_dir, tmp_path
     assert saved["pairs"]["pairs_spec"] == "label" == summary["pairs"]["pairs_spec"]
     assert saved["pairs"]["pair_sources"] == {"label": 8} and saved["pairs"]["used"] == 8
     assert saved["pairs"]["balanced"] is True  # label is balanced by default, without --balance
+
+
+# -- bad input: a clear one-paragraph refusal, exit 2, nothing lost ------------------------------------------
+
+
+def _mined_file(splits, tokenizer, folder, n: int = 6, overrides: dict | None = None):
+    """A pairs file as `mine` writes it, from the first n training texts; `overrides`: pair index -> fields."""
+    from sarcasm_dpo.data import load_split
+    from sarcasm_dpo.pairs import build_pairs
+
+    train = load_split(splits / "isarcasm_train.csv")
+    records = build_pairs(train.head(n), tokenizer, "reasoning").to_dict(orient="records")
+    for index, fields in (overrides or {}).items():
+        records[index].update(fields)
+    path = folder / "pairs.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_a_contradictory_pairs_file_is_one_paragraph_and_exit_2(tiny_model_dir, tmp_path, capsys):
+    import pandas as pd
+    from test_dpo import make_sft_adapter, write_toy_splits
+
+    from sarcasm_dpo.models import load_tokenizer
+    from sarcasm_dpo.pairs import build_pairs
+
+    toy = write_toy_splits(tmp_path / "splits")
+    sft = make_sft_adapter(tiny_model_dir, tmp_path / "sft")
+    sound = build_pairs(pd.read_csv(toy.train).head(4), load_tokenizer(str(tiny_model_dir)), "reasoning")
+    args = ["dpo", "--sft_model", str(sft), "--train_csv", str(toy.train), "--val_csv", str(toy.gen_val),
+            "--isarcasm_val_csv", str(toy.is_val), "--no_wandb", "--output_dir", str(tmp_path / "dpo")]
+    for fields, says in (({"label": "abc"}, "1 pair(s) with an unknown label ('abc';"),  # was a traceback
+                         ({"label": 2}, "1 pair(s) with an unknown label (2;"),  # was accepted
+                         ({"chosen": "No. one", "rejected": "No. two"}, "open with the same label word (pair 3)")):
+        records = sound.to_dict(orient="records")
+        records[2].update(fields)
+        path = tmp_path / "pairs.json"
+        path.write_text(json.dumps(records))
+        code = main([*args, "--preference_data", str(path)])
+        err = capsys.readouterr().err
+        assert code == 2 and says in err and "Traceback" not in err and err.count("\n") == 1, err
+        assert not (tmp_path / "dpo").exists()
+
+
+def test_label_1_on_a_no_pair_is_refused_not_counted_sarcastic(real_splits, tiny_model_dir, tmp_path):
+    from sarcasm_dpo.models import load_tokenizer
+    from sarcasm_dpo.stages import dpo
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    plain = _mined_file(real_splits, tokenizer, tmp_path, 6)
+    data = dpo.load_data(settings_for(real_splits, preference_data=str(plain)), tokenizer)
+    counts = data.info["class_counts"]
+    labels = [record["label"] for record in json.loads(plain.read_text())]
+    wrong = _mined_file(real_splits, tokenizer, tmp_path, 6, {i: {"label": 1 - labels[i]} for i in (1, 4)})
+    with pytest.raises(UserError, match=r"2 pair\(s\) whose label contradicts the chosen answer .*\(pairs 2, 5\)"):
+        dpo.load_data(settings_for(real_splits, preference_data=str(wrong)), tokenizer)
+    # Without labels the counts come from the answers each pair prefers, the same as with them.
+    bare = _mined_file(real_splits, tokenizer, tmp_path, 6, {i: {"label": None} for i in range(6)})
+    assert dpo.load_data(settings_for(real_splits, preference_data=str(bare)), tokenizer).info["class_counts"] == counts
+
+
+def test_a_pair_with_null_text_trains_and_the_others_are_still_checked_for_leakage(real_splits, tiny_model_dir,
+                                                                                   tmp_path):
+    from sarcasm_dpo.data import load_split
+    from sarcasm_dpo.models import load_tokenizer
+    from sarcasm_dpo.pairs import build_pairs
+    from sarcasm_dpo.stages import dpo
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    path = _mined_file(real_splits, tokenizer, tmp_path, 6, {0: {"text": None}})
+    data = dpo.load_data(settings_for(real_splits, preference_data=str(path)), tokenizer)
+    assert len(data.pairs) == 6 and int(data.pairs["text"].isna().sum()) == 1
+    # One pair without text no longer switches off the leakage check for the rest.
+    val = load_split(real_splits / "gen_val.csv").head(1)
+    leaked = json.loads(path.read_text()) + build_pairs(val, tokenizer, "reasoning").to_dict(orient="records")
+    path.write_text(json.dumps(leaked))
+    with pytest.raises(UserError, match="also appear in the gen_val split"):
+        dpo.load_data(settings_for(real_splits, preference_data=str(path)), tokenizer)
+
+
+def test_rephrases_cut_to_their_tweets_prompt_say_so(real_splits, tiny_model_dir):
+    """--pairs rephrase at --max_text_tokens 32: tweets and rephrases that open alike become one prompt."""
+    from sarcasm_dpo.models import load_tokenizer
+    from sarcasm_dpo.stages import dpo
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    with pytest.raises(UserError) as caught:
+        dpo.load_data(settings_for(real_splits, pairs="rephrase", sample_size=8, max_text_tokens=32), tokenizer)
+    message = str(caught.value)
+    assert "because cutting texts to --max_text_tokens 32 left different texts identical" in message, message
+    assert "the sources disagree" not in message and "raise --max_text_tokens" in message
+
+
+def test_a_one_class_gen_validation_split_is_refused(real_splits, tiny_model_dir, tmp_path):
+    import pandas as pd
+
+    from sarcasm_dpo.models import load_tokenizer
+    from sarcasm_dpo.stages import dpo
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    val = pd.read_csv(real_splits / "gen_val.csv")
+    one = tmp_path / "gen_val_one.csv"
+    val[val["label"] == 1].to_csv(one, index=False)
+    with pytest.raises(UserError, match=r"gen_val_one.csv holds one class only \(\{'sarcastic': \d+, 'not_sarcas"):
+        dpo.load_data(settings_for(real_splits, val_csv=str(one), pairs="label", sample_size=8), tokenizer)
+    # Both classes in the file, but --val_sample_size draws one of them only.
+    skew = tmp_path / "gen_val_skew.csv"
+    pd.concat([val[val["label"] == 1].head(40), val[val["label"] == 0].head(1)]).to_csv(skew, index=False)
+    with pytest.raises(UserError, match=r"one class only \(as sampled by --val_sample_size 4\)"):
+        dpo.load_data(settings_for(real_splits, val_csv=str(skew), val_sample_size=4, pairs="label", sample_size=8),
+                      tokenizer)

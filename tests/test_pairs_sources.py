@@ -162,3 +162,82 @@ def test_real_split_keeps_every_tweet_with_its_rephrase(shared_data, tokenizer):
     assert train.loc[train["label"] == 0, "rephrase"].isna().all()  # sincere tweets never do
     pairs = build_preference_pairs("rephrase", train, tokenizer)
     assert len(pairs) == 2 * with_rephrase and prefers_yes(pairs).sum() == with_rephrase
+
+
+# -- a pairs file is checked pair by pair when it is read ---------------------------------------------------
+
+
+def _pairs_file(tmp_path, tokenizer, rows: list[dict]):
+    """A pairs file of `rows` (overrides of a sound pair each), every prompt THE prompt of its text."""
+    import json
+
+    records = []
+    for i, row in enumerate(rows):
+        text = f"the meeting number {i} is at three"
+        records.append({"prompt": build_prompt(tokenizer, text), "chosen": "No", "rejected": "Yes", "text": text,
+                        "label": 0, **row})
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_every_pair_of_a_file_is_checked_and_the_bad_ones_named(tokenizer, tmp_path):
+    from sarcasm_dpo.pairs import load_pairs_file
+
+    yes = {"chosen": "Yes. It mocks.", "rejected": "No. It means it."}
+    path = _pairs_file(tmp_path, tokenizer, [
+        {}, {"label": "abc"}, {"label": 2}, {"label": 1},  # pairs 2-4: not a label, not 0/1, contradicts "No"
+        {"chosen": "No. one", "rejected": "No. two"}, {**yes, "label": 0},  # 5: no preference; 6: contradicts "Yes"
+        {"chosen": "Maybe", "label": None}, {**yes, "label": True}])  # 7: no label word; 8: sound
+    with pytest.raises(UserError) as caught:
+        load_pairs_file(path)
+    message = str(caught.value)
+    assert "\n" not in message and "(pairs counted from 1)" in message
+    assert "2 pair(s) with an unknown label ('abc', 2;" in message and "(pairs 2, 3)" in message
+    assert "2 pair(s) whose label contradicts the chosen answer" in message and "(pairs 4, 6)" in message
+    assert "1 pair(s) whose chosen and rejected answers open with the same label word (pair 5)" in message
+    assert "does not open with a label word" in message and "(pair 7)" in message
+    assert "pair 1)" not in message and "pair 8" not in message  # the sound pairs are not named
+
+
+def test_labels_are_read_as_the_data_files_spell_them_and_may_be_absent(tokenizer, tmp_path):
+    from sarcasm_dpo.pairs import load_pairs_file
+
+    yes = {"chosen": "Yes", "rejected": "No"}
+    labels = [{**yes, "label": 1}, {**yes, "label": "yes"}, {**yes, "label": True}, {**yes, "label": "1.0"},
+              {**yes, "label": " Sarc "}, {"label": "false"}, {"label": 0.0}, {"label": None},
+              {"label": "not_sarcastic"}]
+    pairs = load_pairs_file(_pairs_file(tmp_path, tokenizer, labels + [{}]))
+    assert list(pairs["label"]) == [1, 1, 1, 1, 1, 0, 0, None, 0, 0]
+    assert list(prefers_yes(pairs)) == [True] * 5 + [False] * 5
+
+
+def test_a_null_or_blank_text_is_an_absent_text(tokenizer, tmp_path):
+    """The README calls text optional: null is no text (nothing to check the prompt against), not a wrong prompt."""
+    from sarcasm_dpo.pairs import check_prompts_match, load_pairs_file
+
+    path = _pairs_file(tmp_path, tokenizer, [{}, {"text": None}, {"text": "  "}])
+    pairs = load_pairs_file(path)
+    assert list(pairs["text"])[1:] == [None, None] and isinstance(pairs["text"][0], str)
+    check_prompts_match(pairs, tokenizer, 256, str(path))  # the pairs with text are checked, and match
+    pairs = build_preference_pairs("mined", None, tokenizer, mined_file=path, balance=False)
+    assert len(pairs) == 3
+    with pytest.raises(UserError, match=r"2 pair\(s\) carry a prompt different .*\(pairs 1, 3, counting from 1\)"):
+        check_prompts_match(pairs.assign(text=["x", None, "y"]), tokenizer, 256, "f")
+    with pytest.raises(UserError, match=r"1 pair\(s\) have a 'text' that is not a string \(pair 2, counting from 1"):
+        load_pairs_file(_pairs_file(tmp_path, tokenizer, [{}, {"text": 5}]))
+
+
+def test_texts_cut_to_one_prompt_are_refused_as_such(tokenizer):
+    """A rephrase that opens like its tweet, cut to --max_text_tokens, is the tweet's prompt: the message says
+    so and what to raise, not that sources disagree (there is one source)."""
+    frame = pd.DataFrame([{"text": "I am starting off my day with a meeting, what a treat", "label": 1, "id": "s0",
+                           "rephrase": "I am starting off my day with a meeting, which I do not enjoy"}])
+    assert len(build_preference_pairs("rephrase", frame, tokenizer)) == 2  # whole texts: two prompts
+    with pytest.raises(UserError) as caught:
+        build_preference_pairs("rephrase", frame, tokenizer, max_text_tokens=8)
+    message = str(caught.value)
+    assert message.startswith("--pairs rephrase: 1 prompt(s) would be taught both answers because cutting texts to "
+                              "--max_text_tokens 8 left different texts identical"), message
+    assert "raise --max_text_tokens" in message and "disagree" not in message
+    assert "then reads 'which I do not enjoy', not" in message  # where the two texts part

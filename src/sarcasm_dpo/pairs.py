@@ -42,8 +42,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .data import LABEL_VALUES
 from .errors import UserError
-from .prompts import answer_length, build_prompts, label_token_ids, label_word
+from .prompts import LABEL_WORDS, answer_length, build_prompts, label_token_ids, label_word
 
 PAIR_STYLES = ("reasoning", "label")
 PAIR_SOURCES = ("label", "reasoning", "mined", "rephrase")
@@ -76,6 +77,12 @@ REASONS = {1: SARCASTIC_REASONS, 0: LITERAL_REASONS}
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 FILE_KEYS = ("prompt", "chosen", "rejected", "text", "label", "p_sarcastic", "id")
+
+
+def answer_word(completion: str) -> str:
+    """The word an answer opens with, up to its first full stop ("No. The words..." -> "No"): the word a pair
+    claims, whatever its style. A pair is only sound when this is a label word (prompts.LABEL_WORDS)."""
+    return str(completion).split(".")[0].strip()
 
 
 def answer(label: int, style: str, index: int = 0) -> str:
@@ -128,7 +135,7 @@ def check_pair_tokens(tokenizer, prompt: str, chosen: str, rejected: str, label:
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     for side, completion in (("chosen", chosen), ("rejected", rejected)):
         ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
-        word = completion.split(".")[0].strip()
+        word = answer_word(completion)
         want = yes_id if word == label_word(1) else no_id if word == label_word(0) else None
         if want is None or ids[: len(prompt_ids)] != prompt_ids or len(ids) <= len(prompt_ids) or ids[len(prompt_ids)] != want:
             raise UserError(
@@ -151,7 +158,11 @@ def write_pairs_file(path: str | Path, pairs: pd.DataFrame) -> Path:
 
 
 def load_pairs_file(path: str | Path) -> pd.DataFrame:
-    """Read a preference pairs JSON (list of objects with prompt/chosen/rejected), with clear errors."""
+    """Read a preference pairs JSON (list of objects with prompt/chosen/rejected), with clear errors.
+
+    Every pair is checked here, once, whatever reads the file (`--preference_data`, `--pairs mined`): its
+    answers (`_file_labels`), its optional label (returned as 1/0/None) and its optional text (a string or None).
+    """
     from .inputs import read_input_text
 
     path = Path(path)
@@ -172,33 +183,137 @@ def load_pairs_file(path: str | Path) -> pd.DataFrame:
     bad = [i for i, row in enumerate(data) if not isinstance(row, dict)
            or any(not isinstance(row.get(k), str) or not row.get(k) for k in PAIR_KEYS)]
     if bad:
-        shown = ", ".join(str(i) for i in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         first = data[bad[0]]
         found = sorted(first) if isinstance(first, dict) else type(first).__name__
         raise UserError(
             f"Preference data file {path}: {len(bad)} pair(s) lack a non-empty string 'prompt', 'chosen' or "
-            f"'rejected' (pairs {shown}; 0 = the first; the first bad one has keys {found}). "
+            f"'rejected' ({pair_numbers(bad)}, counting from 1; the first bad one has keys {found}). "
             f"Expected keys: {', '.join(FILE_KEYS)} (text, label, p_sarcastic and id optional)."
         )
     frame = pd.DataFrame(data)
-    same = frame["chosen"] == frame["rejected"]
-    if same.any():
-        raise UserError(f"Preference data file {path}: {int(same.sum())} pair(s) have identical chosen and rejected answers.")
+    frame["text"] = _file_texts(frame, path)
+    frame["label"] = _file_labels(frame, path)
     return frame
 
 
+def pair_numbers(index, limit: int = 5) -> str:
+    """"pair 3" or "pairs 1, 4 and 2 more": positions 0.. in a file, named as a person counts them (1 = the first)."""
+    index = list(index)
+    more = len(index) - limit
+    return (("pair " if len(index) == 1 else "pairs ") + ", ".join(str(int(i) + 1) for i in index[:limit])
+            + (f" and {more} more" if more > 0 else ""))
+
+
+def _file_texts(frame: pd.DataFrame, path) -> pd.Series:
+    """The optional `text` of each pair: a string, or None where absent, null or blank (no text to check the
+    prompt against or cut, as in a hand-made file; an empty cell is missing in the data files too)."""
+    if "text" not in frame.columns:
+        return pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    values = frame["text"]
+    absent = values.map(lambda v: v is None or (isinstance(v, float) and np.isnan(v))
+                        or (isinstance(v, str) and not v.strip()))
+    wrong = ~absent & ~values.map(lambda v: isinstance(v, str))
+    if wrong.any():
+        raise UserError(f"Preference data file {path}: {int(wrong.sum())} pair(s) have a 'text' that is not a string "
+                        f"({pair_numbers(frame.index[wrong])}, counting from 1; the first is "
+                        f"{values[wrong].iloc[0]!r}). The text is the tweet the prompt was built from: give it as a "
+                        "string, or leave it out.")
+    return pd.Series([None if gone else v for v, gone in zip(values, absent)], index=frame.index, dtype=object)
+
+
+def _file_labels(frame: pd.DataFrame, path) -> pd.Series:
+    """Each pair's label (1/0, None where absent), after checking that every pair is one preference a model can
+    learn: chosen and rejected open with different label words, and a label, where given, is spelt as in the data
+    files (data.LABEL_VALUES) and names the chosen answer's word. Any pair that fails is named; a contradictory
+    pair would teach the opposite of its label, and a pair of two "No" answers teaches no label at all."""
+    chosen, rejected = frame["chosen"].map(answer_word), frame["rejected"].map(answer_word)
+    raw = frame["label"] if "label" in frame.columns else pd.Series([None] * len(frame), index=frame.index)
+    absent = raw.map(lambda v: v is None or (isinstance(v, float) and np.isnan(v)))
+    labels = raw.map(lambda v: None if v is None or isinstance(v, (dict, list))
+                     else LABEL_VALUES.get(str(v).strip().lower()))
+    problems = []
+
+    def problem(mask: pd.Series, what: str) -> None:
+        if mask.any():
+            problems.append(f"{int(mask.sum())} {what} ({pair_numbers(frame.index[mask])})")
+
+    not_word = ~chosen.isin(LABEL_WORDS) | ~rejected.isin(LABEL_WORDS)
+    problem(not_word, "pair(s) whose chosen or rejected answer does not open with a label word "
+                      f"({' or '.join(map(repr, LABEL_WORDS))}, then a full stop or nothing)")
+    problem(~not_word & (chosen == rejected), "pair(s) whose chosen and rejected answers open with the same label word")
+    unknown = ~absent & labels.isna()
+    if unknown.any():
+        shown = sorted({repr(v) for v in raw[unknown]})[:5]
+        problem(unknown, f"pair(s) with an unknown label ({', '.join(shown)}; a label is 1/0, true/false, yes/no "
+                         "or sarc/notsarc)")
+    named = chosen.map({word: index for index, word in enumerate(LABEL_WORDS)})
+    problem(labels.notna() & named.notna() & (labels != named),
+            f"pair(s) whose label contradicts the chosen answer (label 1 must choose {label_word(1)!r}, label 0 "
+            f"{label_word(0)!r})")
+    if problems:
+        raise UserError(f"Preference data file {path} (pairs counted from 1): {'; '.join(problems)}. Every pair must "
+                        f"prefer one label word over the other (chosen '{label_word(1)}...' against rejected "
+                        f"'{label_word(0)}...', or the reverse), with its label, when given, naming the chosen one. "
+                        "Fix or remove these pairs, or mine them again (`sarcasm-dpo mine`).")
+    return pd.Series([None if pd.isna(v) else int(v) for v in labels], index=frame.index, dtype=object)
+
+
 def check_prompts_match(pairs: pd.DataFrame, tokenizer, max_text_tokens: int, source: str) -> None:
-    """Pairs read from a file must carry THE prompt as this run builds it (same template and text cut)."""
-    if "text" not in pairs.columns or pairs["text"].isna().all():
+    """Pairs read from a file must carry THE prompt as this run builds it (same template and text cut).
+    Pairs without their text (absent, null) cannot be checked, and are not."""
+    if "text" not in pairs.columns:
         return
-    rebuilt = build_prompts(tokenizer, pairs["text"], max_text_tokens)
-    differ = [i for i, (a, b) in enumerate(zip(pairs["prompt"], rebuilt)) if a != b]
+    has_text = pairs["text"].map(lambda t: isinstance(t, str)).to_numpy()
+    if not has_text.any():
+        return
+    rebuilt = build_prompts(tokenizer, pairs["text"][has_text], max_text_tokens)
+    positions = np.flatnonzero(has_text)
+    differ = [i for i, a, b in zip(positions, pairs["prompt"][has_text], rebuilt) if a != b]
     if differ:
         raise UserError(
             f"{source}: {len(differ)} pair(s) carry a prompt different from the one this run builds for their text "
-            f"(first: pair {differ[0]}). They were made with another tokenizer, chat template or --max_text_tokens; "
-            "mine them again with the same SFT model and --max_text_tokens."
+            f"({pair_numbers(differ)}, counting from 1). They were made with another tokenizer, chat template or "
+            "--max_text_tokens; mine them again with the same SFT model and --max_text_tokens."
         )
+
+
+def check_one_answer_per_prompt(pairs: pd.DataFrame, what: str, cut: str,
+                                disagree: str = "the sources disagree on their label") -> None:
+    """Refuse pairs that would teach one prompt both answers, saying why: different texts that the cut to `cut`
+    (e.g. "--max_text_tokens 32") left identical, or one text given both labels (`disagree`)."""
+    yes = prefers_yes(pairs)
+    prompt = pairs["prompt"]
+    both = prompt.map(yes.groupby(prompt).nunique()) > 1
+    if not both.any():
+        return
+    texts = (pairs["text"] if "text" in pairs.columns else pd.Series(None, index=pairs.index, dtype=object))
+    texts = texts.map(lambda t: t if isinstance(t, str) else None)
+    # The prompt is built from the text, so different texts under one prompt can only come from the cut.
+    by_cut = both & (prompt.map(texts.groupby(prompt).nunique()) > 1)
+    parts = []
+    if by_cut.any():
+        group = pairs[by_cut & (prompt == prompt[by_cut].iloc[0])]
+        sarcastic = texts[group.index][yes[group.index]].dropna()
+        sincere = texts[group.index][~yes[group.index]].dropna()
+        sincere = sincere[sincere != sarcastic.iloc[0]] if len(sarcastic) else sincere
+        if len(sarcastic) and len(sincere):
+            a, b = sarcastic.iloc[0], sincere.iloc[0]
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            same = b.rfind(" ", 0, same) + 1  # back to the start of the word where they part
+            shown = (f"{a[:50]!r}..., sarcastic, and a text with the same first {same} characters that then reads "
+                     f"{b[same:same + 40]!r}, not")
+        else:
+            shown = repr(str(texts[group.index].dropna().iloc[0])[:60])
+        parts.append(f"{prompt[by_cut].nunique()} prompt(s) would be taught both answers because cutting texts to "
+                     f"{cut} left different texts identical (first: {shown}); raise --max_text_tokens so that they "
+                     "stay apart")
+    if (both & ~by_cut).any():
+        rest = both & ~by_cut
+        shown = texts[rest].dropna()
+        shown = shown.iloc[0] if len(shown) else prompt[rest].iloc[0]
+        parts.append(f"{prompt[rest].nunique()} prompt(s) would be taught both answers (first: {str(shown)[:60]!r}); "
+                     f"{disagree}")
+    raise UserError(f"{what}: {'; and '.join(parts)}.")
 
 
 def parse_pairs_spec(spec: str) -> tuple[str, ...]:
@@ -231,7 +346,7 @@ def rephrase_pairs(frame: pd.DataFrame, tokenizer, seed: int = 42, max_text_toke
 
 def prefers_yes(pairs: pd.DataFrame) -> pd.Series:
     """True where a pair's chosen answer is the sarcastic label word (whatever its style or file)."""
-    return pairs["chosen"].str.split(".").str[0].str.strip() == label_word(1)
+    return pairs["chosen"].map(answer_word) == label_word(1)
 
 
 def balance_pairs(pairs: pd.DataFrame, seed: int, priority: str | None = None) -> pd.DataFrame:
@@ -288,12 +403,7 @@ def build_preference_pairs(spec: str, frame: pd.DataFrame | None, tokenizer, *, 
         parts.append(built.assign(pair_source=source, _rank=rank))
     pairs = pd.concat(parts, ignore_index=True)
     pairs = pairs[~pairs.duplicated(subset=list(PAIR_KEYS), keep="first")]
-    yes = prefers_yes(pairs)
-    both = pairs["prompt"].map(yes.groupby(pairs["prompt"]).nunique()) > 1
-    if both.any():
-        shown = pairs.loc[both, "text"].iloc[0] if "text" in pairs.columns else pairs.loc[both, "prompt"].iloc[0]
-        raise UserError(f"--pairs {spec}: {int(pairs.loc[both, 'prompt'].nunique())} prompt(s) would be taught both "
-                        f"answers (first: {str(shown)[:60]!r}); the sources disagree on their label.")
+    check_one_answer_per_prompt(pairs, f"--pairs {spec}", f"--max_text_tokens {max_text_tokens}")
     if is_balanced(sources, balance):
         pairs = balance_pairs(pairs, seed, priority="_rank")
     return pairs.drop(columns="_rank").reset_index(drop=True)

@@ -263,14 +263,19 @@ class DPOData:
 
 def load_data(s, tokenizer) -> DPOData:
     """Preference pairs (built or read), validation splits and the fixed probe set."""
-    from ..data import load_split, overlap_count, stratified_sample
-    from ..pairs import build_pairs, check_prompts_match, fit_pairs, load_pairs_file
+    from ..data import check_validation_split, load_split, overlap_count, stratified_sample
+    from ..pairs import (build_pairs, check_one_answer_per_prompt, check_prompts_match, fit_pairs, load_pairs_file,
+                         prefers_yes)
 
     gen_val = load_split(s.val_csv, "GEN validation split")
     full_val = {PRIMARY: gen_val}
     if s.isarcasm_val_csv:
         full_val[SECONDARY] = load_split(s.isarcasm_val_csv, "iSarcasmEval validation split")
     val_sets = {name: stratified_sample(frame, s.val_sample_size, s.seed) for name, frame in full_val.items()}
+    # Early stopping, the saved checkpoint and its threshold are all chosen on GEN validation: the file, then the
+    # --val_sample_size sample of it, must hold both classes (checked in that order, so the message names the cause).
+    check_validation_split(gen_val, s.val_csv)
+    check_validation_split(val_sets[PRIMARY], s.val_csv, s.val_sample_size)
     # Fixed probe set for KL and flips: the first --probe_size rows of a seeded shuffle of GEN val.
     probe = gen_val.sample(frac=1.0, random_state=s.seed).head(s.probe_size)["text"].tolist()
 
@@ -289,15 +294,20 @@ def load_data(s, tokenizer) -> DPOData:
         pairs = build_pairs(sample_rows(train, s), tokenizer, s.pair_style, s.seed, s.max_text_tokens)
     # Over --max_length: the text is cut further, never the answer (the rule of prompts.build_prompts, as in SFT).
     pairs = fit_pairs(pairs, tokenizer, s.max_text_tokens, s.max_length)
+    # Whatever the source, cutting texts may leave two texts of opposite labels one prompt.
+    check_one_answer_per_prompt(pairs, f"The preference pairs from {source}",
+                                f"--max_text_tokens {s.max_text_tokens} (and --max_length {s.max_length})",
+                                disagree="their pairs disagree on its label")
     requested = s.sample_size or None
     capped = bool(requested and requested > available)
     if capped:
         print(f"Note: --sample_size {requested} asks for more pairs than {source} holds ({available}); "
               f"using all {available}.")
 
-    if "text" in pairs.columns and pairs["text"].notna().all():
+    if "text" in pairs.columns:  # pairs without their text (a hand-made file) cannot be checked
+        with_text = pairs[pairs["text"].map(lambda t: isinstance(t, str))]
         for name, frame in full_val.items():
-            shared = overlap_count(pairs, frame)
+            shared = overlap_count(with_text, frame)
             if shared:
                 raise UserError(f"{shared} training pair text(s) also appear in the {name} split; validation F1 would "
                                 "be inflated. Build the pairs from the training split only (sarcasm-dpo split, mine).")
@@ -306,9 +316,9 @@ def load_data(s, tokenizer) -> DPOData:
             "pair_style": s.pair_style if not s.preference_data and not s.pairs else "as in the file",
             "requested": requested, "available": available, "used": len(pairs), "capped": capped,
             "balanced": bool(s.balance)}
-    if "label" in pairs.columns and pairs["label"].notna().all():
-        info["class_counts"] = {"sarcastic": int((pairs["label"] == 1).sum()),
-                                "not_sarcastic": int((pairs["label"] == 0).sum())}
+    # By the answer each pair prefers, which every pair has (a file's labels, where given, agree: load_pairs_file).
+    yes = prefers_yes(pairs)
+    info["class_counts"] = {"sarcastic": int(yes.sum()), "not_sarcastic": int((~yes).sum())}
     if s.pairs:
         # What build_preference_pairs did, not the --balance flag: rephrase+label is balanced without it.
         info["balanced"] = balanced
@@ -389,21 +399,29 @@ def sample_rows(frame, s):
 
 
 def check_pairs(pairs, tokenizer) -> None:
-    """The chosen answer starts with the scorer's label token (checked once per label seen)."""
-    from ..pairs import check_pair_tokens
+    """Both answers start with the scorer's label token, checked once per form of pair: how its prompt ends and
+    how each answer opens (label word and the character after it), which is all that decides whether a tokenizer
+    merges the label word with its neighbours. Whether the words are right is checked on every pair where the
+    pairs are made or read (pairs.load_pairs_file)."""
+    from ..pairs import answer_word, check_pair_tokens
+
+    def opening(answer: str) -> str:
+        word = answer_word(answer)
+        return answer[: answer.index(word) + len(word) + 1]
 
     seen = set()
     for row in pairs.itertuples(index=False):
-        key = row.chosen.split(".")[0]
+        key = (row.prompt[-1:], opening(row.chosen), opening(row.rejected))
         if key in seen:
             continue
         seen.add(key)
-        label = int(row.label) if hasattr(row, "label") and row.label is not None and not _isnan(row.label) else None
-        check_pair_tokens(tokenizer, row.prompt, row.chosen, row.rejected, label)
+        label = getattr(row, "label", None)
+        check_pair_tokens(tokenizer, row.prompt, row.chosen, row.rejected, None if _missing(label) else int(label))
 
 
-def _isnan(value) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+def _missing(value) -> bool:
+    """A pair without a label: None (a file's pair without one) or NaN (pandas' gap in a numeric column)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 # -- trainer ---------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def run(s) -> dict:
 
     from ..metrics import classification_metrics
     from ..models import load_model, pick_device
-    from ..pairs import build_pairs, check_pair_tokens, write_pairs_file
+    from ..pairs import build_pairs, check_one_answer_per_prompt, check_pair_tokens, write_pairs_file
     from ..scoring import Scorer
     from ..tracking import Tracker
 
@@ -139,6 +139,9 @@ def run(s) -> dict:
         if len(pairs):
             first = pairs.iloc[0]
             check_pair_tokens(tokenizer, first["prompt"], first["chosen"], first["rejected"], int(first["label"]))
+        # Refused here, not first by DPO: two texts of opposite labels cut to one prompt would teach it both answers.
+        check_one_answer_per_prompt(pairs, f"Mining {s.input_csv}", f"--max_text_tokens {s.max_text_tokens}",
+                                    disagree="the split gives one text both labels")
         # check_output_file decided; only now, with every result in hand, is the previous run's marker cleared, so
         # a run that fails while loading or scoring (out of memory, a damaged adapter) leaves the previous pairs' record.
         marker = prepare_output_dir(marker_dir(out_file), config, overwrite=True)
