@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import is_path_setting
+from .errors import UserError, is_path_setting
 
 COMPLETE_MARKER = "COMPLETE.json"
 
@@ -90,8 +90,43 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, default=json_default, allow_nan=True) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+class DamagedRecord(UserError, ValueError):
+    """A JSON record a run wrote and a later one reads back does not parse (cut short, edited, not UTF-8, or
+    not the JSON object it should be). A UserError naming the file and what to do (`fix`); also a ValueError,
+    as the json module's own errors are, so callers that tolerate unreadable records go on doing so."""
+
+    def __init__(self, path: Path, problem: str, fix: str):
+        super().__init__(f"{path} is damaged: {problem}. {fix}")
+        self.path, self.problem, self.fix = path, problem, fix
+
+
+RECORD_FIX = ("It is a record an earlier run wrote; run the step that wrote it again to write it anew "
+              "(with --overwrite where the step refuses the folder).")
+
+
+def read_json(path: str | os.PathLike, fix: str = RECORD_FIX, expect: type | None = None) -> Any:
+    """A JSON file this package wrote, read back. The one reader of such records: whatever keeps it from
+    reading back (`expect`: the JSON type it must hold, e.g. dict) raises DamagedRecord, whose message names
+    the file and says what to do (`fix`). A missing or unreadable file stays an OSError (errors.describe_failure)."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DamagedRecord(path, f"byte {raw[exc.start:exc.start + 1]!r} at position {exc.start} is not UTF-8 "
+                                  "text", fix) from None
+    except json.JSONDecodeError as exc:
+        where = "the file is empty" if not raw.strip() else \
+            f"{exc.msg.removesuffix(' at')} at line {exc.lineno}, column {exc.colno}"
+        raise DamagedRecord(path, f"it is not valid JSON ({where})", fix) from None
+    if expect is not None and not isinstance(value, expect):
+        raise DamagedRecord(path, f"it holds JSON {_json_type(value)} where {_json_type(expect())} belongs", fix)
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "true/false", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def write_csv(path: str | os.PathLike, frame) -> Path:
@@ -123,9 +158,10 @@ def read_complete(folder: str | os.PathLike) -> dict | None:
     if not marker.is_file():
         return None
     try:
-        return read_json(marker)
-    except (OSError, json.JSONDecodeError):
+        record = read_json(marker)
+    except (OSError, DamagedRecord):  # unreadable: the stage is not known to have finished there
         return None
+    return record if isinstance(record, dict) else None
 
 
 def clear_complete(folder: str | os.PathLike) -> None:
@@ -222,8 +258,6 @@ def check_output_dir(folder: str | os.PathLike, config: Any, overwrite: bool = F
     Stages call this before their slow setup and `prepare_output_dir` only when all checks passed,
     so a run refused for any reason leaves the folder exactly as it was.
     """
-    from .errors import UserError
-
     folder = Path(folder)
     if folder.is_symlink() and not folder.exists():
         raise UserError(f"Output path {folder} is a symbolic link to {os.readlink(folder)}, which does not exist; "

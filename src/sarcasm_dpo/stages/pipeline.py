@@ -5,7 +5,10 @@ ties the runs together, and each stage's output folder carries a COMPLETE.json w
 a fingerprint of the settings that made it. A re-run skips every stage whose folder is complete
 for the same settings, resumes a stage that was interrupted (its checkpoints are there but no
 marker), and redoes a stage whose settings changed, and every stage after it (their inputs
-changed); `--force` redoes everything.
+changed); `--force` redoes everything. A finished stage whose JSON records no longer read back (cut
+short, edited, not UTF-8) counts as not complete and is run again. A top-level setting the pipeline
+would replace with a chained one (train_csv, sft_model, ...; `--set data_dir=`) is refused, naming
+what to set instead.
 
     sarcasm-dpo pipeline --config configs/smollm2-135m-cpu.yaml --data_dir ../shared/data
     sarcasm-dpo pipeline --config configs/smoke.yaml --set sft.sample_size=64    # one stage's setting, as in the file
@@ -21,28 +24,75 @@ import json
 import sys
 from pathlib import Path
 
-from ..atomic import input_differences, is_complete_for, read_complete
+from ..atomic import DamagedRecord, input_differences, is_complete_for, read_complete, read_json
 from ..config import apply_overrides, build, check_known_keys, load_yaml, values_for_stage
-from ..errors import note_paths
+from ..errors import UserError, note_paths
 from ..model_route import check_available, route_model
 from . import STAGES, pipeline_stages, settings_classes
 
 
-def stage_settings(data: dict, pipe, group: str | None, source: str = "config") -> dict:
+def stage_settings(data: dict, pipe, group: str | None, source: str = "config", set_keys=()) -> dict:
     """Each pipeline stage's settings from one YAML mapping, with the paths chained from stage to stage
-    (each registry entry's `chain`: dpo's sft_model is sft's output_dir, ...)."""
+    (each registry entry's `chain`: dpo's sft_model is sft's output_dir, ...).
+
+    A value the pipeline sets for a stage (chained, or the pipeline's own W&B settings) replaces the one at the
+    top of `data` but not one in the stage's section, so a top-level value that would be replaced is refused
+    (`replaced_top_level`), unless the pipeline's own setting of that name read it from the file (`pipe`: data_dir,
+    wandb_project, no_wandb). `set_keys`: the top-level keys `--set` gave, which `pipe` never read."""
     shared = {"wandb_project": pipe.wandb_project, "no_wandb": pipe.no_wandb, "wandb_group": group}
     classes = settings_classes()
     built: dict = {}
+    replaced: dict = {}  # top-level key -> [(stage, the value the pipeline sets there)]
     for name, stage in pipeline_stages().items():
         values = values_for_stage(data, classes, name, source)
         names = {f.name for f in dataclasses.fields(stage.settings)}
         for key, value in {**stage.chain(built, pipe), **shared}.items():
             # A path the user set explicitly in the stage's section wins over the chained default.
             if key in names and key not in (data.get(name) or {}):
+                if key in data and (key in set_keys or not hasattr(pipe, key)):
+                    replaced.setdefault(key, []).append((name, value))
                 values[key] = value
         built[name] = build(stage.settings, values)
+    if replaced:
+        key, where = next(iter(replaced.items()))
+        raise replaced_top_level(key, data[key], where, built, pipe, f"--set {key}" if key in set_keys else
+                                 f"{source}: the top-level setting {key}")
     return built
+
+
+def replaced_top_level(key: str, given, where: list, built: dict, pipe, what: str) -> UserError:
+    """The error for a top-level value the pipeline would silently replace in every stage that takes it (`where`:
+    [(stage, the value it gets)]): what to set instead, the earlier stage's output it follows from."""
+    runs = [item for item in where if pipeline_stages()[item[0]].when(pipe)] or where
+    stages = ", ".join(name for name, _ in runs)
+    first, value = runs[0]
+    shown = f"{what}={given if isinstance(given, str) else json.dumps(given, default=str)}"
+    if hasattr(pipe, key):  # data_dir, wandb_project, no_wandb: given to --set, which the pipeline's own flags ignore
+        return UserError(f"{shown} is not used: {key} is the pipeline's own setting, which it hands to {stages}. "
+                         f"Pass --{key} to the pipeline (or set {key} at the top of the config file).")
+    names = list(built)
+    origin = chain_origin(value, {name: built[name] for name in names[:names.index(first)]})
+    how = (f"from {origin}. Change {origin} instead" if origin else
+           "to one W&B group of its own for all its runs. Leave it out" if key == "wandb_group" else
+           "from the earlier stages' outputs. Change those instead")
+    return UserError(f"{shown} would be ignored: the pipeline sets {key} of {stages} {how}, or set {key} for one "
+                     f"stage in its section ({first}.{key} in the file, or --set {first}.{key}=...).")
+
+
+def chain_origin(value, built: dict) -> str | None:
+    """The earlier stage's output setting ("split.output_dir") a chained path `value` is, lies in or lies beside
+    (the nearest stage first: mine's pairs file goes beside sft's folder, which may lie beside split's). Read off
+    the values, as the registry's `chain` functions do not name what they read."""
+    if not isinstance(value, str):
+        return None
+    path = Path(value)
+    for near in (lambda out: path == out, lambda out: path.parent == out, lambda out: path.parent == out.parent):
+        for name, settings in reversed(built.items()):
+            for field in ("output_dir", "output_file"):
+                out = getattr(settings, field, None)
+                if isinstance(out, str) and out and near(Path(out)):
+                    return f"{name}.{field}"
+    return None
 
 
 def same_inputs(name: str, settings, out: Path) -> bool:
@@ -57,12 +107,13 @@ def same_inputs(name: str, settings, out: Path) -> bool:
 def run(pipe, config_path: str | None = None) -> dict:
     from ..tracking import make_group_name
 
-    data = apply_overrides(load_yaml(config_path) if config_path else {}, pipe.set,
-                           settings_classes(pipeline_stages()))
-    # pipe itself came from the same file + flags
+    loaded = load_yaml(config_path) if config_path else {}
+    data = apply_overrides(loaded, pipe.set, settings_classes(pipeline_stages()))
+    # pipe itself came from the same file + flags; --set's shared keys it has not seen
+    set_keys = {k for k, v in data.items() if k not in settings_classes() and (k not in loaded or loaded[k] != v)}
     check_known_keys(data, settings_classes(), str(config_path or "defaults"))
     group = None if pipe.no_wandb else make_group_name()
-    stages = stage_settings(data, pipe, group, str(config_path or "defaults"))
+    stages = stage_settings(data, pipe, group, str(config_path or "defaults"), set_keys)
     note_paths(*stages.values())  # every stage's paths are the user's (errors.describe_failure)
     for name, settings in stages.items():  # recorded as what is loaded: the hub id or its offline fallback
         if getattr(settings, "model", None):
@@ -98,11 +149,16 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
         # Once a stage has run, everything after it runs too: its inputs just changed.
         if not pipe.force and not ran and not interrupted and is_complete_for(out, settings) \
                 and same_inputs(name, settings, out):
-            print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to redo).")
-            skipped.append(name)
-            if name == REPORTED:
-                result = json.loads((out / stage.record).read_text())
-            continue
+            damaged = damaged_record(out, stage.record)
+            if damaged is None:
+                print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to "
+                      "redo).")
+                skipped.append(name)
+                if name == REPORTED:
+                    result = read_json(out / stage.record, expect=dict)
+                continue
+            print(f"[pipeline] {name}: {damaged.path} is damaged: {damaged.problem}; the stage counts as not "
+                  "complete and runs again.")
         # Replacing a finished run of this stage is the pipeline's job (its settings changed); files no run of
         # ours wrote are another matter: the stage refuses them, as it does on its own, unless --overwrite.
         ours = read_complete(out) is not None or interrupted
@@ -119,6 +175,18 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
     if result:
         print(headline(result))
     return {"ran": ran, "skipped": skipped, "compare": result}
+
+
+def damaged_record(out: Path, record: str | None) -> DamagedRecord | None:
+    """Why a finished stage's folder cannot be skipped although its marker says complete, or None: one of the
+    JSON records in it (its `record`, which the pipeline's closing lines read, and those later stages read, as
+    beta_sweep_results.json or split_info.json) does not read back. Running the stage again writes them anew."""
+    for path in sorted(p for p in out.glob("*.json") if not p.name.startswith(".")):
+        try:
+            read_json(path, expect=dict if path.name == record else None)
+        except DamagedRecord as exc:
+            return exc
+    return None
 
 
 def run_stage(name: str, settings, **hooks):

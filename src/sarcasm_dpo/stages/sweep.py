@@ -2,7 +2,9 @@
 
 Each beta trains into OUTPUT_DIR_beta_X exactly as a single `sarcasm-dpo dpo --beta X` would
 (dpo.train); a beta whose folder already holds the finished run of these settings is reused, so an
-interrupted sweep picks up where it stopped. The best run is chosen on the validation split only
+interrupted sweep picks up where it stopped. X is the beta in short form (0.1, 1e-05), or exact where
+that would round (0.1000001), so no two betas share a folder; every folder passes the single run's
+checks, and is locked, before the first beta trains. The best run is chosen on the validation split only
 (never the test split); ties go to the run that stayed closest to SFT (the smaller final KL).
 Into OUTPUT_DIR go beta_sweep_results.json (every run's row, best_beta, best_output_dir),
 beta_sweep.png and a copy of the best run's adapter and records, COMPLETE.json last.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -27,8 +30,20 @@ SWEEP_FILE = "beta_sweep_results.json"
 SWEEP_PLOT = "beta_sweep.png"
 
 
+def beta_name(beta: float) -> str:
+    """How a beta is written in its folder's and run's names: short (0.1, 1e-05) where that reads back as the
+    same number, else exact (0.1000001), so two distinct betas never share a folder."""
+    short = f"{beta:g}"
+    return short if float(short) == beta else repr(beta)
+
+
 def beta_dir(out: Path, beta: float) -> Path:
-    return out.parent / f"{out.name}_beta_{beta:g}"
+    return out.parent / f"{out.name}_beta_{beta_name(beta)}"
+
+
+def beta_dirs(s) -> list[str]:
+    """The folder of each beta of a sweep's settings (every one a run's output folder, beside OUTPUT_DIR)."""
+    return [str(beta_dir(Path(s.output_dir), beta)) for beta in dict.fromkeys(s.betas)]
 
 
 def run_sweep(s, dpo) -> dict:
@@ -38,33 +53,50 @@ def run_sweep(s, dpo) -> dict:
     """
     from ..atomic import check_output_dir
     from ..models import check_adapter_dir
-    from ..tracking import Tracker, make_group_name
-    from ..training.distributed import barrier, is_main_process
-    from ..training.resilience import free_memory
+    from ..rundir import claim_outputs, input_paths, refuse_outputs_over_inputs
+    from ..tracking import make_group_name
+    from ..training.distributed import is_main_process
 
     started = time.perf_counter()
-    config = dataclasses.asdict(s)
     out = Path(s.output_dir)
-    main = is_main_process()
     check_adapter_dir(s.sft_model)
     check_output_dir(out, s, overwrite=s.overwrite, resume=s.resume)  # claimed once the betas are trained
     group = s.wandb_group or (None if s.no_wandb else make_group_name("dpo-beta-sweep"))
-    betas = list(dict.fromkeys(s.betas))
+    runs = [dataclasses.replace(s, beta=beta, beta_sweep=False, output_dir=folder, wandb_group=group)
+            for beta, folder in zip(dict.fromkeys(s.betas), beta_dirs(s))]
+    # Each beta's folder is a run's output folder, held to what the CLI holds a single run's to: none replaces an
+    # input, each is locked (and tidied after killed runs) until the sweep's own results are in place, and each
+    # passes the single run's checks before the first beta trains (sweep_betas), so a folder that cannot be used
+    # is found before any training, not after.
+    refuse_outputs_over_inputs([run.output_dir for run in runs], input_paths(s))
+    with claim_outputs([run.output_dir for run in runs], "sarcasm-dpo " + " ".join(sys.argv[1:]),
+                       main_process=is_main_process()):
+        return sweep_betas(s, dpo, runs, group, started)
+
+
+def sweep_betas(s, dpo, runs: list, group: str | None, started: float) -> dict:
+    """Train (or reuse) each beta's run in `runs`, then write the sweep's results, plot and best adapter."""
+    from ..tracking import Tracker
+    from ..training.distributed import barrier, is_main_process
+    from ..training.resilience import free_memory
+
+    config = dataclasses.asdict(s)
+    out = Path(s.output_dir)
+    main = is_main_process()
+    finished = [plan_beta(run, dpo) for run in runs]  # every folder checked before the first beta trains
     rows = []
-    for i, beta in enumerate(betas, 1):
-        sub = dataclasses.replace(s, beta=beta, beta_sweep=False, output_dir=str(beta_dir(out, beta)),
-                                  wandb_group=group)
-        if dpo.finished_with(Path(sub.output_dir), dataclasses.asdict(sub), Path(s.sft_model)):
+    for i, (sub, done) in enumerate(zip(runs, finished), 1):
+        name = beta_name(sub.beta)
+        if done:
             # An interrupted sweep picks up where it stopped: finished betas are not trained again.
             if main:
-                print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} already finished in {sub.output_dir}; "
-                      "reusing it.")
+                print(f"[beta sweep] {i}/{len(runs)}: beta {name} already finished in {sub.output_dir}; reusing it.")
             summary = read_json(Path(sub.output_dir) / dpo.SUMMARY_FILE)
         else:
             if main:
-                print(f"[beta sweep] {i}/{len(betas)}: beta {beta:g} -> {sub.output_dir}")
-            summary = dpo.train(sub, run_name=f"dpo-beta-{beta:g}")
-        rows.append(sweep_row(beta, sub.output_dir, summary, dpo))
+                print(f"[beta sweep] {i}/{len(runs)}: beta {name} -> {sub.output_dir}")
+            summary = dpo.train(sub, run_name=f"dpo-beta-{name}")
+        rows.append(sweep_row(sub.beta, sub.output_dir, summary, dpo))
         free_memory()
     # Best by the runs' own selection score on GEN validation (--select_by); ties go to the run that
     # stayed closest to SFT (smaller KL).
@@ -92,12 +124,25 @@ def run_sweep(s, dpo) -> dict:
         tracker.log_summary({"best_beta": best["beta"], "best_val_f1": best["val_f1"],
                              "best_output_dir": best["output_dir"]})
     finish_output_dir(out, config, {"best_beta": best["beta"], "best_output_dir": best["output_dir"]})
-    print(f"[beta sweep] best beta by {dpo.PRIMARY} {s.select_by}: {best['beta']:g} ({dpo.fmt(best['val_score'])}; "
-          f"F1 {best['val_f1']:.3f}, final KL "
+    print(f"[beta sweep] best beta by {dpo.PRIMARY} {s.select_by}: {beta_name(best['beta'])} "
+          f"({dpo.fmt(best['val_score'])}; F1 {best['val_f1']:.3f}, final KL "
           f"{dpo.fmt(best['final_kl'])}); model in {best['output_dir']} (adapter also copied to {out}). "
           f"Results: {out / SWEEP_FILE}")
     barrier()
     return results
+
+
+def plan_beta(sub, dpo) -> bool:
+    """Read-only, before any beta trains: True when the beta's folder holds its finished run (reused as it is);
+    else the checks dpo.train makes of its output folder before training (checkpoints/plan_run_dir: not a file,
+    no other run's results or checkpoints unless --overwrite / --resume, a resumable checkpoint), raising
+    UserError where it would refuse."""
+    from ..training.checkpoints import plan_run_dir
+
+    if dpo.finished_with(Path(sub.output_dir), dataclasses.asdict(sub), Path(sub.sft_model)):
+        return True
+    plan_run_dir(Path(sub.output_dir), sub, finished=False, state_file=dpo.STATE_FILE)
+    return False
 
 
 def sweep_row(beta: float, output_dir: str, summary: dict, dpo) -> dict:

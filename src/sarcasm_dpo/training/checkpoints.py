@@ -6,7 +6,9 @@
   `interrupted_run()` tell a finished run from a stopped one.
 - `latest_checkpoint()` and `save/load_checkpoint_state()`: the Trainer's checkpoints in
   OUTPUT_DIR/checkpoints/, with the stage's own state beside each (written last, so its presence
-  marks the checkpoint complete); --resume continues from the newest complete one.
+  marks the checkpoint complete); --resume continues from the newest complete one, once
+  `check_checkpoint()` has read back every file the resume loads (a damaged one is a UserError naming it,
+  the checkpoint before it and how to start over, before anything is loaded or written).
 - `save_adapter()`: the trained adapter and tokenizer, moved into place file by file.
 
     sarcasm-dpo sft --output_dir models/sft --resume --no_wandb   # continue an interrupted run
@@ -22,37 +24,50 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, describe_failure
 from .distributed import barrier, is_main_process
 
 CHECKPOINTS = "checkpoints"  # in the output folder
 RUN_CONFIG = "run_config.json"  # in checkpoints/: whose checkpoints these are
 BEST_FILE = "validation_best_adapter.safetensors"  # in each checkpoint: the best adapter so far
+TRAINER_STATE = "trainer_state.json"  # in each checkpoint: the Trainer's step, epoch and log history
 # Settings that may change between an interrupted run and its --resume without changing the math.
 RESUME_NEUTRAL = ("device", "eval_batch_size", "logging_steps", "save_steps", "auto_find_batch_size",
                   "gradient_checkpointing", "diagnostics_steps")
 
 
-def latest_checkpoint(ckpt_dir: Path, state_file: str) -> Path | None:
-    """The newest checkpoint whose save finished (the stage's `state_file` is written after the Trainer's)."""
+def complete_checkpoints(ckpt_dir: Path, state_file: str) -> list[Path]:
+    """The checkpoints whose save finished (the stage's `state_file` is written after the Trainer's), oldest first."""
     if not ckpt_dir.is_dir():
-        return None
+        return []
     found = []
     for folder in ckpt_dir.iterdir():
         match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
-        if match and (folder / "trainer_state.json").is_file() and (folder / state_file).is_file():
+        if match and (folder / TRAINER_STATE).is_file() and (folder / state_file).is_file():
             found.append((int(match.group(1)), folder))
-    return max(found)[1] if found else None
+    return [folder for _, folder in sorted(found)]
+
+
+def latest_checkpoint(ckpt_dir: Path, state_file: str) -> Path | None:
+    """The newest checkpoint whose save finished: the one --resume continues from."""
+    found = complete_checkpoints(ckpt_dir, state_file)
+    return found[-1] if found else None
 
 
 def finished_record(out: Path, config, summary_file: str) -> dict | None:
     """The completion record of `out` when it holds the finished run of these settings (a settings
     dataclass or dict, compared by atomic.settings_differences), else None."""
-    from ..atomic import read_complete, settings_differences
+    from ..atomic import DamagedRecord, read_complete, read_json, settings_differences
 
     record = read_complete(out)
     if record and not settings_differences(record, config) \
             and (out / summary_file).is_file() and not interrupted_run(out):  # a newer run stopped: not this record's
+        try:  # what --resume of a finished run returns, and a beta sweep reuses: it must read back
+            read_json(out / summary_file, expect=dict)
+        except DamagedRecord as exc:
+            if is_main_process():
+                print(f"Note: {exc.path} is damaged: {exc.problem}; the run in {out} counts as unfinished.")
+            return None
         return record
     return None
 
@@ -76,12 +91,16 @@ def plan_run_dir(out: Path, s, *, finished: bool, state_file: str) -> Path | Non
                         "or --overwrite to start over.")
     check_output_dir(out, s, overwrite=s.overwrite, resume=resume_from is not None)
     if resume_from is not None:
-        had = read_json(ckpt_dir / RUN_CONFIG) if (ckpt_dir / RUN_CONFIG).is_file() else {}
+        run_config = ckpt_dir / RUN_CONFIG
+        fix = (f"It records the settings the checkpoints in {ckpt_dir} were made with; without it they cannot be "
+               f"checked against this run's. {START_OVER.format(ckpt_dir=ckpt_dir)}")
+        had = read_json(run_config, fix, expect=dict) if run_config.is_file() else {}
         diff = settings_differences({"config": had}, s, ignore_keys=RESUME_NEUTRAL)
         if diff:
             raise UserError(f"The checkpoints in {ckpt_dir} were made with other settings (differ in: "
                             f"{', '.join(diff)}). Resume with the same settings, or pass --overwrite "
                             "without --resume to start over.")
+        check_checkpoint(resume_from, state_file)
     return resume_from
 
 
@@ -121,6 +140,53 @@ def interrupted_run(out: Path) -> bool:
     return not marker.is_file() or marker.stat().st_mtime < started.stat().st_mtime
 
 
+# How to get past a damaged checkpoint: the rule every message about one gives.
+START_OVER = ("To start over, run without --resume and with --overwrite, or remove {ckpt_dir} (a pipeline then runs "
+              "the stage from the beginning). Nothing was changed.")
+
+
+def damaged_checkpoint_fix(folder: Path, state_file: str) -> str:
+    """What to do about a damaged checkpoint `folder`: resume from the complete one before it, or start over."""
+    ckpt_dir = folder.parent
+    earlier = [f for f in complete_checkpoints(ckpt_dir, state_file) if f != folder]
+    back = (f"To resume from the checkpoint before it ({earlier[-1].name}), remove {folder} and run again with the "
+            "same command" if earlier else f"No complete checkpoint comes before it in {ckpt_dir}")
+    return f"The checkpoint {folder.name} cannot be resumed from. {back}. {START_OVER.format(ckpt_dir=ckpt_dir)}"
+
+
+def check_checkpoint(folder: Path, state_file: str) -> None:
+    """Read-only, before anything is loaded or written: read back every file a resume from `folder` loads (the
+    JSON records, the adapter and best-adapter weights, the optimizer, scheduler and RNG states) the way the
+    Trainer and the stage load them. A damaged one (cut short, overwritten, edited) is a UserError naming it,
+    instead of a traceback from deep inside the Trainer after the model was loaded. Other files (training_args.bin,
+    which a resume never reads; the tokenizer, which the stage loads from --model) are not read."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers.trainer_pt_utils import safe_globals
+
+    from ..atomic import DamagedRecord, read_json
+
+    fix = damaged_checkpoint_fix(folder, state_file)
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.name in (TRAINER_STATE, state_file):
+                read_json(path, fix, expect=dict)
+            elif path.suffix == ".safetensors":
+                load_file(str(path))
+            elif path.suffix in (".pt", ".pth"):  # optimizer.pt, scheduler.pt, scaler.pt, rng_state*.pth
+                with safe_globals():  # the numpy types in the RNG state, as the Trainer allows them
+                    torch.load(path, map_location="cpu", weights_only=True)
+        except DamagedRecord:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch and safetensors fail on damaged bytes in many ways
+            if isinstance(exc, OSError) and describe_failure(exc) is not None:
+                raise  # the machine's failure (a full disk, no permission): errors.describe_failure says so
+            # Their first sentence says what was wrong with the bytes; the rest is advice about trusting the file.
+            reason = re.split(r"(?<=\.)\s", (str(exc).strip().splitlines() or [""])[0])[0][:160]
+            raise UserError(f"{path} is damaged: it does not load ({type(exc).__name__}"
+                            f"{': ' + reason.rstrip('.') if reason else ''}). {fix}") from None
+
+
 def save_checkpoint_state(folder: Path, state_file: str, state: dict, best_state: dict | None) -> None:
     """The stage's state beside a Trainer checkpoint: the best adapter so far, then `state_file`, which
     is written last and so marks the checkpoint complete."""
@@ -141,7 +207,8 @@ def load_checkpoint_state(folder: Path, state_file: str) -> tuple[dict, dict | N
     from ..atomic import read_json
 
     best = folder / BEST_FILE
-    return read_json(folder / state_file), (load_file(str(best)) if best.is_file() else None)
+    state = read_json(folder / state_file, damaged_checkpoint_fix(folder, state_file), expect=dict)
+    return state, (load_file(str(best)) if best.is_file() else None)
 
 
 @contextlib.contextmanager
