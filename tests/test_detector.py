@@ -70,7 +70,7 @@ def test_a_plain_model_uses_the_defaults(tiny_model_dir):
     ({"max_text_tokens": 0}, "records max_text_tokens 0, not a positive whole number"),
     ({"max_text_tokens": "128"}, "records max_text_tokens '128'"),
     ({"training_config": {"max_text_tokens": -4}}, "records max_text_tokens -4"),
-    ([1, 2], "not a valid export record (not a JSON object)"),
+    ([1, 2], "is damaged: it holds JSON an array where an object belongs"),
 ])
 def test_a_bad_export_record_is_one_clear_error(tmp_path, record, message):
     (tmp_path / "sarcasm_dpo.json").write_text(json.dumps(record))
@@ -125,8 +125,8 @@ def test_a_damaged_run_record_is_an_error_not_the_default_length(adapter, tmp_pa
     damaged = tmp_path / "damaged"
     shutil.copytree(adapter, damaged)
     (damaged / "training_summary.json").write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(UserError, match="training_summary.json cannot be read .* trained with"):
+    with pytest.raises(UserError, match="training_summary.json is damaged: .* not UTF-8 .* trained with"):
         SarcasmDetector.load(adapter=str(damaged), warn=lambda m: None)
     (damaged / "training_summary.json").write_text("[1, 2]")
-    with pytest.raises(UserError, match="is not a run record"):
+    with pytest.raises(UserError, match="holds JSON an array where an object belongs"):
         recorded_text_tokens(None, str(damaged))

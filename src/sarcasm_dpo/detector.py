@@ -15,7 +15,6 @@ without them).
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,14 +36,9 @@ def _export_info(model: str | None) -> dict | None:
     info = Path(model or "") / EXPORT_INFO
     if not model or not info.is_file():
         return None
-    try:
-        record = json.loads(info.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        record = None
-    if not isinstance(record, dict):
-        raise UserError(f"{info} is not a valid export record (not a JSON object); export the model again, or pass "
-                        "--threshold and --max_text_tokens.")
-    return record
+    from .atomic import read_json
+
+    return read_json(info, fix="Export the model again, or pass --threshold and --max_text_tokens.", expect=dict)
 
 
 def recorded_threshold(model: str | None, adapter: str | None = None) -> float:

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterable, Iterator
 
-from .atomic import _umask, file_sha256
+from .atomic import DamagedRecord, _umask, file_sha256, read_json
 from .errors import SPACE_ERRORS, UserError, describe_failure, paths_named
 
 STAGING = ".staging-"  # .staging-NAME-XXXX beside the output: a run's outputs before the swap
@@ -353,18 +353,16 @@ def run_record(folder: str | os.PathLike, strict: bool = False) -> tuple[Path, d
     otherwise be replaced by a default without a word), an error naming it."""
     folder = Path(folder)
     exact = folder / RUN_RECORD
+    fix = "It records the settings the model was trained with: restore it, or train again."
     for path in [exact, *sorted(p for p in folder.glob(f"*_{RUN_RECORD}") if p != exact)]:
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            return path, read_json(path, fix=fix, expect=dict)
+        except DamagedRecord:
+            if strict:
+                raise
+        except OSError:
             if strict and path.exists():
-                raise UserError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): it "
-                                "records the settings the model was trained with. Restore it, or train again.") from None
-            continue
-        if isinstance(record, dict):
-            return path, record
-        if strict:
-            raise UserError(f"{path} is not a run record (a JSON object); restore it, or train again.")
+                raise
     return None
 
 

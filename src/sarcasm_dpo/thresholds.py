@@ -214,13 +214,9 @@ def read_threshold(folder: str | Path | None) -> dict | None:
     path = Path(folder) / THRESHOLD_FILE
     if not path.is_file():
         return None
-    import json
+    from .atomic import read_json
 
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} cannot be read as JSON ({str(exc).splitlines()[0][:200]}). {_DAMAGED}") from None
-    return _checked(record, path)
+    return _checked(read_json(path, fix=_DAMAGED), path)
 
 
 # What to do about a damaged threshold record, whichever command read it.

@@ -17,11 +17,11 @@ checked: `sarcasm-dpo --help` stays fast and never imports torch.
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..atomic import read_json
 from ..rundir import FileOutput
 from ..settings import (CompareSettings, DPOSettings, ExportSettings, MineSettings, PipelineSettings, SFTSettings,
                         SplitSettings)
@@ -74,7 +74,7 @@ def _dpo_result_dir(dpo: DPOSettings) -> str:
         return dpo.output_dir
     results = Path(dpo.output_dir) / "beta_sweep_results.json"
     if results.is_file():
-        best = json.loads(results.read_text()).get("best_output_dir")
+        best = read_json(results, expect=dict).get("best_output_dir")
         if best:
             return best
     return dpo.output_dir
