@@ -421,3 +421,20 @@ def test_an_adapter_trained_at_another_text_length_is_named(tmp_path):
     lines = []
     note_text_lengths({n: tmp_path / n for n in ("sft", "dpo", "old")}, 256, printer=lines.append)
     assert len(lines) == 1 and "sft" in lines[0] and "--max_text_tokens 128" in lines[0]
+
+
+def test_a_test_split_the_model_was_trained_or_selected_on_is_refused(setup, capsys, tmp_path):
+    """Whatever --train_csv says: the files the adapter's run recorded are checked against the test split."""
+    import shutil
+
+    selected = tmp_path / "sft_selected_on_test"
+    shutil.copytree(setup["sft"], selected)
+    (selected / "training_summary.json").write_text(json.dumps({"config": {
+        "model": str(setup["model"]), "max_text_tokens": 256, "train_csv": str(setup["train"]),
+        "val_csv": str(setup["test"])}}))
+    err = cli_error(setup, capsys, tmp_path / "out", "--sft_model", str(selected), "--dpo_model", "none")
+    assert "Leakage" in err and "selected on (checkpoint and threshold)" in err
+    assert not (tmp_path / "out").exists()
+    # A --train_csv typed that is not there is an error, not a skipped check.
+    err = cli_error(setup, capsys, tmp_path / "out", "--train_csv", str(tmp_path / "nosuch.csv"))
+    assert "nosuch.csv does not exist" in err

@@ -265,3 +265,8 @@ def test_stratified_sample_of_too_few_rows_for_the_ratio_is_a_plain_draw():
         assert len(sample) == n and set(sample.text) <= set(frame.text)
     even = pd.DataFrame({"text": list("abcdefgh"), "label": [1, 0] * 4})
     assert sorted(stratified_sample(even, 4, 0).label) == [0, 0, 1, 1]  # the ratio kept where it can be
+
+
+def test_json_in_a_file_named_as_a_table_says_so(tmp_path):
+    with pytest.raises(UserError, match="holds JSON, but its name says comma-separated table: rename it .json"):
+        load_table(write(tmp_path, "j.csv", '[{"text": "hello", "label": 1}]\n'))

@@ -117,6 +117,13 @@ def test_python_callers_get_clear_errors_not_wrong_scores(adapter, tiny_model_di
             SarcasmDetector.load(adapter=str(adapter), warn=lambda m: None, **kwargs)
     with pytest.raises(UserError, match=r"--threshold is a probability and must be in \[0, 1\], got 5"):
         SarcasmDetector(detector.scorer.model, detector.scorer.tokenizer, threshold=5)
+    import pandas as pd
+
+    for texts, words in ((pd.DataFrame({"text": ["a b", "c d"]}), "not a DataFrame"), ({"a": 1}, "not a dict"),
+                         ({"a", "b"}, "not a set"), (["a\ud800b"], "lone surrogate"), (["a\x00b"], "NUL")):
+        with pytest.raises(UserError, match=words):
+            detector.predict(texts)
+    assert len(detector.predict(pd.Series(["a b", "c d"]))) == 2  # a Series (a column) is a list of texts
 
 
 def test_a_damaged_run_record_is_an_error_not_the_default_length(adapter, tmp_path):

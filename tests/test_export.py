@@ -167,7 +167,8 @@ def test_the_threshold_chosen_on_validation_travels_into_the_export(adapter_dir,
     assert line["label"] == int(line["p_sarcastic"] >= record["threshold"])
 
 
-def test_results_that_are_not_a_comparisons_are_refused_before_anything_loads(adapter_dir, tmp_path, capsys):
+def test_results_that_are_not_a_comparisons_are_refused_before_anything_loads(adapter_dir, tmp_path, capsys,
+                                                                            monkeypatch):
     """A --results file that is there but is not compare's output is an error, not a card without test figures."""
     out = tmp_path / "exported"
     for name, content, words in (
@@ -179,7 +180,26 @@ def test_results_that_are_not_a_comparisons_are_refused_before_anything_loads(ad
         err = capsys.readouterr().err
         assert code == 2 and words in err and "Traceback" not in err, (name, err)
         assert not out.exists()
-    # No file there (compare not run yet): a note, and the export goes on without test figures.
+    # A path typed that is not there: an error. The default's file not there yet (compare not run): a note, and the
+    # export goes on without test figures.
     assert main(["export", "--adapter", str(adapter_dir), "--output_dir", str(out),
-                 "--results", str(tmp_path / "nosuch.json")]) == 0
+                 "--results", str(tmp_path / "nosuch.json")]) == 2
+    assert "nosuch.json does not exist" in capsys.readouterr().err and not out.exists()
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--adapter", str(adapter_dir), "--output_dir", str(out)]) == 0
     assert "no comparison results at" in capsys.readouterr().err
+
+
+def test_an_export_takes_no_adapter_on_top_and_a_bad_repo_id_fails_first(adapter_dir, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert main(["export", "--adapter", str(adapter_dir), "--output_dir", str(out), "--results", ""]) == 0
+    texts = tmp_path / "t.txt"
+    texts.write_text("oh great\n")
+    for argv in (["predict", "--model", str(out), "--adapter", str(adapter_dir), "--input", str(texts)],
+                 ["export", "--adapter", str(adapter_dir), "--base_model", str(out), "--output_dir",
+                  str(tmp_path / "twice"), "--results", ""]):
+        assert main(argv) == 2
+        assert "is an export" in capsys.readouterr().err and not (tmp_path / "twice").exists()
+    assert main(["export", "--adapter", str(adapter_dir), "--output_dir", str(tmp_path / "e2"), "--results", "",
+                 "--push_to_hub", "not a repo"]) == 2
+    assert "is not a Hub repo id" in capsys.readouterr().err and not (tmp_path / "e2").exists()

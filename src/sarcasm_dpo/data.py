@@ -77,6 +77,10 @@ def read_frame(path: str | Path) -> pd.DataFrame:
             frame = _read_json(path, lines=suffix in JSON_LINES)
         else:
             text = read_input_text(path, "Data file")  # UTF-8 and no NUL bytes, checked once for every reader
+            if text.lstrip()[:1] in ("[", "{"):  # a header never starts so; JSON read as a table would be nonsense
+                raise UserError(f"Data file {path} holds JSON, but its name says {'tab' if suffix in TAB_SEPARATED else 'comma'}"
+                                "-separated table: rename it .json (an array of objects) or .jsonl (one object per "
+                                "line).")
             tabs = suffix in TAB_SEPARATED
             options = {"sep": "\t" if tabs else ",", "dtype": str, "keep_default_na": False, "na_values": [""]}
             if tabs and not _csv_quoted(text):
@@ -285,7 +289,7 @@ def text_column(frame: pd.DataFrame, path) -> pd.Series:
     column = found[0] if found else None
     if column is None:
         raise UserError(f"{path}: no text column. Found columns: {list(frame.columns)}; expected one of "
-                        f"{list(TEXT_COLUMNS)} (`text` for GEN and generic files)." + _separator_hint(Path(path)))
+                        f"{list(TEXT_COLUMNS)} (`text` for GEN and generic files)" + (_separator_hint(Path(path)) or "."))
     texts = frame[column]
     _plain_values(texts, path, "text")
     empty = is_empty_text(texts)

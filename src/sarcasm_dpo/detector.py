@@ -15,6 +15,7 @@ without them).
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,6 +40,17 @@ def _export_info(model: str | None) -> dict | None:
     from .atomic import read_json
 
     return read_json(info, fix="Export the model again, or pass --threshold and --max_text_tokens.", expect=dict)
+
+
+def refuse_adapter_on_export(model: str | None, adapter: str | os.PathLike | None, flags: str = "--model") -> None:
+    """An export already holds its adapter, merged into the base weights: an adapter on top of it (the same one
+    again, or another trained on the base) would score a model that was never trained."""
+    info = _export_info(model)
+    if adapter and info is not None:
+        merged = info.get("adapter") or "an adapter"
+        raise UserError(f"{model} is an export ({EXPORT_INFO}): {merged} is already merged into its weights, so no "
+                        f"adapter goes on top of it. Give {flags} {model} alone, or the adapter with the base model "
+                        "it was trained on.")
 
 
 def recorded_threshold(model: str | None, adapter: str | None = None) -> float:
@@ -114,6 +126,7 @@ class SarcasmDetector:
 
         check_predict_args(model=model, adapter=adapter, batch_size=batch_size, max_text_tokens=max_text_tokens,
                            device=device, threshold=threshold)  # every rule on these values lives in settings.py
+        refuse_adapter_on_export(model, adapter)
         if threshold is None:
             threshold = recorded_threshold(model, adapter)
         if max_text_tokens is None:
@@ -142,6 +155,9 @@ def _checked_texts(texts) -> list[str]:
     if isinstance(texts, (str, bytes)):
         raise UserError("texts must be a list of strings, not one string (its characters would each be scored): "
                         "pass [text].")
+    if isinstance(texts, (dict, set, frozenset)) or hasattr(texts, "columns"):  # keys, no order, column names
+        raise UserError(f"texts must be a list (or Series, array) of strings, not a {type(texts).__name__}: pass "
+                        "the text column itself, e.g. frame['text'].")
     try:
         texts = list(texts)
     except TypeError:
@@ -150,6 +166,10 @@ def _checked_texts(texts) -> list[str]:
     if wrong:
         raise UserError(f"texts must be strings; item(s) {wrong[:10]} are {type(texts[wrong[0]]).__name__}"
                         f"{' and more' if len(wrong) > 10 else ''}.")
+    unreadable = [i for i, t in enumerate(texts) if "\x00" in t or not t.encode("utf-8", "ignore").decode() == t]
+    if unreadable:  # a NUL byte or a lone surrogate: what the command line refuses as not UTF-8 text
+        raise UserError(f"texts {unreadable[:10]} are not valid text (a NUL character, or a lone surrogate that "
+                        "UTF-8 cannot hold).")
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
         raise UserError(f"texts {empty[:10]}{' and more' if len(empty) > 10 else ''} are empty; a detector has "

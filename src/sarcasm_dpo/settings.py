@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import dataclasses
 from dataclasses import dataclass
 
 from .config import opt
@@ -16,6 +17,11 @@ from .errors import UserError
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DEFAULT_PROJECT = "sarcasm-detection"
 SPLITS = "data/splits"
+
+
+def default_of(cls: type, name: str):
+    """A setting's default: a path left at it may be absent (an optional input); one the user gave may not."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def check_positive(name: str, value: float | int | None, allow_none: bool = True) -> None:
@@ -365,6 +371,16 @@ class ExportSettings:
     push_to_hub: str | None = opt(None, "After exporting, upload the folder to this Hugging Face Hub repo (user/name).")
     private: bool = opt(False, "Create the Hub repo as private.")
     overwrite: bool = opt(False, "Replace an output_dir that holds another export.")
+
+    def validate(self) -> None:
+        if self.push_to_hub:  # checked before minutes of merging, not when the upload fails
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.push_to_hub)
+            except HFValidationError as exc:
+                raise UserError(f"--push_to_hub {self.push_to_hub!r} is not a Hub repo id (user/name): "
+                                f"{str(exc).splitlines()[0][:200]}") from None
 
 
 # -- checks SFT and DPO share (beyond each settings class's validate) ----------------------------------

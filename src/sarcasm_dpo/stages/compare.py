@@ -46,7 +46,7 @@ from .. import baseline, data, metrics, models
 from .. import rundir
 from ..atomic import check_output_dir, finish_output_dir, read_complete, write_csv, write_json
 from ..errors import UserError
-from ..settings import CompareSettings
+from ..settings import CompareSettings, default_of
 
 RESULTS_FILE = "model_comparison_results.json"
 PLOT_FILE = "model_comparison_plot.png"
@@ -75,6 +75,7 @@ def run(settings: CompareSettings) -> dict:
         models.check_adapter_fits(folder, base_ref)
     test_full = data.load_split(s.test_csv, "test")
     train = load_train(s, test_full)
+    check_not_seen(test_full, s.test_csv, adapters)
     test = data.stratified_sample(test_full, s.sample_size, s.seed)
     extras = load_extra_tests(s, train)
     inputs = inputs_of(s)
@@ -234,6 +235,9 @@ def dpo_kept_sft(dpo_dir: Path) -> bool:
 
 def resolve_base_model(s: CompareSettings, adapters: dict[str, Path]) -> str:
     if s.model:
+        from ..detector import refuse_adapter_on_export
+
+        refuse_adapter_on_export(s.model, next(iter(adapters.values()), None))
         return s.model
     if adapters:
         return models.adapter_base_model(next(iter(adapters.values())))
@@ -243,6 +247,9 @@ def resolve_base_model(s: CompareSettings, adapters: dict[str, Path]) -> str:
 def load_train(s: CompareSettings, test: pd.DataFrame) -> pd.DataFrame | None:
     """The GEN train split, after checking no test text is in it (a leak would inflate every score)."""
     if not Path(s.train_csv).exists():
+        if s.train_csv != default_of(CompareSettings, "train_csv"):  # a path the user typed: not a note
+            raise UserError(f"The training split {s.train_csv} does not exist; pass the file the models were trained "
+                            "on (the TF-IDF baseline and the leakage check read it).")
         if not s.no_baseline:
             raise UserError(f"The training split {s.train_csv} does not exist; the TF-IDF baseline trains on it. "
                             "Pass --train_csv, or --no_baseline to skip the baseline (and the leakage check).")
@@ -255,6 +262,23 @@ def load_train(s: CompareSettings, test: pd.DataFrame) -> pd.DataFrame | None:
             f"Leakage: {overlap} text(s) of the test split {s.test_csv} also appear in the training split "
             f"{s.train_csv}, so the test scores would be inflated. Re-create the splits with `sarcasm-dpo split`.")
     return train
+
+
+def check_not_seen(test: pd.DataFrame, test_csv: str, adapters: dict[str, Path]) -> None:
+    """Refuse a test split that shares texts with what an adapter was trained on or selected on (the files its
+    run recorded), whatever --train_csv says: its scores there would be inflated, and the threshold chosen on it."""
+    for key, folder in adapters.items():
+        recorded = rundir.recorded_settings(folder)
+        for setting in ("train_csv", "val_csv"):
+            path = recorded.get(setting)
+            if not isinstance(path, str) or not Path(path).is_file():
+                continue  # moved or from another machine: the --train_csv check is what remains
+            overlap = data.overlap_count(test, data.load_split(path, setting))
+            if overlap:
+                use = "trained on" if setting == "train_csv" else "selected on (checkpoint and threshold)"
+                raise UserError(f"Leakage: {overlap} text(s) of the test split {test_csv} are in {path}, which the "
+                                f"{NAMES[key]} adapter was {use}; its test scores would be inflated. Score it on "
+                                "the held-out test split.")
 
 
 def load_extra_tests(s: CompareSettings, train: pd.DataFrame | None) -> dict[str, tuple[str, pd.DataFrame, pd.DataFrame]]:

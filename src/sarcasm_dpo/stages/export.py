@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..detector import EXPORT_INFO
+from ..detector import EXPORT_INFO, refuse_adapter_on_export
 from ..errors import UserError
 
 CARD = "README.md"
@@ -67,6 +67,11 @@ def comparison_for(adapter: Path, results_path: str | None) -> tuple[dict | None
         return None, None
     path = Path(results_path)
     if not path.exists():
+        from ..settings import ExportSettings, default_of
+
+        if results_path != default_of(ExportSettings, "results"):  # a path the user typed: not a note
+            raise UserError(f"--results {path} does not exist; give the model_comparison_results.json that "
+                            "`sarcasm-dpo compare` wrote, or --results '' for a card without test figures.")
         print(f"Note: no comparison results at {path}; the model card will carry no test figures.", file=sys.stderr)
         return None, None
     from ..inputs import read_input_text
@@ -287,6 +292,7 @@ def run(s) -> dict:
         print(f"[export] {out} already holds this export; not redone.")
     else:
         base = s.base_model or adapter_base_model(adapter)
+        refuse_adapter_on_export(base, adapter, "--base_model")
         stage, stage_record = training_record(adapter)
         results, key = comparison_for(adapter, s.results)
         threshold, threshold_source = recorded_threshold(stage_record, results, key, adapter)
