@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 from sarcasm_dpo.cli import build_parser
-from sarcasm_dpo.config import check_known_keys, from_namespace, load_yaml
+from sarcasm_dpo.config import build, check_known_keys, from_namespace, load_yaml
 from sarcasm_dpo.errors import UserError
 from sarcasm_dpo.stages.pipeline import stage_settings
 from sarcasm_dpo.settings import DPOSettings, PipelineSettings, SFTSettings
@@ -187,3 +187,21 @@ def test_a_config_files_values_meet_the_flags_choices(tmp_path):
         with pytest.raises(UserError, match=f"dtype must be one of float32, bfloat16, float16; got '{value}'"):
             from_namespace(settings_classes(), build_parser().parse_args(["export", "--config", str(config)]), "export")
         assert main(["export", "--config", str(config)]) == 2
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    """PyYAML keeps the last copy: a section written twice would lose every setting of its first copy."""
+    for body, key in (("split:\n  output_dir: a\nsplit:\n  seed: 3\n", "'split'"), ("seed: 1\nseed: 2\n", "'seed'"),
+                      ("sft:\n  epochs: 1\n  epochs: 2\n", "'epochs'")):
+        config = tmp_path / "twice.yaml"
+        config.write_text(body)
+        with pytest.raises(UserError, match=f"{key} is given twice in one mapping .* at line"):
+            load_yaml(config)
+
+
+def test_dpo_flags_the_run_would_ignore_are_refused():
+    for values, words in (({"beta_sweep": True, "beta": 0.3, "betas": [0.1, 0.2]}, "--beta 0.3 is not used by"),
+                          ({"preference_data": "pairs.json", "pair_style": "label"}, "does not apply to --preference_data")):
+        with pytest.raises(UserError, match=words):
+            build(DPOSettings, values)
+    build(DPOSettings, {"beta_sweep": True, "beta": 0.1, "betas": [0.1, 0.2]})  # the default beta: nothing typed

@@ -52,10 +52,19 @@ def env(tiny_model_dir, tmp_path_factory):
 
     val_rows = pd.read_csv(val)
     val_rows[val_rows.label == 1].to_csv(bad / "val_one_class.csv", index=False)
+    # compare's test split: neither what the adapter trained on nor what it was selected on (compare refuses both)
+    from test_sft import toy_frame
+
+    from sarcasm_dpo.data import normalise
+
+    seen = set(pd.concat([pd.read_csv(train), val_rows]).text.map(normalise))
+    test_rows = toy_frame(40, 3)
+    test_rows[~test_rows.text.map(normalise).isin(seen)].to_csv(root / "toy" / "test.csv", index=False)
     (bad / "fake.gguf").write_bytes(b"garbage, not a GGUF file\n")
     shutil.copytree(tiny_model_dir, root / "no_tokenizer", ignore=shutil.ignore_patterns("tokenizer*", "vocab*",
                                                                                          "merges*", "special*"))
-    return {"root": root, "model": tiny_model_dir, "train": train, "val": val, "bad": bad, "sft": ref,
+    return {"root": root, "model": tiny_model_dir, "train": train, "val": val, "test": root / "toy" / "test.csv",
+            "bad": bad, "sft": ref,
             "char_model": char_level_model(tiny_model_dir, root / "char-model"),
             "foreign_adapter": adapter_of_a_changed_base(root)}
 
@@ -117,7 +126,7 @@ def dpo(e, out, *extra):
 
 
 def compare(e, out, *extra):
-    return ["compare", "--no_wandb", "--test_csv", str(e["val"]), "--train_csv", str(e["train"]), "--sft_model",
+    return ["compare", "--no_wandb", "--test_csv", str(e["test"]), "--train_csv", str(e["train"]), "--sft_model",
             str(e["sft"]), "--dpo_model", "none", "--output_dir", str(out), "--skip_base", *extra]
 
 
@@ -329,3 +338,15 @@ def test_config_values_of_the_wrong_kind_are_refused(env, tmp_path, capsys):
         code = cli.main(argv + ["--config", str(config)])
         message = error_paragraph(capsys.readouterr().err)
         assert code == 2 and words in message, (body, message)
+
+
+def test_an_output_folder_of_another_stage_is_named_so(env, shared_data, tmp_path, capsys):
+    """split into an SFT adapter's folder: not "another run of split with other settings" (whose --overwrite hint
+    would invite replacing a trained adapter), but another kind of run."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(env["sft"], adapter)
+    before = snapshot(adapter)
+    code = cli.main(["split", "--data_dir", str(shared_data), "--output_dir", str(adapter), "--no_wandb"])
+    message = error_paragraph(capsys.readouterr().err)
+    assert code == 2 and "holds the output of another kind of run" in message, message
+    assert snapshot(adapter) == before

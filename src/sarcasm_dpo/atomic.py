@@ -268,6 +268,14 @@ def check_output_dir(folder: str | os.PathLike, config: Any, overwrite: bool = F
         record = read_complete(folder)
         if record is not None:
             diff = settings_differences(record, config, ignore_keys) + input_differences(record, inputs)
+            # Settings this stage does not have at all: another stage's output (an adapter folder given to split),
+            # not an earlier run of this one; a version that renamed a setting leaves one or two, not a handful.
+            foreign = sorted(set(record.get("config") or {}) - set(settings_and_defaults(config)[0]))
+            if diff and len(foreign) >= 3:
+                raise UserError(f"{folder} holds the output of another kind of run (its record has settings this "
+                                f"stage does not: {', '.join(foreign[:6])}{', ...' if len(foreign) > 6 else ''}), not "
+                                "an earlier run of this one. Choose another --output_dir (--overwrite would replace "
+                                "everything in it).")
             if diff and not resume:
                 raise UserError(
                     f"{folder} already holds the results of another run (settings differ in: {', '.join(diff)}). "

@@ -132,13 +132,28 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 REPEATABLE = {"extra_test", "set"}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error: PyYAML keeps the last copy, so a
+    section written twice would silently lose every setting of its first copy."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice in one mapping (the "
+                                                        "later copy would replace the earlier)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     from .inputs import read_input_text
 
     path = Path(path)
     text = read_input_text(path, "Config file", allow_empty=True)
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise UserError(f"Config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):

@@ -288,6 +288,14 @@ class DPOSettings(Common):
                 raise UserError(f"--{name} must be 0 or a positive count, got {getattr(self, name)}.")
         if self.beta_sweep and not self.betas:
             raise UserError("--beta_sweep needs at least one value in --betas.")
+        # Flags the run would ignore without a word (the defaults cannot be told from values typed).
+        if self.beta_sweep and self.beta != default_of(DPOSettings, "beta") and self.beta not in self.betas:
+            raise UserError(f"--beta {self.beta:g} is not used by --beta_sweep, which trains each value of --betas "
+                            f"({', '.join(f'{b:g}' for b in self.betas)}): add it to --betas, or drop --beta_sweep.")
+        if self.preference_data and not self.pairs and self.pair_style != default_of(DPOSettings, "pair_style"):
+            raise UserError(f"--pair_style {self.pair_style} does not apply to --preference_data: the file's pairs are "
+                            "trained with the answers they hold. Drop --pair_style, or mine the pairs again with "
+                            f"`sarcasm-dpo mine --pair_style {self.pair_style}`.")
         for beta in (self.betas if self.beta_sweep else [self.beta]):
             warn_if_unusual("beta", beta, USUAL_BETA, "DPO uses 0.01 to 0.5; a much larger beta barely moves the model "
                             "from SFT, a much smaller one lets it drift without restraint")
