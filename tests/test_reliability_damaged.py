@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from reliability_common import error_paragraph, reference_run, sft_argv, sft_settings, toy_csvs
 from test_pipeline import pipeline, small_data_dir, write_config  # noqa: F401 - the fixture, for the pipeline tests
-from transformers import TrainerCallback
+from test_reliability_resume import _DieAtStep  # a kill at a step, without a checkpoint of its own
 
 from sarcasm_dpo import cli
 from sarcasm_dpo.atomic import DamagedRecord, finish_output_dir, read_complete, read_json, write_json
@@ -79,15 +79,6 @@ def test_a_damaged_completion_marker_means_not_finished(tmp_path):
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------
-
-
-class _DieAtStep(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise SystemExit("killed")
 
 
 @pytest.fixture(scope="module")
