@@ -14,7 +14,6 @@ without them).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -27,9 +26,9 @@ EXPORT_INFO = "sarcasm_dpo.json"  # what `sarcasm-dpo export` writes beside the 
 
 def default_text_tokens() -> int:
     """The settings' default text length, for a model whose run recorded none."""
-    from .settings import Common
+    from .settings import Common, default_of
 
-    return next(f.default for f in dataclasses.fields(Common) if f.name == "max_text_tokens")
+    return default_of(Common, "max_text_tokens")
 
 
 def _export_info(model: str | None) -> dict | None:
