@@ -49,7 +49,8 @@ def normalise(text: str) -> str:
     return " ".join(str(text).casefold().split())
 
 
-def _rows(index, limit: int = 10) -> str:
+def row_numbers(index, limit: int = 10) -> str:
+    """Positions 0.. as a person counts them (1 = the first): "2, 5, 9 and 3 more"."""
     rows = [str(int(i) + 1) for i in list(index)[:limit]]
     more = len(index) - limit
     return ", ".join(rows) + (f" and {more} more" if more > 0 else "")
@@ -191,7 +192,7 @@ def _plain_values(values: pd.Series, path, what: str) -> None:
     nested = values.map(lambda v: isinstance(v, (dict, list)))
     if nested.any():
         raise UserError(f"{path}: {int(nested.sum())} {_rows_are(values)}(s) hold a JSON object or array in the "
-                        f"{what} column {values.name!r} ({_rows_are(values)}s {_rows(values.index[nested])}; "
+                        f"{what} column {values.name!r} ({_rows_are(values)}s {row_numbers(values.index[nested])}; "
                         f"{_first(values)}); it must hold a plain value.")
 
 
@@ -237,7 +238,7 @@ def _labels(values: pd.Series, path, mapping: dict[str, int]) -> pd.Series:
         shown = sorted({"(blank)" if pd.isna(v) or not str(v).strip() else str(v) for v in values[bad]})[:5]
         raise UserError(
             f"{path}: {int(bad.sum())} {_rows_are(values)}(s) have unknown label values {shown} "
-            f"({_rows_are(values)}s {_rows(values.index[bad])}; {_first(values)}) in column {values.name!r}. "
+            f"({_rows_are(values)}s {row_numbers(values.index[bad])}; {_first(values)}) in column {values.name!r}. "
             f"Known labels: {sorted(set(mapping))}."
         )
     return labels.astype(int)
@@ -295,7 +296,7 @@ def text_column(frame: pd.DataFrame, path) -> pd.Series:
     empty = is_empty_text(texts)
     if empty.any():
         raise UserError(f"{path}: {int(empty.sum())} {_rows_are(texts)}(s) with an empty text ({_rows_are(texts)}s "
-                        f"{_rows(frame.index[empty])}; {_first(texts)}). Remove them or fill them in.")
+                        f"{row_numbers(frame.index[empty])}; {_first(texts)}). Remove them or fill them in.")
     return texts.astype(str)
 
 
@@ -337,7 +338,7 @@ def clean(frame: pd.DataFrame, path, strict: bool = False, drop_conflicts: bool 
     text = frame["text"]
     empty = is_empty_text(text)
     if empty.any():
-        msg = f"{path}: {int(empty.sum())} row(s) with an empty text (rows {_rows(frame.index[empty])})"
+        msg = f"{path}: {int(empty.sum())} row(s) with an empty text (rows {row_numbers(frame.index[empty])})"
         if strict:
             raise UserError(msg + "; remove them or run without --strict to drop them.")
         if empty.all():
@@ -351,14 +352,14 @@ def clean(frame: pd.DataFrame, path, strict: bool = False, drop_conflicts: bool 
     if conflicting.any():
         n_texts = int(key[conflicting].nunique())
         msg = (f"{path}: {n_texts} text(s) appear with conflicting labels "
-               f"(rows {_rows(frame.index[conflicting], 20)})")
+               f"(rows {row_numbers(frame.index[conflicting], 20)})")
         if strict or not drop_conflicts:
             raise UserError(msg + ". Fix the labels, or drop these rows (the split stage does so unless --strict).")
         log(msg + ": all their copies dropped.")
         frame, key = frame[~conflicting], key[~conflicting]
     dup = key.duplicated(keep="first")
     if dup.any():
-        msg = f"{path}: {int(dup.sum())} duplicated text(s) (rows {_rows(frame.index[dup])})"
+        msg = f"{path}: {int(dup.sum())} duplicated text(s) (rows {row_numbers(frame.index[dup])})"
         if strict:
             raise UserError(msg + "; remove them or run without --strict to keep only the first copy.")
         log(msg + ": kept the first copy of each.")

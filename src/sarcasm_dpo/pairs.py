@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import LABEL_VALUES
+from .data import LABEL_VALUES, row_numbers
 from .errors import UserError
 from .prompts import LABEL_WORDS, answer_length, build_prompts, label_token_ids, label_word
 
@@ -199,9 +199,7 @@ def load_pairs_file(path: str | Path) -> pd.DataFrame:
 def pair_numbers(index, limit: int = 5) -> str:
     """"pair 3" or "pairs 1, 4 and 2 more": positions 0.. in a file, named as a person counts them (1 = the first)."""
     index = list(index)
-    more = len(index) - limit
-    return (("pair " if len(index) == 1 else "pairs ") + ", ".join(str(int(i) + 1) for i in index[:limit])
-            + (f" and {more} more" if more > 0 else ""))
+    return ("pair " if len(index) == 1 else "pairs ") + row_numbers(index, limit)
 
 
 def _file_texts(frame: pd.DataFrame, path) -> pd.Series:
