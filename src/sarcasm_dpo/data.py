@@ -183,8 +183,7 @@ def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
     if not len(frame):
         return frame
     nested = frame.apply(lambda column: column.map(lambda v: isinstance(v, (dict, list))))
-    missing = frame.apply(lambda column: column.map(lambda v: not isinstance(v, (dict, list)) and pd.isna(v)))
-    return frame.astype(object).where(missing | nested, frame.astype(str))
+    return frame.astype(object).where(frame.isna() | nested, frame.astype(str))  # isna: False for a list or dict
 
 
 def _plain_values(values: pd.Series, path, what: str) -> None:

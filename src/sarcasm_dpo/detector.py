@@ -145,7 +145,7 @@ class SarcasmDetector:
         """{"text", "p_sarcastic", "label"} for each text, in input order; label 1 at or above the threshold."""
         texts = _checked_texts(texts)
         return [{"text": text, "p_sarcastic": round(float(p), 6), "label": int(p >= self.threshold)}
-                for text, p in zip(texts, self.predict_proba(texts))]
+                for text, p in zip(texts, self.scorer.predict_proba(texts))]  # checked once, just above
 
 
 def _checked_texts(texts) -> list[str]:
