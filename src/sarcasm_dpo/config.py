@@ -262,8 +262,8 @@ def build(cls: type[C], values: dict) -> C:
         if f.name == "seed" and value is not None and not 0 <= value < 2**32:
             raise UserError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {value}.")
         choices = f.metadata.get("choices")
-        if choices and f.name in kwargs and kwargs[f.name] is not None and kwargs[f.name] not in choices:
-            raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {kwargs[f.name]!r}.")
+        if choices and value is not None and value not in choices:
+            raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}.")
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate:

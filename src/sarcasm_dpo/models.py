@@ -64,14 +64,13 @@ def resolve_source(ref: str, tokenizer_only: bool = False) -> tuple[str, dict]:
     if path.exists() and not path.is_dir():
         raise UserError(f"Model {ref} is a file, not a model: give a model folder (with config.json), a .gguf file or "
                         "a Hugging Face hub id.")
-    if path.exists():
-        if path.is_dir():
-            ggufs = sorted(path.glob("*.gguf"))
-            if not (path / "config.json").is_file() and len(ggufs) == 1:
-                return str(path), {"gguf_file": ggufs[0].name}
-            # An adapter folder carries its tokenizer but no config.json; that is enough for a tokenizer.
-            if not (path / "config.json").is_file() and not (tokenizer_only and (path / "tokenizer_config.json").is_file()):
-                raise UserError(f"Model folder {ref} has no config.json (nor a single .gguf file); it is not a model.")
+    if path.exists():  # a folder, as a file was refused above
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) == 1:
+            return str(path), {"gguf_file": ggufs[0].name}
+        # An adapter folder carries its tokenizer but no config.json; that is enough for a tokenizer.
+        if not (path / "config.json").is_file() and not (tokenizer_only and (path / "tokenizer_config.json").is_file()):
+            raise UserError(f"Model folder {ref} has no config.json (nor a single .gguf file); it is not a model.")
         return str(path), {}
     if ref.startswith((".", "/")) or ref.count("/") > 1:
         raise UserError(f"Model path not found: {ref}")

@@ -162,9 +162,10 @@ def refuse_outputs_over_inputs(outputs: Iterable[str | os.PathLike], inputs: Ite
     inside are carried over), so an input that is the folder itself or a file in it would be gone;
     a file output replaces the file of its name. `inputs`: the paths the run's input settings name
     (`input_paths`)."""
+    inputs = sorted({os.path.realpath(p) for p in inputs})
     for out in (o for o in outputs if o):
         real_out = Path(os.path.realpath(out))
-        for path in sorted({os.path.realpath(p) for p in inputs}):
+        for path in inputs:
             if Path(path) == real_out:
                 raise UserError(f"{out} is both an input and an output of this run: writing its results there would "
                                 "replace what it reads (--overwrite or not). Choose another output path.")
