@@ -518,3 +518,27 @@ def test_dpo_saves_the_threshold_of_its_saved_adapter(trained):
     assert record["val_metrics_at_0.5"]["f1"] == best["f1"] and record["val_metrics_at_0.5"]["accuracy"] == best["accuracy"]
     assert trained.summary["outputs"]["threshold"] == "threshold.json"
     assert not (trained.out / "checkpoints").exists() and not list(trained.out.parent.glob(".staging-*"))
+
+
+def test_window_means_count_each_step_once_whatever_the_logs_split():
+    """A stop forced a log at step 7 (loss only: the lean trainer computes TRL's rewards only on steps it
+    knows will log), and the resumed run's log at step 10 covers steps 8-10: the window's per-step means
+    are the uninterrupted run's, and the rewards are the mean over the steps that measured them."""
+    from sarcasm_dpo.stages.dpo import _window_means
+
+    losses = [0.70, 0.69, 0.68, 0.66, 0.65, 0.64, 0.62, 0.61, 0.60, 0.58]  # steps 1..10
+
+    def row(step, since, rewards=True):
+        window = losses[since:step]
+        r = {"step": step, "train/loss": sum(window) / len(window)}
+        if rewards:
+            r.update({"rewards/margins": 0.1 * step, "rewards/chosen": 0.0, "rewards/rejected": -0.1 * step,
+                      "rewards/accuracies": 0.5})
+        return r
+
+    plain = _window_means([row(5, 0), row(10, 5)], 5, 10, beta=0.1)
+    stopped = _window_means([row(5, 0), row(7, 5, rewards=False), row(10, 7)], 5, 10, beta=0.1)
+    assert plain["train/loss"] == pytest.approx(sum(losses[5:]) / 5)
+    assert stopped["train/loss"] == pytest.approx(plain["train/loss"])
+    assert stopped["rewards/margins"] == pytest.approx(1.0)  # only step 10's row measured it
+    assert stopped["dpo/reward_ratio"] is not None and stopped["logged_steps"] == 2

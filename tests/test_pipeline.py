@@ -156,6 +156,49 @@ def test_pipeline_end_to_end_then_skips(tiny_model_dir, small_data_dir, tmp_path
     assert bad.returncode == 2 and "section 'compare' has no setting 'n_bootstrapp'" in bad.stderr
 
 
+def test_a_stage_trained_from_files_rewritten_since_runs_again(tiny_model_dir, small_data_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    """Settings name the files by path; a stage's COMPLETE.json also records their checksums. A pipeline
+    stopped after the split was made again (other settings), or after SFT was retrained, left SFT (or DPO)
+    folders whose settings match but whose inputs do not: they run again instead of being skipped."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.chdir(ROOT)
+    work = tmp_path / "work"
+    config = write_config(tmp_path / "p.yaml", tiny_model_dir, work)
+    assert pipeline(capsys, config, small_data_dir).returncode == 0
+
+    # The split made again with another test share, as a pipeline stopped after its split stage leaves it.
+    split = ["split", "--data_dir", str(small_data_dir), "--output_dir", str(work / "splits"), "--seed", "1",
+             "--test_size", "0.25", "--overwrite", "--no_wandb"]
+    assert main(split) == 0
+    capsys.readouterr()
+    again = pipeline(capsys, config, small_data_dir, "--set", "split.test_size=0.25")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "ran sft, dpo, compare; skipped split." in again.stdout, again.stdout[-2000:]
+
+    # SFT's weights replaced (a retrained SFT): DPO, which starts from them, and compare run again.
+    weights = work / "sft" / "adapter_model.safetensors"
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)
+    retrained = pipeline(capsys, config, small_data_dir, "--set", "split.test_size=0.25")
+    assert retrained.returncode == 0, retrained.stderr[-2000:]
+    assert "ran dpo, compare; skipped split, sft." in retrained.stdout, retrained.stdout[-2000:]
+
+    # An SFT run stopped part-way whose checkpoints learnt from another split: started over, not resumed.
+    ckpt = work / "sft" / "checkpoints"
+    ckpt.mkdir()
+    (ckpt / "run_config.json").write_text(json.dumps(json.loads((work / "sft" / "COMPLETE.json").read_text())["config"]))
+    (work / "sft" / "COMPLETE.json").unlink()  # stopped before its outputs replaced the finished run's
+    (ckpt / "checkpoint-2").mkdir()  # a complete checkpoint by its files: taken up if the run were resumed
+    for name in ("trainer_state.json", "validation_state.json"):
+        (ckpt / "checkpoint-2" / name).write_text("{}")
+    (ckpt / "run_inputs.json").write_text(json.dumps({"train_csv": "0" * 64, "val_csv": "0" * 64}))
+    stopped = pipeline(capsys, config, small_data_dir, "--set", "split.test_size=0.25")
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert "trained from other inputs (differ in: input train_csv, input val_csv); starting it over" in stopped.stdout
+    assert "ran sft, dpo, compare; skipped split." in stopped.stdout, stopped.stdout[-2000:]
+
+
 def test_original_scripts_chain(tiny_model_dir, small_data_dir, tmp_path, capsys, monkeypatch):
     """The original README's command sequence, with --no_wandb, through the script names (run in-process)."""
     s = tmp_path
@@ -228,3 +271,16 @@ def test_smoke_config_runs_every_stage_then_exports(tiny_model_dir, shared_data,
     chosen = json.loads((tmp_path / "runs/smoke/dpo/threshold.json").read_text())
     assert info["test"]["n"] == 64 and info["threshold"] == chosen["threshold"]
     assert info["threshold_source"].startswith("threshold.json, chosen on the gen_val split")
+
+
+def test_later_stages_settings_this_machine_cannot_run_are_refused_before_the_split(tiny_model_dir, small_data_dir,
+                                                                                    tmp_path, capsys):
+    """A device PyTorch does not see (MPS, off a Mac), or a --max_length with no room for any text, in DPO or compare: refused
+    before the split is written and SFT trains (which on the CPU config is most of an hour)."""
+    work = tmp_path / "work"
+    config = write_config(tmp_path / "p.yaml", tiny_model_dir, work)
+    for setting, words in (("dpo.max_length=4", "Stage dpo: --max_length leaves no room for the text"),
+                           ("compare.device=mps", "Stage compare: --device mps was asked for")):
+        done = pipeline(capsys, config, small_data_dir, "--set", setting)
+        assert done.returncode == 2 and words in done.stderr and "Nothing was run." in done.stderr, done.stderr
+        assert not work.exists()

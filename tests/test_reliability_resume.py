@@ -140,3 +140,26 @@ def test_pipeline_rerun_resumes_the_interrupted_stage(tiny_model_dir, small_data
         assert (work / stage / "COMPLETE.json").is_file(), stage
     summary = json.loads((work / "sft" / "training_summary.json").read_text())
     assert summary["resumed_from"].endswith(kept) and summary["global_steps"] == 18
+
+
+def test_checkpoints_of_other_data_are_not_resumed(tiny_model_dir, tmp_path_factory, tmp_path):
+    """The checkpoints record the checksums of the splits they were trained from: after the training file
+    changed (same path, e.g. the split made again), --resume is refused with what differs, and a pipeline
+    starts the stage over instead of continuing on other data."""
+    import shutil
+
+    from sarcasm_dpo.errors import UserError
+
+    _, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
+    mine = tmp_path / "train.csv"
+    shutil.copy(train, mine)
+    out = tmp_path / "sft"
+    s = sft_settings(tiny_model_dir, mine, val, out)
+    with pytest.raises(SystemExit):
+        sft.run(s, extra_callbacks=[_DieAtStep(9)])
+    assert json.loads((out / "checkpoints" / checkpoints.RUN_INPUTS).read_text()) == sft.inputs_of(s)
+    mine.write_text("".join(mine.read_text().splitlines(keepends=True)[:-1]))  # one row fewer
+    assert checkpoints.checkpoint_input_differences(out, sft.inputs_of(s)) == ["input train_csv"]
+    with pytest.raises(UserError, match=r"other settings or data \(differ in: input train_csv\)"):
+        sft.run(build(SFTSettings, {**vars(s), "resume": True}))
+    assert complete_checkpoints(out) == ["checkpoint-6", "checkpoint-8"]  # refused: nothing was changed

@@ -27,6 +27,9 @@ class RunContext:
     tracker: Any = None  # tracking.Tracker once opened; None before and for stages that log nothing
     device: Any = None  # torch.device once picked
     resume_from: Path | None = None  # the checkpoint this run continues from, if any
+    # Checksums of the data files and adapter the run reads (rundir.input_identity), recorded beside its
+    # checkpoints and in COMPLETE.json: a finished or stopped run of other data is never taken for this one.
+    inputs: dict[str, str] | None = None
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds, recorded by `timed()`
 

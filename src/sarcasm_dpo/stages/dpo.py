@@ -102,7 +102,8 @@ def train(s, run_name: str | None = None) -> dict:
 
     # Setup. Every check on the input runs before the output folder is touched, so a run refused for
     # any reason leaves a previous result in --output_dir byte for byte as it was.
-    finished = finished_with(ctx.out, s, sft_dir)
+    ctx.inputs = inputs_of(s)
+    finished = finished_with(ctx.out, s, ctx.inputs)
     if s.resume and finished:
         if ctx.main:
             print(f"{ctx.out} already holds the finished run of these settings; nothing to resume.")
@@ -111,7 +112,7 @@ def train(s, run_name: str | None = None) -> dict:
     check_text_budget(sft_dir, s.max_text_tokens)
     data = load_data(s, tokenizer)
     check_adapter_fits(sft_dir, ctx.model)
-    ctx.resume_from = plan_run_dir(ctx.out, s, finished=finished, state_file=STATE_FILE)
+    ctx.resume_from = plan_run_dir(ctx.out, s, finished=finished, state_file=STATE_FILE, inputs=ctx.inputs)
 
     import transformers
 
@@ -142,7 +143,8 @@ def train(s, run_name: str | None = None) -> dict:
             if ctx.main:
                 write_json(folder / SUMMARY_FILE, summary)
                 finish_output_dir(folder, ctx.config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
-                                                       "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir)})
+                                                       "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir),
+                                                       "inputs": ctx.inputs})
         barrier()  # the other processes end when the outputs are in place
 
         ctx.tracker.log_image("dpo/training_curves", ctx.out / CURVES_FILE)
@@ -197,7 +199,7 @@ def fit(ctx: RunContext, model, tokenizer, data: DPOData) -> Trained:
         if resume_from:
             load_state(resume_from, validation, diagnostics)
         if not claimed:
-            claim_run_dir(out, s, resume_from)
+            claim_run_dir(out, s, resume_from, ctx.inputs)
             claimed = True
         if main:
             print(describe_start(sized, data, ctx.model, ctx.device, resume_from))
@@ -523,26 +525,49 @@ def sft_fingerprint(sft_dir: Path) -> str | None:
     return file_sha256(weights) if weights.is_file() else None
 
 
-def finished_with(out: Path, config, sft_dir: Path) -> bool:
-    """True when `out` holds a finished run of these settings, from the same SFT adapter weights."""
+def inputs_of(s) -> dict[str, str]:
+    """The checksums of what DPO reads (the SFT adapter, the splits, a pairs file): a finished (or stopped)
+    run from another SFT adapter or other data is not this run's, though its settings are the same."""
+    from ..rundir import input_identity
+
+    return input_identity({"sft_model": s.sft_model, "train_csv": s.train_csv, "val_csv": s.val_csv,
+                           "isarcasm_val_csv": s.isarcasm_val_csv, "preference_data": s.preference_data})
+
+
+def finished_with(out: Path, s, inputs: dict | None = None) -> bool:
+    """True when `out` holds a finished run of these settings, from the same SFT adapter weights and data
+    (`inputs`: `inputs_of(s)`, when the caller has them already)."""
     from ..training.checkpoints import finished_record
 
-    record = finished_record(out, config, SUMMARY_FILE)
-    return record is not None and record.get("sft_adapter_sha256") == sft_fingerprint(sft_dir)
+    record = finished_record(out, s, SUMMARY_FILE, inputs if inputs is not None else inputs_of(s))
+    return record is not None and record.get("sft_adapter_sha256") == sft_fingerprint(Path(s.sft_model))
 
 
 # -- outputs ---------------------------------------------------------------------------------------------
 
 
 def _window_means(records: list[dict], after: int, upto: int, beta: float) -> dict | None:
-    """Mean training metrics of the logging steps in (after, upto]; the ratio from the mean margin."""
+    """Mean training metrics per optimizer step over the steps in (after, upto]; the ratio from the mean margin.
+
+    Each logged row is the mean over the steps since the log before it, so rows count by the steps they
+    cover: a log forced off the schedule (a checkpoint on Ctrl-C, an epoch's end) splits a window in two
+    without changing its mean, and a resumed run reports what the uninterrupted one does. A metric a row
+    lacks (the lean trainer computes TRL's rewards only on steps it knows will log, not on a forced stop)
+    is the mean over the steps that measured it.
+    """
     from ..training.diagnostics import reward_ratio
 
-    rows = [r for r in records if after < r["step"] <= upto and "train/loss" in r]
+    logged = sorted((r for r in records if "train/loss" in r), key=lambda r: r["step"])
+    covered = {id(r): r["step"] - (logged[i - 1]["step"] if i else 0) for i, r in enumerate(logged)}
+    rows = [r for r in logged if after < r["step"] <= upto]
     if not rows:
         return None
     keys = ("train/loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-    means = {k: sum(r[k] for r in rows) / len(rows) for k in keys if all(r.get(k) is not None for r in rows)}
+    means = {}
+    for key in keys:
+        having = [(r[key], covered[id(r)]) for r in rows if r.get(key) is not None]
+        if having and sum(w for _, w in having) > 0:
+            means[key] = sum(v * w for v, w in having) / sum(w for _, w in having)
     means["dpo/reward_ratio"] = reward_ratio(means.get("rewards/margins"), beta)
     means["logged_steps"] = len(rows)
     return means

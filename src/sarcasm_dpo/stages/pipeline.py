@@ -96,10 +96,10 @@ def chain_origin(value, built: dict) -> str | None:
 
 
 def same_inputs(name: str, settings, out: Path) -> bool:
-    """The finished stage in `out` read the same data and adapters as this run would (by checksum). A stage
-    redone after an earlier pipeline run stopped part-way may have left later stages' records from older
-    inputs; settings alone would not tell. Stages whose records hold settings only (sft, dpo: their inputs
-    come from the stages before) always match."""
+    """The finished stage in `out` read the same data and adapters as this run would (by checksum). Settings
+    alone would not tell: they name the files by path, and a stage before this one may have rewritten them
+    since (a pipeline stopped part-way, then run with another split, leaves SFT trained on the old one).
+    A record without checksums (from an older version) is compared on settings only."""
     inputs = STAGES[name].inputs_of(settings)
     return inputs is None or not input_differences(read_complete(out) or {}, inputs)
 
@@ -122,6 +122,7 @@ def run(pipe, config_path: str | None = None) -> dict:
     sft = stages["sft"]
     if pipe.force or not is_complete_for(sft.output_dir, sft):
         check_available(sft.model)  # before the split is written or a W&B run opened
+        preflight(stages, order)
     from ..rundir import claim_outputs, input_paths, refuse_outputs_over_inputs
 
     for name in order:  # no stage replaces what it reads (another stage's output included)
@@ -130,6 +131,27 @@ def run(pipe, config_path: str | None = None) -> dict:
     outputs = [o for name in order for o in STAGES[name].outputs(stages[name])]
     with claim_outputs(outputs, "sarcasm-dpo " + " ".join(sys.argv[1:])):
         return run_stages(pipe, stages, order)
+
+
+def preflight(stages: dict, order: list[str]) -> None:
+    """The checks of later stages' settings that a stage makes only when it starts, made before SFT trains
+    for an hour: a device this machine lacks, a --max_length that leaves no room for any text (the rule of
+    prompts.build_prompts, for the shortest answer: a one-word label). Each stage checks again, in full."""
+    from ..models import load_tokenizer, pick_device
+    from ..prompts import answer_length, build_prompts, label_word
+
+    tokenizer = None
+    for name in order:
+        settings = stages[name]
+        try:
+            if getattr(settings, "device", None):
+                pick_device(settings.device)
+            if getattr(settings, "max_length", None):
+                tokenizer = tokenizer or load_tokenizer(stages["sft"].model)
+                answer = max(answer_length(tokenizer, label_word(y)) for y in (0, 1))
+                build_prompts(tokenizer, ["x"], settings.max_text_tokens, room=settings.max_length - answer)
+        except UserError as exc:
+            raise UserError(f"Stage {name}: {exc} Nothing was run.") from None
 
 
 REPORTED = "compare"  # the stage whose results the pipeline's last lines show (`headline`)
@@ -143,9 +165,13 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
         if stage.late_chain:
             settings = dataclasses.replace(settings, **stage.late_chain(stages))
         out = Path(stage.marker_dir(settings))
-        from ..training.checkpoints import interrupted_run
+        from ..training.checkpoints import checkpoint_input_differences, interrupted_run
 
-        interrupted = interrupted_run(out)
+        stopped = interrupted_run(out)
+        # A run stopped there, then a stage before it was redone (the split made again): its checkpoints
+        # learnt from other data, so it is started over rather than continued.
+        stale = checkpoint_input_differences(out, stage.inputs_of(settings)) if stopped else []
+        interrupted = stopped and not stale
         # Once a stage has run, everything after it runs too: its inputs just changed.
         if not pipe.force and not ran and not interrupted and is_complete_for(out, settings) \
                 and same_inputs(name, settings, out):
@@ -161,11 +187,14 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
                   "complete and runs again.")
         # Replacing a finished run of this stage is the pipeline's job (its settings changed); files no run of
         # ours wrote are another matter: the stage refuses them, as it does on its own, unless --overwrite.
-        ours = read_complete(out) is not None or interrupted
+        ours = read_complete(out) is not None or stopped
         if hasattr(settings, "resume"):
             settings = dataclasses.replace(settings, resume=interrupted, overwrite=pipe.overwrite or not interrupted and ours)
         elif hasattr(settings, "overwrite"):
             settings = dataclasses.replace(settings, overwrite=pipe.overwrite or ours)
+        if stale:
+            print(f"[pipeline] {name}: the stopped run in {out} was trained from other inputs (differ in: "
+                  f"{', '.join(stale)}); starting it over.")
         print(f"[pipeline] {name}: {'resuming' if interrupted else 'running'} -> {out}")
         outcome = run_stage(name, settings)
         if name == REPORTED:

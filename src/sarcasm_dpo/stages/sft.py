@@ -109,12 +109,13 @@ def run(settings, extra_callbacks=()) -> dict:
     # Setup. Every check on the input runs before the output folder is touched, so a run refused
     # for any reason leaves a previous result in --output_dir byte for byte as it was.
     data = SFTData(*load_data(s))  # a wrong path fails in a second, before any model is loaded
-    finished = finished_record(ctx.out, s, SUMMARY_FILE) is not None
+    ctx.inputs = inputs_of(s)
+    finished = finished_record(ctx.out, s, SUMMARY_FILE, ctx.inputs) is not None
     if s.resume and finished:
         if ctx.main:
             print(f"{ctx.out} already holds the finished run of these settings; nothing to resume.")
         return read_json(ctx.out / SUMMARY_FILE)
-    ctx.resume_from = plan_run_dir(ctx.out, s, finished=finished, state_file=STATE_FILE)
+    ctx.resume_from = plan_run_dir(ctx.out, s, finished=finished, state_file=STATE_FILE, inputs=ctx.inputs)
 
     import transformers
 
@@ -145,7 +146,7 @@ def run(settings, extra_callbacks=()) -> dict:
             if ctx.main:
                 write_json(folder / SUMMARY_FILE, summary)
                 finish_output_dir(folder, ctx.config, {"best_epoch": summary["best_epoch"],
-                                                       "best_f1": summary["best_val"]["f1"]})
+                                                       "best_f1": summary["best_val"]["f1"], "inputs": ctx.inputs})
         barrier()  # the other processes end when the outputs are in place
 
         ctx.tracker.log_image("sft/training_curves", ctx.out / CURVES_FILE)
@@ -192,7 +193,7 @@ def fit(ctx: RunContext, model, tokenizer, train_ds, data: SFTData, extra_callba
         trainer = build_trainer(sized, current, tokenizer, train_ds, out / CHECKPOINTS, callbacks)
         current = trainer.model
         if not claimed:
-            claim_run_dir(out, s, resume_from)
+            claim_run_dir(out, s, resume_from, ctx.inputs)
             claimed = True
         if main:
             print(describe_start(sized, data, base.device, parameter_counts(trainer.model), resume_from))
@@ -228,6 +229,14 @@ def save_outputs(ctx: RunContext, trained: Trained, tokenizer, data: SFTData, fo
 
 
 # -- setup -------------------------------------------------------------------------------------------
+
+
+def inputs_of(s) -> dict[str, str]:
+    """The checksums of the splits SFT reads: a finished (or stopped) run on other data is not this run's,
+    though its settings, which name the files by path, are the same (the pipeline re-split, say)."""
+    from ..rundir import input_identity
+
+    return input_identity({"train_csv": s.train_csv, "val_csv": s.val_csv})
 
 
 def load_data(s):

@@ -123,7 +123,8 @@ def sweep_betas(s, dpo, runs: list, group: str | None, started: float) -> dict:
         tracker.log_image("beta_sweep/plot", out / SWEEP_PLOT)
         tracker.log_summary({"best_beta": best["beta"], "best_val_f1": best["val_f1"],
                              "best_output_dir": best["output_dir"]})
-    finish_output_dir(out, config, {"best_beta": best["beta"], "best_output_dir": best["output_dir"]})
+    finish_output_dir(out, config, {"best_beta": best["beta"], "best_output_dir": best["output_dir"],
+                                    "inputs": dpo.inputs_of(s)})
     print(f"[beta sweep] best beta by {dpo.PRIMARY} {s.select_by}: {beta_name(best['beta'])} "
           f"({dpo.fmt(best['val_score'])}; F1 {best['val_f1']:.3f}, final KL "
           f"{dpo.fmt(best['final_kl'])}); model in {best['output_dir']} (adapter also copied to {out}). "
@@ -139,9 +140,9 @@ def plan_beta(sub, dpo) -> bool:
     UserError where it would refuse."""
     from ..training.checkpoints import plan_run_dir
 
-    if dpo.finished_with(Path(sub.output_dir), dataclasses.asdict(sub), Path(sub.sft_model)):
+    if dpo.finished_with(Path(sub.output_dir), sub):
         return True
-    plan_run_dir(Path(sub.output_dir), sub, finished=False, state_file=dpo.STATE_FILE)
+    plan_run_dir(Path(sub.output_dir), sub, finished=False, state_file=dpo.STATE_FILE, inputs=dpo.inputs_of(sub))
     return False
 
 

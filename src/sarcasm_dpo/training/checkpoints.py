@@ -29,6 +29,7 @@ from .distributed import barrier, is_main_process
 
 CHECKPOINTS = "checkpoints"  # in the output folder
 RUN_CONFIG = "run_config.json"  # in checkpoints/: whose checkpoints these are
+RUN_INPUTS = "run_inputs.json"  # in checkpoints/: the checksums of the data and adapter they were trained from
 BEST_FILE = "validation_best_adapter.safetensors"  # in each checkpoint: the best adapter so far
 TRAINER_STATE = "trainer_state.json"  # in each checkpoint: the Trainer's step, epoch and log history
 # Settings that may change between an interrupted run and its --resume without changing the math.
@@ -54,13 +55,14 @@ def latest_checkpoint(ckpt_dir: Path, state_file: str) -> Path | None:
     return found[-1] if found else None
 
 
-def finished_record(out: Path, config, summary_file: str) -> dict | None:
+def finished_record(out: Path, config, summary_file: str, inputs: dict | None = None) -> dict | None:
     """The completion record of `out` when it holds the finished run of these settings (a settings
-    dataclass or dict, compared by atomic.settings_differences), else None."""
-    from ..atomic import DamagedRecord, read_complete, read_json, settings_differences
+    dataclass or dict, compared by atomic.settings_differences) and of these `inputs` (checksums of the
+    data and adapter read, by atomic.input_differences), else None."""
+    from ..atomic import DamagedRecord, input_differences, read_complete, read_json, settings_differences
 
     record = read_complete(out)
-    if record and not settings_differences(record, config) \
+    if record and not settings_differences(record, config) and not input_differences(record, inputs) \
             and (out / summary_file).is_file() and not interrupted_run(out):  # a newer run stopped: not this record's
         try:  # what --resume of a finished run returns, and a beta sweep reuses: it must read back
             read_json(out / summary_file, expect=dict)
@@ -72,12 +74,14 @@ def finished_record(out: Path, config, summary_file: str) -> dict | None:
     return None
 
 
-def plan_run_dir(out: Path, s, *, finished: bool, state_file: str) -> Path | None:
+def plan_run_dir(out: Path, s, *, finished: bool, state_file: str, inputs: dict | None = None) -> Path | None:
     """Read-only: may this run use the output folder, and which checkpoint does it continue from?
 
-    A folder with another run's results is refused unless --overwrite (check_output_dir). Old
-    checkpoints are never silently reused nor silently thrown away: without --resume they are an
-    error, unless --overwrite says to start over. Nothing is changed here (see claim_run_dir).
+    A folder with another run's results (other settings, or other `inputs`: checksums of the data and
+    adapter it read) is refused unless --overwrite (check_output_dir). Old checkpoints are never
+    silently reused nor silently thrown away: without --resume they are an error, unless --overwrite
+    says to start over; checkpoints trained from other settings or other data cannot be resumed.
+    Nothing is changed here (see claim_run_dir).
     `finished`: the folder holds the finished run of these settings (each stage knows what that takes).
     """
     from ..atomic import check_output_dir, read_json, settings_differences
@@ -89,22 +93,38 @@ def plan_run_dir(out: Path, s, *, finished: bool, state_file: str) -> Path | Non
     if latest is not None and not s.resume and not s.overwrite:  # say so first: --resume is the likely wish
         raise UserError(f"{ckpt_dir} holds checkpoints of an unfinished run. Pass --resume to continue it, "
                         "or --overwrite to start over.")
-    check_output_dir(out, s, overwrite=s.overwrite, resume=resume_from is not None)
+    check_output_dir(out, s, overwrite=s.overwrite, resume=resume_from is not None, inputs=inputs)
     if resume_from is not None:
         run_config = ckpt_dir / RUN_CONFIG
         fix = (f"It records the settings the checkpoints in {ckpt_dir} were made with; without it they cannot be "
                f"checked against this run's. {START_OVER.format(ckpt_dir=ckpt_dir)}")
         had = read_json(run_config, fix, expect=dict) if run_config.is_file() else {}
         diff = settings_differences({"config": had}, s, ignore_keys=RESUME_NEUTRAL)
+        diff += checkpoint_input_differences(out, inputs)
         if diff:
-            raise UserError(f"The checkpoints in {ckpt_dir} were made with other settings (differ in: "
+            raise UserError(f"The checkpoints in {ckpt_dir} were made with other settings or data (differ in: "
                             f"{', '.join(diff)}). Resume with the same settings, or pass --overwrite "
                             "without --resume to start over.")
         check_checkpoint(resume_from, state_file)
     return resume_from
 
 
-def claim_run_dir(out: Path, s, resume_from: Path | None) -> None:
+def checkpoint_input_differences(out: Path, inputs: dict | None) -> list[str]:
+    """The inputs (data files, adapter: by checksum) in which this run differs from what the checkpoints in
+    `out` were trained from. Checkpoints of a version that did not record them are compared on settings only."""
+    from ..atomic import DamagedRecord, input_differences, read_json
+
+    recorded = out / CHECKPOINTS / RUN_INPUTS
+    if inputs is None or not recorded.is_file():
+        return []
+    try:
+        had = read_json(recorded, expect=dict)
+    except DamagedRecord:
+        return [f"input record {recorded.name} (unreadable)"]
+    return input_differences({"inputs": had}, inputs)
+
+
+def claim_run_dir(out: Path, s, resume_from: Path | None, inputs: dict | None = None) -> None:
     """Take the folder over once every check passed: stale checkpoints gone, the settings recorded beside
     the checkpoints. The previous run's files and COMPLETE.json stay until this run's outputs start to
     land (save_adapter clears the marker), so a run that fails while training (out of memory, a full
@@ -118,13 +138,15 @@ def claim_run_dir(out: Path, s, resume_from: Path | None) -> None:
         ckpt_dir = out / CHECKPOINTS
         if s.resume and resume_from is None:
             print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the beginning.")
-        check_output_dir(out, s, overwrite=s.overwrite, resume=resume_from is not None)
+        check_output_dir(out, s, overwrite=s.overwrite, resume=resume_from is not None, inputs=inputs)
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
             print(f"Resuming from {resume_from}.")
         elif ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)  # --overwrite, or leftovers with no complete checkpoint to resume from
         write_json(ckpt_dir / RUN_CONFIG, settings_and_defaults(s)[0])
+        if inputs is not None:
+            write_json(ckpt_dir / RUN_INPUTS, inputs)
     barrier()
 
 
