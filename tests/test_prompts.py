@@ -133,3 +133,46 @@ def test_a_pair_over_budget_without_its_text_is_refused(tok):
     pairs = build_pairs(frame, tok, "label", 42, 256).drop(columns=["text"])
     with pytest.raises(UserError, match="carries no text to cut"):
         fit_pairs(pairs, tok, 256, max_length=80)
+
+
+def _tokens(tok, text: str) -> int:
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_the_prompt_fits_whenever_there_is_room_and_the_raise_named_is_enough(tok):
+    """At every --max_length around the boundary: a prompt that can fit (its text cut to one token and " ...")
+    does, as long as it can be; one that cannot names a positive raise after which every text fits."""
+    from sarcasm_dpo.prompts import build_prompts
+
+    texts = ["the train is late again " * 20, "Oh great, rain again.", "x", "evidence argument " * 50]
+    long = [t for t in texts if _tokens(tok, build_prompt(tok, t, 32)) > 36]
+    shortest = max(_tokens(tok, build_prompt(tok, t, 1)) for t in long)  # what the tightest text needs at least
+    assert shortest > _tokens(tok, build_prompt(tok, "", 1))  # more than the frame alone (the old `need`)
+    for room in range(shortest - 4, shortest + 4):
+        if room < shortest:
+            with pytest.raises(UserError, match=rf"needs {shortest} tokens, and {room} are left .* by at least "
+                                                rf"{shortest - room}\.$"):
+                build_prompts(tok, texts, 32, room=room)
+            room += shortest - room  # the raise it named
+        prompts = build_prompts(tok, texts, 32, room=room)
+        for text, prompt in zip(texts, prompts):
+            assert _tokens(tok, prompt) <= room
+            if prompt != build_prompt(tok, text, 32):  # cut: to the most text tokens that fit
+                kept = max(b for b in range(1, 33) if build_prompt(tok, text, b) == prompt)  # (cuts can coincide)
+                assert _tokens(tok, build_prompt(tok, text, kept + 1)) > room
+
+
+def test_sft_names_a_max_length_that_then_works(tok):
+    """The tester's case through SFT's dataset: --max_text_tokens 32, --max_length just under what fits."""
+    import pandas as pd
+
+    from sarcasm_dpo.prompts import answer_length
+    from sarcasm_dpo.stages import sft
+
+    frame = pd.DataFrame({"text": ["the train is late again " * 20, "Oh great, rain again."], "label": [1, 0]})
+    answer = max(answer_length(tok, w) for w in ("Yes", "No"))
+    fits = answer + max(_tokens(tok, build_prompt(tok, t, 1)) for t in frame["text"])  # the least --max_length
+    for max_length in (fits - 3, fits - 1):
+        with pytest.raises(UserError, match=rf"Raise --max_length \(default 512\) by at least {fits - max_length}\."):
+            sft.build_dataset(tok, frame, max_text_tokens=32, max_length=max_length)
+    assert len(sft.build_dataset(tok, frame, max_text_tokens=32, max_length=fits)) == 2

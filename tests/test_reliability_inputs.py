@@ -331,7 +331,8 @@ def test_the_same_folder_spelled_another_way_is_the_same_run(env, tmp_path, caps
 def test_config_values_of_the_wrong_kind_are_refused(env, tmp_path, capsys):
     for body, words in (("sft:\n  sample_size: true\n", "'sample_size' expects int, got True"),
                         ("sft:\n  output_dir: {a: 1}\n", "'output_dir' expects str"),
-                        ("sft:\n  output_dir: ''\n", "output_dir is empty")):
+                        ("sft:\n  output_dir: ''\n", "output_dir is empty"),
+                        ('sft:\n  output_dir: "models/sft\\n"\n', "holds a control character")):
         config = tmp_path / "c.yaml"
         config.write_text(body)
         argv = [a for a in sft(env, tmp_path / "o") if a not in ("--output_dir", str(tmp_path / "o"))]

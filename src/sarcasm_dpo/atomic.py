@@ -3,6 +3,11 @@
 Every output goes to a temporary file in the same folder, is flushed to disk, then renamed over
 the target (rename is atomic on POSIX and Windows within one filesystem). A run killed mid-write
 leaves at most a `.tmp-*` file that nothing reads.
+
+A stage's folder is finished when its COMPLETE.json is there (`finish_output_dir`, written last). The
+marker lists the files the folder held then, with their sizes, so a finished folder that later lost one
+(an interrupted copy, a file removed by hand) is told from a whole one: `missing_outputs(folder)`, and
+`require_whole(folder)`, which every reader of a finished run folder calls before it reads.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -301,14 +307,128 @@ def prepare_output_dir(folder: str | os.PathLike, config: Any, overwrite: bool =
 
 
 def finish_output_dir(folder: str | os.PathLike, config: Any, extra: dict | None = None) -> Path:
-    """Write the completion marker last: the folder now holds a whole, matching set of outputs."""
+    """Write the completion marker last: the folder now holds a whole, matching set of outputs.
+
+    The marker lists those outputs ("files": {name: size}), so a reader can tell later that the folder still
+    holds them all (`missing_outputs`): a marker alone says the run finished, not that every file survived a copy."""
     import time
 
     config = settings_and_defaults(config)[0]
     info = {"config": config, "config_fingerprint": config_fingerprint(config),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     info.update(extra or {})
+    info["files"] = output_files(folder)
     return mark_complete(folder, info)
+
+
+# -- is a finished folder still whole? -----------------------------------------------------------------
+
+
+def output_files(folder: str | os.PathLike) -> dict[str, int]:
+    """{name: size in bytes} of a stage's own outputs in `folder`: the files directly in it. Hidden entries
+    (locks, `.tmp-*` files of killed writes) are no one's output, and folders (checkpoints, another stage's
+    output nested in this one) are not this stage's files; the marker itself is written after the list."""
+    out = {}
+    if not Path(folder).is_dir():  # a marker may be its folder's only file (mine's): the folder comes with it
+        return out
+    for entry in sorted(Path(folder).iterdir()):
+        if entry.name.startswith(".") or entry.name == COMPLETE_MARKER or not entry.is_file():
+            continue
+        out[entry.name] = entry.stat().st_size
+    return out
+
+
+class IncompleteOutputs(DamagedRecord):
+    """A folder whose COMPLETE.json says its run finished, but some file the run left there is gone (an
+    interrupted copy, a file removed by hand). Its other files would be read with
+    defaults where the missing ones belong (the training length, the threshold), so every reader of a finished
+    folder refuses it (`require_whole`). A DamagedRecord, so that whoever reruns a stage whose records are
+    damaged (the pipeline) reruns this one too: `path` is the folder, `problem` says which files."""
+
+    def __init__(self, folder: Path, missing: list[tuple[str, str]], stage: str | None):
+        self.missing = [name for name, _ in missing]
+        listed = ", ".join(f"{name} ({why})" for name, why in missing)
+        rerun = (f"run `sarcasm-dpo {stage}` again into it (the same settings redo the run)" if stage
+                 else "run the stage that wrote it again")
+        one = len(missing) == 1
+        problem = (f"its COMPLETE.json says the run finished, but {'a file' if one else 'files'} the run left there "
+                   f"{'is' if one else 'are'} gone: {listed}")
+        fix = (f"Nothing reads the folder without {'it' if one else 'them'} (defaults would stand in for what "
+               f"{'it records' if one else 'they record'}). Copy the whole folder again from where it was made, "
+               f"or {rerun}.")
+        UserError.__init__(self, f"{folder} is incomplete: {problem}. {fix}")
+        self.path, self.problem, self.fix = folder, problem, fix
+
+
+def missing_outputs(folder: str | os.PathLike) -> list[str]:
+    """Names of the files a finished folder should hold and does not (gone, or no longer a file); [] when it
+    holds them all, and when it has no COMPLETE.json (not finished: nothing to check).
+
+    The one rule for "a finished folder is whole": every reader of a finished run folder (require_whole), and
+    the pipeline before it skips a finished stage, ask it."""
+    return [name for name, _ in _missing(Path(folder), read_complete(folder))]
+
+
+def incomplete_outputs(folder: str | os.PathLike, stage: str | None = None) -> IncompleteOutputs | None:
+    """The error `require_whole` raises for `folder`, or None when it is whole (or not finished). `stage`:
+    the stage that writes such folders, where the caller knows it better than the record does."""
+    folder = Path(folder)
+    record = read_complete(folder)
+    missing = _missing(folder, record)
+    if not missing:
+        return None
+    return IncompleteOutputs(folder, missing, stage or _stage_of(record))
+
+
+def require_whole(folder: str | os.PathLike, stage: str | None = None) -> None:
+    """Refuse a finished folder that lacks one of its files (missing_outputs), naming them and what to do."""
+    error = incomplete_outputs(folder, stage)
+    if error is not None:
+        raise error
+
+
+def _missing(folder: Path, record: dict | None) -> list[tuple[str, str]]:
+    """[(name, why)] of the outputs the completion `record` of `folder` accounts for that are not as it says."""
+    if record is None:
+        return []
+    listed = record.get("files")
+    if not isinstance(listed, dict):  # a marker from before the list: the files such a run always wrote
+        return [(name, "missing") for name in _legacy_expected(folder, record)]
+    # Presence only; the sizes are recorded for people and tools comparing copies. A file of another size is
+    # not refused here: editing a record by hand (threshold.json) is the user's right, and one cut short by a
+    # copy is refused, with what is wrong with it, by its own reader (read_json, check_safetensors).
+    missing = []
+    for name in listed:
+        try:
+            found = (folder / name).stat()  # through a link, as the readers open it
+        except OSError:
+            missing.append((name, "missing"))
+            continue
+        if not stat.S_ISREG(found.st_mode):
+            missing.append((name, "not a file"))
+    return missing
+
+
+# A training stage's markers (sft, dpo, a beta sweep) carry its best validation score; those of older versions
+# list no files, but such a folder always held an adapter (its run record is checked by its reader,
+# models.recorded_run).
+_TRAINING_MARKER_KEYS = ("best_f1", "best_epoch", "best_step", "best_beta")
+
+
+def _legacy_expected(folder: Path, record: dict) -> list[str]:
+    """The adapter files missing from a folder whose marker lists none (written by an older version)."""
+    if not ((folder / "adapter_config.json").is_file() or any(k in record for k in _TRAINING_MARKER_KEYS)):
+        return []  # nothing says what this folder held: it cannot be checked
+    missing = [name for name in ("adapter_config.json",) if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        missing.append("adapter_model.safetensors")
+    return missing
+
+
+def _stage_of(record: dict | None) -> str | None:
+    """The stage that wrote a finished folder, for the message: the "stage" its marker records."""
+    stage = (record or {}).get("stage")
+    return stage if isinstance(stage, str) else None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -27,7 +27,7 @@ import sys
 import threading
 
 from . import __version__
-from .config import add_arguments, from_namespace
+from .config import add_arguments, from_namespace, whole_number_flag
 from .errors import UserError, describe_failure, note_paths
 from .stages import STAGES, settings_classes
 
@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", default=None, help="Base model: hub id, folder or .gguf (empty: the adapter's base).")
     predict.add_argument("--adapter", default=None, help="LoRA adapter folder (from sft or dpo).")
     predict.add_argument("--input", default=None, help="Text file (one text per line), or CSV/TSV/JSON/JSONL with a text (or tweet) column; stdin if absent.")
-    predict.add_argument("--batch_size", type=int, default=16, help="Texts per forward pass.")
-    predict.add_argument("--max_text_tokens", type=int, default=None,
+    predict.add_argument("--batch_size", type=whole_number_flag("batch_size"), default=16,
+                         help="Texts per forward pass.")
+    predict.add_argument("--max_text_tokens", type=whole_number_flag("max_text_tokens"), default=None,
                          help="Texts are cut to this many tokens inside the prompt (empty: the length the model "
                               "was trained and validated with, as its run or export records it, else 256).")
     predict.add_argument("--threshold", type=float, default=None,
@@ -159,6 +160,8 @@ def interrupt_message(args: argparse.Namespace, argv: list[str], exc: KeyboardIn
     if _drives(args):
         return (f"Interrupted by {name}. Re-run the same command; finished stages are skipped and an interrupted "
                 f"training stage resumes from its newest checkpoint: {again}")
+    if args.command == "predict":  # it writes no files; what its rows on stdout hold, it said itself
+        return f"Interrupted by {name}. Re-run: {again}"
     return f"Interrupted by {name}. Files already written are whole (each is written atomically); re-run: {again}"
 
 

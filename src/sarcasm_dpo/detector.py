@@ -9,7 +9,9 @@
 run that made the model recorded: the threshold chosen on validation, and the text length the model
 was trained and validated with, so that a text gets the prompt its threshold was chosen on (a model
 trained at 128 tokens and scored at 256 sees long texts it never saw, at a threshold chosen
-without them).
+without them). What the run recorded is never replaced by a default in silence: an adapter or export
+folder whose COMPLETE.json lists a file it no longer holds, an export that never finished, and a run
+record of the wrong shape are errors that say what to do.
 """
 
 from __future__ import annotations
@@ -31,13 +33,55 @@ def default_text_tokens() -> int:
     return default_of(Common, "max_text_tokens")
 
 
-def _export_info(model: str | None) -> dict | None:
-    """An exported model folder's record (`sarcasm-dpo export`), or None for anything else."""
-    info = Path(model or "") / EXPORT_INFO
-    if not model or not info.is_file():
-        return None
-    from .atomic import read_json
+def _local_folder(model: str | os.PathLike | None) -> Path | None:
+    """`model` as a local folder, or None for a hub id, a .gguf file or nothing."""
+    folder = Path(os.path.expanduser(str(model))) if model else None
+    return folder if folder is not None and folder.is_dir() else None
 
+
+def _export_stage(folder: Path) -> str | None:
+    """The stage to name for a folder `sarcasm-dpo export` wrote (its record there, or in the marker's file list);
+    None for another folder (atomic then names the stage from the folder's records)."""
+    from .atomic import read_complete
+
+    listed = (read_complete(folder) or {}).get("files")
+    return "export" if (folder / EXPORT_INFO).is_file() or (isinstance(listed, dict) and EXPORT_INFO in listed) \
+        else None
+
+
+def check_model_folder(model: str | os.PathLike | None) -> None:
+    """Refuse a local model folder of ours that is not whole, before it is used (predict, the detector, compare's
+    --model, export's --base_model): an export that never finished (sarcasm_dpo.json but no COMPLETE.json: an
+    older version stopped while writing into the folder itself) has weights without the threshold and length
+    they go with; a finished folder that lost a file (atomic.require_whole) is as incomplete. A plain model
+    folder (transformers' save_pretrained) has neither and is used as it is."""
+    from .atomic import read_complete, require_whole
+
+    folder = _local_folder(model)
+    if folder is None:
+        return
+    if read_complete(folder) is None:
+        if (folder / EXPORT_INFO).is_file():
+            raise UserError(f"{folder} is an export that never finished: it holds {EXPORT_INFO} but no COMPLETE.json "
+                            "(the export stopped while writing it), so its weights, threshold and model card may "
+                            "not belong together. Run `sarcasm-dpo export` again into it (it replaces the folder "
+                            "whole).")
+        return
+    require_whole(folder, stage=_export_stage(folder))
+
+
+def _export_info(model: str | None) -> dict | None:
+    """An exported model folder's record (`sarcasm-dpo export`), or None for anything else. A finished folder
+    that lost a file is refused here too (the record may be the file it lost)."""
+    folder = _local_folder(model)
+    if folder is None:
+        return None
+    from .atomic import read_json, require_whole
+
+    require_whole(folder, stage=_export_stage(folder))
+    info = folder / EXPORT_INFO
+    if not info.is_file():
+        return None
     return read_json(info, fix="Export the model again, or pass --threshold and --max_text_tokens.", expect=dict)
 
 
@@ -73,11 +117,11 @@ def recorded_threshold(model: str | None, adapter: str | None = None) -> float:
 def recorded_text_tokens(model: str | None, adapter: str | None = None) -> int | None:
     """The text length the model was trained with, as its run recorded it: the adapter's run record, else
     an export's (`max_text_tokens`, or the training settings it keeps); None when nothing says."""
-    from .rundir import recorded_settings
+    from .models import run_settings
 
     candidates = []
-    if adapter:  # a damaged run record is an error here: without it the length would silently be the default
-        candidates.append((recorded_settings(adapter, strict=True).get("max_text_tokens"), f"{adapter}'s run record"))
+    if adapter:  # a damaged or missing run record is an error: without it the length would silently be the default
+        candidates.append((run_settings(adapter).get("max_text_tokens"), f"{adapter}'s run record"))
     info = _export_info(model)
     if info is not None:
         training = info.get("training_config") if isinstance(info.get("training_config"), dict) else {}
@@ -106,7 +150,8 @@ class SarcasmDetector:
         from .scoring import Scorer
         from .settings import check_scoring_args
 
-        check_scoring_args(batch_size, max_text_tokens, threshold)
+        # numpy scalars become the Python numbers they hold (a float32 threshold from an array, say)
+        batch_size, max_text_tokens, threshold = check_scoring_args(batch_size, max_text_tokens, threshold)
         self.threshold = float(threshold)
         self.max_text_tokens = max_text_tokens or default_text_tokens()
         self.scorer = Scorer(model, tokenizer, batch_size=batch_size, max_text_tokens=self.max_text_tokens)
@@ -120,11 +165,17 @@ class SarcasmDetector:
         the settings' default)."""
         from .atomic import read_complete
         from .model_route import route_model
-        from .models import adapter_base_model, load_model, pick_device
+        from .models import adapter_base_model, check_adapter_dir, load_model, pick_device
         from .settings import check_predict_args
 
         check_predict_args(model=model, adapter=adapter, batch_size=batch_size, max_text_tokens=max_text_tokens,
                            device=device, threshold=threshold)  # every rule on these values lives in settings.py
+        # `~` as every path setting of the stages has it (config.normalise_paths): here for Python callers
+        model, adapter = (os.path.expanduser(os.fspath(p)) if p else p for p in (model, adapter))
+        # Before their records are read: a folder that is not whole is refused, not read with defaults.
+        check_model_folder(model)
+        if adapter:
+            check_adapter_dir(adapter)
         refuse_adapter_on_export(model, adapter)
         if threshold is None:
             threshold = recorded_threshold(model, adapter)

@@ -234,15 +234,57 @@ def drop_gguf_tag(model):
     return model
 
 
+# What to do about a run record that is there but does not say what a run record says.
+RECORD_FIX = "It records the settings the model was trained with: copy the folder again, or train again."
+# Settings a run record names files or models by: text (a path or hub id) or null, never another JSON type.
+_RECORDED_NAMES = ("model", "train_csv", "val_csv", "sft_model", "preference_data")
+
+
+def recorded_run(folder: str | os.PathLike) -> tuple[Path, dict] | None:
+    """(path, contents) of the run record of an adapter folder (rundir.run_record), or None where a folder that
+    is not a finished run has none (an adapter from elsewhere, which readers use with their defaults).
+
+    The one reader of run records for everything that uses what they hold: a record that does not read back,
+    a "config" that is not an object of settings, or a model or data path that is not text is an error naming
+    the file; so is a finished folder without its record (atomic.require_whole). Never defaults in silence."""
+    from .atomic import DamagedRecord, _json_type, read_complete, require_whole
+    from .rundir import RUN_RECORD, run_record
+
+    found = run_record(folder, strict=True)
+    if found is None:
+        require_whole(folder)  # finished, yet its record is gone: not the defaults of an adapter from elsewhere
+        if read_complete(folder) is not None:  # a marker of an older version, which lists no files
+            raise UserError(f"{folder} holds a finished run of ours, but its run record ({RUN_RECORD} or "
+                            f"*_{RUN_RECORD}) is gone. {RECORD_FIX}")
+        return None
+    path, record = found
+    config = record.get("config", {})
+    if not isinstance(config, dict):
+        raise DamagedRecord(path, f'its "config" holds JSON {_json_type(config)} where an object of settings '
+                                  "belongs", RECORD_FIX)
+    for key in _RECORDED_NAMES:
+        value = config.get(key)
+        if value is not None and not isinstance(value, str):
+            raise DamagedRecord(path, f"its config.{key} holds JSON {_json_type(value)} where a path or model name "
+                                      "(text) belongs", RECORD_FIX)
+    return path, record
+
+
+def run_settings(folder: str | os.PathLike) -> dict:
+    """The settings the run that wrote an adapter folder recorded ({} for an adapter with no run record that is
+    not a finished run of ours); every rule of `recorded_run` applies."""
+    found = recorded_run(folder)
+    return dict(found[1].get("config") or {}) if found else {}
+
+
 def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
     """The base model an adapter folder was trained on: our run record first, then PEFT's config."""
-    from .rundir import recorded_settings, run_record
-
     adapter_dir = Path(adapter_dir)
     check_adapter_dir(adapter_dir)
-    model = recorded_settings(adapter_dir).get("model")
+    found = recorded_run(adapter_dir)
+    model = ((found[1].get("config") or {}) if found else {}).get("model")
     if model:
-        _check_recorded_path(model, run_record(adapter_dir)[0])
+        _check_recorded_path(model, found[0])
         return model
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = cfg.get("base_model_name_or_path")
@@ -274,7 +316,10 @@ def check_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
                         "`sarcasm-dpo sft` or `sarcasm-dpo dpo`.")
     if not adapter_dir.is_dir():
         raise UserError(f"Adapter folder not found: {adapter_dir}. Train it first (sarcasm-dpo sft / dpo) or fix the path.")
+    from .atomic import require_whole
+
     if not (adapter_dir / "adapter_config.json").is_file():
+        require_whole(adapter_dir)  # a finished run's folder that lost it: named as such, with all it lacks
         found = sorted(p.name for p in adapter_dir.iterdir())[:10]
         raise UserError(
             f"{adapter_dir} holds no LoRA adapter (no adapter_config.json; found: {', '.join(found) or 'nothing'}). "
@@ -298,6 +343,9 @@ def check_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
         found = sorted(p.name for p in adapter_dir.iterdir())[:10]
         raise UserError(f"{adapter_dir} holds an adapter config but no adapter weights (no adapter_model.safetensors; "
                         f"found: {', '.join(found)}): an interrupted copy? Copy the folder again or retrain the adapter.")
+    # The adapter itself is whole (the checks above name what is wrong with it); a finished folder must also
+    # hold the rest of what its run left (threshold.json, the run record), or those would be read as defaults.
+    require_whole(adapter_dir)
     return adapter_dir
 
 

@@ -62,8 +62,9 @@ def build_prompts(tokenizer, texts, max_text_tokens: int = 256, room=None) -> li
     answer's are set aside (--max_length minus the answer with EOS). The rule, the same in SFT and
     DPO: a prompt over it has its TEXT cut further until it fits, never the question, the template or
     the answer; a trainer would otherwise cut the sequence from the end, i.e. the answer it trains on.
-    Texts that fit (all of them, at the defaults) get exactly the scorer's prompt. When even a
-    one-token text leaves no room, it is a UserError naming how far to raise --max_length.
+    Texts that fit (all of them, at the defaults) get exactly the scorer's prompt. When even the text cut
+    to its first token (and the " ..." that marks a cut) leaves no room, it is a UserError naming how far
+    to raise --max_length for every text to fit.
     """
     texts = [str(t) for t in texts]
     frame = prompt_frame(tokenizer)
@@ -79,25 +80,46 @@ def build_prompts(tokenizer, texts, max_text_tokens: int = 256, room=None) -> li
         return prompts
     rooms = [room] * len(prompts) if isinstance(room, int) else list(room)
     lengths = [len(i) for i in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    return [p if n <= r else _fit_prompt(tokenizer, t, max_text_tokens, r)
-            for p, n, r, t in zip(prompts, lengths, rooms, texts)]
+    out, short = [], []  # short: (tokens the shortest prompt needs, room) of each text that cannot fit
+    for p, n, r, t in zip(prompts, lengths, rooms, texts):
+        fitted = p if n <= r else _fit_prompt(tokenizer, t, max_text_tokens, r)
+        if isinstance(fitted, int):
+            short.append((fitted, r))
+        out.append(fitted)
+    if short:
+        # The text that falls shortest names the raise, so that after it every text fits (raising --max_length
+        # by d gives every prompt d more tokens of room).
+        need, left = max(short, key=lambda item: item[0] - item[1])
+        left_text = (f"{left} are left for the prompt once the answer's are taken" if left >= 0 else
+                     f"the answer alone is {-left} over --max_length")
+        raise UserError(f"--max_length leaves no room for the text: the shortest prompt, with the text cut to its "
+                        f"first token, needs {need} tokens, and {left_text}. Raise --max_length (default 512) by "
+                        f"at least {need - left}.")
+    return out
 
 
-def _fit_prompt(tokenizer, text: str, max_text_tokens: int, room: int) -> str:
-    """The prompt for `text` with the text cut until prompt tokens <= `room` (see `build_prompts`)."""
-    budget = max_text_tokens
-    for _ in range(10):
-        prompt = build_prompt(tokenizer, text, budget)
-        excess = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - room
-        if excess <= 0:
-            return prompt
-        budget -= max(excess, 1)
-        if budget < 1:
-            break
-    need = len(tokenizer(build_prompt(tokenizer, "", 1), add_special_tokens=False)["input_ids"])
-    raise UserError(f"--max_length leaves no room for the text: the prompt around it needs {need} tokens, and "
-                    f"{max(room, 0)} are left for the prompt once the answer's are taken. Raise --max_length "
-                    f"(default 512) by at least {need + 1 - room}.")
+def _fit_prompt(tokenizer, text: str, max_text_tokens: int, room: int) -> str | int:
+    """The prompt for `text` with the text cut to the most tokens that keep prompt tokens <= `room` (see
+    `build_prompts`), or, when even its first token does not fit, the tokens that shortest prompt needs.
+
+    The text is cut by a bisection over how many of its tokens it keeps: cutting adds a " ..." and the
+    prompt is tokenized again, so the prompt's length is not the budget plus a constant, and guessing the
+    budget from the excess can stop short of a fit that exists. Called for prompts over `room` only: the
+    text at min(max_text_tokens, its own length) tokens is known not to fit."""
+    def length(budget: int) -> int:
+        return len(tokenizer(build_prompt(tokenizer, text, budget), add_special_tokens=False)["input_ids"])
+
+    shortest = length(1)
+    if shortest > room:
+        return shortest
+    fits, over = 1, min(max_text_tokens, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    while over - fits > 1:  # length(fits) <= room < length(over)
+        middle = (fits + over) // 2
+        if length(middle) <= room:
+            fits = middle
+        else:
+            over = middle
+    return build_prompt(tokenizer, text, fits)
 
 
 def answer_length(tokenizer, answer: str) -> int:

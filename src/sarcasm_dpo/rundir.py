@@ -340,13 +340,6 @@ def _locked(path: Path) -> bool:
 RUN_RECORD = "training_summary.json"
 
 
-def recorded_settings(folder: str | os.PathLike, strict: bool = False) -> dict:
-    """The settings the run that wrote `folder` recorded in its run record ({} when there are none)."""
-    found = run_record(folder, strict=strict)
-    config = found[1].get("config") if found else None
-    return config if isinstance(config, dict) else {}
-
-
 def run_record(folder: str | os.PathLike, strict: bool = False) -> tuple[Path, dict] | None:
     """(path, contents) of the run record in `folder` (a JSON object), or None if it has none.
 

@@ -2,16 +2,21 @@
 
 Kept free of torch/transformers imports so `sarcasm-dpo --help` and config validation are instant.
 The values actually used are saved beside every output (`training_summary.json` and friends).
+
+Every class derives from `Settings`, whose `__post_init__` puts the path settings in one form however the
+object was made (config.normalise_paths: `~` expanded, empty or blank paths refused), so the CLI, a config
+file and Python code calling a stage agree on where a run reads and writes.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import dataclasses
 from dataclasses import dataclass
 
-from .config import opt
+from .config import normalise_paths, opt
 from .errors import UserError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -48,9 +53,17 @@ def check_device(value: str | None) -> None:
 
 
 def _absolute_if_local(ref: str) -> str:
-    """An existing local file or folder as an absolute path; anything else (a hub id) as it is."""
-    path = os.path.expanduser(str(ref))
-    return os.path.abspath(path) if os.path.exists(path) else ref
+    """An existing local file or folder as an absolute path; anything else (a hub id) as it is (`~` is
+    expanded already: Settings.__post_init__)."""
+    return os.path.abspath(ref) if os.path.exists(ref) else ref
+
+
+class Settings:
+    """The base of every settings dataclass: its path settings in one form from construction on, by whichever
+    route it was made (flags and config files through config.build, or Python), dataclasses.replace included."""
+
+    def __post_init__(self) -> None:
+        normalise_paths(self)
 
 
 # How training keeps its best evaluation (thresholds.selection_score computes each).
@@ -78,7 +91,7 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 
 
 @dataclass
-class Common:
+class Common(Settings):
     """Settings every stage shares."""
 
     seed: int = opt(42, "Random seed for sampling, splits, LoRA init and training order.")
@@ -95,7 +108,7 @@ class Common:
 
 
 @dataclass
-class SplitSettings:
+class SplitSettings(Settings):
     data_dir: str | None = opt(None, "Folder laid out like shared/data (sarcasm_v2/..., isarcasmeval/...); "
                                      "empty = download into the cache on first use.")
     output_dir: str = opt(SPLITS, "Where the split CSV files are written.")
@@ -156,6 +169,7 @@ class SFTSettings(Common):
     overwrite: bool = opt(False, "Replace an output_dir that holds another run's results.")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # The adapter records this as its base model, and later commands (dpo, mine, compare, predict)
         # read it back, maybe from another folder: a local path is kept absolute so it still points there.
         self.model = _absolute_if_local(self.model)
@@ -207,7 +221,8 @@ class DPOSettings(Common):
     output_dir: str = opt("models/dpo_enhanced", "Where the DPO adapter, metrics and plots are written.")
     train_csv: str = opt(f"{SPLITS}/isarcasm_train.csv", "iSarcasmEval training split (preference pairs come from here).")
     val_csv: str = opt(f"{SPLITS}/gen_val.csv", "GEN validation split: F1 here drives early stopping and beta choice.")
-    isarcasm_val_csv: str = opt(f"{SPLITS}/isarcasm_val.csv", "iSarcasmEval validation split, reported beside GEN F1.")
+    isarcasm_val_csv: str = opt(f"{SPLITS}/isarcasm_val.csv", "iSarcasmEval validation split, reported beside GEN F1 "
+                                "(empty = none).", may_be_empty=True)
     preference_data: str | None = opt(None, "Train on these preference pairs (JSON from `sarcasm-dpo mine`) instead of building them.")
     pair_style: str = opt("reasoning", "reasoning: label word plus one sentence of reasoning; label: the label word alone.",
                           choices=["reasoning", "label"])
@@ -305,8 +320,10 @@ class DPOSettings(Common):
 class CompareSettings(Common):
     test_csv: str = opt(f"{SPLITS}/gen_test.csv", "Held-out test split.")
     train_csv: str = opt(f"{SPLITS}/gen_train.csv", "Training split for the TF-IDF baseline (and the leakage check).")
-    sft_model: str = opt("models/sft", "SFT adapter folder.")
-    dpo_model: str = opt("models/dpo_enhanced", "DPO adapter folder.")
+    sft_model: str = opt("models/sft", "SFT adapter folder (none or empty = leave the SFT model out).",
+                         may_be_empty=True)
+    dpo_model: str = opt("models/dpo_enhanced", "DPO adapter folder (none or empty = leave the DPO model out).",
+                         may_be_empty=True)
     model: str | None = opt(None, "Base model (empty = the one the SFT adapter was trained on).")
     sample_size: int | None = opt(None, "Evaluate on a stratified, seeded sample of this many test texts (empty = all).")
     skip_base: bool = opt(False, "Do not evaluate the base model.")
@@ -335,39 +352,54 @@ def check_predict_args(model: str | None, adapter: str | None, batch_size: int, 
     for name, value in (("model", model), ("adapter", adapter), ("device", device)):
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise UserError(f"--{name} must be a path or name (a string), got {value!r}.")
+    for name, value in (("model", model), ("adapter", adapter)):
+        # "" is "not given" (predict's --model: the adapter's base); only spaces is a slip, which would be
+        # looked for as a folder and then on the hub, with an offline hint that misleads.
+        if isinstance(value, str) and value and not value.strip():
+            raise UserError(f"--{name} is blank (only white space): give a path or hub id, or leave it out.")
     if not model and not adapter:
         raise UserError("Give --model (a hub id, folder or .gguf) and/or --adapter (an sft/dpo output folder).")
     check_scoring_args(batch_size, max_text_tokens, threshold)
     check_device(device)
 
 
-def check_scoring_args(batch_size: int, max_text_tokens: int | None, threshold: float | None) -> None:
-    """A detector's numbers, whoever passes them (predict's flags, or Python calling detector.py directly)."""
+def check_scoring_args(batch_size: int, max_text_tokens: int | None,
+                       threshold: float | None) -> tuple[int, int | None, float | None]:
+    """A detector's numbers, whoever passes them (predict's flags, or Python calling detector.py directly);
+    returns them as Python numbers. Integers and reals by kind (numbers.Integral / numbers.Real), so numpy
+    scalars count as what they hold (np.int64(4), np.float32(0.3)); true/false never does. A float count (4.0)
+    is refused here: Python callers pass counts as integers, and the detector uses the value as given."""
+    counts = []
     for name, value in (("batch_size", batch_size), ("max_text_tokens", max_text_tokens)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             raise UserError(f"--{name} must be a positive whole number, got {value!r}.")
+        counts.append(None if value is None else int(value))
+    batch_size, max_text_tokens = counts
     check_positive("batch_size", batch_size, allow_none=False)
     check_positive("max_text_tokens", max_text_tokens)
     if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
             raise UserError(f"--threshold must be a number in [0, 1], got {threshold!r}.")
+        threshold = float(threshold)
         check_threshold(threshold)
+    return batch_size, max_text_tokens, threshold
 
 
 @dataclass
-class PipelineSettings:
+class PipelineSettings(Settings):
     data_dir: str | None = opt(None, "Offline data folder laid out like shared/data (empty = download on first use).")
     force: bool = opt(False, "Redo every stage even when its outputs are complete and match the config.")
     mine: bool = opt(False, "Train DPO on pairs mined from the SFT model's mistakes instead of all pairs.")
     set: list[str] = opt([], "SECTION.KEY=VALUE: set one stage's setting as the config file would "
-                             "(e.g. sft.sample_size=64, or seed=1 for every stage); repeatable.")
+                             "(e.g. sft.sample_size=64); KEY=VALUE sets it for every stage, over the file's "
+                             "sections too (e.g. lr=1e-5); a text setting takes the text as typed; repeatable.")
     overwrite: bool = opt(False, "Let stages write into output folders holding files that no run of theirs wrote.")
     wandb_project: str = opt(DEFAULT_PROJECT, "Weights & Biases project name.")
     no_wandb: bool = opt(False, "Turn Weights & Biases logging off.")
 
 
 @dataclass
-class ExportSettings:
+class ExportSettings(Settings):
     adapter: str = opt("models/dpo_enhanced", "LoRA adapter folder to export (from sft or dpo).")
     output_dir: str = opt("exported", "Where the merged model, tokenizer, sarcasm_dpo.json and README.md go.")
     base_model: str | None = opt(None, "Base model to merge into (empty = the one the adapter was trained on).")

@@ -208,13 +208,16 @@ def write_threshold(folder: str | Path, record: dict) -> Path:
 
 
 def read_threshold(folder: str | Path | None) -> dict | None:
-    """The threshold record in a model folder, None when there is none; a damaged one is a UserError."""
+    """The threshold record in a model folder, None when there is none; a damaged one is a UserError, and so
+    is none in a finished folder that held one (atomic.require_whole): 0.5 in its place would change labels."""
     if not folder:
         return None
     path = Path(folder) / THRESHOLD_FILE
+    from .atomic import read_json, require_whole
+
     if not path.is_file():
+        require_whole(folder)
         return None
-    from .atomic import read_json
 
     return _checked(read_json(path, fix=_DAMAGED), path)
 

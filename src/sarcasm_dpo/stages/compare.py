@@ -28,12 +28,16 @@ COMPLETE.json last. They are written into a staging folder beside it and swapped
 end, so a comparison that fails leaves the previous one as it was. The output folder follows every
 stage's rule: empty, or holding a finished comparison of the same settings and inputs (test and
 train files, adapters, by checksum), is (re)written; anything else only with --overwrite.
+
+Whoever reads model_comparison_results.json back (the pipeline's closing lines, export's model card)
+checks it with `check_results_record` first: valid JSON of the wrong shape is named field by field.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import time
@@ -187,7 +191,7 @@ def resolve_adapters(s: CompareSettings) -> dict[str, Path]:
 
 def warn_if_dpo_from_other_sft(dpo_dir: Path, sft_dir: Path) -> None:
     """DPO starts from an SFT adapter; comparing it against a different SFT run would mislead."""
-    trained_from = rundir.recorded_settings(dpo_dir).get("sft_model")
+    trained_from = models.run_settings(dpo_dir).get("sft_model")
     if trained_from and Path(trained_from).resolve() != sft_dir.resolve():
         print(f"Warning: the DPO adapter in {dpo_dir} was trained from {trained_from}, not from {sft_dir}; "
               "the DPO-vs-SFT numbers compare two unrelated runs.")
@@ -229,14 +233,15 @@ KEPT_SFT_NOTE = "DPO = SFT: early stopping kept the SFT adapter (DPO never beat 
 
 def dpo_kept_sft(dpo_dir: Path) -> bool:
     """Whether the DPO run saved its SFT start unchanged (its summary: improved_over_sft is false)."""
-    found = rundir.run_record(dpo_dir)  # none (an adapter from elsewhere): nothing to say
+    found = models.recorded_run(dpo_dir)  # none (an adapter from elsewhere): nothing to say
     return found is not None and found[1].get("improved_over_sft") is False
 
 
 def resolve_base_model(s: CompareSettings, adapters: dict[str, Path]) -> str:
     if s.model:
-        from ..detector import refuse_adapter_on_export
+        from ..detector import check_model_folder, refuse_adapter_on_export
 
+        check_model_folder(s.model)
         refuse_adapter_on_export(s.model, next(iter(adapters.values()), None))
         return s.model
     if adapters:
@@ -268,10 +273,12 @@ def check_not_seen(test: pd.DataFrame, test_csv: str, adapters: dict[str, Path])
     """Refuse a test split that shares texts with what an adapter was trained on or selected on (the files its
     run recorded), whatever --train_csv says: its scores there would be inflated, and the threshold chosen on it."""
     for key, folder in adapters.items():
-        recorded = rundir.recorded_settings(folder)
+        # models.run_settings: a finished folder without its record, or a record of the wrong shape, is an error
+        # here, not a check skipped in silence; an adapter from elsewhere records nothing to check.
+        recorded = models.run_settings(folder)
         for setting in ("train_csv", "val_csv"):
             path = recorded.get(setting)
-            if not isinstance(path, str) or not Path(path).is_file():
+            if not path or not Path(path).is_file():
                 continue  # moved or from another machine: the --train_csv check is what remains
             overlap = data.overlap_count(test, data.load_split(path, setting))
             if overlap:
@@ -407,6 +414,117 @@ def predictions_frame(frame: pd.DataFrame, probs: dict[str, np.ndarray]) -> pd.D
 
 
 # --------------------------------------------------------------------------------------------
+# the results record, read back
+
+
+RESULTS_FIX = ("It is the record `sarcasm-dpo compare` wrote; run the comparison again to write it anew (with "
+               "--overwrite where it refuses the folder).")
+METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "macro_f1")  # numbers in every model's row
+INTERVAL_KEYS = ("accuracy_ci", "f1_ci")  # [low, high]
+
+
+def check_results_record(record, path: str | os.PathLike, fix: str = RESULTS_FIX) -> dict:
+    """`record` (a comparison's results, as read back from `path`) if it has the shape every reader of it relies
+    on (format_table, format_verdicts, the pipeline's closing lines, export's model card), else DamagedRecord
+    naming the first field that is wrong, e.g. `models.dpo.accuracy is "high" where a number belongs`.
+
+    Valid JSON of the wrong shape (a hand edit, another program's file) would otherwise fail later with a
+    TypeError half-way through writing something, or be printed as if it were a measurement. Required: test_set
+    (with n) and models (each with its metrics and intervals); the other blocks are checked where present."""
+    from ..atomic import DamagedRecord
+
+    path = Path(path)
+
+    def wrong(where: str, value, want: str):
+        shown = json.dumps(value, default=str)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise DamagedRecord(path, f"{where} is {shown} where {want} belongs" if where else
+                                  f"it holds {shown} where the object a comparison writes belongs", fix)
+
+    def obj(value, where: str) -> dict:
+        if not isinstance(value, dict):
+            wrong(where, value, "an object")
+        return value
+
+    def number(value, where: str, low: float | None = None, high: float | None = None, none_ok: bool = False):
+        if value is None and none_ok:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            wrong(where, value, "a number" + (" or null" if none_ok else ""))
+        if (low is not None and value < low) or (high is not None and value > high):
+            wrong(where, value, f"a number in [{low}, {high}]")
+
+    def whole(value, where: str):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            wrong(where, value, "a whole number")
+
+    def text(value, where: str):
+        if not isinstance(value, str):
+            wrong(where, value, "text")
+
+    def test_set(value, where: str):
+        info = obj(value, where)
+        if "n" not in info:
+            wrong(f"{where}.n", None, "the number of items scored")
+        whole(info["n"], f"{where}.n")
+        if "n_total" in info:
+            whole(info["n_total"], f"{where}.n_total")
+        if "path" in info:
+            text(info["path"], f"{where}.path")
+
+    def block(value, where: str):
+        """models, improvements_pp and significance: the 0.5 block, the own-threshold block, an extra test set."""
+        scored = obj(value.get("models"), f"{where}models")
+        if not scored:
+            wrong(f"{where}models", scored, "at least one model's metrics")
+        for key, m in scored.items():
+            m = obj(m, f"{where}models.{key}")
+            for name in METRIC_KEYS:
+                number(m.get(name), f"{where}models.{key}.{name}", 0, 1)
+            number(m.get("roc_auc"), f"{where}models.{key}.roc_auc", 0, 1, none_ok=True)
+            for name in INTERVAL_KEYS:
+                ci = m.get(name)
+                if not isinstance(ci, list) or len(ci) != 2:
+                    wrong(f"{where}models.{key}.{name}", ci, "a [low, high] pair")
+                for i, bound in enumerate(ci):
+                    number(bound, f"{where}models.{key}.{name}[{i}]", 0, 1)
+            if "threshold" in m:
+                number(m["threshold"], f"{where}models.{key}.threshold", 0, 1)
+        improvements = obj(value.get("improvements_pp", {}), f"{where}improvements_pp")
+        for pair, test in obj(value.get("significance", {}), f"{where}significance").items():
+            new, _, old = pair.partition("_vs_")
+            if new not in NAMES or old not in NAMES:
+                wrong(f"{where}significance", pair, f"a pair of {', '.join(NAMES)} written NEW_vs_OLD")
+            test = obj(test, f"{where}significance.{pair}")
+            text(test.get("verdict"), f"{where}significance.{pair}.verdict")
+            whole(test.get("n_discordant"), f"{where}significance.{pair}.n_discordant")
+            delta = obj(improvements.get(pair), f"{where}improvements_pp.{pair}")
+            for name in ("accuracy", "f1"):
+                number(delta.get(name), f"{where}improvements_pp.{pair}.{name}")
+
+    obj(record, "")
+    absent = [key for key in ("test_set", "models") if key not in record]
+    if absent:
+        raise DamagedRecord(path, f"it has no {' and no '.join(absent)}: it is not the results of a comparison", fix)
+    test_set(record["test_set"], "test_set")
+    block(record, "")
+    if record.get(OWN) is not None:
+        own = obj(record[OWN], OWN)
+        block(own, f"{OWN}.")
+        for key, chosen in obj(own.get("thresholds", {}), f"{OWN}.thresholds").items():
+            number(obj(chosen, f"{OWN}.thresholds.{key}").get("threshold"), f"{OWN}.thresholds.{key}.threshold", 0, 1)
+    for name, extra in obj(record.get("extra_tests", {}), "extra_tests").items():
+        extra = obj(extra, f"extra_tests.{name}")
+        test_set(extra.get("test_set"), f"extra_tests.{name}.test_set")
+        block(extra, f"extra_tests.{name}.")
+        if extra.get(OWN) is not None:
+            block(obj(extra[OWN], f"extra_tests.{name}.{OWN}"), f"extra_tests.{name}.{OWN}.")
+    for key, folder in obj(record.get("model_paths", {}), "model_paths").items():
+        text(folder, f"model_paths.{key}")
+    return record
+
+
+# --------------------------------------------------------------------------------------------
 # reporting
 
 
@@ -427,7 +545,7 @@ def format_table(scored: dict) -> str:
 
 def format_verdicts(block: dict) -> list[str]:
     lines = []
-    for pair, test in block["significance"].items():
+    for pair, test in block.get("significance", {}).items():  # none: no two models were compared
         delta = block["improvements_pp"][pair]
         new, old = pair.split("_vs_")
         lines.append(f"  {NAMES[new]} vs {NAMES[old]}: accuracy {delta['accuracy']:+.1f} pp, F1 {delta['f1']:+.1f} pp; "

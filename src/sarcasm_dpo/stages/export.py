@@ -5,8 +5,10 @@ the chosen dtype, beside the tokenizer (chat template included), `sarcasm_dpo.js
 the label tokens and the decision threshold the run recorded) and a generated README.md: Hub
 metadata (base model, datasets, license, metrics), the test metrics with their 95% intervals from
 the comparison run, the validation metrics from the training record, the prompt, five lines of
-plain-transformers usage, and the intended use and limits. `--push_to_hub REPO` uploads the
-folder after it is complete; a failed upload leaves it as it is.
+plain-transformers usage, and the intended use and limits. Everything is written into a staging
+folder beside `--output_dir` and swapped in whole with COMPLETE.json (rundir.staged), so an export
+that fails or is stopped leaves the previous folder as it was, never weights without their card.
+`--push_to_hub REPO` uploads the folder after it is complete; a failed upload leaves it as it is.
 
     sarcasm-dpo export --adapter models/dpo_enhanced --output_dir exported/
     sarcasm-dpo predict --model exported/ --input texts.txt
@@ -20,10 +22,17 @@ import os
 import sys
 from pathlib import Path
 
-from ..detector import EXPORT_INFO, refuse_adapter_on_export
+from ..detector import EXPORT_INFO, check_model_folder, refuse_adapter_on_export
 from ..errors import UserError
 
 CARD = "README.md"
+# sarcasm_dpo.json's keys, in the order it has always listed them.
+EXPORT_KEYS = ("name", "stage", "adapter", "base_model", "base_hub_id", "license", "dtype", "question", "label_words",
+               "label_token_ids", "threshold", "threshold_source", "max_text_tokens", "test", "validation",
+               "training_config", "dpo_kept_sft")
+# What to do about a --results file whose figures are of the wrong shape.
+RESULTS_FIX = ("Give the model_comparison_results.json that `sarcasm-dpo compare` wrote (run it again to write it "
+               "anew), or --results '' for a card without test figures.")
 # Settings that say where the folder goes after it is made, not what is in it.
 PUBLISH_KEYS = ("push_to_hub", "private", "overwrite")
 # Licenses of the base models this project names; any other base is marked "other" until the user says.
@@ -47,14 +56,25 @@ def hub_base_id(base: str) -> str | None:
 
 
 def training_record(adapter: Path) -> tuple[str, dict]:
-    """(stage, record) of the run that wrote the adapter: DPO's or SFT's summary."""
-    from ..rundir import run_record
+    """(stage, record) of the run that wrote the adapter: DPO's or SFT's summary. ("unknown", {}) only for an
+    adapter from elsewhere, with no record and no COMPLETE.json: a finished folder that lost its record, or a
+    record of the wrong shape, is an error (models.recorded_run), not a card of defaults."""
+    from ..atomic import DamagedRecord
+    from ..models import RECORD_FIX, recorded_run
     from . import STAGES
 
-    found = run_record(adapter)
+    found = recorded_run(adapter)
     if found is None:
         return "unknown", {}
     path, record = found
+    best = record.get("best_val")
+    if best is not None and not isinstance(best, dict):
+        raise DamagedRecord(path, "its best_val (the validation metrics the card shows) is not an object", RECORD_FIX)
+    for name, value in (_validation_block(record) or {}).items():  # what the card prints as numbers
+        if name in ("accuracy", "f1", "roc_auc", "threshold") and value is not None and \
+                (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise DamagedRecord(path, f"its validation {name} is {json.dumps(value, default=str)[:60]} where a "
+                                      "number belongs", RECORD_FIX)
     return next((name for name, stage in STAGES.items() if stage.record == path.name), "unknown"), record
 
 
@@ -75,6 +95,7 @@ def comparison_for(adapter: Path, results_path: str | None) -> tuple[dict | None
         print(f"Note: no comparison results at {path}; the model card will carry no test figures.", file=sys.stderr)
         return None, None
     from ..inputs import read_input_text
+    from .compare import check_results_record
 
     try:
         results = json.loads(read_input_text(path, "Comparison results"))
@@ -95,6 +116,9 @@ def comparison_for(adapter: Path, results_path: str | None) -> tuple[dict | None
         if missing or not isinstance(results["models"].get(key), dict):
             raise UserError(f"--results {path} names this adapter ({key}) but lacks its figures (missing: "
                             f"{missing or [f'models.{key}']}); run `sarcasm-dpo compare` again, or pass --results ''.")
+        # Every figure the card prints, checked before anything is merged or written (a hand-edited "high"
+        # where a number belongs failed in the card's formatting, after the weights were written).
+        check_results_record(results, path, fix=RESULTS_FIX)
         return results, key
     return None, None
 
@@ -114,7 +138,11 @@ def recorded_threshold(stage_record: dict, results: dict | None, key: str | None
         return float(results["models"][key]["threshold"]), f"comparison results, models.{key}.threshold"
     validation = _validation_block(stage_record)
     if validation and "threshold" in validation:
-        return float(validation["threshold"]), f"training record, validation metrics ({validation['split']})"
+        # Not chosen on validation: the threshold those metrics were computed at (an adapter with no threshold.json,
+        # from elsewhere or an older version). A finished folder that lost its threshold.json never gets here.
+        return float(validation["threshold"]), (f"the threshold its training record's validation metrics "
+                                                f"({validation['split']}) were computed at; none was chosen on "
+                                                "validation")
     raise UserError("The adapter's records hold no decision threshold (no comparison results naming it, no "
                     "validation metrics in its training summary); export needs the threshold the run used. "
                     "Run `sarcasm-dpo compare` on it, or export an adapter made by `sarcasm-dpo sft`/`dpo`.")
@@ -279,47 +307,76 @@ def run(s) -> dict:
     """Merge, save, describe; then push if asked. Re-running with the same settings only pushes."""
     import torch
 
-    from ..atomic import check_output_dir, finish_output_dir, is_complete_for, prepare_output_dir, write_json, write_text
+    from ..atomic import check_output_dir, is_complete_for, missing_outputs
     from ..detector import default_text_tokens, recorded_text_tokens
     from ..models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_model
-    from ..prompts import LABEL_WORDS, QUESTION, label_token_ids
-    from ..training.checkpoints import save_adapter
+    from ..prompts import LABEL_WORDS, QUESTION
+    from ..rundir import staged
 
     adapter = check_adapter_dir(s.adapter)
     config = {k: v for k, v in dataclasses.asdict(s).items() if k not in PUBLISH_KEYS}
     out = Path(s.output_dir)
-    if is_complete_for(out, config):
+    if is_complete_for(out, config) and not missing_outputs(out):
         print(f"[export] {out} already holds this export; not redone.")
     else:
         base = s.base_model or adapter_base_model(adapter)
+        check_model_folder(base)
         refuse_adapter_on_export(base, adapter, "--base_model")
         stage, stage_record = training_record(adapter)
         results, key = comparison_for(adapter, s.results)
         threshold, threshold_source = recorded_threshold(stage_record, results, key, adapter)
-        check_adapter_fits(adapter, base)
-        check_output_dir(out, config, overwrite=s.overwrite)
-        print(f"[export] merging {adapter} into {base} -> {out} ({s.dtype})")
-        model, tokenizer = load_model(base, adapter=str(adapter), device=torch.device("cpu"))
-        merged = model.merge_and_unload().to(getattr(torch, s.dtype))
-        prepare_output_dir(out, config, overwrite=s.overwrite)
-        save_adapter(merged, tokenizer, out)  # the stages' saver: scratch folder, usual file permissions
-        no_id, yes_id = label_token_ids(tokenizer)
+        # Everything sarcasm_dpo.json says, read before minutes of merging: a record that does not read is an
+        # error now, not after the weights were written.
         short = (hub_base_id(base) or Path(base).name).rsplit("/", 1)[-1]
         info = {"name": f"{short} sarcasm detector ({'SFT + DPO' if stage == 'dpo' else stage.upper()}, sarcasm-dpo)",
                 "stage": stage, "adapter": str(adapter.resolve()), "base_model": base, "base_hub_id": hub_base_id(base),
                 "license": s.license or KNOWN_LICENSES.get(hub_base_id(base) or "", "other"), "dtype": s.dtype,
-                "question": QUESTION, "label_words": list(LABEL_WORDS), "label_token_ids": [no_id, yes_id],
+                "question": QUESTION, "label_words": list(LABEL_WORDS),
                 "threshold": threshold, "threshold_source": threshold_source,
                 "max_text_tokens": recorded_text_tokens(None, str(adapter)) or default_text_tokens(),
                 "test": _test_block(results, key, s.results) if results else None,
                 "validation": _validation_block(stage_record), "training_config": stage_record.get("config"),
                 "dpo_kept_sft": stage == "dpo" and stage_record.get("improved_over_sft") is False}
-        write_json(out / EXPORT_INFO, info)
-        write_text(out / CARD, model_card(info, usage_snippet(QUESTION, no_id, yes_id, threshold)))
-        finish_output_dir(out, config, {"threshold": threshold})
+        check_adapter_fits(adapter, base)
+        check_output_dir(out, config, overwrite=s.overwrite or half_export(out))
+        print(f"[export] merging {adapter} into {base} -> {out} ({s.dtype})")
+        model, tokenizer = load_model(base, adapter=str(adapter), device=torch.device("cpu"))
+        merged = model.merge_and_unload().to(getattr(torch, s.dtype))
+        # Every file goes into a staging folder that replaces --output_dir whole at the end (as split and compare
+        # write theirs): an export that fails or is killed half-way leaves the previous folder as it was, never
+        # weights without the threshold and card that go with them.
+        with staged(out) as stage_dir:
+            write_export(stage_dir, merged, tokenizer, config, info)
         print(f"[export] wrote {out}: merged weights, tokenizer with chat template, {EXPORT_INFO} (threshold "
               f"{threshold}), {CARD}")
     pushed = push(out, s.push_to_hub, s.private) if s.push_to_hub else None
     if pushed:
         print(f"[export] pushed {out} to {pushed}")
     return {"output_dir": str(out), "pushed": pushed}
+
+
+def half_export(out: Path) -> bool:
+    """An export that an older version stopped while writing into the folder itself: sarcasm_dpo.json, no
+    COMPLETE.json. Nothing in it is usable (predict refuses it), so it is replaced without --overwrite."""
+    from ..atomic import read_complete
+
+    if out.is_dir() and (out / EXPORT_INFO).is_file() and read_complete(out) is None:
+        print(f"Note: {out} holds an export that never finished (no COMPLETE.json); it is replaced.", file=sys.stderr)
+        return True
+    return False
+
+
+def write_export(out: Path, merged, tokenizer, config: dict, info: dict) -> None:
+    """The export's files into `out` (the staging folder): weights, tokenizer, sarcasm_dpo.json (`info` with
+    the label token ids), the card, and COMPLETE.json last."""
+    from ..atomic import finish_output_dir, write_json, write_text
+    from ..prompts import QUESTION, label_token_ids
+    from ..training.checkpoints import save_adapter
+
+    save_adapter(merged, tokenizer, out)  # the stages' saver: scratch folder, usual file permissions
+    no_id, yes_id = label_token_ids(tokenizer)
+    info = {**info, "label_token_ids": [no_id, yes_id]}
+    info = {key: info[key] for key in EXPORT_KEYS}  # sarcasm_dpo.json's keys in their documented order
+    write_json(out / EXPORT_INFO, info)
+    write_text(out / CARD, model_card(info, usage_snippet(QUESTION, no_id, yes_id, info["threshold"])))
+    finish_output_dir(out, config, {"stage": "export", "threshold": info["threshold"]})

@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..atomic import DamagedRecord, input_differences, is_complete_for, read_complete, read_json
+from ..atomic import DamagedRecord, incomplete_outputs, input_differences, is_complete_for, read_complete, read_json
 from ..config import apply_overrides, build, check_known_keys, load_yaml, values_for_stage
 from ..errors import UserError, note_paths
 from ..model_route import check_available, route_model
@@ -175,7 +175,7 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
         # Once a stage has run, everything after it runs too: its inputs just changed.
         if not pipe.force and not ran and not interrupted and is_complete_for(out, settings) \
                 and same_inputs(name, settings, out):
-            damaged = damaged_record(out, stage.record)
+            damaged = damaged_record(name, out, stage.record)
             if damaged is None:
                 print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to "
                       "redo).")
@@ -206,16 +206,22 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
     return {"ran": ran, "skipped": skipped, "compare": result}
 
 
-def damaged_record(out: Path, record: str | None) -> DamagedRecord | None:
+def damaged_record(name: str, out: Path, record: str | None) -> DamagedRecord | None:
     """Why a finished stage's folder cannot be skipped although its marker says complete, or None: one of the
     JSON records in it (its `record`, which the pipeline's closing lines read, and those later stages read, as
-    beta_sweep_results.json or split_info.json) does not read back. Running the stage again writes them anew."""
+    beta_sweep_results.json or split_info.json) does not read back, the comparison's results have lost their
+    shape (a hand edit), or a file the run left there is gone (atomic.missing_outputs). Running the stage
+    again writes them anew."""
+    from .compare import check_results_record
+
     for path in sorted(p for p in out.glob("*.json") if not p.name.startswith(".")):
         try:
-            read_json(path, expect=dict if path.name == record else None)
+            value = read_json(path, expect=dict if path.name == record else None)
+            if name == REPORTED and path.name == record:
+                check_results_record(value, path)
         except DamagedRecord as exc:
             return exc
-    return None
+    return incomplete_outputs(out, name)
 
 
 def run_stage(name: str, settings, **hooks):
@@ -233,8 +239,8 @@ def headline(results: dict) -> str:
     """What the run found, last on screen: the test table, the verdicts, and where the evidence is."""
     from ..stages.compare import format_table, format_verdicts
 
-    info, out = results["test_set"], results.get("outputs", {})
+    info, out = results["test_set"], results.get("outputs", {})  # shape checked (compare.check_results_record)
     predictions = (out.get("predictions") or {}).get("main", "")
-    return "\n".join([f"\nTest set {info['path']} ({info['n']} items):", format_table(results["models"]),
+    return "\n".join([f"\nTest set {info.get('path', '?')} ({info['n']} items):", format_table(results["models"]),
                       *format_verdicts(results), f"Plot: {out.get('plot', '')}", f"Predictions: {predictions}",
                       f"Results: {out.get('results', '')}"])

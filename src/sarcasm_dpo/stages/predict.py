@@ -3,7 +3,7 @@ SarcasmDetector behind a command line).
 
 Input is a text file (one text per line), a data file with a text column (`text`, iSarcasmEval's
 `tweet`, ...; the README says which), or stdin; output is one JSON line per text: {"text", "p_sarcastic",
-"label"}.
+"label"}. A stopped run leaves the rows already printed, each whole; a rerun scores every text again.
 
     echo "Oh great, another Monday." | sarcasm-dpo predict --adapter models/sft
 """
@@ -52,9 +52,22 @@ def run(args) -> list[dict]:
     # Rows go out a chunk at a time, in input order: a long run shows progress to whoever reads the
     # stream, and a stop (Ctrl-C, a killed job) keeps every row already printed.
     chunk = max(STREAM_CHUNK, args.batch_size)
-    for start in range(0, len(texts), chunk):
-        for row in detector.predict(texts[start:start + chunk]):
-            print(json.dumps(row, ensure_ascii=False))
-            rows.append(row)
-        sys.stdout.flush()
+    try:
+        for start in range(0, len(texts), chunk):
+            for row in detector.predict(texts[start:start + chunk]):
+                print(json.dumps(row, ensure_ascii=False))
+                rows.append(row)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        # predict writes no files: what a stop leaves is the rows on stdout, and a rerun starts from the first
+        # text. Saying how far it got lets whoever stopped it score only the rest.
+        print(stopped_note(len(rows), len(texts)), file=sys.stderr)
+        raise
     return rows
+
+
+def stopped_note(done: int, total: int) -> str:
+    """What a stopped predict leaves: whole rows on stdout (each line is printed at once), and where to go on."""
+    rest = f"; to score only the rest, give it the texts after the first {done}" if 0 < done < total else ""
+    return (f"predict stopped after {done} of {total} texts: the {done} rows printed are whole JSON lines, in input "
+            f"order; a rerun scores every text again{rest}.")

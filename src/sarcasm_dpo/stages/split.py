@@ -56,6 +56,6 @@ def run(settings) -> dict:
                 print(f"{name:<16}{counts['sarcastic']:>10}{counts['not_sarcastic']:>8}{counts['total']:>8}")
                 tracker.log_summary({f"split/{name}/{k}": v for k, v in counts.items()})
             write_json(stage / "split_info.json", info)
-            finish_output_dir(stage, config, extra={"inputs": inputs})
+            finish_output_dir(stage, config, extra={"stage": "split", "inputs": inputs})
     print(f"Splits written to {out}/ (no text appears in more than one split).")
     return info

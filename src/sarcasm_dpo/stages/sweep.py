@@ -123,7 +123,7 @@ def sweep_betas(s, dpo, runs: list, group: str | None, started: float) -> dict:
         tracker.log_image("beta_sweep/plot", out / SWEEP_PLOT)
         tracker.log_summary({"best_beta": best["beta"], "best_val_f1": best["val_f1"],
                              "best_output_dir": best["output_dir"]})
-    finish_output_dir(out, config, {"best_beta": best["beta"], "best_output_dir": best["output_dir"],
+    finish_output_dir(out, config, {"stage": "dpo", "best_beta": best["beta"], "best_output_dir": best["output_dir"],
                                     "inputs": dpo.inputs_of(s)})
     print(f"[beta sweep] best beta by {dpo.PRIMARY} {s.select_by}: {beta_name(best['beta'])} "
           f"({dpo.fmt(best['val_score'])}; F1 {best['val_f1']:.3f}, final KL "

@@ -59,11 +59,12 @@ def finished_record(out: Path, config, summary_file: str, inputs: dict | None = 
     """The completion record of `out` when it holds the finished run of these settings (a settings
     dataclass or dict, compared by atomic.settings_differences) and of these `inputs` (checksums of the
     data and adapter read, by atomic.input_differences), else None."""
-    from ..atomic import DamagedRecord, input_differences, read_complete, read_json, settings_differences
+    from ..atomic import DamagedRecord, input_differences, missing_outputs, read_complete, read_json, settings_differences
 
     record = read_complete(out)
     if record and not settings_differences(record, config) and not input_differences(record, inputs) \
-            and (out / summary_file).is_file() and not interrupted_run(out):  # a newer run stopped: not this record's
+            and (out / summary_file).is_file() and not missing_outputs(out) \
+            and not interrupted_run(out):  # a newer run stopped: not this record's
         try:  # what --resume of a finished run returns, and a beta sweep reuses: it must read back
             read_json(out / summary_file, expect=dict)
         except DamagedRecord as exc:
