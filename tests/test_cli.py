@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -111,7 +112,7 @@ def test_predict_streams_rows_in_input_order_a_chunk_at_a_time(tiny_model_dir, t
     assert len(whole) == 11 and all(0 < r["p_sarcastic"] < 1 for r in whole)
 
 
-def test_predict_reads_the_text_column_of_every_table_format(tmp_path):
+def test_predict_reads_the_text_column_of_every_table_format(tmp_path, capsys):
     from sarcasm_dpo.stages.predict import read_texts
 
     files = {"gen.csv": "class,id,text\nsarc,1,oh great\nnotsarc,2,fine\n",
@@ -122,9 +123,12 @@ def test_predict_reads_the_text_column_of_every_table_format(tmp_path):
         (tmp_path / name).write_text(content)
         expected = ["Oh, great", "fine"] if name.endswith(".tsv") else ["oh great", "fine"]
         assert read_texts(str(tmp_path / name)) == expected, name
-    (tmp_path / "holes.csv").write_text("text,label\n,1\nfine,0\n")
-    with pytest.raises(UserError, match=r"1 row\(s\) with an empty text \(rows 1;"):
-        read_texts(str(tmp_path / "holes.csv"))
+    (tmp_path / "holes.csv").write_text("text,label\n,1\nfine,0\n")  # left out, and named on stderr
+    assert read_texts(str(tmp_path / "holes.csv")) == ["fine"]
+    assert re.search(r"1 row\(s\) with an empty text \(rows 1;.*skipped", capsys.readouterr().err)
+    (tmp_path / "none.csv").write_text("text,label\n,1\n ,0\n")
+    with pytest.raises(UserError, match="nothing to score"):
+        read_texts(str(tmp_path / "none.csv"))
     (tmp_path / "both.csv").write_text("text,tweet\na,b\n")
     with pytest.raises(UserError, match=r"more than one column could hold the texts: \['text', 'tweet'\]"):
         read_texts(str(tmp_path / "both.csv"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -41,9 +42,19 @@ def test_isarcasmeval_quirks_are_reported_not_silent(shared_data):
     assert frame.text.str.contains("\n").sum() == 232 and not frame.text.str.contains("\r").any()
 
 
-def test_isarcasmeval_conflicts_are_an_error_by_default(shared_data):
+def test_isarcasmeval_as_distributed_reads_with_its_conflicts_dropped_and_named(shared_data):
+    """The raw file holds texts given both labels: every labelled input drops all their copies, as `split` does,
+    and says how many and which rows; --strict (split) and drop_conflicts=False make them an error."""
+    messages = []
+    frame = load_table(ISARCASM_CSV, log=messages.append)
+    assert any(re.search(r"5 text\(s\) appear with conflicting labels \(rows 18, 25, .*\): all their copies dropped", m)
+               for m in messages), messages
+    assert any("row(s) with an empty text (rows 1063)" in m for m in messages), messages
+    assert frame.text.map(normalise).is_unique and len(frame) > 3400
     with pytest.raises(UserError, match=r"conflicting labels \(rows 18, 25"):
-        load_isarcasm(ISARCASM_CSV, log=lambda m: None)
+        load_isarcasm(ISARCASM_CSV, drop_conflicts=False, log=lambda m: None)
+    with pytest.raises(UserError, match=r"--strict"):
+        load_isarcasm(ISARCASM_CSV, strict=True, log=lambda m: None)
 
 
 def test_strict_makes_empty_and_duplicates_errors(tmp_path):
@@ -127,8 +138,14 @@ def test_bad_files(tmp_path, content, match):
 
 def test_conflicting_labels_name_rows(tmp_path):
     path = write(tmp_path, "c.csv", "text,label\nSame  text,1\nother,0\nsame text,0\n")
+    messages = []
+    assert load_table(path, log=messages.append).text.tolist() == ["other"]
+    assert messages == [f"{path}: 1 text(s) appear with conflicting labels (rows 1, 3): all their copies dropped."]
     with pytest.raises(UserError, match=r"1 text\(s\) appear with conflicting labels \(rows 1, 3\)"):
-        load_table(path)
+        load_table(path, drop_conflicts=False)
+    # Nothing left: an error, not an empty table that a later stage would call "one class only".
+    with pytest.raises(UserError, match="every text of the file is given both labels"):
+        load_table(write(tmp_path, "all.csv", "text,label\na,1\na,0\n"), log=lambda m: None)
 
 
 def test_splits_are_stratified_deterministic_and_leak_free(shared_data):
@@ -270,3 +287,86 @@ def test_stratified_sample_of_too_few_rows_for_the_ratio_is_a_plain_draw():
 def test_json_in_a_file_named_as_a_table_says_so(tmp_path):
     with pytest.raises(UserError, match="holds JSON, but its name says comma-separated table: rename it .json"):
         load_table(write(tmp_path, "j.csv", '[{"text": "hello", "label": 1}]\n'))
+
+
+# --- a stray quote, quotes in a TSV, NUL in decoded text, header spelling --------------------------------------
+
+@pytest.mark.parametrize("name,content,where", [
+    # pandas read this as 3 rows, the first 'Sure thing,0\nok"' labelled 1.
+    ("into_a_quote.csv", 'text,label\n"Sure thing,0\n"ok",1\nnormal,0\nanother one,1\n',
+     r"opens on line 2 of the file \(row 1;.*closes it, on line 3, is followed by more text"),
+    ("to_the_end.csv", 'text,label\nfine,1\n"Sure thing,0\nok,1\n', r"opens on line 3 .*row 2;.*never closed"),
+    # Valid CSV: the stray quote closes cleanly three lines on; line 3 inside it is a whole row of the file.
+    ("closes_cleanly.csv", 'text,label\n"Sure thing,0\nok,1\nnormal,0\nhe said hi",1\nx,0\n',
+     r"row 1 .*lines 2-5 of the file, and line 2 inside it, 'Sure thing,0', reads as a row of its own"),
+    ("gen_layout.csv", 'class,id,text\nsarc,1,"Sure thing\nnotsarc,2,other text\nnotsarc,3,he said hi"\nsarc,4,ok\n',
+     r"line 3 inside it, 'notsarc,2,other text', reads as a row of its own \(3 fields, class 'notsarc'\)"),
+])
+def test_a_stray_quote_is_refused_with_its_row_and_line_not_merged(tmp_path, name, content, where):
+    with pytest.raises(UserError, match=where) as err:
+        load_table(write(tmp_path, name, content), log=lambda m: None)
+    assert str(err.value).startswith(str(tmp_path / name)) and "stray opening quote" in str(err.value)
+
+
+def test_multi_line_quoted_texts_still_read_whole(tmp_path):
+    """Texts with line breaks inside closed quotes, commas, quotes and label-like words in them, as pandas writes
+    them (the real GEN and iSarcasmEval files, over 1,500 such texts, are read by the tests above)."""
+    texts = ["Oh, great\nanother Monday", 'He said "sure"\nand left,\n1', "Yes, no\nmaybe", "plain", "No,\n0"]
+    frame = pd.DataFrame({"text": texts, "label": [1, 0, 1, 0, 1]})
+    frame.to_csv(tmp_path / "multi.csv", index=False)
+    loaded = load_table(tmp_path / "multi.csv")
+    assert loaded.text.tolist() == texts and loaded.label.tolist() == [1, 0, 1, 0, 1]
+
+
+def test_a_whole_quotation_in_a_tsv_keeps_its_quotes(tmp_path):
+    plain = write(tmp_path, "w.tsv", 'text\tlabel\n"Best. Day. Ever."\t1\nThe bus is late\t0\n')
+    assert load_table(plain).text.tolist() == ['"Best. Day. Ever."', "The bus is late"]
+    # A writer that quotes every text quotes the header too (R's write.table, csv.QUOTE_ALL): CSV quoting.
+    every = write(tmp_path, "r.tsv", '"text"\t"label"\n"Best. Day. Ever."\t"1"\n"The bus is late"\t"0"\n')
+    assert load_table(every).text.tolist() == ["Best. Day. Ever.", "The bus is late"]
+    frame = pd.DataFrame({"text": ['"Best. Day. Ever."', "two\tcolumns", "plain"], "label": [1, 0, 1]})
+    frame.to_csv(tmp_path / "minimal.tsv", sep="\t", index=False)  # quotes only the fields that need it
+    assert load_table(tmp_path / "minimal.tsv").text.tolist() == frame.text.tolist()
+    mixed = write(tmp_path, "mixed.tsv", 'text\tlabel\n"He said ""hi"""\t1\n"Best. Day. Ever."\t0\n')
+    with pytest.raises(UserError, match=r"mixed.tsv: its quotes are mixed. Line 2 .* line 3 quotes one a CSV writer "
+                                        r"would leave bare \('Best. Day. Ever.'\)"):
+        load_table(mixed)
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("n.jsonl", '{"text": "a", "label": 1}\n{"text": "b\\u0000c", "label": 0}\n',
+     r"1 record\(s\) hold a NUL character \(\\u0000\) in column 'text' \(records 2;"),
+    ("n.json", '[{"text": "a", "label": "1\\u0000"}, {"text": "b", "label": 0}]', r"in column 'label' \(records 1;"),
+    ("k.jsonl", '{"te\\u0000xt": "a", "label": 1}\n', r"the column name .* holds a NUL character"),
+    ("raw.csv", "text,label\na\x00b,1\n", r"holds a NUL byte"),  # the bytes' check, before any parsing
+])
+def test_a_nul_is_refused_in_every_format_escaped_or_not(tmp_path, name, content, match):
+    with pytest.raises(UserError, match=match):
+        load_table(write(tmp_path, name, content))
+
+
+def test_header_names_match_ignoring_case_and_surrounding_spaces(tmp_path):
+    for name, content in (("cap.csv", "Text,Label\nhi,1\nyo,0\n"), ("spaced.csv", " text, label\nhi, 1\nyo, 0\n"),
+                          ("gen.csv", "Class,ID,Text\nsarc,1,hi\nnotsarc,2,yo\n")):
+        frame = load_table(write(tmp_path, name, content))
+        assert frame.text.str.strip().tolist() == ["hi", "yo"] and frame.label.tolist() == [1, 0], name
+    # Two columns that fold to one name: neither is guessed, and the error says why.
+    with pytest.raises(UserError, match=r"unrecognised columns.*\['Text', 'TEXT'\] all read as 'text'"):
+        load_table(write(tmp_path, "two.csv", "Text,TEXT,Label\na,b,1\n"))
+
+
+def test_texts_of_a_file_as_distributed_skip_its_empty_ones_when_asked(shared_data):
+    """predict's reader: the raw iSarcasmEval file has one empty tweet (row 1063); by default an error naming
+    it, with skip_empty left out and named, every other row kept in file order."""
+    from sarcasm_dpo.data import read_frame, text_column
+
+    frame = read_frame(ISARCASM_CSV)
+    with pytest.raises(UserError, match=r"1 row\(s\) with an empty text \(rows 1063;.*Remove them or fill them in"):
+        text_column(frame, ISARCASM_CSV)
+    notes = []
+    texts = text_column(frame, ISARCASM_CSV, skip_empty=True, log=notes.append)
+    assert len(texts) == len(frame) - 1 and 1062 not in texts.index and texts.index.is_monotonic_increasing
+    assert notes == [f"{ISARCASM_CSV}: 1 row(s) with an empty text (rows 1063; row 1 = the first row after the "
+                     "header): skipped; every other row is scored, in file order."]
+    with pytest.raises(UserError, match="nothing to score"):
+        text_column(pd.DataFrame({"text": [" ", None]}), "blank.csv", skip_empty=True)

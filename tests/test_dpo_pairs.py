@@ -174,7 +174,7 @@ def test_a_pair_with_null_text_trains_and_the_others_are_still_checked_for_leaka
     val = load_split(real_splits / "gen_val.csv").head(1)
     leaked = json.loads(path.read_text()) + build_pairs(val, tokenizer, "reasoning").to_dict(orient="records")
     path.write_text(json.dumps(leaked))
-    with pytest.raises(UserError, match="also appear in the gen_val split"):
+    with pytest.raises(UserError, match=r"also appear in the validation file .*gen_val.csv \(--val_csv\)"):
         dpo.load_data(settings_for(real_splits, preference_data=str(path)), tokenizer)
 
 

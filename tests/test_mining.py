@@ -108,7 +108,9 @@ def test_mined_pairs_from_a_validation_split_are_refused(toy, tmp_path):
     leaked = tmp_path / "leaked.json"
     mining.run(build(MineSettings, dict(sft_model=str(toy.sft), input_csv=str(toy.paths.is_val),
                                         output_file=str(leaked), filter_strategy="all", no_wandb=True)))
-    with pytest.raises(UserError, match="also appear in the isarcasm_val split"):
+    # The message names the file the user gave, not the record's key for its role ("isarcasm_val").
+    with pytest.raises(UserError, match=rf"also appear in the validation file {toy.paths.is_val} "
+                                        r"\(--isarcasm_val_csv\)"):
         dpo.run(dpo_settings(toy, tmp_path / "out", preference_data=str(leaked)))
 
 
@@ -122,3 +124,39 @@ def test_prompts_built_another_way_are_refused(toy, tmp_path):
     path.write_text(json.dumps(pairs))
     with pytest.raises(UserError, match="carry a prompt different"):
         dpo.run(dpo_settings(toy, tmp_path / "out", preference_data=str(path)))
+
+
+def test_a_missing_input_is_named_before_another_runs_output(toy, tmp_path):
+    """The output file holds another run's pairs; the input is missing: the input is what to fix, so it is named
+    (not "already holds the results of another run (settings differ in: input_csv ...)")."""
+    from sarcasm_dpo.config import build
+    from sarcasm_dpo.errors import UserError
+    from sarcasm_dpo.settings import MineSettings
+    from sarcasm_dpo.stages import mine as mining
+
+    out = toy.root / "all.json"  # written by test_all_and_confident_mistakes, or here
+    if not out.is_file():
+        mine(toy, "all", filter_strategy="all", pair_style="label")
+    before = out.read_bytes()
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(UserError, match=rf"The iSarcasmEval training split file {missing} does not exist") as err:
+        mining.run(build(MineSettings, dict(sft_model=str(toy.sft), input_csv=str(missing), output_file=str(out),
+                                            filter_strategy="all", no_wandb=True)))
+    assert "another run" not in str(err.value) and out.read_bytes() == before
+
+
+def test_the_raw_isarcasmeval_file_is_mined_as_distributed(toy, shared_data, tmp_path, capsys):
+    """Its five texts with both labels and its empty tweet are dropped with their rows named, as `split` does."""
+    from sarcasm_dpo import data
+    from sarcasm_dpo.config import build
+    from sarcasm_dpo.settings import MineSettings
+    from sarcasm_dpo.stages import mine as mining
+
+    raw = shared_data / data.ISARCASM_RELPATH
+    summary = mining.run(build(MineSettings, dict(sft_model=str(toy.sft), input_csv=str(raw), sample_size=12,
+                                                  output_file=str(tmp_path / "raw.json"), filter_strategy="all",
+                                                  no_wandb=True)))
+    printed = capsys.readouterr().out
+    assert "5 text(s) appear with conflicting labels (rows 18, 25" in printed and "all their copies dropped" in printed
+    assert "1 row(s) with an empty text (rows 1063): dropped." in printed
+    assert summary["counts"]["scored"]["total"] == 12 == summary["counts"]["kept"]["total"]

@@ -131,8 +131,16 @@ def test_rephrases_join_on_id_and_check_the_text(tmp_path):
     split = pd.DataFrame({"text": ["love mondays", "ok"], "label": [1, 0], "source": "isarcasmeval", "id": ["0", "3"]})
     attached = attach_rephrases(split, table)
     assert attached["rephrase"].iloc[0] == "I hate mondays so much" and pd.isna(attached["rephrase"].iloc[1])
+    # Some rows found, another id naming another tweet: a split made from another copy of the data.
+    other_copy = pd.concat([split, split.iloc[:1].assign(text="something else")], ignore_index=True)
     with pytest.raises(UserError, match="disagree on 1 row"):
-        attach_rephrases(split.assign(text=["something else", "ok"]), table)
+        attach_rephrases(other_copy, table)
+    # No row found at all: the file's ids are not the raw file's, and the message says so (not "make the splits
+    # again", not a later "Cannot balance 0 pairs").
+    with pytest.raises(UserError, match=r"None of the 2 rows of the iSarcasmEval training file mine.csv has a "
+                                        r"rephrase in .*train.En.csv \(the ids do not match: 1 of them are not "
+                                        r"there; 1 name another tweet there, e.g. id 0 is 'something else'"):
+        attach_rephrases(split.assign(text=["something else", "ok"]), table, "iSarcasmEval training file", "mine.csv")
     (tmp_path / "generic.csv").write_text("text,label\na,1\n")
     with pytest.raises(UserError, match="not the raw iSarcasmEval file"):
         load_rephrases(tmp_path / "generic.csv")
@@ -241,3 +249,59 @@ def test_texts_cut_to_one_prompt_are_refused_as_such(tokenizer):
                               "--max_text_tokens 8 left different texts identical"), message
     assert "raise --max_text_tokens" in message and "disagree" not in message
     assert "then reads 'which I do not enjoy', not" in message  # where the two texts part
+
+
+# -- a training file of one's own in the raw iSarcasmEval layout brings its own rephrases ----------------------
+
+
+def _own_files(folder, shared_data):
+    """A raw-layout training file whose ids are not the shared raw file's, a plain text,label iSarcasmEval
+    validation file of real raw tweets, and a toy GEN validation file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"": 5000 + i, "tweet": f"oh great, my train is late again, day {i}", "sarcastic": 1,
+             "rephrase": f"I am annoyed that my train is late on day {i}"} for i in range(4)]
+    rows += [{"": 6000 + i, "tweet": f"the train leaves at {i} o'clock", "sarcastic": 0, "rephrase": ""}
+             for i in range(6)]
+    pd.DataFrame(rows).to_csv(folder / "own_train.csv", index=False)
+    raw = data.load_isarcasm(shared_data / data.ISARCASM_RELPATH, log=lambda _m: None)
+    val = pd.concat([raw[raw.label == 1].head(3), raw[raw.label == 0].head(3)])[["text", "label"]]
+    val.to_csv(folder / "plain_val.csv", index=False)
+    pd.DataFrame({"text": ["what a lovely surprise, more rain", "it rains today"] * 2,
+                  "label": [1, 0, 1, 0]}).assign(text=lambda f: f.text + [" a", " a", " b", " b"]).to_csv(
+        folder / "gen_val.csv", index=False)
+    return folder / "own_train.csv", folder / "plain_val.csv", folder / "gen_val.csv"
+
+
+def _dpo_settings(train, val, gen_val, **overrides):
+    from sarcasm_dpo.config import build
+    from sarcasm_dpo.settings import DPOSettings
+
+    return build(DPOSettings, {"train_csv": str(train), "isarcasm_val_csv": str(val), "val_csv": str(gen_val),
+                               "pairs": "rephrase", "no_wandb": True, "seed": 0, "probe_size": 2, **overrides})
+
+
+def test_a_training_file_with_its_own_rephrase_column_uses_it(shared_data, tokenizer, tmp_path):
+    from sarcasm_dpo.stages import dpo
+
+    train, val, gen_val = _own_files(tmp_path, shared_data)
+    built = dpo.load_data(_dpo_settings(train, val, gen_val), tokenizer)
+    pairs = built.pairs
+    assert len(pairs) == 8 and prefers_yes(pairs).sum() == 4  # each sarcastic tweet: Yes; its own rephrase: No
+    assert sorted(pairs.loc[~prefers_yes(pairs), "text"]) == [f"I am annoyed that my train is late on day {i}"
+                                                              for i in range(4)]
+    # The guarantee holds with the file's own rephrases: one that is a validation tweet is refused.
+    frame = pd.read_csv(train)
+    frame.loc[0, "rephrase"] = pd.read_csv(val)["text"].iloc[0]
+    frame.to_csv(train, index=False)
+    with pytest.raises(UserError, match="rephrase must fall on the same side"):
+        dpo.load_data(_dpo_settings(train, val, gen_val), tokenizer)
+
+
+def test_a_training_file_whose_ids_are_not_the_raw_files_says_so(shared_data, tokenizer, tmp_path):
+    from sarcasm_dpo.stages import dpo
+
+    train, val, gen_val = _own_files(tmp_path, shared_data)
+    pd.read_csv(train).drop(columns="rephrase").to_csv(train, index=False)  # no rephrases of its own
+    with pytest.raises(UserError, match=r"None of the 10 rows of the iSarcasmEval training file .*own_train.csv has a "
+                                        r"rephrase in .*train.En.csv \(the ids do not match: 10 of them are not there"):
+        dpo.load_data(_dpo_settings(train, val, gen_val), tokenizer)

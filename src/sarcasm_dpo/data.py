@@ -4,7 +4,8 @@ as distributed), validation with clear errors, and the split.
 Every loader returns the same table: `text`, `label` (1 = sarcastic, 0 = not), `source`, `id`
 (the original id). Problems in a file are reported the way a person fixes them: which columns
 were found and which were expected, which rows (1 = the first row after the header) hold an
-unknown label or an empty text, which texts carry conflicting labels.
+unknown label or an empty text, which texts carry conflicting labels (dropped with their rows named,
+as `split` drops them), on which line a stray quote opens a quoted text that swallows rows.
 
     sarcasm-dpo split --data_dir ../shared/data --output_dir data/splits
 """
@@ -15,6 +16,8 @@ import csv
 import hashlib
 import io
 import math
+import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +37,9 @@ LABEL_VALUES = {
     "1": 1, "0": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0, "yes": 1, "no": 0,
     "sarc": 1, "notsarc": 0, "sarcastic": 1, "not_sarcastic": 0, "not sarcastic": 0, "non_sarcastic": 0,
 }
+# The label spellings of the two datasets this project splits, as their files write them.
+GEN_LABELS = {"sarc": 1, "notsarc": 0}
+ISARCASM_LABELS = {"1": 1, "0": 0, "1.0": 1, "0.0": 0}
 
 SPLIT_FILES = {
     "gen_train": "gen_train.csv",
@@ -58,8 +64,8 @@ def row_numbers(index, limit: int = 10) -> str:
 
 # What a data file's name says about how to read it; any other name is read as a comma-separated CSV.
 # A tab-separated file is one record per line with no quoting (IANA's text/tab-separated-values), so a
-# quote in a tweet stays in the text, unless the file is quoted CSV-style throughout (pandas, R and
-# spreadsheets write a field holding a quote as "...""..."), which `_csv_quoted` recognises.
+# quote in a tweet stays in the text, unless the file is quoted CSV-style throughout, the way a CSV writer
+# quotes (pandas, R and spreadsheets write a field holding a quote as "...""..."): `_csv_quoted` decides.
 TAB_SEPARATED = (".tsv", ".tab")
 JSON_LINES = (".jsonl", ".ndjson")
 TABLE_SUFFIXES = (".csv", ".json", *TAB_SEPARATED, *JSON_LINES)
@@ -69,7 +75,8 @@ def read_frame(path: str | Path) -> pd.DataFrame:
     """Read a CSV, TSV, JSON or JSONL file into a DataFrame, turning every parse failure into a clear error.
 
     Only an empty cell is missing: "NA", "None", "null" or "nan" are texts like any other (pandas'
-    default would drop a tweet that says "N/A"). Rows are numbered 0.. in file order."""
+    default would drop a tweet that says "N/A"). Column names are matched ignoring case and surrounding
+    spaces (`_fold_column_names`). Rows are numbered 0.. in file order."""
     path = check_input_file(path, "Data file")
     suffix = path.suffix.lower()
     json_file = suffix in JSON_LINES or suffix == ".json"
@@ -83,9 +90,12 @@ def read_frame(path: str | Path) -> pd.DataFrame:
                                 "-separated table: rename it .json (an array of objects) or .jsonl (one object per "
                                 "line).")
             tabs = suffix in TAB_SEPARATED
-            options = {"sep": "\t" if tabs else ",", "dtype": str, "keep_default_na": False, "na_values": [""]}
-            if tabs and not _csv_quoted(text):
+            sep = "\t" if tabs else ","
+            options = {"sep": sep, "dtype": str, "keep_default_na": False, "na_values": [""]}
+            if tabs and not _csv_quoted(text, path):
                 options["quoting"] = csv.QUOTE_NONE  # quotes are part of the text (module note at TAB_SEPARATED)
+            else:
+                _check_quoted_records(text, sep, path)
             frame = pd.read_csv(io.StringIO(text), **options)
             _check_header(frame, pd.read_csv(io.StringIO(text), **{**options, "header": None, "nrows": 1}), path,
                           "" if tabs else _separator_hint(path))
@@ -96,7 +106,8 @@ def read_frame(path: str | Path) -> pd.DataFrame:
         raise UserError(f"Data file {path} has no rows." if json_file else f"Data file {path} has a header but no rows.")
     frame = frame.reset_index(drop=True)
     frame.attrs["rows_are"] = "records" if json_file else "rows"
-    return frame
+    _refuse_nul(frame, path)
+    return _fold_column_names(frame)
 
 
 def _check_header(frame: pd.DataFrame, header: pd.DataFrame, path: Path, hint: str = "") -> None:
@@ -114,30 +125,169 @@ def _check_header(frame: pd.DataFrame, header: pd.DataFrame, path: Path, hint: s
                         "is ambiguous. Rename or remove the copies.")
 
 
-def _csv_quoted(text: str) -> bool:
-    """Whether a tab-separated text uses CSV quoting: some field starts with a quote, and every field that
-    starts with one is a whole quoted field (ends with a quote, inner quotes doubled) or opens a quoted
-    field that goes on over the next lines."""
-    quoted = False
-    open_field = False
-    for line in text_lines(text):
-        fields = line.split("\t")
-        if open_field:  # inside a quoted field that spans lines: it must close before the line's first tab
-            if fields[0].count('"') % 2 == 0:
-                continue
-            open_field, fields = False, fields[1:]
-        for field in fields:
-            if not field.startswith('"'):
-                continue
-            quoted = True
-            inner = field[1:]
-            if inner.endswith('"') and inner[:-1].replace('""', "").count('"') == 0:
-                continue
-            if field is fields[-1] and inner.replace('""', "").count('"') == 0:
-                open_field = True  # a newline inside the quoted field
-                continue
-            return False
-    return quoted and not open_field
+_STRAY_QUOTE = ("A quote at the start of a field opens a quoted text that runs on across line ends until the next "
+                "quote, so a stray opening quote swallows the rows after it into one text, labelled by whatever "
+                "comes last. Remove the stray quote; or, if it belongs to the text, quote the whole text and double "
+                "every quote inside it (the text \"Sure thing is written \"\"\"Sure thing\"); or save the file as "
+                "JSONL.")
+
+
+def _check_quoted_records(text: str, sep: str, path: Path) -> None:
+    """Refuse a stray quote that pandas would read silently wrong, naming the row and its lines.
+
+    pandas reads a quoted field on past line ends, and past its closing quote too (`"Sure thing,0` then
+    `"ok",1` on the next line become one text, `Sure thing,0\\nok"`, labelled 1). Read strictly (RFC 4180,
+    Python's csv with strict=True), a closing quote must be followed by a separator or a line end and an
+    open quote must close: that catches a stray quote that runs into another quote or to the end of the
+    file. A stray quote can also close cleanly on a later line (one that ends in a quote), and then the file
+    is valid CSV; what gives it away is a line inside the quoted text that is a whole row of this file: as
+    many fields as the header, and in the label column(s) a label exactly as this format writes it (texts
+    of GEN and iSarcasmEval span lines over 1,500 times without one such line)."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))  # one text may be as long as the file
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
+    header: list[str] | None = None
+    labels: list[tuple[int, dict]] = []  # (position, the spellings of that label column) in the header
+    rows, start = 0, 1  # data rows read (row 1 = the first after the header); the line the next record starts on
+    try:
+        for record in reader:
+            if not record:  # a blank line: pandas skips it, so it counts as no row
+                pass
+            elif header is None:
+                header = record
+                labels = [(i, LABEL_COLUMNS[name]) for i, name in enumerate(_fold(n) for n in record)
+                          if name in LABEL_COLUMNS]
+            else:
+                rows += 1
+                if labels and reader.line_num > start:  # a record over more than one line
+                    _refuse_swallowed_rows(record, header, labels, sep, path, rows, start, reader.line_num)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        cause = str(exc)
+        if "expected after" in cause:
+            cause = (f"the quote that closes it, on line {reader.line_num}, is followed by more text instead of "
+                     f"{'a tab' if sep == chr(9) else 'a comma'} or the line's end")
+        elif "end of data" in cause:
+            cause = "it is never closed and runs on to the end of the file"
+        where = "the header" if header is None else f"row {rows + 1}; row 1 = the first row after the header"
+        raise UserError(f"{path}: a quoted field opens on line {start} of the file ({where}) and is not closed "
+                        f"properly: {cause}. {_STRAY_QUOTE}") from None
+
+
+def _refuse_swallowed_rows(record: list[str], header: list[str], labels: list[tuple[int, dict]], sep: str,
+                           path: Path, row: int, start: int, end: int) -> None:
+    """Refuse a record one of whose multi-line fields holds a line that is a whole row (`_check_quoted_records`)."""
+    line = start
+    for field in record:
+        pieces = text_lines(field)
+        for offset, piece in enumerate(pieces[:-1]):  # the last piece runs on into the record's own next field
+            fields = next(csv.reader([piece], delimiter=sep), [])
+            if len(fields) == len(header) and all(fields[i].casefold() in spellings for i, spellings in labels):
+                shown = ", ".join(f"{header[i]} {fields[i]!r}" for i, _ in labels)
+                raise UserError(f"{path}: row {row} (row 1 = the first row after the header) holds a quoted text "
+                                f"over lines {start}-{end} of the file, and line {line + offset} inside it, "
+                                f"{piece[:80]!r}, reads as a row of its own ({len(header)} fields, {shown}). "
+                                + _STRAY_QUOTE)
+        line += len(pieces) - 1
+
+
+def _csv_quoted(text: str, path: Path) -> bool:
+    """Whether a tab-separated text is quoted CSV-style: some field is quoted, every field that opens with a
+    quote is a whole quoted field (closed right before a tab or a line end, inner quotes doubled, line breaks
+    allowed inside), and the quoting is a CSV writer's. A writer quotes either every text, the header's names
+    too (R's write.table, csv.QUOTE_ALL), or only the fields that need it, those holding a quote, a tab or a
+    line break (pandas, Python's csv, spreadsheets). So in a file with an unquoted header, "Best. Day. Ever."
+    (a field that needs no quotes) is a quotation, quotes and all; beside fields that do need their quotes it
+    could be either, and the file is refused rather than read one way by guess."""
+    scanned = _quoted_fields(text, "\t")
+    if scanned is None:
+        return False
+    fields, header_quoted = scanned
+    if header_quoted:
+        return True
+    needed = [(line, content) for line, content in fields if any(c in content for c in '"\t\r\n')]
+    plain = [(line, content) for line, content in fields if content and (line, content) not in needed]
+    if needed and plain:
+        raise UserError(f"{path}: its quotes are mixed. Line {needed[0][0]} quotes a field the way a CSV writer "
+                        f"does ({needed[0][1][:40]!r}: it holds a quote, a tab or a line break), but line "
+                        f"{plain[0][0]} quotes one a CSV writer would leave bare ({plain[0][1][:40]!r}), so whether "
+                        "those quotes are part of its text is a guess. If they are, write them CSV-style (the text "
+                        '"Best. Day. Ever." is written """Best. Day. Ever."""); if not, remove them; or save the '
+                        "file as JSONL.")
+    return bool(needed)
+
+
+def _quoted_fields(text: str, sep: str) -> tuple[list[tuple[int, str]], bool] | None:
+    """([(line, content) of each quoted field], whether every field of the first line is quoted), or None when
+    a field opens with a quote that does not close right before a separator, a line end or the end of the text."""
+    field_end = re.compile(f"[{re.escape(sep)}\r\n]")
+    fields: list[tuple[int, str]] = []
+    i, n, line = 0, len(text), 1
+    header_fields = header_quoted = 0
+    while i < n:  # at the start of a field
+        first_line = line == 1
+        if text[i] == '"':
+            j = i + 1
+            while (k := text.find('"', j)) >= 0 and text.startswith('""', k):
+                j = k + 2
+            if k < 0:
+                return None
+            fields.append((line, text[i + 1:k].replace('""', '"')))
+            line += len(text_lines(text[i:k])) - 1
+            i = k + 1
+            if i < n and text[i] not in (sep, "\r", "\n"):
+                return None
+            header_quoted += first_line
+        else:
+            found = field_end.search(text, i)
+            i = found.start() if found else n
+        header_fields += first_line
+        if i < n and text[i] == sep:
+            i += 1
+        elif i < n:  # a line end
+            i += 2 if text.startswith("\r\n", i) else 1
+            line += 1
+    return fields, header_fields > 0 and header_quoted == header_fields
+
+
+def _fold(name) -> str:
+    """A column name as it is matched: case-folded, surrounding spaces dropped (`Text`, ` label`)."""
+    return str(name).strip().casefold()
+
+
+def _known_columns() -> set[str]:
+    return {c for columns in FORMAT_COLUMNS.values() for c in columns} | set(TEXT_COLUMNS) | {"id", "source",
+                                                                                              "rephrase"}
+
+
+def _fold_column_names(frame: pd.DataFrame) -> pd.DataFrame:
+    """`Text,Label` or ` text, label` name the known columns all the same (spreadsheets capitalise headers,
+    hand-written CSVs put a space after each comma): each column whose folded name is a known column name is
+    renamed to it, unless two columns would then share a name (or it is there as it is): that is left for
+    `detect_format`, whose error names them."""
+    known = _known_columns()
+    folded = [_fold(c) for c in frame.columns]
+    renames = {c: f for c, f in zip(frame.columns, folded) if f != c and f in known and folded.count(f) == 1}
+    return frame.rename(columns=renames) if renames else frame
+
+
+def _refuse_nul(frame: pd.DataFrame, path: Path) -> None:
+    """A NUL character is never part of a text, in any format. `inputs.decode_text` refuses one in a file's
+    bytes (a binary or UTF-16 file); this refuses one in the values as read, which a JSON string can spell
+    as the escape \\u0000 in plain ASCII bytes."""
+    for name in frame.columns:
+        if "\x00" in str(name):
+            raise UserError(f"{path}: the column name {str(name)!r} holds a NUL character (\\u0000), which is never "
+                            "part of a name or a text. Remove it.")
+        values = frame[name]
+        # One search of the column's texts joined (a million cells in about 0.03 s); rows only once one is there.
+        if "\x00" not in "".join([v for v in values.to_numpy() if type(v) is str]):
+            continue
+        nul = values.map(lambda v: isinstance(v, str) and "\x00" in v)
+        if nul.any():
+            raise UserError(f"{path}: {int(nul.sum())} {_rows_are(values)}(s) hold a NUL character (\\u0000) in "
+                            f"column {str(name)!r} ({_rows_are(values)}s {row_numbers(values.index[nul])}; "
+                            f"{_first(values)}). A NUL is never part of a text: it marks binary data, and a "
+                            "tokenizer or C library may cut the text at it. Remove it from those texts.")
 
 
 def _read_json(path: Path, lines: bool) -> pd.DataFrame:
@@ -254,6 +404,9 @@ TEXT_COLUMNS = ("text", "tweet", *(text for text, _ in PUBLIC_FORMATS.values()))
 # Each format by the columns that identify it (a file may hold more).
 FORMAT_COLUMNS = {"gen": ("class", "text"), "isarcasmeval": ("tweet", "sarcastic"), "generic": ("text", "label"),
                   **PUBLIC_FORMATS}
+# Each label column by name, with the spellings its format reads.
+LABEL_COLUMNS = {"class": GEN_LABELS, "sarcastic": ISARCASM_LABELS, "label": LABEL_VALUES,
+                 **{label: LABEL_VALUES for _, label in PUBLIC_FORMATS.values()}}
 
 
 def detect_format(frame: pd.DataFrame, path: str | Path | None = None) -> str:
@@ -269,9 +422,23 @@ def detect_format(frame: pd.DataFrame, path: str | Path | None = None) -> str:
     raise UserError(
         f"{opening} columns. Found columns: {list(frame.columns)}; expected one of: GEN (class, id, text), "
         "iSarcasmEval (tweet, sarcastic, rephrase, ...), News Headlines (headline, is_sarcastic), SARC "
-        "(comment, label), or generic (text, label)"
+        "(comment, label), or generic (text, label)" + _folding_clash(frame.columns)
         + (_separator_hint(Path(path)) if path is not None else ".")
     )
+
+
+def _folding_clash(columns) -> str:
+    """Why names that differ from a known column only in case or spaces were not read as it (`_fold_column_names`)."""
+    known = _known_columns()
+    groups: dict[str, list] = {}
+    for name in columns:
+        groups.setdefault(_fold(name), []).append(str(name))
+    clashes = [f"{names} all read as {folded!r}" for folded, names in groups.items()
+               if folded in known and len(names) > 1]
+    if not clashes:
+        return ""
+    return (f". Column names are matched ignoring case and surrounding spaces, and {'; '.join(clashes)}, so which "
+            "one holds the data is a guess: rename or remove the others")
 
 
 def is_empty_text(texts: pd.Series) -> pd.Series:
@@ -279,9 +446,13 @@ def is_empty_text(texts: pd.Series) -> pd.Series:
     return texts.isna() | (texts.astype(str).str.strip() == "")
 
 
-def text_column(frame: pd.DataFrame, path) -> pd.Series:
-    """The texts of a file with or without labels, in any format this module reads (TEXT_COLUMNS);
-    empty texts are an error that lists their rows."""
+def text_column(frame: pd.DataFrame, path, skip_empty: bool = False,
+                log: Callable[[str], None] | None = None) -> pd.Series:
+    """The texts of a file with or without labels, in any format this module reads (TEXT_COLUMNS), on the
+    file's row index. Empty texts are an error that lists their rows; with `skip_empty` they are left out
+    and `log` (stderr when None: predict's stdout is its JSON lines) names them, as a plain text file's
+    blank lines are (a file as distributed may hold one: iSarcasmEval's row 1063). A file of empty texts
+    only is an error either way."""
     found = [c for c in TEXT_COLUMNS if c in frame.columns]
     if len(found) > 1:
         raise UserError(f"{path}: more than one column could hold the texts: {found}. Keep one of them (or rename "
@@ -294,8 +465,13 @@ def text_column(frame: pd.DataFrame, path) -> pd.Series:
     _plain_values(texts, path, "text")
     empty = is_empty_text(texts)
     if empty.any():
-        raise UserError(f"{path}: {int(empty.sum())} {_rows_are(texts)}(s) with an empty text ({_rows_are(texts)}s "
-                        f"{row_numbers(frame.index[empty])}; {_first(texts)}). Remove them or fill them in.")
+        found = (f"{path}: {int(empty.sum())} {_rows_are(texts)}(s) with an empty text ({_rows_are(texts)}s "
+                 f"{row_numbers(frame.index[empty])}; {_first(texts)})")
+        if not skip_empty or empty.all():
+            raise UserError(found + (". Remove them or fill them in." if not empty.all() else ": nothing to score."))
+        (log or (lambda message: print(message, file=sys.stderr)))(found + ": skipped; every other row is "
+                                                                   "scored, in file order.")
+        texts = texts[~empty]
     return texts.astype(str)
 
 
@@ -312,14 +488,14 @@ def _standard(frame: pd.DataFrame, path, fmt: str) -> pd.DataFrame:
     if fmt == "gen":
         _require(frame, ["class", "id", "text"], path, "GEN")
         return pd.DataFrame({
-            "text": frame["text"], "label": _labels(frame["class"], path, {"sarc": 1, "notsarc": 0}),
+            "text": frame["text"], "label": _labels(frame["class"], path, GEN_LABELS),
             "source": "gen", "id": frame["id"].astype(str),
         })
     if fmt == "isarcasmeval":
         _require(frame, ["tweet", "sarcastic"], path, "iSarcasmEval")
         ids = frame[frame.columns[0]] if str(frame.columns[0]).startswith("Unnamed") else pd.Series(frame.index)
         return pd.DataFrame({
-            "text": frame["tweet"], "label": _labels(frame["sarcastic"], path, {"1": 1, "0": 0, "1.0": 1, "0.0": 0}),
+            "text": frame["tweet"], "label": _labels(frame["sarcastic"], path, ISARCASM_LABELS),
             "source": "isarcasmeval", "id": ids.astype(str).values,
         })
     _require(frame, ["text", "label"], path, "generic")
@@ -329,10 +505,13 @@ def _standard(frame: pd.DataFrame, path, fmt: str) -> pd.DataFrame:
     return out
 
 
-def clean(frame: pd.DataFrame, path, strict: bool = False, drop_conflicts: bool = False,
+def clean(frame: pd.DataFrame, path, strict: bool = False, drop_conflicts: bool = True,
           log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Drop (or, with strict, refuse) empty texts and duplicates; conflicting labels are an error
-    unless `drop_conflicts`, in which case every copy of such a text goes, with the rows named."""
+    """Drop (or, with strict, refuse) empty texts, duplicates and texts with conflicting labels, saying how
+    many and which rows. A text given both labels has no right answer to train, select or score on, so every
+    copy of it goes: the rule of `split` (iSarcasmEval as distributed holds five such texts), now of every
+    labelled file, so the raw file reads the same as an evaluation set or mining input as it does in
+    `split`. `drop_conflicts=False` makes conflicts an error without making the rest strict."""
     frame = frame.copy()
     text = frame["text"]
     empty = is_empty_text(text)
@@ -354,6 +533,9 @@ def clean(frame: pd.DataFrame, path, strict: bool = False, drop_conflicts: bool 
                f"(rows {row_numbers(frame.index[conflicting], 20)})")
         if strict or not drop_conflicts:
             raise UserError(msg + ". Fix the labels, or drop these rows (the split stage does so unless --strict).")
+        if conflicting.all():
+            raise UserError(msg + ": every text of the file is given both labels, so none is left to use. Check "
+                            "its label column.")
         log(msg + ": all their copies dropped.")
         frame, key = frame[~conflicting], key[~conflicting]
     dup = key.duplicated(keep="first")
@@ -366,12 +548,18 @@ def clean(frame: pd.DataFrame, path, strict: bool = False, drop_conflicts: bool 
     return frame.reset_index(drop=True)[COLUMNS]
 
 
-def load_table(path: str | Path, fmt: str = "auto", strict: bool = False, drop_conflicts: bool = False,
+def load_table(path: str | Path, fmt: str = "auto", strict: bool = False, drop_conflicts: bool = True,
                log: Callable[[str], None] = print) -> pd.DataFrame:
     """Load GEN, iSarcasmEval or a generic text/label CSV/TSV/JSON/JSONL as the standard table."""
     frame = read_frame(path)
-    fmt = detect_format(frame, path) if fmt == "auto" else fmt
-    return clean(_standard(frame, path, fmt), path, strict=strict, drop_conflicts=drop_conflicts, log=log)
+    return clean(standard_table(frame, path, fmt), path, strict=strict, drop_conflicts=drop_conflicts, log=log)
+
+
+def standard_table(frame: pd.DataFrame, path, fmt: str = "auto") -> pd.DataFrame:
+    """A file's rows (`read_frame`) as the standard table, one row for each, uncleaned: the ids `load_table`
+    gives, on the same index as `frame`, so a column the standard table leaves out (iSarcasmEval's
+    `rephrase`) can be joined back on."""
+    return _standard(frame, path, detect_format(frame, path) if fmt == "auto" else fmt)
 
 
 def load_gen(path, **kw) -> pd.DataFrame:

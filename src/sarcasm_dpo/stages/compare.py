@@ -266,6 +266,10 @@ def load_train(s: CompareSettings, test: pd.DataFrame) -> pd.DataFrame | None:
         raise UserError(
             f"Leakage: {overlap} text(s) of the test split {s.test_csv} also appear in the training split "
             f"{s.train_csv}, so the test scores would be inflated. Re-create the splits with `sarcasm-dpo split`.")
+    if not s.no_baseline:  # now, not after every model was scored: a baseline that cannot train fails the run
+        from ..baseline import check_baseline_train
+
+        check_baseline_train(train["text"], train["label"], s.train_csv)
     return train
 
 

@@ -50,6 +50,8 @@ from ..training.fused_head import project_labelled_positions_only
 
 PRIMARY = "gen_val"  # its F1 picks the saved checkpoint and the best beta
 SECONDARY = "isarcasm_val"  # reported beside it
+# The records' keys above name the roles; messages about a file's content name the file by the setting that gave it.
+VAL_FILES = {PRIMARY: "val_csv", SECONDARY: "isarcasm_val_csv"}
 STATE_FILE = "dpo_state.json"  # in each checkpoint, written last: the checkpoint is complete
 EPOCH_FILE = "dpo_epoch_metrics.json"
 BATCH_FILE = "dpo_batch_metrics.json"
@@ -142,7 +144,8 @@ def train(s, run_name: str | None = None) -> dict:
             summary = build_summary(ctx, data, trained, epochs, saved_diagnostics)
             if ctx.main:
                 write_json(folder / SUMMARY_FILE, summary)
-                finish_output_dir(folder, ctx.config, {"best_step": summary["best_step"], "best_f1": summary["best_f1"],
+                finish_output_dir(folder, ctx.config, {"stage": "dpo", "best_step": summary["best_step"],
+                                                       "best_f1": summary["best_f1"],
                                                        "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir),
                                                        "inputs": ctx.inputs})
         barrier()  # the other processes end when the outputs are in place
@@ -311,8 +314,11 @@ def load_data(s, tokenizer) -> DPOData:
         for name, frame in full_val.items():
             shared = overlap_count(with_text, frame)
             if shared:
-                raise UserError(f"{shared} training pair text(s) also appear in the {name} split; validation F1 would "
-                                "be inflated. Build the pairs from the training split only (sarcasm-dpo split, mine).")
+                # Named by its file: PRIMARY and SECONDARY are the record's keys, whatever file the flag named.
+                flag = VAL_FILES[name]
+                raise UserError(f"{shared} training pair text(s) of {source} also appear in the validation file "
+                                f"{getattr(s, flag)} (--{flag}); validation F1 would be inflated. Build the "
+                                "pairs from the training split only (sarcasm-dpo split, mine).")
     check_pairs(pairs, tokenizer)
     info = {"source": "preference_data" if s.preference_data and not s.pairs else "built", "file": source,
             "pair_style": s.pair_style if not s.preference_data and not s.pairs else "as in the file",
@@ -359,30 +365,51 @@ def preference_pairs(s, tokenizer, val_splits: dict) -> tuple:
 
 
 def with_rephrases(s, train, val_splits: dict):
-    """The training split with its tweets' rephrases, read from the raw iSarcasmEval file the splits were made
-    from (split_info.json beside --train_csv names it and its sha256), else found as `split` finds data; then
-    checked: no tweet or rephrase of one split is a text of another."""
-    from ..atomic import file_sha256, read_json
-    from ..data import ISARCASM_RELPATH, load_split
-    from ..download import ensure_data_dir
-    from ..rephrases import attach_rephrases, check_rephrase_sides, load_rephrases
+    """The training split with its tweets' rephrases, then checked: no tweet or rephrase of one split is a text
+    of another (rephrases.check_rephrase_sides).
 
-    raw = None
-    info_file = Path(s.train_csv).parent / "split_info.json"
+    The rephrases come from the training file's own `rephrase` column where it has one (a file of one's own in
+    the raw iSarcasmEval layout), else from the raw iSarcasmEval file the splits were made from (split_info.json
+    beside --train_csv names it and its sha256; else found as `split` finds data), joined on the row id. The
+    iSarcasmEval validation file's rephrases count in the check too: its own column's, else the raw file's for
+    the tweets it shares with it, matched by text (a plain text,label file carries no raw ids)."""
+    from ..rephrases import attach_by_text, attach_rephrases, check_rephrase_sides, file_rephrases
+
+    raw: list = []  # the raw file's rephrases, read once and only when needed
+
+    def raw_table():
+        if not raw:
+            raw.append(_raw_rephrases(s.train_csv))
+        return raw[0]
+
+    own = file_rephrases(s.train_csv)
+    train = attach_rephrases(train, own if own is not None else raw_table(), "iSarcasmEval training file",
+                             s.train_csv)
+    splits = {"isarcasm_train": train, **val_splits}
+    if SECONDARY in val_splits:
+        own_val = file_rephrases(s.isarcasm_val_csv)
+        val = val_splits[SECONDARY]
+        splits[SECONDARY] = (attach_rephrases(val, own_val, "iSarcasmEval validation file", s.isarcasm_val_csv)
+                             if own_val is not None and len(own_val) else attach_by_text(val, raw_table()))
+    check_rephrase_sides(splits)
+    return train
+
+
+def _raw_rephrases(train_csv):
+    """The rephrases of the raw iSarcasmEval file: the one split_info.json beside `train_csv` names, while its
+    sha256 still matches, else the one `split` would read."""
+    from ..atomic import file_sha256, read_json
+    from ..data import ISARCASM_RELPATH
+    from ..download import ensure_data_dir
+    from ..rephrases import load_rephrases
+
+    info_file = Path(train_csv).parent / "split_info.json"
     if info_file.is_file():
         source = (read_json(info_file).get("sources") or {}).get("isarcasmeval") or {}
         path = Path(source.get("path") or "")
         if source.get("path") and path.is_file() and file_sha256(path) == source.get("sha256"):
-            raw = path
-    if raw is None:
-        raw = ensure_data_dir(None, keys=["isarcasmeval"]) / ISARCASM_RELPATH
-    table = load_rephrases(raw)
-    train = attach_rephrases(train, table, "iSarcasmEval training split")
-    splits = {"isarcasm_train": train, **val_splits}
-    if s.isarcasm_val_csv and Path(s.isarcasm_val_csv).is_file():
-        splits[SECONDARY] = attach_rephrases(load_split(s.isarcasm_val_csv), table, "iSarcasmEval validation split")
-    check_rephrase_sides(splits)
-    return train
+            return load_rephrases(path)
+    return load_rephrases(ensure_data_dir(None, keys=["isarcasmeval"]) / ISARCASM_RELPATH)
 
 
 def sample_rows(frame, s):
@@ -653,7 +680,7 @@ def describe_start(s, data: DPOData, base_ref: str, device, resume_from) -> str:
     info = data.info
     counts = info.get("class_counts") or {}
     classes = f" ({counts.get('sarcastic')} sarcastic, {counts.get('not_sarcastic')} not)" if counts else ""
-    vals = ", ".join(f"{k} {len(v)}" for k, v in data.val_sets.items())
+    vals = ", ".join(f"{len(v)} texts of {getattr(s, VAL_FILES[k])}" for k, v in data.val_sets.items())
     made = (f"--pairs {info['pairs_spec']}: " + ", ".join(f"{k} {v}" for k, v in info["pair_sources"].items())
             if info.get("pairs_spec") else f"{info['pair_style']} style")
     return (f"DPO on {info['used']} preference pairs{classes} from {info['file']} ({made}); "
@@ -690,11 +717,13 @@ def describe_result(summary: dict, out: Path) -> str:
              + (", stopped early" if summary["stopped_early"] else "") + ")."]
     by = summary.get("selected_by", "f1")
     score = "" if by == "f1" else f", {by} {fmt(summary.get('best_score'))}"
+    # The validation file by its path (the record's PRIMARY key names its role, not the file --val_csv gave).
+    val_file = (summary.get("data") or {}).get("val_csv") or "the validation file"
     if summary["improved_over_sft"]:
-        lines.append(f"Best {PRIMARY} evaluation by {by} at step {summary['best_step']}: F1 {fmt(best.get('f1'))}"
+        lines.append(f"Best evaluation on {val_file} by {by} at step {summary['best_step']}: F1 {fmt(best.get('f1'))}"
                      f"{score} (SFT start: F1 {fmt(start.get('f1'))}); that adapter is saved in {out}/.")
     else:
-        lines.append(f"DPO never beat the SFT start on {PRIMARY} {by} (F1 {fmt(start.get('f1'))}{score}); the "
+        lines.append(f"DPO never beat the SFT start on {val_file} by {by} (F1 {fmt(start.get('f1'))}{score}); the "
                      f"saved adapter in {out}/ is the SFT adapter unchanged.")
     lines.append(f"End of training: KL to SFT {fmt(health['kl']['value'], '.4g')} ({health['kl']['verdict']}), "
                  f"reward ratio {fmt(health['reward_ratio']['value'], '.2f')} ({health['reward_ratio']['verdict']}"

@@ -104,15 +104,17 @@ def run(s) -> dict:
     started = time.perf_counter()
     config = dataclasses.asdict(s)
     # Every check on the input runs before anything is written, so a refused run leaves a
-    # previous run's pairs, summary and completion record as they were.
+    # previous run's pairs, summary and completion record as they were. The inputs come first: a missing or
+    # bad input is the problem to report, not that the output file holds another run's pairs (whose
+    # settings differ in input_csv precisely because this one is missing).
     sft_dir = check_adapter_dir(s.sft_model)
     base_ref = adapter_base_model(sft_dir)
-    out_file = Path(s.output_file)
-    inputs = inputs_of(s)
-    check_output_file(out_file, s, s.overwrite, inputs)
     frame = load_split(s.input_csv, "iSarcasmEval training split")
     if s.sample_size:
         frame = stratified_sample(frame, s.sample_size, s.seed)
+    out_file = Path(s.output_file)
+    inputs = inputs_of(s)
+    check_output_file(out_file, s, s.overwrite, inputs)
     check_adapter_fits(sft_dir, base_ref)
 
     from ..metrics import classification_metrics
@@ -167,7 +169,8 @@ def run(s) -> dict:
                         "total_s": round(time.perf_counter() - started, 2)},
         }
         write_json(summary_path(out_file), summary)
-        finish_output_dir(marker, config, {"kept": len(pairs), "output_file": str(out_file), "inputs": inputs})
+        finish_output_dir(marker, config, {"stage": "mine", "kept": len(pairs), "output_file": str(out_file),
+                                           "inputs": inputs})
         tracker.log_summary({"mine": {"kept": len(pairs), "mistakes": int(wrong.sum()), "scored": len(frame),
                                       "sft_accuracy": metrics["accuracy"], "sft_f1": metrics["f1"]}})
         tracker.log_artifact(out_file, name="mined-pairs", type="dataset",

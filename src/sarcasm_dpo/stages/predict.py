@@ -31,7 +31,9 @@ def read_texts(path: str | None) -> list[str]:
     else:
         p = check_input_file(path, "Input file", allow_empty=True)
         if p.suffix.lower() in TABLE_SUFFIXES:
-            return text_column(read_frame(p), path).tolist()
+            # A file as distributed may hold an empty text (iSarcasmEval's row 1063): left out, named on stderr,
+            # as a text file's blank lines are; each output row carries its text.
+            return text_column(read_frame(p), path, skip_empty=True).tolist()
         raw, where = p.read_bytes(), f"Input file {p}"
     return [line for line in text_lines(decode_text(raw, where)) if line.strip()]
 

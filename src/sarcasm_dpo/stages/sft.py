@@ -145,7 +145,7 @@ def run(settings, extra_callbacks=()) -> dict:
             summary = build_summary(ctx, data, trained, params)
             if ctx.main:
                 write_json(folder / SUMMARY_FILE, summary)
-                finish_output_dir(folder, ctx.config, {"best_epoch": summary["best_epoch"],
+                finish_output_dir(folder, ctx.config, {"stage": "sft", "best_epoch": summary["best_epoch"],
                                                        "best_f1": summary["best_val"]["f1"], "inputs": ctx.inputs})
         barrier()  # the other processes end when the outputs are in place
 
@@ -429,10 +429,11 @@ def describe_start(s, data: SFTData, device, params, resume_from) -> str:
 def describe_result(summary: dict, out: Path) -> str:
     best = summary["best_val"]
     minutes, seconds = divmod(int(summary["timings"]["total_s"]), 60)
-    return (f"SFT finished in {minutes}m{seconds:02d}s. The best evaluation by {VAL_SPLIT} "
+    # The validation file by its path: VAL_SPLIT is the record's key for it, whatever file --val_csv named.
+    return (f"SFT finished in {minutes}m{seconds:02d}s. The best evaluation by validation "
             f"{summary['selected_by']} was at epoch {summary['best_epoch']:g} of {summary['epochs_run']:g}: F1 {best['f1']:.3f}, accuracy "
             f"{best['accuracy']:.3f}, precision {best['precision']:.3f}, recall {best['recall']:.3f} on "
-            f"{summary['data']['val']['total']} validation texts. "
+            f"{summary['data']['val']['total']} texts of {summary['data']['val_csv']}. "
             f"Its adapter ({summary['trainable_params']:,} trainable parameters, "
             f"{100 * summary['trainable_share']:.2f}% of the model) is in {out}/, with {METRICS_FILE}, {CURVES_FILE} "
             f"and {SUMMARY_FILE}. Next: sarcasm-dpo dpo --sft_model {out}")
