@@ -178,3 +178,16 @@ def test_help_of_data_download_and_predict_explain_and_show_defaults(capsys):
             main(argv)
         out = capsys.readouterr().out
         assert "default:" in out and says in out
+
+
+def test_predict_input_takes_home_relative_paths_and_dash_for_stdin_and_refuses_empty(tmp_path, monkeypatch):
+    from sarcasm_dpo.stages.predict import read_texts
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "t.txt").write_text("oh great\nfine\n")
+    assert read_texts("~/t.txt") == ["oh great", "fine"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"from stdin\n")))
+    assert read_texts("-") == ["from stdin"]
+    for empty in ("", "  "):
+        with pytest.raises(UserError, match="--input is empty"):
+            read_texts(empty)

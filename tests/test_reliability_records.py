@@ -357,8 +357,11 @@ def test_predict_refuses_a_half_export_and_export_replaces_it(finished, tiny_mod
     assert "is an export that never finished" in captured.err and captured.out == ""
     with pytest.raises(UserError, match="is an export that never finished"):  # compare's --model too
         compare.resolve_base_model(CompareSettings(model=str(half), dpo_model="none"), {})
-    assert main(["export", "--adapter", str(finished), "--output_dir", str(half), "--results", ""]) == 0
-    assert "holds an export that never finished" in capsys.readouterr().err
+    (half / "notes.txt").write_text("mine")  # a file no export writes: refused, not swept away, without --overwrite
+    before = snapshot(half)
+    assert main(["export", "--adapter", str(finished), "--output_dir", str(half), "--results", ""]) == 2
+    assert "holds an export that never finished" in capsys.readouterr().err and snapshot(half) == before
+    assert main(["export", "--adapter", str(finished), "--output_dir", str(half), "--results", "", "--overwrite"]) == 0
     assert read_complete(half) is not None and (half / "README.md").is_file() and missing_outputs(half) == []
 
 

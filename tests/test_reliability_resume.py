@@ -163,3 +163,20 @@ def test_checkpoints_of_other_data_are_not_resumed(tiny_model_dir, tmp_path_fact
     with pytest.raises(UserError, match=r"other settings or data \(differ in: input train_csv\)"):
         sft.run(build(SFTSettings, {**vars(s), "resume": True}))
     assert complete_checkpoints(out) == ["checkpoint-6", "checkpoint-8"]  # refused: nothing was changed
+
+
+def test_a_data_folder_reached_through_a_link_is_the_same_setting(tmp_path):
+    """The checkpoints were made from d1/train.csv; --resume names it through d3, a link to d1: the same
+    files, so the same settings (their contents are compared by checksum apart)."""
+    import os
+
+    from sarcasm_dpo.atomic import settings_and_defaults, settings_differences
+
+    (tmp_path / "d1").mkdir()
+    os.symlink(tmp_path / "d1", tmp_path / "d3")
+    made = SFTSettings(train_csv=str(tmp_path / "d1" / "train.csv"), output_dir=str(tmp_path / "o"))
+    record = {"config": settings_and_defaults(made)[0]}
+    linked = SFTSettings(train_csv=str(tmp_path / "d3" / "train.csv"), output_dir=str(tmp_path / "o"))
+    assert settings_differences(record, linked) == []
+    other = SFTSettings(train_csv=str(tmp_path / "d2" / "train.csv"), output_dir=str(tmp_path / "o"))
+    assert settings_differences(record, other) == ["train_csv"]

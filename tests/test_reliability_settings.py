@@ -135,7 +135,6 @@ def test_set_reads_a_quoted_value_as_yaml_does_and_a_list_setting_from_commas_or
 
 
 @pytest.mark.parametrize("line,shown,kind", [("output_dir: no", "False", "true/false"),
-                                             ("output_dir: 0123", "83", "a number"),
                                              ("output_dir: 1.10", "1.1", "a number"),
                                              ("wandb_project: 2024", "2024", "a number"),
                                              ("lora_targets: [q_proj, 5]", "5", "a number")])
@@ -333,3 +332,42 @@ def test_a_detector_takes_numpy_scalars(tiny_model_dir):
     rows = detector.predict(["Oh great, rain again.", "The meeting was useful.", "fine"])
     assert [r["label"] for r in rows] == [int(r["p_sarcastic"] >= detector.threshold) for r in rows]
     assert detector.threshold == pytest.approx(0.25)
+
+
+def test_yaml_integer_forms_other_than_decimal_are_read_as_the_flags_read_them(tmp_path):
+    """YAML 1.1 reads 0123 as octal 83, 0x10 as 16 and 1:30 as 90; the flags read 0123 as 123 and refuse the
+    others. A file and --set read them as the flags do, and a text setting keeps what was written."""
+    config = tmp_path / "c.yaml"
+    config.write_text("sft:\n  seed: 0123\n  output_dir: 0123\n")
+    sft = settings_from(["sft", "--config", str(config)])
+    assert sft.seed == 123 == settings_from(["sft", "--seed", "0123"]).seed and sft.output_dir == "0123"
+    assert pipeline_from({}, "sft.seed=0123")["sft"].seed == 123
+    for form in ("0x10", "1:30", "0o17"):
+        with pytest.raises(UserError, match=rf"Setting 'grad_accum' expects int, got '{form}'"):
+            pipeline_from({}, f"sft.grad_accum={form}")
+        config.write_text(f"sft:\n  grad_accum: {form}\n")
+        with pytest.raises(UserError, match=rf"Setting 'grad_accum' expects int, got '{form}'"):
+            settings_from(["sft", "--config", str(config)])
+    config.write_text("sft:\n  epochs: 1_0\n  lr: 1e-4\n")  # YAML's own forms of plain numbers still read
+    assert (settings_from(["sft", "--config", str(config)]).epochs, settings_from(["sft", "--config",
+                                                                                 str(config)]).lr) == (10, 1e-4)
+
+
+def test_an_empty_set_value_is_the_empty_text_a_flag_gives():
+    """`--set compare.dpo_model=` skips that model as `--dpo_model ''` does; a path that must name something
+    says it is empty; a quoted list keeps its items, not its quotes."""
+    built = pipeline_from({}, "compare.dpo_model=", "dpo.isarcasm_val_csv=")
+    assert built["compare"].dpo_model == "" and built["dpo"].isarcasm_val_csv == ""
+    with pytest.raises(UserError, match="train_csv is empty"):
+        pipeline_from({}, "sft.train_csv=")
+    assert pipeline_from({}, "sft.lora_targets='q_proj,v_proj'")["sft"].lora_targets == ["q_proj", "v_proj"]
+
+
+def test_the_config_flag_expands_the_home_folder_and_refuses_an_empty_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("sft:\n  epochs: 3\n")
+    assert settings_from(["sft", "--config", "~/c.yaml"]).epochs == 3
+    for empty in ("", " "):  # not "no config": the defaults would run without a word
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["split", "--config", empty])
+        assert "argument --config: config is empty" in capsys.readouterr().err

@@ -239,10 +239,12 @@ def settings_differences(record: dict, config: Any, ignore_keys: tuple[str, ...]
 
 
 def _same_path(a: Any, b: Any) -> bool:
-    """Two path settings that name the same place from here (the files' contents are compared apart)."""
+    """Two path settings that name the same place from here, spelled alike or not (`./d`, an absolute path, a
+    symbolic link to it); the files' contents are compared apart (input_differences)."""
     if not (isinstance(a, str) and isinstance(b, str) and a.strip() and b.strip()):
         return False
-    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+    a, b = (os.path.abspath(os.path.expanduser(p)) for p in (a, b))
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
 
 
 def input_differences(record: dict, inputs: dict | None) -> list[str]:

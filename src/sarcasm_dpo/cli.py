@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     predict.add_argument("--model", default=None, help="Base model: hub id, folder or .gguf (empty: the adapter's base).")
     predict.add_argument("--adapter", default=None, help="LoRA adapter folder (from sft or dpo).")
-    predict.add_argument("--input", default=None, help="Text file (one text per line), or CSV/TSV/JSON/JSONL with a text (or tweet) column; stdin if absent.")
+    predict.add_argument("--input", default=None, help="Text file (one text per line), or CSV/TSV/JSON/JSONL with a text (or tweet) column; stdin if absent or -.")
     predict.add_argument("--batch_size", type=whole_number_flag("batch_size"), default=16,
                          help="Texts per forward pass.")
     predict.add_argument("--max_text_tokens", type=whole_number_flag("max_text_tokens"), default=None,

@@ -30,6 +30,7 @@ import functools
 import math
 import numbers
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -75,7 +76,7 @@ class SetValue(str):
     def read(cls, raw: str) -> "SetValue":
         text = raw.strip()  # as the key is: `--set "sft.lr = 1e-4"`
         try:
-            parsed = yaml.safe_load(text) if text else None
+            parsed = yaml.load(text, Loader=_UniqueKeyLoader) if text else None  # noqa: S506 - a SafeLoader
         except yaml.YAMLError:
             parsed = text
         value = cls(text)
@@ -139,10 +140,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     kinds, optional = _kinds(tp)
     shown = repr(str(value)) if isinstance(value, SetValue) else repr(value)
     if isinstance(value, SetValue):
-        if kinds == [str] and value:  # a text setting: the text typed, unless quoted as YAML quotes it
-            value = value.parsed if isinstance(value.parsed, str) and value[:1] in "'\"" else str(value)
+        quoted = isinstance(value.parsed, str) and value[:1] in "'\""  # 'a b', "x": the text inside the quotes
+        if kinds == [str]:  # a text setting: the text typed (`KEY=` is "", as the flag's '' is)
+            value = value.parsed if quoted else str(value)
         elif typing.get_origin(kinds[0]) is list and not isinstance(value.parsed, list):
-            value = str(value)  # `a,b` (split below as a flag's text is) rather than what YAML makes of it
+            # `a,b` (split below as a flag's text is) rather than what YAML makes of it
+            value = value.parsed if quoted else str(value)
         else:
             value = value.parsed
     if value is None:
@@ -204,9 +207,18 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def config_file_flag(text: str) -> str:
+    """--config's argparse type: the path rule of every path setting (`_path`: `~` expanded, an empty or blank
+    value refused; it would otherwise run on the defaults without a word), as argparse's own error."""
+    try:
+        return _path("config", text, may_be_empty=False)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field; defaults are suppressed so we can tell what the user actually typed."""
-    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", type=config_file_flag,
                         help="YAML settings file (see configs/); flags given here override it.")
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -261,6 +273,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                                         "later copy would replace the earlier)", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        """A plain decimal integer is that number; YAML 1.1's other integer forms stay the text written (`0123`
+        is octal 83 there, `0x10` 16, `1:30` 90), which a whole-number setting then reads as its flag does
+        (`whole_number`: 123, refused, refused) and a text setting keeps (`output_dir: 0123`)."""
+        text = self.construct_scalar(node)
+        if re.fullmatch(r"[-+]?(0|[1-9][0-9_]*)", text):
+            return int(text.replace("_", ""))
+        return text
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -24,6 +24,8 @@ i.e. iff p >= p_cf: with two labels the calibration is exactly the threshold p_c
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -228,7 +230,10 @@ _DAMAGED = ("It records the model's decision threshold, chosen on validation by 
 
 
 def _checked(record, path: Path) -> dict:
-    value = record.get("threshold") if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} holds JSON {type(record).__name__} {json.dumps(record)[:40]}, where an object with "
+                        f"the decision threshold belongs. {_DAMAGED}")
+    value = record.get("threshold")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise UserError(f"{path} holds no decision threshold in [0, 1] (found {value!r}). {_DAMAGED}")
     return record

@@ -338,7 +338,9 @@ def run(s) -> dict:
                 "validation": _validation_block(stage_record), "training_config": stage_record.get("config"),
                 "dpo_kept_sft": stage == "dpo" and stage_record.get("improved_over_sft") is False}
         check_adapter_fits(adapter, base)
-        check_output_dir(out, config, overwrite=s.overwrite or half_export(out))
+        if not s.overwrite:
+            refuse_half_export(out)
+        check_output_dir(out, config, overwrite=s.overwrite)
         print(f"[export] merging {adapter} into {base} -> {out} ({s.dtype})")
         model, tokenizer = load_model(base, adapter=str(adapter), device=torch.device("cpu"))
         merged = model.merge_and_unload().to(getattr(torch, s.dtype))
@@ -355,15 +357,17 @@ def run(s) -> dict:
     return {"output_dir": str(out), "pushed": pushed}
 
 
-def half_export(out: Path) -> bool:
-    """An export that an older version stopped while writing into the folder itself: sarcasm_dpo.json, no
-    COMPLETE.json. Nothing in it is usable (predict refuses it), so it is replaced without --overwrite."""
+def refuse_half_export(out: Path) -> None:
+    """An export that an older version stopped while writing into the folder itself (sarcasm_dpo.json, no
+    COMPLETE.json) is named as such. It is still refused without --overwrite, as any folder no finished run
+    of ours holds: nothing says the other files in it are the export's (the swap would replace them all)."""
     from ..atomic import read_complete
 
     if out.is_dir() and (out / EXPORT_INFO).is_file() and read_complete(out) is None:
-        print(f"Note: {out} holds an export that never finished (no COMPLETE.json); it is replaced.", file=sys.stderr)
-        return True
-    return False
+        others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        raise UserError(f"{out} holds an export that never finished ({EXPORT_INFO} but no COMPLETE.json; files: "
+                        f"{', '.join(others[:8])}{', ...' if len(others) > 8 else ''}). Pass --overwrite to replace "
+                        "everything in it with this export, or choose another --output_dir.")
 
 
 def write_export(out: Path, merged, tokenizer, config: dict, info: dict) -> None:

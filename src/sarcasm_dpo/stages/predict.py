@@ -11,6 +11,7 @@ Input is a text file (one text per line), a data file with a text column (`text`
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from ..errors import UserError
@@ -26,6 +27,11 @@ def read_texts(path: str | None) -> list[str]:
     from ..data import TABLE_SUFFIXES, read_frame, text_column
     from ..inputs import check_input_file, decode_text, text_lines
 
+    if path is not None:  # the path rule of every path setting (config._path), and `-` for stdin, as Unix tools take it
+        if not path.strip():
+            raise UserError("--input is empty: name the file to classify, or leave --input out (or give -) to read "
+                            "standard input.")
+        path = None if path == "-" else os.path.expanduser(path)
     if path is None:
         raw, where = sys.stdin.buffer.read(), "Standard input"
     else:
