@@ -116,12 +116,11 @@ def run_section(name: str) -> int:
 
 def make_splits(data_dir: str | Path, out: Path) -> Path:
     """`sarcasm-dpo split` into `out` (reused when it is already complete for the same settings)."""
-    from sarcasm_dpo.atomic import is_complete_for
     from sarcasm_dpo.settings import SplitSettings
-    from sarcasm_dpo.stages.pipeline import run_stage
+    from sarcasm_dpo.stages.pipeline import finished_here, run_stage
 
     settings = SplitSettings(data_dir=str(data_dir), output_dir=str(out), no_wandb=True, overwrite=True)
-    if not is_complete_for(out, settings):
+    if not finished_here("split", settings)[0]:  # the pipeline's rule: settings, input checksums, whole files
         run_stage("split", settings)
     return out
 

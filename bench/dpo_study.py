@@ -106,8 +106,8 @@ def _gain(start: dict, end: dict) -> float | None:
 
 
 def select(args) -> int:
-    from sarcasm_dpo.atomic import is_complete_for, write_json
-    from sarcasm_dpo.stages.pipeline import run_stage
+    from sarcasm_dpo.atomic import write_json
+    from sarcasm_dpo.stages.pipeline import finished_here, run_stage
 
     out = Path(args.output)
     result = json.loads(out.read_text()) if out.is_file() else {}
@@ -125,7 +125,7 @@ def select(args) -> int:
     for source, beta, lr in grid:
         tag, settings = run_settings(args, source, beta, lr)
         folder = Path(settings.output_dir)
-        if is_complete_for(folder, settings):
+        if finished_here("dpo", settings)[0]:  # the pipeline's rule: same settings, SFT adapter and splits, whole
             print(f"[study] {tag}: complete for these settings, reused", flush=True)
             seconds = (runs.get(tag) or {}).get("seconds")
         else:

@@ -107,15 +107,14 @@ def run_stages(stages: dict, force: bool) -> tuple[dict, dict]:
     """Run sft -> dpo -> compare through the pipeline's runner; reuse a stage already complete for its settings."""
     import json
 
-    from sarcasm_dpo.atomic import is_complete_for
     from sarcasm_dpo.stages import STAGES
-    from sarcasm_dpo.stages.pipeline import run_stage
+    from sarcasm_dpo.stages.pipeline import finished_here, run_stage
 
     seconds, outputs = {}, {}
     redo = force
     for name, settings in stages.items():
         folder = Path(settings.output_dir)
-        if not redo and is_complete_for(folder, settings):
+        if not redo and finished_here(name, settings)[0]:  # the pipeline's rule: settings, inputs, whole files
             print(f"[quality] {name}: {folder} is complete for these settings; reused (--force to redo).")
             record = json.loads((folder / STAGES[name].record).read_text())
             took = (record.get("timings") or {}).get("total_s")

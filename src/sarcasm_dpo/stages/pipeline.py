@@ -173,18 +173,18 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
         stale = checkpoint_input_differences(out, stage.inputs_of(settings)) if stopped else []
         interrupted = stopped and not stale
         # Once a stage has run, everything after it runs too: its inputs just changed.
-        if not pipe.force and not ran and not interrupted and is_complete_for(out, settings) \
-                and same_inputs(name, settings, out):
-            damaged = damaged_record(name, out, stage.record)
-            if damaged is None:
+        if not pipe.force and not ran and not interrupted:
+            complete, damaged = finished_here(name, settings)
+            if complete:
                 print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to "
                       "redo).")
                 skipped.append(name)
                 if name == REPORTED:
                     result = read_json(out / stage.record, expect=dict)
                 continue
-            print(f"[pipeline] {name}: {damaged.path} is damaged: {damaged.problem}; the stage counts as not "
-                  "complete and runs again.")
+            if damaged is not None:
+                print(f"[pipeline] {name}: {damaged.path} is damaged: {damaged.problem}; the stage counts as not "
+                      "complete and runs again.")
         # Replacing a finished run of this stage is the pipeline's job (its settings changed); files no run of
         # ours wrote are another matter: the stage refuses them, as it does on its own, unless --overwrite.
         ours = read_complete(out) is not None or stopped
@@ -204,6 +204,21 @@ def run_stages(pipe, stages: dict, order: list[str]) -> dict:
     if result:
         print(headline(result))
     return {"ran": ran, "skipped": skipped, "compare": result}
+
+
+def finished_here(name: str, settings) -> tuple[bool, DamagedRecord | None]:
+    """(Does stage `name`'s output hold its finished run of these settings, from these inputs, whole?, the damage
+    that stops a finished run counting, if that is why not). The one rule for reusing a stage's output instead of
+    running it: the pipeline's skip, and the bench drivers' reuse of their runs.
+
+        python -c "from sarcasm_dpo.stages.pipeline import finished_here; help(finished_here)"
+    """
+    stage = STAGES[name]
+    out = Path(stage.marker_dir(settings))
+    if not is_complete_for(out, settings) or not same_inputs(name, settings, out):
+        return False, None
+    damaged = damaged_record(name, out, stage.record)
+    return damaged is None, damaged
 
 
 def damaged_record(name: str, out: Path, record: str | None) -> DamagedRecord | None:
