@@ -99,7 +99,7 @@ def stage_settings(args, model: str, splits: Path, out: Path) -> dict:
         args.config, CompareSettings, "compare", **shared, model=model, test_csv=str(splits / "gen_test.csv"),
         train_csv=str(splits / "gen_train.csv"), sft_model=str(out / "sft"), dpo_model=str(out / "dpo"),
         sample_size=args.test_samples or None, extra_test=[f"{EXTRA}={splits / 'isarcasm_val.csv'}"],
-        output_dir=str(out / "compare"), n_bootstrap=args.n_bootstrap)
+        output_dir=str(out / "compare"), n_bootstrap=args.n_bootstrap, overwrite=True)  # its own folder, as above
     return {"sft": sft_s, "dpo": dpo_s, "compare": compare_s}
 
 

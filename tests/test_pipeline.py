@@ -161,6 +161,7 @@ def test_a_stage_trained_from_files_rewritten_since_runs_again(tiny_model_dir, s
     """Settings name the files by path; a stage's COMPLETE.json also records their checksums. A pipeline
     stopped after the split was made again (other settings), or after SFT was retrained, left SFT (or DPO)
     folders whose settings match but whose inputs do not: they run again instead of being skipped."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     monkeypatch.chdir(ROOT)
@@ -179,7 +180,9 @@ def test_a_stage_trained_from_files_rewritten_since_runs_again(tiny_model_dir, s
 
     # SFT's weights replaced (a retrained SFT): DPO, which starts from them, and compare run again.
     weights = work / "sft" / "adapter_model.safetensors"
-    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)
+    with safe_open(weights, "pt") as handle:  # the same header, so the same size: only the values differ
+        metadata = handle.metadata()
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights, metadata=metadata)
     retrained = pipeline(capsys, config, small_data_dir, "--set", "split.test_size=0.25")
     assert retrained.returncode == 0, retrained.stderr[-2000:]
     assert "ran dpo, compare; skipped split, sft." in retrained.stdout, retrained.stdout[-2000:]

@@ -404,3 +404,19 @@ def test_a_stopped_predict_says_what_it_leaves_and_what_a_rerun_does(tmp_path, c
     assert [json.loads(line)["text"] for line in captured.out.splitlines()] == ["one"]
     assert ("predict stopped after 1 of 3 texts: the 1 rows printed are whole JSON lines, in input order; a rerun "
             "scores every text again; to score only the rest, give it the texts after the first 1.") in captured.err
+
+
+def test_weights_cut_short_count_as_an_incomplete_folder_but_an_edited_record_does_not(finished, tmp_path):
+    """A copy that cut the weights short is not a finished run (the pipeline would skip it, export keep it);
+    a record edited by hand (threshold.json) is the user's right, and its own reader checks what it holds."""
+    copy = _copy(finished, tmp_path)
+    (copy / "threshold.json").write_text(json.dumps({"threshold": 0.25, "criterion": "by hand"}))
+    assert missing_outputs(copy) == []
+    weights = copy / "adapter_model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as handle:
+        handle.truncate(size - 100)
+    assert missing_outputs(copy) == ["adapter_model.safetensors"]
+    with pytest.raises(UserError, match=rf"is gone or cut short: adapter_model\.safetensors \({size - 100} bytes, "
+                                        rf"{size} when the run finished\)"):
+        atomic.require_whole(copy)

@@ -370,4 +370,4 @@ def test_the_config_flag_expands_the_home_folder_and_refuses_an_empty_path(tmp_p
     for empty in ("", " "):  # not "no config": the defaults would run without a word
         with pytest.raises(SystemExit):
             build_parser().parse_args(["split", "--config", empty])
-        assert "argument --config: config is empty" in capsys.readouterr().err
+        assert "argument --config: --config is empty: name the YAML file" in capsys.readouterr().err

@@ -353,8 +353,9 @@ class IncompleteOutputs(DamagedRecord):
         rerun = (f"run `sarcasm-dpo {stage}` again into it (the same settings redo the run)" if stage
                  else "run the stage that wrote it again")
         one = len(missing) == 1
+        cut = any(why not in ("missing", "not a file") for _, why in missing)  # a weights file of another size
         problem = (f"its COMPLETE.json says the run finished, but {'a file' if one else 'files'} the run left there "
-                   f"{'is' if one else 'are'} gone: {listed}")
+                   f"{'is' if one else 'are'} gone{' or cut short' if cut else ''}: {listed}")
         fix = (f"Nothing reads the folder without {'it' if one else 'them'} (defaults would stand in for what "
                f"{'it records' if one else 'they record'}). Copy the whole folder again from where it was made, "
                f"or {rerun}.")
@@ -396,11 +397,11 @@ def _missing(folder: Path, record: dict | None) -> list[tuple[str, str]]:
     listed = record.get("files")
     if not isinstance(listed, dict):  # a marker from before the list: the files such a run always wrote
         return [(name, "missing") for name in _legacy_expected(folder, record)]
-    # Presence only; the sizes are recorded for people and tools comparing copies. A file of another size is
-    # not refused here: editing a record by hand (threshold.json) is the user's right, and one cut short by a
-    # copy is refused, with what is wrong with it, by its own reader (read_json, check_safetensors).
+    # Presence, and the size of weights files: a record of another size is not refused here (editing one by
+    # hand, threshold.json say, is the user's right, and one cut short is refused by its reader, read_json),
+    # but weights are never edited, and weights cut short by a copy would count as a finished run to skip.
     missing = []
-    for name in listed:
+    for name, size in listed.items():
         try:
             found = (folder / name).stat()  # through a link, as the readers open it
         except OSError:
@@ -408,7 +409,12 @@ def _missing(folder: Path, record: dict | None) -> list[tuple[str, str]]:
             continue
         if not stat.S_ISREG(found.st_mode):
             missing.append((name, "not a file"))
+        elif name.endswith(_WEIGHTS_SUFFIXES) and isinstance(size, int) and found.st_size != size:
+            missing.append((name, f"{found.st_size} bytes, {size} when the run finished"))
     return missing
+
+
+_WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 # A training stage's markers (sft, dpo, a beta sweep) carry its best validation score; those of older versions

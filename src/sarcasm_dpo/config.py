@@ -171,7 +171,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if inner is str and _typed_by_yaml(value):
         raise UserError(f"Setting '{name}' expects text, got {shown}, which YAML reads as "
                         f"{'true/false' if isinstance(value, bool) else 'a number'} (so `no` would become False and "
-                        f"`0123` 83): put the value in quotes to keep it as text (in a config file: {name}: "
+                        f"`1.10` 1.1): put the value in quotes to keep it as text (in a config file: {name}: "
                         "\"...\").")
     try:
         if typing.get_origin(inner) is list:
@@ -210,6 +210,8 @@ def _hints(cls: type) -> dict[str, Any]:
 def config_file_flag(text: str) -> str:
     """--config's argparse type: the path rule of every path setting (`_path`: `~` expanded, an empty or blank
     value refused; it would otherwise run on the defaults without a word), as argparse's own error."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("--config is empty: name the YAML file, or leave --config out.")
     try:
         return _path("config", text, may_be_empty=False)
     except UserError as exc:
