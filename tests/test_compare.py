@@ -315,11 +315,14 @@ def test_dpo_that_kept_the_sft_adapter_is_named_in_plot_and_table(setup, capsys,
     monkeypatch.setattr(plots, "plot_comparison", lambda *a, **kw: titles.append(kw["title"]) or real_plot(*a, **kw))
     kept = make_adapter(setup["model"], tmp_path / "dpo_kept", seed=1, summary={"improved_over_sft": False})
     (kept / "training_summary.json").rename(kept / "dpo_training_summary.json")
+    from sarcasm_dpo.thresholds import write_threshold
+
+    write_threshold(kept, {"threshold": 0.6, "split": "gen_val"})  # so a block at the models' own thresholds follows
     results = run(settings(setup, tmp_path / "out", dpo_model=str(kept), skip_base=True, no_baseline=True,
                            sample_size=10))
     out = capsys.readouterr().out
     assert results["dpo_kept_sft"] is True
-    assert "DPO = SFT: early stopping kept the SFT adapter" in out
+    assert out.count("DPO = SFT: early stopping kept the SFT adapter") == 2  # under both blocks
     assert "DPO = SFT: early stopping kept the SFT adapter" in titles[-1]
     # A DPO run that did improve (the shared full run's adapter has no such record) gets no such note.
     assert run(settings(setup, tmp_path / "out2", skip_base=True, no_baseline=True, sample_size=10))["dpo_kept_sft"] is False
@@ -412,14 +415,14 @@ def test_baselines_directly():
 
 
 def test_an_adapter_trained_at_another_text_length_is_named(tmp_path):
-    from sarcasm_dpo.stages.compare import note_text_lengths
+    from sarcasm_dpo.detector import note_text_lengths
 
     for name, length in (("sft", 128), ("dpo", 256), ("old", None)):
         (tmp_path / name).mkdir()
         config = {"model": "m"} if length is None else {"model": "m", "max_text_tokens": length}
         (tmp_path / name / "training_summary.json").write_text(json.dumps({"config": config}))
     lines = []
-    note_text_lengths({n: tmp_path / n for n in ("sft", "dpo", "old")}, 256, printer=lines.append)
+    note_text_lengths({n: tmp_path / n for n in ("sft", "dpo", "old")}, 256, "comparison", printer=lines.append)
     assert len(lines) == 1 and "sft" in lines[0] and "--max_text_tokens 128" in lines[0]
 
 

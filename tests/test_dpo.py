@@ -340,6 +340,25 @@ def test_early_stopping_fires_on_a_plateau(toy):
     assert (out / "COMPLETE.json").is_file() and not (out / "checkpoints").exists()
 
 
+def test_a_run_that_keeps_its_sft_start_keeps_the_sft_threshold(toy, tmp_path):
+    """The saved adapter is then the SFT adapter: it decides at SFT's threshold, not at one chosen again on this
+    run's (here smaller) validation sample, so compare cannot show a gain between two copies of one model."""
+    import shutil
+
+    from sarcasm_dpo.stages import dpo
+    from sarcasm_dpo.thresholds import read_threshold, write_threshold
+
+    sft = tmp_path / "sft"
+    shutil.copytree(toy.sft, sft)
+    write_threshold(sft, {"threshold": 0.4321, "criterion": "balanced_accuracy", "split": "gen_val", "n": 32})
+    out = tmp_path / "dpo"
+    summary = dpo.run(dpo_settings(toy, out, sft_model=str(sft), lr=1e-9, epochs=1, eval_steps=1, patience=1,
+                                   sample_size=16, probe_size=8, val_sample_size=8))
+    assert summary["best_step"] == 0
+    record = read_threshold(out)
+    assert record["threshold"] == 0.4321 and record["inherited_from"] == str(sft.resolve())
+
+
 def test_divergence_stops_with_the_step_the_fix_and_the_metrics_so_far(toy):
     """DPO's divergence is the same TrainingDiverged as SFT's (resilience.py): a UserError naming the step,
     the update, the checkpoint kept and the settings to change, with the batch metrics up to it on disk."""

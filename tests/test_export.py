@@ -68,15 +68,20 @@ def test_export_loads_in_plain_transformers_with_the_adapter_probabilities(adapt
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "license: other" in card and "Intended use and limits" in card
     assert "Is the following text sarcastic?" in card and "no test-set figures" in card
-    # The card's five lines of plain transformers give the same probability.
+    # The card's eight lines of plain transformers give the same probability, for a text past the recorded length
+    # (64 tokens) too: they cut it as training and predict do.
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("THIS_FOLDER", str(out))
-    assert len(code.strip().splitlines()) == 5
-    exec(compile(code, "card", "exec"), {})
-    p_card = float(capsys.readouterr().out.strip().split()[-2])
+    assert len(code.strip().splitlines()) == 8
     from sarcasm_dpo.scoring import Scorer
 
-    assert p_card == pytest.approx(float(Scorer(plain, tokenizer).predict_proba(["Oh great, another Monday."])[0]),
-                                   abs=1e-5)
+    long_text = "Oh great, another Monday, " * 30
+    for text in ("Oh great, another Monday.", long_text):
+        exec(compile(code.replace("'Oh great, another Monday.'", repr(text)), "card", "exec"), {})
+        p_card = float(capsys.readouterr().out.strip().split()[-2])
+        expected = Scorer(plain, tokenizer, max_text_tokens=info["max_text_tokens"]).predict_proba([text])[0]
+        assert p_card == pytest.approx(float(expected), abs=1e-5)
+    assert Scorer(plain, tokenizer, max_text_tokens=10**6).predict_proba([long_text])[0] != pytest.approx(p_card,
+                                                                                                         abs=1e-5)
 
     # predict reads the export like any model folder.
     texts = tmp_path / "texts.txt"
@@ -159,6 +164,11 @@ def test_the_threshold_chosen_on_validation_travels_into_the_export(adapter_dir,
     card = (out / "README.md").read_text()
     assert f"P(sarcastic) >= {record['threshold']}" in card and "never on the test split" in card
     assert f"| SFT (this model) | {record['threshold']:.3f} | {at_own['accuracy']:.3f}" in card
+    # The validation line names the cut its figures are at, and adds the validation figures at the threshold.
+    val = record["val_metrics_at_threshold"]
+    assert "labelled at P(sarcastic) >= 0.500: accuracy" in card
+    assert (f"At this model's threshold, {record['threshold']:.3f}: accuracy {val['accuracy']:.3f}, "
+            f"F1 {val['f1']:.3f}") in card
     capsys.readouterr()
     texts = tmp_path / "texts.txt"
     texts.write_text("oh great another monday\n")

@@ -160,3 +160,13 @@ def test_the_raw_isarcasmeval_file_is_mined_as_distributed(toy, shared_data, tmp
     assert "5 text(s) appear with conflicting labels (rows 18, 25" in printed and "all their copies dropped" in printed
     assert "1 row(s) with an empty text (rows 1063): dropped." in printed
     assert summary["counts"]["scored"]["total"] == 12 == summary["counts"]["kept"]["total"]
+
+
+def test_mining_at_another_text_length_than_the_adapter_was_trained_with_says_so(toy, capsys):
+    """Mining scores with the adapter at --max_text_tokens; a length other than its run's is named, as compare
+    and DPO name it, so long texts scored on a prompt it never saw do not go by unremarked."""
+    mine(toy, "same", filter_strategy="all", max_text_tokens=256)
+    assert "was trained and validated with" not in capsys.readouterr().out
+    mine(toy, "short", filter_strategy="all", max_text_tokens=64)
+    out = capsys.readouterr().out
+    assert "Note: the SFT adapter" in out and "--max_text_tokens 256" in out and "mining run cuts texts at 64" in out

@@ -141,7 +141,7 @@ def test_every_reader_refuses_a_finished_folder_that_lost_a_file(finished, tmp_p
 
 def test_the_record_and_threshold_readers_refuse_on_their_own(finished, tmp_path):
     """Readers called without check_adapter_dir first (compare's leakage and length checks, the threshold)."""
-    from sarcasm_dpo.detector import recorded_text_tokens
+    from sarcasm_dpo.detector import note_text_lengths, recorded_text_tokens
     from sarcasm_dpo.stages import compare
     from sarcasm_dpo.thresholds import read_threshold
 
@@ -156,7 +156,7 @@ def test_the_record_and_threshold_readers_refuse_on_their_own(finished, tmp_path
     (copy / "training_summary.json").unlink()
     for read in (lambda: recorded_text_tokens(None, str(copy)),
                  lambda: compare.check_not_seen(test, "test.csv", {"sft": copy}),
-                 lambda: compare.note_text_lengths({"sft": copy}, 256)):
+                 lambda: note_text_lengths({"sft": copy}, 256, "comparison")):
         with pytest.raises(UserError, match=r"training_summary\.json \(missing\)"):  # not skipped, not defaulted
             read()
 

@@ -137,6 +137,20 @@ def recorded_text_tokens(model: str | None, adapter: str | None = None) -> int |
     return None
 
 
+def note_text_lengths(adapters: dict, max_text_tokens: int, doing: str, printer: Callable[[str], None] = print) -> None:
+    """One line per adapter whose run recorded another text length than this `doing` ("comparison", "DPO run",
+    "mining run") cuts texts at: every text still gets one prompt here, but a long one not the prompt the
+    adapter was trained, and its threshold chosen, on. Called by every stage that loads an adapter at a
+    --max_text_tokens of its own; `predict` and SarcasmDetector take the recorded length instead."""
+    for name, folder in adapters.items():
+        trained_at = recorded_text_tokens(None, str(folder))
+        if trained_at is not None and trained_at != max_text_tokens:
+            printer(f"Note: {name} ({folder}) was trained and validated with --max_text_tokens {trained_at}; this "
+                    f"{doing} cuts texts at {max_text_tokens}, so longer texts get a prompt it was not trained on "
+                    f"and its threshold not chosen on. Pass --max_text_tokens {trained_at} (or the config it was "
+                    "trained with) to use it as it was validated.")
+
+
 def _warn(message: str) -> None:
     print(message, file=sys.stderr)  # stdout may carry predict's JSON lines: notes go beside them
 

@@ -10,6 +10,9 @@ one forward pass.
 
 from __future__ import annotations
 
+import functools
+import re
+
 from .errors import UserError
 
 QUESTION = (
@@ -33,6 +36,31 @@ def require_chat_template(tokenizer, model_name: str = "this model") -> None:
         )
 
 
+# A zero-width space inside a special token's spelling: the tokenizer then reads the characters, not the token.
+_BREAK = "\u200b"
+
+
+@functools.lru_cache(maxsize=16)
+def _special_pattern(spellings: tuple[str, ...]) -> re.Pattern | None:
+    return re.compile("|".join(map(re.escape, spellings))) if spellings else None
+
+
+def plain_text(tokenizer, text: str) -> str:
+    """`text` with every spelling of one of the tokenizer's special tokens broken by a zero-width space.
+
+    A tokenizer reads "<|im_start|>" inside a text as the control token itself, so a text could close the
+    user turn and forge an assistant answer in the prompt; and cutting a long text (`truncate_text`, which
+    decodes without special tokens) would drop the markers, so one text would be read two ways by length.
+    Broken this way the characters stay visible to the model as characters, in every stage alike."""
+    spellings = tuple(sorted({str(t) for t in getattr(tokenizer, "all_special_tokens", []) or []}
+                             | {t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+                                if getattr(t, "special", False)}, key=len, reverse=True))
+    pattern = _special_pattern(tuple(t for t in spellings if t))
+    if pattern is None or not pattern.search(text):
+        return text
+    return pattern.sub(lambda m: m.group(0)[0] + _BREAK + m.group(0)[1:], text)
+
+
 def truncate_text(tokenizer, text: str, max_text_tokens: int) -> str:
     """Cut a text to at most `max_text_tokens` tokens; the prompt around it is never cut."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -47,7 +75,8 @@ def build_prompt(tokenizer, text: str, max_text_tokens: int = 256) -> str:
     This is the definition `build_prompts` reproduces in bulk (and checks it does, see `prompt_frame`);
     stages build their prompts with `build_prompts`, which also fits them to a training length.
     """
-    messages = [{"role": "user", "content": QUESTION.format(text=truncate_text(tokenizer, str(text), max_text_tokens))}]
+    text = truncate_text(tokenizer, plain_text(tokenizer, str(text)), max_text_tokens)
+    messages = [{"role": "user", "content": QUESTION.format(text=text)}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -66,7 +95,7 @@ def build_prompts(tokenizer, texts, max_text_tokens: int = 256, room=None) -> li
     to its first token (and the " ..." that marks a cut) leaves no room, it is a UserError naming how far
     to raise --max_length for every text to fit.
     """
-    texts = [str(t) for t in texts]
+    texts = [plain_text(tokenizer, str(t)) for t in texts]
     frame = prompt_frame(tokenizer)
     if frame is None:  # a template that alters the text it is given: render each prompt
         prompts = [build_prompt(tokenizer, t, max_text_tokens) for t in texts]

@@ -49,6 +49,7 @@ import pandas as pd
 from .. import baseline, data, metrics, models
 from .. import rundir
 from ..atomic import check_output_dir, finish_output_dir, read_complete, write_csv, write_json
+from ..detector import note_text_lengths
 from ..errors import UserError
 from ..settings import CompareSettings, default_of
 
@@ -72,7 +73,7 @@ def run(settings: CompareSettings) -> dict:
     # --- setup: every check on the user's input happens here, before a model is loaded ---
     adapters = resolve_adapters(s)
     recorded = recorded_thresholds(adapters)
-    note_text_lengths(adapters, s.max_text_tokens)
+    note_text_lengths(adapters, s.max_text_tokens, "comparison")
     base_ref = resolve_base_model(s, adapters)
     for folder in adapters.values():
         # Reads shapes only; refusing here keeps a previous comparison in --output_dir as it was.
@@ -198,20 +199,6 @@ def warn_if_dpo_from_other_sft(dpo_dir: Path, sft_dir: Path) -> None:
 
 
 OWN = "at_validation_threshold"  # the results block that decides each model at its own recorded threshold
-
-
-def note_text_lengths(adapters: dict[str, Path], max_text_tokens: int, printer=print) -> None:
-    """One line per adapter trained with another text length than this comparison cuts texts at: every
-    model is scored at one length (a fair comparison), but not the one its threshold was chosen at."""
-    from ..detector import recorded_text_tokens
-
-    for name, folder in adapters.items():
-        trained_at = recorded_text_tokens(None, str(folder))
-        if trained_at is not None and trained_at != max_text_tokens:
-            printer(f"Note: {name} ({folder}) was trained and validated with --max_text_tokens {trained_at}; this "
-                    f"comparison cuts texts at {max_text_tokens}, so longer texts get a prompt its threshold was "
-                    f"not chosen on. Pass --max_text_tokens {trained_at} (or the config it was trained with) to "
-                    "score it as it was validated.")
 
 
 def recorded_thresholds(adapters: dict[str, Path]) -> dict[str, dict]:
@@ -567,6 +554,8 @@ def format_report(results: dict) -> str:
     if own:
         parts += [f"\nThe same items, each model at its own validation threshold ({own_thresholds(own)})",
                   format_table(own["models"]), *format_verdicts(own)]
+        if results.get("dpo_kept_sft"):
+            parts.append(f"  {KEPT_SFT_NOTE}.")
     for name, block in results["extra_tests"].items():
         parts += [f"\nExtra test set {name}: {block['test_set']['path']} ({block['test_set']['n']} items)",
                   format_table(block["models"]), *format_verdicts(block)]

@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import clear_complete, finish_output_dir, read_json, write_json
+from ..detector import note_text_lengths
 from ..errors import UserError
-from ..thresholds import THRESHOLD_FILE, write_threshold
+from ..thresholds import THRESHOLD_FILE, read_threshold, write_threshold
 from ..training.checkpoints import CHECKPOINTS
 from ..training.diagnostics import DEFINITIONS
 from ..run_context import RunContext
@@ -111,7 +112,7 @@ def train(s, run_name: str | None = None) -> dict:
             print(f"{ctx.out} already holds the finished run of these settings; nothing to resume.")
         return read_json(ctx.out / SUMMARY_FILE)
     tokenizer = load_tokenizer(ctx.model)
-    check_text_budget(sft_dir, s.max_text_tokens)
+    note_text_lengths({"the SFT adapter": sft_dir}, s.max_text_tokens, "DPO run")
     data = load_data(s, tokenizer)
     check_adapter_fits(sft_dir, ctx.model)
     ctx.resume_from = plan_run_dir(ctx.out, s, finished=finished, state_file=STATE_FILE, inputs=ctx.inputs)
@@ -231,6 +232,8 @@ def save_outputs(ctx: RunContext, trained: Trained, tokenizer, folder: Path) -> 
     saved_diagnostics = diagnostics.measure(trainer.model)
     epochs = epoch_metrics(s, validation, diagnostics)
     threshold = validation.threshold_record(trainer.model)
+    if validation.best_step == 0:
+        threshold = kept_start_threshold(s.sft_model, threshold)
     if ctx.main:
         save_adapter(trainer.model, tokenizer, folder, selected_adapters=["default"])  # never TRL's "ref" copy
         write_threshold(folder, threshold)
@@ -243,16 +246,17 @@ def save_outputs(ctx: RunContext, trained: Trained, tokenizer, folder: Path) -> 
     return epochs, saved_diagnostics
 
 
-def check_text_budget(sft_dir: Path, max_text_tokens: int) -> None:
-    """The prompt cuts texts at --max_text_tokens; SFT and DPO should cut them alike."""
-    summary = Path(sft_dir) / "training_summary.json"
-    try:
-        sft_value = read_json(summary)["config"]["max_text_tokens"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if sft_value != max_text_tokens:
-        print(f"Note: the SFT adapter was trained with --max_text_tokens {sft_value}, this run uses {max_text_tokens}; "
-              "long texts are cut differently in the two stages.")
+def kept_start_threshold(sft_dir, chosen_here: dict) -> dict:
+    """The threshold of a DPO run that kept its SFT start unchanged: the SFT adapter's own, when it has one.
+
+    The saved adapter then IS the SFT adapter, so it must decide as SFT does; a threshold chosen again on this
+    run's validation sample (another sample size, another file) would make the same weights score differently
+    in compare, a "gain" of nothing."""
+    inherited = read_threshold(sft_dir)
+    if inherited is None:
+        return chosen_here
+    return {**inherited, "inherited_from": str(Path(sft_dir).resolve()),
+            "note": "DPO kept its SFT start unchanged, so this is the SFT adapter's threshold."}
 
 
 # -- data ------------------------------------------------------------------------------------------------

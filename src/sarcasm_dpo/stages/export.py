@@ -4,7 +4,7 @@ The LoRA weights are merged into the base model (`merge_and_unload`) and saved a
 the chosen dtype, beside the tokenizer (chat template included), `sarcasm_dpo.json` (the prompt,
 the label tokens and the decision threshold the run recorded) and a generated README.md: Hub
 metadata (base model, datasets, license, metrics), the test metrics with their 95% intervals from
-the comparison run, the validation metrics from the training record, the prompt, five lines of
+the comparison run, the validation metrics from the training record, the prompt, eight lines of
 plain-transformers usage, and the intended use and limits. Everything is written into a staging
 folder beside `--output_dir` and swapped in whole with COMPLETE.json (rundir.staged), so an export
 that fails or is stopped leaves the previous folder as it was, never weights without their card.
@@ -132,8 +132,8 @@ def recorded_threshold(stage_record: dict, results: dict | None, key: str | None
     chosen = read_threshold(adapter)
     if chosen is not None:
         return float(chosen["threshold"]), (f"threshold.json, chosen on the {chosen['split']} split by "
-                                            f"{chosen['criterion']}" + (f"; {chosen['reason']}" if chosen.get("reason")
-                                                                        else ""))
+                                            f"{chosen['criterion']}" + "".join(f"; {chosen[k]}" for k in ("reason", "note")
+                                                                               if chosen.get(k)))
     if results is not None and "threshold" in results["models"][key]:
         return float(results["models"][key]["threshold"]), f"comparison results, models.{key}.threshold"
     validation = _validation_block(stage_record)
@@ -223,8 +223,12 @@ def model_card(info: dict, usage: str) -> str:
                   "`sarcasm-dpo compare`, then export with `--results`).", ""]
     val = info.get("validation")
     if val:
-        lines += [f"Validation ({val['split']}, used for model selection): accuracy {_fmt(val['accuracy'])}, "
-                  f"F1 {_fmt(val['f1'])}, ROC-AUC {_fmt(val.get('roc_auc'))}, {val.get('n', '?')} texts.", ""]
+        at = val.get("at_threshold")
+        lines += [f"Validation ({val['split']}, used for model selection), labelled at P(sarcastic) >= "
+                  f"{_fmt(val.get('threshold', 0.5))}: accuracy {_fmt(val['accuracy'])}, F1 {_fmt(val['f1'])}, "
+                  f"ROC-AUC {_fmt(val.get('roc_auc'))}, {val.get('n', '?')} texts."
+                  + (f" At this model's threshold, {_fmt(at['threshold'])}: accuracy {_fmt(at['accuracy'])}, F1 "
+                     f"{_fmt(at['f1'])}, balanced accuracy {_fmt(at['balanced_accuracy'])}." if at else ""), ""]
     lines += ["## Intended use and limits", "",
               "- For research on sarcasm detection in short English texts and as a baseline to compare against. "
               "Not for decisions about people (moderation, hiring, credit): the labels are noisy and sarcasm "
@@ -240,12 +244,17 @@ def model_card(info: dict, usage: str) -> str:
     return "\n".join(lines)
 
 
-def usage_snippet(question: str, no_id: int, yes_id: int, threshold: float, folder: str = "THIS_FOLDER") -> str:
-    """Five lines of plain transformers that compute P(sarcastic) the way the project's scorer does."""
+def usage_snippet(question: str, no_id: int, yes_id: int, threshold: float, max_text_tokens: int,
+                  folder: str = "THIS_FOLDER") -> str:
+    """Eight lines of plain transformers that compute P(sarcastic) the way the project's scorer does, the cut of
+    a long text included (prompts.truncate_text); only a text spelling a special token is read otherwise."""
     return "\n".join([
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f"tok, model = AutoTokenizer.from_pretrained({folder!r}), AutoModelForCausalLM.from_pretrained({folder!r})",
-        f"prompt = tok.apply_chat_template([{{'role': 'user', 'content': {question!r}.format(text='Oh great, another Monday.')}}], tokenize=False, add_generation_prompt=True)",
+        "text = 'Oh great, another Monday.'",
+        f"ids = tok(text, add_special_tokens=False).input_ids  # a text over {max_text_tokens} tokens is cut, as in training:",
+        f"text = text if len(ids) <= {max_text_tokens} else tok.decode(ids[:{max_text_tokens}], skip_special_tokens=True).rstrip() + ' ...'",
+        f"prompt = tok.apply_chat_template([{{'role': 'user', 'content': {question!r}.format(text=text)}}], tokenize=False, add_generation_prompt=True)",
         "logits = model(**tok(prompt, return_tensors='pt', add_special_tokens=False)).logits[0, -1]",
         f"p_sarcastic = logits[[{no_id}, {yes_id}]].softmax(-1)[1].item(); print(p_sarcastic, p_sarcastic >= {threshold})",
     ])
@@ -267,14 +276,25 @@ def _test_block(results: dict, key: str, results_path: str) -> dict:
     return block
 
 
-def _validation_block(stage_record: dict) -> dict | None:
+def _validation_block(stage_record: dict, adapter: Path | None = None) -> dict | None:
+    """The saved adapter's validation metrics from its training record (at the threshold they were computed at,
+    0.5), with, given the adapter, the same validation at its recorded threshold (its threshold.json)."""
     best = stage_record.get("best_val") or {}
     if "f1" in best:
-        return {"split": "GEN validation", **best}
-    for name, block in best.items():  # DPO: per validation set; GEN validation drives selection
-        if isinstance(block, dict) and "f1" in block:
-            return {"split": name, **block}
-    return None
+        block = {"split": "GEN validation", **best}
+    else:  # DPO: per validation set; the first, GEN validation, drives selection
+        block = next(({"split": name, **values} for name, values in best.items()
+                      if isinstance(values, dict) and "f1" in values), None)
+    if block is None or adapter is None:
+        return block
+    from ..thresholds import read_threshold
+
+    chosen = read_threshold(adapter) or {}
+    at = chosen.get("val_metrics_at_threshold")
+    if isinstance(at, dict) and all(isinstance(at.get(k), (int, float)) for k in ("accuracy", "f1", "balanced_accuracy")):
+        block["at_threshold"] = {"threshold": float(chosen["threshold"]),
+                                 **{k: float(at[k]) for k in ("accuracy", "f1", "balanced_accuracy")}}
+    return block
 
 
 def push(folder: Path, repo: str, private: bool) -> str:
@@ -335,7 +355,7 @@ def run(s) -> dict:
                 "threshold": threshold, "threshold_source": threshold_source,
                 "max_text_tokens": recorded_text_tokens(None, str(adapter)) or default_text_tokens(),
                 "test": _test_block(results, key, s.results) if results else None,
-                "validation": _validation_block(stage_record), "training_config": stage_record.get("config"),
+                "validation": _validation_block(stage_record, adapter), "training_config": stage_record.get("config"),
                 "dpo_kept_sft": stage == "dpo" and stage_record.get("improved_over_sft") is False}
         check_adapter_fits(adapter, base)
         if not s.overwrite:
@@ -382,5 +402,5 @@ def write_export(out: Path, merged, tokenizer, config: dict, info: dict) -> None
     info = {**info, "label_token_ids": [no_id, yes_id]}
     info = {key: info[key] for key in EXPORT_KEYS}  # sarcasm_dpo.json's keys in their documented order
     write_json(out / EXPORT_INFO, info)
-    write_text(out / CARD, model_card(info, usage_snippet(QUESTION, no_id, yes_id, info["threshold"])))
+    write_text(out / CARD, model_card(info, usage_snippet(QUESTION, no_id, yes_id, info["threshold"], info["max_text_tokens"])))
     finish_output_dir(out, config, {"stage": "export", "threshold": info["threshold"]})

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..atomic import (finish_output_dir, input_differences, prepare_output_dir, read_complete, settings_differences,
                      write_json)
+from ..detector import note_text_lengths
 from ..errors import UserError
 
 STRATEGIES = ("all", "mistakes_only", "confident_mistakes")
@@ -116,6 +117,7 @@ def run(s) -> dict:
     inputs = inputs_of(s)
     check_output_file(out_file, s, s.overwrite, inputs)
     check_adapter_fits(sft_dir, base_ref)
+    note_text_lengths({"the SFT adapter": sft_dir}, s.max_text_tokens, "mining run")
 
     from ..metrics import classification_metrics
     from ..models import load_model, pick_device
