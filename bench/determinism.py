@@ -40,11 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work_dir", default=str(common.DEFAULT_WORK / "determinism"), help="Scratch folder.")
     p.add_argument("--config", default=str(CONFIG), help="Stage settings come from this config, then the knobs below.")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: what the stages pick).")
-    p.add_argument("--sft_samples", type=int, default=256, help="SFT training examples.")
-    p.add_argument("--dpo_pairs", type=int, default=64, help="DPO preference pairs.")
-    p.add_argument("--val_samples", type=int, default=64, help="Validation texts scored in training and at the end.")
-    p.add_argument("--runs", type=int, default=2, help="Identical runs (every later one is compared with the first).")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--sft_samples", type=common.positive_int, default=256, help="SFT training examples.")
+    p.add_argument("--dpo_pairs", type=common.positive_int, default=64, help="DPO preference pairs.")
+    p.add_argument("--val_samples", type=common.positive_int, default=64,
+                   help="Validation texts scored in training and at the end.")
+    p.add_argument("--runs", type=common.at_least(2), default=2,
+                   help="Identical runs, at least 2 (every later one is compared with the first).")
+    p.add_argument("--seed", type=common.seed, default=42)
     p.add_argument("--output", default=None, help="Result file (default bench/results/determinism_<model>_<device>.json).")
     return p.parse_args(argv)
 
@@ -175,4 +177,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_main(main)

@@ -44,7 +44,7 @@ import speed_memory  # noqa: E402
 import speed_sft  # noqa: E402
 
 PARTS = ("sft", "dpo", "score", "pipeline")
-PIPELINE_STAGES = ("split", "sft", "dpo", "compare")
+PIPELINE_STAGES = speed_gpu.PIPELINE_STAGES
 # Expected seconds on one H100/H200 (bench/README.md: SFT 174 s, DPO ~430 s for 2,760 pairs x 3,
 # compare ~20 s; the parts: two or three short stage runs each, model loading included).
 EXPECT = {"sft": 90, "dpo": 60, "score": 90, "pipeline.split": 5, "pipeline.sft": 200, "pipeline.dpo": 480,
@@ -65,9 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "cannot be had).")
     p.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "sarcasm-dpo-device-check"),
                    help="Scratch folder (model, splits, adapters).")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"Comma-separated subset of {','.join(PARTS)} "
-                                                             "(dpo trains from the sft part's adapter).")
-    p.add_argument("--time_budget", type=float, default=None,
+    p.add_argument("--parts", type=common.comma_list(PARTS), default=",".join(PARTS),
+                   help=f"Comma-separated subset of {','.join(PARTS)} (dpo trains from the sft part's adapter).")
+    p.add_argument("--time_budget", type=common.positive_float, default=None,
                    help="Seconds from the start: a part expected to run past it is skipped (and recorded so).")
     p.add_argument("--expect", action="append", default=[], metavar="PART=SECONDS",
                    help=f"Expected seconds of a part or pipeline stage, for --time_budget (defaults: {EXPECT}).")
@@ -77,24 +77,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the score part's.")
     p.add_argument("--tiny", action="store_true", help="A 2-layer Qwen2 (hidden 64) with the same vocabulary and "
                                                        "small samples: the CPU check that every part runs.")
-    p.add_argument("--sft_steps", type=int, default=None, help="Optimizer steps per SFT run (default 40; tiny 3).")
-    p.add_argument("--dpo_steps", type=int, default=None, help="Optimizer steps of the DPO run (default 30; tiny 3).")
-    p.add_argument("--score_texts", type=int, default=None, help="GEN test texts scored (default 512; tiny 12).")
-    p.add_argument("--generate_texts", type=int, default=None,
+    p.add_argument("--sft_steps", type=common.positive_int, default=None,
+                   help="Optimizer steps per SFT run (default 40; tiny 3).")
+    p.add_argument("--dpo_steps", type=common.positive_int, default=None,
+                   help="Optimizer steps of the DPO run (default 30; tiny 3).")
+    p.add_argument("--score_texts", type=common.positive_int, default=None,
+                   help="GEN test texts scored (default 512; tiny 12).")
+    p.add_argument("--generate_texts", type=common.positive_int, default=None,
                    help="Of those, texts also run through generate-and-parse (default 16; tiny 2).")
-    p.add_argument("--score_repeats", type=int, default=5,
+    p.add_argument("--score_repeats", type=common.positive_int, default=5,
                    help="Timed rounds of the score part (two H100 runs with 2 rounds differed by up to 3x per batch).")
-    p.add_argument("--val_texts", type=int, default=16, help="Validation texts of the sft/dpo parts (untimed).")
-    p.add_argument("--pipeline_stages", default=",".join(PIPELINE_STAGES),
+    p.add_argument("--val_texts", type=common.positive_int, default=16,
+                   help="Validation texts of the sft/dpo parts (untimed).")
+    p.add_argument("--pipeline_stages", type=common.comma_list(PIPELINE_STAGES), default=",".join(PIPELINE_STAGES),
                    help="The pipeline stages this call runs; the earlier ones' times and outputs come from an "
                         "earlier call with the same --work_dir and settings (a pipeline longer than one call).")
-    p.add_argument("--pipeline_sample", type=int, default=None,
+    p.add_argument("--pipeline_sample", type=common.positive_int, default=None,
                    help="Cap every pipeline stage's sample (default: none, the config's; tiny 8).")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one).")
-    p.add_argument("--gpu_peak_tflops", type=float, default=None, help="The GPU's dense bf16 peak, if not in "
-                                                                       "bench/speed.py's table.")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--gpu_peak_tflops", type=common.positive_float, default=None,
+                   help="The GPU's dense bf16 peak, if not in bench/speed.py's table.")
+    p.add_argument("--seed", type=common.seed, default=42)
     args = p.parse_args(argv)
+    try:  # checked before --out is touched: a bad value must not cost an earlier run there its device_check.json
+        args.expected_seconds = parse_expect(args.expect)
+        args.stage_overrides = parse_sets(args.sets)
+    except common.BadInput as exc:
+        p.error(str(exc))
     tiny = args.tiny
     for key, full, small in (("sft_steps", 40, 3), ("dpo_steps", 30, 3), ("score_texts", 512, 12),
                              ("generate_texts", 16, 2), ("pipeline_sample", None, 8)):
@@ -116,13 +125,14 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
         key, eq, value = item.partition("=")
         stage, dot, name = key.partition(".")
         if not eq or not dot or stage not in PIPELINE_STAGES:
-            raise SystemExit(f"--set {item!r}: expected STAGE.SETTING=VALUE with STAGE one of {', '.join(PIPELINE_STAGES)}.")
+            raise common.BadInput(f"--set {item!r}: expected STAGE.SETTING=VALUE with STAGE one of "
+                                  f"{', '.join(PIPELINE_STAGES)}.")
         out.setdefault(stage, {})[name.strip()] = value.strip()
     for stage, values in out.items():
         try:  # types and each stage's own checks, the way a config file is read
             common.stage_settings(common.GPU_CONFIG, STAGES[stage].settings, stage, **values)
         except UserError as exc:
-            raise SystemExit(f"--set {stage}: {exc}") from None
+            raise common.BadInput(f"--set {stage}: {exc}") from None
     return out
 
 
@@ -132,12 +142,16 @@ def stage_settings(overrides: dict, cls: type, section: str, **values):
 
 
 def parse_expect(items: list[str]) -> dict[str, float]:
+    """`--expect sft=120` -> EXPECT with sft at 120.0 seconds."""
     expect = dict(EXPECT)
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or key not in EXPECT:
-            raise SystemExit(f"--expect {item!r}: expected PART=SECONDS with PART one of {', '.join(EXPECT)}.")
-        expect[key] = float(value)
+            raise common.BadInput(f"--expect {item!r}: expected PART=SECONDS with PART one of {', '.join(EXPECT)}.")
+        try:
+            expect[key] = common.non_negative_float(value)
+        except argparse.ArgumentTypeError as exc:
+            raise common.BadInput(f"--expect {item!r}: SECONDS {exc}.") from None
     return expect
 
 
@@ -371,9 +385,8 @@ def score_part(args, model_ref, splits, overrides, flops, peak) -> dict:
 
 
 def pipeline_stages(args) -> list[str]:
-    wanted = [x.strip() for x in args.pipeline_stages.split(",") if x.strip()]
-    if not wanted or set(wanted) - set(PIPELINE_STAGES):
-        raise SystemExit(f"--pipeline_stages: choose from {','.join(PIPELINE_STAGES)}, got {args.pipeline_stages!r}.")
+    """--pipeline_stages (checked as it was read) in the pipeline's order."""
+    wanted = args.pipeline_stages.split(",")
     return [x for x in PIPELINE_STAGES if x in wanted]
 
 
@@ -438,17 +451,16 @@ def summary(data: dict) -> dict:
 def run(args, report: Report) -> None:
     import torch
 
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    if set(parts) - set(PARTS):
-        raise SystemExit(f"--parts: unknown {sorted(set(parts) - set(PARTS))}; choose from {','.join(PARTS)}.")
+    parts = args.parts.split(",")  # checked as it was read (common.comma_list)
     if "dpo" in parts and "sft" not in parts:
         parts.insert(0, "sft")  # DPO continues the SFT part's adapter
-    overrides = parse_sets(args.sets)
+    overrides = args.stage_overrides
     on_gpu = torch.cuda.is_available() and args.device in (None, "cuda")
     report.save(command=common.command_line(), machine=common.machine_info(),
                 started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), parts_asked=parts, set=overrides,
                 time_budget_s=args.time_budget, expect=report.expect, done=[],
-                settings={k: v for k, v in vars(args).items() if k not in ("sets", "expect")})
+                settings={k: v for k, v in vars(args).items()
+                          if k not in ("sets", "expect", "stage_overrides", "expected_seconds")})
     if on_gpu:
         peak, source = speed_gpu.gpu_peak_tflops(args)
     else:
@@ -507,7 +519,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on the hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tee_output(out / LOG_FILE):
-        report = Report(out, started, args.time_budget, parse_expect(args.expect))
+        report = Report(out, started, args.time_budget, args.expected_seconds)
         try:
             run(args, report)
         except BaseException as exc:  # the error goes into the JSON too, beside what was measured before it
@@ -521,4 +533,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_main(main)

@@ -37,10 +37,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from common import DEFAULT_DATA, REPO, RESULTS, SMOLLM2_FILE, command_line, machine_info  # noqa: E402
 
 SMOLLM2 = Path.home() / ".cache" / "smollm2" / SMOLLM2_FILE
 TODAY = dict(precompute_ref=False, one_pass=False, shared_prefix=False)
+MODELS = ("tiny", "smollm2")
+COMPARISONS = ("dpo_label", "dpo_reasoning", "sft")
+DPO_BATCH_SIZE = 4  # pairs per DPO step: --pairs must fill one batch at least
 
 
 def load(model_ref: str):
@@ -143,7 +147,8 @@ def summarise(times: dict, units: list[float], unit: str, today: str, extra_s: d
     return out
 
 
-def dpo_comparison(model_ref: str, pair_style: str, paths: dict, *, steps: int, pairs: int = 16, batch_size: int = 4,
+def dpo_comparison(model_ref: str, pair_style: str, paths: dict, *, steps: int, pairs: int = 16,
+                   batch_size: int = DPO_BATCH_SIZE,
                    data_dir: Path = DEFAULT_DATA, loaded=None) -> dict:
     """Time DPO training steps per path (name -> settings overrides; the first is the baseline)."""
     from sarcasm_dpo.stages import dpo
@@ -213,19 +218,24 @@ def sft_comparison(model_ref: str, *, steps: int, batch_size: int = 8, data_dir:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="tiny,smollm2", help="Comma-separated: tiny (random 2-layer Qwen2), smollm2.")
-    p.add_argument("--steps", type=int, default=3, help="Timed steps per path (after one warm-up round).")
-    p.add_argument("--pairs", type=int, default=16, help="DPO pairs per comparison (batch 4; the reference pass covers them).")
-    p.add_argument("--comparisons", default="dpo_label,dpo_reasoning,sft", help="Which comparisons to run.")
+    p.add_argument("--models", type=common.comma_list(MODELS), default="tiny,smollm2",
+                   help="Comma-separated: tiny (random 2-layer Qwen2), smollm2.")
+    p.add_argument("--steps", type=common.positive_int, default=3,
+                   help="Timed steps per path (after one warm-up round).")
+    p.add_argument("--pairs", type=common.at_least(DPO_BATCH_SIZE), default=16,
+                   help=f"DPO pairs per comparison (batch {DPO_BATCH_SIZE}, so at least {DPO_BATCH_SIZE}; the "
+                        "reference pass covers them).")
+    p.add_argument("--comparisons", type=common.comma_list(COMPARISONS), default=",".join(COMPARISONS),
+                   help=f"Which comparisons to run (comma-separated: {', '.join(COMPARISONS)}).")
     p.add_argument("--data_dir", type=Path, default=DEFAULT_DATA)
     p.add_argument("--out", type=Path, default=RESULTS / "dpo_paths.json")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
+    args = parse_args(argv)  # before torch loads: --help and a bad flag answer at once
     import torch
 
-    args = parse_args(argv)
     refs = {}
     for name in args.models.split(","):
         if name == "tiny":
@@ -233,10 +243,8 @@ def main(argv=None) -> dict:
             from tiny_model import build_tiny_model
 
             refs[name] = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny-qwen2"))
-        elif name == "smollm2":
+        else:  # the only other name --models accepts
             refs[name] = str(SMOLLM2)
-        else:
-            raise SystemExit(f"unknown model {name!r}")
     record = {"command": command_line(), "machine": machine_info(), "torch_threads": torch.get_num_threads(),
               "runs": {}}
     fast_reasoning = {"today": TODAY, "precompute_ref": {**TODAY, "precompute_ref": True},
@@ -266,4 +274,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -46,11 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     sel.add_argument("--sft_model", required=True, help="The SFT adapter every run starts from (and its reference).")
     sel.add_argument("--config", default=str(CONFIG), help="Config whose dpo section gives the other settings.")
     sel.add_argument("--splits", default="data/splits", help="Folder from `sarcasm-dpo split`.")
-    sel.add_argument("--sources", default=",".join(SOURCES), help="Comma-separated --pairs specs.")
-    sel.add_argument("--betas", default=",".join(map(str, BETAS)), help="Comma-separated betas.")
-    sel.add_argument("--lrs", default=None, help="Comma-separated learning rates (default: the config's).")
-    sel.add_argument("--pairs", type=int, default=256, help="Class-balanced pairs per run (same for every source).")
-    sel.add_argument("--val_samples", type=int, default=300,
+    sel.add_argument("--sources", type=common.comma_list(), default=",".join(SOURCES),
+                     help="Comma-separated --pairs specs.")
+    sel.add_argument("--betas", type=common.comma_list(item=common.positive_float), default=",".join(map(str, BETAS)),
+                     help="Comma-separated betas.")
+    sel.add_argument("--lrs", type=common.comma_list(item=common.positive_float), default=None,
+                     help="Comma-separated learning rates (default: the config's).")
+    sel.add_argument("--pairs", type=common.positive_int, default=256,
+                     help="Class-balanced pairs per run (same for every source).")
+    sel.add_argument("--val_samples", type=common.positive_int, default=300,
                      help="Stratified GEN and iSarcasmEval validation texts scored per evaluation.")
     sel.add_argument("--preference_data", default=None, help="Mined pairs (from `sarcasm-dpo mine`) for the source 'mined'.")
     sel.add_argument("--work_dir", default=str(common.DEFAULT_WORK / "dpo_study"), help="Where the run folders go.")
@@ -122,8 +126,9 @@ def select(args) -> int:
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [None]
     grid = [(source, float(beta), lr) for source in args.sources.split(",") for beta in args.betas.split(",")
             for lr in lrs]
-    for source, beta, lr in grid:
-        tag, settings = run_settings(args, source, beta, lr)
+    # Every run's settings are built (and so checked: a misspelt source is a UserError) before the first trains.
+    planned = [(source, beta, *run_settings(args, source, beta, lr)) for source, beta, lr in grid]
+    for source, beta, tag, settings in planned:
         folder = Path(settings.output_dir)
         if finished_here("dpo", settings)[0]:  # the pipeline's rule: same settings, SFT adapter and splits, whole
             print(f"[study] {tag}: complete for these settings, reused", flush=True)
@@ -257,4 +262,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_main(main)

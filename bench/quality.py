@@ -58,17 +58,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_dir", default=str(common.DEFAULT_DATA), help="Datasets laid out like shared/data.")
     p.add_argument("--work_dir", default=str(common.DEFAULT_WORK / "quality"), help="Where splits and adapters go.")
     p.add_argument("--config", default=str(CONFIG), help="Pipeline config the stage settings come from.")
-    p.add_argument("--sft_samples", type=int, default=None, help="SFT training examples (class-balanced sample).")
-    p.add_argument("--sft_epochs", type=float, default=None, help="SFT epochs.")
-    p.add_argument("--val_samples", type=int, default=None, help="GEN / iSarcasmEval validation texts scored in training.")
-    p.add_argument("--dpo_pairs", type=int, default=None, help="DPO preference pairs.")
-    p.add_argument("--dpo_epochs", type=float, default=None, help="DPO epochs.")
-    p.add_argument("--dpo_eval_steps", type=int, default=None, help="DPO validation every this many steps (0 = per epoch).")
-    p.add_argument("--grad_accum", type=int, default=None, help="Gradient accumulation of SFT and DPO (default: the config's).")
-    p.add_argument("--test_samples", type=int, default=None,
+    p.add_argument("--sft_samples", type=common.positive_int, default=None,
+                   help="SFT training examples (class-balanced sample).")
+    p.add_argument("--sft_epochs", type=common.positive_float, default=None, help="SFT epochs.")
+    p.add_argument("--val_samples", type=common.positive_int, default=None,
+                   help="GEN / iSarcasmEval validation texts scored in training.")
+    p.add_argument("--dpo_pairs", type=common.positive_int, default=None, help="DPO preference pairs.")
+    p.add_argument("--dpo_epochs", type=common.positive_float, default=None, help="DPO epochs.")
+    p.add_argument("--dpo_eval_steps", type=common.non_negative_int, default=None,
+                   help="DPO validation every this many steps (0 = per epoch).")
+    p.add_argument("--grad_accum", type=common.positive_int, default=None,
+                   help="Gradient accumulation of SFT and DPO (default: the config's).")
+    p.add_argument("--test_samples", type=common.non_negative_int, default=None,
                    help="Stratified sample of the test split and of the iSarcasmEval validation split (0 = all).")
-    p.add_argument("--n_bootstrap", type=int, default=1000, help="Bootstrap resamples for the 95%% intervals.")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--n_bootstrap", type=common.positive_int, default=1000,
+                   help="Bootstrap resamples for the 95%% intervals.")
+    p.add_argument("--seed", type=common.seed, default=42)
     p.add_argument("--force", action="store_true", help="Redo stages even when their outputs are complete.")
     p.add_argument("--output", default=None, help="Result file (default bench/results/quality_<model>[_small].json).")
     args = p.parse_args(argv)
@@ -253,4 +258,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_main(main)

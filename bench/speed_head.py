@@ -106,4 +106,4 @@ def head_section(args, model_ref: str, splits: Path, max_text_tokens: int, devic
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_section("head"))
+    common.run_section("head")

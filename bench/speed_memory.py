@@ -90,4 +90,4 @@ def memory_section(ours: dict, dpo_result: dict, usual: dict | None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_section("memory"))
+    common.run_section("memory")

@@ -104,3 +104,9 @@ def markdown(result: dict) -> str:
     lines.append("")
     lines.append(f"GPU: {gpu}" if isinstance(gpu, str) else "GPU: " + json.dumps(gpu, indent=None)[:2000])
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import common  # this folder is on sys.path when a file in it runs as a script
+
+    common.helper_main(__doc__, "bench/speed.py writes the verdicts and the table; run python bench/speed.py --help.")

@@ -138,4 +138,4 @@ def sft_section(ours: dict, usual: dict, args) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_section("sft"))
+    common.run_section("sft")

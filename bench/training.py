@@ -44,25 +44,54 @@ import common
 sys.path.insert(0, str(common.REPO / "tests"))  # tiny_model: the tests' random Qwen2 builder
 
 
+STAGES = ("sft", "dpo")
+VARIANTS = ("lean", "plain")
+TINY_HEADS = 4  # tests/tiny_model.py's attention heads: the hidden size splits into them, each of even width (RoPE)
+
+
+def json_object(text: str) -> str:
+    """An argparse type: a JSON object (--sft_overrides '{"logging_steps": 1}'), kept as the text given."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object ({{\"name\": value, ...}}), got {text!r}")
+    return text
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="Base model (default: a random tiny Qwen2 built here).")
-    p.add_argument("--layers", type=int, default=24, help="Layers of the tiny model (ignored with --model).")
-    p.add_argument("--hidden", type=int, default=64, help="Hidden size of the tiny model.")
-    p.add_argument("--stages", default="sft,dpo")
-    p.add_argument("--variants", default="lean,plain", help="Stage trainers to time beside the bare loop.")
-    p.add_argument("--steps", type=int, default=12, help="Optimizer steps per setup per round.")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--grad_accum", type=int, default=2)
-    p.add_argument("--sft_overrides", default="{}", help="JSON dict of SFT settings for the stage variants.")
-    p.add_argument("--dpo_overrides", default="{}", help="JSON dict of DPO settings for the stage variants.")
+    p.add_argument("--layers", type=common.non_negative_int, default=24,
+                   help="Layers of the tiny model (ignored with --model: --layers 0 there says the model keeps its "
+                        "own depth).")
+    p.add_argument("--hidden", type=common.positive_int, default=64,
+                   help=f"Hidden size of the tiny model (a multiple of {2 * TINY_HEADS}).")
+    p.add_argument("--stages", type=common.comma_list(STAGES), default="sft,dpo", help="Comma-separated: sft, dpo.")
+    p.add_argument("--variants", type=common.comma_list(VARIANTS, empty_ok=True), default="lean,plain",
+                   help="Stage trainers to time beside the bare loop (lean, plain; empty: the bare loop alone).")
+    p.add_argument("--steps", type=common.at_least(2), default=12,
+                   help="Optimizer steps per setup per round (at least 2: the first of each round is warm-up).")
+    p.add_argument("--rounds", type=common.positive_int, default=3)
+    p.add_argument("--batch_size", type=common.positive_int, default=1)
+    p.add_argument("--grad_accum", type=common.positive_int, default=2)
+    p.add_argument("--sft_overrides", type=json_object, default="{}",
+                   help="JSON dict of SFT settings for the stage variants.")
+    p.add_argument("--dpo_overrides", type=json_object, default="{}",
+                   help="JSON dict of DPO settings for the stage variants.")
     p.add_argument("--data_dir", default=str(common.DEFAULT_DATA))
     p.add_argument("--output", default=None, help="Result file (default bench/results/training_<model>.json).")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=common.positive_int, default=1,
                    help="torch threads (1: on a shared CPU, fewer threads make the timings less noisy).")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=common.seed, default=0)
+    args = p.parse_args(argv)
+    if args.model is None and args.layers == 0:
+        p.error("--layers 0 keeps the depth of a --model; the tiny model built without one needs at least 1 layer")
+    if args.model is None and args.hidden % (2 * TINY_HEADS):
+        p.error(f"--hidden {args.hidden}: the tiny model's hidden size must be a multiple of {2 * TINY_HEADS} "
+                f"({TINY_HEADS} attention heads, each of even width)")
+    return args
 
 
 # -- data and models -----------------------------------------------------------------------------------
@@ -358,4 +387,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)
