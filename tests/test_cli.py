@@ -191,3 +191,58 @@ def test_predict_input_takes_home_relative_paths_and_dash_for_stdin_and_refuses_
     for empty in ("", "  "):
         with pytest.raises(UserError, match="--input is empty"):
             read_texts(empty)
+
+
+# -- under torchrun / accelerate launch: the stages that train run on every process, any other command once ----
+
+
+def test_a_multi_process_launch_runs_only_training_stages_on_every_process(monkeypatch, capsys):
+    """The one rule (training.distributed.runs_here, applied by cli.main): on a process other than the main one,
+    sft and dpo go on (they train data-parallel); split, mine, compare, export, predict and data download end
+    at once with 0, printing nothing, so the main process runs each of them once."""
+    import sarcasm_dpo.cli as cli
+
+    assert [name for name, stage in STAGES.items() if stage.trains] == ["sft", "dpo"]
+    ran: list[str] = []
+    monkeypatch.setattr(cli, "run_command", lambda args: ran.append(args.command))
+    commands = [[name] for name in STAGES] + [["predict"], ["data", "download"]]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert [main(argv) for argv in commands] == [0] * len(commands)
+    assert ran == ["sft", "dpo"]
+    assert capsys.readouterr() == ("", "")
+    ran.clear()
+    monkeypatch.setenv("RANK", "0")  # the main process runs every command
+    assert [main(argv) for argv in commands] == [0] * len(commands)
+    assert ran == [argv[0] for argv in commands]
+
+
+def test_a_non_main_process_leaves_stdin_and_the_output_alone(tmp_path, monkeypatch, capsys):
+    class Untouchable(io.StringIO):
+        def read(self, *args):
+            raise AssertionError("stdin read on a process that does not run the command")
+
+        readline = __iter__ = read
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(sys, "stdin", Untouchable())
+    assert main(["predict", "--model", str(tmp_path / "no-model")]) == 0
+    out = tmp_path / "results"
+    assert main(["compare", "--no_wandb", "--test_csv", str(tmp_path / "none.csv"), "--output_dir", str(out)]) == 0
+    assert capsys.readouterr() == ("", "") and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("launch", [{"WORLD_SIZE": "2", "RANK": "0"}, {"WORLD_SIZE": "4", "RANK": "0"}])
+def test_pipeline_under_a_multi_process_launch_is_refused_before_anything_runs(launch, tmp_path, monkeypatch, capsys):
+    for key, value in launch.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)  # the pipeline's default outputs (data/splits, models/...) would land here
+    assert main(["pipeline", "--no_wandb"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: `pipeline` runs in one process") and err.count("\n") == 1
+    assert f"asks for {launch['WORLD_SIZE']}" in err and "Nothing was run" in err
+    assert f"accelerate launch --num_processes {launch['WORLD_SIZE']} -m sarcasm_dpo.cli sft" in err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("RANK", "1")  # the other processes leave the message to the main one
+    assert main(["pipeline", "--no_wandb"]) == 0 and capsys.readouterr() == ("", "")

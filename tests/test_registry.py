@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from sarcasm_dpo import cli, rundir
+from sarcasm_dpo import cli, models, rundir
 from sarcasm_dpo.atomic import finish_output_dir
 from sarcasm_dpo.config import apply_overrides, from_namespace, opt
 from sarcasm_dpo.errors import UserError
@@ -104,5 +104,5 @@ def test_every_entry_names_a_module_that_runs_it_and_the_record_it_writes():
         assert callable(getattr(module, "inputs_of", None)) == stage.inputs, name
         if stage.record:
             assert stage.record in (getattr(module, "SUMMARY_FILE", None), getattr(module, "RESULTS_FILE", None)), name
-    assert STAGES["sft"].record == rundir.RUN_RECORD  # the naming rule models.py finds run records by
-    assert STAGES["dpo"].record.endswith("_" + rundir.RUN_RECORD)
+    assert STAGES["sft"].record == models.RUN_RECORD  # the naming rule models.py finds run records by
+    assert STAGES["dpo"].record.endswith("_" + models.RUN_RECORD)

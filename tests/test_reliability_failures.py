@@ -490,6 +490,21 @@ def test_a_file_outputs_tidy_leaves_other_files_leftovers(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [".tmp-pairs_v2.json.k3"]
 
 
+def test_a_refused_run_leaves_no_folders_behind(env, tmp_path, capsys):
+    """Locking an output creates the folders above it; a run refused before it wrote anything takes them back, one
+    that finished keeps them, and a folder that was already there stays."""
+    (tmp_path / "kept").mkdir()
+    empty = _write(tmp_path / "kept" / "empty.csv", "text,label\n")  # found out only once the run reads it
+    for out in (tmp_path / "new" / "deeper" / "results", tmp_path / "kept" / "new" / "results"):
+        assert cli.main(compare(env, out, "--no_baseline", "--test_csv", str(empty))) == 2
+        assert "has a header but no rows" in capsys.readouterr().err
+        assert not (tmp_path / "new").exists() and not (tmp_path / "kept" / "new").exists()
+        assert (tmp_path / "kept").is_dir()
+    assert cli.main(compare(env, tmp_path / "new" / "results", "--no_baseline")) == 0
+    assert (tmp_path / "new" / "results" / "COMPLETE.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["results"]  # no lock file, nothing else
+
+
 def test_a_stale_lock_is_taken_over_with_one_line(env, tmp_path, capsys):
     out = tmp_path / "results"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

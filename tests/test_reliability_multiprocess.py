@@ -7,6 +7,8 @@ trained on their own shard: half the optimizer steps of the single-process run a
 per-process batch, and `processes: 2` in the summary. Written once: the completion message is
 printed once and every file is whole (tests/atomic_probe.check_folder). A Ctrl-C reaching the whole
 process group stops both ranks at the same step with one checkpoint, and `--resume` completes it.
+A command that does not train (compare, predict) runs once under torchrun: one process does the work,
+the other exits 0 at once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import pytest
 from atomic_probe import check_folder
 from reliability_common import ROOT, complete_checkpoints, env, reference_run, sft_argv, wait_for
+from test_sft import toy_frame
 
 pytestmark = pytest.mark.slow
 
@@ -110,3 +113,36 @@ def test_ctrl_c_stops_both_ranks_at_one_checkpoint_and_resume_completes(two_proc
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["resumed_from"].endswith(f"checkpoint-{stopped_at}") and summary["global_steps"] == 120
     assert check_folder(out, "sft") == [] and (out / "COMPLETE.json").is_file()
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "sarcasm_dpo.cli"]
+
+
+def test_commands_that_do_not_train_run_once_under_torchrun(tiny_model_dir, tmp_path_factory):
+    """Each rank used to run compare (two W&B runs, two staging folders racing to swap, Results printed twice)
+    and predict (every row twice, stdin split between them). Now the main process runs them, once."""
+    sft_dir, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
+    root = tmp_path_factory.mktemp("torchrun")
+    test_csv = root / "data" / "test.csv"
+    test_csv.parent.mkdir()
+    toy_frame(16, 3).to_csv(test_csv, index=False)  # neither the training nor the validation texts
+    out = root / "results"
+    argv = ["compare", "--test_csv", str(test_csv), "--train_csv", str(train), "--sft_model", str(sft_dir),
+            "--dpo_model", "", "--n_bootstrap", "20", "--output_dir", str(out)]
+    launch_env = env(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_SILENT="true")
+    done = subprocess.run(TORCHRUN + argv, cwd=root, env=launch_env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert log.count("Test set: ") == 1 and log.count("Results: ") == 1, log[-4000:]
+    assert len(list((root / "wandb").glob("offline-run-*"))) == 1  # one W&B run, the main process's
+    assert sorted(p.name for p in out.iterdir()) == ["COMPLETE.json", "model_comparison_plot.png",
+                                                     "model_comparison_results.json", "predictions.csv"]
+    assert json.loads((out / "model_comparison_results.json").read_text())["test_set"]["n"] == 16
+    assert sorted(p.name for p in root.iterdir()) == ["data", "results", "wandb"]  # no staging folder or lock left
+
+    done = subprocess.run(TORCHRUN + ["predict", "--adapter", str(sft_dir)], cwd=root, input="a\nb\nc\n",
+                          env=env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["text"] for r in rows] == ["a", "b", "c"]  # every text once, in order, from the one reader of stdin

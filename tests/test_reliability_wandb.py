@@ -4,10 +4,12 @@ Fast: the disk fills up under W&B mid-run (its log call raises ENOSPC): one warn
 run finishes with the same adapter and metrics as the reference run without W&B. Slow: a real
 wandb with a bad API key and an unreachable server: online init fails after its timeout, the run
 goes on logging offline (files on disk, to `wandb sync` later), the results again identical.
+A W&B project name W&B would refuse is refused first, by every route, before any work (exit 2).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -15,6 +17,9 @@ import pytest
 from reliability_common import ATOL, assert_close, max_adapter_difference, metrics_json, reference_run, sft_settings
 from test_tracking import FakeRun
 
+from sarcasm_dpo import cli
+from sarcasm_dpo.errors import UserError
+from sarcasm_dpo.settings import CompareSettings, PipelineSettings, SFTSettings, SplitSettings, check_wandb_project
 from sarcasm_dpo.stages import sft
 from sarcasm_dpo.tracking import TrackingWarning
 
@@ -70,3 +75,55 @@ def test_bad_key_and_unreachable_server_fall_back_to_offline(tiny_model_dir, tmp
     assert any("online init failed" in m for m in tracking), tracking
     assert list((tmp_path / "wandb-files").glob("wandb/offline-run-*")), "no offline run was written"
     _assert_complete_and_same_as_reference(out, ref)
+
+
+# -- a project name W&B refuses: refused before any work, not a warning and an untracked run ----------------
+
+PROJECT_NAMES = ["sarcasm-detection", "My project 2", "a.b_c", "x" * 128, "x" * 129, "x" * 200, "team/sarcasm",
+                 "a\\b", "a#b", "a?b", "a%b", "a:b", "ünïcode"]
+
+
+@pytest.mark.parametrize("name", PROJECT_NAMES, ids=range(len(PROJECT_NAMES)))
+def test_project_name_rule_is_wandbs_own(name):
+    import wandb
+
+    try:
+        wandb.Settings(project=name)
+        wandb_accepts = True
+    except Exception:  # noqa: BLE001 - wandb's UsageError / pydantic's ValidationError
+        wandb_accepts = False
+    try:
+        check_wandb_project(name)
+        we_accept = True
+    except UserError:
+        we_accept = False
+    assert we_accept == wandb_accepts
+
+
+def _refused(capsys, argv, *says):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --wandb_project ") and err.count("\n") == 1, err  # one paragraph
+    assert "is not a W&B project name" in err and all(s in err for s in says), err
+    assert "Traceback" not in err
+
+
+def test_invalid_project_is_refused_by_every_route_before_any_work(tmp_path, monkeypatch, capsys, shared_data):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "splits"
+    split = ["split", "--data_dir", str(shared_data), "--output_dir", str(out)]
+    _refused(capsys, [*split, "--wandb_project", "team/sarcasm"], "'team/sarcasm'", "holds /", "ENTITY/PROJECT")
+    _refused(capsys, [*split, "--wandb_project", "p" * 200], "200 characters", "at most 128")
+    config = tmp_path / "c.yaml"
+    config.write_text("wandb_project: 'a:b'\n")
+    _refused(capsys, ["compare", "--config", str(config), "--output_dir", str(tmp_path / "results")], "holds :")
+    _refused(capsys, ["pipeline", "--wandb_project", "a?b"], "holds ?")
+    _refused(capsys, ["pipeline", "--set", "dpo.wandb_project=a%b"], "holds %")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # nothing written, no W&B folder either
+    with pytest.raises(UserError, match="is not a W&B project name"):  # the Python API
+        CompareSettings(wandb_project="a#b")
+    with pytest.raises(UserError, match="is not a W&B project name"):
+        dataclasses.replace(SFTSettings(), wandb_project="x" * 129)
+    # With W&B off the name is never used, so it is not checked; the limit itself is W&B's: 128 is fine.
+    assert SplitSettings(wandb_project="a/b", no_wandb=True).wandb_project == "a/b"
+    assert PipelineSettings(wandb_project="p" * 128).wandb_project == "p" * 128

@@ -537,3 +537,70 @@ def test_artifact_name_is_sanitised():
     assert tracking._artifact_name("sft adapter/v1") == "sft-adapter-v1"
     assert tracking._artifact_name("ok_name-1.0") == "ok_name-1.0"
     assert tracking._artifact_name("///") == "artifact"
+
+
+# ---------------------------------------------------------------------------------------------
+# which netrc entry counts as a login: the hosts the installed wandb reads its key for
+
+
+KEY = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _netrc_for(home: Path, host: str) -> None:
+    (home / ".netrc").write_text(f"machine {host}\n  login user\n  password {KEY}\n")
+    (home / ".netrc").chmod(0o600)
+
+
+@pytest.mark.parametrize("host", ["api.forge.coreweave.com", "api.wandb.ai"])
+def test_a_wandb_login_to_either_default_host_counts_as_credentials(no_credentials, host):
+    """wandb 0.31's `wandb login` writes its key under its default server, CoreWeave Forge's API host; earlier
+    versions (and wandb 0.31's fallback) under api.wandb.ai. Both are a login: online, not silently offline."""
+    _netrc_for(no_credentials / "home", host)
+    assert tracking.has_credentials() and choose_mode(True) == "online"
+    # the same verdict as wandb's own reader for its default server
+    from wandb.sdk.lib import urls
+    from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+
+    assert read_netrc_auth(host=urls.DEFAULT_BASE_URL) == KEY
+
+
+def test_credential_hosts_are_asked_of_wandb(no_credentials, monkeypatch):
+    from wandb.sdk.lib import urls
+
+    assert tracking.credential_hosts() == ["api.forge.coreweave.com", "api.wandb.ai"]  # wandb 0.31's default + fallback
+    monkeypatch.setenv("WANDB_BASE_URL", "https://forge.coreweave.com/api/wandb")  # Forge's proxy address
+    assert tracking.credential_hosts() == ["api.forge.coreweave.com", "api.wandb.ai"]
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.mycompany.internal")  # a server of one's own: no fallback
+    assert tracking.credential_hosts() == ["wandb.mycompany.internal"]
+    monkeypatch.delenv("WANDB_BASE_URL")
+    monkeypatch.setattr(urls, "DEFAULT_BASE_URL", "https://api.example-wandb.test")  # what wandb says, not a copy
+    assert tracking.credential_hosts() == ["api.example-wandb.test"]
+    _netrc_for(no_credentials / "home", "api.example-wandb.test")
+    assert choose_mode(True) == "online"
+
+
+def test_credential_hosts_fall_back_to_the_known_hosts_where_wandb_does_not_say(no_credentials, monkeypatch):
+    """A wandb version without wandb.sdk.lib.urls (or its attributes): every host a `wandb login` has used."""
+    from wandb.sdk.lib import urls
+
+    for name in ("DEFAULT_BASE_URL", "normalize_forge_base_url", "forge_upstream_url"):
+        monkeypatch.delattr(urls, name)
+    assert tracking.credential_hosts() == ["api.wandb.ai", "api.forge.coreweave.com"]
+    for host in ("api.forge.coreweave.com", "api.wandb.ai"):
+        _netrc_for(no_credentials / "home", host)
+        assert choose_mode(True) == "online", host
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.mycompany.internal")
+    assert tracking.credential_hosts() == ["wandb.mycompany.internal"]
+    assert choose_mode(True) == "offline"  # the key in netrc is for another server
+
+
+def test_credential_hosts_without_wandbs_url_module(no_credentials, monkeypatch):
+    import wandb.sdk.lib
+
+    monkeypatch.delattr(wandb.sdk.lib, "urls")
+    monkeypatch.setitem(sys.modules, "wandb.sdk.lib.urls", None)  # the import fails, as in a version without it
+    with pytest.raises(ImportError):
+        from wandb.sdk.lib import urls  # noqa: F401
+    assert tracking.credential_hosts() == ["api.wandb.ai", "api.forge.coreweave.com"]
+    _netrc_for(no_credentials / "home", "api.forge.coreweave.com")
+    assert choose_mode(True) == "online"

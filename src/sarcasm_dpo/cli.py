@@ -14,7 +14,9 @@ why). A closed pipe (`predict ... | head -1`) ends quietly with 141, as Unix too
 else is a bug and keeps its traceback. Ctrl-C or
 SIGTERM during sft/dpo training writes a checkpoint, prints the command that resumes, and exits
 128 + the signal number (130, 143). Runs under `accelerate launch ... -m sarcasm_dpo.cli sft ...`
-as well, `--cpu --num_processes N` included (see training/distributed.py).
+as well, `--cpu --num_processes N` included (see training/distributed.py). Under such a launch the
+stages that train (sft, dpo) run on every process; every other command runs once, on the main
+process, and the others exit 0 at once; `pipeline` is refused (exit 2): launch sft and dpo on their own.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from . import __version__
 from .config import add_arguments, from_namespace, whole_number_flag
 from .errors import UserError, describe_failure, note_paths
 from .stages import STAGES, settings_classes
+from .training.distributed import is_main_process, launched_processes, runs_here
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -86,6 +89,8 @@ def run_command(args: argparse.Namespace) -> object:
 
         return predict_run(args)
     stage = STAGES[args.command]
+    if stage.driver:
+        refuse_launched_driver(stage.name)
     settings = from_namespace(settings_classes(), args, stage.name)
     note_paths(settings)  # an OSError about one of them is the user's to fix (errors.describe_failure)
     if getattr(settings, "model", None):  # a hub id with an offline fallback becomes what is actually loaded
@@ -99,8 +104,21 @@ def run_command(args: argparse.Namespace) -> object:
     from .rundir import claim_outputs, input_paths, refuse_outputs_over_inputs
 
     refuse_outputs_over_inputs(stage.outputs(settings), input_paths(settings))
-    with claim_outputs(stage.outputs(settings), command_line(args), main_process=_main_process()):
+    with claim_outputs(stage.outputs(settings), command_line(args), main_process=is_main_process()):
         return stage.run(settings)
+
+
+def refuse_launched_driver(name: str) -> None:
+    """The pipeline runs in one process: under a launch of several it would split and compare in each, and its
+    training stages could not pair up with the other processes' (their process group waits for every rank)."""
+    n = launched_processes()
+    if n > 1:
+        raise UserError(f"`{name}` runs in one process, but this launch (torchrun or accelerate launch) asks for {n}: "
+                        "its split, mine and compare would run in each, and its training stages cannot join the "
+                        "others mid-way. Nothing was run. To train data-parallel, launch the training stages on "
+                        f"their own (accelerate launch --num_processes {n} -m sarcasm_dpo.cli sft --config FILE, then "
+                        "the same with dpo) and run split and compare as plain commands; or run `sarcasm-dpo "
+                        f"{name}` without a launcher.")
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -109,7 +127,8 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _trains(args: argparse.Namespace) -> bool:
-    """A stage whose checkpoints `--resume` continues from, and that trains data-parallel."""
+    """A stage whose checkpoints `--resume` continues from, and that trains data-parallel (on every process of a
+    multi-process launch; any other command runs on the main process only: training.distributed.runs_here)."""
     stage = STAGES.get(args.command)
     return stage is not None and stage.trains
 
@@ -128,10 +147,6 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum, frame):
     raise Terminated
-
-
-def _main_process() -> bool:
-    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def resume_command(args: argparse.Namespace, argv: list[str]) -> str:
@@ -211,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not runs_here(_trains(args)):  # another process of a launch runs this command: nothing to do here
+        return 0
     quiet_known_noise()
     args.argv = argv
     if _trains(args) and os.environ.get("ACCELERATE_USE_CPU"):
@@ -233,11 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_command(args)
     except UserError as exc:
-        if _main_process():  # every process meets the same bad input; one message is enough
+        if is_main_process():  # every process meets the same bad input; one message is enough
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        if _main_process():  # on a line of its own: a progress bar may be mid-line
+        if is_main_process():  # on a line of its own: a progress bar may be mid-line
             print("\n" + interrupt_message(args, argv, exc), file=sys.stderr)
         return 128 + int(getattr(exc, "signum", signal.SIGINT))
     except BrokenPipeError:  # `sarcasm-dpo predict ... | head -1`: the reader left; stop quietly, as Unix tools do
@@ -252,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nThis looks like a bug in sarcasm-dpo {__version__}; please report it with the command and the "
                   "traceback above.", file=sys.stderr)
             return 1
-        if _main_process():
+        if is_main_process():
             print(f"error: {message}", file=sys.stderr)
         return 2
     finally:

@@ -87,13 +87,28 @@ def _export_info(model: str | None) -> dict | None:
 
 def refuse_adapter_on_export(model: str | None, adapter: str | os.PathLike | None, flags: str = "--model") -> None:
     """An export already holds its adapter, merged into the base weights: an adapter on top of it (the same one
-    again, or another trained on the base) would score a model that was never trained."""
-    info = _export_info(model)
-    if adapter and info is not None:
-        merged = info.get("adapter") or "an adapter"
-        raise UserError(f"{model} is an export ({EXPORT_INFO}): {merged} is already merged into its weights, so no "
-                        f"adapter goes on top of it. Give {flags} {model} alone, or the adapter with the base model "
-                        "it was trained on.")
+    again, or another trained on the base) would score a model that was never trained.
+
+    Without `model`, the base the adapter records is what gets loaded (models.adapter_base_model), so that is
+    the model checked: a base folder later replaced by an export (an export written over it) is refused too."""
+    if not adapter:
+        return
+    if model:
+        info = _export_info(model)
+        if info is not None:
+            raise UserError(f"{model} is an export ({EXPORT_INFO}): {info.get('adapter') or 'an adapter'} is already "
+                            f"merged into its weights, so no adapter goes on top of it. Give {flags} {model} alone, "
+                            "or the adapter with the base model it was trained on.")
+        return
+    from .models import adapter_base_model
+
+    base = adapter_base_model(adapter)
+    info = _export_info(os.path.expanduser(base))
+    if info is not None:
+        raise UserError(f"{adapter} records {base} as the base model it was trained on, but that folder now holds an "
+                        f"export ({EXPORT_INFO}): {info.get('adapter') or 'an adapter'} is already merged into its "
+                        f"weights, so this adapter would be applied on top of trained weights. Use the export alone "
+                        f"({flags} {base}), or give {flags} the base model the adapter was trained on.")
 
 
 def recorded_threshold(model: str | None, adapter: str | None = None) -> float:

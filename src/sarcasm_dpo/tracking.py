@@ -11,8 +11,9 @@ Mode, chosen without any network call and without ever prompting (see `choose_mo
   files are written.
 * ``WANDB_MODE`` / ``WANDB_DISABLED`` set by the user: respected. An empty or unknown
   ``WANDB_MODE`` is ignored with a warning (and hidden from wandb, which would refuse to start).
-* credentials present (``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, or a netrc entry for the
-  W&B host): "online".
+* credentials present (``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, or a netrc entry for a
+  host wandb reads its key for: ``WANDB_BASE_URL``'s or wandb's own default, and the host wandb falls
+  back to, see `credential_hosts`): "online".
 * otherwise "offline": the run is written under ``<dir>/wandb/offline-run-*`` and can be uploaded
   later with ``wandb sync <that folder>``.
 
@@ -51,7 +52,10 @@ from urllib.parse import urlsplit
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BASE_URL = "https://api.wandb.ai"
+# The W&B servers `wandb login` has written netrc entries for, by wandb version: api.wandb.ai up to 0.30, CoreWeave
+# Forge's API host (with api.wandb.ai as the fallback wandb reads) from 0.31. Used only where the installed wandb
+# does not say (`credential_hosts`).
+KNOWN_BASE_URLS = ("https://api.wandb.ai", "https://api.forge.coreweave.com")
 # Online init talks to the server before returning; wandb's own default waits 90 s. A shorter
 # limit bounds how long a dead network can hold up the start of training (then we go offline).
 INIT_TIMEOUT_S = 30.0
@@ -116,7 +120,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# mode selection (no network, no prompt, no wandb import)
+# mode selection (no network, no prompt; wandb is imported only to ask which hosts it reads a key for)
 
 
 def _netrc_path() -> Path:
@@ -128,21 +132,51 @@ def _netrc_path() -> Path:
     return windows if (not unix.exists() and windows.exists()) else unix
 
 
+def credential_hosts() -> list[str]:
+    """The netrc machines whose entry wandb reads its API key from, as the installed wandb says: the host of
+    WANDB_BASE_URL, else of wandb's own default server, then the host wandb falls back to when that one has no
+    entry (from 0.31: api.wandb.ai behind a CoreWeave Forge address, which is where `wandb login` wrote keys
+    before). Where this wandb does not say (another version, or none installed): WANDB_BASE_URL's host, else
+    every host in KNOWN_BASE_URLS."""
+    base = os.environ.get("WANDB_BASE_URL", "").strip()
+    try:
+        from wandb.sdk.lib import urls  # wandb >= 0.31; imported here only, so a run with W&B off never pays for it
+    except Exception:  # noqa: BLE001 - not installed, broken, or a version without this module
+        urls = None
+    default = getattr(urls, "DEFAULT_BASE_URL", None)
+    if not (base or default):
+        return [urlsplit(url).netloc for url in KNOWN_BASE_URLS]
+    url = base or default
+    normalize = getattr(urls, "normalize_forge_base_url", None)  # a Forge proxy address -> its API host, as wandb does
+    if normalize is not None:
+        with contextlib.suppress(Exception):
+            url = normalize(url)
+    fallback = getattr(urls, "forge_upstream_url", None)
+    candidates = [url]
+    if fallback is not None:
+        with contextlib.suppress(Exception):
+            candidates.append(fallback(url))
+    return list(dict.fromkeys(host for host in (urlsplit(u).netloc for u in candidates) if host))
+
+
 def has_credentials() -> bool:
     """True if W&B credentials are configured locally. Reads env and netrc only; never the network."""
     if os.environ.get("WANDB_API_KEY", "").strip():
         return True
     if os.environ.get("WANDB_IDENTITY_TOKEN_FILE", "").strip():
         return True
-    host = urlsplit(os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL).netloc
     path = _netrc_path()
-    if not host or not path.is_file():
+    if not path.is_file():
         return False
     try:
-        entry = netrc.netrc(str(path)).authenticators(host)
+        entries = netrc.netrc(str(path))
     except (netrc.NetrcParseError, OSError):
         return False  # a broken netrc is no credential; wandb would not use it either
-    return bool(entry and entry[2])
+    for host in credential_hosts():  # wandb takes the first host with an entry, and its key (none if empty)
+        entry = entries.authenticators(host)
+        if entry:
+            return bool(entry[2])
+    return False
 
 
 def choose_mode(enabled: bool) -> str:

@@ -232,6 +232,10 @@ def resolve_base_model(s: CompareSettings, adapters: dict[str, Path]) -> str:
         refuse_adapter_on_export(s.model, next(iter(adapters.values()), None))
         return s.model
     if adapters:
+        from ..detector import refuse_adapter_on_export
+
+        for adapter in adapters.values():  # a recorded base since replaced by an export would score that
+            refuse_adapter_on_export(None, adapter)
         return models.adapter_base_model(next(iter(adapters.values())))
     raise UserError("No base model: pass --model, or an SFT/DPO adapter folder whose training record names it.")
 

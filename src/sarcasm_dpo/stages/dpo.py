@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import clear_complete, finish_output_dir, read_json, write_json
-from ..detector import note_text_lengths
+from ..detector import note_text_lengths, refuse_adapter_on_export
 from ..errors import UserError
 from ..thresholds import THRESHOLD_FILE, read_threshold, write_threshold
 from ..training.checkpoints import CHECKPOINTS
@@ -100,6 +100,7 @@ def train(s, run_name: str | None = None) -> dict:
     ctx = RunContext(s, Path(s.output_dir), main=is_main_process())
     sft_dir = check_adapter_dir(s.sft_model)  # before the heavy imports: a wrong folder fails at once
     ctx.model = adapter_base_model(sft_dir)
+    refuse_adapter_on_export(None, sft_dir)  # its base since replaced by an export: training would start from that
 
     from ..tracking import Tracker
 

@@ -4,10 +4,13 @@ The LoRA weights are merged into the base model (`merge_and_unload`) and saved a
 the chosen dtype, beside the tokenizer (chat template included), `sarcasm_dpo.json` (the prompt,
 the label tokens and the decision threshold the run recorded) and a generated README.md: Hub
 metadata (base model, datasets, license, metrics), the test metrics with their 95% intervals from
-the comparison run, the validation metrics from the training record, the prompt, eight lines of
-plain-transformers usage, and the intended use and limits. Everything is written into a staging
-folder beside `--output_dir` and swapped in whole with COMPLETE.json (rundir.staged), so an export
-that fails or is stopped leaves the previous folder as it was, never weights without their card.
+the comparison run that scored this very adapter (its folder, and the checksum compare recorded for
+it), the validation metrics from the training record, the prompt, eight lines of plain-transformers
+usage, and the intended use and limits. Everything is written into a staging folder beside
+`--output_dir` and swapped in whole with COMPLETE.json (rundir.staged), so an export that fails or
+is stopped leaves the previous folder as it was, never weights without their card. COMPLETE.json
+records the checksums of the adapter and of the comparison results the card quotes: after the
+adapter is retrained at the same path, the same command is no longer "already done".
 `--push_to_hub REPO` uploads the folder after it is complete; a failed upload leaves it as it is.
 
     sarcasm-dpo export --adapter models/dpo_enhanced --output_dir exported/
@@ -78,18 +81,24 @@ def training_record(adapter: Path) -> tuple[str, dict]:
     return next((name for name, stage in STAGES.items() if stage.record == path.name), "unknown"), record
 
 
-def comparison_for(adapter: Path, results_path: str | None) -> tuple[dict | None, str | None]:
-    """(comparison results, the model key in them) when the results name this very adapter folder.
+def comparison_for(adapter: Path, results_path: str | None,
+                   adapter_sha256: str | None = None) -> tuple[dict | None, str | None]:
+    """(comparison results, the model key in them) when the results scored this very adapter: they name its
+    folder, and the checksum compare recorded for it (its COMPLETE.json "inputs") is the adapter's now
+    (`adapter_sha256`: rundir.input_identity of the folder; computed here when not given).
 
     No file there: a note, and a card without test figures (compare may not have run). A file that is not
-    a comparison's results: an error, rather than a card that silently leaves them out."""
+    a comparison's results: an error, rather than a card that silently leaves them out. Results that scored
+    another version of the folder (the adapter was retrained at the same path since): their figures are not
+    this model's, so a note and a card without them, or an error when the user named the file (--results)."""
     if not results_path:
         return None, None
+    from ..settings import ExportSettings, default_of
+
+    typed = results_path != default_of(ExportSettings, "results")  # a path the user typed: errors, not notes
     path = Path(results_path)
     if not path.exists():
-        from ..settings import ExportSettings, default_of
-
-        if results_path != default_of(ExportSettings, "results"):  # a path the user typed: not a note
+        if typed:
             raise UserError(f"--results {path} does not exist; give the model_comparison_results.json that "
                             "`sarcasm-dpo compare` wrote, or --results '' for a card without test figures.")
         print(f"Note: no comparison results at {path}; the model card will carry no test figures.", file=sys.stderr)
@@ -119,8 +128,50 @@ def comparison_for(adapter: Path, results_path: str | None) -> tuple[dict | None
         # Every figure the card prints, checked before anything is merged or written (a hand-edited "high"
         # where a number belongs failed in the card's formatting, after the weights were written).
         check_results_record(results, path, fix=RESULTS_FIX)
+        if adapter_sha256 is None:
+            adapter_sha256 = adapter_identity(adapter)
+        scored = scored_adapter_sha256(path, key)
+        if scored is None:
+            print(f"Note: {path} records no checksum of the adapters it scored (it has no COMPLETE.json of "
+                  "`sarcasm-dpo compare` beside it, or one from an older version); its test figures go in the card "
+                  f"because it names {adapter}, not because they are known to be of these weights.", file=sys.stderr)
+        elif scored != adapter_sha256:
+            why = (f"{path} scored another version of {adapter} (its {key} model): the adapter's weights or config "
+                   "have changed since that comparison (retrained at the same path?), so its test figures are not "
+                   "this model's")
+            if typed:
+                raise UserError(f"--results {why}. Run `sarcasm-dpo compare` on the adapter as it is now, or pass "
+                                "--results '' for a card without test figures.")
+            print(f"Note: {why}; the model card will carry no test figures (run `sarcasm-dpo compare` again to "
+                  "measure this adapter).", file=sys.stderr)
+            return None, None
         return results, key
     return None, None
+
+
+def adapter_identity(adapter: Path) -> str:
+    """The checksum of an adapter's weights and config, as every stage records the adapters it reads."""
+    from ..rundir import input_identity
+
+    return input_identity({"adapter": adapter})["adapter"]
+
+
+def scored_adapter_sha256(results_path: Path, key: str) -> str | None:
+    """The checksum of the adapter `key` ("sft", "dpo") that the comparison beside `results_path` recorded when
+    it ran: compare's COMPLETE.json lists its results file and records its inputs under the setting that named
+    each adapter (sft_model, dpo_model: stages/compare.inputs_of). None where nothing records it (no such
+    marker, or one from a version that recorded no inputs); "" where its inputs lack this adapter (never equal
+    to a checksum: the figures are not known to be of it)."""
+    from ..atomic import read_complete
+
+    record = read_complete(results_path.parent) or {}
+    listed = record.get("files")
+    inputs = record.get("inputs")
+    if record.get("stage") != "compare" or not isinstance(listed, dict) or results_path.name not in listed \
+            or not isinstance(inputs, dict):
+        return None
+    recorded = inputs.get(f"{key}_model")
+    return recorded if isinstance(recorded, str) else ""
 
 
 def recorded_threshold(stage_record: dict, results: dict | None, key: str | None,
@@ -219,8 +270,8 @@ def model_card(info: dict, usage: str) -> str:
                              f"[{m['f1_ci'][0]:.3f}, {m['f1_ci'][1]:.3f}] |")
             lines.append("")
     else:
-        lines += ["No comparison run names this adapter, so there are no test-set figures here (run "
-                  "`sarcasm-dpo compare`, then export with `--results`).", ""]
+        lines += ["No comparison run of this adapter as it is was given, so there are no test-set figures here "
+                  "(run `sarcasm-dpo compare`, then export with `--results`).", ""]
     val = info.get("validation")
     if val:
         at = val.get("at_threshold")
@@ -327,7 +378,8 @@ def run(s) -> dict:
     """Merge, save, describe; then push if asked. Re-running with the same settings only pushes."""
     import torch
 
-    from ..atomic import check_output_dir, is_complete_for, missing_outputs
+    from ..atomic import (check_output_dir, file_sha256, input_differences, is_complete_for, missing_outputs,
+                          read_complete)
     from ..detector import default_text_tokens, recorded_text_tokens
     from ..models import adapter_base_model, check_adapter_dir, check_adapter_fits, load_model
     from ..prompts import LABEL_WORDS, QUESTION
@@ -336,14 +388,20 @@ def run(s) -> dict:
     adapter = check_adapter_dir(s.adapter)
     config = {k: v for k, v in dataclasses.asdict(s).items() if k not in PUBLISH_KEYS}
     out = Path(s.output_dir)
-    if is_complete_for(out, config) and not missing_outputs(out):
+    # What the folder is made from, by checksum: an export of the adapter as it was before it was retrained at
+    # the same path (or with other test figures in its card) is not this export, though the settings are the same.
+    inputs = {"adapter": adapter_identity(adapter)}
+    results, key = comparison_for(adapter, s.results, inputs["adapter"])
+    if results is not None:
+        inputs["results"] = file_sha256(s.results)
+    if is_complete_for(out, config) and not input_differences(read_complete(out) or {}, inputs) \
+            and not missing_outputs(out):
         print(f"[export] {out} already holds this export; not redone.")
     else:
         base = s.base_model or adapter_base_model(adapter)
         check_model_folder(base)
         refuse_adapter_on_export(base, adapter, "--base_model")
         stage, stage_record = training_record(adapter)
-        results, key = comparison_for(adapter, s.results)
         threshold, threshold_source = recorded_threshold(stage_record, results, key, adapter)
         # Everything sarcasm_dpo.json says, read before minutes of merging: a record that does not read is an
         # error now, not after the weights were written.
@@ -360,7 +418,8 @@ def run(s) -> dict:
         check_adapter_fits(adapter, base)
         if not s.overwrite:
             refuse_half_export(out)
-        check_output_dir(out, config, overwrite=s.overwrite)
+            refuse_stale_export(out, config, inputs, s)
+        check_output_dir(out, config, overwrite=s.overwrite, inputs=inputs)
         print(f"[export] merging {adapter} into {base} -> {out} ({s.dtype})")
         model, tokenizer = load_model(base, adapter=str(adapter), device=torch.device("cpu"))
         merged = model.merge_and_unload().to(getattr(torch, s.dtype))
@@ -368,7 +427,7 @@ def run(s) -> dict:
         # write theirs): an export that fails or is killed half-way leaves the previous folder as it was, never
         # weights without the threshold and card that go with them.
         with staged(out) as stage_dir:
-            write_export(stage_dir, merged, tokenizer, config, info)
+            write_export(stage_dir, merged, tokenizer, config, info, inputs)
         print(f"[export] wrote {out}: merged weights, tokenizer with chat template, {EXPORT_INFO} (threshold "
               f"{threshold}), {CARD}")
     pushed = push(out, s.push_to_hub, s.private) if s.push_to_hub else None
@@ -390,9 +449,30 @@ def refuse_half_export(out: Path) -> None:
                         "everything in it with this export, or choose another --output_dir.")
 
 
-def write_export(out: Path, merged, tokenizer, config: dict, info: dict) -> None:
+def refuse_stale_export(out: Path, config: dict, inputs: dict, s) -> None:
+    """An export of these settings made from other inputs (`inputs`: checksums of the adapter, and of the comparison
+    results its card quotes) is named as such: its weights or card are of an adapter that is no longer there.
+    Replaced only with --overwrite, as any finished output of another run is. A record from a version that kept
+    no checksums is compared on settings only (atomic.input_differences)."""
+    from ..atomic import input_differences, read_complete, settings_differences
+
+    record = read_complete(out)
+    if record is None or settings_differences(record, config):
+        return  # another run's folder, or none: check_output_dir's rule and message
+    changed = {name.removeprefix("input ") for name in input_differences(record, inputs)}
+    what = [text for name, text in (
+        ("adapter", f"the adapter {s.adapter} has changed since (its weights or config: retrained at the same path?)"),
+        ("results", f"the comparison results its card quotes are not those it would quote now ({s.results}: "
+                    "changed, or quoted then and not now, or the other way round)")) if name in changed]
+    if what:
+        raise UserError(f"{out} holds an export made with these settings but from other inputs, so its weights or "
+                        f"model card are not those of the adapter as it is now: {'; '.join(what)}. Pass --overwrite "
+                        "to export again into it, or choose another --output_dir.")
+
+
+def write_export(out: Path, merged, tokenizer, config: dict, info: dict, inputs: dict) -> None:
     """The export's files into `out` (the staging folder): weights, tokenizer, sarcasm_dpo.json (`info` with
-    the label token ids), the card, and COMPLETE.json last."""
+    the label token ids), the card, and COMPLETE.json last, with the checksums of what it was made from (`inputs`)."""
     from ..atomic import finish_output_dir, write_json, write_text
     from ..prompts import QUESTION, label_token_ids
     from ..training.checkpoints import save_adapter
@@ -403,4 +483,4 @@ def write_export(out: Path, merged, tokenizer, config: dict, info: dict) -> None
     info = {key: info[key] for key in EXPORT_KEYS}  # sarcasm_dpo.json's keys in their documented order
     write_json(out / EXPORT_INFO, info)
     write_text(out / CARD, model_card(info, usage_snippet(QUESTION, no_id, yes_id, info["threshold"], info["max_text_tokens"])))
-    finish_output_dir(out, config, {"stage": "export", "threshold": info["threshold"]})
+    finish_output_dir(out, config, {"stage": "export", "threshold": info["threshold"], "inputs": inputs})

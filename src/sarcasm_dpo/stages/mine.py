@@ -29,7 +29,7 @@ import numpy as np
 
 from ..atomic import (finish_output_dir, input_differences, prepare_output_dir, read_complete, settings_differences,
                      write_json)
-from ..detector import note_text_lengths
+from ..detector import note_text_lengths, refuse_adapter_on_export
 from ..errors import UserError
 
 STRATEGIES = ("all", "mistakes_only", "confident_mistakes")
@@ -110,6 +110,7 @@ def run(s) -> dict:
     # settings differ in input_csv precisely because this one is missing).
     sft_dir = check_adapter_dir(s.sft_model)
     base_ref = adapter_base_model(sft_dir)
+    refuse_adapter_on_export(None, sft_dir)  # its base since replaced by an export: mining would score that
     frame = load_split(s.input_csv, "iSarcasmEval training split")
     if s.sample_size:
         frame = stratified_sample(frame, s.sample_size, s.seed)

@@ -1,7 +1,8 @@
 """Several processes: who is who, waiting for each other, what each one prints, and the CPU launcher.
 
-Under `accelerate launch` or `torchrun` every process trains; only the main one (rank 0) writes
-files and talks to W&B. `world_size()`, `rank()`, `is_main_process()`, `barrier()` and
+Under `accelerate launch` or `torchrun` every process of a training stage trains; only the main one
+(rank 0) writes files and talks to W&B. Any other command runs on the main process alone
+(`runs_here`, applied once by the CLI). `world_size()`, `rank()`, `is_main_process()`, `barrier()` and
 `any_process()` are what a stage needs for that; they read the launcher's environment, so they
 cost nothing in a single-process run. `say` / `quiet` / `note` are the printers: one copy of each
 message, from the main process, that does not garble a progress bar or a signal handler.
@@ -36,6 +37,19 @@ def rank() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def launched_processes() -> int:
+    """How many processes the launch asked for: WORLD_SIZE under torchrun or a multi-GPU `accelerate launch`, N under
+    `accelerate launch --cpu --num_processes N` (which starts this process alone: `cpu_workers_requested`), else 1."""
+    return world_size() if world_size() > 1 else max(1, cpu_workers_requested())
+
+
+def runs_here(data_parallel: bool) -> bool:
+    """Whether this process runs a command, under any launch: a command that trains data-parallel runs on every
+    process; any other one (split, compare, export, predict, ...) on the main process only, as a plain run would,
+    and the other processes have nothing to do (no file written, no line printed, no W&B run, stdin left alone)."""
+    return data_parallel or is_main_process()
 
 
 def barrier() -> None:
