@@ -12,6 +12,7 @@ import sys
 import pytest
 from conftest import ROOT
 
+from sarcasm_dpo import cli
 from sarcasm_dpo.cli import build_parser, main
 from sarcasm_dpo.errors import UserError
 from sarcasm_dpo.stages import STAGES
@@ -196,20 +197,22 @@ def test_predict_input_takes_home_relative_paths_and_dash_for_stdin_and_refuses_
 # -- under torchrun / accelerate launch: the stages that train run on every process, any other command once ----
 
 
-def test_a_multi_process_launch_runs_only_training_stages_on_every_process(monkeypatch, capsys):
+def test_a_multi_process_launch_runs_only_training_stages_and_the_pipeline_on_every_process(monkeypatch, capsys):
     """The one rule (training.distributed.runs_here, applied by cli.main): on a process other than the main one,
-    sft and dpo go on (they train data-parallel); split, mine, compare, export, predict and data download end
-    at once with 0, printing nothing, so the main process runs each of them once."""
+    sft and dpo go on (they train data-parallel), and so does the pipeline (it runs its training stages that way,
+    the others on the main process: stages/pipeline.py); split, mine, compare, export, predict and data download
+    end at once with 0, printing nothing, so the main process runs each of them once."""
     import sarcasm_dpo.cli as cli
 
     assert [name for name, stage in STAGES.items() if stage.trains] == ["sft", "dpo"]
+    assert [name for name, stage in STAGES.items() if stage.driver] == ["pipeline"]
     ran: list[str] = []
     monkeypatch.setattr(cli, "run_command", lambda args: ran.append(args.command))
     commands = [[name] for name in STAGES] + [["predict"], ["data", "download"]]
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert [main(argv) for argv in commands] == [0] * len(commands)
-    assert ran == ["sft", "dpo"]
+    assert ran == ["sft", "dpo", "pipeline"]
     assert capsys.readouterr() == ("", "")
     ran.clear()
     monkeypatch.setenv("RANK", "0")  # the main process runs every command
@@ -233,16 +236,72 @@ def test_a_non_main_process_leaves_stdin_and_the_output_alone(tmp_path, monkeypa
     assert capsys.readouterr() == ("", "") and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("launch", [{"WORLD_SIZE": "2", "RANK": "0"}, {"WORLD_SIZE": "4", "RANK": "0"}])
-def test_pipeline_under_a_multi_process_launch_is_refused_before_anything_runs(launch, tmp_path, monkeypatch, capsys):
-    for key, value in launch.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.chdir(tmp_path)  # the pipeline's default outputs (data/splits, models/...) would land here
-    assert main(["pipeline", "--no_wandb"]) == 2
+def test_the_main_process_working_alone_in_a_single_process_run_is_just_the_work():
+    """training.distributed.on_main_process outside a launch: the work's value, or its exception as it is; and
+    start_process_group makes no process group there."""
+    import torch.distributed as dist
+
+    from sarcasm_dpo.training.distributed import on_main_process, start_process_group
+
+    def fails(exc):
+        def work():
+            raise exc
+        return work
+
+    start_process_group(cpu=True)
+    assert not dist.is_initialized()
+    assert on_main_process(lambda: {"a": 1}, share=True) == {"a": 1}
+    assert on_main_process(lambda: "value") == "value"
+    with pytest.raises(UserError, match="as raised"):
+        on_main_process(fails(UserError("as raised")))
+    with pytest.raises(KeyboardInterrupt):
+        on_main_process(fails(KeyboardInterrupt()))
+
+
+def test_on_main_process_under_a_launch_needs_the_process_group_first(monkeypatch):
+    from sarcasm_dpo.training import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "_main_only_group", None)
+    with pytest.raises(RuntimeError, match="start_process_group"):
+        distributed.on_main_process(lambda: None)
+
+
+def test_under_a_launch_the_pipeline_ends_other_processes_quietly_when_the_main_one_failed(monkeypatch, capsys):
+    """A failure in a stage the main process runs alone: the main process prints it (once); the others raise
+    MainProcessStopped, which ends them with exit code 1 and no line of their own. Ctrl-C names the launch line."""
+    import sarcasm_dpo.cli as cli
+    from sarcasm_dpo.training.distributed import MainProcessStopped
+
+    def stopped(args):
+        raise MainProcessStopped()
+
+    monkeypatch.setattr(cli, "run_command", stopped)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["pipeline", "--no_wandb"]) == 1
+    assert capsys.readouterr() == ("", "")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_command", interrupted)
+    monkeypatch.setenv("RANK", "0")
+    assert main(["pipeline", "--no_wandb"]) == 130
+    assert capsys.readouterr().err.strip().endswith(
+        "checkpoint: sarcasm-dpo pipeline --no_wandb (under accelerate launch or torchrun: the same launch line)")
+
+
+def test_ctrl_c_while_the_command_is_still_starting_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C in the first moments (transformers still importing, flags being read) comes before main's own
+    handler: one line and exit 130, not a traceback."""
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "quiet_known_noise", interrupted)
+    monkeypatch.setattr(sys, "argv", ["sarcasm-dpo", "split", "--no_wandb"])
+    with pytest.raises(SystemExit) as stop:
+        cli.entry_point()
     err = capsys.readouterr().err
-    assert err.startswith("error: `pipeline` runs in one process") and err.count("\n") == 1
-    assert f"asks for {launch['WORLD_SIZE']}" in err and "Nothing was run" in err
-    assert f"accelerate launch --num_processes {launch['WORLD_SIZE']} -m sarcasm_dpo.cli sft" in err
-    assert list(tmp_path.iterdir()) == []
-    monkeypatch.setenv("RANK", "1")  # the other processes leave the message to the main one
-    assert main(["pipeline", "--no_wandb"]) == 0 and capsys.readouterr() == ("", "")
+    assert stop.value.code == 130 and "Traceback" not in err
+    assert err.strip() == "Interrupted by SIGINT while starting, before any work: nothing was written."

@@ -238,3 +238,108 @@ def test_offline_hint_names_a_verified_copy_already_listed(tmp_path, monkeypatch
     assert "already names" in dl._offline_hint() and str(shared_data) in dl._offline_hint()
     monkeypatch.setenv(dl.DATA_DIRS_ENV, str(tmp_path))
     assert "already names" not in dl._offline_hint()
+
+
+# -- two downloads into one cache at once ------------------------------------------------------------------------
+
+
+def _body_and_sha(d: dl.DatasetFile) -> tuple[bytes, str]:
+    import hashlib
+
+    body = (SHARED_DATA / d.relpath).read_bytes()
+    return body, hashlib.sha256(body).hexdigest()
+
+
+def test_two_downloads_into_one_cache_at_once_both_succeed(tmp_path, monkeypatch, shared_data):
+    """Run A is half-way through writing when run B downloads the same file from start to end: each writes a file
+    of its own (B neither truncates A's nor renames it away, nor removes it on its way out), both end with the
+    verified file in place, and nothing is left beside it. (One fixed `.part` for both made A fail with
+    "Could not use ...csv.part -> ...csv: it does not exist".)"""
+    body, sha = _body_and_sha(GEN)
+    a_half_way, b_done = threading.Event(), threading.Event()
+    parts = {}
+
+    def fetch_once(url, part, timeout):
+        run = threading.current_thread().name
+        parts[run] = Path(part)
+        with open(part, "wb") as out:
+            out.write(body[: len(body) // 2])
+            out.flush()
+            if run == "A":
+                a_half_way.set()
+                assert b_done.wait(20)
+            out.write(body[len(body) // 2:])
+        return sha
+
+    monkeypatch.setattr(dl, "_fetch_once", fetch_once)
+    outcome = {}
+
+    def run(name):
+        try:
+            outcome[name] = dl.download(tmp_path, base_url="http://127.0.0.1:9", keys=["gen"], log=lambda _m: None)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertions below
+            outcome[name] = exc
+        finally:
+            if name == "B":
+                b_done.set()
+
+    a = threading.Thread(target=run, args=("A",), name="A")
+    a.start()
+    assert a_half_way.wait(20)
+    b = threading.Thread(target=run, args=("B",), name="B")
+    b.start()
+    b.join(20)
+    a.join(20)
+    target = tmp_path / GEN.relpath
+    assert outcome == {"A": {"gen": target}, "B": {"gen": target}}, outcome
+    assert parts["A"] != parts["B"] and parts["A"].parent == target.parent  # beside the target: one rename
+    assert dl.sha256_file(target) == GEN.sha256 and _leftovers(tmp_path) == [target]
+
+
+def test_a_download_that_fails_while_another_run_finished_the_file_succeeds(tmp_path, monkeypatch, shared_data):
+    """Our connection keeps dropping, but another run put the verified file in place meanwhile: that is the
+    file we wanted, so this run succeeds (and says so) instead of failing over a file that is there."""
+    target = tmp_path / GEN.relpath
+    calls = []
+
+    def fetch_once(url, part, timeout):
+        calls.append(part)
+        if len(calls) == 1:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((SHARED_DATA / GEN.relpath).read_bytes())  # the other run's rename
+        raise dl._Dropped("got 10 of 1715209 bytes")
+
+    monkeypatch.setattr(dl, "_fetch_once", fetch_once)
+    logs = []
+    assert dl.download(tmp_path, base_url="http://127.0.0.1:9", keys=["gen"], retries=1, log=logs.append) == {
+        "gen": target}
+    assert any("another run put it in place" in m for m in logs), logs
+    assert len(calls) == 2 and _leftovers(tmp_path) == [target]
+    target.write_text("edited\n")  # not the verified file: our failure stands
+    with pytest.raises(UserError, match="kept failing"):
+        dl.download(tmp_path, base_url="http://127.0.0.1:9", keys=["gen"], retries=0, log=lambda _m: None)
+
+
+def test_leftovers_of_killed_downloads_go_but_a_live_runs_file_stays(server, tmp_path):
+    """A killed run's temporary file (old, locked by no one) is removed by the next download; one a live run holds
+    locked, or one just made, is not touched; the fixed-name `.part` of older versions goes too."""
+    import fcntl
+    import time
+
+    folder = tmp_path / "sarcasm_v2"
+    folder.mkdir()
+    old = time.time() - 2 * dl.STALE_PART_S
+    killed, live, young = (folder / f".GEN-sarc-notsarc.csv.{tag}.part" for tag in ("killed1", "live1", "young1"))
+    for path in (killed, live, young):
+        path.write_bytes(b"half a download")
+    for path in (killed, live):
+        os.utime(path, (old, old))
+    legacy = folder / "GEN-sarc-notsarc.csv.part"
+    legacy.write_bytes(b"leftover of an older version")
+    holder = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        _get(server, tmp_path, keys=["gen"])
+    finally:
+        os.close(holder)
+    assert sorted(_leftovers(tmp_path)) == sorted([folder / "GEN-sarc-notsarc.csv", live, young])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from types import SimpleNamespace
 
 import numpy as np
@@ -170,3 +172,159 @@ def test_mining_at_another_text_length_than_the_adapter_was_trained_with_says_so
     mine(toy, "short", filter_strategy="all", max_text_tokens=64)
     out = capsys.readouterr().out
     assert "Note: the SFT adapter" in out and "--max_text_tokens 256" in out and "mining run cuts texts at 64" in out
+
+
+# -- --overwrite stopped at any moment: the previous pairs, or the new ones, whole ---------------------------
+# The outputs are the pairs file, its summary beside it and the marker in <stem>_run/. A run replacing them writes
+# each in one os.replace (atomic writes end in one) and clears the previous marker with one unlink: a stop before
+# any of those calls is a stop at any moment that matters. Seven of them: the pairs, summary and marker staged,
+# the previous marker cleared, then the pairs, summary and marker moved in.
+_OLD = dict(filter_strategy="all", sample_size=8)
+_NEW = dict(filter_strategy="all", sample_size=16)
+_WRITES = 7
+
+
+def _mine_settings(toy, out_file, **values):
+    from sarcasm_dpo.config import build
+    from sarcasm_dpo.settings import MineSettings
+
+    return build(MineSettings, dict(sft_model=str(toy.sft), input_csv=str(toy.paths.train), output_file=str(out_file),
+                                    no_wandb=True, **values))
+
+
+@pytest.fixture(scope="module")
+def replaced(toy):
+    """The pairs a mining run of the _OLD settings writes, and those of the _NEW settings."""
+    from sarcasm_dpo.stages import mine as mining
+
+    old, new = toy.root / "replace-old" / "pairs.json", toy.root / "replace-new" / "pairs.json"
+    mining.run(_mine_settings(toy, old, **_OLD))
+    mining.run(_mine_settings(toy, new, **_NEW))
+    return SimpleNamespace(old_pairs=json.loads(old.read_text()), new_pairs=json.loads(new.read_text()))
+
+
+def _visible(folder) -> dict[str, bytes]:
+    """The files a reader sees: the pairs, the summary, the marker (not locks or staging folders)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+def _whole_run(folder, pairs: list, sample_size: int) -> bool:
+    """Do the pairs file, the summary and the marker in `folder` all belong to the run that wrote `pairs`?"""
+    from sarcasm_dpo.atomic import read_complete
+
+    summary = json.loads((folder / "pairs_summary.json").read_text())
+    marker = read_complete(folder / "pairs_run")
+    return (json.loads((folder / "pairs.json").read_text()) == pairs and marker is not None
+            and summary["config"]["sample_size"] == marker["config"]["sample_size"] == sample_size
+            and summary["counts"]["kept"]["total"] == marker["kept"] == len(pairs))
+
+
+def _stop_at_write(monkeypatch, folder, point: int, stop) -> list:
+    """Call `stop()` instead of the `point`-th os.replace / os.unlink of a path under `folder`."""
+    calls = []
+
+    def counted(real):
+        def call(path, *args, **kwargs):
+            if str(path).startswith(str(folder)):
+                calls.append(str(path))
+                if len(calls) == point:
+                    stop()
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "replace", counted(os.replace))
+    monkeypatch.setattr(os, "unlink", counted(os.unlink))
+    return calls
+
+
+def _interrupt():
+    raise KeyboardInterrupt  # what Ctrl-C raises between two bytecodes
+
+
+@pytest.mark.parametrize("point", range(1, _WRITES + 1))
+def test_mine_overwrite_stopped_at_any_write_leaves_one_whole_run(toy, replaced, tmp_path, monkeypatch, point):
+    """Stopped before the swap began, the previous run's pairs, summary and marker are as they were; stopped during
+    it, the next run first finishes putting the new ones in place. Never new pairs beside the old summary."""
+    from sarcasm_dpo.errors import UserError
+    from sarcasm_dpo.stages import mine as mining
+
+    folder = tmp_path / "m"
+    mining.run(_mine_settings(toy, folder / "pairs.json", **_OLD))  # the previous run, whole
+    assert _whole_run(folder, replaced.old_pairs, 8)
+    before = _visible(folder)
+    calls = _stop_at_write(monkeypatch, folder, point, _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        mining.run(_mine_settings(toy, folder / "pairs.json", overwrite=True, **_NEW))
+    monkeypatch.undo()
+    assert len(calls) >= point
+    if (folder / "pairs_run" / "COMPLETE.json").is_file():  # a marker always stands beside one whole run
+        assert _visible(folder) == before or _whole_run(folder, replaced.new_pairs, 16)
+    if point <= 4:  # the swap had not begun: the previous run is untouched
+        assert _visible(folder) == before
+
+    # The next run, of the previous settings and without --overwrite. What it finds when it checks the file, once it
+    # has tidied up: the previous run whole, or, stopped during the swap, the new one put in place whole. Either it
+    # may replace: its own, or a stopped run's (which left no marker: the pipeline, deciding before the tidying,
+    # counts on that), so it ends with the previous settings' pairs.
+    found = []
+
+    def check_output_file(*args, **kwargs):
+        found.append((_whole_run(folder, replaced.old_pairs, 8), _whole_run(folder, replaced.new_pairs, 16),
+                      sorted(p.name for p in folder.iterdir() if p.name.startswith((".staging-", ".tmp-")))))
+        return real_check(*args, **kwargs)
+
+    real_check = mining.check_output_file
+    monkeypatch.setattr(mining, "check_output_file", check_output_file)
+    mining.run(_mine_settings(toy, folder / "pairs.json", **_OLD))
+    monkeypatch.undo()
+    assert found == [(point <= 4, point > 4, [])]
+    assert _whole_run(folder, replaced.old_pairs, 8)
+    # A finished run of other settings is still refused without --overwrite.
+    with pytest.raises(UserError, match=r"already holds the results of another run \(settings differ in: sample_size"):
+        mining.run(_mine_settings(toy, folder / "pairs.json", **_NEW))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", range(1, _WRITES + 1))
+def test_mine_overwrite_sigkilled_at_any_write_leaves_one_whole_run(toy, replaced, tmp_path, point):
+    """The same with a real SIGKILL of a `sarcasm-dpo mine --overwrite` process (nothing of it runs after that)."""
+    import subprocess
+    import sys
+
+    from reliability_common import ROOT, env, run_cli
+
+    from sarcasm_dpo.stages import mine as mining
+
+    folder = tmp_path / "m"
+    args = ["mine", "--no_wandb", "--sft_model", str(toy.sft), "--input_csv", str(toy.paths.train), "--output_file",
+            str(folder / "pairs.json"), "--filter_strategy", "all"]
+    killer = ("import os, signal, sys\n"
+              "from sarcasm_dpo import cli\n"
+              "folder, point, calls = sys.argv[1], int(sys.argv[2]), []\n"
+              "def counted(real):\n"
+              "    def call(path, *a, **k):\n"
+              "        if str(path).startswith(folder):\n"
+              "            calls.append(path)\n"
+              "            if len(calls) == point:\n"
+              "                os.kill(os.getpid(), signal.SIGKILL)\n"
+              "        return real(path, *a, **k)\n"
+              "    return call\n"
+              "os.replace, os.unlink = counted(os.replace), counted(os.unlink)\n"
+              "sys.exit(cli.main(sys.argv[3:]))\n")
+    first = run_cli(args + ["--sample_size", "8"])  # the previous run, whole
+    assert first.returncode == 0 and _whole_run(folder, replaced.old_pairs, 8), first.stderr[-3000:]
+    before = _visible(folder)
+    done = subprocess.run([sys.executable, "-c", killer, str(folder), str(point), *args, "--sample_size", "16",
+                           "--overwrite"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    if (folder / "pairs_run" / "COMPLETE.json").is_file():
+        assert _visible(folder) == before or _whole_run(folder, replaced.new_pairs, 16)
+    if point <= 4:
+        assert _visible(folder) == before
+    assert mining.recover_outputs(folder / "pairs.json") == (point > 4)  # what the next run does first
+    assert _whole_run(folder, *((replaced.old_pairs, 8) if point <= 4 else (replaced.new_pairs, 16)))
+    assert not [p.name for p in folder.iterdir() if p.name.startswith((".staging-", ".tmp-"))]
+    refused = run_cli(args + ["--sample_size", "32"])  # a finished run of other settings: refused, untouched
+    assert refused.returncode == 2 and "already holds the results of another run" in refused.stderr, refused.stderr
+    assert _whole_run(folder, *((replaced.old_pairs, 8) if point <= 4 else (replaced.new_pairs, 16)))

@@ -287,3 +287,22 @@ def test_later_stages_settings_this_machine_cannot_run_are_refused_before_the_sp
         done = pipeline(capsys, config, small_data_dir, "--set", setting)
         assert done.returncode == 2 and words in done.stderr and "Nothing was run." in done.stderr, done.stderr
         assert not work.exists()
+
+
+def test_a_launch_makes_its_process_group_for_the_training_device_whatever_the_settings(tmp_path):
+    """pipeline.trains_on_cpu, read on every process of a launch before anything else: sft's device, else the one
+    found here; settings that are wrong count as none (the main process then says what is wrong, once)."""
+    from sarcasm_dpo.config import build
+    from sarcasm_dpo.models import pick_device
+    from sarcasm_dpo.settings import PipelineSettings
+    from sarcasm_dpo.stages.pipeline import trains_on_cpu
+
+    here = pick_device(None).type == "cpu"
+    assert trains_on_cpu(build(PipelineSettings, {}), None) == here
+    assert trains_on_cpu(build(PipelineSettings, {"set": ["sft.device=cpu"]}), None) is True
+    assert trains_on_cpu(build(PipelineSettings, {"set": ["sft.devise=cpu"]}), None) == here
+    config = tmp_path / "p.yaml"
+    config.write_text("sft: [not, a, section]\n")
+    assert trains_on_cpu(build(PipelineSettings, {}), str(config)) == here
+    assert trains_on_cpu(build(PipelineSettings, {}), str(tmp_path / "missing.yaml")) == here
+

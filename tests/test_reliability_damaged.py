@@ -247,6 +247,28 @@ def test_a_stage_whose_record_is_damaged_runs_again_instead_of_being_skipped(rec
     assert read_json(record) == {"runs": 2} and recorded.runs == 2
 
 
+@pytest.mark.parametrize("key,value", [("config", [1]), ("config", "seed=1"), ("inputs", "x"),
+                                       ("files", {"a\u0000b": 1}), ("files", {"../record.json": 1})])
+def test_a_stage_whose_marker_has_the_wrong_shape_is_not_finished_and_runs_again(recorded, tmp_path, key, value,
+                                                                               capsys):
+    """A COMPLETE.json edited into the wrong shape is damaged as one that is not JSON: the pipeline's checks
+    (is_complete_for, same_inputs, the whole-folder check) see a stage that never finished, not a traceback."""
+    pipe = PipelineSettings(no_wandb=True)
+    settings = {"recorded": RecordSettings(output_dir=str(tmp_path / "out"), splits=str(tmp_path / "splits"))}
+    assert pipeline_stage.run_stages(pipe, settings, ["recorded"])["ran"] == ["recorded"]
+    marker = tmp_path / "out" / "COMPLETE.json"
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**record, key: value, "inputs": value if key == "inputs" else {"splits": "0" * 64}}))
+    assert read_complete(tmp_path / "out") is None
+    assert pipeline_stage.finished_here("recorded", settings["recorded"]) == (False, None)
+    capsys.readouterr()
+    assert pipeline_stage.run_stages(pipe, settings, ["recorded"])["ran"] == ["recorded"]
+    said = capsys.readouterr().out  # the pipeline names the damage, and redoes its own stage's folder
+    assert f"{marker} is damaged" in said and "runs again" in said
+    assert read_json(tmp_path / "out" / "record.json") == {"runs": 2} and recorded.runs == 2
+    assert read_complete(tmp_path / "out")["config"]["output_dir"] == str(tmp_path / "out")
+
+
 # -- the beta sweep: one folder per beta, all checked before any training -----------------------------------
 
 

@@ -810,3 +810,175 @@ def test_a_full_disk_names_the_space_the_write_needed(tmp_path, monkeypatch):
     assert not out.exists()  # nothing swapped in
     bare = describe_failure(OSError(errno.ENOSPC, "No space left on device", str(out / "x.bin")))
     assert "free there now" in bare and "how much space the write needed is not known" in bare
+
+
+# -- class: a full disk (or another failed write) that names no file ------------------------------------------
+
+
+def test_a_full_disk_with_no_path_known_claims_no_free_space(tmp_path):
+    """No file named and none in the traceback: the message says "a file" and nothing about free space (the
+    current folder's would be of another disk, as like as not)."""
+    from sarcasm_dpo.errors import describe_failure
+
+    message = describe_failure(OSError(errno.ENOSPC, "No space left on device"))
+    assert message.startswith("Could not use a file: there is no space left") and "free there now" not in message
+
+
+def test_a_failed_write_to_a_stream_names_it_and_says_what_the_run_left(tmp_path):
+    """errors.stream_failure: the stream's name, the file behind it and its disk's free space where it is a file,
+    nothing about free space for a pipe or a device; the note of what was written instead of the atomic words."""
+    from sarcasm_dpo.errors import STANDARD_OUTPUT, describe_failure, stream_failure
+
+    read_end, write_end = os.pipe()
+    try:
+        exc = stream_failure(OSError(errno.ENOSPC, "No space left on device"), STANDARD_OUTPUT, write_end,
+                             "It wrote 3 rows.")
+        message = describe_failure(exc, user_paths=[str(tmp_path)])
+    finally:
+        os.close(read_end), os.close(write_end)
+    assert message.startswith("Could not use standard output: there is no space left"), message
+    assert "free there now" not in message and message.endswith("It wrote 3 rows.") and "atomically" not in message
+    with open(tmp_path / "rows.jsonl", "w") as stream:
+        exc = stream_failure(OSError(errno.ENOSPC, "No space left on device"), STANDARD_OUTPUT, stream.fileno(), "")
+        message = describe_failure(exc)
+    assert f"Could not use standard output ({os.path.realpath(tmp_path / 'rows.jsonl')}): " in message, message
+    assert "free there now" in message and "send it to another disk" in message
+
+
+def test_predict_into_a_full_device_says_how_far_it_got(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`predict ... > /dev/full`: exit 2, one paragraph naming standard output (no free space: a device has
+    none to tell), how many texts were scored and how many rows reached the output whole (none)."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    texts = _write(tmp_path / "t.txt", "oh great, rain again\nwe met at noon\n")
+    full = open("/dev/full", "w")  # noqa: SIM115 - closed below, whatever its buffer holds
+    try:
+        monkeypatch.setattr(sys, "stdout", full)
+        message = refused(["predict", "--model", str(tiny_model_dir), "--input", str(texts)], capsys,
+                          ["Could not use standard output: there is no space left", "predict had scored 2 of 2 texts",
+                           "no row is known to have reached standard output whole", "A rerun scores every text"],
+                          [tmp_path])
+    finally:
+        monkeypatch.undo()
+        with contextlib.suppress(OSError):
+            full.close()
+    assert "free there now" not in message and "a file" not in message
+
+
+def test_predict_onto_a_full_disk_names_the_file_its_free_space_and_the_rows_kept(tiny_model_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """stdout redirected to a file on a disk that fills: the file, that disk's free space, and the rows that
+    reached it whole (those before the last successful flush), which the file indeed starts with."""
+    from sarcasm_dpo.stages import predict
+
+    texts = _write(tmp_path / "t.txt", "".join(f"text number {i}, which takes some room on the disk\n"
+                                               for i in range(1000)))
+    monkeypatch.setattr(predict, "STREAM_CHUNK", 100)
+    with mounted_tmpfs(tmp_path / "small", "size=64k") as small:
+        rows = small / "rows.jsonl"
+        stream = open(rows, "w")  # noqa: SIM115 - closed below, whatever its buffer holds
+        try:
+            with monkeypatch.context() as patch:
+                patch.setattr(sys, "stdout", stream)
+                code = cli.main(["predict", "--model", str(tiny_model_dir), "--input", str(texts), "--batch_size",
+                                 "100"])
+        finally:
+            with contextlib.suppress(OSError):
+                stream.close()
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err[-3000:]
+        message = error_paragraph(err)
+        assert len(message.strip().splitlines()) == 1, message
+        assert f"Could not use standard output ({os.path.realpath(rows)}): there is no space left" in message
+        assert "(free there now: " in message, message
+        import re
+
+        kept = int(re.search(r"the first (\d+) rows reached standard output whole", message).group(1))
+        assert 100 <= kept < 1000 and f"keep its first {kept} lines only" in message
+        assert f"give it the texts after the first {kept}" in message
+        lines = rows.read_text().splitlines()
+        assert [json.loads(line)["text"] for line in lines[:kept]] == [f"text number {i}, which takes some room on "
+                                                                       "the disk" for i in range(kept)]
+
+
+def test_torch_save_failing_to_write_is_a_paragraph_that_tells_a_full_disk(tmp_path, monkeypatch):
+    """torch.save's writer names neither the errno nor the file ("basic_ios::clear: iostream error" on a full disk,
+    from serialization.write_end_of_file): the file comes from the traceback, and the free space of its disk tells
+    a full disk from the other causes. The C++ stream's words outside torch.save stay a bug; a reader's failure is
+    not called a write."""
+    import shutil
+
+    import torch
+
+    from sarcasm_dpo.errors import describe_failure
+
+    target = tmp_path / "checkpoints" / "checkpoint-4" / "optimizer.pt"
+    target.parent.mkdir(parents=True)
+
+    def failing_writer(*_a, **_k):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "_save", failing_writer)
+        with pytest.raises(RuntimeError) as info:
+            torch.save({"a": torch.zeros(3)}, str(target))
+    usage = type(shutil.disk_usage(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(100 << 30, (100 << 30) - 4096, 4096))
+    full = describe_failure(info.value, user_paths=[str(tmp_path)])
+    assert full.startswith(f"Could not write {target}: PyTorch's file writer failed (basic_ios::clear: iostream "
+                           "error), because the disk it is on is full (free there now: 4.0 KiB)."), full
+    assert "\n" not in full and "--resume" in full
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(100 << 30, 50 << 30, 50 << 30))
+    roomy = describe_failure(info.value)
+    assert "has room now (free there now: 50.0 GiB), so the cause is not a full disk" in roomy, roomy
+    assert "disk quota" in roomy and "ulimit -f" in roomy
+    monkeypatch.undo()
+    assert describe_failure(RuntimeError("basic_ios::clear: iostream error")) is None  # not torch's writer
+    for words in ("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/7: file "
+                  "write failed", "PytorchStreamWriter failed writing central directory: file write failed",
+                  "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"):
+        assert "PyTorch's file writer failed" in describe_failure(RuntimeError(words)), words
+    assert describe_failure(RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central "
+                                         "directory")) is None
+
+
+def test_torch_save_onto_a_full_device_is_a_paragraph(tmp_path):
+    """The real writer on a device that is always full: torch 2.x's own "basic_ios::clear" error, recognised."""
+    import torch
+
+    from sarcasm_dpo.errors import describe_failure
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with pytest.raises(RuntimeError) as info:
+        torch.save({"a": torch.zeros(10)}, "/dev/full")
+    message = describe_failure(info.value)
+    assert message and message.startswith("Could not write /dev/full: PyTorch's file writer failed"), message
+
+
+def test_a_full_disk_under_tokenizers_names_the_tokenizer_file(tiny_model_dir, tmp_path):
+    """tokenizers (Rust) says "os error 28" and no file; its caller's local is `tokenizer_file`, a name the
+    lookup does not list: a local whose name says file or path counts, and so does any path under the run's own."""
+    from transformers import AutoTokenizer
+
+    from sarcasm_dpo.errors import describe_failure
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    out = tmp_path / "sft"
+    out.mkdir()
+    (out / "tokenizer.json").symlink_to("/dev/full")  # the disk fills while tokenizer.json is written
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    with pytest.raises(Exception, match=r"os error 28") as info:
+        tokenizer.save_pretrained(str(out))
+    for user_paths in (None, [str(out)]):
+        message = describe_failure(info.value, user_paths=user_paths)
+        assert message.startswith(f"Could not use {out / 'tokenizer.json'}: there is no space left"), message
+
+    def save_weights(folder: Path):
+        written = folder / "adapter_model.bin"  # noqa: F841 - a name that says neither file nor path
+        raise Exception("No space left on device (os error 28)")  # noqa: TRY002 - as a Rust library raises it
+
+    with pytest.raises(Exception) as info:
+        save_weights(out)
+    assert f"Could not use {out / 'adapter_model.bin'}:" in describe_failure(info.value, user_paths=[str(out)])

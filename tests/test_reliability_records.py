@@ -420,3 +420,97 @@ def test_weights_cut_short_count_as_an_incomplete_folder_but_an_edited_record_do
     with pytest.raises(UserError, match=rf"is gone or cut short: adapter_model\.safetensors \({size - 100} bytes, "
                                         rf"{size} when the run finished\)"):
         atomic.require_whole(copy)
+
+
+# -- a COMPLETE.json whose fields have the wrong shape ------------------------------------------------------------
+# Hand-edited or damaged markers: every field a reader uses (config, inputs, files, stage, ...) of another JSON type,
+# or a "files" name that is not a plain file name, makes the whole marker damaged, as invalid JSON in it does: the
+# run there counts as not finished (read_complete gives None), and the stage refuses the folder with one paragraph
+# naming the marker (exit 2), never an AttributeError or ValueError from a reader deep inside.
+
+WRONG_SHAPES = [
+    ("config-array", "config", [1], 'its "config" holds JSON an array where an object belongs'),
+    ("config-text", "config", "seed=1", 'its "config" holds JSON a string where an object belongs'),
+    ("config-null", "config", None, 'its "config" holds JSON null where an object belongs'),
+    ("inputs-text", "inputs", "x", 'its "inputs" holds JSON a string where an object belongs'),
+    ("inputs-value", "inputs", {"train_csv": [1]}, "its inputs.train_csv holds JSON an array where a checksum"),
+    ("files-array", "files", ["a.json"], 'its "files" holds JSON an array where an object belongs'),
+    ("files-nul", "files", {"a\u0000b": 1}, r"lists 'a\\x00b', which holds a NUL character"),
+    ("files-parent", "files", {"../elsewhere.json": 1}, "lists '../elsewhere.json', which is a path"),
+    ("files-absolute", "files", {"/etc/passwd": 1}, "lists '/etc/passwd', which is a path"),
+    ("files-dot", "files", {"..": 1}, "lists '..', which names a folder"),
+    ("files-empty", "files", {"": 1}, "lists '', which is empty"),
+    ("files-surrogate", "files", {"\ud800.json": 1}, "which is not a name this system can give a file"),
+    ("files-size-text", "files", {"threshold.json": "2700"}, 'gives \'threshold.json\' the size "2700"'),
+    ("files-size-bool", "files", {"threshold.json": True}, "gives 'threshold.json' the size true"),
+    ("stage-number", "stage", 5, 'its "stage" holds JSON a number where a string belongs'),
+]
+
+
+def _edit_marker(folder: Path, key: str, value) -> Path:
+    marker = folder / COMPLETE_MARKER
+    record = json.loads(marker.read_text())
+    record[key] = value
+    marker.write_text(json.dumps(record))
+    return marker
+
+
+@pytest.mark.parametrize("key,value,words", [c[1:] for c in WRONG_SHAPES], ids=[c[0] for c in WRONG_SHAPES])
+def test_a_marker_whose_fields_have_the_wrong_shape_is_damaged_and_means_not_finished(finished, tmp_path, key,
+                                                                                       value, words):
+    from sarcasm_dpo.atomic import (check_output_dir, input_differences, is_complete_for, marker_damage,
+                                    settings_differences)
+
+    copy = _copy(finished, tmp_path)
+    record = read_complete(copy)
+    assert marker_damage(copy) is None and not settings_differences(record, record["config"])
+    marker = _edit_marker(copy, key, value)
+    before = snapshot(copy)
+    assert read_complete(copy) is None  # what a marker that is not JSON at all gives: not finished
+    damage = marker_damage(copy)
+    assert isinstance(damage, DamagedRecord) and damage.path == marker and re.search(words, damage.problem), damage
+    # Every reader of the marker goes through read_complete: none crashes on it, none reads half of it.
+    assert missing_outputs(copy) == [] and incomplete_outputs(copy) is None
+    atomic.require_whole(copy)
+    assert not is_complete_for(copy, record["config"]) and input_differences(read_complete(copy) or {}, {}) == []
+    # A stage asked to write there refuses with one paragraph naming the damaged marker (the CLI: exit 2).
+    with pytest.raises(UserError, match=rf"{re.escape(str(marker))} is damaged: .*--overwrite") as caught:
+        check_output_dir(copy, record["config"])
+    assert "\n" not in str(caught.value) and re.search(words, str(caught.value))
+    check_output_dir(copy, record["config"], overwrite=True)  # replacing it is still the user's call
+    assert snapshot(copy) == before
+
+
+def test_a_real_finished_marker_passes_the_check(tiny_model_dir, tmp_path_factory):
+    """What finish_output_dir writes (a real SFT run's marker) is what check_marker accepts."""
+    from sarcasm_dpo.atomic import check_marker, marker_damage
+
+    ref, *_ = reference_run(tiny_model_dir, tmp_path_factory)
+    record = json.loads((ref / COMPLETE_MARKER).read_text())
+    assert {"config", "inputs", "files", "stage", "config_fingerprint", "finished_at"} <= set(record)
+    assert check_marker(record, ref / COMPLETE_MARKER) == record and marker_damage(ref) is None
+    assert read_complete(ref) == record
+
+
+@pytest.mark.parametrize("key,value", [("config", [1]), ("inputs", "x"), ("files", {"a\u0000b": 1})])
+def test_the_cli_refuses_a_folder_whose_marker_has_the_wrong_shape_and_predict_does_not_crash(
+        tiny_model_dir, tmp_path_factory, tmp_path, capsys, key, value):
+    """sft into the folder: exit 2, one paragraph, nothing changed; predict with it as the adapter: no traceback
+    (a damaged marker is a run not known to have finished, as an unreadable one always was)."""
+    from reliability_common import sft_argv
+
+    ref, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
+    copy = _copy(ref, tmp_path)
+    marker = _edit_marker(copy, key, value)
+    before = snapshot(copy)
+    capsys.readouterr()
+    assert main(sft_argv(tiny_model_dir, train, val, copy)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "looks like a bug" not in err, err[-2000:]
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(f"error: {marker} is damaged: ") and "--overwrite" in message, message
+    assert main(["predict", "--adapter", str(copy), "--input", str(_texts(tmp_path))]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and len(captured.out.splitlines()) == 1, captured.err[-2000:]
+    assert "has a damaged COMPLETE.json (its " in captured.err  # not "no COMPLETE.json": it is there, spoilt
+    assert snapshot(copy) == before

@@ -180,3 +180,138 @@ def test_a_data_folder_reached_through_a_link_is_the_same_setting(tmp_path):
     assert settings_differences(record, linked) == []
     other = SFTSettings(train_csv=str(tmp_path / "d2" / "train.csv"), output_dir=str(tmp_path / "o"))
     assert settings_differences(record, other) == ["train_csv"]
+
+
+# -- a run that had decided to stop when it was killed -------------------------------------------------------
+# DPO from the reference SFT adapter on 8 pairs: 4 steps per epoch, a checkpoint every 2 steps; at so small a
+# learning rate the step-4 evaluation is no better than the SFT start, so --patience 1 stops the run there, at
+# epoch 1 of 3.
+_EARLY = dict(epochs=3, patience=1, lr=1e-6, save_steps=2, sample_size=8)
+_early_cache: dict = {}
+
+
+def _early_stopping_dpo(tiny_model_dir, tmp_path_factory, epochs: int = 3):
+    """(output folder, settings-maker) of the uninterrupted early-stopped DPO run; trained once per session."""
+    from reliability_common import dpo_settings
+
+    from sarcasm_dpo.stages import dpo
+
+    if epochs not in _early_cache:
+        sft_dir, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
+        out = tmp_path_factory.mktemp("dpo-early") / "dpo"
+        early = {**_EARLY, "epochs": epochs}
+        summary = dpo.run(dpo_settings(sft_dir, train, val, out, **early))
+        assert summary["stopped_early"] and summary["global_steps"] == 4 and summary["epochs_run"] == 1.0
+        assert [e["step"] for e in json.loads((out / "dpo_epoch_metrics.json").read_text())["evaluations"]] == [0, 4]
+        _early_cache[epochs] = (out, lambda folder, **o: dpo_settings(sft_dir, train, val, folder, **{**early, **o}))
+    return _early_cache[epochs]
+
+
+def _dpo_checkpoints(out) -> list[str]:
+    from sarcasm_dpo.stages import dpo
+
+    return [p.name for p in checkpoints.complete_checkpoints(out / "checkpoints", dpo.STATE_FILE)]
+
+
+def _assert_same_dpo_run(out, ref):
+    from reliability_common import dpo_records
+
+    got, want = (json.loads((folder / "dpo_training_summary.json").read_text()) for folder in (out, ref))
+    for key in ("stopped_early", "global_steps", "epochs_run", "best_step", "best_val", "improved_over_sft"):
+        assert got[key] == want[key], key
+    assert_close(dpo_records(out), dpo_records(ref))
+    assert max_adapter_difference(ref, out) <= ATOL
+    assert json.loads((out / "threshold.json").read_text()) == json.loads((ref / "threshold.json").read_text())
+
+
+@pytest.mark.parametrize("epochs", [3, 1])
+def test_dpo_stopped_early_and_killed_while_saving_resumes_straight_to_the_save(
+        epochs, tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """Killed after training had stopped early, while the results were being written: --resume keeps that
+    decision (no second epoch, no third evaluation) and saves what the uninterrupted run saved. With one epoch
+    the stop falls on the last step: nothing is left to train, and the record still says it stopped early."""
+    from sarcasm_dpo.stages import dpo
+    from sarcasm_dpo.settings import DPOSettings
+
+    ref, settings = _early_stopping_dpo(tiny_model_dir, tmp_path_factory, epochs)
+    out = tmp_path / "dpo"
+    s = settings(out)
+    real_save = dpo.save_outputs
+
+    def killed_while_saving(*args, **kwargs):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(dpo, "save_outputs", killed_while_saving)
+    with pytest.raises(SystemExit):
+        dpo.run(s)
+    monkeypatch.setattr(dpo, "save_outputs", real_save)
+    assert _dpo_checkpoints(out)[-1] == "checkpoint-4" and not (out / "COMPLETE.json").exists()
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / dpo.STATE_FILE).read_text())["validation"]
+    assert state["stopped_early"] is True and state["bad_evals"] == 1
+
+    capsys.readouterr()
+    summary = dpo.run(build(DPOSettings, {**vars(s), "resume": True}))
+    printed = capsys.readouterr().out
+    assert summary["resumed_from"].endswith("checkpoint-4")
+    assert ("Training had stopped at step 4 when that checkpoint was written" in printed) == (epochs > 1)
+    assert "[eval]" not in printed
+    _assert_same_dpo_run(out, ref)
+
+
+def test_dpo_killed_while_validating_the_epoch_that_stops_it_resumes_from_before_that_epoch_end(
+        tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch):
+    """--save_steps falls on the epoch's last step (4): that checkpoint waits for the epoch's validation. Killed
+    during that validation, the run resumes from checkpoint-2, validates epoch 1, stops early as the uninterrupted
+    run did (a checkpoint written before the validation would resume into epoch 2 and never validate epoch 1)."""
+    from sarcasm_dpo.stages import dpo
+    from sarcasm_dpo.settings import DPOSettings
+    from sarcasm_dpo.training.diagnostics import DPOValidationCallback
+
+    ref, settings = _early_stopping_dpo(tiny_model_dir, tmp_path_factory)
+    out = tmp_path / "dpo"
+    s = settings(out)
+    real_evaluate = DPOValidationCallback.evaluate
+
+    def killed_at_step_4(self, model, step, epoch):
+        if step == 4:
+            raise SystemExit("killed")
+        return real_evaluate(self, model, step, epoch)
+
+    monkeypatch.setattr(DPOValidationCallback, "evaluate", killed_at_step_4)
+    with pytest.raises(SystemExit):
+        dpo.run(s)
+    monkeypatch.setattr(DPOValidationCallback, "evaluate", real_evaluate)
+    assert _dpo_checkpoints(out)[-1] == "checkpoint-2"
+
+    summary = dpo.run(build(DPOSettings, {**vars(s), "resume": True}))
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    _assert_same_dpo_run(out, ref)
+
+
+def test_sft_killed_while_saving_after_its_last_step_inside_an_epoch_trains_no_further(
+        tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch):
+    """--epochs 1.5: training ends at step 9, in the middle of epoch 2. Killed while saving, --resume
+    continues from checkpoint-9 and saves, instead of training a tenth step and validating it."""
+    _, train, val, _ = reference_run(tiny_model_dir, tmp_path_factory)
+    ref = tmp_path / "ref"
+    want = sft.run(sft_settings(tiny_model_dir, train, val, ref, epochs=1.5))
+    assert want["global_steps"] == 9 and [e["step"] for e in metrics_json(ref)["epochs"]] == [6, 9]
+
+    out = tmp_path / "sft"
+    s = sft_settings(tiny_model_dir, train, val, out, epochs=1.5)
+    real_save = sft.save_outputs
+
+    def killed_while_saving(*args, **kwargs):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(sft, "save_outputs", killed_while_saving)
+    with pytest.raises(SystemExit):
+        sft.run(s)
+    monkeypatch.setattr(sft, "save_outputs", real_save)
+    assert complete_checkpoints(out)[-1] == "checkpoint-9"
+
+    summary = sft.run(build(SFTSettings, {**vars(s), "resume": True}))
+    assert summary["resumed_from"].endswith("checkpoint-9")
+    assert (summary["global_steps"], summary["epochs_run"]) == (want["global_steps"], want["epochs_run"])
+    assert max_adapter_difference(ref, out) <= ATOL
+    assert_close(metrics_json(out), metrics_json(ref))

@@ -159,15 +159,87 @@ def mark_complete(folder: str | os.PathLike, info: dict) -> Path:
 
 
 def read_complete(folder: str | os.PathLike) -> dict | None:
-    """The completion record of a stage folder, or None if the stage never finished there."""
-    marker = Path(folder) / COMPLETE_MARKER
-    if not marker.is_file():
-        return None
+    """The completion record of a stage folder, or None if the stage never finished there.
+
+    The one reader of COMPLETE.json: a marker that does not read back (cut short, not UTF-8, not a JSON object)
+    or whose fields a reader uses are of the wrong shape (check_marker: "config" an array, a name in "files"
+    that is not a plain file name, ...) is damaged, and a damaged marker means not finished, whatever spoils
+    it: callers get None, never a record that would crash them or be read wrong (`marker_damage` says why)."""
     try:
-        record = read_json(marker)
+        return _read_marker(Path(folder))
     except (OSError, DamagedRecord):  # unreadable: the stage is not known to have finished there
         return None
-    return record if isinstance(record, dict) else None
+
+
+def marker_damage(folder: str | os.PathLike) -> DamagedRecord | None:
+    """Why the COMPLETE.json of `folder` does not count (read_complete gives None for it), or None when there is
+    none or it reads back whole."""
+    try:
+        _read_marker(Path(folder))
+    except DamagedRecord as exc:
+        return exc
+    except OSError:
+        return None
+    return None
+
+
+def marker_missing(folder: str | os.PathLike) -> str:
+    """What a folder read_complete gives None for lacks, in words: "no COMPLETE.json", or a damaged one and why."""
+    damage = marker_damage(folder)
+    return "no COMPLETE.json" if damage is None else f"a damaged COMPLETE.json ({damage.problem})"
+
+
+def _read_marker(folder: Path) -> dict | None:
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    return check_marker(read_json(marker, expect=dict), marker)
+
+
+# What the fields of COMPLETE.json that readers use hold (finish_output_dir writes them): a marker with one of
+# another JSON type was edited or damaged, and is refused whole (read_complete) rather than read in part.
+_MARKER_FIELDS = {"config": dict, "inputs": dict, "files": dict, "stage": str, "config_fingerprint": str,
+                  "finished_at": str}
+
+
+def check_marker(record: dict, path: str | os.PathLike) -> dict:
+    """`record` (a COMPLETE.json read back as a dict) if every field a reader uses has the shape
+    finish_output_dir gives it; else DamagedRecord naming the field. "inputs" maps names to checksums (text),
+    "files" plain file names (no folder, no NUL, not . or ..) to sizes in bytes (whole numbers)."""
+    path = Path(path)
+    for key, kind in _MARKER_FIELDS.items():
+        if key in record and not isinstance(record[key], kind):
+            raise DamagedRecord(path, f'its "{key}" holds JSON {_json_type(record[key])} where '
+                                      f"{_json_type(kind())} belongs", RECORD_FIX)
+    for name, value in (record.get("inputs") or {}).items():
+        if not isinstance(value, str):
+            raise DamagedRecord(path, f"its inputs.{name} holds JSON {_json_type(value)} where a checksum (text) "
+                                      "belongs", RECORD_FIX)
+    for name, size in (record.get("files") or {}).items():
+        why = _not_a_file_name(name)
+        if why:
+            raise DamagedRecord(path, f'its "files" lists {name!r}, which {why}', RECORD_FIX)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise DamagedRecord(path, f'its "files" gives {name!r} the size {json.dumps(size)}, where a size in '
+                                      "bytes (a whole number) belongs", RECORD_FIX)
+    return record
+
+
+def _not_a_file_name(name: str) -> str | None:
+    """Why `name` is not the plain name of a file directly in a folder (what output_files lists), or None."""
+    if not name:
+        return "is empty, not a file name"
+    if "\0" in name:
+        return "holds a NUL character, which no file name can"
+    if any(sep and sep in name for sep in ("/", os.sep, os.altsep)):
+        return "is a path, not the name of a file in the folder"
+    if name in (".", ".."):
+        return "names a folder, not a file"
+    try:
+        os.fsencode(name)
+    except UnicodeError:
+        return "is not a name this system can give a file"
+    return None
 
 
 def clear_complete(folder: str | os.PathLike) -> None:
@@ -290,6 +362,11 @@ def check_output_dir(folder: str | os.PathLike, config: Any, overwrite: bool = F
                     "Pass --overwrite to replace them, or choose another --output_dir."
                 )
         elif not resume and not (folder / "checkpoints").is_dir():
+            damage = marker_damage(folder)
+            if damage is not None:  # a marker there, damaged: it does not say which run's results the folder holds
+                raise UserError(f"{damage.path} is damaged: {damage.problem}; which run's results {folder} holds, "
+                                "and whether that run finished, is not known. Pass --overwrite to replace them, or "
+                                "choose another --output_dir.")
             names = sorted(p.name for p in folder.iterdir())[:8]
             raise UserError(
                 f"{folder} is not empty ({', '.join(names)}) and holds no finished run of ours. "

@@ -16,7 +16,8 @@ SIGTERM during sft/dpo training writes a checkpoint, prints the command that res
 128 + the signal number (130, 143). Runs under `accelerate launch ... -m sarcasm_dpo.cli sft ...`
 as well, `--cpu --num_processes N` included (see training/distributed.py). Under such a launch the
 stages that train (sft, dpo) run on every process; every other command runs once, on the main
-process, and the others exit 0 at once; `pipeline` is refused (exit 2): launch sft and dpo on their own.
+process, and the others exit 0 at once; `pipeline` runs on every process, its training stages
+data-parallel and its other stages on the main process while the others wait (stages/pipeline.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from . import __version__
 from .config import add_arguments, from_namespace, whole_number_flag
 from .errors import UserError, describe_failure, note_paths
 from .stages import STAGES, settings_classes
-from .training.distributed import is_main_process, launched_processes, runs_here
+from .training.distributed import is_main_process, runs_here
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -89,8 +90,6 @@ def run_command(args: argparse.Namespace) -> object:
 
         return predict_run(args)
     stage = STAGES[args.command]
-    if stage.driver:
-        refuse_launched_driver(stage.name)
     settings = from_namespace(settings_classes(), args, stage.name)
     note_paths(settings)  # an OSError about one of them is the user's to fix (errors.describe_failure)
     if getattr(settings, "model", None):  # a hub id with an offline fallback becomes what is actually loaded
@@ -106,19 +105,6 @@ def run_command(args: argparse.Namespace) -> object:
     refuse_outputs_over_inputs(stage.outputs(settings), input_paths(settings))
     with claim_outputs(stage.outputs(settings), command_line(args), main_process=is_main_process()):
         return stage.run(settings)
-
-
-def refuse_launched_driver(name: str) -> None:
-    """The pipeline runs in one process: under a launch of several it would split and compare in each, and its
-    training stages could not pair up with the other processes' (their process group waits for every rank)."""
-    n = launched_processes()
-    if n > 1:
-        raise UserError(f"`{name}` runs in one process, but this launch (torchrun or accelerate launch) asks for {n}: "
-                        "its split, mine and compare would run in each, and its training stages cannot join the "
-                        "others mid-way. Nothing was run. To train data-parallel, launch the training stages on "
-                        f"their own (accelerate launch --num_processes {n} -m sarcasm_dpo.cli sft --config FILE, then "
-                        "the same with dpo) and run split and compare as plain commands; or run `sarcasm-dpo "
-                        f"{name}` without a launcher.")
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -137,6 +123,12 @@ def _drives(args: argparse.Namespace) -> bool:
     """The pipeline: re-running it skips finished stages and resumes an interrupted one."""
     stage = STAGES.get(args.command)
     return stage is not None and stage.driver
+
+
+def _every_process(args: argparse.Namespace) -> bool:
+    """Runs on every process of a multi-process launch: a stage that trains, and the pipeline, which runs its
+    training stages that way and its other stages on the main process (stages/pipeline.py)."""
+    return _trains(args) or _drives(args)
 
 
 class Terminated(KeyboardInterrupt):
@@ -174,7 +166,8 @@ def interrupt_message(args: argparse.Namespace, argv: list[str], exc: KeyboardIn
                 f"from the newest complete checkpoint (or from the start if there is none) with: {again}{launcher}")
     if _drives(args):
         return (f"Interrupted by {name}. Re-run the same command; finished stages are skipped and an interrupted "
-                f"training stage resumes from its newest checkpoint: {again}")
+                f"training stage resumes from its newest checkpoint: {again}"
+                + (" (under accelerate launch or torchrun: the same launch line)" if launcher else ""))
     if args.command == "predict":  # it writes no files; what its rows on stdout hold, it said itself
         return f"Interrupted by {name}. Re-run: {again}"
     return f"Interrupted by {name}. Files already written are whole (each is written atomically); re-run: {again}"
@@ -226,17 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not runs_here(_trains(args)):  # another process of a launch runs this command: nothing to do here
+    if not runs_here(_every_process(args)):  # another process of a launch runs this command: nothing to do here
         return 0
     quiet_known_noise()
     args.argv = argv
-    if _trains(args) and os.environ.get("ACCELERATE_USE_CPU"):
+    if _every_process(args) and os.environ.get("ACCELERATE_USE_CPU"):
         from .training.distributed import cpu_workers_requested, run_workers
 
         workers = cpu_workers_requested()
         if workers > 1:  # `accelerate launch --cpu --num_processes N` started only us; start the N ranks
-            print(f"[{args.command}] accelerate launch --cpu --num_processes {workers}: starting {workers} "
-                  "data-parallel processes (gloo).", file=sys.stderr)
+            what = "processes (gloo): its training stages run data-parallel on all, its other stages on the first" \
+                if _drives(args) else "data-parallel processes (gloo)"
+            print(f"[{args.command}] accelerate launch --cpu --num_processes {workers}: starting {workers} {what}.",
+                  file=sys.stderr)
             return run_workers(workers, argv)
     from types import SimpleNamespace
 
@@ -289,7 +284,11 @@ def _silence_stdout() -> None:
 
 def entry_point() -> None:
     route_warnings_clear_of_bars()
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C while the command was still starting (imports, flags): nothing ran yet
+        print("\nInterrupted by SIGINT while starting, before any work: nothing was written.", file=sys.stderr)
+        code = 128 + signal.SIGINT
     try:  # the last lines may still sit in the buffer when the reader of a pipe has gone
         sys.stdout.flush()
     except BrokenPipeError:

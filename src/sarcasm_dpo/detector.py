@@ -192,7 +192,7 @@ class SarcasmDetector:
         """`model`: a hub id, folder (an `export`) or .gguf, None for the adapter's base; `adapter`: an sft or
         dpo output folder. `threshold` and `max_text_tokens`: None for what the run recorded (else 0.5 and
         the settings' default)."""
-        from .atomic import read_complete
+        from .atomic import marker_missing, read_complete
         from .model_route import route_model
         from .models import adapter_base_model, check_adapter_dir, load_model, pick_device
         from .settings import check_predict_args
@@ -212,7 +212,7 @@ class SarcasmDetector:
             max_text_tokens = recorded_text_tokens(model, adapter)
         model_ref = route_model(model) or adapter_base_model(adapter)
         if adapter and read_complete(adapter) is None:
-            warn(f"Warning: {adapter} has no COMPLETE.json: the run that wrote this adapter may not have "
+            warn(f"Warning: {adapter} has {marker_missing(adapter)}: the run that wrote this adapter may not have "
                  "finished (or was stopped while saving), so it may not be the model you expect.")
         loaded, tokenizer = load_model(model_ref, adapter=adapter, device=pick_device(device))
         return cls(loaded, tokenizer, threshold=threshold, max_text_tokens=max_text_tokens, batch_size=batch_size)

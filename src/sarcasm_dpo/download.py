@@ -9,15 +9,20 @@ Offline, point the pipeline at a local copy with `--data_dir DIR`, laid out as
 `DIR/sarcasm_v2/GEN-sarc-notsarc.csv` and `DIR/isarcasmeval/train.En.csv`.
 
 A file only ever appears at its final path whole and with the expected checksum: it is streamed
-into `NAME.part` beside the target and renamed over it after the hash matches.
+into a temporary file of this run's own beside the target (`.NAME.*.part`) and renamed over it after
+the hash matches, so two downloads into one cache at once never write into each other's files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import hashlib
 import http.client
 import os
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .atomic import _umask
 from .atomic import file_sha256 as sha256_file  # one sha256 helper for the whole package
 from .errors import UserError
 
@@ -127,50 +133,119 @@ def _fetch_once(url: str, part: Path, timeout: float) -> str:
 
 
 def _fetch(d: DatasetFile, target: Path, base_url: str, timeout: float, retries: int, log) -> None:
+    """Download `d` to `target`, whole and verified, or raise UserError. Runs into one cache may overlap (two
+    `data download`s, two pipelines on first use): each streams into a temporary file of its own, named and
+    locked by this run, and renames it over `target` only once its checksum matches, so neither run touches the
+    other's file and whichever renames last puts the same verified bytes in place. A run that fails while
+    another finished the same file counts that one (`_verified`)."""
     url = f"{base_url.rstrip('/')}/{d.url_path}"
-    # A fixed name (not mkstemp) so a killed run's leftover is simply overwritten next time.
-    part = target.with_name(target.name + ".part")
+    _sweep_leftovers(target)
     try:
-        retries = max(0, retries)
-        for attempt in range(retries + 1):
-            try:
-                actual = _fetch_once(url, part, timeout)
-                break
-            except urllib.error.HTTPError as err:  # before URLError: it is a subclass
-                if err.code >= 500 and attempt < retries:
-                    log(f"  {d.relpath}: server error HTTP {err.code}, retrying")
-                    time.sleep(RETRY_PAUSE_S * (attempt + 1))
-                    continue
-                raise UserError(
-                    f"Downloading {d.relpath} failed: {url} answered HTTP {err.code} {err.reason}. "
-                    + _offline_hint()
-                ) from None
-            except urllib.error.URLError as err:  # refused, DNS failure, connect timeout
-                raise UserError(
-                    f"Cannot download {d.relpath}: no connection to {url} ({err.reason}). "
-                    + _offline_hint()
-                ) from None
-            except (_Dropped, http.client.HTTPException, ConnectionError, TimeoutError) as err:
-                if attempt < retries:
-                    log(f"  {d.relpath}: connection dropped ({err}), retry {attempt + 1}/{retries}")
-                    time.sleep(RETRY_PAUSE_S * (attempt + 1))
-                    continue
-                raise UserError(
-                    f"Downloading {d.relpath} from {url} kept failing: the connection dropped "
-                    f"{retries + 1} times (last: {err}). Try again later. " + _offline_hint()
-                ) from None
-            except OSError as err:  # disk full, permissions: the user's side, not the network
-                raise UserError(f"Cannot write {part}: {err}") from None
-        if actual != d.sha256:
-            raise UserError(
-                f"Checksum mismatch for {d.relpath} downloaded from {url}: expected sha256 "
-                f"{d.sha256}, got {actual}. The file was not kept; the source may have changed."
-            )
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PART_SUFFIX, dir=target.parent)
+    except OSError as err:  # a full disk, a folder not ours to write
+        raise UserError(_cannot_write(d, target.parent, err)) from None
+    part = Path(name)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # ours while this run lives: no other run's sweep takes it
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it owner-only; the dataset gets the usual permissions
+        try:
+            _fetch_verified(d, url, part, timeout, retries, log)
+        except UserError:
+            if _verified(target, d):  # another run finished this very file meanwhile: it is in place, whole
+                log(f"  {d.relpath}: another run put it in place with the right checksum meanwhile")
+                return
+            raise
         os.replace(part, target)
     finally:
-        # Whatever went wrong (including Ctrl-C), no half or bad file stays behind.
-        if part.exists():
+        # Whatever went wrong (including Ctrl-C), no half or bad file of this run stays behind.
+        with contextlib.suppress(OSError):
             part.unlink()
+        os.close(fd)
+
+
+def _fetch_verified(d: DatasetFile, url: str, part: Path, timeout: float, retries: int, log) -> None:
+    """Stream `url` into `part` (retrying dropped connections and server errors) and check its sha256."""
+    retries = max(0, retries)
+    for attempt in range(retries + 1):
+        try:
+            actual = _fetch_once(url, part, timeout)
+            break
+        except urllib.error.HTTPError as err:  # before URLError: it is a subclass
+            if err.code >= 500 and attempt < retries:
+                log(f"  {d.relpath}: server error HTTP {err.code}, retrying")
+                time.sleep(RETRY_PAUSE_S * (attempt + 1))
+                continue
+            raise UserError(
+                f"Downloading {d.relpath} failed: {url} answered HTTP {err.code} {err.reason}. "
+                + _offline_hint()
+            ) from None
+        except urllib.error.URLError as err:  # refused, DNS failure, connect timeout
+            raise UserError(
+                f"Cannot download {d.relpath}: no connection to {url} ({err.reason}). "
+                + _offline_hint()
+            ) from None
+        except (_Dropped, http.client.HTTPException, ConnectionError, TimeoutError) as err:
+            if attempt < retries:
+                log(f"  {d.relpath}: connection dropped ({err}), retry {attempt + 1}/{retries}")
+                time.sleep(RETRY_PAUSE_S * (attempt + 1))
+                continue
+            raise UserError(
+                f"Downloading {d.relpath} from {url} kept failing: the connection dropped "
+                f"{retries + 1} times (last: {err}). Try again later. " + _offline_hint()
+            ) from None
+        except OSError as err:  # disk full, permissions: the user's side, not the network
+            raise UserError(_cannot_write(d, part.parent, err)) from None
+    if actual != d.sha256:
+        raise UserError(
+            f"Checksum mismatch for {d.relpath} downloaded from {url}: expected sha256 "
+            f"{d.sha256}, got {actual}. The file was not kept; the source may have changed."
+        )
+
+
+def _cannot_write(d: DatasetFile, folder: Path, err: OSError) -> str:
+    return (f"Cannot write {d.relpath} into {folder}: {err.strerror or err}. Free some space there, or point "
+            "--cache_dir (or $SARCASM_DPO_DATA) at a writable folder with room, then run the same command again; "
+            "nothing half-written was kept.")
+
+
+PART_SUFFIX = ".part"
+STALE_PART_S = 600  # a download's temporary file untouched this long, and locked by no one, was left by a killed run
+
+
+def _verified(target: Path, d: DatasetFile) -> bool:
+    try:
+        return target.is_file() and sha256_file(target) == d.sha256
+    except OSError:
+        return False
+
+
+def _sweep_leftovers(target: Path) -> None:
+    """Remove the temporary files killed downloads of `target` left beside it: those no live run holds locked
+    (each run locks its own while it writes) and untouched for a while, and the fixed-name `NAME.part` of
+    versions before the per-run names."""
+    now = time.time()
+    for path in [target.with_name(target.name + PART_SUFFIX),
+                 *target.parent.glob(f".{glob.escape(target.name)}.*{PART_SUFFIX}")]:
+        legacy = path.name == target.name + PART_SUFFIX
+        try:
+            if path.is_symlink() or not path.is_file():
+                continue
+            if not legacy and now - path.stat().st_mtime < STALE_PART_S:  # may be a run that has just begun
+                continue
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live run's, still being written
+            os.close(fd)
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def download(

@@ -134,18 +134,67 @@ def _space_needed(exc: OSError) -> str:
 
 
 def _free_space(path) -> str:
-    """Free space on the file system of `path` (or of the nearest folder above it that exists)."""
+    """Free space on the file system of `path` (or of the nearest folder above it that exists); nothing where
+    no path is known (the current folder's free space would be of another disk, as like as not)."""
     import os
     import shutil
 
-    folder = os.path.abspath(str(path)) if path else os.getcwd()
+    if not path:
+        return ""
+    folder = os.path.abspath(str(path))
     while folder and not os.path.isdir(folder):
-        folder = os.path.dirname(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return ""
+        folder = parent
     try:
         free = shutil.disk_usage(folder).free
-    except OSError:
+    except (OSError, ValueError):
         return ""
     return f" (free there now: {_size(free)})"
+
+
+def _free_space_fd(fd: int | None) -> str:
+    """Free space on the file system an open file descriptor writes to, where it is a file or folder on a disk;
+    nothing for a pipe, a terminal or a device (/dev/full), whose file system says nothing about their room."""
+    import stat
+
+    if fd is None:
+        return ""
+    try:
+        if not (stat.S_ISREG(os.fstat(fd).st_mode) or stat.S_ISDIR(os.fstat(fd).st_mode)):
+            return ""
+        info = os.fstatvfs(fd)
+    except (OSError, ValueError):
+        return ""
+    return f" (free there now: {_size(info.f_bavail * info.f_frsize)})"
+
+
+def _file_behind(fd: int | None) -> str | None:
+    """The path of the regular file an open descriptor writes to (`> out.jsonl`), where the system says it."""
+    import stat
+
+    if fd is None:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        path = os.readlink(f"/proc/self/fd/{fd}")
+    except (OSError, ValueError):
+        return None
+    return path if path.startswith(os.sep) else None
+
+
+STANDARD_OUTPUT = "standard output"
+
+
+def stream_failure(exc: OSError, stream: str, fd: int | None, outcome: str) -> OSError:
+    """Mark `exc`, met writing a stream no setting names by a path (predict's rows on standard output), so that
+    its message names `stream` (and the file behind it, where there is one), the free space of the disk under
+    that stream's descriptor `fd` (none for a pipe or a device), and what the run left (`outcome`) instead of the
+    words about files written atomically. Returns `exc`, to be raised on."""
+    exc.stream, exc.stream_fd, exc.outcome = stream, fd, outcome
+    return exc
 
 
 def describe_failure(exc: BaseException, user_paths: list[str] | None = None) -> str | None:
@@ -155,19 +204,27 @@ def describe_failure(exc: BaseException, user_paths: list[str] | None = None) ->
     other path is a bug. None: no settings to tell by, every path counts as the user's."""
     if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
         what, fix = _OS_ERRORS[exc.errno]
-        where = exc.filename if exc.filename is not None else _filename_in_traceback(exc)
-        if exc.errno in PATH_ERRORS and user_paths is not None \
+        stream = getattr(exc, "stream", None)  # a stream the user pointed somewhere (stream_failure): theirs
+        where = exc.filename if exc.filename is not None else stream or _filename_in_traceback(exc, user_paths)
+        if exc.errno in PATH_ERRORS and user_paths is not None and not stream \
                 and not any(_users_path(name, user_paths) for name in (where, exc.filename2) if name is not None):
             return None  # not a path the user gave or a folder the run writes: our bug, keep the traceback
         place = f"{where}" + (f" -> {exc.filename2}" if exc.filename2 else "") if where else "a file"
         extra = ""
+        if stream and exc.filename is None:
+            behind = _file_behind(getattr(exc, "stream_fd", None))
+            place += f" ({behind})" if behind else ""
         if exc.errno in SPACE_ERRORS:
-            extra = _free_space(where) + _space_needed(exc)
-        return (f"Could not use {place}: {what}{extra} ({exc.strerror or exc}). To fix: {fix}. Files written "
-                "before this are whole (each is written atomically); a stage's folder is marked complete only "
-                "when all its files are in place.")
+            space = _free_space_fd(getattr(exc, "stream_fd", None)) if stream else _free_space(where)
+            extra = space + _space_needed(exc)
+            if stream:
+                fix = "free some space where it goes, or send it to another disk, then run the same command again"
+        outcome = getattr(exc, "outcome", None) if stream else None
+        return (f"Could not use {place}: {what}{extra} ({exc.strerror or exc}). To fix: {fix}. "
+                + (outcome or "Files written before this are whole (each is written atomically); a stage's folder "
+                               "is marked complete only when all its files are in place."))
     if isinstance(exc, UnicodeDecodeError):
-        where = _filename_in_traceback(exc) or "an input"
+        where = _filename_in_traceback(exc, user_paths) or "an input"
         return (f"Could not read {where} as UTF-8 text: byte {exc.object[exc.start:exc.start + 1]!r} at position "
                 f"{exc.start} is not valid UTF-8 (a binary file, or text in another encoding). Give a UTF-8 text "
                 "file (re-save it as UTF-8).")
@@ -176,37 +233,132 @@ def describe_failure(exc: BaseException, user_paths: list[str] | None = None) ->
     os_error = re.search(r"os error (\d+)", str(exc))  # Rust I/O errors (safetensors, tokenizers) carry the errno
     if os_error and int(os_error.group(1)) in _OS_ERRORS:
         code = int(os_error.group(1))
-        return describe_failure(OSError(code, os.strerror(code), _filename_in_traceback(exc)), user_paths)
-    if isinstance(exc, RuntimeError) and "inline_container" in str(exc):  # torch.save's zip writer, e.g. a full disk
-        where = _filename_in_traceback(exc)
-        return (f"Could not write {where or 'a PyTorch file'}: PyTorch's file writer failed "
-                f"({str(exc).splitlines()[0][:200]}), which almost always means the disk filled up"
-                f"{_free_space(where)}. Free some space or choose an output folder on another disk, then run the same "
-                "command again (sft and dpo: with --resume).")
+        return describe_failure(OSError(code, os.strerror(code), _filename_in_traceback(exc, user_paths)), user_paths)
+    if torch_write_failure(exc):
+        return _torch_write_message(exc, _filename_in_traceback(exc, user_paths))
     if type(exc).__name__ == "SafetensorError":
-        where = _filename_in_traceback(exc) or "a .safetensors file"
+        where = _filename_in_traceback(exc, user_paths) or "a .safetensors file"
         return (f"Could not read {where}: {str(exc).splitlines()[0] if str(exc) else 'invalid safetensors data'}. "
                 "The file is truncated or not a safetensors file (an interrupted copy or download); copy it "
                 "again or retrain the adapter.")
     return None
 
 
-def _filename_in_traceback(exc: BaseException) -> str | None:
-    """The innermost file path a failing frame was working on (`path`, `filename`, ... locals), if any.
+# What torch.save's writer (caffe2/serialize/inline_container.cc, PyTorchStreamWriter) raises when a write fails:
+# it says neither the errno nor the file. "PytorchStreamWriter failed writing file data/7: file write failed",
+# "... failed writing central directory ...", "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs
+# 598" (older versions), and "basic_ios::clear: iostream error" (torch 2.x's file stream, e.g. on a full disk).
+_TORCH_WRITER_WORDS = ("PytorchStreamWriter failed", "file write failed", "unexpected pos ")
+_STREAM_WORDS = ("basic_ios::clear", "iostream error")
 
-    Decode and safetensors errors do not carry the file's name; the frames that raised them do."""
-    import os
-    import re
 
+def torch_write_failure(exc: BaseException) -> bool:
+    """Is `exc` torch.save's file writer failing (a full disk, a quota, an I/O error), not a bug?"""
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    if "PytorchStreamReader" in text:  # reading a file, not writing one
+        return False
+    if any(words in text for words in _TORCH_WRITER_WORDS) or "inline_container" in text:
+        return True
+    # The C++ stream's own words name no library: torch's only when torch's serializer was writing.
+    return any(words in text for words in _STREAM_WORDS) and _in_torch_serialization(exc)
+
+
+def _in_torch_serialization(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if name.endswith("torch/serialization.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _disk_room(path) -> tuple[int, int] | None:
+    """(free, total) bytes on the file system of `path` (or of the nearest folder above it that exists)."""
+    import shutil
+
+    if not path:
+        return None
+    folder = os.path.abspath(str(path))
+    while folder and not os.path.isdir(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+    try:
+        usage = shutil.disk_usage(folder)
+    except (OSError, ValueError):
+        return None
+    return usage.free, usage.total
+
+
+LOW_SPACE = 64 << 20  # below this (or 1% of the disk), a failed write is taken for a full disk
+
+
+def _torch_write_message(exc: BaseException, where: str | None) -> str:
+    """torch.save's failure in one paragraph. Its writer keeps the errno to itself, so the disk under the file
+    tells a full disk (nearly no room left) from the other causes (a quota, a size limit, the disk's errors)."""
+    said = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    room = _disk_room(where)
+    if room is None:
+        why = "which almost always means the disk filled up"
+    elif room[0] < max(LOW_SPACE, room[1] // 100):
+        why = f"because the disk it is on is full (free there now: {_size(room[0])})"
+    else:
+        why = (f"and the disk it is on has room now (free there now: {_size(room[0])}), so the cause is not a full "
+               "disk unless space was freed since: a disk quota, a file-size limit (ulimit -f) or the disk's own "
+               "errors stop a write as well")
+    return (f"Could not write {where or 'a PyTorch file'}: PyTorch's file writer failed ({said}), {why}. Free some "
+            "space (or lift the limit) or choose an output folder on another disk, then run the same command again "
+            "(sft and dpo: with --resume).")
+
+
+# Frame locals that hold the file a frame works on, by name: these first, then any whose name says file or path
+# (tokenizers' `tokenizer_file`, `save_path`, `output_file`), then any path under the run's own paths.
+_PATH_LOCALS = ("filename", "path", "file", "fname", "filepath", "weights", "p", "f")
+_PATH_LIKE_NAME = re.compile(r"(?:^|_)(?:file|filename|fname|path|filepath|file_path|file_name)$")
+
+
+def _path_text(value) -> str | None:
+    """`value` as a path, if it looks like one (a PathLike, or text with a folder separator or a file suffix)."""
+    text = str(value) if isinstance(value, (str, os.PathLike)) else ""
+    if text and len(text) < 4096 and "\0" not in text and (isinstance(value, os.PathLike) or os.sep in text
+                                                             or re.search(r"\.[A-Za-z]\w*$", text)):
+        return text
+    return None
+
+
+def _path_in_frame(names: dict, user_paths: list[str] | None) -> str | None:
+    for name in _PATH_LOCALS:
+        text = _path_text(names.get(name))
+        if text:
+            return text
+    for name, value in names.items():
+        text = _PATH_LIKE_NAME.search(name) and _path_text(value)
+        if text:
+            return text
+    if user_paths:  # a path under the output folder or an input, whatever the frame called it; a file before a folder
+        found = [text for text in map(_path_text, names.values()) if text and _users_path(text, user_paths)]
+        found.sort(key=lambda text: (os.path.isdir(text), -len(text)))  # a file in a folder before the folder
+        if found:
+            return found[0]
+    return None
+
+
+def _filename_in_traceback(exc: BaseException, user_paths: list[str] | None = None) -> str | None:
+    """The innermost file path a failing frame was working on (`path`, `filename`, `tokenizer_file`, ... locals,
+    or any local holding a path under `user_paths`), if any.
+
+    Decode, safetensors, tokenizers and torch errors do not carry the file's name; the frames that raised them do."""
     found = None
     tb = exc.__traceback__
     while tb is not None:
-        for name in ("filename", "path", "file", "fname", "filepath", "weights", "p", "f"):
-            value = tb.tb_frame.f_locals.get(name)
-            text = str(value) if isinstance(value, (str, os.PathLike)) else ""
-            if text and len(text) < 4096 and (isinstance(value, os.PathLike) or os.sep in text
-                                               or re.search(r"\.[A-Za-z]\w*$", text)):
-                found = text
-                break
+        try:
+            names = dict(tb.tb_frame.f_locals)
+        except Exception:  # noqa: BLE001 - a frame whose locals cannot be read names nothing
+            names = {}
+        found = _path_in_frame(names, user_paths) or found
         tb = tb.tb_next
     return found

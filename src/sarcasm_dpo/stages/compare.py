@@ -48,7 +48,7 @@ import pandas as pd
 
 from .. import baseline, data, metrics, models
 from .. import rundir
-from ..atomic import check_output_dir, finish_output_dir, read_complete, write_csv, write_json
+from ..atomic import check_output_dir, finish_output_dir, marker_missing, read_complete, write_csv, write_json
 from ..detector import note_text_lengths
 from ..errors import UserError
 from ..settings import CompareSettings, default_of
@@ -182,7 +182,7 @@ def resolve_adapters(s: CompareSettings) -> dict[str, Path]:
                 f"or pass --{key}_model none to compare without it.")
         adapters[key] = models.check_adapter_dir(folder)
         if read_complete(folder) is None:
-            print(f"Note: {folder} has no COMPLETE.json; its training run may not have finished.")
+            print(f"Note: {folder} has {marker_missing(folder)}; its training run may not have finished.")
     if not adapters and s.skip_base:
         raise UserError("Nothing to evaluate: --skip_base is set and neither an SFT nor a DPO adapter was given.")
     if "sft" in adapters and "dpo" in adapters:

@@ -17,18 +17,33 @@ beside it <stem>_summary.json (the SFT model's accuracy and per-class metrics on
 how many texts were mistakes and how many pairs were kept, per class). A folder <stem>_run/ holds
 only the completion marker the pipeline uses to skip a finished mining stage; it also tells a later
 run whose pairs these are: pairs mined with other settings are replaced only with --overwrite.
+
+The three are one output, replaced whole: a run writes them into a staging folder beside the file
+(.staging-<name>-XXXXXXXX/, laid out like the folder, its marker last), and only then swaps them in:
+the previous marker goes first, the pairs file and the summary are moved over the old ones, the new
+marker comes last (`swap_in_outputs`). A run stopped before the swap leaves the previous pairs,
+summary and marker as they were; one stopped during it leaves its complete staged set, which the
+next run finishes putting in place before it looks at the file (`recover_outputs`), so the folder
+never keeps two runs' files under one marker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import re
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from ..atomic import (finish_output_dir, input_differences, prepare_output_dir, read_complete, settings_differences,
-                     write_json)
+from ..atomic import (COMPLETE_MARKER, finish_output_dir, input_differences, prepare_output_dir, read_complete,
+                     settings_differences, write_json)
 from ..detector import note_text_lengths, refuse_adapter_on_export
 from ..errors import UserError
 
@@ -64,9 +79,12 @@ def check_output_file(out_file: Path, config, overwrite: bool, inputs: dict | No
         raise UserError(f"--output_file must be a .json file, got {out_file}.")
     if out_file.is_dir():
         raise UserError(f"--output_file {out_file} is a folder; name a .json file.")
+    marker = marker_dir(out_file)
+    if marker.exists() and not marker.is_dir():  # where the run's record goes when its outputs are swapped in
+        raise UserError(f"{marker} is a file, where `sarcasm-dpo mine` keeps the record of the run that wrote "
+                        f"{out_file.name} (a folder). Move it away, or choose another --output_file.")
     if overwrite:
         return
-    marker = marker_dir(out_file)
     record = read_complete(marker)
     if record is not None:
         diff = settings_differences(record, config) + input_differences(record, inputs)
@@ -80,6 +98,82 @@ def check_output_file(out_file: Path, config, overwrite: bool, inputs: dict | No
             raise UserError(f"{out_file.parent} already holds {', '.join(found)}, which `sarcasm-dpo mine` did not "
                             f"write (there is no {marker.name}/ record beside it). Pass --overwrite to replace them, "
                             "or choose another --output_file.")
+
+
+# -- the pairs file, its summary and its marker: replaced as one --------------------------------------------
+
+
+def _staged_folders(out_file: Path) -> list[Path]:
+    """The staging folders runs into `out_file` left beside it (`staged_outputs`' names, never another output's)."""
+    from ..rundir import STAGING
+
+    parent = out_file.parent
+    if not parent.is_dir():
+        return []
+    name = re.compile(rf"{re.escape(STAGING)}{re.escape(out_file.name)}-[A-Za-z0-9_]{{8}}")  # mkdtemp's suffix
+    return sorted(p for p in parent.iterdir() if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+
+
+def _staged_marker(stage: Path, out_file: Path) -> Path:
+    return marker_dir(stage / out_file.name) / COMPLETE_MARKER
+
+
+@contextlib.contextmanager
+def staged_outputs(out_file: Path, config) -> Iterator[Path]:
+    """A fresh folder beside `out_file` to write the run's outputs into, laid out as `out_file`'s folder (the pairs
+    file, its summary, <stem>_run/ with the marker, written last); swapped in when the block succeeds."""
+    from ..atomic import _umask
+    from ..rundir import STAGING
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING}{out_file.name}-", dir=out_file.parent))
+    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes it owner-only; outputs get the usual permissions
+    try:
+        yield stage
+        swap_in_outputs(stage, out_file, config)
+    except BaseException:
+        # Stopped (Ctrl-C, a failure) once the swap had begun: the previous marker is gone and some files may be
+        # the new ones already, so the complete staged set stays for the next run to finish the swap with.
+        if not _staged_marker(stage, out_file).is_file() or (marker_dir(out_file) / COMPLETE_MARKER).is_file():
+            shutil.rmtree(stage, ignore_errors=True)  # not begun (the previous outputs are whole), or done
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def swap_in_outputs(stage: Path, out_file: Path, config) -> None:
+    """Put the complete staged outputs in place of `out_file`'s: the previous marker goes first (from then on the
+    folder is not a finished run, and `recover_outputs` completes the swap from the staged set), the pairs file
+    and the summary are moved over the old ones, the new marker comes last."""
+    prepare_output_dir(marker_dir(out_file), config, overwrite=True)  # a folder, its previous marker cleared
+    _move_staged(stage, out_file)
+
+
+def _move_staged(stage: Path, out_file: Path) -> None:
+    """The staged files into place, each in one rename (a reader sees the old file or the new one), those a stopped
+    swap moved already skipped; the marker last."""
+    for name in (out_file.name, summary_path(out_file).name):
+        if (stage / name).is_file():
+            os.replace(stage / name, out_file.parent / name)
+    os.replace(_staged_marker(stage, out_file), marker_dir(out_file) / COMPLETE_MARKER)
+
+
+def recover_outputs(out_file: Path) -> bool:
+    """Clean up after runs into `out_file` that were stopped (call it with the output's lock held, before the file
+    is checked): a complete staged set whose swap had begun (the folder's own marker is gone) is put in place;
+    every other staged folder goes (unfinished, or complete but never swapped in: the previous outputs are whole).
+    True when a stopped run's outputs were put in place."""
+    staged = _staged_folders(out_file)
+    complete = [stage for stage in staged if _staged_marker(stage, out_file).is_file()]
+    finished = bool(complete) and not (marker_dir(out_file) / COMPLETE_MARKER).is_file()
+    if finished:
+        newest = max(complete, key=lambda stage: _staged_marker(stage, out_file).stat().st_mtime_ns)
+        marker_dir(out_file).mkdir(parents=True, exist_ok=True)
+        _move_staged(newest, out_file)
+        print(f"Note: finished the replacement of {out_file}, {summary_path(out_file).name} and "
+              f"{marker_dir(out_file).name}/ that a stopped run had begun.", file=sys.stderr)
+    for stage in staged:
+        shutil.rmtree(stage, ignore_errors=True)
+    return finished
 
 
 def select(labels: np.ndarray, probs: np.ndarray, strategy: str, confidence: float) -> np.ndarray:
@@ -104,6 +198,11 @@ def run(s) -> dict:
 
     started = time.perf_counter()
     config = dataclasses.asdict(s)
+    out_file = Path(s.output_file)
+    # First, as the CLI tidies a folder output: a run stopped while swapping its outputs in left them whole beside the
+    # file, and they are put in place. Until then the folder held no marker, an interrupted mining run, which any run
+    # may redo (the pipeline, deciding before this, counts on it): they are this run's to replace, --overwrite or not.
+    stopped_run = recover_outputs(out_file)
     # Every check on the input runs before anything is written, so a refused run leaves a
     # previous run's pairs, summary and completion record as they were. The inputs come first: a missing or
     # bad input is the problem to report, not that the output file holds another run's pairs (whose
@@ -114,9 +213,8 @@ def run(s) -> dict:
     frame = load_split(s.input_csv, "iSarcasmEval training split")
     if s.sample_size:
         frame = stratified_sample(frame, s.sample_size, s.seed)
-    out_file = Path(s.output_file)
     inputs = inputs_of(s)
-    check_output_file(out_file, s, s.overwrite, inputs)
+    check_output_file(out_file, s, s.overwrite or stopped_run, inputs)
     check_adapter_fits(sft_dir, base_ref)
     note_text_lengths({"the SFT adapter": sft_dir}, s.max_text_tokens, "mining run")
 
@@ -147,11 +245,6 @@ def run(s) -> dict:
         # Refused here, not first by DPO: two texts of opposite labels cut to one prompt would teach it both answers.
         check_one_answer_per_prompt(pairs, f"Mining {s.input_csv}", f"--max_text_tokens {s.max_text_tokens}",
                                     disagree="the split gives one text both labels")
-        # check_output_file decided; only now, with every result in hand, is the previous run's marker cleared, so
-        # a run that fails while loading or scoring (out of memory, a damaged adapter) leaves the previous pairs' record.
-        marker = prepare_output_dir(marker_dir(out_file), config, overwrite=True)
-        write_pairs_file(out_file, pairs)
-
         wrong = select(labels, probs, "mistakes_only", s.confidence)
         confident = select(labels, probs, "confident_mistakes", s.confidence)
         metrics = classification_metrics(labels, probs)
@@ -171,9 +264,15 @@ def run(s) -> dict:
             "timings": {"load_s": round(load_s, 2), "score_s": round(score_s, 2),
                         "total_s": round(time.perf_counter() - started, 2)},
         }
-        write_json(summary_path(out_file), summary)
-        finish_output_dir(marker, config, {"stage": "mine", "kept": len(pairs), "output_file": str(out_file),
-                                           "inputs": inputs})
+        # check_output_file decided; the outputs are staged beside the file and swapped in whole once complete, so a
+        # run that fails or is stopped before the swap (while loading, scoring or writing) leaves the previous pairs,
+        # summary and record as they were.
+        with staged_outputs(out_file, config) as stage:
+            write_pairs_file(stage / out_file.name, pairs)
+            write_json(summary_path(stage / out_file.name), summary)
+            marker = prepare_output_dir(marker_dir(stage / out_file.name), config, overwrite=True)
+            finish_output_dir(marker, config, {"stage": "mine", "kept": len(pairs), "output_file": str(out_file),
+                                               "inputs": inputs})
         tracker.log_summary({"mine": {"kept": len(pairs), "mistakes": int(wrong.sum()), "scored": len(frame),
                                       "sft_accuracy": metrics["accuracy"], "sft_f1": metrics["f1"]}})
         tracker.log_artifact(out_file, name="mined-pairs", type="dataset",

@@ -15,16 +15,30 @@ what to set instead.
 
 Before any stage writes, the base model is routed (model_route: hub id, or its offline fallback)
 and checked to be loadable here, so a missing model fails at once instead of after the split.
+
+Under `torchrun` or `accelerate launch` (--cpu --num_processes N included) every process runs this driver:
+
+    accelerate launch --num_processes 2 -m sarcasm_dpo.cli pipeline --config configs/qwen2.5-0.5b.yaml
+
+The process group is made first, as accelerate makes it (training.distributed.start_process_group). The
+main process alone decides (models routed, checks, which stage to skip, resume or run) and hands its
+decisions to the others (`on_main_process`); it alone locks and tidies the outputs, writes files, prints
+and opens W&B runs. The training stages (sft, dpo) run on every process, data-parallel as when launched
+on their own; split, mine and compare run on the main process while the others wait. An error there
+ends every process: the main one prints it once and exits as a plain run would, the others end quietly
+(exit 1, or stopped by the launcher once the main one has exited).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from ..atomic import DamagedRecord, incomplete_outputs, input_differences, is_complete_for, read_complete, read_json
+from ..atomic import (DamagedRecord, incomplete_outputs, input_differences, is_complete_for, marker_damage,
+                      read_complete, read_json)
 from ..config import apply_overrides, build, check_known_keys, load_yaml, values_for_stage
 from ..errors import UserError, note_paths
 from ..model_route import check_available, route_model
@@ -105,6 +119,36 @@ def same_inputs(name: str, settings, out: Path) -> bool:
 
 
 def run(pipe, config_path: str | None = None) -> dict:
+    from ..training.distributed import is_main_process, on_main_process, start_process_group, world_size
+
+    if world_size() > 1:  # under a launch of several processes (this runs on each): see the module's docstring
+        start_process_group(cpu=trains_on_cpu(pipe, config_path))
+    # Decided once, on the main process, and handed to the others: the settings (the models as loaded, the W&B
+    # group), once the checks have passed. A bad setting is said once, by the main process; the others wait for it.
+    stages, order = on_main_process(lambda: prepare(pipe, config_path), share=True)
+    if not is_main_process():
+        note_paths(*stages.values())  # as prepare() did on the main process
+    from ..rundir import claim_outputs
+
+    # Every stage's output is locked for the whole pipeline: a second run into the same folders exits 2. Only the
+    # main process locks (and tidies after killed runs); the others write nothing of their own.
+    outputs = [o for name in order for o in STAGES[name].outputs(stages[name])]
+    with contextlib.ExitStack() as held:
+        on_main_process(lambda: held.enter_context(claim_outputs(outputs, "sarcasm-dpo " + " ".join(sys.argv[1:]))))
+        return run_stages(pipe, stages, order)
+
+
+def prepare(pipe, config_path: str | None) -> tuple[dict, list[str]]:
+    """({stage: settings}, the stages this run includes, in order): built from the config file and the flags, each
+    model as it will be loaded, checked (`checked`)."""
+    stages, order = build_stages(pipe, config_path)
+    note_paths(*stages.values())  # every stage's paths are the user's (errors.describe_failure)
+    return checked(pipe, stages, order), order
+
+
+def build_stages(pipe, config_path: str | None) -> tuple[dict, list[str]]:
+    """({stage: settings}, the stages this run includes, in order) from the config file and the flags alone (no
+    model routed, nothing checked on disk)."""
     from ..tracking import make_group_name
 
     loaded = load_yaml(config_path) if config_path else {}
@@ -114,23 +158,39 @@ def run(pipe, config_path: str | None = None) -> dict:
     check_known_keys(data, settings_classes(), str(config_path or "defaults"))
     group = None if pipe.no_wandb else make_group_name()
     stages = stage_settings(data, pipe, group, str(config_path or "defaults"), set_keys)
-    note_paths(*stages.values())  # every stage's paths are the user's (errors.describe_failure)
+    return stages, [name for name, stage in pipeline_stages().items() if stage.when(pipe)]
+
+
+def trains_on_cpu(pipe, config_path: str | None) -> bool:
+    """Whether the training stages train on CPUs (sft's device setting, else the device found here): the process
+    group of a launch is made for that device, before anything else, on every process. A setting that cannot be
+    read counts as none here: the main process says what is wrong with it, once, while the others wait."""
+    from ..models import pick_device
+
+    try:
+        device = build_stages(pipe, config_path)[0]["sft"].device
+        return pick_device(device).type == "cpu"
+    except (UserError, OSError):
+        return pick_device(None).type == "cpu"
+
+
+def checked(pipe, stages: dict, order: list[str]) -> dict:
+    """`stages` with each model as it will be loaded (a hub id, or its offline fallback), once the checks that need
+    no stage to have run have passed: the model can be loaded here, later stages' settings fit this machine, and
+    no stage writes over what it reads."""
+    stages = dict(stages)
     for name, settings in stages.items():  # recorded as what is loaded: the hub id or its offline fallback
         if getattr(settings, "model", None):
             stages[name] = dataclasses.replace(settings, model=route_model(settings.model))
-    order = [name for name, stage in pipeline_stages().items() if stage.when(pipe)]
     sft = stages["sft"]
     if pipe.force or not is_complete_for(sft.output_dir, sft):
         check_available(sft.model)  # before the split is written or a W&B run opened
         preflight(stages, order)
-    from ..rundir import claim_outputs, input_paths, refuse_outputs_over_inputs
+    from ..rundir import input_paths, refuse_outputs_over_inputs
 
     for name in order:  # no stage replaces what it reads (another stage's output included)
         refuse_outputs_over_inputs(STAGES[name].outputs(stages[name]), input_paths(stages[name]))
-    # Every stage's output is locked for the whole pipeline: a second run into the same folders exits 2.
-    outputs = [o for name in order for o in STAGES[name].outputs(stages[name])]
-    with claim_outputs(outputs, "sarcasm-dpo " + " ".join(sys.argv[1:])):
-        return run_stages(pipe, stages, order)
+    return stages
 
 
 def preflight(stages: dict, order: list[str]) -> None:
@@ -158,52 +218,79 @@ REPORTED = "compare"  # the stage whose results the pipeline's last lines show (
 
 
 def run_stages(pipe, stages: dict, order: list[str]) -> dict:
+    """Each stage in `order`: skipped, resumed or run, as the main process decides from what the outputs hold (and
+    says, once); under a launch the training stages run on every process, the others on the main one alone."""
+    from ..training.distributed import on_main_process
+
     ran, skipped = [], []
     result = None
     for name in order:
-        stage, settings = STAGES[name], stages[name]
-        if stage.late_chain:
-            settings = dataclasses.replace(settings, **stage.late_chain(stages))
-        out = Path(stage.marker_dir(settings))
-        from ..training.checkpoints import checkpoint_input_differences, interrupted_run
+        def decide(name=name):
+            nonlocal result
+            settings = plan_stage(pipe, name, stages, ran)
+            if settings is None and name == REPORTED:
+                result = read_json(Path(STAGES[name].marker_dir(stages[name])) / STAGES[name].record, expect=dict)
+            return settings
 
-        stopped = interrupted_run(out)
-        # A run stopped there, then a stage before it was redone (the split made again): its checkpoints
-        # learnt from other data, so it is started over rather than continued.
-        stale = checkpoint_input_differences(out, stage.inputs_of(settings)) if stopped else []
-        interrupted = stopped and not stale
-        # Once a stage has run, everything after it runs too: its inputs just changed.
-        if not pipe.force and not ran and not interrupted:
-            complete, damaged = finished_here(name, settings)
-            if complete:
-                print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to "
-                      "redo).")
-                skipped.append(name)
-                if name == REPORTED:
-                    result = read_json(out / stage.record, expect=dict)
-                continue
-            if damaged is not None:
-                print(f"[pipeline] {name}: {damaged.path} is damaged: {damaged.problem}; the stage counts as not "
-                      "complete and runs again.")
-        # Replacing a finished run of this stage is the pipeline's job (its settings changed); files no run of
-        # ours wrote are another matter: the stage refuses them, as it does on its own, unless --overwrite.
-        ours = read_complete(out) is not None or stopped
-        if hasattr(settings, "resume"):
-            settings = dataclasses.replace(settings, resume=interrupted, overwrite=pipe.overwrite or not interrupted and ours)
-        elif hasattr(settings, "overwrite"):
-            settings = dataclasses.replace(settings, overwrite=pipe.overwrite or ours)
-        if stale:
-            print(f"[pipeline] {name}: the stopped run in {out} was trained from other inputs (differ in: "
-                  f"{', '.join(stale)}); starting it over.")
-        print(f"[pipeline] {name}: {'resuming' if interrupted else 'running'} -> {out}")
-        outcome = run_stage(name, settings)
+        settings = on_main_process(decide, share=True)  # None: skipped
+        if settings is None:
+            skipped.append(name)
+            continue
+        if STAGES[name].trains:  # every process trains, data-parallel, as when it is launched on its own
+            outcome = run_stage(name, settings)
+        else:
+            outcome = on_main_process(lambda: run_stage(name, settings))
         if name == REPORTED:
             result = outcome
         ran.append(name)
-    print(f"[pipeline] done: ran {', '.join(ran) or 'nothing'}; skipped {', '.join(skipped) or 'nothing'}.")
-    if result:
-        print(headline(result))
+
+    def report():
+        print(f"[pipeline] done: ran {', '.join(ran) or 'nothing'}; skipped {', '.join(skipped) or 'nothing'}.")
+        if result:
+            print(headline(result))
+
+    on_main_process(report)  # under a launch, every process ends with it
     return {"ran": ran, "skipped": skipped, "compare": result}
+
+
+def plan_stage(pipe, name: str, stages: dict, ran: list[str]):
+    """The settings stage `name` runs with (resume, overwrite set as its output folder calls for), or None when its
+    output is complete for these settings and it is skipped; says which on stdout. `ran`: the stages run so far."""
+    stage, settings = STAGES[name], stages[name]
+    if stage.late_chain:
+        settings = dataclasses.replace(settings, **stage.late_chain(stages))
+    out = Path(stage.marker_dir(settings))
+    from ..training.checkpoints import checkpoint_input_differences, interrupted_run
+
+    stopped = interrupted_run(out)
+    # A run stopped there, then a stage before it was redone (the split made again): its checkpoints
+    # learnt from other data, so it is started over rather than continued.
+    stale = checkpoint_input_differences(out, stage.inputs_of(settings)) if stopped else []
+    interrupted = stopped and not stale
+    # Once a stage has run, everything after it runs too: its inputs just changed.
+    marker_damaged = marker_damage(out)  # a COMPLETE.json there that does not read: our run's, spoilt
+    if not pipe.force and not ran and not interrupted:
+        complete, damaged = finished_here(name, settings)
+        damaged = damaged or marker_damaged
+        if complete:
+            print(f"[pipeline] {name}: outputs in {out} are complete for these settings; skipping (--force to "
+                  "redo).")
+            return None
+        if damaged is not None:
+            print(f"[pipeline] {name}: {damaged.path} is damaged: {damaged.problem}; the stage counts as not "
+                  "complete and runs again.")
+    # Replacing a finished run of this stage is the pipeline's job (its settings changed); files no run of
+    # ours wrote are another matter: the stage refuses them, as it does on its own, unless --overwrite.
+    ours = read_complete(out) is not None or marker_damaged is not None or stopped
+    if hasattr(settings, "resume"):
+        settings = dataclasses.replace(settings, resume=interrupted, overwrite=pipe.overwrite or not interrupted and ours)
+    elif hasattr(settings, "overwrite"):
+        settings = dataclasses.replace(settings, overwrite=pipe.overwrite or ours)
+    if stale:
+        print(f"[pipeline] {name}: the stopped run in {out} was trained from other inputs (differ in: "
+              f"{', '.join(stale)}); starting it over.")
+    print(f"[pipeline] {name}: {'resuming' if interrupted else 'running'} -> {out}")
+    return settings
 
 
 def finished_here(name: str, settings) -> tuple[bool, DamagedRecord | None]:

@@ -3,7 +3,9 @@ SarcasmDetector behind a command line).
 
 Input is a text file (one text per line), a data file with a text column (`text`, iSarcasmEval's
 `tweet`, ...; the README says which), or stdin; output is one JSON line per text: {"text", "p_sarcastic",
-"label"}. A stopped run leaves the rows already printed, each whole; a rerun scores every text again.
+"label"}. A stopped run leaves the rows already printed, each whole; a rerun scores every text again. Where the
+output cannot be written (a full disk under `> rows.jsonl`), the error names it and says how many rows reached it
+whole (errors.stream_failure).
 
     echo "Oh great, another Monday." | sarcasm-dpo predict --adapter models/sft
 """
@@ -14,7 +16,7 @@ import json
 import os
 import sys
 
-from ..errors import UserError
+from ..errors import STANDARD_OUTPUT, UserError, stream_failure
 
 
 # Texts scored between two flushes of stdout: large enough that sorting by length still packs batches well.
@@ -57,21 +59,47 @@ def run(args) -> list[dict]:
                                     max_text_tokens=args.max_text_tokens, batch_size=args.batch_size,
                                     device=args.device)
     rows = []
+    written = 0  # rows known to have reached stdout whole: those before its last successful flush
     # Rows go out a chunk at a time, in input order: a long run shows progress to whoever reads the
     # stream, and a stop (Ctrl-C, a killed job) keeps every row already printed.
     chunk = max(STREAM_CHUNK, args.batch_size)
     try:
         for start in range(0, len(texts), chunk):
-            for row in detector.predict(texts[start:start + chunk]):
-                print(json.dumps(row, ensure_ascii=False))
-                rows.append(row)
-            sys.stdout.flush()
+            scored = detector.predict(texts[start:start + chunk])
+            try:
+                for row in scored:
+                    print(json.dumps(row, ensure_ascii=False))
+                    rows.append(row)
+                sys.stdout.flush()
+            except BrokenPipeError:  # the reader left (`| head`): the CLI stops quietly, as Unix tools do
+                raise
+            except OSError as exc:  # a full disk, a quota, an I/O error under the file stdout goes to
+                raise stream_failure(exc, STANDARD_OUTPUT, _fileno(sys.stdout),
+                                     failed_note(written, start + len(scored), len(texts))) from None
+            written = len(rows)
     except KeyboardInterrupt:
         # predict writes no files: what a stop leaves is the rows on stdout, and a rerun starts from the first
         # text. Saying how far it got lets whoever stopped it score only the rest.
         print(stopped_note(len(rows), len(texts)), file=sys.stderr)
         raise
     return rows
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):  # a stream without a descriptor (io.StringIO, a test's capture)
+        return None
+
+
+def failed_note(written: int, scored: int, total: int) -> str:
+    """What a predict whose rows could not be written leaves: the `written` rows before stdout's last successful
+    flush are whole; of what came after them (`scored` texts in all), some may be missing and the last cut short."""
+    kept = (f"the first {written} rows reached standard output whole, and what follows them may be cut short: keep "
+            f"its first {written} lines only" if written else
+            "no row is known to have reached standard output whole: keep none of what it holds")
+    go_on = f"; to score only the rest, give it the texts after the first {written}" if 0 < written < total else ""
+    return f"predict had scored {scored} of {total} texts; {kept}. A rerun scores every text again{go_on}."
 
 
 def stopped_note(done: int, total: int) -> str:

@@ -79,11 +79,12 @@ class ValidationCallback(TrainerCallback):
         self.stopped_early = False
         self.eval_seconds = 0.0
 
-    # -- state for resume: the early-stopping counters travel with each checkpoint -------------
+    # -- state for resume: the early-stopping counters and decision travel with each checkpoint --
     def state_dict(self) -> dict:
         return {"history": self.history, "best_score": self.best_score, "best_f1": self.best_f1,
                 "select_by": self.select_by, "best_step": self.best_step,
-                "best_epoch": self.best_epoch, "bad_evals": self.bad_evals, "best_probs": self.best_probs}
+                "best_epoch": self.best_epoch, "bad_evals": self.bad_evals, "best_probs": self.best_probs,
+                "stopped_early": self.stopped_early}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state.get("history", []))
@@ -93,6 +94,9 @@ class ValidationCallback(TrainerCallback):
         self.best_epoch = state.get("best_epoch")
         self.bad_evals = state.get("bad_evals", 0)
         self.best_probs = state.get("best_probs")  # absent in checkpoints of older versions: rescored at the end
+        # A checkpoint written once early stopping had decided: the resumed run trains no further (the trainer's
+        # own record of the stop, recipe.training_stopped) and must report the same decision.
+        self.stopped_early = bool(state.get("stopped_early", False))
 
     def evaluate(self, model, step: int, epoch: float) -> dict:
         start = time.perf_counter()
@@ -267,17 +271,38 @@ class LossProgressCallback(TrainerCallback):
             self.bar = None
 
 
+def epoch_ends_here(state, control) -> bool:
+    """Does the Trainer end the epoch right after this optimizer step (call on_epoch_end, save or stop there)?
+    It does at an epoch's last step, and at a step where training (or the epoch) was told to stop: the loop
+    breaks out of the epoch and ends it. Read at on_step_end, after the callbacks that decide a stop."""
+    last_step = state.epoch is not None and float(state.epoch).is_integer()
+    return last_step or bool(control.should_training_stop or control.should_epoch_stop)
+
+
 class SaveStateCallback(TrainerCallback):
     """Call `save(folder)` after each Trainer checkpoint, so a stage can store its own state beside it
-    (validation history, best adapter, diagnostics); written last, it marks the checkpoint complete."""
+    (validation history, best adapter, diagnostics); written last, it marks the checkpoint complete.
+
+    A checkpoint is written once per step, after everything that step brings: one asked for at a step after
+    which the epoch ends (--save_steps falling on an epoch's last step, or on the step where training stops)
+    waits for the epoch end, so it holds that epoch's validation and the stop decision. Written before them,
+    a run killed during that validation would resume after the epoch and never validate it."""
 
     def __init__(self, save: Callable, save_each_epoch: bool = False):
         self.save = save
         self.save_each_epoch = save_each_epoch
+        self.deferred = False  # a checkpoint asked for at this step waits for the epoch end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and epoch_ends_here(state, control):
+            control.should_save = False
+            self.deferred = True
+        return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.save_each_epoch:
+        if self.save_each_epoch or self.deferred:
             control.should_save = True
+        self.deferred = False
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -314,15 +339,17 @@ class GracefulStopCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        # An epoch's last step is followed by that epoch's validation (on_epoch_end). A checkpoint
-        # taken here would miss it, and the resumed run, starting after the epoch, would never
-        # validate it: its best-epoch choice would differ from an uninterrupted run's. So wait for
-        # the epoch end there. state.epoch is the same in every process, so they all agree.
-        if state.epoch is None or not float(state.epoch).is_integer():
+        # An epoch's last step (and a step where training stops, which ends the epoch too) is followed by
+        # that epoch's validation (on_epoch_end). A checkpoint taken here would miss it, and the resumed
+        # run, starting after the epoch, would never validate it: its best-epoch choice would differ
+        # from an uninterrupted run's. So wait for the epoch end there (as SaveStateCallback does).
+        # state.epoch and the stop decision are the same in every process, so they all agree.
+        if not epoch_ends_here(state, control):
             self._check(args, control, state)
         elif self.flag and not self.stopping:
-            note(f"Step {state.global_step} ends epoch {round(state.epoch)}: validating it first, then writing "
-                  "the checkpoint.\n")
+            ends = (f"ends epoch {round(state.epoch)}" if float(state.epoch or 0).is_integer()
+                    else f"ends training (epoch {state.epoch:.2f})")
+            note(f"Step {state.global_step} {ends}: validating it first, then writing the checkpoint.\n")
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):

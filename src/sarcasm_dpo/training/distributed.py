@@ -2,10 +2,13 @@
 
 Under `accelerate launch` or `torchrun` every process of a training stage trains; only the main one
 (rank 0) writes files and talks to W&B. Any other command runs on the main process alone
-(`runs_here`, applied once by the CLI). `world_size()`, `rank()`, `is_main_process()`, `barrier()` and
-`any_process()` are what a stage needs for that; they read the launcher's environment, so they
-cost nothing in a single-process run. `say` / `quiet` / `note` are the printers: one copy of each
-message, from the main process, that does not garble a progress bar or a signal handler.
+(`runs_here`, applied once by the CLI), but for the pipeline, which runs on every process: its training
+stages train on all of them, its other stages on the main one while the others wait
+(`start_process_group()` before its first stage, then `on_main_process()`). `world_size()`, `rank()`,
+`is_main_process()`, `barrier()` and `any_process()` are what a stage needs for that; they read the
+launcher's environment, so they cost nothing in a single-process run. `say` / `quiet` / `note` are the
+printers: one copy of each message, from the main process, that does not garble a progress bar or a
+signal handler.
 
 `accelerate launch --cpu --num_processes N` starts a single process (accelerate leaves multi-CPU
 runs to mpirun); `cpu_workers_requested()` notices that and the CLI starts the N workers itself
@@ -16,6 +19,7 @@ with `run_workers()`, as torchrun would, so the command runs data-parallel over 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -23,6 +27,9 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
+
+from ..errors import UserError
 
 # -- processes ----------------------------------------------------------------------------------------
 
@@ -39,17 +46,12 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def launched_processes() -> int:
-    """How many processes the launch asked for: WORLD_SIZE under torchrun or a multi-GPU `accelerate launch`, N under
-    `accelerate launch --cpu --num_processes N` (which starts this process alone: `cpu_workers_requested`), else 1."""
-    return world_size() if world_size() > 1 else max(1, cpu_workers_requested())
-
-
-def runs_here(data_parallel: bool) -> bool:
-    """Whether this process runs a command, under any launch: a command that trains data-parallel runs on every
-    process; any other one (split, compare, export, predict, ...) on the main process only, as a plain run would,
-    and the other processes have nothing to do (no file written, no line printed, no W&B run, stdin left alone)."""
-    return data_parallel or is_main_process()
+def runs_here(every_process: bool) -> bool:
+    """Whether this process runs a command, under any launch: a command that trains data-parallel (sft, dpo), or the
+    pipeline, which runs its training stages that way, runs on every process (`every_process`); any other one
+    (split, compare, export, predict, ...) on the main process only, as a plain run would, and the other processes
+    have nothing to do (no file written, no line printed, no W&B run, stdin left alone)."""
+    return every_process or is_main_process()
 
 
 def barrier() -> None:
@@ -73,6 +75,118 @@ def any_process(flag: bool, device=None) -> bool:
     value = torch.tensor([1 if flag else 0], device=device or "cpu")
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+# -- the pipeline under a launch: one process group from the start, the main process working alone --------
+
+# How long the other processes wait for a stage the main process runs alone (split, mine, compare): minutes
+# usually, an hour for a big comparison on CPUs. Their own process group (gloo) carries only that wait, so the
+# training stages keep the Trainer's timeout; a main process that dies ends the wait at once (its connections close).
+MAIN_ONLY_TIMEOUT = timedelta(hours=24)
+
+_main_only_group = None  # the process group the waits use (start_process_group)
+_others_wait_for_exit = False  # the main process handed a failure on: the others wait for it to end (on_main_process)
+
+
+class MainProcessStopped(UserError):
+    """Raised on the processes other than the main one when work the main process did alone failed, or the main
+    process is gone: they end too, printing nothing (the CLI prints a UserError on the main process only: that
+    process says what went wrong), with exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str = "the main process stopped; it says why") -> None:
+        super().__init__(message)
+
+
+def start_process_group(cpu: bool) -> None:
+    """Under a launch of several processes: make the process group now, as accelerate (and so the Trainer) makes it:
+    gloo for training on CPUs (`cpu`, or `accelerate launch --cpu`), else nccl on each process's GPU, with the
+    Trainer's timeout. A Trainer built later finds it and uses it (it only makes one when none exists). Also makes
+    the gloo group `on_main_process` waits on. Call it on every process, before the first `on_main_process`;
+    nothing in a single-process run."""
+    global _main_only_group
+    if world_size() <= 1 or _main_only_group is not None:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        from accelerate import PartialState
+        from transformers import TrainingArguments
+
+        cpu = cpu or os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes")
+        timeout = timedelta(seconds=TrainingArguments.__dataclass_fields__["ddp_timeout"].default)
+        PartialState(cpu=cpu, timeout=timeout)  # what TrainingArguments asks of accelerate, sooner
+    if not dist.is_initialized():
+        raise UserError(f"This launch asks for {world_size()} processes, but accelerate found no way for them to work "
+                        "together on this machine's device (GPUs take nccl, CPUs gloo). Nothing was run. Run the "
+                        "command without a launcher.")
+    _main_only_group = dist.new_group(backend="gloo", timeout=MAIN_ONLY_TIMEOUT)
+    atexit.register(_end_process_groups)
+
+
+def _end_process_groups() -> None:
+    """At exit: take the gloo groups down, as torch asks. A process that exits with a gloo group up while another
+    process of it still runs may abort ("terminate called without an active exception", exit -6) after its work
+    is done. An nccl group is left to the exit, as a launched sft or dpo leaves it (tearing it down waits for the
+    other processes in some versions, and the main process may end before the others here). Nor does a main
+    process that failed take them down: the others wait for its connections to close, which must be its end, so
+    that the launcher sees its exit code first."""
+    global _main_only_group
+    import torch.distributed as dist
+
+    if _others_wait_for_exit:
+        return
+    with contextlib.suppress(Exception):
+        if dist.is_initialized() and dist.get_backend() == "gloo":
+            dist.destroy_process_group()  # every group
+        elif _main_only_group is not None:
+            dist.destroy_process_group(_main_only_group)
+    _main_only_group = None
+
+
+def on_main_process(work, share: bool = False):
+    """`work()` on the main process alone while the other processes wait for it; its value on the main process, and
+    on every process with `share` (sent as a pickle: settings, decisions, not models). In a single-process run,
+    just `work()`.
+
+    Every process leaves together, and a failure there ends them all: the main process raises what `work` raised
+    (an error, Ctrl-C), the others `MainProcessStopped`, once the main process has ended, so that a launcher,
+    which stops the other processes as soon as one fails, cannot stop the main one before it has said why. A
+    Ctrl-C that reaches every process (a terminal's) ends each as Ctrl-C does."""
+    global _others_wait_for_exit
+    if world_size() <= 1:
+        return work()
+    if _main_only_group is None:
+        raise RuntimeError("on_main_process under a launch needs start_process_group() first, on every process")
+    import torch.distributed as dist
+
+    failure, value, box = None, None, [None]
+    if is_main_process():
+        try:
+            value = work()
+        except BaseException as exc:  # noqa: BLE001 - handed on below, once the others know
+            failure = exc
+        box[0] = (failure is None, value if share else None)
+    try:
+        dist.broadcast_object_list(box, src=0, group=_main_only_group)
+        sent = True
+    except RuntimeError:  # a process is gone (its connections closed): one a Ctrl-C reached first, or one that died
+        sent = False
+    if failure is not None:
+        _others_wait_for_exit = sent
+        raise failure
+    if not sent and is_main_process():
+        raise UserError("Another process of this launch stopped while the main process worked alone (the launcher's "
+                        "lines say which and why); the run cannot go on without it. Run the same command again.")
+    if not sent:
+        raise MainProcessStopped()
+    done, shared = box[0]
+    if not done:
+        with contextlib.suppress(RuntimeError):  # a collective the main process never joins: ends when that one does
+            dist.barrier(group=_main_only_group)
+        raise MainProcessStopped()
+    return value if is_main_process() else shared
+
 
 # -- what each process prints ---------------------------------------------------------------------------
 

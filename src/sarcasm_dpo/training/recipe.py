@@ -3,7 +3,8 @@
 - `trainer_arguments()`: the TrainingArguments both stages use (optimizer, schedule, precision,
   logging, seeds); each stage adds its loss, saving and memory settings.
 - `seeded_length_grouping()`: length-grouped batches whose order is a function of (seed, epoch)
-  alone, so a --resume retraces the uninterrupted run.
+  alone, and no training past a stop a checkpoint recorded (`training_stopped`), so a --resume
+  retraces the uninterrupted run.
 - `run_trainer()`: trainer.train(), from a checkpoint if given, with the progress bar closed on
   any early end; `run_record()`: what a training summary says about how the run went.
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .callbacks import LossProgressCallback
+from .distributed import say
 
 # -- what the trainer is given and what it shows --------------------------------------------------------
 
@@ -98,13 +100,22 @@ def close_progress_bars(trainer) -> None:
 
 
 def seeded_length_grouping(trainer_class: type) -> type:
-    """`trainer_class` whose length-grouped batches come in an order fixed by (seed, epoch) alone.
+    """`trainer_class` whose --resume retraces the uninterrupted run: length-grouped batches come in an
+    order fixed by (seed, epoch) alone, and a run resumed from a checkpoint written after training had
+    decided to stop trains no further.
 
     transformers' LengthGroupedSampler shuffles with the global torch RNG at the start of each
     epoch; after a --resume that RNG is not where the uninterrupted run had it (the checkpoint's RNG
     state is restored only after the loader is built), so from the second epoch on a resumed run
     would see the examples in another order. Seeding each epoch's shuffle with seed + epoch makes
     the order a pure function of the settings, so a resumed run retraces the uninterrupted one.
+
+    The Trainer forgets a stop on resume (on_train_begin clears it) and would train on from the
+    checkpoint's step: past an early stop (one more epoch, evaluation and perhaps a better adapter),
+    or one step past the last when that falls inside an epoch (fractional --epochs). Each checkpoint
+    records the decision (`training_stopped`); resumed from one that holds it, the run keeps it and
+    goes straight on to the end of training (on_train_end) and the stage's save, as the uninterrupted
+    run did after writing that checkpoint.
     """
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -120,12 +131,34 @@ def seeded_length_grouping(trainer_class: type) -> type:
             return EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=seed,
                                                    epoch_of=lambda: math.floor((self.state.epoch or 0) + 1e-6))
 
+        def _run_epoch(self, *args, **kwargs):
+            # Within one run the loop ends as soon as a stop is decided, so a stop found here, before
+            # an epoch runs, is the one the checkpoint this run resumed from recorded.
+            if training_stopped(self.state):
+                self.control.should_training_stop = True
+                if self.is_world_process_zero():
+                    say(f"Training had stopped at step {self.state.global_step} when that checkpoint was written "
+                        "(early stopping, or its last step): nothing more to train, saving its results.")
+                return None
+            return super()._run_epoch(*args, **kwargs)
+
     Seeded.__name__ = Seeded.__qualname__ = f"Seeded{trainer_class.__name__}"
     _SEEDED[trainer_class] = Seeded
     return Seeded
 
 
 _SEEDED: dict[type, type] = {}
+
+
+def training_stopped(state) -> bool:
+    """Had training decided to stop (early stopping, its last step) when the checkpoint `state` was read from
+    was written? The Trainer records its TrainerControl in every checkpoint's trainer_state.json; a fresh
+    run's state holds the control it starts with (no stop), as do checkpoints of versions without it."""
+    recorded = (getattr(state, "stateful_callbacks", None) or {}).get("TrainerControl")
+    if isinstance(recorded, list):  # the Trainer keeps a list when a class is registered twice
+        recorded = recorded[-1] if recorded else None
+    args = recorded.get("args") if isinstance(recorded, dict) else None
+    return bool(isinstance(args, dict) and args.get("should_training_stop"))
 
 
 def _length_grouped_sampler_class():
