@@ -224,6 +224,20 @@ def _assert_same_dpo_run(out, ref):
     assert json.loads((out / "threshold.json").read_text()) == json.loads((ref / "threshold.json").read_text())
 
 
+def run_killed_while_saving(stage, settings, monkeypatch) -> None:
+    """Run `stage` (the sft or dpo module) and kill it as it starts writing its results: after training, with its
+    checkpoints on disk and no results yet."""
+    real_save = stage.save_outputs
+
+    def killed_while_saving(*args, **kwargs):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(stage, "save_outputs", killed_while_saving)
+    with pytest.raises(SystemExit):
+        stage.run(settings)
+    monkeypatch.setattr(stage, "save_outputs", real_save)
+
+
 @pytest.mark.parametrize("epochs", [3, 1])
 def test_dpo_stopped_early_and_killed_while_saving_resumes_straight_to_the_save(
         epochs, tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch, capsys):
@@ -236,15 +250,7 @@ def test_dpo_stopped_early_and_killed_while_saving_resumes_straight_to_the_save(
     ref, settings = _early_stopping_dpo(tiny_model_dir, tmp_path_factory, epochs)
     out = tmp_path / "dpo"
     s = settings(out)
-    real_save = dpo.save_outputs
-
-    def killed_while_saving(*args, **kwargs):
-        raise SystemExit("killed")
-
-    monkeypatch.setattr(dpo, "save_outputs", killed_while_saving)
-    with pytest.raises(SystemExit):
-        dpo.run(s)
-    monkeypatch.setattr(dpo, "save_outputs", real_save)
+    run_killed_while_saving(dpo, s, monkeypatch)
     assert _dpo_checkpoints(out)[-1] == "checkpoint-4" and not (out / "COMPLETE.json").exists()
     state = json.loads((out / "checkpoints" / "checkpoint-4" / dpo.STATE_FILE).read_text())["validation"]
     assert state["stopped_early"] is True and state["bad_evals"] == 1
@@ -299,15 +305,7 @@ def test_sft_killed_while_saving_after_its_last_step_inside_an_epoch_trains_no_f
 
     out = tmp_path / "sft"
     s = sft_settings(tiny_model_dir, train, val, out, epochs=1.5)
-    real_save = sft.save_outputs
-
-    def killed_while_saving(*args, **kwargs):
-        raise SystemExit("killed")
-
-    monkeypatch.setattr(sft, "save_outputs", killed_while_saving)
-    with pytest.raises(SystemExit):
-        sft.run(s)
-    monkeypatch.setattr(sft, "save_outputs", real_save)
+    run_killed_while_saving(sft, s, monkeypatch)
     assert complete_checkpoints(out)[-1] == "checkpoint-9"
 
     summary = sft.run(build(SFTSettings, {**vars(s), "resume": True}))

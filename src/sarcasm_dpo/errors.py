@@ -136,22 +136,8 @@ def _space_needed(exc: OSError) -> str:
 def _free_space(path) -> str:
     """Free space on the file system of `path` (or of the nearest folder above it that exists); nothing where
     no path is known (the current folder's free space would be of another disk, as like as not)."""
-    import os
-    import shutil
-
-    if not path:
-        return ""
-    folder = os.path.abspath(str(path))
-    while folder and not os.path.isdir(folder):
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            return ""
-        folder = parent
-    try:
-        free = shutil.disk_usage(folder).free
-    except (OSError, ValueError):
-        return ""
-    return f" (free there now: {_size(free)})"
+    room = _disk_room(path)
+    return "" if room is None else f" (free there now: {_size(room[0])})"
 
 
 def _free_space_fd(fd: int | None) -> str:
