@@ -220,6 +220,20 @@ def test_a_multi_process_launch_runs_only_training_stages_and_the_pipeline_on_ev
     assert ran == [argv[0] for argv in commands]
 
 
+def test_help_and_flag_errors_are_printed_by_the_main_process_only(monkeypatch, capsys):
+    """Every process of a launch parses the same command line: --help and a bad flag appear once, not per process,
+    and each process still exits as argparse decides (0 for --help, 2 for a bad flag)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, shown in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        for argv, code in ((["pipeline", "--help"], 0), (["sft", "--no_such_flag"], 2)):
+            with pytest.raises(SystemExit) as exited:
+                main(argv)
+            assert exited.value.code == code
+            out, err = capsys.readouterr()
+            assert bool(out or err) == shown, (rank, argv, out, err)
+
+
 def test_a_non_main_process_leaves_stdin_and_the_output_alone(tmp_path, monkeypatch, capsys):
     class Untouchable(io.StringIO):
         def read(self, *args):

@@ -149,6 +149,28 @@ def test_stale_file_in_cache_is_replaced(server, tmp_path):
     assert _leftovers(tmp_path) == [stale]
 
 
+def test_an_unreadable_copy_is_skipped_or_fetched_again_never_a_traceback(server, tmp_path, monkeypatch, shared_data):
+    """One checksum rule (download._verified) for every reader: a copy that cannot be read (permissions, a disk
+    error) is no verified copy, in $SARCASM_DPO_DATA_DIRS and in the cache alike."""
+    unreadable = {tmp_path / GEN.relpath, shared_data / GEN.relpath}
+    real = dl.sha256_file
+
+    def sha256_file(path):
+        if Path(path) in unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(dl, "sha256_file", sha256_file)
+    assert not dl.verified_copy(shared_data, dl.DATASETS.values())
+    (tmp_path / GEN.relpath).parent.mkdir(parents=True)
+    (tmp_path / GEN.relpath).write_bytes((shared_data / GEN.relpath).read_bytes())
+    logs = []
+    dl.download(tmp_path, base_url=server.base_url, keys=["gen"], log=logs.append)
+    assert server.requests == ["/" + GEN.url_path] and "cannot be read" in logs[0]
+    unreadable.clear()
+    assert real(tmp_path / GEN.relpath) == GEN.sha256
+
+
 def test_ensure_data_dir_uses_given_folder_without_network(monkeypatch, shared_data):
     def no_network(*a, **k):
         raise AssertionError("ensure_data_dir(dir) must not download")

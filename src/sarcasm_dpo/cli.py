@@ -23,6 +23,8 @@ data-parallel and its other stages on the main process while the others wait (st
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shlex
 import signal
@@ -218,7 +220,13 @@ def _without_loading_bar(factory, args, kwargs):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Under a launch every process parses the same flags: one copy of --help or of a flag's error is enough.
+    hush = contextlib.ExitStack()
+    if not is_main_process():
+        hush.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        hush.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    with hush:
+        args = parser.parse_args(argv)
     if not runs_here(_every_process(args)):  # another process of a launch runs this command: nothing to do here
         return 0
     quiet_known_noise()

@@ -93,7 +93,7 @@ def extra_data_dirs() -> list[Path]:
 
 def verified_copy(root: Path, selected: Iterable[DatasetFile]) -> bool:
     """True if `root` holds every selected file with its published checksum."""
-    return all((root / d.relpath).is_file() and sha256_file(root / d.relpath) == d.sha256 for d in selected)
+    return all(_verified(root / d.relpath, d) for d in selected)
 
 
 def _select(keys: Iterable[str] | None) -> list[DatasetFile]:
@@ -213,6 +213,7 @@ STALE_PART_S = 600  # a download's temporary file untouched this long, and locke
 
 
 def _verified(target: Path, d: DatasetFile) -> bool:
+    """`target` is a readable file with `d`'s published checksum (an unreadable one is simply not verified)."""
     try:
         return target.is_file() and sha256_file(target) == d.sha256
     except OSError:
@@ -266,11 +267,11 @@ def download(
     for d in _select(keys):
         target = root / d.relpath
         out[d.key] = target
+        if _verified(target, d):
+            log(f"{d.relpath}: already present with the right checksum, skipping")
+            continue
         if target.is_file():
-            if sha256_file(target) == d.sha256:
-                log(f"{d.relpath}: already present with the right checksum, skipping")
-                continue
-            log(f"{d.relpath}: present but checksum differs, downloading again")
+            log(f"{d.relpath}: present but its checksum differs (or it cannot be read), downloading again")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:

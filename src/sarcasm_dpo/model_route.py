@@ -63,13 +63,9 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 def _hub_unreachable() -> str | None:
-    from transformers.utils.hub import is_offline_mode
+    from .models import hub_unavailable
 
-    if is_offline_mode():
-        return "HF_HUB_OFFLINE is set"
-    from .models import hub_unreachable
-
-    return hub_unreachable(HUB_PROBE_TIMEOUT_S)
+    return hub_unavailable(HUB_PROBE_TIMEOUT_S)
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
@@ -144,15 +140,17 @@ def route_model(ref: str | None, log=None) -> str | None:
 def check_available(ref: str) -> None:
     """Refuse, before anything runs, a model that cannot be loaded here: a missing path, or a hub id with the hub
     out of reach and no local copy. A pipeline would otherwise write its splits and open a W&B run first."""
-    from .models import OFFLINE_HINT, resolve_source
+    from .models import OFFLINE_HINT, OFFLINE_MODE, resolve_source
 
     source, _ = resolve_source(ref)  # a missing local path fails here, with its own message
     if Path(source).exists() or _in_hub_cache(ref):
         return
     reason = _hub_unreachable()
     if reason and not _hub_snapshot(ref):
-        raise UserError(f"Cannot get the model {ref!r}: the Hugging Face hub does not answer ({reason}) and the model "
-                        f"is not in the local cache, so nothing was run. {OFFLINE_HINT}")
+        # With HF_HUB_OFFLINE set the hint below opens with it: the hub was not asked, so no "does not answer".
+        hub = "" if reason == OFFLINE_MODE else f"the Hugging Face hub does not answer ({reason}) and "
+        raise UserError(f"Cannot get the model {ref!r}: {hub}the model is not in the local cache, so nothing was "
+                        f"run. {OFFLINE_HINT}")
 
 
 def _hub_snapshot(repo_id: str) -> bool:

@@ -98,6 +98,17 @@ def resolve_source(ref: str, tokenizer_only: bool = False) -> tuple[str, dict]:
     return ref, {}
 
 
+OFFLINE_MODE = "HF_HUB_OFFLINE is set"  # hub_unavailable's reason when the hub is never asked
+
+
+def hub_unavailable(timeout_s: float = 5.0) -> str | None:
+    """Why a hub id cannot be downloaded now: OFFLINE_MODE (the hub is not asked), or what one probe of the hub met;
+    None when the hub answers."""
+    from transformers.utils.hub import is_offline_mode
+
+    return OFFLINE_MODE if is_offline_mode() else hub_unreachable(timeout_s)
+
+
 @functools.lru_cache(maxsize=1)
 def hub_unreachable(timeout_s: float = 5.0) -> str | None:
     """Why the Hugging Face hub does not answer (one quick request, proxies honoured), or None if it does.

@@ -350,14 +350,14 @@ def _validation_block(stage_record: dict, adapter: Path | None = None) -> dict |
 
 def push(folder: Path, repo: str, private: bool) -> str:
     """Upload `folder` to the Hub repo; a clear error (exit 2) when the hub is out of reach, the folder intact."""
-    from transformers.utils.hub import is_offline_mode
-
-    from ..models import hub_unreachable
+    from ..models import OFFLINE_MODE, hub_unavailable
 
     again = f"sarcasm-dpo export ... --output_dir {folder} --push_to_hub {repo}"
-    reason = "HF_HUB_OFFLINE is set" if is_offline_mode() else hub_unreachable()
+    reason = hub_unavailable()
     if reason:
-        raise UserError(f"Cannot push to the Hugging Face Hub repo {repo}: the hub does not answer ({reason}). The "
+        why = "HF_HUB_OFFLINE is set, so the hub is not asked" if reason == OFFLINE_MODE else \
+            f"the hub does not answer ({reason})"
+        raise UserError(f"Cannot push to the Hugging Face Hub repo {repo}: {why}. The "
                         f"export in {folder} is complete and untouched; upload it later with the same command "
                         f"({again}) or `huggingface-cli upload {repo} {folder}`.")
     from huggingface_hub import HfApi
