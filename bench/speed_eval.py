@@ -195,6 +195,7 @@ def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> di
     default_times = whole["scorer" if default_prefix else "scorer_default"]
     # Prompt building alone (CPU work whatever the device): one template render per text, as
     # before, against one render per call (`prompts.build_prompts`). Same strings, checked.
+    from sarcasm_dpo.metrics import decide
     from sarcasm_dpo.prompts import build_prompt, build_prompts
 
     per_text, framed = [], []
@@ -220,7 +221,7 @@ def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> di
     mean_rate = {m: n[m] / mean[m] for m in methods}
     cpu_rate = {m: n[m] / cpu_best[m] for m in methods}
     gen_answers = [answers[i] for i in range(n_gen)]
-    scored_labels = (probs >= 0.5).astype(int)
+    scored_labels = decide(probs, 0.5)
     parsed = [(a, y) for a, y in zip(gen_answers, labels[:n_gen]) if a is not None]
     agree = [int(a == s) for a, s in zip(gen_answers, scored_labels[:n_gen]) if a is not None]
 

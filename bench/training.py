@@ -14,7 +14,7 @@ median and mean ms per optimizer step (first step of each round left out: warm-u
 second, and each setup's ratio to the bare loop: of the pooled medians, and the median over rounds
 of the ratio within a round (paired: on a shared, busy CPU the load drifts between rounds). Setups:
 
-- `lean`: the stage's trainer as `sft`/`dpo` build it (lean_trainer.py), with the stage's callbacks.
+- `lean`: the stage's trainer as `sft`/`dpo` build it (training/lean_step.py), with the stage's callbacks.
 - `plain`: the same with TRL's trainer as it comes (`lean` replaced by the identity).
 - `bare`: a PyTorch loop doing the same algorithm on the same batches (taken from the stage's data
   loader): LoRA forward to the last hidden states, the LM head on the answer positions only (as

@@ -319,3 +319,16 @@ def test_ctrl_c_while_the_command_is_still_starting_is_one_line(monkeypatch, cap
     err = capsys.readouterr().err
     assert stop.value.code == 130 and "Traceback" not in err
     assert err.strip() == "Interrupted by SIGINT while starting, before any work: nothing was written."
+
+
+def test_the_resume_command_resumes_whatever_the_interrupted_command_said_about_resume():
+    """The line printed after an interrupt continues the run: `--resume false` or `--resume=no` in the stopped command
+    become `--resume` (true/false flags take an optional value), and a command without it gains it."""
+    import argparse
+
+    from sarcasm_dpo.cli import resume_command
+
+    args = argparse.Namespace(command="sft")
+    for argv in (["sft", "--no_wandb"], ["sft", "--resume", "--no_wandb"], ["sft", "--resume", "false", "--no_wandb"],
+                 ["sft", "--resume=no", "--no_wandb"], ["sft", "--no_wandb", "--resume", "0"]):
+        assert resume_command(args, argv) == "sarcasm-dpo sft --no_wandb --resume", argv

@@ -206,3 +206,79 @@ def test_dpo_flags_the_run_would_ignore_are_refused():
         with pytest.raises(UserError, match=words):
             build(DPOSettings, values)
     build(DPOSettings, {"beta_sweep": True, "beta": 0.1, "betas": [0.1, 0.2]})  # the default beta: nothing typed
+
+
+# -- true/false settings: a flag turns off what a config file turned on ------------------------------------------
+
+
+def _true_false_flags() -> list[tuple[str, str]]:
+    """(stage, name) of every true/false setting of every stage."""
+    return [(stage, f.name) for stage, cls in STAGES.items() for f in dataclasses.fields(cls)
+            if f.type in (bool, "bool")]
+
+
+def test_every_true_false_flag_takes_an_optional_value(tmp_path):
+    """Each true/false flag: alone = true; `--flag false`, `--flag=no`, `--flag 0`, `--flag off` = false; a config
+    file's true is turned off from the command line (it used to be a store-true flag that took no value)."""
+    flags = _true_false_flags()
+    assert {("sft", "shared_prefix"), ("dpo", "balance"), ("dpo", "precompute_ref"), ("pipeline", "no_wandb")} <= set(flags)
+    for stage, name in flags:
+        cfg = tmp_path / f"{stage}-{name}.yaml"
+        cfg.write_text(f"{stage}:\n  {name}: true\n")
+        for argv, want in (([f"--{name}"], True), ([f"--{name}", "false"], False), ([f"--{name}=false"], False),
+                           ([f"--{name}", "no"], False), ([f"--{name}", "0"], False), ([f"--{name}", "True"], True),
+                           ([f"--{name}=yes"], True), ([f"--{name}", "1"], True)):
+            args = parse([stage, "--config", str(cfg), *argv])
+            assert getattr(args, name) is want, (stage, argv)
+        # With no flag the file's value stands.
+        assert parse([stage, "--config", str(cfg)]).__dict__.get(name, "unset") == "unset"
+
+
+def test_the_cpu_config_shared_prefix_can_be_turned_off_from_the_command_line():
+    path = str(ROOT / "configs" / "smollm2-135m-cpu.yaml")
+    assert load_yaml(path)["sft"]["shared_prefix"] is True
+    on = from_namespace(STAGES, parse(["sft", "--config", path]), "sft")
+    off = from_namespace(STAGES, parse(["sft", "--config", path, "--shared_prefix", "false"]), "sft")
+    also_off = from_namespace(STAGES, parse(["sft", "--config", path, "--shared_prefix=false", "--epochs", "1"]), "sft")
+    assert on.shared_prefix is True and off.shared_prefix is False and also_off.shared_prefix is False
+    # The flag alone, followed by another flag, is still true (the original spelling).
+    assert from_namespace(STAGES, parse(["dpo", "--beta_sweep", "--no_wandb", "--balance"]), "dpo").balance is True
+
+
+def test_a_bad_true_false_value_is_one_clear_line_and_exit_2(capsys):
+    from sarcasm_dpo.cli import main
+
+    for argv in (["sft", "--shared_prefix", "maybe"], ["dpo", "--balance=2"], ["split", "--overwrite", ""]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        err = capsys.readouterr().err
+        flag = argv[1].split("=")[0]
+        assert stop.value.code == 2 and f"argument {flag}: Setting '{flag[2:]}' expects true or false" in err, err
+        assert "write true/false, yes/no, on/off or 1/0" in err and "Traceback" not in err
+
+
+def test_true_false_values_follow_one_rule_by_every_route(tmp_path):
+    """A config file, `--set` and Python read true/false as the flag does, and refuse the same values with the
+    same message."""
+    from sarcasm_dpo.config import apply_overrides
+
+    for value, want in (("false", False), ("no", False), ("off", False), ("0", False), ("yes", True), ("1", True)):
+        data = apply_overrides({"sft": {"shared_prefix": True}}, [f"sft.shared_prefix={value}"], PIPELINE)
+        assert stage_settings(data, PipelineSettings(no_wandb=True), None)["sft"].shared_prefix is want, value
+        assert build(SFTSettings, {"shared_prefix": value}).shared_prefix is want
+    for bad in ("maybe", "2", "[true]"):
+        data = apply_overrides({}, [f"sft.shared_prefix={bad}"], PIPELINE)
+        with pytest.raises(UserError, match=r"Setting 'shared_prefix' expects true or false, got .*: write true/false"):
+            stage_settings(data, PipelineSettings(no_wandb=True), None)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sft:\n  shared_prefix: 2\n")
+    with pytest.raises(UserError, match=r"Setting 'shared_prefix' expects true or false, got 2"):
+        from_namespace(STAGES, parse(["sft", "--config", str(cfg)]), "sft")
+
+
+def test_help_shows_each_true_false_flags_default_and_value():
+    help_text = build_parser()._subparsers._group_actions[0].choices["dpo"].format_help()
+    assert "--balance [true|false]" in help_text and "--precompute_ref [true|false]" in help_text
+    squashed = " ".join(help_text.split())
+    assert "(default: false; the flag alone means true)" in squashed
+    assert "(default: true; the flag alone means true)" in squashed  # precompute_ref, shared_prefix, ...

@@ -561,3 +561,30 @@ def test_window_means_count_each_step_once_whatever_the_logs_split():
     assert stopped["train/loss"] == pytest.approx(plain["train/loss"])
     assert stopped["rewards/margins"] == pytest.approx(1.0)  # only step 10's row measured it
     assert stopped["dpo/reward_ratio"] is not None and stopped["logged_steps"] == 2
+
+
+def test_beta_sweep_ties_go_to_the_saved_adapter_closest_to_sft(toy, tmp_path, monkeypatch, capsys):
+    """Two betas whose saved adapters score the same: the sweep keeps the one whose SAVED adapter has the smaller
+    KL to SFT (the model it copies), not the one whose end-of-training weights did (it used the latter)."""
+    from sarcasm_dpo.stages import dpo
+
+    kls = {0.1: {"final": 0.01, "saved": 0.30}, 0.5: {"final": 0.20, "saved": 0.05}}
+
+    def fake_train(sub, run_name=None):
+        folder = Path(sub.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_model.safetensors").write_bytes(f"weights of beta {sub.beta}".encode())
+        summary = {"best_f1": 0.8, "best_score": 0.8, "best_val": {}, "best_step": 4, "improved_over_sft": True,
+                   "stopped_early": False, "timings": {"train_s": 1.0},
+                   "diagnostics": {"end_of_training": {"dpo/kl": kls[sub.beta]["final"], "dpo/drift": 0.1},
+                                   "saved_model": {"dpo/kl": kls[sub.beta]["saved"]}},
+                   "health": {"kl": {"verdict": "ok"}, "reward_ratio": {"value": 1.5, "verdict": "ok"}}}
+        (folder / dpo.SUMMARY_FILE).write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(dpo, "train", fake_train)
+    out = tmp_path / "sweep"
+    results = dpo.run(dpo_settings(toy, out, beta_sweep=True, betas=[0.1, 0.5]))
+    assert results["best_beta"] == 0.5 and "smaller KL of the saved adapter" in results["selection"]
+    assert (out / "adapter_model.safetensors").read_bytes() == b"weights of beta 0.5"
+    assert "KL of the saved adapter 0.050" in capsys.readouterr().out

@@ -209,3 +209,88 @@ def test_a_one_class_gen_validation_split_is_refused(real_splits, tiny_model_dir
     with pytest.raises(UserError, match=r"one class only \(as sampled by --val_sample_size 4\)"):
         dpo.load_data(settings_for(real_splits, val_csv=str(skew), val_sample_size=4, pairs="label", sample_size=8),
                       tokenizer)
+
+
+# -- --balance means equal classes, and the record says what was done ----------------------------------------------
+
+
+def test_balance_gives_as_many_pairs_of_each_class_and_says_so(real_splits, tiny_model_dir, capsys):
+    """The training split holds 689 sarcastic and 2071 other texts. --balance used to read a --sample_size at or
+    over that as "take everything" (2760 pairs, 689/2071) and fill the rest of a smaller one from the larger class
+    (2000: 689/1311), and record `balanced: true` either way."""
+    from sarcasm_dpo.models import load_tokenizer
+    from sarcasm_dpo.stages import dpo
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    for size, per_class in ((4000, 689), (0, 689), (2000, 689), (999, 499), (200, 100)):
+        info = dpo.load_data(settings_for(real_splits, pair_style="label", balance=True, sample_size=size),
+                             tokenizer).info
+        assert info["class_counts"] == {"sarcastic": per_class, "not_sarcastic": per_class}, size
+        assert info["used"] == 2 * per_class and info["balanced"] is True and info["sampling"] == "balanced"
+        assert info["available_class_counts"] == {"sarcastic": 689, "not_sarcastic": 2071}
+        out = " ".join(capsys.readouterr().out.split())
+        if size in (4000, 0, 2000):
+            assert "class-balanced: 689 pairs of each class, 1378 in all (the smaller class, sarcastic, has 689 of " \
+                   "the 2760" in out, out
+            assert ("asks for more pairs" not in out) and (("asked for more than there are" in out) == (size == 4000))
+        elif size == 999:
+            assert "499 pairs of each class, 998 in all (--sample_size 999 is odd)" in out, out
+        else:
+            assert "Note:" not in out, out
+    # Without --balance: stratified, as before, and the record says so.
+    info = dpo.load_data(settings_for(real_splits, pair_style="label", sample_size=400), tokenizer).info
+    assert info["balanced"] is False and info["sampling"] == "stratified" and info["used"] == 400
+
+
+def test_balance_on_a_pairs_file_without_labels_balances_by_the_preferred_answer(real_splits, tiny_model_dir,
+                                                                                 tmp_path):
+    """A pair's class is the answer it prefers (pairs.prefers_yes): --balance used to fall back to a plain random
+    draw when the file's pairs carried no `label`."""
+    from sarcasm_dpo.models import load_tokenizer
+    from sarcasm_dpo.pairs import prefers_yes
+    from sarcasm_dpo.stages import dpo
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    labelled = _mined_file(real_splits, tokenizer, tmp_path, 60)
+    records = json.loads(labelled.read_text())
+    assert 0 < sum(r["label"] for r in records) < 20  # mostly "No", as the split is
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps([{k: v for k, v in r.items() if k != "label"} for r in records]))
+    for path in (labelled, bare):
+        for size in (0, 10):
+            data = dpo.load_data(settings_for(real_splits, preference_data=str(path), balance=True, sample_size=size),
+                                 tokenizer)
+            yes = prefers_yes(data.pairs)
+            assert int(yes.sum()) == int((~yes).sum()) > 0 and data.info["balanced"] is True, (path.name, size)
+            assert data.info["sampling"] == "balanced" and (size == 0 or len(data.pairs) == size)
+    same = [dpo.load_data(settings_for(real_splits, preference_data=str(p), balance=True, sample_size=10),
+                          tokenizer).pairs["prompt"].tolist() for p in (labelled, bare)]
+    assert same[0] == same[1]  # the same pairs, labelled or not
+    # A file of one class cannot be balanced: said, not trained on as it is.
+    one_class = tmp_path / "no_only.json"
+    one_class.write_text(json.dumps([r for r in json.loads(bare.read_text())
+                                     if r["chosen"].startswith("No")]))
+    with pytest.raises(UserError, match=r"class-balanced sample of the pairs of .*no_only.json is impossible: they "
+                                        r"hold no sarcastic one"):
+        dpo.load_data(settings_for(real_splits, preference_data=str(one_class), balance=True), tokenizer)
+    with pytest.raises(UserError, match="--sample_size 1 leaves no room for one of each class"):
+        dpo.load_data(settings_for(real_splits, pairs="label", sample_size=1), tokenizer)
+
+
+@pytest.mark.parametrize("spec", ["rephrase", "rephrase+label"])
+def test_a_sample_of_rephrase_pairs_keeps_each_tweet_with_its_rephrase(real_splits, tiny_model_dir, spec):
+    """--pairs rephrase --sample_size 200 used to cut single pairs from a shuffle: 6 tweets kept their rephrase."""
+    from sarcasm_dpo.models import load_tokenizer
+    from sarcasm_dpo.pairs import prefers_yes
+    from sarcasm_dpo.stages import dpo
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    data = dpo.load_data(settings_for(real_splits, pairs=spec, sample_size=200), tokenizer)
+    ids = data.pairs["id"].astype(str)
+    rephrases = set(ids[ids.str.endswith(":rephrase")].str.removesuffix(":rephrase"))
+    assert len(rephrases) == 100 if spec == "rephrase" else len(rephrases) >= 90
+    assert rephrases <= set(ids)  # every sampled rephrase with its tweet
+    tweets = set(ids[(data.pairs["pair_source"] == "rephrase") & ~ids.str.endswith(":rephrase")])
+    assert tweets <= rephrases  # every sampled tweet of the rephrase source with its rephrase
+    yes = prefers_yes(data.pairs)
+    assert int(yes.sum()) == int((~yes).sum()) == 100 and data.info["balanced"] is True

@@ -260,3 +260,38 @@ def test_sft_epoch_end_log_keeps_its_steps_metrics(tiny_model_dir, tmp_path, mon
     assert {4, 8} <= set(logged), sorted(logged)  # the epoch ends (4 steps per epoch)
     for step in (4, 8):
         assert "entropy" in logged[step] and "mean_token_accuracy" in logged[step], logged[step]
+
+
+def test_a_resumed_run_keeps_the_blow_up_guards_references(tiny_model_dir, tmp_path, monkeypatch):
+    """The loss limit is LOSS_FACTOR x max(first step's loss, 1) and the weight limit WEIGHT_FACTOR x the starting
+    norm: a resumed run used to take its own first step and its checkpoint's weights as those references, so it
+    stopped (or not) where the uninterrupted run would not. They now travel in the checkpoint's trainer state."""
+    import json
+
+    whole = _sft_trainer(tiny_model_dir, tmp_path / "whole", False, monkeypatch, save_steps=2)
+    whole.train()
+    first_loss, start_norm = whole._lean_first_loss, whole._lean_start_norm
+    assert first_loss is not None and start_norm is not None
+    checkpoint = tmp_path / "whole" / "ckpt" / "checkpoint-2"
+
+    seen = {}
+    resumed = _sft_trainer(tiny_model_dir, tmp_path / "resumed", False, monkeypatch, save_steps=2)
+    original = type(resumed)._check_step
+
+    def spy(self, grad_norm=None):  # the references in force at each step the resumed run checks
+        original(self, grad_norm)
+        seen[self.state.global_step + 1] = (self._lean_first_loss, self._lean_start_norm)
+
+    monkeypatch.setattr(type(resumed), "_check_step", spy)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert sorted(seen) == [3, 4]  # steps 3 and 4 ran here, after the checkpoint of step 2
+    assert all(refs == (first_loss, start_norm) for refs in seen.values()), (seen, first_loss, start_norm)
+    # Where they travel: the trainer state every checkpoint saves.
+    from sarcasm_dpo.training.lean_step import GUARD_STATE
+
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"][GUARD_STATE]
+    assert saved == {"first_loss": first_loss, "start_norm": start_norm}
+    # A fresh run (no checkpoint) starts without references and takes its own.
+    fresh = _sft_trainer(tiny_model_dir, tmp_path / "fresh", False, monkeypatch, save_steps=2)
+    fresh.train()
+    assert (fresh._lean_first_loss, fresh._lean_start_norm) == (first_loss, start_norm)  # same seed, same figures

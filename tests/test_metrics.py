@@ -253,3 +253,28 @@ def test_improvement_pp():
     # 100 * (0.75 - 0.70) = 5.0; 100 * (0.80 - 0.85) = -5.0; 100 * (1/3 - 0) = 33.33
     assert d == {"accuracy": 5.0, "precision": -5.0, "recall": 33.33, "f1": 0.0, "macro_f1": 5.0}
     assert improvement_pp(new, old, keys=("roc_auc",)) == {"roc_auc": None}
+
+
+@pytest.mark.parametrize("probs, words", [
+    ([1.5, -0.2], "in \\[0, 1\\]; 2 of 2 are outside it"),
+    ([0.3, float("nan")], "finite probabilities; 1 of 2 are NaN or infinite"),
+    ([float("inf"), 0.2], "finite probabilities"),
+])
+def test_scores_that_are_not_probabilities_are_refused(probs, words):
+    """A NaN is labelled "not sarcastic" at every threshold and 1.5 "sarcastic": metrics of such scores measure
+    nothing, so every function that takes P(sarcastic) refuses them (1.5 and -0.2 used to score accuracy 1.0)."""
+    from sarcasm_dpo.thresholds import choose_threshold, metrics_at, threshold_interval
+
+    for call in (lambda: classification_metrics([1, 0], probs), lambda: with_intervals([1, 0], probs),
+                 lambda: metrics_at([1, 0], probs, 0.5), lambda: choose_threshold([1, 0], probs),
+                 lambda: threshold_interval([1, 0], probs)):
+        with pytest.raises(ValueError, match=words):
+            call()
+
+
+def test_macro_f1_is_none_when_a_class_is_absent():
+    """The absent class's F1 is 0/0: averaged in as 0 it showed a perfect one-class model as 0.500."""
+    m = classification_metrics([1, 1, 1], [0.9, 0.8, 0.7])
+    assert m["accuracy"] == 1.0 and m["f1"] == 1.0 and m["macro_f1"] is None
+    assert classification_metrics([0, 0], [0.1, 0.2])["macro_f1"] is None
+    assert improvement_pp(m, m)["macro_f1"] is None

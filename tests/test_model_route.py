@@ -146,6 +146,7 @@ def test_hub_id_message_when_hf_hub_offline_is_already_set(monkeypatch, capsys, 
     assert "set HF_HUB_OFFLINE=1" not in str(refused.value) and "loads only from the local hub cache" in str(refused.value)
     assert str(refused.value).count("HF_HUB_OFFLINE is set") == 1, refused.value  # said once, not as the hub's answer
     assert "does not answer" not in str(refused.value)
+    assert "--set model=PATH" in str(refused.value)  # the pipeline has no --model: its own way is named
     # without it, the advice is to set it
     monkeypatch.setattr(transformers.utils.hub, "is_offline_mode", lambda: False)
     assert "set HF_HUB_OFFLINE=1 so nothing tries the network" in models.offline_hint()

@@ -305,3 +305,41 @@ def test_a_training_file_whose_ids_are_not_the_raw_files_says_so(shared_data, to
     with pytest.raises(UserError, match=r"None of the 10 rows of the iSarcasmEval training file .*own_train.csv has a "
                                         r"rephrase in .*train.En.csv \(the ids do not match: 10 of them are not there"):
         dpo.load_data(_dpo_settings(train, val, gen_val), tokenizer)
+
+
+# -- sampling: a tweet and its rephrase together; balanced means equal classes ------------------------------------
+
+
+def test_a_sample_keeps_each_tweet_with_its_rephrase_alone_and_in_a_mixture(tokenizer):
+    """--sample_size used to cut single pairs out of a shuffle, so most sampled tweets lost their rephrase."""
+    from sarcasm_dpo.pairs import tweet_units
+
+    frame = toy(n_sarcastic=41, n_plain=60)  # 40 tweets with a rephrase, one without, 60 plain
+    for spec in ("rephrase", "rephrase+label"):
+        pairs = build_preference_pairs(spec, frame, tokenizer, seed=1)
+        units = tweet_units(pairs)
+        assert len(set(units)) < len(units)  # minimal pairs form units of two
+        for n, seed in ((20, 0), (21, 5), (30, 7)):
+            sample = data.equal_class_sample(pairs, n, seed, positive=prefers_yes(pairs), units=units)
+            yes = prefers_yes(sample)
+            assert int(yes.sum()) == int((~yes).sum()) == n // 2, (spec, n)
+            ids = sample["id"].astype(str)
+            rephrased = set(ids[ids.str.endswith(":rephrase")].str.removesuffix(":rephrase"))
+            tweets_with_one = {i for i in ids if i.startswith("s") and not i.endswith(":rephrase")} - {"s40"}
+            assert rephrased == tweets_with_one, (spec, n, seed)  # no tweet without its rephrase, nor the reverse
+        natural = data.unit_sample(pairs, 21, 3, units)
+        ids = set(natural["id"].astype(str))
+        assert len(natural) <= 21 and all(i.removesuffix(":rephrase") in ids for i in ids if i.endswith(":rephrase"))
+
+
+def test_equal_class_sample_takes_the_smaller_class_whole_and_refuses_what_cannot_be_balanced():
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(30)], "label": [1] * 7 + [0] * 23})
+    for n in (None, 0, 100, 20):  # all, all, more than there is, more than twice the smaller class
+        sample = data.equal_class_sample(frame, n, 3)
+        assert sorted(sample["label"].value_counts().to_dict().items()) == [(0, 7), (1, 7)], n
+    assert data.equal_class_sample(frame, 9, 3)["label"].value_counts().to_dict() == {0: 4, 1: 4}  # odd: one short
+    assert data.equal_class_sample(frame, 10, 3).equals(data.equal_class_sample(frame, 10, 3))  # seeded
+    with pytest.raises(UserError, match=r"impossible: --sample_size 1 leaves no room for one of each class"):
+        data.equal_class_sample(frame, 1, 3)
+    with pytest.raises(UserError, match=r"impossible: they hold no sarcastic one \(0 sarcastic, 23 not\)"):
+        data.equal_class_sample(frame[frame.label == 0], None, 3, what="the pairs of x.json")

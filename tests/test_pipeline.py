@@ -109,18 +109,21 @@ def test_pipeline_end_to_end_then_skips(tiny_model_dir, small_data_dir, tmp_path
     assert not np.allclose(preds["p_sft"], preds["p_base"])  # SFT trained something
     assert "verdict" in results["significance"]["dpo_vs_sft"]
     # DPO's accuracy is on screen: its row in compare's table at 0.5, then at its own validation threshold
-    # (threshold.json, chosen on GEN validation), then in the pipeline's closing table.
+    # (threshold.json, chosen on GEN validation), then in the pipeline's closing table, which leads with the
+    # figures at each model's own threshold (the way predict and an export use the model).
     dpo_rows = [line.split() for line in done.stdout.splitlines() if line.startswith(f"{'DPO':<10} ")]
     at_half = f"{results['models']['dpo']['accuracy']:.3f}"
     at_own = f"{results['at_validation_threshold']['models']['dpo']['accuracy']:.3f}"
-    assert [row[1] for row in dpo_rows] == [at_half, at_own, at_half], dpo_rows
+    assert [row[1] for row in dpo_rows] == [at_half, at_own, at_own], dpo_rows
     assert set(results["at_validation_threshold"]["thresholds"]) >= {"sft", "dpo"}
     # It ends with what it found and where: the table, the verdicts, the plot, predictions and results.
     tail = done.stdout.rstrip().splitlines()[-3:]
     assert tail == [f"Plot: {work}/results/model_comparison_plot.png", f"Predictions: {work}/results/predictions.csv",
                     f"Results: {work}/results/model_comparison_results.json"]
-    # compare's verdicts at 0.5 and at the validation thresholds, then the pipeline's closing summary
-    assert done.stdout.count("DPO vs SFT: accuracy") == 3
+    # compare's verdicts at 0.5 and at the validation thresholds, then the pipeline's closing summary's (at the
+    # models' own thresholds, then at 0.5, labelled)
+    assert done.stdout.count("DPO vs SFT: accuracy") == 4
+    assert "At threshold 0.5 for every model instead" in done.stdout
 
     # Re-run: every stage is complete for the same settings and is skipped.
     again = pipeline(capsys, config, small_data_dir)

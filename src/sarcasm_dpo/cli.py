@@ -32,7 +32,7 @@ import sys
 import threading
 
 from . import __version__
-from .config import add_arguments, from_namespace, whole_number_flag
+from .config import TRUTH_WORDS, add_arguments, from_namespace, whole_number_flag
 from .errors import UserError, describe_failure, note_paths
 from .stages import STAGES, settings_classes
 from .training.distributed import is_main_process, runs_here
@@ -149,8 +149,15 @@ def resume_command(args: argparse.Namespace, argv: list[str]) -> str:
     if rerun and _drives(args):
         return rerun
     words = list(argv)
-    if _trains(args) and "--resume" not in words:
-        words.append("--resume")
+    if _trains(args):
+        # Whatever the command said about --resume (the flag alone, `--resume false`, `--resume=no`), it resumes now.
+        kept = []
+        for word in words:
+            if kept and kept[-1] == "--resume" and str(word).strip().lower() in TRUTH_WORDS:
+                kept.pop()  # `--resume VALUE`: both words go
+                continue
+            kept.append(word)
+        words = [w for w in kept if w != "--resume" and not str(w).startswith("--resume=")] + ["--resume"]
     return "sarcasm-dpo " + shlex.join(words)
 
 

@@ -12,8 +12,10 @@ keys (`common: &c {epochs: 1}`, then `sft: {<<: *c, lr: 1e-4}`) work; a key give
 How a value is read is one rule per kind of setting, whatever route it came by (a flag's text, a
 YAML value, `--set`, Python): a whole-number setting takes 8, 8.0 or 1e1 and refuses 2.5; a text
 setting takes a flag's or `--set`'s text as typed (`no` stays "no", `0123` stays "0123"), and refuses
-a YAML value that YAML read as true/false or a number (quote it); every path setting
-(`errors.is_path_setting`) has `~` expanded and must name something (`normalise_paths`).
+a YAML value that YAML read as true/false or a number (quote it); a true/false setting takes true/false,
+yes/no, on/off or 1/0 (`truth_value`), and its flag takes one too or none (`--shared_prefix` is true,
+`--shared_prefix false` and `--shared_prefix=false` turn off what a config file turned on); every path
+setting (`errors.is_path_setting`) has `~` expanded and must name something (`normalise_paths`).
 
 This module is the generic dataclass <-> argparse/YAML machinery: it knows no stage. Whoever reads
 a config passes the sections it may hold as `classes` ({section: settings class}; the CLI and the
@@ -121,6 +123,36 @@ def whole_number(value: Any, name: str, shown: str | None = None) -> int:
     return int(number)
 
 
+TRUTH_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def truth_value(value: Any, name: str, shown: str | None = None) -> bool:
+    """THE rule for a true/false setting, whichever route the value came by (a flag's text, YAML, `--set`,
+    Python): true/false, yes/no, on/off or 1/0 in any case (YAML's own true/false as they are); anything else is
+    refused with the value as it was given (`shown`)."""
+    if isinstance(value, bool):
+        return value
+    word = TRUTH_WORDS.get(str(value).strip().lower()) if isinstance(value, (str, numbers.Integral)) else None
+    if word is None:
+        shown = repr(value) if shown is None else shown
+        raise UserError(f"Setting '{name}' expects true or false, got {shown}: write true/false, yes/no, on/off or "
+                        f"1/0 (on the command line the flag alone, --{name}, is true).")
+    return word
+
+
+def truth_flag(name: str):
+    """An argparse `type=` for a true/false flag's optional value (`--flag false`): `truth_value`'s rule, its
+    refusal as argparse's own error."""
+    def parse(text: str) -> bool:
+        try:
+            return truth_value(text, name)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = "true/false"  # argparse names the type in its message
+    return parse
+
+
 def whole_number_flag(name: str):
     """An argparse `type=` for a whole-number flag outside the settings classes (predict's --batch_size): the
     same rule, its refusal as argparse's own error (a UserError raised inside parse_args would escape it)."""
@@ -163,6 +195,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     inner = kinds[0]
     if inner is int:  # true/false, lists and mappings included: one rule, one message
         return whole_number(value, name, shown)
+    if inner is bool:  # lists and mappings included: one rule, one message
+        return truth_value(value, name, shown)
     # A YAML mapping or list where one value belongs, or true/false where a number does, is a mistake in the
     # file, not something to turn into a folder named "{'a': 1}" or a sample of 1.
     if isinstance(value, dict) or (isinstance(value, (list, tuple)) and typing.get_origin(inner) is not list) \
@@ -181,15 +215,6 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             if not isinstance(value, (list, tuple)):
                 value = [value]
             return [_coerce(v, item_tp, name) for v in value]
-        if inner is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
         if inner is float:
             number = float(value)
             if not math.isfinite(number):  # nan/inf pass float() but no setting means anything at them
@@ -229,9 +254,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         names = [f"--{f.name}", *meta.get("alias", ())]
         help_text = meta.get("help", "").replace("%", "%%")  # argparse formats help with %
-        if tp is bool and default is False:
-            parser.add_argument(*names, dest=f.name, action="store_const", const=True,
-                                default=argparse.SUPPRESS, help=help_text)
+        if tp is bool:
+            # `--flag` alone is true; `--flag false` (or `=false`, no, off, 0) sets it off over a config file's true.
+            parser.add_argument(*names, dest=f.name, nargs="?", const=True, type=truth_flag(f.name),
+                                metavar="true|false", default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {str(default).lower()}; the flag alone means true)")
             continue
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,

@@ -184,6 +184,7 @@ class SarcasmDetector:
         self.threshold = float(threshold)
         self.max_text_tokens = max_text_tokens or default_text_tokens()
         self.scorer = Scorer(model, tokenizer, batch_size=batch_size, max_text_tokens=self.max_text_tokens)
+        self.name: str | None = None  # what `load` loaded, for errors that name the model
 
     @classmethod
     def load(cls, model: str | None = None, adapter: str | None = None, *, threshold: float | None = None,
@@ -215,17 +216,38 @@ class SarcasmDetector:
             warn(f"Warning: {adapter} has {marker_missing(adapter)}: the run that wrote this adapter may not have "
                  "finished (or was stopped while saving), so it may not be the model you expect.")
         loaded, tokenizer = load_model(model_ref, adapter=adapter, device=pick_device(device))
-        return cls(loaded, tokenizer, threshold=threshold, max_text_tokens=max_text_tokens, batch_size=batch_size)
+        detector = cls(loaded, tokenizer, threshold=threshold, max_text_tokens=max_text_tokens, batch_size=batch_size)
+        detector.name = f"The adapter {adapter} (on {model_ref})" if adapter else f"The model {model_ref}"
+        return detector
 
     def predict_proba(self, texts: Sequence[str]):
-        """P(sarcastic) for each text, in input order (a numpy array)."""
-        return self.scorer.predict_proba(_checked_texts(texts))
+        """P(sarcastic) for each text, in input order (a numpy array of float64)."""
+        return self._scores(_checked_texts(texts))
+
+    def _scores(self, texts: list[str]):
+        from .scoring import NonFiniteScores
+
+        try:  # the scorer checks every score of the call before returning any (scoring.NonFiniteScores)
+            return self.scorer.predict_proba(texts)
+        except NonFiniteScores as exc:
+            raise exc if self.name is None else exc.for_model(self.name) from None
 
     def predict(self, texts: Sequence[str]) -> list[dict]:
-        """{"text", "p_sarcastic", "label"} for each text, in input order; label 1 at or above the threshold."""
+        """{"text", "p_sarcastic", "label"} for each text, in input order; label 1 at or above the threshold.
+
+        The row is self-consistent: "p_sarcastic" is the score itself (a float64, whose JSON form reads back
+        exactly), and "label" is that very number compared with the threshold (metrics.decide), so anyone
+        checking p_sarcastic >= threshold on the printed row gets the label printed beside it. A rounded
+        score could not promise that: 0.4999996 would print as 0.5 with label 0 at threshold 0.5. No row of
+        a call is returned when any of its scores is not finite (NonFiniteScores): `predict` prints a chunk
+        only after the whole chunk was scored, so it never prints a row with NaN in it.
+        """
+        from .metrics import decide
+
         texts = _checked_texts(texts)
-        return [{"text": text, "p_sarcastic": round(float(p), 6), "label": int(p >= self.threshold)}
-                for text, p in zip(texts, self.scorer.predict_proba(texts))]  # checked once, just above
+        probs = self._scores(texts)  # texts checked once, just above
+        return [{"text": text, "p_sarcastic": float(p), "label": int(label)}
+                for text, p, label in zip(texts, probs, decide(probs, self.threshold))]
 
 
 def _checked_texts(texts) -> list[str]:

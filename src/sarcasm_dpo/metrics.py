@@ -1,7 +1,8 @@
 """Evaluation metrics for the sarcasm detector: point scores, bootstrap intervals, paired tests.
 
 Labels are 1 = sarcastic, 0 = not sarcastic. Everything returned is plain Python (float / int /
-list / None) so results can go straight into json.dump without a custom encoder.
+list / None) so results can go straight into json.dump without a custom encoder. Scores must be
+probabilities (`probabilities`), and every threshold is applied by `decide`, the one rule for it.
 
 The comparison between models (Base vs SFT vs DPO) is paired: every model answers the same test
 items, so the exact McNemar test on the items where they disagree is the right test, not a
@@ -35,6 +36,36 @@ def _binary(name: str, values) -> np.ndarray:
     return arr.astype(int)
 
 
+def probabilities(name: str, values) -> np.ndarray:
+    """Return `values` as a 1-D float64 array of probabilities, or raise ValueError.
+
+    A NaN compares false with every threshold (it would be counted "not sarcastic") and a score
+    outside [0, 1] (a logit, a percentage) lands on one side of every cut: either way the metrics
+    would come out as numbers that measure nothing, so they are refused here, for every metric.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {arr.shape}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise ValueError(f"{name} must be finite probabilities; {int(bad.sum())} of {arr.size} are NaN or infinite")
+    outside = (arr < 0) | (arr > 1)
+    if outside.any():
+        raise ValueError(f"{name} must be probabilities in [0, 1]; {int(outside.sum())} of {arr.size} are outside "
+                         f"it (e.g. {float(arr[outside][0])!r})")
+    return arr
+
+
+def decide(probs, threshold: float) -> np.ndarray:
+    """The labels at `threshold`: 1 (sarcastic) iff P(sarcastic) >= threshold, as a 0/1 int array.
+
+    The one place a threshold is applied. Both sides are compared as float64: under numpy 2 a
+    float32 array compared with a Python float is compared in float32, which rounds the threshold
+    (a cut chosen between two float32 scores can round onto one of them and flip its label).
+    """
+    return (np.asarray(probs, dtype=np.float64) >= np.float64(threshold)).astype(int)
+
+
 def _same_length(**arrays: np.ndarray) -> None:
     lengths = {name: len(a) for name, a in arrays.items()}
     if len(set(lengths.values())) != 1:
@@ -42,18 +73,24 @@ def _same_length(**arrays: np.ndarray) -> None:
 
 
 def classification_metrics(labels, probs, threshold: float = 0.5) -> dict:
-    """Score P(sarcastic) `probs` against gold `labels`; an item is predicted sarcastic iff prob >= threshold."""
+    """Score P(sarcastic) `probs` against gold `labels`; an item is predicted sarcastic iff prob >= threshold
+    (`decide`). `probs` must be finite and in [0, 1] (`probabilities`, ValueError otherwise). "roc_auc" and
+    "macro_f1" are None when `labels` hold one class only: both are undefined there."""
     y = _binary("labels", labels)
-    p = np.asarray(probs, dtype=float)
+    p = probabilities("probs", probs)
     _same_length(labels=y, probs=p)
-    pred = (p >= threshold).astype(int)
+    pred = decide(p, threshold)
 
     # labels=[0, 1] pins the class order, so a batch where one class never occurs still yields
     # a 2x2 matrix and two per-class rows instead of silently shrinking.
     prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
     cm = confusion_matrix(y, pred, labels=[0, 1])
     # ROC AUC is undefined with one class present; None is honest where 0.5 or NaN would mislead.
-    auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None
+    # Macro-F1 likewise: the absent class's F1 is 0/0, and averaging it in as 0 would show a perfect
+    # model as 0.500.
+    both = len(np.unique(y)) == 2
+    auc = float(roc_auc_score(y, p)) if both else None
+    macro_f1 = float(f1_score(y, pred, labels=[0, 1], average="macro", zero_division=0)) if both else None
 
     per_class = {
         CLASS_NAMES[c]: {
@@ -70,7 +107,7 @@ def classification_metrics(labels, probs, threshold: float = 0.5) -> dict:
         "precision": float(prec[1]),  # positive class = sarcastic
         "recall": float(rec[1]),
         "f1": float(f1[1]),
-        "macro_f1": float(f1_score(y, pred, labels=[0, 1], average="macro", zero_division=0)),
+        "macro_f1": macro_f1,  # None when one class is absent from `labels` (see above)
         "per_class": per_class,
         "confusion_matrix": cm.astype(int).tolist(),  # [[tn, fp], [fn, tp]]
         "roc_auc": auc,
@@ -125,8 +162,8 @@ def bootstrap_ci(
 
 def with_intervals(labels, probs, threshold: float = 0.5, n_resamples: int = 1000, seed: int = 42) -> dict:
     """classification_metrics plus 95% bootstrap intervals for accuracy and F1, as [low, high] lists."""
-    out = classification_metrics(labels, probs, threshold)
-    pred = (np.asarray(probs, dtype=float) >= threshold).astype(int)
+    out = classification_metrics(labels, probs, threshold)  # checks the probabilities
+    pred = decide(probs, threshold)
     for metric in ("accuracy", "f1"):
         out[f"{metric}_ci"] = list(bootstrap_ci(labels, pred, metric, n_resamples=n_resamples, seed=seed))
     return out

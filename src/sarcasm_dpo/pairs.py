@@ -22,7 +22,8 @@ Where the pairs come from (`build_preference_pairs`, one spec string such as ``r
 * ``rephrase``: iSarcasmEval's minimal pairs. A sarcastic tweet with its author's sincere
   rephrase (rephrases.py) gives two pairs: the tweet as prompt prefers "Yes", the rephrase as a
   prompt of its own prefers "No". Same content, opposite intent. One of each per tweet, so
-  balanced by construction.
+  balanced by construction; a sample of the pairs (DPO's --sample_size) keeps or drops a tweet's
+  pairs and its rephrase's together (`tweet_units`), in a mixture too.
 * ``A+B``: A's pairs, then B's pairs that A does not already hold (same prompt and answers).
   Balanced by default; balancing cuts the side with more pairs back to the other's size,
   dropping the later sources' pairs first (seeded), so the first-named source is kept whole
@@ -75,6 +76,7 @@ LITERAL_REASONS = (
 )
 REASONS = {1: SARCASTIC_REASONS, 0: LITERAL_REASONS}
 
+REPHRASE_ID = ":rephrase"  # a rephrase pair's id is its tweet's id with this added (`rephrase_pairs`)
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 FILE_KEYS = ("prompt", "chosen", "rejected", "text", "label", "p_sarcastic", "id")
 
@@ -335,11 +337,25 @@ def rephrase_pairs(frame: pd.DataFrame, tokenizer, seed: int = 42, max_text_toke
     has = frame["rephrase"].map(lambda r: isinstance(r, str) and bool(r.strip()))
     rows = frame[(frame["label"].astype(int) == 1) & has]
     ids = rows["id"].astype(str) if "id" in rows.columns else pd.Series(range(len(rows)), index=rows.index).astype(str)
-    sincere = pd.DataFrame({"text": rows["rephrase"].to_numpy(), "label": 0, "id": (ids + ":rephrase").to_numpy()})
+    sincere = pd.DataFrame({"text": rows["rephrase"].to_numpy(), "label": 0, "id": (ids + REPHRASE_ID).to_numpy()})
     tweets = build_pairs(rows[["text", "label"]].assign(id=ids.to_numpy()), tokenizer, "label", seed, max_text_tokens)
     rephrased = build_pairs(sincere, tokenizer, "label", seed, max_text_tokens)
     # Interleaved: each tweet's pair sits beside its rephrase's, so a reader sees the minimal pair.
     return pd.concat([tweets, rephrased]).sort_index(kind="stable").reset_index(drop=True)
+
+
+def tweet_units(pairs: pd.DataFrame) -> list[str]:
+    """What sampling keeps or drops together (data.equal_class_sample, data.unit_sample): a rephrase pair (id
+    TWEET:rephrase) and the pairs of its tweet (id TWEET, from whichever source kept it) are one unit, a minimal
+    pair; every other pair is a unit of its own."""
+    ids = (pairs["id"] if "id" in pairs.columns else pd.Series(None, index=pairs.index, dtype=object)).tolist()
+    ids = [value if isinstance(value, str) else None for value in ids]
+    rephrased = {value[: -len(REPHRASE_ID)] for value in ids if value and value.endswith(REPHRASE_ID)}
+    units = []
+    for position, value in enumerate(ids):
+        tweet = value[: -len(REPHRASE_ID)] if value and value.endswith(REPHRASE_ID) else value
+        units.append(f"tweet {tweet}" if tweet in rephrased else f"pair {position}")
+    return units
 
 
 def prefers_yes(pairs: pd.DataFrame) -> pd.Series:

@@ -24,19 +24,23 @@ _OVERALL = [("accuracy", "Accuracy"), ("precision", "Precision"), ("recall", "Re
             ("macro_f1", "Macro-F1"), ("roc_auc", "ROC-AUC")]
 
 
-def plot_comparison(models: dict, path, names: dict | None = None, title: str | None = None):
+def plot_comparison(models: dict, path, names: dict | None = None, title: str | None = None,
+                    at_half: dict | None = None):
     """Grouped bars of the overall metrics (95% bootstrap error bars on accuracy and F1), per-class
     precision/recall/F1 bars, and one confusion matrix per model, in one PNG.
 
     `models` maps a key (base, sft, ...) to the dict of `metrics.with_intervals`; `names` gives
-    the display name of each key. Returns the path.
+    the display name of each key. Every label says the threshold its figures are at (each dict's
+    "threshold"): models may be decided at different ones, and the same scores read very
+    differently at 0.5 and at a model's validation threshold. `at_half`: the same models at 0.5,
+    drawn as an x on the overall bars of each model whose threshold is not 0.5. Returns the path.
     """
     import numpy as np
     from matplotlib.gridspec import GridSpec
 
     names = names or {}
     keys = list(models)
-    label = [names.get(k, k) for k in keys]
+    label = [f"{names.get(k, k)} @ {models[k].get('threshold', 0.5):.3g}" for k in keys]
     colours = plt.get_cmap("tab10")(np.arange(len(keys)) % 10)
     ncols = max(2, len(keys))
     fig = plt.figure(figsize=(max(12, 3.4 * ncols), 8.5))
@@ -46,6 +50,7 @@ def plot_comparison(models: dict, path, names: dict | None = None, title: str | 
     # Overall metrics; a metric that is undefined (ROC-AUC with one class) is drawn as no bar.
     ax = fig.add_subplot(grid[0, :ncols])
     x = np.arange(len(_OVERALL))
+    marked = False  # one legend entry for the x marks at 0.5
     for i, key in enumerate(keys):
         m = models[key]
         values = [m.get(metric) if m.get(metric) is not None else np.nan for metric, _ in _OVERALL]
@@ -57,11 +62,21 @@ def plot_comparison(models: dict, path, names: dict | None = None, title: str | 
             if ci and m.get(metric) is not None:
                 err = [[max(0.0, m[metric] - ci[0])], [max(0.0, ci[1] - m[metric])]]
                 ax.errorbar(pos[j], m[metric], yerr=err, fmt="none", ecolor="black", capsize=3, lw=1)
+        half = (at_half or {}).get(key)
+        if half is not None and half.get("threshold", 0.5) != m.get("threshold", 0.5):
+            ax.scatter(pos, [half.get(metric) if half.get(metric) is not None else np.nan for metric, _ in _OVERALL],
+                       marker="x", color="black", s=22, zorder=3, label="same model at 0.5" if not marked else None)
+            marked = True
     ax.set_xticks(x, [t for _, t in _OVERALL], rotation=20)
-    ax.set_ylim(0, 1.22)  # headroom for the legend row above the bars
-    ax.set_title("Overall (error bars: 95% bootstrap CI)")
+    handles, texts = ax.get_legend_handles_labels()
+    order = sorted(range(len(texts)), key=lambda i: texts[i] == "same model at 0.5")  # the x marks' entry last
+    columns = min(len(texts), 3)  # labels carry thresholds now: at most three a row, so the legend fits the panel
+    rows = -(-len(texts) // columns)
+    ax.set_ylim(0, 1.1 + 0.12 * rows)  # headroom for the legend rows above the bars
+    ax.set_title("Overall at the threshold in each label (error bars: 95% bootstrap CI)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", ncol=len(keys), frameon=False)
+    ax.legend([handles[i] for i in order], [texts[i] for i in order], fontsize=8, loc="upper center", ncol=columns,
+              frameon=False)
 
     # Per-class precision / recall / F1.
     ax = fig.add_subplot(grid[0, ncols:])
@@ -74,7 +89,7 @@ def plot_comparison(models: dict, path, names: dict | None = None, title: str | 
     short = {"sarcastic": "sarc", "not_sarcastic": "not", "precision": "P", "recall": "R", "f1": "F1"}
     ax.set_xticks(x, [f"{short[c]} {short[metric]}" for c, metric in groups], rotation=20)
     ax.set_ylim(0, 1.05)
-    ax.set_title("Per class")
+    ax.set_title("Per class, at the threshold in each label")
     ax.grid(axis="y", alpha=0.3)
 
     # Confusion matrices: rows = true class, columns = predicted, [[tn, fp], [fn, tp]].
@@ -88,7 +103,7 @@ def plot_comparison(models: dict, path, names: dict | None = None, title: str | 
         ax.set_yticks([0, 1], ["not", "sarc"])
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(f"{label[i]} (acc {models[key]['accuracy']:.3f})", fontsize=10)
+        ax.set_title(f"{label[i]} (acc {models[key]['accuracy']:.3f})", fontsize=10)  # "SFT @ 0.788 (acc ...)"
 
     if title:
         fig.suptitle(title)

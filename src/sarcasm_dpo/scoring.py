@@ -4,7 +4,8 @@ We read the next-token logits of the two label words at the last prompt position
 softmax over just those two: p = exp(l_yes) / (exp(l_yes) + exp(l_no)). No text is generated and
 parsed, so there are no unparseable answers, and every stage (SFT validation, DPO early stopping,
 mining, compare, predict) gets the same probabilities, from which accuracy at 0.5, ROC-AUC and any
-threshold follow.
+threshold follow. A score that is not finite (NaN weights) is refused here, for every stage at once
+(NonFiniteScores), before any caller sees it.
 
 Speed comes from four choices: prompts are sorted by length so batches carry little padding,
 padding goes on the left so the last position is the answer position for every row, the model
@@ -34,6 +35,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .errors import UserError
 from .prompts import build_prompts, label_token_ids
 
 # Architectures on which the shared-prefix path was checked against the plain path in this
@@ -70,6 +72,31 @@ def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
         if length == 0:
             break
     return max(length, 0)
+
+
+class NonFiniteScores(UserError):
+    """The model gave NaN or infinite P(sarcastic) for some texts: its numbers are broken, not the texts.
+
+    Raised by `Scorer.predict_proba`, the one place every stage (training validation, mine, compare,
+    predict, the Python API) gets P(sarcastic), before any of the call's scores is returned: a NaN
+    compares false with every threshold, so it would be printed as label 0 (and as invalid JSON) or
+    counted as "not sarcastic" in every metric. A softmax of finite logits is always finite, so
+    non-finite scores mean non-finite logits: weights that are NaN/inf (a damaged file, or the
+    training that wrote them diverged) or that overflow the dtype. `for_model` names the model.
+    """
+
+    def __init__(self, bad: int, total: int, model: str | None = None):
+        self.bad, self.total, self.model = bad, total, model
+        which = f"{model} gave" if model else "The model gave"
+        super().__init__(
+            f"{which} a non-finite P(sarcastic) (NaN or infinite) for {bad} of the {total} texts scored together, "
+            "so none of them was used: its weights (or its adapter's) are damaged, or the training that made them "
+            "diverged. A softmax of finite logits is never NaN, so no text causes this. Retrain the model (a lower "
+            "--lr, or fp32 where it ran in fp16), or use another copy of its weights.")
+
+    def for_model(self, model: str) -> "NonFiniteScores":
+        """The same fault, naming the model (e.g. "SFT (models/sft)")."""
+        return NonFiniteScores(self.bad, self.total, model)
 
 
 class Scorer:
@@ -245,6 +272,10 @@ class Scorer:
             (_, inputs_full), = list(self.batches(sample, batch_size=len(sample)))
             (_, inputs_tail), = list(self.batches(sample, skip=length, batch_size=len(sample)))
             plain = self.sarcastic_proba(inputs_full)
+            if not bool(torch.isfinite(plain).all()):
+                # The weights, not the cache, are broken (NonFiniteScores follows when scoring): no verdict on
+                # the cache is recorded, and none is warned about.
+                return None
             cached = self.sarcastic_proba(inputs_tail, prefix)
             gap = float((plain - cached).abs().max())
             tolerance = 1e-3 if dtype == torch.float32 else 5e-2
@@ -275,7 +306,8 @@ class Scorer:
         return self.batches(encoded, skip=skip), prefix
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        """P(sarcastic) for each text, in the input order."""
+        """P(sarcastic) for each text, in the input order. Every score is checked before any is returned:
+        a non-finite one raises NonFiniteScores, so a caller never holds, prints or counts a NaN."""
         import torch
 
         texts = [str(t) for t in texts]
@@ -300,6 +332,9 @@ class Scorer:
         finally:
             if was_training:
                 self.model.train()
+        bad = int(np.count_nonzero(~np.isfinite(probs)))
+        if bad:
+            raise NonFiniteScores(bad, len(texts))
         return probs
 
 

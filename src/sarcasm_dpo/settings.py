@@ -96,10 +96,11 @@ def check_wandb_project(value) -> None:
 
 # How training keeps its best evaluation (thresholds.selection_score computes each).
 SELECTION_METRICS = ("f1", "balanced_accuracy", "roc_auc")
-SELECT_BY_HELP = ("What keeps the best evaluation (and drives early stopping): f1 (of the sarcastic class at 0.5, "
-                  "where a model that answers Yes to everything scores 0.667 on balanced validation), "
-                  "balanced_accuracy (at the threshold chosen on those same validation scores, the way the "
-                  "saved model is used) or roc_auc (threshold-free).")
+SELECT_BY_HELP = ("How evaluations are ranked; the best one's adapter is the one saved: f1 (of the sarcastic "
+                  "class at 0.5, where a model that answers Yes to everything scores 0.667 on balanced validation), "
+                  "balanced_accuracy (at the threshold the model would be saved with: the best cut on those same "
+                  "validation scores, or 0.5 when the cut's bootstrap interval holds 0.5; the way the saved model "
+                  "is used) or roc_auc (threshold-free).")
 
 
 def _check_sample_size(value: int | None, name: str = "sample_size") -> None:
@@ -138,7 +139,8 @@ class Common(Settings):
 @dataclass
 class SplitSettings(Settings):
     data_dir: str | None = opt(None, "Folder laid out like shared/data (sarcasm_v2/..., isarcasmeval/...); "
-                                     "empty = download into the cache on first use.")
+                                     "empty = the first verified copy in $SARCASM_DPO_DATA_DIRS, else the download cache "
+                                     "(downloading what it lacks on first use).")
     output_dir: str = opt(SPLITS, "Where the split CSV files are written.")
     test_size: float = opt(0.2, "Share of GEN held out as the test split.")
     val_size: float = opt(0.1, "Share of the GEN train split carved off for validation (model selection).")
@@ -248,7 +250,8 @@ class DPOSettings(Common):
     sft_model: str = opt("models/sft", "SFT adapter folder: the starting point and the frozen reference.")
     output_dir: str = opt("models/dpo_enhanced", "Where the DPO adapter, metrics and plots are written.")
     train_csv: str = opt(f"{SPLITS}/isarcasm_train.csv", "iSarcasmEval training split (preference pairs come from here).")
-    val_csv: str = opt(f"{SPLITS}/gen_val.csv", "GEN validation split: F1 here drives early stopping and beta choice.")
+    val_csv: str = opt(f"{SPLITS}/gen_val.csv", "GEN validation split: its --select_by score picks the saved "
+                                                "adapter, drives early stopping and --beta_sweep's choice.")
     isarcasm_val_csv: str = opt(f"{SPLITS}/isarcasm_val.csv", "iSarcasmEval validation split, reported beside GEN F1 "
                                 "(empty = none).", may_be_empty=True)
     preference_data: str | None = opt(None, "Train on these preference pairs (JSON from `sarcasm-dpo mine`) instead of building them.")
@@ -261,9 +264,12 @@ class DPOSettings(Common):
                                   "it is reasoning or mined alone. Empty = --pair_style pairs from --train_csv, or the "
                                   "--preference_data file.")
     sample_size: int | None = opt(4000, "Preference pairs to train on (capped at what the split holds).")
-    balance: bool = opt(False, "Sample the pairs class-balanced.")
+    balance: bool = opt(False, "Train on as many pairs of each class (the smaller class's count, or half of "
+                               "--sample_size when that is fewer); a pair's class is the answer it prefers. --pairs "
+                               "specs other than reasoning or mined alone are balanced without it.")
     beta: float = opt(0.1, "DPO beta: strength of the pull towards the reference (SFT) model.")
-    beta_sweep: bool = opt(False, "Train one model per value in --betas and pick the best by validation F1.")
+    beta_sweep: bool = opt(False, "Train one model per value in --betas and pick the best by its saved adapter's "
+                                     "--select_by score on GEN validation.")
     betas: list[float] = opt([0.01, 0.02, 0.05, 0.1, 0.5], "Beta values for --beta_sweep (comma-separated).")
     loss_type: str = opt("sigmoid", "TRL DPO loss type (sigmoid = the DPO paper's, hinge, ipo, ...).")
     epochs: float = opt(3, "Training epochs.")
@@ -275,8 +281,9 @@ class DPOSettings(Common):
     eval_batch_size: int = opt(16, "Texts per forward pass when scoring validation splits.")
     grad_accum: int = opt(2, "Gradient accumulation steps.")
     max_length: int = opt(512, "Longest prompt+answer in tokens.")
-    eval_steps: int = opt(0, "Evaluate F1 every this many steps (0 = once per epoch).")
-    select_by: str = opt("f1", SELECT_BY_HELP, choices=list(SELECTION_METRICS))
+    eval_steps: int = opt(0, "Evaluate on validation every this many steps (0 = once per epoch).")
+    select_by: str = opt("f1", SELECT_BY_HELP + " It also drives early stopping (--patience) and --beta_sweep's "
+                         "choice.", choices=list(SELECTION_METRICS))
     patience: int = opt(2, "Stop after this many evaluations without a better validation score (--select_by).")
     val_sample_size: int | None = opt(None, "Evaluate on a stratified sample of this many validation texts (empty = all).")
     probe_size: int = opt(64, "Validation prompts in the fixed probe set for KL and prediction flips.")
@@ -415,7 +422,8 @@ def check_scoring_args(batch_size: int, max_text_tokens: int | None,
 
 @dataclass
 class PipelineSettings(Settings):
-    data_dir: str | None = opt(None, "Offline data folder laid out like shared/data (empty = download on first use).")
+    data_dir: str | None = opt(None, "Offline data folder laid out like shared/data (empty = the first verified copy in "
+                                     "$SARCASM_DPO_DATA_DIRS, else the download cache, downloading what it lacks).")
     force: bool = opt(False, "Redo every stage even when its outputs are complete and match the config.")
     mine: bool = opt(False, "Train DPO on pairs mined from the SFT model's mistakes instead of all pairs.")
     set: list[str] = opt([], "SECTION.KEY=VALUE: set one stage's setting as the config file would "

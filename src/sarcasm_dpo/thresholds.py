@@ -2,9 +2,10 @@
 
 A model that ranks texts well but leans towards one answer loses accuracy at P(sarcastic) = 0.5
 for nothing. `choose_threshold` picks the threshold on VALIDATION scores (never on test), and
-`threshold_record_from_validation` turns that choice into the small `threshold.json` record a
-trained model's folder carries (keeping 0.5 when validation cannot tell the best cut from it);
-`predict` and `compare` read it with `read_threshold`.
+`saved_threshold` turns that choice into the threshold a trained model is saved with (keeping 0.5
+when validation cannot tell the best cut from it) and the criterion there: the one rule behind both
+the `threshold.json` record (`threshold_record_from_validation`) and the ranking of checkpoints by
+balanced accuracy (`selection_score`). `predict` and `compare` read the record with `read_threshold`.
 
 The criterion is balanced accuracy, (recall of sarcastic + recall of not sarcastic) / 2, by
 default: the test set (GEN) is 50/50 and the comparison leads with accuracy, and on a 50/50 set
@@ -32,7 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import UserError
-from .metrics import _binary, _same_length, classification_metrics
+from .metrics import _binary, _same_length, classification_metrics, decide, probabilities
 from .settings import SELECTION_METRICS
 
 THRESHOLD_FILE = "threshold.json"
@@ -63,16 +64,16 @@ def choose_threshold(labels, probs, criterion: str = DEFAULT_CRITERION) -> dict:
     Candidates are the midpoints between adjacent distinct scores (an item is sarcastic iff
     p >= threshold), so the threshold sits in the gap rather than on a validation item's score and
     nudges no unseen text that scores just below it. Each candidate leaves at least one item on
-    each side. Several cuts reaching the best value (a tie) resolve to the one nearest 0.5, then
+    each side. Where two scores are adjacent doubles their midpoint rounds onto one of them; a cut
+    that rounds onto the lower one is moved to the next double up, so that the lower score stays
+    below the cut and the value reported is the value the cut achieves (metrics.decide). Several cuts reaching the best value (a tie) resolve to the one nearest 0.5, then
     the lower: the threshold moves away from the default only as far as validation asks.
     Degenerate inputs (one class present, or every score equal) give 0.5 and say why in "reason"
     (None otherwise).
     """
     y = _binary("labels", labels)
-    p = np.asarray(probs, dtype=float)
+    p = probabilities("probs", probs)
     _same_length(labels=y, probs=p)
-    if not np.isfinite(p).all():
-        raise ValueError("probs must be finite")
     if criterion not in CRITERIA:
         raise UserError(f"Unknown threshold criterion {criterion!r}; choose one of {', '.join(CRITERIA)}.")
     pos, neg = int(y.sum()), int(len(y) - y.sum())
@@ -92,7 +93,9 @@ def choose_threshold(labels, probs, criterion: str = DEFAULT_CRITERION) -> dict:
     tp = np.cumsum(y_sorted)[distinct]
     fp = (distinct + 1) - tp
     values = _criterion_values(tp, fp, pos, neg, criterion)
-    cuts = (p_sorted[distinct] + p_sorted[distinct + 1]) / 2
+    upper, lower = p_sorted[distinct], p_sorted[distinct + 1]
+    cuts = (upper + lower) / 2
+    cuts = np.where(cuts > lower, cuts, np.nextafter(lower, np.inf))  # <= upper, as upper > lower
     best = values.max()
     tied = np.flatnonzero(np.isclose(values, best, rtol=0, atol=1e-12))
     pick = tied[np.lexsort((cuts[tied], np.abs(cuts[tied] - DEFAULT)))[0]]
@@ -103,8 +106,10 @@ def selection_score(labels, probs, metrics: dict, select_by: str) -> float:
     """How one validation evaluation ranks against the others when training keeps its best checkpoint.
 
     `metrics` is the evaluation's classification_metrics record (at 0.5). balanced_accuracy is the
-    criterion's value at its own best cut (choose_threshold): every evaluation gets the same chance
-    to move its threshold, so a checkpoint that ranks well but leans to one answer is not thrown away.
+    value at the threshold this evaluation's model would be saved with (`saved_threshold`, the rule
+    threshold.json is written by): every evaluation gets the same chance to move its threshold, so a
+    checkpoint that ranks well but leans to one answer is not thrown away, and the score that ranks
+    it is the one the saved model achieves on validation, not that of a cut it would not be given.
     A value that cannot be computed (one class present) ranks last.
     """
     if select_by == "f1":
@@ -112,7 +117,7 @@ def selection_score(labels, probs, metrics: dict, select_by: str) -> float:
     elif select_by == "roc_auc":
         value = metrics.get("roc_auc")
     elif select_by == "balanced_accuracy":
-        value = choose_threshold(labels, probs, "balanced_accuracy")["value"]
+        value = saved_threshold(labels, probs, "balanced_accuracy")["value"]
     else:
         raise UserError(f"Unknown selection metric {select_by!r}; choose one of {', '.join(SELECTION_METRICS)}.")
     return -np.inf if value is None else float(value)
@@ -126,7 +131,8 @@ def threshold_interval(labels, probs, criterion: str = DEFAULT_CRITERION, n_resa
     the chosen cut is partly noise. None when no resample gives a real choice.
     """
     y = _binary("labels", labels)
-    p = np.asarray(probs, dtype=float)
+    p = probabilities("probs", probs)
+    _same_length(labels=y, probs=p)
     rng = np.random.default_rng(seed)
     picks = []
     for _ in range(n_resamples):
@@ -141,10 +147,53 @@ def threshold_interval(labels, probs, criterion: str = DEFAULT_CRITERION, n_resa
 
 
 def metrics_at(labels, probs, threshold: float) -> dict:
-    """classification_metrics plus balanced accuracy (the mean of the two classes' recalls)."""
+    """classification_metrics plus balanced accuracy: the mean recall of the classes present in `labels`.
+
+    A class with no items has no recall (0/0); averaging it in as 0 would halve a one-class score
+    (scikit-learn's balanced_accuracy_score leaves it out too).
+    """
     m = classification_metrics(labels, probs, threshold)
-    m["balanced_accuracy"] = (m["per_class"]["sarcastic"]["recall"] + m["per_class"]["not_sarcastic"]["recall"]) / 2
+    recalls = [c["recall"] for c in m["per_class"].values() if c["support"] > 0]
+    m["balanced_accuracy"] = sum(recalls) / len(recalls)
     return m
+
+
+def criterion_at(labels, probs, threshold: float, criterion: str = DEFAULT_CRITERION) -> float:
+    """`criterion` of the decisions at `threshold`, computed as choose_threshold computes it for its cuts
+    (both classes must be present)."""
+    y = _binary("labels", labels)
+    pred = decide(probabilities("probs", probs), threshold)
+    _same_length(labels=y, probs=pred)
+    pos, neg = int(y.sum()), int(len(y) - y.sum())
+    if pos == 0 or neg == 0:
+        raise ValueError("criterion_at needs both classes in labels")
+    tp, fp = np.array([np.sum(pred & y)]), np.array([np.sum(pred & (1 - y))])
+    return float(_criterion_values(tp, fp, pos, neg, criterion)[0])
+
+
+def saved_threshold(labels, probs, criterion: str = DEFAULT_CRITERION, keep_default_if_unsure: bool = True) -> dict:
+    """{"threshold", "value", "best_cut", "best_value", "threshold_ci", "reason"}: the threshold a model with these
+    validation scores is saved with, and `criterion` at that threshold.
+
+    The one rule behind both the model's threshold.json (threshold_record_from_validation) and the ranking of
+    checkpoints by balanced accuracy (selection_score), so the score a checkpoint is kept for is the score the
+    saved model achieves. "threshold" is "best_cut" (choose_threshold, worth "best_value") unless
+    `keep_default_if_unsure` and the bootstrap interval of the best cut ("threshold_ci", threshold_interval)
+    holds 0.5: then validation cannot tell the best cut from 0.5, moving would fit its noise, 0.5 stays, "value"
+    is the criterion at 0.5 and "reason" says why. Degenerate validation (one class, one score): 0.5 and
+    value None (choose_threshold's "reason").
+    """
+    y = _binary("labels", labels)
+    p = probabilities("probs", probs)
+    choice = choose_threshold(y, p, criterion)
+    interval = threshold_interval(y, p, criterion) if choice["reason"] is None else None
+    threshold, value, reason = choice["threshold"], choice["value"], choice["reason"]
+    if keep_default_if_unsure and interval is not None and interval[0] <= DEFAULT <= interval[1]:
+        threshold, value = DEFAULT, criterion_at(y, p, DEFAULT, criterion)
+        reason = (f"validation does not pin the threshold down: the 95% bootstrap interval of the best cut "
+                  f"[{interval[0]:.3f}, {interval[1]:.3f}] holds 0.5, so 0.5 is kept")
+    return {"threshold": threshold, "value": value, "best_cut": choice["threshold"], "best_value": choice["value"],
+            "threshold_ci": interval, "reason": reason}
 
 
 def contextual_threshold(scorer: Callable[[list[str]], Sequence[float]],
@@ -157,9 +206,12 @@ def contextual_threshold(scorer: Callable[[list[str]], Sequence[float]],
     inputs = [str(t) for t in content_free]
     if not inputs:
         raise ValueError("contextual calibration needs at least one content-free input")
-    probs = np.asarray(scorer(inputs), dtype=float)
-    if probs.shape != (len(inputs),) or not np.isfinite(probs).all() or ((probs < 0) | (probs > 1)).any():
-        raise ValueError(f"the scorer must return one probability in [0, 1] per input, got {probs!r}")
+    raw = scorer(inputs)
+    try:
+        probs = probabilities("content-free probabilities", raw)
+        _same_length(inputs=np.asarray(inputs), probs=probs)
+    except ValueError as exc:
+        raise ValueError(f"the scorer must return one probability in [0, 1] per input, got {raw!r} ({exc})") from None
     return {"threshold": float(probs.mean()), "inputs": inputs,
             "p_content_free": [float(x) for x in probs]}
 
@@ -168,30 +220,26 @@ def threshold_record_from_validation(labels, probs, *, criterion: str = DEFAULT_
                                      contextual: dict | None = None, keep_default_if_unsure: bool = True) -> dict:
     """The `threshold.json` record of a trained model, from its (best checkpoint's) validation scores.
 
-    {"threshold", "criterion", "split", "n", "class_counts", "best_cut", "criterion_value", "threshold_ci"
-     (threshold_interval), "reason", "val_metrics_at_threshold", "val_metrics_at_0.5"}; with `contextual`
-    (from `contextual_threshold`) also "contextual_calibration": that threshold and the validation
+    {"threshold", "criterion", "split", "n", "class_counts", "best_cut", "best_cut_value", "criterion_value",
+     "threshold_ci" (threshold_interval), "reason", "val_metrics_at_threshold", "val_metrics_at_0.5"}; with
+    `contextual` (from `contextual_threshold`) also "contextual_calibration": that threshold and the validation
     metrics at it, so the label-free and the validation threshold are measured side by side.
 
-    "threshold" is "best_cut" (choose_threshold) unless `keep_default_if_unsure` and the bootstrap
-    interval of the best cut holds 0.5: then validation cannot tell the best cut from 0.5, and
-    moving would fit its noise, so 0.5 stays ("reason" says so). On 522 GEN validation texts a
+    "threshold" and "criterion_value" (the criterion AT "threshold") come from `saved_threshold`, the rule
+    checkpoints are ranked by too: "best_cut" (choose_threshold, worth "best_cut_value") unless
+    `keep_default_if_unsure` and the bootstrap interval of the best cut holds 0.5: then validation cannot tell
+    the best cut from 0.5, and moving would fit its noise, so 0.5 stays ("reason" says so). On 522 GEN validation texts a
     well-centred scorer's best cut wanders over [0.37, 0.61] (TF-IDF, bench/detector_check.py);
     a model that leans to one answer (DPO's F1 0.276 at 0.5) has an interval far from 0.5 and moves.
     """
-    choice = choose_threshold(labels, probs, criterion)
     y = _binary("labels", labels)
-    interval = threshold_interval(y, probs, criterion) if choice["reason"] is None else None
-    threshold, reason = choice["threshold"], choice["reason"]
-    if keep_default_if_unsure and interval is not None and interval[0] <= DEFAULT <= interval[1]:
-        threshold = DEFAULT
-        reason = (f"validation does not pin the threshold down: the 95% bootstrap interval of the best cut "
-                  f"[{interval[0]:.3f}, {interval[1]:.3f}] holds 0.5, so 0.5 is kept")
+    saved = saved_threshold(y, probs, criterion, keep_default_if_unsure)
+    threshold = saved["threshold"]
     record = {
         "threshold": threshold, "criterion": criterion, "split": split, "n": int(len(y)),
         "class_counts": {"sarcastic": int(y.sum()), "not_sarcastic": int(len(y) - y.sum())},
-        "best_cut": choice["threshold"], "criterion_value": choice["value"], "threshold_ci": interval,
-        "reason": reason,
+        "best_cut": saved["best_cut"], "best_cut_value": saved["best_value"], "criterion_value": saved["value"],
+        "threshold_ci": saved["threshold_ci"], "reason": saved["reason"],
         "val_metrics_at_threshold": metrics_at(y, probs, threshold),
         "val_metrics_at_0.5": metrics_at(y, probs, DEFAULT),
     }

@@ -8,7 +8,8 @@ computed from those probabilities at threshold 0.5, which `predictions.csv` hold
 anyone can recompute them. When an adapter folder records a threshold chosen on GEN validation
 (threshold.json, see thresholds.py), the report adds the block `at_validation_threshold`: every
 model again, each at its own recorded threshold (0.5 for a model that records none), with its
-intervals, improvements and McNemar tests. No threshold is ever chosen on the test split.
+intervals, improvements and McNemar tests; the plot then shows that block (the models as predict and
+an export use them), the 0.5 figures marked beside it. No threshold is ever chosen on the test split.
 
 Beside the three language models sits a TF-IDF + logistic regression model trained on the GEN
 train split (`--no_baseline` skips it): if the fine-tuned model does not beat it, the report says
@@ -141,14 +142,20 @@ def run(settings: CompareSettings) -> dict:
             predictions[name] = predictions_frame(sets[name], by_set[name])
         from ..plots import plot_comparison
 
+        # The plot shows the models as they are used (each at its own validation threshold, as predict and an
+        # export label texts) when they record one, with the 0.5 figures marked beside; its titles say which.
+        at_own = results.get(OWN)
+        plotted = ("each model at its own validation threshold (in its legend label); x: the same model at 0.5"
+                   if at_own else "every model at threshold 0.5 (none records a validation threshold)")
         # Every file is written into a staging folder beside --output_dir and swapped in at the end: a
         # comparison that fails half-way (out of memory, a full disk) leaves the previous one whole.
         with rundir.staged(final) as stage:
             for name, frame in predictions.items():
                 write_csv(stage / files[name], frame)
-            plot_comparison(results["models"], stage / PLOT_FILE, names=NAMES,
-                            title=f"{Path(s.test_csv).name}: {len(test)} items"
-                            + (f"\n{KEPT_SFT_NOTE}" if results["dpo_kept_sft"] else ""))
+            plot_comparison((at_own or results)["models"], stage / PLOT_FILE, names=NAMES,
+                            title=f"{Path(s.test_csv).name}: {len(test)} items\n{plotted}"
+                            + (f"\n{KEPT_SFT_NOTE}" if results["dpo_kept_sft"] else ""),
+                            at_half=results["models"] if at_own else None)
             timings["total_s"] = round(time.perf_counter() - started, 3)
             results["outputs"] = {"results": str(final / RESULTS_FILE), "plot": str(final / PLOT_FILE),
                                   "predictions": {k: str(final / v) for k, v in files.items()}}
@@ -326,7 +333,7 @@ def check_results_dir(folder: Path, config, overwrite: bool, inputs: dict) -> Pa
 def score_language_models(s: CompareSettings, base_ref: str, adapters: dict[str, Path], texts: list[str],
                           timings: dict) -> dict[str, np.ndarray]:
     """P(sarcastic) per model, from one base model with the adapters switched in and out."""
-    from ..scoring import Scorer
+    from ..scoring import NonFiniteScores, Scorer
 
     t0 = time.perf_counter()
     device = models.pick_device(s.device)
@@ -339,19 +346,27 @@ def score_language_models(s: CompareSettings, base_ref: str, adapters: dict[str,
     print(f"Loaded {base_ref} on {device} with adapters: {', '.join(adapters) or 'none'}")
 
     scorer = Scorer(model, tokenizer, batch_size=s.batch_size, max_text_tokens=s.max_text_tokens, progress=True)
+
+    def score(name: str) -> np.ndarray:
+        # A model whose scores are not finite stops the comparison here, before anything is written, naming it.
+        try:
+            return scorer.predict_proba(texts)
+        except NonFiniteScores as exc:
+            raise exc.for_model(name) from None
+
     probs = {}
     if not s.skip_base:
         t0 = time.perf_counter()
         # With adapters attached, disable_adapter() gives the untouched base weights.
         with model.disable_adapter() if adapters else contextlib.nullcontext():
             scorer.progress = "scoring base"
-            probs["base"] = scorer.predict_proba(texts)
+            probs["base"] = score(f"The base model {base_ref}")
         timings["score_base_s"] = round(time.perf_counter() - t0, 3)
-    for key in adapters:
+    for key, folder in adapters.items():
         t0 = time.perf_counter()
         model.set_adapter(key)
         scorer.progress = f"scoring {key}"  # one bar per model, each saying which
-        probs[key] = scorer.predict_proba(texts)
+        probs[key] = score(f"The {NAMES[key]} adapter {folder} (on {base_ref})")
         timings[f"score_{key}_s"] = round(time.perf_counter() - t0, 3)
     return probs
 
@@ -386,7 +401,7 @@ def evaluate(frame: pd.DataFrame, probs: dict[str, np.ndarray], s: CompareSettin
             continue
         pair = f"{new}_vs_{old}"
         improvements[pair] = metrics.improvement_pp(scored[new], scored[old], keys=IMPROVEMENT_KEYS)
-        test = metrics.mcnemar_exact(labels, (probs[new] >= cut[new]).astype(int), (probs[old] >= cut[old]).astype(int))
+        test = metrics.mcnemar_exact(labels, metrics.decide(probs[new], cut[new]), metrics.decide(probs[old], cut[old]))
         test["verdict"] = metrics.significance_verdict(NAMES[new], NAMES[old], scored[new]["accuracy"],
                                                        scored[old]["accuracy"], test["p_value"], ALPHA)
         test["alpha"] = ALPHA
@@ -414,7 +429,8 @@ def predictions_frame(frame: pd.DataFrame, probs: dict[str, np.ndarray]) -> pd.D
 
 RESULTS_FIX = ("It is the record `sarcasm-dpo compare` wrote; run the comparison again to write it anew (with "
                "--overwrite where it refuses the folder).")
-METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "macro_f1")  # numbers in every model's row
+METRIC_KEYS = ("accuracy", "precision", "recall", "f1")  # numbers in every model's row
+OPTIONAL_KEYS = ("macro_f1", "roc_auc")  # numbers, or null where a class is absent from the test set
 INTERVAL_KEYS = ("accuracy_ci", "f1_ci")  # [low, high]
 
 
@@ -476,7 +492,8 @@ def check_results_record(record, path: str | os.PathLike, fix: str = RESULTS_FIX
             m = obj(m, f"{where}models.{key}")
             for name in METRIC_KEYS:
                 number(m.get(name), f"{where}models.{key}.{name}", 0, 1)
-            number(m.get("roc_auc"), f"{where}models.{key}.roc_auc", 0, 1, none_ok=True)
+            for name in OPTIONAL_KEYS:
+                number(m.get(name), f"{where}models.{key}.{name}", 0, 1, none_ok=True)
             for name in INTERVAL_KEYS:
                 ci = m.get(name)
                 if not isinstance(ci, list) or len(ci) != 2:
@@ -527,15 +544,42 @@ def _ci(values) -> str:
     return f"[{values[0]:.3f}, {values[1]:.3f}]"
 
 
+def _num(value, width: int = 0) -> str:
+    """A metric to three places, or "n/a" where it is undefined (None: one class absent from the test set)."""
+    return f"{'n/a' if value is None else f'{value:.3f}':>{width}}"
+
+
 def format_table(scored: dict) -> str:
     header = f"{'Model':<10} {'Accuracy [95% CI]':<24} {'Prec':>6} {'Rec':>6}  {'F1 [95% CI]':<24} {'MacroF1':>7} {'AUC':>6}"
     lines = [header, "-" * len(header)]
     for key, m in scored.items():
-        auc = "  n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
         lines.append(f"{NAMES.get(key, key):<10} {m['accuracy']:.3f} {_ci(m['accuracy_ci']):<18} "
                      f"{m['precision']:>6.3f} {m['recall']:>6.3f}  {m['f1']:.3f} {_ci(m['f1_ci']):<18} "
-                     f"{m['macro_f1']:>7.3f} {auc:>6}")
+                     f"{_num(m.get('macro_f1'), 7)} {_num(m.get('roc_auc'), 6)}")
     return "\n".join(lines)
+
+
+def format_brief(scored: dict) -> str:
+    """One line for a block of models: "Base acc 0.502, F1 0.009; SFT acc 0.757, F1 0.777"."""
+    return "; ".join(f"{NAMES.get(key, key)} acc {m['accuracy']:.3f}, F1 {m['f1']:.3f}" for key, m in scored.items())
+
+
+def format_summary(results: dict) -> list[str]:
+    """The findings as the models are used, for the pipeline's closing lines: each model at its own validation
+    threshold first (the threshold predict and an export label texts at), in full with its verdicts; then the
+    same items at 0.5 for every model, one line and its verdicts, labelled as such. Where no model records a
+    threshold, the 0.5 table is the whole story and says so."""
+    info = results["test_set"]
+    where = f"Test set {info.get('path', '?')} ({info['n']} items)"
+    kept = [f"  {KEPT_SFT_NOTE}."] if results.get("dpo_kept_sft") else []
+    own = results.get(OWN)
+    if not own:
+        return [f"\n{where}, every model at threshold 0.5 (none records a validation threshold):",
+                format_table(results["models"]), *format_verdicts(results), *kept]
+    return [f"\n{where}, each model at its own validation threshold, as predict labels with it "
+            f"({own_thresholds(own)}):", format_table(own["models"]), *format_verdicts(own), *kept,
+            "At threshold 0.5 for every model instead (not the thresholds the models are used at):",
+            f"  {format_brief(results['models'])}", *format_verdicts(results)]
 
 
 def format_verdicts(block: dict) -> list[str]:

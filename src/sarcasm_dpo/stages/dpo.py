@@ -10,7 +10,11 @@ once before training, in other batches, see fast_dpo.py). Only the trained adapt
 
 is the DPO model. Preference pairs come from the iSarcasmEval training split (its validation split
 is only evaluated), with THE prompt used by SFT and evaluation (see pairs.py), or from a file
-mined by `sarcasm-dpo mine` (--preference_data).
+mined by `sarcasm-dpo mine` (--preference_data). --sample_size draws from them, seeded: stratified by
+class, or with --balance (and every --pairs spec but reasoning or mined alone) as many pairs of each
+class, the smaller class's count or half of --sample_size (data.equal_class_sample; a pair's class is
+the answer it prefers); a tweet's rephrase pair comes with it or not at all. The summary's `pairs`
+record says what was done: `balanced`, `sampling`, `class_counts` and `available_class_counts`.
 
     sarcasm-dpo dpo --sft_model models/sft --output_dir models/dpo_enhanced --beta 0.1 --epochs 3 --no_wandb
     python scripts/dpo_train_v2.py --beta_sweep --betas 0.01,0.1,0.5 --no_wandb
@@ -290,18 +294,21 @@ def load_data(s, tokenizer) -> DPOData:
     probe = gen_val.sample(frac=1.0, random_state=s.seed).head(s.probe_size)["text"].tolist()
 
     if s.pairs:
-        pairs, source, available, balanced = preference_pairs(s, tokenizer, full_val)
+        pairs, source, available, balanced, sampling, offered = preference_pairs(s, tokenizer, full_val)
     elif s.preference_data:
         pairs = load_pairs_file(s.preference_data)
         check_prompts_match(pairs, tokenizer, s.max_text_tokens, s.preference_data)
-        source, available = s.preference_data, len(pairs)
-        pairs = sample_rows(pairs, s)
+        source, available, offered = s.preference_data, len(pairs), prefers_yes(pairs)
+        # A pair's class is the answer it prefers, which every pair has (its label, where given, agrees).
+        pairs = sample_rows(pairs, s, offered, what=f"the pairs of {source}")
+        balanced, sampling = bool(s.balance), sampling_rule(s, available)
     else:
         train = load_split(s.train_csv, "iSarcasmEval training split")
         if train["label"].nunique() < 2:
             raise UserError(f"{s.train_csv} holds only one class; preference pairs need examples of both.")
-        source, available = s.train_csv, len(train)
+        source, available, offered = s.train_csv, len(train), train["label"].astype(int) == 1
         pairs = build_pairs(sample_rows(train, s), tokenizer, s.pair_style, s.seed, s.max_text_tokens)
+        balanced, sampling = bool(s.balance), sampling_rule(s, available)
     # Over --max_length: the text is cut further, never the answer (the rule of prompts.build_prompts, as in SFT).
     pairs = fit_pairs(pairs, tokenizer, s.max_text_tokens, s.max_length)
     # Whatever the source, cutting texts may leave two texts of opposite labels one prompt.
@@ -310,9 +317,13 @@ def load_data(s, tokenizer) -> DPOData:
                                 disagree="their pairs disagree on its label")
     requested = s.sample_size or None
     capped = bool(requested and requested > available)
-    if capped:
-        print(f"Note: --sample_size {requested} asks for more pairs than {source} holds ({available}); "
-              f"using all {available}.")
+    yes = prefers_yes(pairs)  # by the answer each pair prefers (a file's labels, where given, agree: load_pairs_file)
+    counts = {"sarcastic": int(yes.sum()), "not_sarcastic": int((~yes).sum())}
+    if balanced and counts["sarcastic"] != counts["not_sarcastic"]:  # the sample rules make them equal
+        raise RuntimeError(f"A class-balanced sample came out unequal: {counts}.")
+    note = sampling_note(requested, source, available, offered, len(pairs), balanced)
+    if note:
+        print(note)
 
     if "text" in pairs.columns:  # pairs without their text (a hand-made file) cannot be checked
         with_text = pairs[pairs["text"].map(lambda t: isinstance(t, str))]
@@ -325,26 +336,27 @@ def load_data(s, tokenizer) -> DPOData:
                                 f"{getattr(s, flag)} (--{flag}); validation F1 would be inflated. Build the "
                                 "pairs from the training split only (sarcasm-dpo split, mine).")
     check_pairs(pairs, tokenizer)
+    # `balanced`: what was done (as many pairs of each class), not the --balance flag: rephrase+label is balanced
+    # without it. `available_class_counts`: of the rows or pairs sampled from (for --pairs, after its balancing).
     info = {"source": "preference_data" if s.preference_data and not s.pairs else "built", "file": source,
             "pair_style": s.pair_style if not s.preference_data and not s.pairs else "as in the file",
             "requested": requested, "available": available, "used": len(pairs), "capped": capped,
-            "balanced": bool(s.balance)}
-    # By the answer each pair prefers, which every pair has (a file's labels, where given, agree: load_pairs_file).
-    yes = prefers_yes(pairs)
-    info["class_counts"] = {"sarcastic": int(yes.sum()), "not_sarcastic": int((~yes).sum())}
+            "balanced": bool(balanced), "sampling": sampling,
+            "available_class_counts": {"sarcastic": int(offered.sum()), "not_sarcastic": int((~offered).sum())},
+            "class_counts": counts}
     if s.pairs:
-        # What build_preference_pairs did, not the --balance flag: rephrase+label is balanced without it.
-        info["balanced"] = balanced
         info.update(pair_style="as its source builds it", pairs_spec=s.pairs,
                     pair_sources={k: int(v) for k, v in pairs["pair_source"].value_counts().sort_index().items()})
     return DPOData(pairs=pairs.reset_index(drop=True), val_sets=val_sets, probe_texts=probe, info=info)
 
 
 def preference_pairs(s, tokenizer, val_splits: dict) -> tuple:
-    """(pairs, where they came from, how many there were, whether they are class-balanced) for --pairs
-    (pairs.build_preference_pairs), cut to --sample_size: at random, seeded, and class-balanced where the spec is."""
-    from ..data import load_split
-    from ..pairs import build_preference_pairs, is_balanced, parse_pairs_spec, prefers_yes
+    """(pairs, where they came from, how many there were, whether they are class-balanced, how they were sampled,
+    the class of each pair there was) for --pairs (pairs.build_preference_pairs), cut to --sample_size: at random,
+    seeded, with as many pairs of each class where the spec is balanced (data.equal_class_sample), and a tweet's
+    pair and its rephrase's kept or dropped together (pairs.tweet_units)."""
+    from ..data import equal_class_sample, load_split, unit_sample
+    from ..pairs import build_preference_pairs, is_balanced, parse_pairs_spec, prefers_yes, tweet_units
 
     sources = parse_pairs_spec(s.pairs)
     train = None
@@ -356,17 +368,18 @@ def preference_pairs(s, tokenizer, val_splits: dict) -> tuple:
     balanced = is_balanced(sources, balance)
     pairs = build_preference_pairs(s.pairs, train, tokenizer, seed=s.seed, max_text_tokens=s.max_text_tokens,
                                    balance=balance, mined_file=s.preference_data)
-    available = len(pairs)
-    if s.sample_size and s.sample_size < available:
-        pairs = pairs.sample(frac=1.0, random_state=s.seed).reset_index(drop=True)
-        if balanced:  # half each side (a side with fewer gives what it has)
-            yes = prefers_yes(pairs)
-            half = s.sample_size // 2
-            pairs = pairs[(yes & (yes.cumsum() <= half)) | (~yes & ((~yes).cumsum() <= s.sample_size - half))]
-        else:
-            pairs = pairs.head(s.sample_size)
+    available, offered = len(pairs), prefers_yes(pairs)
     origin = f"{s.pairs} from {s.train_csv if train is not None else s.preference_data}"
-    return pairs.reset_index(drop=True), origin, available, balanced
+    sampling = "all"
+    if s.sample_size and s.sample_size < available:
+        units = tweet_units(pairs)
+        if balanced:
+            pairs = equal_class_sample(pairs, s.sample_size, s.seed, positive=offered, units=units,
+                                       what=f"the --pairs {origin} pairs")
+        else:
+            pairs = unit_sample(pairs, s.sample_size, s.seed, units)
+        sampling = "balanced" if balanced else "random"
+    return pairs.reset_index(drop=True), origin, available, balanced, sampling, offered
 
 
 def with_rephrases(s, train, val_splits: dict):
@@ -417,19 +430,48 @@ def _raw_rephrases(train_csv):
     return load_rephrases(ensure_data_dir(None, keys=["isarcasmeval"]) / ISARCASM_RELPATH)
 
 
-def sample_rows(frame, s):
-    """--sample_size rows (all when empty, 0 or more than there are): class-balanced with --balance,
-    else stratified; seeded either way."""
-    from ..data import balanced_sample, stratified_sample
+def sample_rows(frame, s, positive=None, what: str | None = None):
+    """--sample_size rows (all when empty, 0 or more than there are), seeded: with --balance as many of each class
+    (data.equal_class_sample: the smaller class's count, or half of --sample_size when that is fewer), else
+    stratified. `positive`: each row's class (default: label == 1; a pair's is the answer it prefers,
+    pairs.prefers_yes, which every pair has, labelled or not)."""
+    import numpy as np
+    import pandas as pd
 
-    has_labels = "label" in frame.columns and frame["label"].notna().all()
-    if not has_labels:
-        n = min(s.sample_size or len(frame), len(frame))
-        return frame.sample(n=n, random_state=s.seed).reset_index(drop=True)
-    frame = frame.assign(label=frame["label"].astype(int))
+    from ..data import equal_class_sample, stratified_sample
+
+    positive = frame["label"].astype(int) == 1 if positive is None else positive
     if s.balance:
-        return balanced_sample(frame, s.sample_size, s.seed)
-    return stratified_sample(frame, s.sample_size, s.seed)
+        return equal_class_sample(frame, s.sample_size, s.seed, positive=positive,
+                                  what=what or f"the rows of {s.train_csv}")
+    # Stratified by class: the rows' positions are drawn (which rows, and their order, depend on the classes only).
+    drawn = stratified_sample(pd.DataFrame({"label": np.asarray(positive, dtype=int), "row": np.arange(len(frame))}),
+                              s.sample_size, s.seed)["row"]
+    return frame.iloc[drawn.to_numpy()].reset_index(drop=True)
+
+
+def sampling_rule(s, available: int) -> str:
+    """How sample_rows drew: balanced (--balance), stratified (a --sample_size below what there is), or all."""
+    if s.balance:
+        return "balanced"
+    return "stratified" if s.sample_size and s.sample_size < available else "all"
+
+
+def sampling_note(requested: int | None, source: str, available: int, offered, used: int, balanced: bool) -> str:
+    """The note printed when the pairs are fewer than --sample_size asked for (or than there are), saying why."""
+    yes, no = int(offered.sum()), int(len(offered) - offered.sum())
+    wanted = min(requested or available, available)
+    if balanced and used < wanted:
+        smaller = "sarcastic" if yes < no else "non-sarcastic"
+        why = (f"the smaller class, {smaller}, has {min(yes, no)} of the {available} in {source}"
+               if used == 2 * min(yes, no) else f"--sample_size {requested} is odd")
+        return (f"Note: class-balanced: {used // 2} pairs of each class, {used} in all ({why}"
+                + (f"; --sample_size {requested} asked for more than there are" if requested and requested > available
+                   else "") + ").")
+    if requested and requested > available:
+        return (f"Note: --sample_size {requested} asks for more pairs than {source} holds ({available}); "
+                f"using all {available}.")
+    return ""
 
 
 def check_pairs(pairs, tokenizer) -> None:

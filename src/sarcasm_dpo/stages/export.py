@@ -214,9 +214,13 @@ def model_card(info: dict, usage: str) -> str:
         meta["base_model"] = info["base_hub_id"]
     test = info.get("test")
     if test:
+        # The figures at the threshold this model labels at (_test_block), and the metric names say which: ROC-AUC
+        # alone does not depend on a threshold.
+        at = f" at threshold {test['threshold']:.3f}"
         metrics = [{"type": name, "value": round(test["metrics"][name], 4),
-                    "name": f"{label} (95% CI {test['metrics'][name + '_ci'][0]:.3f}-{test['metrics'][name + '_ci'][1]:.3f})"
-                    if f"{name}_ci" in test["metrics"] else label}
+                    "name": f"{label}{at if name != 'roc_auc' else ''}"
+                            + (f" (95% CI {test['metrics'][name + '_ci'][0]:.3f}-{test['metrics'][name + '_ci'][1]:.3f})"
+                               if f"{name}_ci" in test["metrics"] else "")}
                    for name, label in (("accuracy", "Accuracy"), ("f1", "F1 (sarcastic)"), ("roc_auc", "ROC-AUC"))
                    if test["metrics"].get(name) is not None]
         meta["model-index"] = [{"name": info["name"], "results": [{
@@ -248,27 +252,7 @@ def model_card(info: dict, usage: str) -> str:
               "Or with this project: `sarcasm-dpo predict --model THIS_FOLDER --input texts.txt`.", "",
               "## Measured results", ""]
     if test:
-        lines += [f"Held-out GEN test split, {test['n']} items (of {test['n_total']}), scored once; 95% bootstrap "
-                  f"intervals (from `{test['source']}`):", "",
-                  "| model | accuracy [95% CI] | F1 sarcastic [95% CI] | macro F1 | ROC-AUC |", "|---|---|---|---|---|"]
-        for name, m in test["rows"].items():
-            lines.append(f"| {name}{' (this model)' if name == test['key'] else ''} | {m['accuracy']:.3f} "
-                         f"[{m['accuracy_ci'][0]:.3f}, {m['accuracy_ci'][1]:.3f}] | {m['f1']:.3f} "
-                         f"[{m['f1_ci'][0]:.3f}, {m['f1_ci'][1]:.3f}] | {m['macro_f1']:.3f} | {_fmt(m.get('roc_auc'))} |")
-        lines.append("")
-        lines += [f"- {verdict} (exact McNemar test)" for verdict in test["verdicts"].values()]
-        lines.append("")
-        own = test.get("at_validation_threshold")
-        if own:
-            lines += ["At each model's own threshold, chosen on validation and recorded beside its adapter "
-                      "(models without one stay at 0.5):", "",
-                      "| model | threshold | accuracy [95% CI] | F1 sarcastic [95% CI] |", "|---|---|---|---|"]
-            for name, m in own["rows"].items():
-                lines.append(f"| {name}{' (this model)' if name == test['key'] else ''} | "
-                             f"{own['thresholds'].get(name, 0.5):.3f} | {m['accuracy']:.3f} "
-                             f"[{m['accuracy_ci'][0]:.3f}, {m['accuracy_ci'][1]:.3f}] | {m['f1']:.3f} "
-                             f"[{m['f1_ci'][0]:.3f}, {m['f1_ci'][1]:.3f}] |")
-            lines.append("")
+        lines += _test_lines(test, info["threshold"])
     else:
         lines += ["No comparison run of this adapter as it is was given, so there are no test-set figures here "
                   "(run `sarcasm-dpo compare`, then export with `--results`).", ""]
@@ -295,6 +279,48 @@ def model_card(info: dict, usage: str) -> str:
     return "\n".join(lines)
 
 
+def _test_table(rows: dict, key_name: str, thresholds: dict | None) -> list[str]:
+    """The card's table of test rows; with `thresholds` ({name: threshold}), a column saying each row's."""
+    head = "| model |" + (" threshold |" if thresholds is not None else "")
+    lines = [head + " accuracy [95% CI] | F1 sarcastic [95% CI] | macro F1 | ROC-AUC |",
+             "|---|" + ("---|" if thresholds is not None else "") + "---|---|---|---|"]
+    for name, m in rows.items():
+        lines.append(f"| {name}{' (this model)' if name == key_name else ''} | "
+                     + (f"{thresholds.get(name, 0.5):.3f} | " if thresholds is not None else "")
+                     + f"{m['accuracy']:.3f} [{m['accuracy_ci'][0]:.3f}, {m['accuracy_ci'][1]:.3f}] | {m['f1']:.3f} "
+                       f"[{m['f1_ci'][0]:.3f}, {m['f1_ci'][1]:.3f}] | {_fmt(m.get('macro_f1'))} | {_fmt(m.get('roc_auc'))} |")
+    return lines + [""]
+
+
+def _test_lines(test: dict, threshold: float) -> list[str]:
+    """The card's test figures: first as the models are used, each at its own validation threshold (this one at
+    the threshold it labels with), then at 0.5 for every model, labelled as such. A comparison from before
+    models recorded thresholds has only the 0.5 figures: they are shown, and said to be at 0.5."""
+    intro = f"Held-out GEN test split, {test['n']} items (of {test['n_total']}), scored once; 95% bootstrap intervals"
+    if test["at"] == "validation threshold":
+        lines = [f"{intro}, each model labelled at its own threshold chosen on validation and recorded beside its "
+                 f"adapter, as it is used (models without one at 0.5; this model at {test['threshold']:.3f}); from "
+                 f"`{test['source']}`:", "", *_test_table(test["rows"], test["key"], test["thresholds"])]
+        if abs(test["threshold"] - threshold) > 1e-12:
+            lines += [f"Note: the comparison decided this model at {test['threshold']!r}, but it now records "
+                      f"{threshold!r} (the threshold above, and in `{EXPORT_INFO}`): its threshold.json was rewritten "
+                      "since; compare it again for figures at the threshold it labels with.", ""]
+        lines += [f"- {verdict} (exact McNemar test, each model at its own threshold)"
+                  for verdict in test["verdicts"].values()]
+        half = test.get("at_0.5")
+        if half:
+            lines += ["", "The same items with every model at P(sarcastic) >= 0.5 instead (not the threshold this "
+                      "model labels at):", "", *_test_table(half["rows"], test["key"], None)]
+            lines += [f"- at 0.5: {verdict} (exact McNemar test)" for verdict in half["verdicts"].values()]
+        return lines + [""]
+    differs = "" if threshold == 0.5 else (f" This model labels at {threshold:.3f}, so its figures at its own "
+                                           "threshold differ; run `sarcasm-dpo compare` again to measure them.")
+    return [f"{intro}, every model labelled at P(sarcastic) >= 0.5 (the comparison records no figures at the models' "
+            f"own validation thresholds); from `{test['source']}`.{differs}", "",
+            *_test_table(test["rows"], test["key"], None),
+            *[f"- at 0.5: {verdict} (exact McNemar test)" for verdict in test["verdicts"].values()], ""]
+
+
 def usage_snippet(question: str, no_id: int, yes_id: int, threshold: float, max_text_tokens: int,
                   folder: str = "THIS_FOLDER") -> str:
     """Eight lines of plain transformers that compute P(sarcastic) the way the project's scorer does, the cut of
@@ -306,24 +332,35 @@ def usage_snippet(question: str, no_id: int, yes_id: int, threshold: float, max_
         f"ids = tok(text, add_special_tokens=False).input_ids  # a text over {max_text_tokens} tokens is cut, as in training:",
         f"text = text if len(ids) <= {max_text_tokens} else tok.decode(ids[:{max_text_tokens}], skip_special_tokens=True).rstrip() + ' ...'",
         f"prompt = tok.apply_chat_template([{{'role': 'user', 'content': {question!r}.format(text=text)}}], tokenize=False, add_generation_prompt=True)",
-        "logits = model(**tok(prompt, return_tensors='pt', add_special_tokens=False)).logits[0, -1]",
+        "logits = model(**tok(prompt, return_tensors='pt', add_special_tokens=False)).logits[0, -1].float()  # softmax in float32, as the scorer",
         f"p_sarcastic = logits[[{no_id}, {yes_id}]].softmax(-1)[1].item(); print(p_sarcastic, p_sarcastic >= {threshold})",
     ])
 
 
 def _test_block(results: dict, key: str, results_path: str) -> dict:
-    from ..stages.compare import NAMES
+    """The card's test figures for model `key`: from compare's block at each model's own validation threshold
+    (the threshold the export labels with) where the results have it ("at": "validation threshold", the 0.5
+    block beside it as "at_0.5"), else from the 0.5 block ("at": "0.5"). "metrics", "threshold" and "verdicts"
+    are this model's headline: the model-index and the first table of the card."""
+    from ..stages.compare import NAMES, OWN
 
     info = results["test_set"]
-    rows = {NAMES.get(k, k): m for k, m in results["models"].items()}
-    verdicts = {pair: t["verdict"] for pair, t in results.get("significance", {}).items()}
-    block = {"n": info["n"], "n_total": info.get("n_total", info["n"]), "metrics": results["models"][key],
-             "rows": rows, "key": NAMES.get(key, key), "verdicts": verdicts, "source": results_path}
-    own = results.get("at_validation_threshold")
-    if own:  # compare's second block: each model at the threshold its own validation chose
-        block["at_validation_threshold"] = {
-            "rows": {NAMES.get(k, k): m for k, m in own["models"].items()},
-            "thresholds": {NAMES.get(k, k): r["threshold"] for k, r in (own.get("thresholds") or {}).items()}}
+
+    def named(block: dict) -> tuple[dict, dict]:
+        return ({NAMES.get(k, k): m for k, m in block["models"].items()},
+                {pair: t["verdict"] for pair, t in block.get("significance", {}).items()})
+
+    own = results.get(OWN)
+    lead = own if own and key in own.get("models", {}) else results
+    rows, verdicts = named(lead)
+    block = {"n": info["n"], "n_total": info.get("n_total", info["n"]), "metrics": lead["models"][key],
+             "threshold": float(lead["models"][key].get("threshold", 0.5)),
+             "at": "validation threshold" if lead is own else "0.5", "rows": rows,
+             "thresholds": {NAMES.get(k, k): float(m.get("threshold", 0.5)) for k, m in lead["models"].items()},
+             "key": NAMES.get(key, key), "verdicts": verdicts, "source": results_path}
+    if lead is own:
+        half_rows, half_verdicts = named(results)
+        block["at_0.5"] = {"rows": half_rows, "verdicts": half_verdicts}
     return block
 
 

@@ -46,6 +46,7 @@ from ..atomic import (COMPLETE_MARKER, finish_output_dir, input_differences, pre
                      settings_differences, write_json)
 from ..detector import note_text_lengths, refuse_adapter_on_export
 from ..errors import UserError
+from ..metrics import decide
 
 STRATEGIES = ("all", "mistakes_only", "confident_mistakes")
 
@@ -180,7 +181,7 @@ def select(labels: np.ndarray, probs: np.ndarray, strategy: str, confidence: flo
     """Boolean mask of the texts that become pairs."""
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=float)
-    wrong = (probs >= 0.5).astype(int) != labels
+    wrong = decide(probs, 0.5) != labels
     p_wrong = np.where(labels == 1, 1.0 - probs, probs)  # the probability the model gave the wrong answer
     if strategy == "all":
         return np.ones(len(labels), dtype=bool)

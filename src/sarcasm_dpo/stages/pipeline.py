@@ -338,11 +338,11 @@ def run_stage(name: str, settings, **hooks):
 
 
 def headline(results: dict) -> str:
-    """What the run found, last on screen: the test table, the verdicts, and where the evidence is."""
-    from ..stages.compare import format_table, format_verdicts
+    """What the run found, last on screen: the test table and verdicts with each model at its own validation
+    threshold (the way it labels texts), the same at 0.5 labelled as such, and where the evidence is."""
+    from ..stages.compare import format_summary
 
-    info, out = results["test_set"], results.get("outputs", {})  # shape checked (compare.check_results_record)
+    out = results.get("outputs", {})  # shape checked (compare.check_results_record)
     predictions = (out.get("predictions") or {}).get("main", "")
-    return "\n".join([f"\nTest set {info.get('path', '?')} ({info['n']} items):", format_table(results["models"]),
-                      *format_verdicts(results), f"Plot: {out.get('plot', '')}", f"Predictions: {predictions}",
+    return "\n".join([*format_summary(results), f"Plot: {out.get('plot', '')}", f"Predictions: {predictions}",
                       f"Results: {out.get('results', '')}"])

@@ -5,7 +5,8 @@ Each beta trains into OUTPUT_DIR_beta_X exactly as a single `sarcasm-dpo dpo --b
 interrupted sweep picks up where it stopped. X is the beta in short form (0.1, 1e-05), or exact where
 that would round (0.1000001), so no two betas share a folder; every folder passes the single run's
 checks, and is locked, before the first beta trains. The best run is chosen on the validation split only
-(never the test split); ties go to the run that stayed closest to SFT (the smaller final KL).
+(never the test split), by the score of the adapter each run saved (its best evaluation); ties go to the run
+whose saved adapter is closest to SFT (the smaller KL of that adapter, `saved_kl`, not the end of training's).
 Into OUTPUT_DIR go beta_sweep_results.json (every run's row, best_beta, best_output_dir),
 beta_sweep.png and a copy of the best run's adapter and records, COMPLETE.json last.
 
@@ -98,12 +99,13 @@ def sweep_betas(s, dpo, runs: list, group: str | None, started: float) -> dict:
             summary = dpo.train(sub, run_name=f"dpo-beta-{name}")
         rows.append(sweep_row(sub.beta, sub.output_dir, summary, dpo))
         free_memory()
-    # Best by the runs' own selection score on GEN validation (--select_by); ties go to the run that
-    # stayed closest to SFT (smaller KL).
+    # Best by the runs' own selection score on GEN validation (--select_by) of the adapter each saved; ties go to
+    # the run whose saved adapter is closest to SFT (the smaller KL of that adapter: the model the sweep keeps).
     best = max(rows, key=lambda r: (r["val_score"] if r["val_score"] is not None else -1.0,
-                                    -(r["final_kl"] if r["final_kl"] is not None else math.inf)))
+                                    -(r["saved_kl"] if r["saved_kl"] is not None else math.inf)))
     results = {"config": config, "selection": f"highest {dpo.PRIMARY} {s.select_by} of the saved checkpoint (never "
-                                              "the test split); ties go to the smaller final KL",
+                                              "the test split); ties go to the smaller KL of the saved adapter "
+                                              "(saved_kl)",
                "best_beta": best["beta"], "best_output_dir": best["output_dir"], "best_val_f1": best["val_f1"],
                "copied_to": str(out), "runs": rows, "seconds": round(time.perf_counter() - started, 2)}
     if not main:
@@ -126,8 +128,8 @@ def sweep_betas(s, dpo, runs: list, group: str | None, started: float) -> dict:
     finish_output_dir(out, config, {"stage": "dpo", "best_beta": best["beta"], "best_output_dir": best["output_dir"],
                                     "inputs": dpo.inputs_of(s)})
     print(f"[beta sweep] best beta by {dpo.PRIMARY} {s.select_by}: {beta_name(best['beta'])} "
-          f"({dpo.fmt(best['val_score'])}; F1 {best['val_f1']:.3f}, final KL "
-          f"{dpo.fmt(best['final_kl'])}); model in {best['output_dir']} (adapter also copied to {out}). "
+          f"({dpo.fmt(best['val_score'])}; F1 {best['val_f1']:.3f}, KL of the saved adapter "
+          f"{dpo.fmt(best['saved_kl'])}); model in {best['output_dir']} (adapter also copied to {out}). "
           f"Results: {out / SWEEP_FILE}")
     barrier()
     return results

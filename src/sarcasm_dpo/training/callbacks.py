@@ -2,7 +2,8 @@
 
 - ValidationCallback: scores validation splits with the shared Scorer (one forward pass per
   batch), keeps the best adapter by `select_by` (thresholds.selection_score: F1 at 0.5, balanced
-  accuracy at its own validation threshold, or ROC-AUC) and stops early after `patience`
+  accuracy at the threshold the adapter would be saved with (thresholds.saved_threshold, the rule
+  `threshold_record` writes threshold.json by), or ROC-AUC) and stops early after `patience`
   evaluations without a better one. Used by SFT and DPO alike, so "best" means the same in both.
 - TrackerLogCallback / LossProgressCallback: the Trainer's logs to W&B and to a tqdm bar.
 - SaveStateCallback, BarrierOnSaveCallback, GracefulStopCallback, LogBeforeSaveCallback: what
@@ -111,7 +112,10 @@ class ValidationCallback(TrainerCallback):
         frame = self.val_sets[self.primary]
         score = selection_score(frame["label"].to_numpy(), scores[self.primary], record[self.primary], self.select_by)
         record["selection_score"] = score if math.isfinite(score) else None
-        improved = score > self.best_score
+        # The first evaluation is always a best so far, even when its score cannot be computed (-inf: every
+        # validation score equal, say): otherwise no adapter would be kept at all, and a DPO run would call the
+        # weights it trained last "the SFT start". Later ones must do strictly better (ties keep the earlier).
+        improved = self.best_step is None or score > self.best_score
         if improved:
             self.best_score, self.best_step, self.best_epoch = score, int(step), record["epoch"]
             self.best_f1 = record[self.primary]["f1"]
@@ -128,7 +132,9 @@ class ValidationCallback(TrainerCallback):
                      f"F1 {primary['f1']:.3f}{self._selection_note(score)}{'  (best)' if improved else ''}  "
                      f"{others}".rstrip())
         if self.log:
-            flat = {f"eval/{k}": primary[k] for k in ("accuracy", "precision", "recall", "f1", "macro_f1")}
+            # macro_f1 is None on a one-class split (metrics.classification_metrics): left out, not logged as 0.
+            flat = {f"eval/{k}": primary[k] for k in ("accuracy", "precision", "recall", "f1", "macro_f1")
+                    if primary[k] is not None}
             for name in self.val_sets:
                 if name != self.primary:
                     flat[f"eval/{name}/f1"] = record[name]["f1"]

@@ -16,8 +16,11 @@ e.g. one that `recipe.seeded_length_grouping` made) that composes through cooper
   the trainable weights' norm, read with one host-device sync. A NaN/inf gradient or loss, a
   loss above LOSS_FACTOR x max(first step's loss, 1) (single-process runs: each process has its
   own loss) or a trainable-weight norm above
-  WEIGHT_FACTOR x its value at the start of this training run raises
-  `resilience.TrainingDiverged` naming the step; the optimizer never applies that update. (The
+  WEIGHT_FACTOR x its value at the start of training raises
+  `resilience.TrainingDiverged` naming the step; the optimizer never applies that update. Those two
+  references (the first step's loss, the starting norm) are the run's, not the session's: they are
+  written into the trainer state that each checkpoint saves (`GUARD_STATE`), and a resumed run reads
+  them back, so it stops exactly where the uninterrupted run would. (The
   weight norm is the one the previous update produced; before any checkpoint, evaluation or log
   the newest update is checked as well, so exploded weights are never saved or scored.)
 - TRL's extra metrics (entropy, token accuracy, DPO's rewards/logps/logits, num_tokens) are
@@ -44,6 +47,9 @@ from .resilience import TrainingDiverged
 
 LOSS_FACTOR = 10.0  # a step loss this many times max(first step's loss, 1) is an explosion, not noise
 WEIGHT_FACTOR = 10.0  # trainable weights whose norm grew this many times since the start have exploded
+# The guard's references, kept in TrainerState.stateful_callbacks (saved in every checkpoint's trainer_state.json;
+# no callback of this name exists, so the Trainer never tries to rebuild one from it).
+GUARD_STATE = "LeanStepGuard"
 
 
 def lean(trainer_class: type) -> type:
@@ -162,6 +168,7 @@ class LeanStepMixin:
                 self._diverged(step, "loss became NaN or infinite")
             if self._lean_first_loss is None:
                 self._lean_first_loss = step_loss
+                self._keep_guard()
             limit = LOSS_FACTOR * max(self._lean_first_loss, 1.0)
             # Each process sees its own loss; one stopping alone would leave the others waiting, so with several
             # processes only what they share (gradient norm, weights) decides.
@@ -173,11 +180,19 @@ class LeanStepMixin:
     def _check_weights(self, norm: float, after_step: int) -> None:
         if self._lean_start_norm is None:
             self._lean_start_norm = norm
+            self._keep_guard()
         if not math.isfinite(norm):
             self._diverged(after_step, "trainable weights became NaN or infinite", applied=True)
         if self._lean_start_norm > 0 and norm > WEIGHT_FACTOR * self._lean_start_norm:
             self._diverged(after_step, f"trainable (LoRA) weight norm exploded to {norm:.4g}, more than "
                                        f"{WEIGHT_FACTOR:g}x its {self._lean_start_norm:.4g} at the start", applied=True)
+
+    def _keep_guard(self) -> None:
+        """The guard's references into the trainer state, which every checkpoint saves (see GUARD_STATE)."""
+        if self.state.stateful_callbacks is None:
+            self.state.stateful_callbacks = {}
+        self.state.stateful_callbacks[GUARD_STATE] = {"first_loss": self._lean_first_loss,
+                                                      "start_norm": self._lean_start_norm}
 
     def _diverged(self, step: int, what: str, applied: bool = False):
         raise TrainingDiverged(what, step, applied=applied)
@@ -250,7 +265,10 @@ class _LeanCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         t = self.trainer
         t._lean_params = [p for p in t.model.parameters() if p.requires_grad]  # PEFT may have changed them
-        t._lean_loss = t._lean_first_loss = t._lean_start_norm = None
+        t._lean_loss = None
+        # A fresh run starts without references; a resumed one has the first run's, from the checkpoint's state.
+        kept = (state.stateful_callbacks or {}).get(GUARD_STATE) or {}
+        t._lean_first_loss, t._lean_start_norm = kept.get("first_loss"), kept.get("start_norm")
         if train_dataloader is not None:
             batches = len(train_dataloader)
             accum = args.gradient_accumulation_steps
