@@ -90,6 +90,32 @@ def test_predict_prints_no_row_from_a_model_with_nan_weights(nan_model_dir, tmp_
     assert "Traceback" not in captured.err
 
 
+def test_predict_says_how_many_rows_it_printed_before_a_chunk_with_non_finite_scores(tiny_model_dir, tmp_path,
+                                                                                     capsys, monkeypatch):
+    """Rows go out a chunk at a time: scores that turn non-finite in a later chunk stop predict with a count of the
+    rows already printed (whole lines, from the same model), exit 2."""
+    from sarcasm_dpo.scoring import NonFiniteScores, Scorer
+    from sarcasm_dpo.stages import predict
+
+    monkeypatch.setattr(predict, "STREAM_CHUNK", 2)
+    real = Scorer.predict_proba
+    calls = []
+
+    def failing_later(self, texts):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise NonFiniteScores(1, len(texts))
+        return real(self, texts)
+
+    monkeypatch.setattr(Scorer, "predict_proba", failing_later)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    assert main(["predict", "--model", str(tiny_model_dir), "--input", str(texts), "--batch_size", "1"]) == 2
+    captured = capsys.readouterr()
+    assert [json.loads(line)["text"] for line in captured.out.splitlines()] == TEXTS[:2]
+    assert "after 2 of 5 texts" in captured.err and "Traceback" not in captured.err, captured.err
+
+
 def test_the_detector_names_the_model_whose_scores_are_not_finite(nan_model_dir):
     from sarcasm_dpo.detector import SarcasmDetector
 

@@ -48,6 +48,7 @@ def read_texts(path: str | None) -> list[str]:
 
 def run(args) -> list[dict]:
     from ..detector import SarcasmDetector
+    from ..scoring import NonFiniteScores
     from ..settings import check_predict_args
 
     # Before the input is read: without --model and --adapter, reading stdin would wait on a terminal first.
@@ -77,6 +78,12 @@ def run(args) -> list[dict]:
                 raise stream_failure(exc, STANDARD_OUTPUT, _fileno(sys.stdout),
                                      failed_note(written, start + len(scored), len(texts))) from None
             written = len(rows)
+    except NonFiniteScores as exc:  # a later chunk's scores: the rows before it are out already
+        if not rows:
+            raise
+        raise UserError(f"{exc} It was met after {len(rows)} of {len(texts)} texts: the {len(rows)} rows printed "
+                        "before it are whole JSON lines, but they come from the same model, so treat them with the "
+                        "same doubt.") from None
     except KeyboardInterrupt:
         # predict writes no files: what a stop leaves is the rows on stdout, and a rerun starts from the first
         # text. Saying how far it got lets whoever stopped it score only the rest.
