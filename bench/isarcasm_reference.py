@@ -67,7 +67,7 @@ def cross_validated_probs(train, seed: int, folds: int = 5) -> np.ndarray:
 def reference(name: str, train, val, seed: int) -> dict:
     """One reference model: trained on `train`, thresholds from its cross-validated predictions, scored on `val`."""
     from sarcasm_dpo.baseline import predict_proba, tfidf_logreg
-    from sarcasm_dpo.metrics import bootstrap_ci
+    from sarcasm_dpo.metrics import bootstrap_ci, decide
     from sarcasm_dpo.thresholds import choose_threshold, metrics_at
 
     train_y = train["label"].to_numpy(int)
@@ -80,7 +80,7 @@ def reference(name: str, train, val, seed: int) -> dict:
     for cut_name, cut in cuts.items():
         m = metrics_at(y, probs, cut)
         at[cut_name] = {"threshold": round(cut, 4), **{k: round(m[k], 4) for k in KEEP},
-                        "f1_ci": [round(v, 4) for v in bootstrap_ci(y, (probs >= cut).astype(int), "f1", seed=seed)]}
+                        "f1_ci": [round(v, 4) for v in bootstrap_ci(y, decide(probs, cut), "f1", seed=seed)]}
     return {"model": name, "trained_on": f"{len(train)} texts ({int(train_y.sum())} sarcastic)",
             "thresholds_from": "five-fold cross-validated predictions of the training texts", "at": at,
             "best_f1_any_cut_in_sample_bound": round(best_f1_in_sample(y, probs), 4)}

@@ -152,15 +152,17 @@ def test_stale_file_in_cache_is_replaced(server, tmp_path):
 def test_an_unreadable_copy_is_skipped_or_fetched_again_never_a_traceback(server, tmp_path, monkeypatch, shared_data):
     """One checksum rule (download._verified) for every reader: a copy that cannot be read (permissions, a disk
     error) is no verified copy, in $SARCASM_DPO_DATA_DIRS and in the cache alike."""
-    unreadable = {tmp_path / GEN.relpath, shared_data / GEN.relpath}
-    real = dl.sha256_file
+    from sarcasm_dpo import atomic
 
-    def sha256_file(path):
+    unreadable = {tmp_path / GEN.relpath, shared_data / GEN.relpath}
+    real = atomic.file_sha256
+
+    def file_sha256(path):
         if Path(path) in unreadable:
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
 
-    monkeypatch.setattr(dl, "sha256_file", sha256_file)
+    monkeypatch.setattr(atomic, "file_sha256", file_sha256)
     assert not dl.verified_copy(shared_data, dl.DATASETS.values())
     (tmp_path / GEN.relpath).parent.mkdir(parents=True)
     (tmp_path / GEN.relpath).write_bytes((shared_data / GEN.relpath).read_bytes())

@@ -1,4 +1,4 @@
-"""The lean training step (lean_trainer.py): the same numbers as the plain TRL trainers, less work per step.
+"""The lean training step (training/lean_step.py): the same numbers as the plain TRL trainers, less work per step.
 
 Each comparison trains the tiny model twice from the same seed, once with the stage's trainer and
 once with `lean` replaced by the identity (TRL's trainer as it comes), and compares the logged

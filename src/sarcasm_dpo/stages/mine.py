@@ -223,11 +223,11 @@ def run(s) -> dict:
     from ..models import load_model, pick_device
     from ..pairs import build_pairs, check_one_answer_per_prompt, check_pair_tokens, write_pairs_file
     from ..scoring import Scorer
-    from ..tracking import Tracker
+    from ..tracking import Tracker, adapter_artifact
 
     with Tracker(enabled=not s.no_wandb, project=s.wandb_project, job_type="mine", config={**config, "model": base_ref},
                  group=s.wandb_group) as tracker:
-        tracker.use_artifact(sft_dir, type="model", name="sft-adapter")
+        tracker.use_artifact(sft_dir, type="model", name=adapter_artifact("sft"))
         device = pick_device(s.device)
         model, tokenizer = load_model(base_ref, adapter=str(sft_dir), device=device)
         load_s = time.perf_counter() - started

@@ -30,7 +30,7 @@ When things go wrong (training/resilience.py holds the shared parts; tests/test_
   interrupted, and the CLI prints the command that resumes (exit 130 / 143). A second signal stops at once.
 - Out of memory: --auto_find_batch_size halves --batch_size and doubles --grad_accum (same effective
   batch) and starts over; without it the error names the flags to change.
-- NaN/inf loss or gradients, or a loss or LoRA weight norm that explodes (lean_trainer.py): the run stops
+- NaN/inf loss or gradients, or a loss or LoRA weight norm that explodes (training/lean_step.py): the run stops
   with the step named and the last good checkpoint kept; --lr and --beta outside their usual ranges warn.
 - Bad input or settings: every check runs before --output_dir is touched, so nothing is overwritten.
 - Several processes (accelerate launch / torchrun): all train, the main one writes; see README.
@@ -67,9 +67,9 @@ from ..training.distributed import barrier, is_main_process, quiet, say, world_s
 from ..training.recipe import run_record, run_trainer, seeded_length_grouping, trainer_arguments
 from ..training.resilience import TrainingDiverged, fit_within_memory
 from ..training.trl_tokens import check_trl_tokens, trl_prompts
-from ..tracking import Tracker
+from ..tracking import Tracker, adapter_artifact
 
-ARTIFACT_NAME = "sft-adapter"  # the DPO run declares this artifact (the output folder) as its input
+ARTIFACT_NAME = adapter_artifact("sft")  # the DPO run declares this artifact (the output folder) as its input
 ARTIFACT_TYPE = "model"
 VAL_SPLIT = "gen_val"
 STATE_FILE = "validation_state.json"  # in each checkpoint, written last: the checkpoint is complete
@@ -97,7 +97,7 @@ class Trained:
 
 
 def run(settings, extra_callbacks=()) -> dict:
-    """Train, pick the best epoch by validation F1, save it; returns the training summary.
+    """Train, keep the best evaluation by its validation --select_by score, save it; returns the training summary.
 
     `extra_callbacks` are more TrainerCallbacks for the trainer (the tests interrupt runs with one).
     Under `accelerate launch` / `torchrun` every process trains; only the main one writes.
@@ -317,7 +317,7 @@ def build_trainer(s, model, tokenizer, train_ds, ckpt_dir: Path, callbacks=()):
     # On CPU/MPS, TRL would run the LM head over every prompt position only to mask it out (fused_head.py).
     project_labelled_positions_only()
     # Batches grouped by length, shuffled by (seed, epoch): a resumed run sees the same order.
-    # The tokens every prompt starts with run once per micro-batch, with gradients (prefix_training.py).
+    # The tokens every prompt starts with run once per micro-batch, with gradients (training/shared_prefix.py).
     trainer_class = prefix_trainer_class(SFTTrainer, *([SharedPrefixTraining] if s.shared_prefix else []))
     trainer = seeded_length_grouping(lean(trainer_class))(
         model=model, args=training_args(s, model, ckpt_dir), train_dataset=train_ds, processing_class=tokenizer,

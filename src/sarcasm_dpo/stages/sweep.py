@@ -1,4 +1,4 @@
-"""`sarcasm-dpo dpo --beta_sweep`: one DPO run per --betas value, the best named by GEN validation F1.
+"""`sarcasm-dpo dpo --beta_sweep`: one DPO run per --betas value, the best named by GEN validation (--select_by).
 
 Each beta trains into OUTPUT_DIR_beta_X exactly as a single `sarcasm-dpo dpo --beta X` would
 (dpo.train); a beta whose folder already holds the finished run of these settings is reused, so an
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..atomic import atomic_path, finish_output_dir, prepare_output_dir, read_json, write_json
+from ..atomic import COMPLETE_MARKER, atomic_path, finish_output_dir, prepare_output_dir, read_json, write_json
 
 SWEEP_FILE = "beta_sweep_results.json"
 SWEEP_PLOT = "beta_sweep.png"
@@ -48,7 +48,7 @@ def beta_dirs(s) -> list[str]:
 
 
 def run_sweep(s, dpo) -> dict:
-    """One model per beta into OUTPUT_DIR_beta_X; the best by GEN validation F1 is named (and copied).
+    """One model per beta into OUTPUT_DIR_beta_X; the best by GEN validation (--select_by) is named (and copied).
 
     `dpo`: the one-run DPO stage module (stages/dpo.py), handed over by dpo.run, which imports this one.
     """
@@ -166,7 +166,7 @@ def sweep_row(beta: float, output_dir: str, summary: dict, dpo) -> dict:
 
 def copy_run(src: Path, dst: Path, note: dict, dpo) -> None:
     """Copy the best run's adapter and records into the sweep folder (adapter_config.json last)."""
-    names = [p.name for p in src.iterdir() if p.is_file() and p.name not in ("COMPLETE.json", dpo.SUMMARY_FILE)]
+    names = [p.name for p in src.iterdir() if p.is_file() and p.name not in (COMPLETE_MARKER, dpo.SUMMARY_FILE)]
     names.sort(key=lambda n: n == "adapter_config.json")
     summary = read_json(src / dpo.SUMMARY_FILE)
     summary["selected_by_beta_sweep"] = note
