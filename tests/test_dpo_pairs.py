@@ -237,9 +237,14 @@ def test_balance_gives_as_many_pairs_of_each_class_and_says_so(real_splits, tiny
             assert "499 pairs of each class, 998 in all (--sample_size 999 is odd)" in out, out
         else:
             assert "Note:" not in out, out
-    # Without --balance: stratified, as before, and the record says so.
+    # Without --balance: stratified, as before, and the record says so; `--pairs reasoning` (natural ratio) draws its
+    # pairs by the same rule as `--pair_style reasoning` draws rows: the split's ratio kept, not as a random draw falls.
     info = dpo.load_data(settings_for(real_splits, pair_style="label", sample_size=400), tokenizer).info
     assert info["balanced"] is False and info["sampling"] == "stratified" and info["used"] == 400
+    for request in ({"pair_style": "reasoning"}, {"pairs": "reasoning"}):
+        info = dpo.load_data(settings_for(real_splits, sample_size=400, **request), tokenizer).info
+        assert info["sampling"] == "stratified" and info["class_counts"] == {"sarcastic": 100, "not_sarcastic": 300}, \
+            (request, info["class_counts"])
 
 
 def test_balance_on_a_pairs_file_without_labels_balances_by_the_preferred_answer(real_splits, tiny_model_dir,

@@ -373,12 +373,14 @@ def preference_pairs(s, tokenizer, val_splits: dict) -> tuple:
     sampling = "all"
     if s.sample_size and s.sample_size < available:
         units = tweet_units(pairs)
+        alone = len(set(units)) == len(units)  # no tweet with its rephrase: every pair a unit of its own
         if balanced:
-            pairs = equal_class_sample(pairs, s.sample_size, s.seed, positive=offered, units=units,
-                                       what=f"the --pairs {origin} pairs")
+            pairs, sampling = equal_class_sample(pairs, s.sample_size, s.seed, positive=offered, units=units,
+                                                 what=f"the --pairs {origin} pairs"), "balanced"
+        elif alone:  # reasoning or mined alone: drawn as --pair_style rows and a pairs file are
+            pairs, sampling = stratified_rows(pairs, s.sample_size, s.seed, offered), "stratified"
         else:
-            pairs = unit_sample(pairs, s.sample_size, s.seed, units)
-        sampling = "balanced" if balanced else "random"
+            pairs, sampling = unit_sample(pairs, s.sample_size, s.seed, units), "random"
     return pairs.reset_index(drop=True), origin, available, balanced, sampling, offered
 
 
@@ -435,18 +437,26 @@ def sample_rows(frame, s, positive=None, what: str | None = None):
     (data.equal_class_sample: the smaller class's count, or half of --sample_size when that is fewer), else
     stratified. `positive`: each row's class (default: label == 1; a pair's is the answer it prefers,
     pairs.prefers_yes, which every pair has, labelled or not)."""
-    import numpy as np
-    import pandas as pd
-
-    from ..data import equal_class_sample, stratified_sample
+    from ..data import equal_class_sample
 
     positive = frame["label"].astype(int) == 1 if positive is None else positive
     if s.balance:
         return equal_class_sample(frame, s.sample_size, s.seed, positive=positive,
                                   what=what or f"the rows of {s.train_csv}")
-    # Stratified by class: the rows' positions are drawn (which rows, and their order, depend on the classes only).
+    return stratified_rows(frame, s.sample_size, s.seed, positive)
+
+
+def stratified_rows(frame, n: int | None, seed: int, positive):
+    """n rows (all when empty or 0) stratified by class (`positive`: each row's), seeded: the rows' positions are
+    drawn (which rows, and their order, depend on the classes only). One rule for every unbalanced draw of rows or
+    pairs: --pair_style rows, a --preference_data file, and --pairs reasoning or mined alone."""
+    import numpy as np
+    import pandas as pd
+
+    from ..data import stratified_sample
+
     drawn = stratified_sample(pd.DataFrame({"label": np.asarray(positive, dtype=int), "row": np.arange(len(frame))}),
-                              s.sample_size, s.seed)["row"]
+                              n, seed)["row"]
     return frame.iloc[drawn.to_numpy()].reset_index(drop=True)
 
 
