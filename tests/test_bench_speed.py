@@ -4,6 +4,7 @@ shorter than the pipeline); the evaluation section (speed_eval.py) runs through 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 import pytest
@@ -69,19 +70,28 @@ def test_eval_section_runs_every_method_on_the_same_texts(tiny_model_dir, shared
     assert len(w["scorer_s"]) == len(w["bare_s"]) == len(w["bare_full_s"]) == 1 and "scorer_default_s" not in w
 
 
-def test_eval_section_times_the_scorer_the_stages_use_off_a_cpu(tiny_model_dir, shared_data, tmp_path, monkeypatch):
+def test_eval_section_times_the_scorer_the_stages_use_off_a_cpu(tiny_model_dir, shared_data, tmp_path, monkeypatch,
+                                                                fine_rounding):
     """On a GPU the stages' scorer runs full prompts: the section times it against the bare passes it makes."""
     import speed
+    import speed_eval
     from sarcasm_dpo.scoring import Scorer
 
     monkeypatch.setattr(Scorer, "uses_prefix_cache", lambda self: bool(self.prefix_cache))  # as on a GPU
+    fine_rounding(speed_eval)  # times of a few ms to 9 digits, not 3, so the overheads below are recomputed exactly
     out = tmp_path / "speed.json"
     assert speed.main(["--sections", "eval", "--model", str(tiny_model_dir), "--data_dir", str(shared_data),
                        "--device", "cpu", "--eval_texts", "8", "--eval_batch_size", "4", "--eval_repeats", "2",
                        "--generate_texts", "1", "--work_dir", str(tmp_path / "work"), "--output", str(out)]) == 0
     w = json.loads(out.read_text())["evaluation"]["whole_calls"]
     assert w["default_scorer"]["prefix_cache"] is False and w["default_scorer"]["against"] == "bare_full"
-    assert len(w["scorer_default_s"]) == 2 and w["default_scorer"]["overhead_best"] > -1
+    assert len(w["scorer_default_s"]) == len(w["bare_full_s"]) == 2
+    # the overheads from the whole-call times kept beside them: the stages' scorer against the full-prompt passes
+    default, full = w["scorer_default_s"], w["bare_full_s"]
+    # (as ratios: times of 1e-4 s kept to 1e-9 s leave 1e-5 of a ratio uncertain at most)
+    assert 1 + w["default_scorer"]["overhead_best"] == pytest.approx(min(default) / min(full), rel=1e-5)
+    assert 1 + w["default_scorer"]["overhead_median"] == pytest.approx(
+        statistics.median(default) / statistics.median(full), rel=1e-5)
     assert "the stages' scorer (full prompts)" in out.with_suffix(".md").read_text()
 
 

@@ -1,5 +1,5 @@
 """The training fast paths give today's loss and gradients: reference log-probs computed once and
-one prompt pass per label pair (fast_dpo.py), shared-prefix SFT and DPO (prefix_training.py).
+one prompt pass per label pair (fast_dpo.py), shared-prefix SFT and DPO (training/shared_prefix.py).
 
 Each test builds two trainers on two copies of the same start, TRL's plain path and a fast path,
 moves both policies by the same seeded step (at step 0 DPO's policy and reference agree, and the
@@ -230,21 +230,17 @@ def test_shared_prefix_sft_gives_the_plain_step(tiny_model_dir, tmp_path):
     assert fast._prefix_verdict is True
 
 
-SMOLLM2 = __import__("pathlib").Path.home() / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.mark.skipif(not SMOLLM2.is_file(), reason="SmolLM2 gguf not fetched (../shared/bin/fetch-smollm2)")
-def test_shared_prefix_with_smollm2s_chat_template(tmp_path):
+def test_shared_prefix_with_smollm2s_chat_template(tmp_path, smollm2_gguf):
     """SmolLM2's real template (a system turn before ours: a long shared prefix), on a tiny random Llama."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from sarcasm_dpo.scoring import shared_prefix_length
 
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    (plain, fast), batch = sft_pair(SMOLLM2.parent, tmp_path, tokenizer, LlamaForCausalLM, config)
+    (plain, fast), batch = sft_pair(smollm2_gguf.parent, tmp_path, tokenizer, LlamaForCausalLM, config)
     prompts = [row[: n] for row, n in zip(batch["input_ids"].tolist(),
                                            (batch["labels"] != -100).int().argmax(-1).tolist())]
     assert shared_prefix_length(prompts) >= 30  # the system turn and the question

@@ -2,12 +2,14 @@
 offline route (--model PATH or a .gguf file; --data_dir DIR), exit code 2: no retries, no traceback.
 
 "No network" is made without touching the machine's network: the hub endpoint and the dataset
-mirror point at a local port where nothing listens (connection refused at once).
+mirror point at a local port where nothing listens (connection refused at once), or, where the
+connections are counted, at a local port that takes each connection and drops it unanswered.
 """
 
 from __future__ import annotations
 
-import time
+import socket
+import threading
 
 import pytest
 from reliability_common import error_paragraph, run_cli, toy_csvs
@@ -15,6 +17,44 @@ from reliability_common import error_paragraph, run_cli, toy_csvs
 from sarcasm_dpo import cli, download
 
 DEAD = "http://127.0.0.1:9"  # the discard port: nothing listens there
+
+
+class DeadHub:
+    """A local port that reads each request's first line and closes the connection without an answer (the hub's
+    probe fails at once), keeping the lines: what a run asked the hub, whatever the clock."""
+
+    def __init__(self):
+        self._sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self._sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self.requests: list[str] = []
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                if self._stop.is_set():  # the backlog is empty too: every connection made is in self.requests
+                    return
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    first = conn.recv(4096).split(b"\r\n", 1)[0]
+                except OSError as exc:
+                    first = repr(exc).encode()
+            self.requests.append(first.decode("latin-1"))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
 
 
 def _assert_offline_route(stderr: str, *routes: str) -> str:
@@ -50,16 +90,20 @@ def test_unreachable_hub_is_one_message_in_process(tmp_path, capsys, monkeypatch
 
 @pytest.mark.slow
 def test_unreachable_hub_gives_one_message_without_retries(tmp_path):
+    """One probe of the hub, then the message: nothing asks the hub for the model, so huggingface_hub's own
+    retries (five more connections per file, about a minute of "Retrying in 8s") never start."""
+    model = "Qwen/Qwen2.5-0.5B-Instruct"
     train, val = toy_csvs(tmp_path / "data", n_train=16, n_val=8)
-    started = time.monotonic()
-    done = run_cli(["sft", "--no_wandb", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--train_csv", str(train),
-                    "--val_csv", str(val), "--output_dir", str(tmp_path / "out")],
-                   timeout=300, HF_HUB_OFFLINE="0", HF_ENDPOINT=DEAD, HF_HOME=str(tmp_path / "empty-hf-cache"))
-    elapsed = time.monotonic() - started
+    with DeadHub() as hub:
+        done = run_cli(["sft", "--no_wandb", "--model", model, "--train_csv", str(train), "--val_csv", str(val),
+                        "--output_dir", str(tmp_path / "out")],
+                       timeout=300, HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "empty-hf-cache"))
     assert done.returncode == 2, done.stderr[-2000:]
     message = _assert_offline_route(done.stderr, "--model PATH", ".gguf", "--data_dir DIR", "HF_HUB_OFFLINE=1")
-    assert "Qwen/Qwen2.5-0.5B-Instruct" in message and "does not answer" in message
-    assert elapsed < 60  # huggingface_hub alone retries for about a minute
+    assert model in message and "does not answer" in message and hub.url in message
+    # huggingface_hub itself may call home (GET /api/agent-harnesses); the probe and the model are ours
+    assert [r for r in hub.requests if r.startswith("HEAD / ")] == ["HEAD / HTTP/1.1"], hub.requests
+    assert [r for r in hub.requests if model.split("/")[1] in r] == [], hub.requests
     assert not (tmp_path / "out").exists()
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -193,11 +191,7 @@ def test_model_sources(tmp_path):
     assert resolve_source("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", {})
 
 
-SMOLLM2_GGUF = Path.home() / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="the SmolLM2 .gguf is not on this machine")
-def test_a_gguf_file_is_parsed_once_and_loads_the_same_weights(monkeypatch, capfd):
+def test_a_gguf_file_is_parsed_once_and_loads_the_same_weights(monkeypatch, capfd, smollm2_gguf):
     """The tokenizer's and the model's loads share one parse of the .gguf (it was three, ~5 s each), and
     transformers' de-quantization bar stays off (noise at each load)."""
     import gguf
@@ -214,11 +208,11 @@ def test_a_gguf_file_is_parsed_once_and_loads_the_same_weights(monkeypatch, capf
 
     monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
     models._GGUF_READER.clear()
-    model, tokenizer = load_model(str(SMOLLM2_GGUF), device=torch.device("cpu"))
+    model, tokenizer = load_model(str(smollm2_gguf), device=torch.device("cpu"))
     assert len(parses) == 1
     assert gguf.GGUFReader is CountingReader  # put back after the load
     assert "de-quantizing" not in capfd.readouterr().err
-    plain = AutoModelForCausalLM.from_pretrained(SMOLLM2_GGUF.parent, gguf_file=SMOLLM2_GGUF.name, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32)
     assert len(parses) == 3  # transformers alone parses it for the config and the weights
     mine, theirs = model.state_dict(), plain.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
