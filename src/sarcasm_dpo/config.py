@@ -36,7 +36,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import yaml
 
@@ -140,30 +140,28 @@ def truth_value(value: Any, name: str, shown: str | None = None) -> bool:
     return word
 
 
-def truth_flag(name: str):
-    """An argparse `type=` for a true/false flag's optional value (`--flag false`): `truth_value`'s rule, its
-    refusal as argparse's own error."""
-    def parse(text: str) -> bool:
+def _argparse_type(rule: Callable[[str, str], Any], name: str, kind: str):
+    """An argparse `type=` reading a flag's text by `rule` (truth_value, whole_number): the rule's refusal becomes
+    argparse's own error (a UserError raised inside parse_args would escape it), and argparse names the type `kind`."""
+    def parse(text: str):
         try:
-            return truth_value(text, name)
+            return rule(text, name)
         except UserError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
-    parse.__name__ = "true/false"  # argparse names the type in its message
+    parse.__name__ = kind
     return parse
+
+
+def truth_flag(name: str):
+    """An argparse `type=` for a true/false flag's optional value (`--flag false`): `truth_value`'s rule."""
+    return _argparse_type(truth_value, name, "true/false")
 
 
 def whole_number_flag(name: str):
     """An argparse `type=` for a whole-number flag outside the settings classes (predict's --batch_size): the
-    same rule, its refusal as argparse's own error (a UserError raised inside parse_args would escape it)."""
-    def parse(text: str) -> int:
-        try:
-            return whole_number(text, name)
-        except UserError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    parse.__name__ = "whole number"  # argparse names the type in its message
-    return parse
+    same rule as the settings' whole numbers (`whole_number`)."""
+    return _argparse_type(whole_number, name, "whole number")
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
