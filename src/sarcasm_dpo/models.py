@@ -482,20 +482,21 @@ def check_adapter_fits(adapter_dir: str | os.PathLike, base_ref: str) -> None:
         return
     wrong = []
     for key, shape in shapes.items():
-        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight", key)
+        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_(?:embedding_)?(A|B)(?:\.[^.]+)?(?:\.weight)?", key)
         if not match or len(shape) != 2:
             continue
         name, part = match.groups()
         layer = layers.get(name)
-        weight = getattr(layer, "weight", None)
         if layer is None:
             wrong.append(f"{name} does not exist")
-        elif weight is not None and weight.dim() == 2:
-            expected = weight.shape[1] if part == "A" else weight.shape[0]
-            got = shape[1] if part == "A" else shape[0]
-            if got != expected:
-                wrong.append(f"{name} is {weight.shape[1]}->{weight.shape[0]} wide, the adapter's lora_{part} "
-                             f"expects {got}")
+            continue
+        widths = layer_widths(layer)
+        if widths is None:
+            continue
+        # lora_A is (r, inputs), lora_B (outputs, r), whatever the layout of the layer's own weight.
+        expected, got = (widths[0], shape[1]) if part == "A" else (widths[1], shape[0])
+        if got != expected:
+            wrong.append(f"{name} is {widths[0]}->{widths[1]} wide, the adapter's lora_{part} expects {got}")
     if wrong:
         raise UserError(
             f"The adapter in {adapter_dir} does not fit the base model {base_ref!r}: {len(wrong)} of its LoRA matrices "
@@ -503,6 +504,23 @@ def check_adapter_fits(adapter_dir: str | os.PathLike, base_ref: str) -> None:
             "it was trained on (--model, where the command has it), restore that model if its folder was replaced, "
             "or retrain the adapter."
         )
+
+
+def layer_widths(layer) -> tuple[int, int] | None:
+    """(inputs, outputs) of a layer LoRA adapts, read from its weight in that layer type's layout: (out, in) for
+    torch's Linear, (in, out) for transformers' Conv1D (GPT-2's c_attn, c_proj, c_fc), (vocabulary, width) for an
+    Embedding; None for a layer this check does not read (convolutions, attention blocks)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.dim() != 2:
+        return None
+    if isinstance(layer, torch.nn.Linear):
+        return weight.shape[1], weight.shape[0]
+    if isinstance(layer, (Conv1D, torch.nn.Embedding)):
+        return weight.shape[0], weight.shape[1]
+    return None
 
 
 def attach_adapter(model, adapter_dir: str | os.PathLike, adapter_name: str = "default", trainable: bool = False):

@@ -10,7 +10,9 @@ one forward pass.
 
 from __future__ import annotations
 
+import datetime
 import functools
+import json
 import re
 
 from .errors import UserError
@@ -77,7 +79,51 @@ def build_prompt(tokenizer, text: str, max_text_tokens: int = 256) -> str:
     """
     text = truncate_text(tokenizer, plain_text(tokenizer, str(text)), max_text_tokens)
     messages = [{"role": "user", "content": QUESTION.format(text=text)}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, chat_template=dated_template(tokenizer), tokenize=False,
+                                         add_generation_prompt=True)
+
+
+# The date every prompt states, whatever the day it is built: Llama 3.1's own fallback ("26 Jul 2024").
+# Templates that read the clock (Llama 3.2+ put "Today Date: <today>" in the system turn; Granite and Mistral
+# Small call strftime_now too) would otherwise give a text another prompt, so other scores, on every day: a
+# model trained on Monday and thresholded, compared, exported and used on later days would never be read
+# with the prompt it learned on. transformers 5 offers no clock argument (strftime_now is a Jinja global over
+# datetime.now(), and a callable passed to apply_chat_template reaches the template as a placeholder string),
+# so the template itself is pinned: `dated_template`.
+PROMPT_DATE = datetime.date(2024, 7, 26)
+_DATED_MARK = "{#- sarcasm-dpo: the date pinned (prompts.PROMPT_DATE) -#}"
+_STRFTIME_CALL = re.compile(r"""strftime_now\(\s*(["'])(.*?)\1\s*\)""")
+
+
+def dated_template(tokenizer) -> str | None:
+    """The tokenizer's chat template with its date pinned to PROMPT_DATE; the template unchanged when it reads
+    no date (Qwen's, for one), and None where the tokenizer has no single template string to pin.
+
+    A prefix defines `strftime_now` (as a macro giving PROMPT_DATE in each format the template asks for) and
+    `date_string` (which Llama's templates use where set), both shadowing transformers' own for the whole
+    template; it renders no text. A template pinned already (an export's, see `stages/export.py`) is returned as
+    it is, so that rendering it with plain `tokenizer.apply_chat_template` gives the scorer's prompt."""
+    try:
+        source = tokenizer.get_chat_template()
+    except (AttributeError, ValueError, TypeError):
+        return None
+    if not isinstance(source, str):
+        return None
+    return _dated(source)
+
+
+@functools.lru_cache(maxsize=16)
+def _dated(source: str) -> str:
+    if source.startswith(_DATED_MARK) or ("strftime_now" not in source and "date_string" not in source):
+        return source
+    formats = {fmt: PROMPT_DATE.strftime(fmt) for _, fmt in _STRFTIME_CALL.findall(source)}
+    default = PROMPT_DATE.strftime("%d %b %Y")  # a format the template computes: Llama's
+    return (_DATED_MARK
+            + "{% macro strftime_now(format) %}{{ " + json.dumps(formats) + ".get(format, "
+            + json.dumps(default) + ") }}{% endmacro %}"
+            + "{% set date_string = " + json.dumps(default) + " %}"
+            + "{{ '' }}"  # an expression, not a tag, last: trim_blocks leaves the template's own first newline
+            + source)
 
 
 def build_prompts(tokenizer, texts, max_text_tokens: int = 256, room=None) -> list[str]:
@@ -177,7 +223,8 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
     """(No id, Yes id) as the model sees them right after the generation prompt.
 
     We tokenize prompt+word and take what the word adds, because many tokenizers spell a word
-    differently after a newline or a space than alone; the word must add exactly one token.
+    differently after a newline or a space than alone. The word must add exactly one token, leave the
+    prompt's own tokens as they are, and be that word: not the unknown token, not another word.
     """
     require_chat_template(tokenizer)
     prompt = build_prompt(tokenizer, "probe")
@@ -185,15 +232,54 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
     ids = []
     for word in LABEL_WORDS:
         full = tokenizer(prompt + word, add_special_tokens=False)["input_ids"]
+        kept = next((i for i, (a, b) in enumerate(zip(base, full)) if a != b), min(len(base), len(full)))
+        if kept < len(base):
+            raise UserError(_merged_boundary(tokenizer, prompt, word, base[kept:], full[kept:]))
         added = full[len(base):]
-        if full[: len(base)] != base or len(added) != 1:
-            pieces = tokenizer.convert_ids_to_tokens(added) if added else []
+        if len(added) != 1:
             raise UserError(
-                f"The label word {word!r} is not a single token for this tokenizer (it becomes {pieces}). "
-                "Scoring reads the next-token probability of each label word, so each must be one token; "
-                "use a tokenizer where 'Yes' and 'No' are single tokens (Qwen, Llama, SmolLM and most chat models are)."
-            )
-        ids.append(added[0])
+                f"The label word {word!r} is not a single token for this tokenizer (it becomes "
+                f"{_pieces(tokenizer, added)}). Scoring reads the next-token probability of each label word, so each "
+                "must be one token; use a tokenizer where 'Yes' and 'No' are single tokens (Qwen, Llama, SmolLM and "
+                "most chat models are).")
+        ids.append(_check_label_token(tokenizer, word, added[0]))
     if ids[0] == ids[1]:
         raise UserError("'Yes' and 'No' map to the same token for this tokenizer; they cannot be told apart.")
     return ids[0], ids[1]
+
+
+def _pieces(tokenizer, ids) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(list(ids)) if ids else []
+
+
+def _merged_boundary(tokenizer, prompt: str, word: str, before, after) -> str:
+    """The refusal for a label word that rewrites the prompt's last token(s) once appended."""
+    end = prompt[-12:]
+    why = (f"The chat template's generation prompt ends in whitespace ({end!r}), and this tokenizer joins that "
+           f"whitespace to the next word" if end[-1:].isspace() else
+           f"This tokenizer joins the end of the chat template's generation prompt ({end!r}) to the next word")
+    return (f"{why}: appending the label word {word!r} rewrites the prompt's last token(s) "
+            f"{_pieces(tokenizer, before)} into {_pieces(tokenizer, after)}, so no token of the answer starts right "
+            "after the prompt, where scoring reads the probability of each label word. Use a model whose chat "
+            "template ends its generation prompt with a special token or a newline, not a space (Qwen, Llama, "
+            "SmolLM and most chat models do).")
+
+
+def _check_label_token(tokenizer, word: str, token_id: int) -> int:
+    """`token_id`, if it is the label word itself: a vocabulary without the word maps it to the unknown token
+    (and every stage would then read P(<unk>) as the word's probability), a normalizing one to another word."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and token_id == unk:
+        raise UserError(
+            f"The label word {word!r} is not in this tokenizer's vocabulary: it is read as the unknown token "
+            f"{tokenizer.unk_token!r} (id {token_id}), so scoring would take the probability of "
+            f"{tokenizer.unk_token!r} for that of {word!r}. Use a model whose vocabulary holds 'Yes' and 'No' as tokens (Qwen, Llama, SmolLM "
+            "and most chat models do).")
+    shown = tokenizer.decode([token_id])
+    if shown.strip() != word:
+        raise UserError(
+            f"The label word {word!r} becomes token {token_id}, which reads back as {shown!r}: this tokenizer changes "
+            f"the word (case or spelling), so scoring would read the probability of {shown.strip()!r} as that of "
+            f"{word!r}. Use a model whose vocabulary holds 'Yes' and 'No' as they are (Qwen, Llama, SmolLM and most "
+            "chat models do).")
+    return token_id

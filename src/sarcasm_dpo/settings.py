@@ -180,7 +180,9 @@ class SFTSettings(Common):
     lora_r: int = opt(16, "LoRA rank.")
     lora_alpha: int = opt(32, "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA path.")
-    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters (comma-separated).")
+    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Layers that get LoRA adapters (comma-separated): "
+                                  "names (q_proj; GPT-2's c_attn,c_proj), dotted suffixes (self_attn.q_proj) or "
+                                  "all-linear; never the output layer.")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory: recompute activations in the backward pass.")
     shared_prefix: bool = opt(False, "Run the tokens every prompt starts with once per micro-batch (with gradients) "
                                      "instead of once per example: 2x on a CPU, slower on a GPU. Opt-in: with LoRA "

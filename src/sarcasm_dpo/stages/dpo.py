@@ -546,9 +546,10 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
     from ..training.diagnostics import DPODiagnosticsCallback, DPOValidationCallback
     from ..training.lean_step import lean
     from ..training.recipe import seeded_length_grouping
-    from ..training.trl_tokens import check_trl_tokens, trl_prompts
+    from ..training.trl_tokens import check_trl_tokens, trl_prompts, trl_tokenizer
 
-    prompts = trl_prompts(tokenizer, data.pairs["prompt"])
+    given = trl_tokenizer(tokenizer)  # adds no special tokens of its own: TRL reads the scorer's tokens
+    prompts = trl_prompts(given, data.pairs["prompt"])
     dataset = Dataset.from_dict({"prompt": prompts, "chosen": list(data.pairs["chosen"]),
                                  "rejected": list(data.pairs["rejected"])})
     validation = DPOValidationCallback(tokenizer, data.val_sets, batch_size=s.eval_batch_size,
@@ -562,12 +563,12 @@ def build_trainer(s, model, tokenizer, data: DPOData, ckpt_dir: Path, log=None, 
         trainer_class = dpo_trainer_class(precompute_ref=s.precompute_ref, one_pass=one_pass,  # TRL's + fast paths
                                           shared_prefix=s.shared_prefix, pack_pairs=s.pack_pairs)
         trainer = seeded_length_grouping(lean(trainer_class))(model=model, ref_model=None, args=dpo_args(s, model, ckpt_dir), train_dataset=dataset,
-                             processing_class=tokenizer, callbacks=[validation])
+                             processing_class=given, callbacks=[validation])
     except ValueError as exc:  # TRL's checks on the settings (e.g. a loss type that needs other options)
         raise UserError(f"TRL's DPOTrainer refused these settings: {exc}") from None
     if "ref" not in model.peft_config:
         raise RuntimeError("DPOTrainer did not add the frozen 'ref' adapter; the reference would not be the SFT model.")
-    check_trl_tokens(trainer.train_dataset, prompts, tokenizer, s.max_length, what="Pair",
+    check_trl_tokens(trainer.train_dataset, prompts, given, s.max_length, what="Pair",
                      fix="use --pair_style label or another model")
     diagnostics = DPODiagnosticsCallback(model, tokenizer, data.probe_texts, beta=s.beta,
                                          batch_size=s.eval_batch_size, max_text_tokens=s.max_text_tokens, log=log,

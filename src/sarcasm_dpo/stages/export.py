@@ -511,9 +511,14 @@ def write_export(out: Path, merged, tokenizer, config: dict, info: dict, inputs:
     """The export's files into `out` (the staging folder): weights, tokenizer, sarcasm_dpo.json (`info` with
     the label token ids), the card, and COMPLETE.json last, with the checksums of what it was made from (`inputs`)."""
     from ..atomic import finish_output_dir, write_json, write_text
-    from ..prompts import QUESTION, label_token_ids
+    from ..prompts import QUESTION, dated_template, label_token_ids
     from ..training.checkpoints import save_adapter
 
+    # A template that states today's date is saved with the date the scorer pins (prompts.dated_template): plain
+    # `apply_chat_template` on the export (the card's snippet, any user) then renders the scorer's prompt on any day.
+    pinned = dated_template(tokenizer)
+    if pinned is not None:
+        tokenizer.chat_template = pinned
     save_adapter(merged, tokenizer, out)  # the stages' saver: scratch folder, usual file permissions
     no_id, yes_id = label_token_ids(tokenizer)
     info = {**info, "label_token_ids": [no_id, yes_id]}

@@ -66,7 +66,8 @@ from ..training.checkpoints import (CHECKPOINTS, claim_run_dir, final_outputs, f
 from ..training.distributed import barrier, is_main_process, quiet, say, world_size
 from ..training.recipe import run_record, run_trainer, seeded_length_grouping, trainer_arguments
 from ..training.resilience import TrainingDiverged, fit_within_memory
-from ..training.trl_tokens import check_trl_tokens, trl_prompts
+from ..training.lora import check_lora_targets, peft_targets
+from ..training.trl_tokens import check_trl_tokens, trl_prompts, trl_tokenizer
 from ..tracking import Tracker, adapter_artifact
 
 ARTIFACT_NAME = adapter_artifact("sft")  # the DPO run declares this artifact (the output folder) as its input
@@ -261,17 +262,6 @@ def load_data(s):
     return train, val
 
 
-def check_lora_targets(model, targets: list[str]) -> None:
-    """Fail with the module names that do exist, instead of PEFT's bare ValueError."""
-    import torch
-
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise UserError(f"--lora_targets {','.join(missing)} match no linear layer of this model. "
-                        f"Its linear layers are: {', '.join(sorted(names))}.")
-
-
 def build_dataset(tokenizer, frame, max_text_tokens: int, max_length: int):
     """Prompt-completion pairs in TRL's non-conversational format (the prompt is already rendered).
 
@@ -282,7 +272,8 @@ def build_dataset(tokenizer, frame, max_text_tokens: int, max_length: int):
     answer = max(answer_length(tokenizer, label_word(y)) for y in (0, 1))
     # Over --max_length: the text is cut further, never the answer (the rule of prompts.build_prompts, as in DPO).
     prompts = build_prompts(tokenizer, frame["text"], max_text_tokens, room=max_length - answer)
-    return Dataset.from_dict({"prompt": trl_prompts(tokenizer, prompts),
+    # The prompts as TRL must get them with the tokenizer it gets (build_trainer), for its tokens to be the scorer's.
+    return Dataset.from_dict({"prompt": trl_prompts(trl_tokenizer(tokenizer), prompts),
                               "completion": [label_word(y) for y in frame["label"]]})
 
 
@@ -290,7 +281,7 @@ def lora_config(s):
     from peft import LoraConfig
 
     return LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-                      target_modules=list(s.lora_targets), bias="none", task_type="CAUSAL_LM")
+                      target_modules=peft_targets(s.lora_targets), bias="none", task_type="CAUSAL_LM")
 
 
 def training_args(s, model, ckpt_dir: Path):
@@ -319,11 +310,12 @@ def build_trainer(s, model, tokenizer, train_ds, ckpt_dir: Path, callbacks=()):
     # Batches grouped by length, shuffled by (seed, epoch): a resumed run sees the same order.
     # The tokens every prompt starts with run once per micro-batch, with gradients (training/shared_prefix.py).
     trainer_class = prefix_trainer_class(SFTTrainer, *([SharedPrefixTraining] if s.shared_prefix else []))
+    given = trl_tokenizer(tokenizer)  # adds no special tokens of its own: TRL reads the scorer's tokens
     trainer = seeded_length_grouping(lean(trainer_class))(
-        model=model, args=training_args(s, model, ckpt_dir), train_dataset=train_ds, processing_class=tokenizer,
+        model=model, args=training_args(s, model, ckpt_dir), train_dataset=train_ds, processing_class=given,
         peft_config=lora_config(s), callbacks=list(callbacks))
     install_callbacks(trainer, list(callbacks), "sft")
-    check_trl_tokens(trainer.train_dataset, list(train_ds["prompt"]), tokenizer, s.max_length)
+    check_trl_tokens(trainer.train_dataset, list(train_ds["prompt"]), given, s.max_length)
     return trainer
 
 

@@ -8,35 +8,100 @@ would measure a model trained on something else. So a mismatch is an error (User
 raised before the output folder is touched), never a warning: the fix is another model, another
 --pair_style or a larger --max_length, and a run that trained anyway would be silently wrong.
 
+A stage hands its trainer `trl_tokenizer(tokenizer)` as processing_class and `trl_prompts(that, prompts)`
+as the prompts, then checks what TRL made of them with `check_trl_tokens(dataset, prompts, that, ...)`.
+
     python -c "from sarcasm_dpo.training.trl_tokens import check_trl_tokens; help(check_trl_tokens)"
 """
 
 from __future__ import annotations
 
+import functools
+
 from ..errors import UserError
 from ..prompts import label_token_ids
 
 
-def trl_prompts(tokenizer, prompts: list[str]) -> list[str]:
-    """The prompts as TRL must get them for its tokens to equal the scorer's.
+def trl_tokenizer(tokenizer):
+    """The tokenizer to hand a TRL trainer (processing_class): one that tokenizes a prompt as the scorer does.
 
-    TRL tokenizes plain-text prompts with the tokenizer's special tokens on; the rendered chat
-    template already holds them, so a tokenizer that adds a BOS would get it twice: it is cut
-    from the text. A tokenizer that adds other special tokens has no such form: refused.
+    TRL tokenizes a plain-text prompt with `tokenizer(prompt)`, i.e. with the tokenizer's special tokens on,
+    while the scorer tokenizes THE prompt with add_special_tokens=False, the rendered chat template holding
+    them. The two agree for a tokenizer that adds none (Qwen's): it is returned as it is. Any other (one that
+    adds a BOS, as Llama's and Mistral's do, or an EOS) gets a view whose calls add no special tokens unless
+    asked: the same object in every other respect (its state is shared, it saves the same files), so TRL reads
+    exactly the scorer's tokens, the BOS of a template that starts with one included, and no second one.
+    (Cutting the BOS from the text instead is not enough: a SentencePiece tokenizer spells the first piece
+    of a text otherwise than the same piece after a special token, "▁[" for "[".)
+    """
+    if getattr(tokenizer, _PLAIN, False) or not _adds_special_tokens(tokenizer):
+        return tokenizer
+    view = object.__new__(_plain_class(type(tokenizer)))
+    view.__dict__ = tokenizer.__dict__
+    return view
+
+
+_PLAIN = "_sarcasm_dpo_adds_no_special_tokens"
+
+
+def _adds_special_tokens(tokenizer) -> bool:
+    probe = ["<probe> Is this sarcastic?", "x"]
+    return tokenizer(probe)["input_ids"] != tokenizer(probe, add_special_tokens=False)["input_ids"]
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_class(cls):
+    """`cls` with add_special_tokens=False the default of a call; named as `cls`, so that it saves as `cls` does."""
+
+    def __call__(self, *args, **kwargs):
+        kwargs.setdefault("add_special_tokens", False)
+        return cls.__call__(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, _PLAIN: True, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+def trl_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """The prompts as TRL must get them, given the tokenizer TRL gets, for its tokens to equal the scorer's.
+
+    With `trl_tokenizer`'s tokenizer (or any that adds no special tokens) they are the prompts themselves.
+    A tokenizer that adds a BOS that the rendered template starts with would read it twice: it is cut from
+    the text where the rest then tokenizes as it does after the BOS (byte-level BPE, Llama 3's); where not
+    (a SentencePiece tokenizer), or for a tokenizer that adds other special tokens, it is refused, naming
+    the first tokens of both.
     """
     prompts = list(prompts)
     if not prompts:
         return prompts
     plain = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    if tokenizer(prompts)["input_ids"] == plain:
+    given = tokenizer(prompts)["input_ids"]
+    if given == plain:
         return prompts
     bos = tokenizer.bos_token
-    if bos:
-        stripped = [p[len(bos):] if p.startswith(bos) else p for p in prompts]
-        if tokenizer(stripped)["input_ids"] == plain:
+    if bos and all(p.startswith(bos) for p in prompts):
+        stripped = [p[len(bos):] for p in prompts]
+        cut = tokenizer(stripped)["input_ids"]
+        if cut == plain:
             return stripped
-    raise UserError("This tokenizer adds special tokens that its chat template does not contain, so the trainer "
-                    "would read different prompt tokens from the ones evaluation reads. Use another model.")
+        given = cut
+    i = next(i for i, (a, b) in enumerate(zip(given, plain)) if a != b)
+    raise UserError(_irreconcilable(tokenizer, given[i], plain[i]))
+
+
+def _irreconcilable(tokenizer, given: list[int], plain: list[int]) -> str:
+    first = next((k for k, (a, b) in enumerate(zip(given, plain)) if a != b), min(len(given), len(plain)))
+    start = max(0, first - 2)
+
+    def shown(ids):
+        part = ids[start:first + 3]
+        return f"{part} ({' '.join(map(str, tokenizer.convert_ids_to_tokens(part)))})"
+
+    where = "start with ids" if start == 0 else f"have, from token {start} on, ids"
+    return (f"This tokenizer adds special tokens of its own when TRL tokenizes a prompt, and no form of the prompt "
+            f"text gives TRL the scorer's tokens: the scorer's prompt tokens {where} {shown(plain)}, TRL's would be "
+            f"{shown(given)}. Training on those would teach a position evaluation never reads. Use a model whose "
+            "tokenizer adds no special tokens of its own, or only a BOS that its chat template starts with and that "
+            "leaves the next token as it is (Qwen, Llama 3, Gemma and SmolLM tokenizers work).")
 
 
 def trl_examples(dataset) -> list[tuple[list[int], list[list[int]]]]:
