@@ -441,3 +441,29 @@ def test_a_test_split_the_model_was_trained_or_selected_on_is_refused(setup, cap
     # A --train_csv typed that is not there is an error, not a skipped check.
     err = cli_error(setup, capsys, tmp_path / "out", "--train_csv", str(tmp_path / "nosuch.csv"))
     assert "nosuch.csv does not exist" in err
+
+
+def test_compare_warns_when_the_sft_adapter_was_retrained_since_dpo_started_from_it(tmp_path, monkeypatch, capsys):
+    """DPO records the checksum of the SFT adapter it started from: an SFT retrained in the same folder since (the
+    same path, other weights) is named, as an SFT in another folder already was; an unchanged one says nothing."""
+    from sarcasm_dpo import models
+    from sarcasm_dpo.atomic import finish_output_dir
+    from sarcasm_dpo.rundir import input_identity
+    from sarcasm_dpo.stages.compare import warn_if_dpo_from_other_sft
+
+    sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"
+    sft_dir.mkdir()
+    dpo_dir.mkdir()
+    (sft_dir / "adapter_config.json").write_text("{}")
+    (sft_dir / "adapter_model.safetensors").write_bytes(b"weights of the first run")
+    finish_output_dir(dpo_dir, {"sft_model": str(sft_dir)},
+                      {"stage": "dpo", "inputs": input_identity({"sft_model": sft_dir})})
+    monkeypatch.setattr(models, "run_settings", lambda folder: {"sft_model": str(sft_dir)})
+    warn_if_dpo_from_other_sft(dpo_dir, sft_dir)
+    assert capsys.readouterr().out == ""
+    (sft_dir / "adapter_model.safetensors").write_bytes(b"weights of a later run")
+    warn_if_dpo_from_other_sft(dpo_dir, sft_dir)
+    assert "has changed (its weights or config) since the DPO adapter" in capsys.readouterr().out
+    monkeypatch.setattr(models, "run_settings", lambda folder: {"sft_model": str(tmp_path / "elsewhere")})
+    warn_if_dpo_from_other_sft(dpo_dir, sft_dir)
+    assert "was trained from" in capsys.readouterr().out

@@ -198,11 +198,23 @@ def resolve_adapters(s: CompareSettings) -> dict[str, Path]:
 
 
 def warn_if_dpo_from_other_sft(dpo_dir: Path, sft_dir: Path) -> None:
-    """DPO starts from an SFT adapter; comparing it against a different SFT run would mislead."""
+    """DPO starts from an SFT adapter; comparing it against a different SFT run would mislead: one in another
+    folder, or the one in the same folder retrained since (the DPO run recorded the checksum of what it started
+    from, `rundir.input_identity`, in its COMPLETE.json)."""
+    from ..atomic import _same_path, read_complete
+    from ..rundir import input_identity
+
     trained_from = models.run_settings(dpo_dir).get("sft_model")
-    if trained_from and Path(trained_from).resolve() != sft_dir.resolve():
+    if trained_from and not _same_path(str(trained_from), str(sft_dir)):
         print(f"Warning: the DPO adapter in {dpo_dir} was trained from {trained_from}, not from {sft_dir}; "
               "the DPO-vs-SFT numbers compare two unrelated runs.")
+        return
+    inputs = (read_complete(dpo_dir) or {}).get("inputs")
+    recorded = inputs.get("sft_model") if isinstance(inputs, dict) else None
+    if recorded and recorded != input_identity({"sft_model": sft_dir}).get("sft_model"):
+        print(f"Warning: the SFT adapter in {sft_dir} has changed (its weights or config) since the DPO adapter in "
+              f"{dpo_dir} was trained from it (retrained at the same path?); the DPO-vs-SFT numbers compare two "
+              "unrelated runs.")
 
 
 OWN = "at_validation_threshold"  # the results block that decides each model at its own recorded threshold

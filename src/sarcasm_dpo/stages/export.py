@@ -174,10 +174,11 @@ def scored_adapter_sha256(results_path: Path, key: str) -> str | None:
     return recorded if isinstance(recorded, str) else ""
 
 
-def recorded_threshold(stage_record: dict, results: dict | None, key: str | None,
+def export_threshold(stage_record: dict, results: dict | None, key: str | None,
                        adapter: Path | None = None) -> tuple[float, str]:
-    """The decision threshold the run's own records hold, and where it was read: the adapter's threshold.json
-    (chosen on validation by its training stage) first, then the comparison results, then the training record."""
+    """The decision threshold an export records, and where it was read: the adapter's threshold.json (chosen on
+    validation by its training stage) first, then the comparison results, then the training record. (predict and
+    the Python API read an adapter's or an export's own record: detector.recorded_threshold.)"""
     from ..thresholds import read_threshold
 
     chosen = read_threshold(adapter)
@@ -439,7 +440,7 @@ def run(s) -> dict:
         check_model_folder(base)
         refuse_adapter_on_export(base, adapter, "--base_model")
         stage, stage_record = training_record(adapter)
-        threshold, threshold_source = recorded_threshold(stage_record, results, key, adapter)
+        threshold, threshold_source = export_threshold(stage_record, results, key, adapter)
         # Everything sarcasm_dpo.json says, read before minutes of merging: a record that does not read is an
         # error now, not after the weights were written.
         short = (hub_base_id(base) or Path(base).name).rsplit("/", 1)[-1]
