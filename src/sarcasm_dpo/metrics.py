@@ -56,6 +56,12 @@ def probabilities(name: str, values) -> np.ndarray:
     return arr
 
 
+def fmt(value, spec: str = ".3f", width: int = 0) -> str:
+    """A metric for a printed line: `format(value, spec)`, or "n/a" where it is undefined (None: ROC-AUC or
+    macro-F1 of a one-class set, a KL not measured), right-aligned to `width`."""
+    return f"{'n/a' if value is None else format(value, spec):>{width}}"
+
+
 def decide(probs, threshold: float) -> np.ndarray:
     """The labels at `threshold`: 1 (sarcastic) iff P(sarcastic) >= threshold, as a 0/1 int array.
 

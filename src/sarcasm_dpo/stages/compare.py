@@ -51,6 +51,7 @@ from .. import baseline, data, metrics, models
 from .. import rundir
 from ..atomic import check_output_dir, finish_output_dir, marker_missing, read_complete, write_csv, write_json
 from ..detector import note_text_lengths
+from ..metrics import fmt
 from ..errors import UserError
 from ..settings import CompareSettings, default_of
 
@@ -556,18 +557,13 @@ def _ci(values) -> str:
     return f"[{values[0]:.3f}, {values[1]:.3f}]"
 
 
-def _num(value, width: int = 0) -> str:
-    """A metric to three places, or "n/a" where it is undefined (None: one class absent from the test set)."""
-    return f"{'n/a' if value is None else f'{value:.3f}':>{width}}"
-
-
 def format_table(scored: dict) -> str:
     header = f"{'Model':<10} {'Accuracy [95% CI]':<24} {'Prec':>6} {'Rec':>6}  {'F1 [95% CI]':<24} {'MacroF1':>7} {'AUC':>6}"
     lines = [header, "-" * len(header)]
     for key, m in scored.items():
         lines.append(f"{NAMES.get(key, key):<10} {m['accuracy']:.3f} {_ci(m['accuracy_ci']):<18} "
                      f"{m['precision']:>6.3f} {m['recall']:>6.3f}  {m['f1']:.3f} {_ci(m['f1_ci']):<18} "
-                     f"{_num(m.get('macro_f1'), 7)} {_num(m.get('roc_auc'), 6)}")
+                     f"{fmt(m.get('macro_f1'), width=7)} {fmt(m.get('roc_auc'), width=6)}")
     return "\n".join(lines)
 
 

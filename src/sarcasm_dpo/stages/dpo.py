@@ -46,6 +46,7 @@ from typing import Any
 from ..atomic import clear_complete, finish_output_dir, read_json, write_json
 from ..detector import note_text_lengths, refuse_adapter_on_export
 from ..errors import UserError
+from ..metrics import fmt
 from ..thresholds import THRESHOLD_FILE, read_threshold, write_threshold
 from ..training.checkpoints import CHECKPOINTS
 from ..training.diagnostics import DEFINITIONS
@@ -719,10 +720,6 @@ def build_summary(ctx: RunContext, data: DPOData, trained: Trained, epochs: dict
         "outputs": {"adapter": "adapter_model.safetensors", "threshold": THRESHOLD_FILE, "epoch_metrics": EPOCH_FILE,
                     "batch_metrics": BATCH_FILE, "curves": CURVES_FILE},
     }
-
-
-def fmt(value, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def describe_start(s, data: DPOData, base_ref: str, device, resume_from) -> str:

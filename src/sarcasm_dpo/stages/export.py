@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..detector import EXPORT_INFO, check_model_folder, refuse_adapter_on_export
 from ..errors import UserError
+from ..metrics import fmt
 
 CARD = "README.md"
 # sarcasm_dpo.json's keys, in the order it has always listed them.
@@ -200,10 +201,6 @@ def export_threshold(stage_record: dict, results: dict | None, key: str | None,
                     "Run `sarcasm-dpo compare` on it, or export an adapter made by `sarcasm-dpo sft`/`dpo`.")
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def model_card(info: dict, usage: str) -> str:
     """README.md: Hub metadata, then what the model is, its measured numbers, how to use it, and its limits."""
     import yaml
@@ -261,10 +258,10 @@ def model_card(info: dict, usage: str) -> str:
     if val:
         at = val.get("at_threshold")
         lines += [f"Validation ({val['split']}, used for model selection), labelled at P(sarcastic) >= "
-                  f"{_fmt(val.get('threshold', 0.5))}: accuracy {_fmt(val['accuracy'])}, F1 {_fmt(val['f1'])}, "
-                  f"ROC-AUC {_fmt(val.get('roc_auc'))}, {val.get('n', '?')} texts."
-                  + (f" At this model's threshold, {_fmt(at['threshold'])}: accuracy {_fmt(at['accuracy'])}, F1 "
-                     f"{_fmt(at['f1'])}, balanced accuracy {_fmt(at['balanced_accuracy'])}." if at else ""), ""]
+                  f"{fmt(val.get('threshold', 0.5))}: accuracy {fmt(val['accuracy'])}, F1 {fmt(val['f1'])}, "
+                  f"ROC-AUC {fmt(val.get('roc_auc'))}, {val.get('n', '?')} texts."
+                  + (f" At this model's threshold, {fmt(at['threshold'])}: accuracy {fmt(at['accuracy'])}, F1 "
+                     f"{fmt(at['f1'])}, balanced accuracy {fmt(at['balanced_accuracy'])}." if at else ""), ""]
     lines += ["## Intended use and limits", "",
               "- For research on sarcasm detection in short English texts and as a baseline to compare against. "
               "Not for decisions about people (moderation, hiring, credit): the labels are noisy and sarcasm "
@@ -289,7 +286,7 @@ def _test_table(rows: dict, key_name: str, thresholds: dict | None) -> list[str]
         lines.append(f"| {name}{' (this model)' if name == key_name else ''} | "
                      + (f"{thresholds.get(name, 0.5):.3f} | " if thresholds is not None else "")
                      + f"{m['accuracy']:.3f} [{m['accuracy_ci'][0]:.3f}, {m['accuracy_ci'][1]:.3f}] | {m['f1']:.3f} "
-                       f"[{m['f1_ci'][0]:.3f}, {m['f1_ci'][1]:.3f}] | {_fmt(m.get('macro_f1'))} | {_fmt(m.get('roc_auc'))} |")
+                       f"[{m['f1_ci'][0]:.3f}, {m['f1_ci'][1]:.3f}] | {fmt(m.get('macro_f1'))} | {fmt(m.get('roc_auc'))} |")
     return lines + [""]
 
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from ..atomic import COMPLETE_MARKER, atomic_path, finish_output_dir, prepare_output_dir, read_json, write_json
+from ..metrics import fmt
 
 SWEEP_FILE = "beta_sweep_results.json"
 SWEEP_PLOT = "beta_sweep.png"
@@ -128,8 +129,8 @@ def sweep_betas(s, dpo, runs: list, group: str | None, started: float) -> dict:
     finish_output_dir(out, config, {"stage": "dpo", "best_beta": best["beta"], "best_output_dir": best["output_dir"],
                                     "inputs": dpo.inputs_of(s)})
     print(f"[beta sweep] best beta by {dpo.PRIMARY} {s.select_by}: {beta_name(best['beta'])} "
-          f"({dpo.fmt(best['val_score'])}; F1 {best['val_f1']:.3f}, KL of the saved adapter "
-          f"{dpo.fmt(best['saved_kl'])}); model in {best['output_dir']} (adapter also copied to {out}). "
+          f"({fmt(best['val_score'])}; F1 {best['val_f1']:.3f}, KL of the saved adapter "
+          f"{fmt(best['saved_kl'])}); model in {best['output_dir']} (adapter also copied to {out}). "
           f"Results: {out / SWEEP_FILE}")
     barrier()
     return results

@@ -16,6 +16,7 @@ from typing import Callable
 from transformers import TrainerCallback
 
 from ..scoring import Scorer
+from ..metrics import fmt
 from .callbacks import ValidationCallback
 from .resilience import check_logged_loss, validation_scoring
 
@@ -254,9 +255,8 @@ class DPODiagnosticsCallback(TrainerCallback):
 
 
 def describe_dpo_record(r: dict) -> str:
-    def f(key, fmt=".3f"):
-        value = r.get(key)
-        return "n/a" if value is None else format(value, fmt)
+    def f(key, spec=".3f"):
+        return fmt(r.get(key), spec)
 
     return (f"[dpo] step {r['step']}: loss {f('train/loss', '.4f')}  margin {f('rewards/margins')}  "
             f"acc {f('rewards/accuracies', '.2f')}  ratio {f('dpo/reward_ratio', '.2f')}  KL {f('dpo/kl', '.4f')}  "
