@@ -153,7 +153,8 @@ def dpo_comparison(model_ref: str, pair_style: str, paths: dict, *, steps: int, 
     """Time DPO training steps per path (name -> settings overrides; the first is the baseline)."""
     from sarcasm_dpo.stages import dpo
     from sarcasm_dpo.config import build
-    from sarcasm_dpo.data import load_isarcasm, stratified_sample
+    from sarcasm_dpo.data import load_isarcasm
+    from sarcasm_dpo.sampling import stratified_sample
     from sarcasm_dpo.training.fast_dpo import InMemoryReference
     from sarcasm_dpo.pairs import build_pairs
     from sarcasm_dpo.training.distributed import quiet
@@ -196,7 +197,8 @@ def sft_comparison(model_ref: str, *, steps: int, batch_size: int = 8, data_dir:
     """Time SFT training steps with full rows and with the shared prefix; real tokens per second."""
     from sarcasm_dpo.stages import sft
     from sarcasm_dpo.config import build
-    from sarcasm_dpo.data import balanced_sample, load_gen
+    from sarcasm_dpo.data import load_gen
+    from sarcasm_dpo.sampling import balanced_sample
     from sarcasm_dpo.settings import SFTSettings
 
     base, tokenizer = loaded or load(model_ref)

@@ -81,7 +81,8 @@ def eval_section(args, model_ref: str, splits: Path, max_text_tokens: int) -> di
     import numpy as np
     import torch
 
-    from sarcasm_dpo.data import load_split, stratified_sample
+    from sarcasm_dpo.data import load_split
+    from sarcasm_dpo.sampling import stratified_sample
     from sarcasm_dpo.models import load_model, pick_device
     from sarcasm_dpo import scoring
     from sarcasm_dpo.scoring import Scorer, shared_prefix_length

@@ -42,7 +42,8 @@ def head_section(args, model_ref: str, splits: Path, max_text_tokens: int, devic
 
     from sarcasm_dpo.training import fused_head
     from sarcasm_dpo.stages import sft
-    from sarcasm_dpo.data import load_split, stratified_sample
+    from sarcasm_dpo.data import load_split
+    from sarcasm_dpo.sampling import stratified_sample
     from sarcasm_dpo.models import load_base_model, load_tokenizer, pick_device
     from sarcasm_dpo.prompts import build_prompt, label_token_ids
     from sarcasm_dpo.settings import SFTSettings

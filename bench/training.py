@@ -99,7 +99,8 @@ def parse_args(argv=None):
 
 def texts(data_dir: str, n: int):
     """n GEN texts with labels (both classes), the same for every setup."""
-    from sarcasm_dpo.data import load_gen, stratified_sample
+    from sarcasm_dpo.data import load_gen
+    from sarcasm_dpo.sampling import stratified_sample
 
     frame = load_gen(Path(data_dir) / "sarcasm_v2" / "GEN-sarc-notsarc.csv", log=lambda *a: None)
     return stratified_sample(frame, n, 0).reset_index(drop=True)[["text", "label"]]

@@ -9,10 +9,9 @@ import pandas as pd
 import pytest
 from conftest import GEN_CSV, ISARCASM_CSV, run_script
 
-from sarcasm_dpo.data import (
-    balanced_sample, check_no_leakage, load_gen, load_isarcasm, load_table, make_splits, normalise, stratified_sample,
-)
+from sarcasm_dpo.data import check_no_leakage, load_gen, load_isarcasm, load_table, make_splits, normalise
 from sarcasm_dpo.errors import UserError
+from sarcasm_dpo.sampling import balanced_sample, stratified_sample
 
 
 def write(tmp_path, name, text):

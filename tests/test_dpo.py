@@ -271,7 +271,8 @@ def test_outputs_and_the_saved_adapter_reloads(trained, toy):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sarcasm_dpo.data import load_split, stratified_sample
+    from sarcasm_dpo.data import load_split
+    from sarcasm_dpo.sampling import stratified_sample
     from sarcasm_dpo.metrics import classification_metrics
     from sarcasm_dpo.models import adapter_base_model
     from sarcasm_dpo.scoring import Scorer

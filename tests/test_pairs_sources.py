@@ -11,7 +11,7 @@ import re
 import pandas as pd
 import pytest
 
-from sarcasm_dpo import data
+from sarcasm_dpo import data, sampling
 from sarcasm_dpo.errors import UserError
 from sarcasm_dpo.pairs import (PAIR_SOURCES, build_pairs, build_preference_pairs, parse_pairs_spec, prefers_yes,
                                write_pairs_file)
@@ -320,14 +320,14 @@ def test_a_sample_keeps_each_tweet_with_its_rephrase_alone_and_in_a_mixture(toke
         units = tweet_units(pairs)
         assert len(set(units)) < len(units)  # minimal pairs form units of two
         for n, seed in ((20, 0), (21, 5), (30, 7)):
-            sample = data.equal_class_sample(pairs, n, seed, positive=prefers_yes(pairs), units=units)
+            sample = sampling.equal_class_sample(pairs, n, seed, positive=prefers_yes(pairs), units=units)
             yes = prefers_yes(sample)
             assert int(yes.sum()) == int((~yes).sum()) == n // 2, (spec, n)
             ids = sample["id"].astype(str)
             rephrased = set(ids[ids.str.endswith(":rephrase")].str.removesuffix(":rephrase"))
             tweets_with_one = {i for i in ids if i.startswith("s") and not i.endswith(":rephrase")} - {"s40"}
             assert rephrased == tweets_with_one, (spec, n, seed)  # no tweet without its rephrase, nor the reverse
-        natural = data.unit_sample(pairs, 21, 3, units)
+        natural = sampling.unit_sample(pairs, 21, 3, units)
         ids = set(natural["id"].astype(str))
         assert len(natural) <= 21 and all(i.removesuffix(":rephrase") in ids for i in ids if i.endswith(":rephrase"))
 
@@ -335,11 +335,11 @@ def test_a_sample_keeps_each_tweet_with_its_rephrase_alone_and_in_a_mixture(toke
 def test_equal_class_sample_takes_the_smaller_class_whole_and_refuses_what_cannot_be_balanced():
     frame = pd.DataFrame({"text": [f"t{i}" for i in range(30)], "label": [1] * 7 + [0] * 23})
     for n in (None, 0, 100, 20):  # all, all, more than there is, more than twice the smaller class
-        sample = data.equal_class_sample(frame, n, 3)
+        sample = sampling.equal_class_sample(frame, n, 3)
         assert sorted(sample["label"].value_counts().to_dict().items()) == [(0, 7), (1, 7)], n
-    assert data.equal_class_sample(frame, 9, 3)["label"].value_counts().to_dict() == {0: 4, 1: 4}  # odd: one short
-    assert data.equal_class_sample(frame, 10, 3).equals(data.equal_class_sample(frame, 10, 3))  # seeded
+    assert sampling.equal_class_sample(frame, 9, 3)["label"].value_counts().to_dict() == {0: 4, 1: 4}  # odd: one short
+    assert sampling.equal_class_sample(frame, 10, 3).equals(sampling.equal_class_sample(frame, 10, 3))  # seeded
     with pytest.raises(UserError, match=r"impossible: --sample_size 1 leaves no room for one of each class"):
-        data.equal_class_sample(frame, 1, 3)
+        sampling.equal_class_sample(frame, 1, 3)
     with pytest.raises(UserError, match=r"impossible: they hold no sarcastic one \(0 sarcastic, 23 not\)"):
-        data.equal_class_sample(frame[frame.label == 0], None, 3, what="the pairs of x.json")
+        sampling.equal_class_sample(frame[frame.label == 0], None, 3, what="the pairs of x.json")

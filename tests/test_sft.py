@@ -376,7 +376,8 @@ def test_the_saved_threshold_is_chosen_on_validation_scores_of_the_saved_epoch(t
     assert at_half["accuracy"] == summary["best_val"]["accuracy"] and at_half["f1"] == summary["best_val"]["f1"]
     assert "contextual_calibration" in record and 0 <= record["contextual_calibration"]["threshold"] <= 1
     # Recomputed independently from the saved adapter's validation scores, the record is the same.
-    from sarcasm_dpo.data import load_split, stratified_sample
+    from sarcasm_dpo.data import load_split
+    from sarcasm_dpo.sampling import stratified_sample
     from sarcasm_dpo.models import attach_adapter, load_base_model, load_tokenizer
     from sarcasm_dpo.scoring import Scorer
 

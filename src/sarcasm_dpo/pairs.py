@@ -345,7 +345,7 @@ def rephrase_pairs(frame: pd.DataFrame, tokenizer, seed: int = 42, max_text_toke
 
 
 def tweet_units(pairs: pd.DataFrame) -> list[str]:
-    """What sampling keeps or drops together (data.equal_class_sample, data.unit_sample): a rephrase pair (id
+    """What sampling keeps or drops together (sampling.equal_class_sample, sampling.unit_sample): a rephrase pair (id
     TWEET:rephrase) and the pairs of its tweet (id TWEET, from whichever source kept it) are one unit, a minimal
     pair; every other pair is a unit of its own."""
     ids = (pairs["id"] if "id" in pairs.columns else pd.Series(None, index=pairs.index, dtype=object)).tolist()

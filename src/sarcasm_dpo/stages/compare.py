@@ -52,6 +52,7 @@ from .. import rundir
 from ..atomic import check_output_dir, finish_output_dir, marker_missing, read_complete, write_csv, write_json
 from ..detector import note_text_lengths
 from ..metrics import fmt
+from ..sampling import stratified_sample
 from ..errors import UserError
 from ..settings import CompareSettings, default_of
 
@@ -83,7 +84,7 @@ def run(settings: CompareSettings) -> dict:
     test_full = data.load_split(s.test_csv, "test")
     train = load_train(s, test_full)
     check_not_seen(test_full, s.test_csv, adapters)
-    test = data.stratified_sample(test_full, s.sample_size, s.seed)
+    test = stratified_sample(test_full, s.sample_size, s.seed)
     extras = load_extra_tests(s, train)
     inputs = inputs_of(s)
     final = check_results_dir(Path(s.output_dir), s, s.overwrite, inputs)
@@ -319,7 +320,7 @@ def load_extra_tests(s: CompareSettings, train: pd.DataFrame | None) -> dict[str
         full = data.load_table(path)
         if train is not None and (overlap := data.overlap_count(full, train)):
             print(f"Warning: {overlap} text(s) of extra test set {name} ({path}) are in the training split.")
-        extras[name] = (path, full, data.stratified_sample(full, s.sample_size, s.seed))
+        extras[name] = (path, full, stratified_sample(full, s.sample_size, s.seed))
     return extras
 
 

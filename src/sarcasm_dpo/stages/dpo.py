@@ -12,7 +12,7 @@ is the DPO model. Preference pairs come from the iSarcasmEval training split (it
 is only evaluated), with THE prompt used by SFT and evaluation (see pairs.py), or from a file
 mined by `sarcasm-dpo mine` (--preference_data). --sample_size draws from them, seeded: stratified by
 class, or with --balance (and every --pairs spec but reasoning or mined alone) as many pairs of each
-class, the smaller class's count or half of --sample_size (data.equal_class_sample; a pair's class is
+class, the smaller class's count or half of --sample_size (sampling.equal_class_sample; a pair's class is
 the answer it prefers); a tweet's rephrase pair comes with it or not at all. The summary's `pairs`
 record says what was done: `balanced`, `sampling`, `class_counts` and `available_class_counts`.
 
@@ -278,7 +278,8 @@ class DPOData:
 
 def load_data(s, tokenizer) -> DPOData:
     """Preference pairs (built or read), validation splits and the fixed probe set."""
-    from ..data import check_validation_split, load_split, overlap_count, stratified_sample
+    from ..data import check_validation_split, load_split, overlap_count
+    from ..sampling import stratified_sample
     from ..pairs import (build_pairs, check_one_answer_per_prompt, check_prompts_match, fit_pairs, load_pairs_file,
                          prefers_yes)
 
@@ -354,9 +355,10 @@ def load_data(s, tokenizer) -> DPOData:
 def preference_pairs(s, tokenizer, val_splits: dict) -> tuple:
     """(pairs, where they came from, how many there were, whether they are class-balanced, how they were sampled,
     the class of each pair there was) for --pairs (pairs.build_preference_pairs), cut to --sample_size: at random,
-    seeded, with as many pairs of each class where the spec is balanced (data.equal_class_sample), and a tweet's
+    seeded, with as many pairs of each class where the spec is balanced (sampling.equal_class_sample), and a tweet's
     pair and its rephrase's kept or dropped together (pairs.tweet_units)."""
-    from ..data import equal_class_sample, load_split, unit_sample
+    from ..data import load_split
+    from ..sampling import equal_class_sample, stratified_rows, unit_sample
     from ..pairs import build_preference_pairs, is_balanced, parse_pairs_spec, prefers_yes, tweet_units
 
     sources = parse_pairs_spec(s.pairs)
@@ -435,30 +437,16 @@ def _raw_rephrases(train_csv):
 
 def sample_rows(frame, s, positive=None, what: str | None = None):
     """--sample_size rows (all when empty, 0 or more than there are), seeded: with --balance as many of each class
-    (data.equal_class_sample: the smaller class's count, or half of --sample_size when that is fewer), else
+    (sampling.equal_class_sample: the smaller class's count, or half of --sample_size when that is fewer), else
     stratified. `positive`: each row's class (default: label == 1; a pair's is the answer it prefers,
     pairs.prefers_yes, which every pair has, labelled or not)."""
-    from ..data import equal_class_sample
+    from ..sampling import equal_class_sample, stratified_rows
 
     positive = frame["label"].astype(int) == 1 if positive is None else positive
     if s.balance:
         return equal_class_sample(frame, s.sample_size, s.seed, positive=positive,
                                   what=what or f"the rows of {s.train_csv}")
     return stratified_rows(frame, s.sample_size, s.seed, positive)
-
-
-def stratified_rows(frame, n: int | None, seed: int, positive):
-    """n rows (all when empty or 0) stratified by class (`positive`: each row's), seeded: the rows' positions are
-    drawn (which rows, and their order, depend on the classes only). One rule for every unbalanced draw of rows or
-    pairs: --pair_style rows, a --preference_data file, and --pairs reasoning or mined alone."""
-    import numpy as np
-    import pandas as pd
-
-    from ..data import stratified_sample
-
-    drawn = stratified_sample(pd.DataFrame({"label": np.asarray(positive, dtype=int), "row": np.arange(len(frame))}),
-                              n, seed)["row"]
-    return frame.iloc[drawn.to_numpy()].reset_index(drop=True)
 
 
 def sampling_rule(s, available: int) -> str:

@@ -194,7 +194,8 @@ def select(labels: np.ndarray, probs: np.ndarray, strategy: str, confidence: flo
 
 def run(s) -> dict:
     """Score the split with the SFT model, keep the chosen items, write the pairs and the summary."""
-    from ..data import class_counts, load_split, stratified_sample
+    from ..data import class_counts, load_split
+    from ..sampling import stratified_sample
     from ..models import adapter_base_model, check_adapter_dir, check_adapter_fits
 
     started = time.perf_counter()

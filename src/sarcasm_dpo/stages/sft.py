@@ -50,9 +50,9 @@ from typing import Any
 
 from ..atomic import finish_output_dir, read_json, write_json
 from ..training.callbacks import ValidationCallback, install_callbacks, stage_callbacks
-from ..data import (balanced_sample, check_validation_split, class_counts, frame_checksum, load_split, overlap_count,
-                    stratified_sample)
+from ..data import check_validation_split, class_counts, frame_checksum, load_split, overlap_count
 from ..errors import UserError
+from ..sampling import balanced_sample, stratified_sample
 from ..training.fused_head import project_labelled_positions_only
 from ..training.lean_step import lean
 from ..models import load_base_model, load_tokenizer, pick_device
