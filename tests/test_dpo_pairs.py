@@ -79,7 +79,7 @@ def test_without_pairs_the_pairs_are_todays(real_splits, tiny_model_dir):
     s = settings_for(real_splits, sample_size=120)
     data = dpo.load_data(s, tokenizer)
     train = load_split(s.train_csv, "iSarcasmEval training split")
-    today = fit_pairs(build_pairs(dpo.sample_rows(train, s), tokenizer, s.pair_style, s.seed, s.max_text_tokens),
+    today = fit_pairs(build_pairs(dpo.sample_rows(train, s)[0], tokenizer, s.pair_style, s.seed, s.max_text_tokens),
                       tokenizer, s.max_text_tokens, s.max_length)
     assert data.pairs.equals(today.reset_index(drop=True))
     assert "pairs_spec" not in data.info and data.info["balanced"] is False and len(data.pairs) == 120

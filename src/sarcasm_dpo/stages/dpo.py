@@ -302,15 +302,16 @@ def load_data(s, tokenizer) -> DPOData:
         check_prompts_match(pairs, tokenizer, s.max_text_tokens, s.preference_data)
         source, available, offered = s.preference_data, len(pairs), prefers_yes(pairs)
         # A pair's class is the answer it prefers, which every pair has (its label, where given, agrees).
-        pairs = sample_rows(pairs, s, offered, what=f"the pairs of {source}")
-        balanced, sampling = bool(s.balance), sampling_rule(s, available)
+        pairs, sampling = sample_rows(pairs, s, offered, what=f"the pairs of {source}")
+        balanced = bool(s.balance)
     else:
         train = load_split(s.train_csv, "iSarcasmEval training split")
         if train["label"].nunique() < 2:
             raise UserError(f"{s.train_csv} holds only one class; preference pairs need examples of both.")
         source, available, offered = s.train_csv, len(train), train["label"].astype(int) == 1
-        pairs = build_pairs(sample_rows(train, s), tokenizer, s.pair_style, s.seed, s.max_text_tokens)
-        balanced, sampling = bool(s.balance), sampling_rule(s, available)
+        rows, sampling = sample_rows(train, s, offered)
+        pairs = build_pairs(rows, tokenizer, s.pair_style, s.seed, s.max_text_tokens)
+        balanced = bool(s.balance)
     # Over --max_length: the text is cut further, never the answer (the rule of prompts.build_prompts, as in SFT).
     pairs = fit_pairs(pairs, tokenizer, s.max_text_tokens, s.max_length)
     # Whatever the source, cutting texts may leave two texts of opposite labels one prompt.
@@ -436,24 +437,18 @@ def _raw_rephrases(train_csv):
 
 
 def sample_rows(frame, s, positive=None, what: str | None = None):
-    """--sample_size rows (all when empty, 0 or more than there are), seeded: with --balance as many of each class
-    (sampling.equal_class_sample: the smaller class's count, or half of --sample_size when that is fewer), else
-    stratified. `positive`: each row's class (default: label == 1; a pair's is the answer it prefers,
-    pairs.prefers_yes, which every pair has, labelled or not)."""
+    """(--sample_size rows, how they were drawn): all when empty, 0 or more than there are ("all"); else, seeded,
+    with --balance as many of each class (sampling.equal_class_sample: the smaller class's count, or half of
+    --sample_size when that is fewer; "balanced"), else stratified ("stratified"). `positive`: each row's class
+    (default: label == 1; a pair's is the answer it prefers, pairs.prefers_yes, which every pair has)."""
     from ..sampling import equal_class_sample, stratified_rows
 
     positive = frame["label"].astype(int) == 1 if positive is None else positive
     if s.balance:
         return equal_class_sample(frame, s.sample_size, s.seed, positive=positive,
-                                  what=what or f"the rows of {s.train_csv}")
-    return stratified_rows(frame, s.sample_size, s.seed, positive)
-
-
-def sampling_rule(s, available: int) -> str:
-    """How sample_rows drew: balanced (--balance), stratified (a --sample_size below what there is), or all."""
-    if s.balance:
-        return "balanced"
-    return "stratified" if s.sample_size and s.sample_size < available else "all"
+                                  what=what or f"the rows of {s.train_csv}"), "balanced"
+    drawn = s.sample_size and s.sample_size < len(frame)
+    return stratified_rows(frame, s.sample_size, s.seed, positive), "stratified" if drawn else "all"
 
 
 def sampling_note(requested: int | None, source: str, available: int, offered, used: int, balanced: bool) -> str:
