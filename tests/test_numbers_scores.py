@@ -63,8 +63,11 @@ def test_the_scorer_refuses_non_finite_scores_naming_how_many_and_why(nan_model_
     scorer = _scorer(tiny_model_dir, batch_size=2, prefix_cache=False)
     with pytest.raises(NonFiniteScores, match="for 3 of the 5 texts"):
         scorer.predict_proba(TEXTS)
-    assert "for 3 of the 5 texts" in str(NonFiniteScores(3, 5).for_model("SFT (models/sft)"))
-    assert str(NonFiniteScores(3, 5).for_model("SFT (models/sft)")).startswith("SFT (models/sft) gave")
+    scorer.name = "SFT (models/sft)"  # what compare and the detector tell it: the error names the model
+    with pytest.raises(NonFiniteScores) as named:
+        scorer.predict_proba(TEXTS)
+    assert "for 3 of the 5 texts" in str(named.value)
+    assert str(named.value).startswith("SFT (models/sft) gave")
 
 
 def test_the_shared_prefix_is_not_blamed_for_nan_weights(nan_model_dir, recwarn):

@@ -184,7 +184,6 @@ class SarcasmDetector:
         self.threshold = float(threshold)
         self.max_text_tokens = max_text_tokens or default_text_tokens()
         self.scorer = Scorer(model, tokenizer, batch_size=batch_size, max_text_tokens=self.max_text_tokens)
-        self.name: str | None = None  # what `load` loaded, for errors that name the model
 
     @classmethod
     def load(cls, model: str | None = None, adapter: str | None = None, *, threshold: float | None = None,
@@ -217,20 +216,13 @@ class SarcasmDetector:
                  "finished (or was stopped while saving), so it may not be the model you expect.")
         loaded, tokenizer = load_model(model_ref, adapter=adapter, device=pick_device(device))
         detector = cls(loaded, tokenizer, threshold=threshold, max_text_tokens=max_text_tokens, batch_size=batch_size)
-        detector.name = f"The adapter {adapter} (on {model_ref})" if adapter else f"The model {model_ref}"
+        # Errors about its scores (scoring.NonFiniteScores) name what was loaded.
+        detector.scorer.name = f"The adapter {adapter} (on {model_ref})" if adapter else f"The model {model_ref}"
         return detector
 
     def predict_proba(self, texts: Sequence[str]):
         """P(sarcastic) for each text, in input order (a numpy array of float64)."""
-        return self._scores(_checked_texts(texts))
-
-    def _scores(self, texts: list[str]):
-        from .scoring import NonFiniteScores
-
-        try:  # the scorer checks every score of the call before returning any (scoring.NonFiniteScores)
-            return self.scorer.predict_proba(texts)
-        except NonFiniteScores as exc:
-            raise exc if self.name is None else exc.for_model(self.name) from None
+        return self.scorer.predict_proba(_checked_texts(texts))
 
     def predict(self, texts: Sequence[str]) -> list[dict]:
         """{"text", "p_sarcastic", "label"} for each text, in input order; label 1 at or above the threshold.
@@ -245,7 +237,7 @@ class SarcasmDetector:
         from .metrics import decide
 
         texts = _checked_texts(texts)
-        probs = self._scores(texts)  # texts checked once, just above
+        probs = self.scorer.predict_proba(texts)  # texts checked once, just above
         return [{"text": text, "p_sarcastic": float(p), "label": int(label)}
                 for text, p, label in zip(texts, probs, decide(probs, self.threshold))]
 

@@ -82,7 +82,8 @@ class NonFiniteScores(UserError):
     compares false with every threshold, so it would be printed as label 0 (and as invalid JSON) or
     counted as "not sarcastic" in every metric. A softmax of finite logits is always finite, so
     non-finite scores mean non-finite logits: weights that are NaN/inf (a damaged file, or the
-    training that wrote them diverged) or that overflow the dtype. `for_model` names the model.
+    training that wrote them diverged) or that overflow the dtype. It names the model the scorer was told
+    it scores (`Scorer.name`).
     """
 
     def __init__(self, bad: int, total: int, model: str | None = None):
@@ -94,16 +95,14 @@ class NonFiniteScores(UserError):
             "diverged. A softmax of finite logits is never NaN, so no text causes this. Retrain the model (a lower "
             "--lr, or fp32 where it ran in fp16), or use another copy of its weights.")
 
-    def for_model(self, model: str) -> "NonFiniteScores":
-        """The same fault, naming the model (e.g. "SFT (models/sft)")."""
-        return NonFiniteScores(self.bad, self.total, model)
-
 
 class Scorer:
     def __init__(self, model, tokenizer, batch_size: int = 16, max_text_tokens: int = 256, progress: bool | str = False,
-                 prefix_cache: bool | None = None):
+                 prefix_cache: bool | None = None, name: str | None = None):
         """`progress`: show a progress bar per `predict_proba` call; a string is the bar's label (e.g.
         "scoring sft"), so that several bars in one run say which model each one scores.
+        `name`: the model scored, as errors name it (e.g. "The SFT adapter models/sft (on BASE)"); a scorer
+        whose adapters are switched between calls is told each one's, as its progress label is.
         `prefix_cache`: run the shared prefix once per call; None = where the model is on a CPU (module
         docstring: it saves compute, which only a CPU is short of)."""
         if batch_size < 1 or max_text_tokens < 1:
@@ -114,6 +113,7 @@ class Scorer:
         self.max_text_tokens = max_text_tokens
         self.progress = progress
         self.prefix_cache = prefix_cache
+        self.name = name
         self.no_id, self.yes_id = label_token_ids(tokenizer)  # fails early if a label word is not one token
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -334,7 +334,7 @@ class Scorer:
                 self.model.train()
         bad = int(np.count_nonzero(~np.isfinite(probs)))
         if bad:
-            raise NonFiniteScores(bad, len(texts))
+            raise NonFiniteScores(bad, len(texts), self.name)
         return probs
 
 

@@ -347,7 +347,7 @@ def check_results_dir(folder: Path, config, overwrite: bool, inputs: dict) -> Pa
 def score_language_models(s: CompareSettings, base_ref: str, adapters: dict[str, Path], texts: list[str],
                           timings: dict) -> dict[str, np.ndarray]:
     """P(sarcastic) per model, from one base model with the adapters switched in and out."""
-    from ..scoring import NonFiniteScores, Scorer
+    from ..scoring import Scorer
 
     t0 = time.perf_counter()
     device = models.pick_device(s.device)
@@ -359,28 +359,24 @@ def score_language_models(s: CompareSettings, base_ref: str, adapters: dict[str,
     timings["load_models_s"] = round(time.perf_counter() - t0, 3)
     print(f"Loaded {base_ref} on {device} with adapters: {', '.join(adapters) or 'none'}")
 
+    # A model whose scores are not finite stops the comparison as it is scored, before anything is written, and
+    # the error names it (scorer.name, set with each model's progress label).
     scorer = Scorer(model, tokenizer, batch_size=s.batch_size, max_text_tokens=s.max_text_tokens, progress=True)
-
-    def score(name: str) -> np.ndarray:
-        # A model whose scores are not finite stops the comparison here, before anything is written, naming it.
-        try:
-            return scorer.predict_proba(texts)
-        except NonFiniteScores as exc:
-            raise exc.for_model(name) from None
 
     probs = {}
     if not s.skip_base:
         t0 = time.perf_counter()
         # With adapters attached, disable_adapter() gives the untouched base weights.
         with model.disable_adapter() if adapters else contextlib.nullcontext():
-            scorer.progress = "scoring base"
-            probs["base"] = score(f"The base model {base_ref}")
+            scorer.progress, scorer.name = "scoring base", f"The base model {base_ref}"
+            probs["base"] = scorer.predict_proba(texts)
         timings["score_base_s"] = round(time.perf_counter() - t0, 3)
     for key, folder in adapters.items():
         t0 = time.perf_counter()
         model.set_adapter(key)
         scorer.progress = f"scoring {key}"  # one bar per model, each saying which
-        probs[key] = score(f"The {NAMES[key]} adapter {folder} (on {base_ref})")
+        scorer.name = f"The {NAMES[key]} adapter {folder} (on {base_ref})"
+        probs[key] = scorer.predict_proba(texts)
         timings[f"score_{key}_s"] = round(time.perf_counter() - t0, 3)
     return probs
 
